@@ -1,0 +1,305 @@
+"""Architectures, a seeded training loop with progress callbacks, and checkpoint I/O.
+
+Layers are named submodules: the influence engine addresses slices by ``named_modules()`` name
+(``"conv1"``, ``"conv2"``, ``"fc1"``). ReLUs are never in-place (hooks read the conv outputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.devices import pick_device
+
+__all__ = [
+    "ARCHITECTURES",
+    "EXPERT_LAYERS",
+    "DecoyCNN",
+    "build_model",
+    "evaluate",
+    "load_checkpoint",
+    "predict_logits",
+    "save_checkpoint",
+    "set_seed",
+    "state_digest",
+    "train_model",
+]
+
+EXPERT_LAYERS = ("conv1", "conv2", "fc1")
+
+ProgressFn = Callable[[int, int, dict], None]
+ExtraLossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                       torch.Tensor]
+
+
+class DecoyCNN(nn.Module):
+    """Two 5×5 conv blocks and two dense layers for 1×28×28 inputs in [0, 1].
+
+    ``padding=2`` keeps the corners in view, so the network can (and does) learn the RRR corner
+    decoy; with ``padding=0`` the 5×5 kernels barely see the corner patch (DESIGN §5).
+    """
+
+    expert_layers = EXPERT_LAYERS
+
+    def __init__(self, padding: int = 2, channels: tuple[int, int] = (16, 32), hidden: int = 128,
+                 n_classes: int = 10, in_channels: int = 1, image_size: int = 28):
+        super().__init__()
+        c1, c2 = channels
+        self.padding = padding
+        self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=padding)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=padding)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        side = ((image_size + 2 * padding - 4) // 2 + 2 * padding - 4) // 2
+        if side <= 0:
+            raise ValueError(f"padding={padding} leaves no spatial extent for {image_size}px input")
+        self.fc1 = nn.Linear(c2 * side * side, hidden)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        return self.fc2(self.relu3(self.fc1(self.flatten(x))))
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "decoy-cnn": DecoyCNN,
+    "decoy-cnn-unpadded": lambda **kw: DecoyCNN(**{"padding": 0, **kw}),
+}
+
+
+def build_model(arch: str = "decoy-cnn", **kwargs) -> nn.Module:
+    """Instantiate a registered architecture; ``kwargs`` go to its constructor."""
+    try:
+        factory = ARCHITECTURES[arch]
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}") \
+            from None
+    return factory(**kwargs)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA); cuDNN made deterministic (cheap)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _check_xy(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if y is not None and (not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]):
+        raise ValueError(f"y must be a tensor with {x.shape[0]} labels, "
+                         f"got {getattr(y, 'shape', type(y).__name__)}")
+
+
+def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10,
+                lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
+                device: str | torch.device | None = None, progress: ProgressFn | None = None,
+                extra_loss: ExtraLossFn | None = None, weight_decay: float = 0.0) -> dict:
+    """Train ``model`` in place with Adam on cross-entropy (+ ``extra_loss``); return the history.
+
+    ``progress(done_steps, total_steps, info)`` is called after every batch (``info`` has epoch,
+    loss of that batch). ``extra_loss(model, xb, yb, logits, idx)`` is added to the mean
+    cross-entropy, where ``idx`` (int64, on the device) are the batch's indices into ``x`` so the
+    caller can fetch per-example data such as masks. Shuffling uses a ``torch.Generator`` seeded
+    with ``seed`` and the parameters' initial values are whatever ``model`` holds (seed it before
+    building it). The model ends in eval mode on ``device``.
+
+    Returns ``{"loss": [per epoch], "acc": [per epoch train acc, running], "seconds": float,
+    "epochs", "steps", "device"}``.
+    """
+    _check_xy(x, y)
+    if epochs < 0 or batch_size <= 0:
+        raise ValueError(f"need epochs >= 0 and batch_size > 0, got {epochs}, {batch_size}")
+    dev = pick_device(device)
+    set_seed(seed)
+    model.to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n = int(x.shape[0])
+    steps_per_epoch = (n + batch_size - 1) // batch_size
+    total = steps_per_epoch * epochs
+    x_dev = x.to(dev)
+    y_dev = y.to(dev).long()
+    history: dict = {"loss": [], "acc": [], "seconds": 0.0, "epochs": epochs, "steps": total,
+                     "device": str(dev)}
+    t0 = time.perf_counter()
+    done = 0
+    model.train()
+    try:
+        for epoch in range(epochs):
+            perm = torch.randperm(n, generator=gen).to(dev)
+            loss_sum, correct = 0.0, 0
+            for start in range(0, n, batch_size):
+                idx = perm[start:start + batch_size]
+                xb, yb = x_dev[idx], y_dev[idx]
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model, xb, yb, logits, idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                batch_loss = float(loss.detach())
+                loss_sum += batch_loss * len(idx)
+                correct += int((logits.detach().argmax(1) == yb).sum())
+                done += 1
+                if progress is not None:
+                    progress(done, total, {"epoch": epoch, "loss": batch_loss})
+            history["loss"].append(loss_sum / max(n, 1))
+            history["acc"].append(correct / max(n, 1))
+    finally:
+        model.eval()
+        history["seconds"] = time.perf_counter() - t0
+    return history
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
+                   device: str | torch.device | None = None) -> torch.Tensor:
+    """Logits for ``x`` in batches, in eval mode (the model's mode is restored); on the CPU."""
+    _check_xy(x)
+    dev = pick_device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, int(x.shape[0]),
+                                                                         batch_size)]
+    finally:
+        model.train(was_training)
+    if not out:
+        n_out = getattr(model, "fc2", None)
+        return torch.zeros(0, getattr(n_out, "out_features", 0))
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512,
+             device: str | torch.device | None = None) -> float:
+    """Accuracy of ``model`` on ``(x, y)`` (no grad, eval mode; the model's mode is restored)."""
+    _check_xy(x, y)
+    if int(x.shape[0]) == 0:
+        return float("nan")
+    pred = predict_logits(model, x, batch_size=batch_size, device=device).argmax(1)
+    return float((pred == y.cpu()).float().mean())
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 hex over the state dict (sorted keys, dtype, shape, bytes): a cache key for weights."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(model: nn.Module, path: str | Path) -> Path:
+    """Save ``model.state_dict()`` (on the CPU) to ``path`` atomically (temp file + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _few(keys, k: int = 4) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:k]) + (f" (+{len(keys) - k} more)" if len(keys) > k else "")
+
+
+def load_checkpoint(path: str | Path, arch: str = "decoy-cnn", **kwargs) -> nn.Module:
+    """Build ``arch`` (with ``kwargs``) and load the state dict at ``path``; the model is in eval mode.
+
+    Loads with ``weights_only=True``. Raises a one-line ``ValueError`` when the file is missing or
+    unreadable, is not a state dict, or does not fit the architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    hint = "expected a state dict (model.state_dict()) saved with torch.save"
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise ValueError(f"checkpoint {str(path)!r} holds pickled objects ({found.group(1)}), "
+                             f"not plain tensors; {hint}") from exc
+        if isinstance(exc, pickle.UnpicklingError | EOFError | RuntimeError | OSError):
+            reason = "not a torch.save file, or truncated / corrupt"
+        else:
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            reason = f"{type(exc).__name__}: {lines[0][:120] if lines else 'no detail'}"
+        raise ValueError(f"checkpoint {str(path)!r} could not be read by torch.load ({reason}); "
+                         f"{hint}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # the common {"state_dict": ..., "epoch": ...} wrapper
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a "
+                         f"state dict; {hint}")
+    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or
+           not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint {str(path)!r} is a dict but not of tensors (e.g. {_few(bad)});"
+                         f" {hint}")
+    model = build_model(arch, **kwargs)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_few(unexpected)}")
+        raise ValueError(f"checkpoint {str(path)!r} does not match architecture {arch!r}: "
+                         + "; ".join(parts))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"checkpoint {str(path)!r} does not match architecture {arch!r}: "
+                         f"shape mismatch (checkpoint vs model): {_few(wrong, 3)}")
+    model.load_state_dict(state)
+    model.eval()
+    return model
