@@ -1,0 +1,144 @@
+"""Experts: the units with the largest distributional influence, their stability and interpretation.
+
+A unit is a channel of a convolutional slice (its spatial influence map reduced by "sum" or "max")
+or a neuron of a flat slice. An expert is interpreted by the influence of that unit's activation on
+the input over a linear path from a baseline, times (x − x'): an attribution map over the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .distributions import Distribution, LinearDoI, PointDoI
+from .influence import influence
+from .quantities import Quantity, UnitQoI
+
+
+def unit_scores(chi: Tensor, reduce: str = "sum") -> Tensor:
+    """One score per unit from influence shaped like one example's slice (or (N, ...) per input).
+
+    (C, H, W) → C channel scores (spatial map summed or maxed); (F,) → F neuron scores.
+    """
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce must be 'sum' or 'max', not {reduce!r}")
+    return _reduce_units(chi.unsqueeze(0), reduce)[0]
+
+
+def _reduce_units(per: Tensor, reduce: str) -> Tensor:
+    """(N, C, ...) → (N, C)."""
+    if per.dim() <= 2:
+        return per
+    flat = per.flatten(2)
+    return flat.sum(2) if reduce == "sum" else flat.max(2).values
+
+
+@dataclass
+class Expert:
+    unit: int
+    score: float
+    rank: int
+    frequency: float | None = None  # share of bootstrap resamples with the unit in the top k
+    ci_low: float | None = None  # bootstrap percentile interval of the score
+    ci_high: float | None = None
+
+
+@dataclass
+class ExpertRanking:
+    """The top-k experts of one layer for one quantity and distribution, with every unit's score."""
+
+    layer: str
+    quantity: str
+    distribution: str
+    reduce: str
+    k: int
+    experts: list[Expert]
+    scores: Tensor  # (units,) every unit's score
+    n_inputs: int
+    bootstrap: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def units(self) -> list[int]:
+        return [e.unit for e in self.experts]
+
+    def to_records(self) -> list[dict]:
+        return [asdict(e) for e in self.experts]
+
+
+def rank_units(scores: Tensor, k: int, by: str = "value") -> Tensor:
+    """Indices of the k largest scores (``by="abs"``: largest magnitude)."""
+    key = scores.abs() if by == "abs" else scores
+    k = min(int(k), len(scores))
+    return torch.topk(key, k).indices
+
+
+def experts(model: nn.Module, inputs: Tensor, layer: str, qoi: Quantity,
+            doi: Distribution | None = None, *, k: int = 5, reduce: str = "sum", by: str = "value",
+            bootstrap: int = 0, confidence: float = 0.9, seed: int = 0, **engine) -> ExpertRanking:
+    """The top-``k`` units of ``layer`` by distributional influence on ``qoi`` over ``inputs``.
+
+    With ``bootstrap=B`` the inputs are resampled B times (seeded): each expert gets the share of
+    resamples that keep it in the top k and a percentile interval of its score at ``confidence``.
+    ``by="value"`` ranks by signed influence (units that raise the quantity); "abs" by magnitude.
+    Extra keyword arguments go to :func:`core.influence.influence`.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    doi = PointDoI() if doi is None else doi
+    per = influence(model, inputs, layer, qoi, doi, per_input=True, **engine)
+    # Reduce after averaging: "max" is not linear, so resample the per-input maps themselves.
+    scores = _reduce_units(per.mean(0, keepdim=True), reduce)[0]
+    top = rank_units(scores, k, by)
+    result = ExpertRanking(layer=layer, quantity=repr(qoi), distribution=repr(doi), reduce=reduce,
+                           k=len(top), experts=[], scores=scores.cpu(), n_inputs=len(inputs),
+                           bootstrap=int(bootstrap))
+    freq = low = high = None
+    if bootstrap:
+        boot = bootstrap_scores(per, reduce, bootstrap, seed)  # (B, units)
+        key = boot.abs() if by == "abs" else boot
+        in_top = torch.zeros_like(boot, dtype=torch.bool)
+        in_top.scatter_(1, torch.topk(key, len(top), dim=1).indices, True)
+        freq = in_top.float().mean(0)
+        tail = (1 - confidence) / 2
+        low = torch.quantile(boot, tail, dim=0)
+        high = torch.quantile(boot, 1 - tail, dim=0)
+    for rank, u in enumerate(top.tolist()):
+        result.experts.append(Expert(
+            unit=u, score=float(scores[u]), rank=rank + 1,
+            frequency=None if freq is None else float(freq[u]),
+            ci_low=None if low is None else float(low[u]),
+            ci_high=None if high is None else float(high[u])))
+    return result
+
+
+def bootstrap_scores(per_input: Tensor, reduce: str, resamples: int, seed: int = 0) -> Tensor:
+    """Unit scores of ``resamples`` bootstrap means of per-input influence: (resamples, units)."""
+    n = len(per_input)
+    g = torch.Generator().manual_seed(int(seed))
+    flat = per_input.flatten(1).double()
+    out = []
+    for _ in range(int(resamples)):
+        idx = torch.randint(n, (n,), generator=g).to(per_input.device)
+        mean = flat[idx].mean(0).view(1, *per_input.shape[1:])
+        out.append(_reduce_units(mean, reduce)[0])
+    return torch.stack(out).float().cpu()
+
+
+def interpret(model: nn.Module, images: Tensor, layer: str, unit: int | tuple[int, ...], *,
+              reduce: str = "sum", resolution: int = 50, baseline: Tensor | float | None = None,
+              **engine) -> Tensor:
+    """The expert's interpretation: attribution of the unit's activation to each input pixel.
+
+    Influence at the input of ``UnitQoI(layer, unit)`` over a linear path from ``baseline`` (zeros
+    by default) times (x − x'): Integrated Gradients of the unit. Shape (N, *input shape).
+    """
+    qoi = UnitQoI(layer, unit, reduce=reduce)
+    return influence(model, images, None, qoi, LinearDoI(resolution, baseline=baseline),
+                     per_input=True, multiply=True, **engine)
+
+
+__all__ = ["Expert", "ExpertRanking", "experts", "unit_scores", "rank_units", "bootstrap_scores",
+           "interpret"]

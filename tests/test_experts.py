@@ -1,0 +1,114 @@
+"""Experts (ranking, bootstrap stability), their interpretation, and the imaging helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import NeuronIntegratedGradients
+from torch import nn
+
+from core.distributions import LinearDoI, PointDoI
+from core.experts import experts, interpret, rank_units, unit_scores
+from core.imaging import heatmap, masked_image, overlay, percentile_mask
+from core.influence import influence
+from core.quantities import ClassQoI, UnitQoI
+
+
+def cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 6 * 6, 4))
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(5)
+    return torch.rand(20, 1, 6, 6)
+
+
+def test_unit_scores_by_hand():
+    chi = torch.tensor([[[1.0, -2.0], [3.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    assert torch.equal(unit_scores(chi, "sum"), torch.tensor([2.0, 2.0]))
+    assert torch.equal(unit_scores(chi, "max"), torch.tensor([3.0, 0.5]))
+    assert torch.equal(unit_scores(torch.tensor([1.0, -4.0]), "sum"), torch.tensor([1.0, -4.0]))
+    assert rank_units(torch.tensor([1.0, -4.0, 2.0]), 2).tolist() == [2, 0]
+    assert rank_units(torch.tensor([1.0, -4.0, 2.0]), 2, by="abs").tolist() == [1, 2]
+
+
+def test_hand_weighted_expert_is_found():
+    # Two channels; class 0 reads only channel 1 with weight 5, channel 0 with weight 1.
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    lin = nn.Linear(2 * 2 * 2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0] * 4 + [5.0] * 4]))
+    m = nn.Sequential(conv, nn.Flatten(), lin)
+    r = experts(m, torch.rand(3, 1, 2, 2), "0", ClassQoI(0), k=2)
+    assert r.units == [1, 0]
+    assert [e.score for e in r.experts] == [20.0, 4.0]  # 4 positions × weight
+
+
+def test_experts_match_influence_and_bootstrap_is_sane(x):
+    m = cnn()
+    r = experts(m, x, "1", ClassQoI(2), LinearDoI(4), k=3, bootstrap=50, seed=1)
+    scores = unit_scores(influence(m, x, "1", ClassQoI(2), LinearDoI(4)))
+    assert torch.allclose(r.scores, scores, atol=1e-6)
+    assert r.units == torch.topk(scores, 3).indices.tolist()
+    for e in r.experts:
+        assert 0.0 <= e.frequency <= 1.0
+        assert e.ci_low <= e.ci_high
+    again = experts(m, x, "1", ClassQoI(2), LinearDoI(4), k=3, bootstrap=50, seed=1)
+    assert again.to_records() == r.to_records()
+
+
+def test_bootstrap_of_identical_inputs_is_certain(x):
+    m = cnn()
+    same = x[:1].repeat(10, 1, 1, 1)
+    r = experts(m, same, "1", ClassQoI(0), k=2, bootstrap=20, reduce="max")
+    for e in r.experts:
+        assert e.frequency == 1.0
+        assert e.ci_low == pytest.approx(e.score, abs=1e-5)
+        assert e.ci_high == pytest.approx(e.score, abs=1e-5)
+
+
+def test_interpretation_equals_captum_neuron_integrated_gradients(x):
+    m = cnn()
+    ours = interpret(m, x[:4], "1", 3, resolution=16)
+    nig = NeuronIntegratedGradients(m, m[1]).attribute(
+        x[:4], neuron_selector=lambda out: out[:, 3].sum((1, 2)), n_steps=16,
+        method="riemann_middle")
+    assert torch.allclose(ours, nig, atol=1e-6)
+
+
+def test_unit_quantity_neuron_and_position(x):
+    m = cnn()
+    a = influence(m, x[:2], None, UnitQoI("1", (3, 2, 2)), PointDoI(), per_input=True)
+    xx = x[:2].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(m[:2](xx)[:, 3, 2, 2].sum(), xx)
+    assert torch.allclose(a, g)
+
+
+def test_heatmap_colours_and_masks():
+    a = np.zeros((4, 4))
+    a[0, 0], a[3, 3] = 2.0, -1.0
+    h = heatmap(a)
+    assert h.shape == (4, 4, 3) and h.dtype == np.uint8
+    assert tuple(h[0, 0]) == (255, 0, 0)  # strongest positive: red
+    assert tuple(h[1, 1]) == (255, 255, 255)  # zero: white
+    assert h[3, 3, 2] == 255 and h[3, 3, 0] == 128  # half-strength negative: blue-ish
+    assert heatmap(a, scale=3).shape == (12, 12, 3)
+
+    rng = np.random.default_rng(0)
+    attr = rng.normal(size=(28, 28))
+    hard = percentile_mask(attr, q=95, blur=0)
+    assert 0.04 <= hard.mean() <= 0.06
+    assert set(np.unique(hard)) <= {0.0, 1.0}
+    soft = percentile_mask(attr, q=95, blur=1.5)
+    assert soft.max() == 1.0 and (soft > 0).sum() > (hard > 0).sum()
+    img = rng.random((1, 28, 28))
+    assert masked_image(img, attr, scale=2).shape == (56, 56, 3)
+    assert overlay(img, attr).shape == (28, 28, 3)
+    with pytest.raises(ValueError, match="percentile"):
+        percentile_mask(attr, q=120)
