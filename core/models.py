@@ -124,8 +124,9 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     loss of that batch). ``extra_loss(model, xb, yb, logits, idx)`` is added to the mean
     cross-entropy, where ``idx`` (int64, on the device) are the batch's indices into ``x`` so the
     caller can fetch per-example data such as masks. Shuffling uses a ``torch.Generator`` seeded
-    with ``seed`` and the parameters' initial values are whatever ``model`` holds (seed it before
-    building it). The model ends in eval mode on ``device``.
+    with ``seed``; the global RNGs are also reseeded with ``set_seed(seed)`` (for any stochastic
+    layer). The parameters' initial values are whatever ``model`` holds: call ``set_seed`` before
+    building it for a reproducible run. The model ends in eval mode on ``device``.
 
     Returns ``{"loss": [per epoch], "acc": [per epoch train acc, running], "seconds": float,
     "epochs", "steps", "device"}``.

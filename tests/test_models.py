@@ -265,3 +265,27 @@ def test_checkpoint_wrapped_state_dict(tmp_path):
     path = tmp_path / "wrapped.pt"
     torch.save({"state_dict": model.state_dict(), "epoch": 4}, path)
     assert state_digest(load_checkpoint(path)) == state_digest(model)
+
+
+@pytest.mark.slow
+def test_vanilla_model_learns_the_decoy_shortcut():
+    """The case study's premise on the full split (3,600 train / 1,000 test, seed 0).
+
+    Measured (bench/shortcut.py): vanilla decoy-test ≈ 0.76–0.80 and clean-test ≈ 0.55–0.65 over
+    seeds 0–2, against ≈ 0.95 for the clean reference; the unpadded CNN ignores the patch (≈ 0.96).
+    """
+    full = decoy_mnist(seed=0)
+    acc = {}
+    for name, kw, x_train in (("vanilla", {}, full.train.x),
+                              ("clean", {}, full.train.x_clean),
+                              ("unpadded", {"padding": 0}, full.train.x)):
+        model = _model(0, **kw)
+        train_model(model, x_train, full.train.y, epochs=10, seed=0)
+        acc[name] = {"train": evaluate(model, x_train, full.train.y),
+                     "decoy": evaluate(model, full.test.x, full.test.y),
+                     "clean": evaluate(model, full.test.x_clean, full.test.y)}
+    assert acc["vanilla"]["train"] > 0.97
+    assert acc["clean"]["decoy"] > 0.9 and acc["clean"]["clean"] > 0.9
+    assert acc["vanilla"]["decoy"] < acc["clean"]["decoy"] - 0.08, acc
+    assert acc["vanilla"]["clean"] < acc["clean"]["clean"] - 0.15, acc
+    assert acc["unpadded"]["decoy"] > acc["vanilla"]["decoy"] + 0.08, acc
