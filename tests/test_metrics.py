@@ -258,6 +258,45 @@ def test_deletion_curve_equals_quantus_pixel_flipping():
     torch.testing.assert_close(ours[:, 0], probs.detach())
 
 
+def reference_curves(model, x, y, attr, step, sigma):
+    """Straight from the definition: one image per step, one forward each, no reuse."""
+    n = x.shape[0]
+    blurred = M.gaussian_blur(x, sigma)
+    dele, ins = [], []
+    with torch.no_grad():
+        for i in range(n):
+            order = sorted(range(P), key=lambda p: (-float(attr[i].flatten()[p]), p))
+            d_row, i_row = [], []
+            for s in range(math.ceil(P / step) + 1):
+                top = torch.tensor(order[:s * step], dtype=torch.long)
+                xd = x[i].clone().flatten()
+                xd[top] = 0.0
+                xi = blurred[i].clone().flatten()
+                xi[top] = x[i].flatten()[top]
+                for img, row in ((xd, d_row), (xi, i_row)):
+                    row.append(torch.softmax(model(img.view(1, 1, H, W)), -1)[0, y[i]].item())
+            dele.append(d_row)
+            ins.append(i_row)
+    return torch.tensor(dele), torch.tensor(ins)
+
+
+def test_curves_equal_a_reference_written_from_the_definition():
+    model = tiny_cnn(12)
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(3, 1, H, W, generator=g)
+    x[:, :, 5:20] = 0.0
+    y = torch.tensor([1, 4, 7])
+    a = torch.randn(3, 1, H, W, generator=g)
+    a[0, :, 5:20] = 0.0                                    # ties: stable order, lower index first
+    out = M.deletion_insertion(model, x, y, a, step=50, blur_sigma=2.0)
+    d_ref, i_ref = reference_curves(model, x, y, a, 50, 2.0)
+    torch.testing.assert_close(out["deletion_curve"], d_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["insertion_curve"], i_ref, atol=1e-5, rtol=0)
+    xs = torch.tensor([min(s * 50, P) / P for s in range(d_ref.shape[1])])
+    torch.testing.assert_close(out["insertion_auc"], torch.trapezoid(i_ref, xs, dim=1),
+                               atol=1e-5, rtol=0)
+
+
 def test_deletion_insertion_hand_model():
     """logit_1 = w·Σ_S x depends on 28 pixels S: a perfect map clears S in exactly one step."""
     torch.manual_seed(6)
