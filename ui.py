@@ -336,6 +336,35 @@ def build_missing(study, stages: Iterable[str], *, label: str | None = None) -> 
     return True
 
 
+def run_with_status(label: str, fn: Callable[[], Any], *, done: str | None = None) -> tuple[bool, Any]:
+    """Run ``fn()`` inside ``st.status`` with a progress bar; ``(True, value)`` or ``(False, None)``.
+
+    For computations core offers without a progress callback (the bar shows start and end). A
+    failure shows its message, not a traceback.
+    """
+    with st.status(label, expanded=True) as box:
+        bar = st.progress(0.0, text="Computing …")
+        try:
+            value = fn()
+        except Exception as exc:  # noqa: BLE001 — any failure becomes a readable message
+            box.update(label=f"Failed: {label}", state="error", expanded=True)
+            st.error(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            return False, None
+        bar.progress(1.0, text="Done")
+        box.update(label=done or label, state="complete", expanded=False)
+    return True, value
+
+
+def compute_experts_for(model: str, layer: str, qoi: dict, doi: dict, study=None) -> dict | None:
+    """Compute (and cache on disk) experts for any quantity and distribution, inside ``st.status``."""
+    study = study or current_study()
+    ok, result = run_with_status(f"Computing the experts of {layer} for {model} …",
+                                 lambda: study.experts_for(model, layer, qoi, doi),
+                                 done=f"Computed the experts of {layer}")
+    _has_experts_for.clear()
+    return _experts_dict(result) if ok else None
+
+
 def require(study, stages: Iterable[str], what: str, *, key: str | None = None) -> bool:
     """True when ``stages`` are built; else explain what is missing and offer to build it.
 
