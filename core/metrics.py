@@ -264,6 +264,12 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return p.device if p is not None else fallback
 
 
+def _default_batch(device: torch.device) -> int:
+    """Images per forward pass: 256 on the CPU (measured on 2 cores with the DecoyCNN: 70 µs per
+    image at 128–512, 105 at 1024, 145 at 2048 — larger batches leave the cache), 4096 on a GPU."""
+    return 256 if device.type == "cpu" else 4096
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (N, C, H, W) images, per channel.
 
@@ -301,7 +307,7 @@ def _pixel_order(attr, n: int, hw: tuple[int, int],
 
 def _perturbation_curve(model: nn.Module, start: torch.Tensor, end: torch.Tensor,
                         y: torch.Tensor, rank: torch.Tensor, order: torch.Tensor, step: int,
-                        batch_size: int, softmax: bool) -> torch.Tensor:
+                        batch_size: int | None, softmax: bool) -> torch.Tensor:
     """Score of class y on ``where(rank < s·step, end, start)`` for s = 0…S; (N, S + 1).
 
     Steps whose pixels are all equal in ``start`` and ``end`` (e.g. black background pixels
@@ -310,6 +316,8 @@ def _perturbation_curve(model: nn.Module, start: torch.Tensor, end: torch.Tensor
     """
     n, c, h, w = start.shape
     p = h * w
+    if batch_size is None:
+        batch_size = _default_batch(start.device)
     s_count = math.ceil(p / step)
     dev = start.device
     differs = (start != end).any(dim=1).flatten(1)                       # (N, P)
@@ -380,7 +388,7 @@ def _baseline_like(baseline, x: torch.Tensor) -> torch.Tensor:
 
 
 def deletion_curve(model: nn.Module, x, y, attr, *, step: int = 28, baseline=0.0,
-                   batch_size: int = 1024, softmax: bool = True) -> torch.Tensor:
+                   batch_size: int | None = None, softmax: bool = True) -> torch.Tensor:
     """RISE deletion curve, (N, S + 1) with S = ceil(H·W / step): see ``deletion_insertion``.
 
     Point 0 is the unperturbed image; point s has the s·step highest-attributed pixels set to
@@ -397,7 +405,7 @@ def deletion_curve(model: nn.Module, x, y, attr, *, step: int = 28, baseline=0.0
 
 
 def insertion_curve(model: nn.Module, x, y, attr, *, step: int = 28, blur_sigma: float = 4.0,
-                    batch_size: int = 1024, softmax: bool = True) -> torch.Tensor:
+                    batch_size: int | None = None, softmax: bool = True) -> torch.Tensor:
     """RISE insertion curve, (N, S + 1): see ``deletion_insertion``.
 
     Point 0 is ``gaussian_blur(x, blur_sigma)``; point s has the s·step highest-attributed pixels
@@ -410,7 +418,7 @@ def insertion_curve(model: nn.Module, x, y, attr, *, step: int = 28, blur_sigma:
 
 
 def deletion_insertion(model: nn.Module, x, y, attr, *, step: int = 28, blur_sigma: float = 4.0,
-                       batch_size: int = 1024, baseline=0.0, softmax: bool = True) -> dict:
+                       batch_size: int | None = None, baseline=0.0, softmax: bool = True) -> dict:
     """Deletion and insertion curves and their AUCs (RISE, Petsiuk et al. 2018), batched.
 
     Pixels are ranked by the channel-summed attribution, highest first (ties: lower pixel index
@@ -429,8 +437,9 @@ def deletion_insertion(model: nn.Module, x, y, attr, *, step: int = 28, blur_sig
 
     AUC: trapezoid rule over the fraction of pixels perturbed, min(s·step, H·W) / (H·W) ∈ [0, 1].
     All perturbed images of many steps are built at once and run in batches of ``batch_size``
-    under ``torch.no_grad`` in eval mode (the model's mode is restored); steps that leave the image
-    unchanged (pixels already equal to the target value) reuse the previous step's output.
+    (default: 256 on the CPU, 4096 on a GPU) under ``torch.no_grad`` in eval mode (the model's
+    mode is restored); steps that leave the image unchanged (pixels already equal to the target
+    value) reuse the previous step's output.
 
     Returns ``dict(deletion_curve=(N, S+1), insertion_curve=(N, S+1), deletion_auc=(N,),
     insertion_auc=(N,))`` on the model's device.
