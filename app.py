@@ -41,7 +41,8 @@ page = st.navigation(sections)
 # ---------------------------------------------------------------------------------------------- sidebar
 with st.sidebar:
     st.caption("INFLUENCE CASEBOOK")
-    ui.choice("Case study", ui.list_cases(), param="case", help="Built-in case studies (cases/*.toml).")
+    ui.choice("Case study", ui.list_cases(), param="case", default=ui.current_case(),
+              help="Built-in case studies (cases/*.toml).")
     try:
         study = ui.open_study()
     except Exception as exc:  # an unknown or malformed case: say so, keep the app usable

@@ -30,7 +30,7 @@ DEFAULT_CASE = "decoy-mnist"
 STAGES = ("data", "models", "experts", "representations", "corrections")
 BASE_MODELS = ("vanilla", "clean")
 CHANCE_DECOY_MASS = 16 / 784  # share of the image the 4×4 patch covers
-SHORTCUT_MASS = 0.25  # an expert whose positive interpretation puts ≥ this share on the patch "carries" it
+SHORTCUT_MASS = 5 * CHANCE_DECOY_MASS  # fallback rule when the report gives none: 5× chance
 
 MODEL_LABELS = {"vanilla": "vanilla (trained with the decoy)", "clean": "clean (trained without it)"}
 
@@ -278,16 +278,26 @@ def experts_for(model: str, layer: str, qoi: dict, doi: dict, study=None) -> dic
     return _experts_for(stamp(study), model, layer, qoi, doi, study)
 
 
+@st.cache_data(show_spinner=False)
+def _correction_models(stamp: tuple, _study) -> list[str]:
+    payload = _study.artifact("corrections")
+    return [str(k) for k in ((payload or {}).get("models") or {})]
+
+
 def model_names(study=None) -> list[str]:
     """The models the report can show: vanilla, clean, and every correction that produced a model."""
     study = study or current_study()
     names = list(BASE_MODELS)
-    rep = report(study)
-    for row in rep.get("corrections") or []:
-        name = row.get("model") or row.get("method")
-        if name and name not in names:
-            names.append(str(name))
+    if status(study).get("corrections"):
+        names += [n for n in _correction_models(stamp(study), study) if n not in names]
     return names
+
+
+def shortcut_threshold(rep: dict | None = None) -> float:
+    """The decoy mass above which an expert "carries the shortcut" (the report's rule)."""
+    rep = rep if rep is not None else report()
+    value = (rep.get("experts") or {}).get("shortcut_threshold")
+    return float(value) if value is not None else SHORTCUT_MASS
 
 
 def invalidate(study=None) -> None:

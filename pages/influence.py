@@ -52,7 +52,8 @@ def _layers() -> list[str]:
 LAYERS = _layers()
 PRECOMPUTED_CLASSES = [int(c) for c in cfg.get("classes", range(N_CLASSES))]
 RESOLUTION = int(cfg.get("resolution", 20))
-SHORTCUT = float(cfg.get("shortcut_mass", ui.SHORTCUT_MASS))
+SHORTCUT = ui.shortcut_threshold(rep)
+RULE = rep_experts.get("shortcut_rule") or f"decoy mass > {SHORTCUT:.3f}"
 model = ui.current_model()
 
 # ------------------------------------------------------------------------------------------ choices
@@ -86,7 +87,8 @@ what = f"class {cls}" if quantity == "class" else f"{cls} rather than {vs}"
 
 def _load(model: str, layer: str, qoi: dict, doi: dict) -> dict | None:
     """The view if it is precomputed or cached on disk; None when it must be computed."""
-    if qoi["kind"] == "class" and doi == {"kind": DEFAULT_DOI} and qoi["class"] in PRECOMPUTED_CLASSES:
+    if (model in ui.BASE_MODELS and layer in LAYERS and qoi["kind"] == "class"
+            and doi == {"kind": DEFAULT_DOI} and qoi["class"] in PRECOMPUTED_CLASSES):
         try:
             return ui.experts(model, layer, qoi["class"], study)
         except Exception:  # not precomputed for this model/layer: fall back to the on-demand path
@@ -110,8 +112,10 @@ rows = view.get("rows") or []
 if not rows:
     st.warning("No experts were returned for this view.")
     st.stop()
-table = pd.DataFrame(rows).sort_values("rank")
-table["carries shortcut"] = table["decoy_mass"].astype(float) >= SHORTCUT
+table = pd.DataFrame(rows).sort_values("rank").reset_index(drop=True)
+table["decoy_mass"] = pd.to_numeric(table["decoy_mass"], errors="coerce")
+table["carries shortcut"] = (table["shortcut"].astype(bool) if "shortcut" in table
+                             else table["decoy_mass"] > SHORTCUT)
 table["unit"] = table["unit"].astype(int)
 units = table["unit"].tolist()
 
@@ -126,7 +130,7 @@ order = chart_df["label"].tolist()
 bars = alt.Chart(chart_df).mark_bar().encode(
     x=alt.X("label:N", sort=order, title="expert (by rank)", axis=alt.Axis(labelAngle=0)),
     y=alt.Y("score:Q", title="influence score"),
-    color=alt.Color("shortcut:N", title=f"decoy mass ≥ {SHORTCUT:.0%}",
+    color=alt.Color("shortcut:N", title=f"decoy mass > {SHORTCUT:.0%}",
                     scale=alt.Scale(domain=["carries the shortcut", "does not"],
                                     range=["#B4412E", "#6C8EAD"])),
     tooltip=["unit", alt.Tooltip("score:Q", format=".4g"), alt.Tooltip("ci_low:Q", format=".4g"),
@@ -175,6 +179,7 @@ st.dataframe(shown, hide_index=True, column_config={
     "decoy_mass": st.column_config.NumberColumn("decoy mass", format="percent"),
 })
 q_name = f"{cls}" if quantity == "class" else f"{cls}-vs-{vs}"
+st.caption(f"Shortcut rule: {RULE}.")
 ui.download_csv(shown, f"experts_{model}_{layer}_{q_name}_{doi_kind}.csv", "Download the experts (CSV)",
                 key="dl-experts")
 
@@ -220,8 +225,9 @@ n_maps = min(len(grid), len(table))
 for k in range(n_maps):
     r = table.iloc[k]
     mass = float(r["decoy_mass"])
-    verdict = (f":red[**carries the shortcut**] (decoy mass {mass:.0%}, chance {ui.CHANCE_DECOY_MASS:.0%})"
-               if mass >= SHORTCUT else f"looks at the digit (decoy mass {mass:.0%}, chance "
+    mass_text = "decoy mass —" if np.isnan(mass) else f"decoy mass {mass:.0%}"
+    verdict = (f":red[**carries the shortcut**] ({mass_text}, chance {ui.CHANCE_DECOY_MASS:.0%})"
+               if r["carries shortcut"] else f"does not carry it ({mass_text}, chance "
                f"{ui.CHANCE_DECOY_MASS:.0%})")
     st.markdown(f"**#{int(r['rank'])} · unit {int(r['unit'])}** — {verdict}")
     st.image(grid[k], caption=[f"image {i + 1}" for i in range(len(grid[k]))])
@@ -237,7 +243,8 @@ m1, m2, m3, m4 = st.columns(4)
 m1.metric("rank", int(r["rank"]))
 m2.metric("influence score", f"{float(r['score']):.4g}")
 m3.metric("top-k frequency", "—" if pd.isna(r["frequency"]) else f"{float(r['frequency']):.0%}")
-m4.metric("decoy mass", f"{float(r['decoy_mass']):.0%}", help=f"chance: {ui.CHANCE_DECOY_MASS:.1%}")
+m4.metric("decoy mass", "—" if pd.isna(r["decoy_mass"]) else f"{float(r['decoy_mass']):.0%}",
+          help=f"chance: {ui.CHANCE_DECOY_MASS:.1%}; the rule: {RULE}")
 close = _render(view_key, "mask", images, maps)[k], _render(view_key, "heatmap", images, maps)[k]
 st.image([imaging.grayscale(im, scale=SCALE) for im in images], caption=["image"] * len(images))
 st.image(close[0], caption=["mask"] * len(images))
@@ -246,12 +253,12 @@ st.image(close[1], caption=["heatmap"] * len(images))
 # ------------------------------------------------------------------------------------------ reading
 st.header("How to read this")
 n_short = int(table["carries shortcut"].sum())
-mean_mass = float(table["decoy_mass"].astype(float).mean())
+mean_mass = float(table["decoy_mass"].mean())
 lines = [
     f"- Of the {len(table)} experts of **{layer}** for **{what}**, **{n_short}** carr"
-    f"{'ies' if n_short == 1 else 'y'} the shortcut: more than {SHORTCUT:.0%} of its positive "
-    f"attribution falls on the 16 patch pixels. The experts' mean decoy mass is **{mean_mass:.0%}**, "
-    f"against **{ui.CHANCE_DECOY_MASS:.1%}** if attribution were spread evenly.",
+    f"{'ies' if n_short == 1 else 'y'} the shortcut: more than {SHORTCUT:.0%} of the positive "
+    "attribution of its interpretation falls on the 16 patch pixels. The experts' mean decoy mass is "
+    f"**{mean_mass:.0%}**, against **{ui.CHANCE_DECOY_MASS:.1%}** if attribution were spread evenly.",
 ]
 other = "clean" if model != "clean" else "vanilla"
 try:
@@ -259,8 +266,9 @@ try:
 except Exception:  # the comparison is a bonus: never let it break the page
     twin = None
 if twin and twin.get("rows"):
-    twin_mass = float(np.mean([float(x["decoy_mass"]) for x in twin["rows"]]))
-    twin_short = sum(float(x["decoy_mass"]) >= SHORTCUT for x in twin["rows"])
+    twin_mass = float(np.nanmean([np.nan if x.get("decoy_mass") is None else float(x["decoy_mass"])
+                                  for x in twin["rows"]]))
+    twin_short = sum(bool(x.get("shortcut", (x.get("decoy_mass") or 0) > SHORTCUT)) for x in twin["rows"])
     lines.append(
         f"- The same view of the **{other}** model: mean decoy mass **{twin_mass:.0%}**, {twin_short} of "
         f"{len(twin['rows'])} experts carrying the shortcut. "
