@@ -1,0 +1,555 @@
+"""The representations the report compares, each one a configuration of the one influence engine.
+
+Every method below is a row of DESIGN §1: a slice, a quantity (the logit of the example's target
+class, ``ClassQoI(y)``), a distribution of interest and a multiplier, then at most a small
+post-processing step. None re-implements a gradient: each calls :func:`core.influence.influence`
+(directly, or through :func:`core.experts.experts` / :func:`core.experts.interpret`).
+
+==========================  =========  ==================================  ================  =========
+method                      slice      DoI (per example x)                 multiplier        post
+==========================  =========  ==================================  ================  =========
+``saliency``                input      point                               —                 —
+``gradient_x_input``        input      point                               x                 —
+``integrated_gradients``    input      linear from a baseline (midpoints)  x − x'            —
+``smoothgrad``              input      Gaussian around x (seeded)          —                 —
+``gradcam``                 relu2      point                               —                 Grad-CAM
+``internal_influence``      conv2      the training images of class y      —                 experts
+==========================  =========  ==================================  ================  =========
+
+Exactly what the two post-processed methods compute (y the example's target class):
+
+- **Grad-CAM** (Selvaraju et al. 2017): χ = influence at the output of ``layer`` (default
+  ``relu2``, the rectified activation A of the last conv layer) of ``ClassQoI(y)`` over the point
+  DoI, per example, shape (C, h, w). Channel weights w_c = mean over (h, w) of χ_c; the map is
+  ReLU(Σ_c w_c A_c), upsampled to the input's H × W by bilinear interpolation
+  (``F.interpolate(..., mode="bilinear")``, align_corners False: Captum's
+  ``LayerAttribution.interpolate(..., "bilinear")``). Equal to Captum
+  ``LayerGradCam(model, layer).attribute(x, target=y, relu_attributions=True)`` then that
+  interpolation.
+- **Internal influence** (Leino et al. 2018): for each target class c, the class-conditional
+  distributional influence χ_c = E_{x ∼ P_c}[∂y_c/∂z] at ``layer`` (default ``conv2``), where P_c is
+  the empirical distribution of the *reference* images of class c (in the case study: the first
+  ``n_reference`` training images of c, with their decoy; without references, the explained
+  images of class c themselves); with ``path_resolution = R > 0`` each reference image is
+  replaced by its linear path from black (R midpoints) and χ is multiplied by (z − z')
+  ("class images × path", attribution space). A unit's score s_u is the sum of its channel's
+  spatial map; the experts are the ``k`` units with the largest s_u
+  (:func:`core.experts.experts`, ``by="value"``). Each expert u is interpreted on the explained
+  image x by :func:`core.experts.interpret`: Integrated Gradients of the unit's summed activation
+  (``UnitQoI(layer, u, "sum")``, linear DoI from black with ``resolution`` midpoints, × x). The map
+  is the influence-weighted mean of the k interpretations, Σ_u max(s_u, 0)·I_u(x) / Σ_u max(s_u, 0)
+  (the plain mean when no expert has a positive score).
+
+``attribute(model, x, y, method, **options) -> (N, C, H, W)`` computes any of them; examples are
+grouped by target class so each engine call has one ``ClassQoI``. ``build_stage`` computes every
+method's maps and metrics for the case study's models (see its docstring for the payload).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import metrics as M
+from .distributions import Distribution, GaussianDoI, LinearDoI, PointDoI
+from .experts import experts as rank_experts
+from .experts import interpret
+from .influence import eval_mode, get_layer, influence, model_device, model_lock
+from .quantities import ClassQoI
+
+STAGE_VERSION = "1"
+
+__all__ = [
+    "METHODS",
+    "METRIC_KEYS",
+    "Method",
+    "NoiseDoI",
+    "STAGE_VERSION",
+    "attribute",
+    "build_stage",
+    "layer_activation",
+    "method_table",
+    "smoothgrad_noise",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributions used by the configurations
+
+
+class NoiseDoI(Distribution):
+    """x + noise[n, r]: the Gaussian DoI with its draws given explicitly, shape (N, R, *x shape).
+
+    Lets SmoothGrad use exactly the noise another implementation drew (Captum's NoiseTunnel draws
+    ``torch.normal(0, σ)`` over ``x.repeat_interleave(R, 0)``: pass that tensor viewed (N, R, …)).
+    """
+
+    def __init__(self, noise: Tensor):
+        if noise.dim() < 2:
+            raise ValueError(f"noise must be (N, R, ...), got shape {tuple(noise.shape)}")
+        self.noise = noise
+        self.resolution = int(noise.shape[1])
+
+    def points(self, z: Tensor, n: Tensor, r: Tensor) -> Tensor:
+        eps = self.noise.to(z.device, z.dtype)[n.to(self.noise.device), r.to(self.noise.device)]
+        return z + eps
+
+    def __repr__(self) -> str:
+        return f"NoiseDoI(resolution={self.resolution})"
+
+
+class _Reindexed(Distribution):
+    """A DoI seen through a map from the engine's batch index to the caller's example index.
+
+    ``attribute`` runs one engine call per target class on a subset of the examples; seeded or
+    explicit noise must still follow each example's index in the caller's batch, so the maps do not
+    depend on how the examples were grouped.
+    """
+
+    def __init__(self, doi: Distribution, index: Tensor):
+        self.doi, self.index = doi, index
+        self.resolution, self.at = doi.resolution, doi.at
+
+    def points(self, z: Tensor, n: Tensor, r: Tensor) -> Tensor:
+        return self.doi.points(z, self.index.to(n.device)[n], r)
+
+    def baseline(self, z: Tensor) -> Tensor:
+        return self.doi.baseline(z)
+
+    def __repr__(self) -> str:
+        return repr(self.doi)
+
+
+def smoothgrad_noise(n: int, shape: tuple[int, ...], *, samples: int, stdev: float,
+                     seed: int = 0) -> Tensor:
+    """The (n, samples, *shape) noise SmoothGrad uses by default: ``GaussianDoI(samples, stdev,
+    seed).noise(shape, i)`` for example i (seeded per example, independent of batching)."""
+    doi = GaussianDoI(samples, stdev, seed)
+    return torch.stack([doi.noise(tuple(shape), i) for i in range(n)]) * stdev
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+def _point(opts: dict) -> Distribution:
+    return PointDoI()
+
+
+def _linear(opts: dict) -> Distribution:
+    return LinearDoI(int(opts["steps"]), baseline=opts.get("baseline"))
+
+
+def _gaussian(opts: dict) -> Distribution:
+    if opts.get("noise") is not None:
+        return NoiseDoI(opts["noise"])
+    return GaussianDoI(int(opts["samples"]), float(opts["stdev"]), int(opts["seed"]))
+
+
+def _class_doi(opts: dict) -> Distribution:
+    r = int(opts.get("path_resolution") or 0)
+    return LinearDoI(r) if r > 0 else PointDoI()
+
+
+@dataclass(frozen=True)
+class Method:
+    """One representation as an engine configuration (strings describe it for the report)."""
+
+    name: str
+    label: str
+    slice: str  # "input" or the default layer (``options["layer"]`` overrides)
+    qoi: str
+    doi: str
+    multiplier: str
+    post: str
+    description: str
+    make_doi: Callable[[dict], Distribution] = field(repr=False, compare=False, default=_point)
+    multiply: bool = False
+    per_example: bool = True  # False: the DoI is a class-conditional set of reference images
+    defaults: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def layer(self) -> str | None:
+        return None if self.slice == "input" else self.slice
+
+    def options(self, given: dict) -> dict:
+        unknown = set(given) - set(self.defaults) - {"noise", "reference", "batch_size"}
+        if unknown:
+            valid = ", ".join(sorted(set(self.defaults) | {"batch_size"})) or "none"
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for {self.name!r}; valid: {valid}")
+        return {**self.defaults, **given}
+
+    def row(self) -> dict:
+        """The DESIGN §1 table row, as strings (what the page shows)."""
+        return {"method": self.name, "label": self.label, "slice": self.slice, "qoi": self.qoi,
+                "doi": self.doi, "multiplier": self.multiplier, "post": self.post,
+                "description": self.description}
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("saliency", "Saliency", "input", "class y", "point", "—", "—",
+           "The gradient of the class logit at the input (Simonyan et al. 2014), signed.",
+           _point),
+    Method("gradient_x_input", "Gradient × input", "input", "class y", "point", "x", "—",
+           "The input gradient times the input (Shrikumar et al. 2016).", _point, multiply=True),
+    Method("integrated_gradients", "Integrated Gradients", "input", "class y",
+           "linear path from black, Riemann midpoints", "x − x'", "—",
+           "The input gradient averaged along the straight path from a black baseline, times "
+           "(x − x') (Sundararajan et al. 2017).", _linear, multiply=True,
+           defaults={"steps": 32, "baseline": None}),
+    Method("smoothgrad", "SmoothGrad", "input", "class y", "Gaussian around x (seeded)", "—", "—",
+           "The input gradient averaged over Gaussian perturbations of the input (Smilkov et al. "
+           "2017).", _gaussian, defaults={"samples": 32, "stdev": 0.15, "seed": 0}),
+    Method("gradcam", "Grad-CAM", "relu2", "class y", "point", "activation z",
+           "channel weights = spatial mean of influence; Σ_c w_c z_c, ReLU, bilinear upsampling",
+           "Class-activation map of the last convolutional layer (Selvaraju et al. 2017).",
+           _point, defaults={"layer": "relu2"}),
+    Method("internal_influence", "Internal influence (experts)", "conv2", "class y",
+           "training images of class y (optionally × linear path)", "optional (× path)",
+           "top-k experts' interpretations (IG of each unit), weighted by influence",
+           "Leino et al. 2018: the class-conditional distributional influence picks the layer's "
+           "expert units; their interpretations on the image, weighted by influence, form the map.",
+           _class_doi, per_example=False,
+           defaults={"layer": "conv2", "k": 3, "resolution": 16, "path_resolution": 0}),
+]}
+
+METRIC_KEYS = ("decoy_mass", "wrong_reason", "rank_accuracy", "deletion_auc", "insertion_auc",
+               "mprt_spearman", "sparseness")
+
+
+def method_table() -> list[dict]:
+    """Every method's engine configuration as strings (DESIGN §1 rows)."""
+    return [m.row() for m in METHODS.values()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Computing maps
+
+
+def layer_activation(model: nn.Module, x: Tensor, layer: str) -> Tensor:
+    """The output of ``layer`` on ``x`` (eval mode, no graph); the hook lives only in this call."""
+    store: dict[str, Tensor] = {}
+
+    def hook(module, args, out):
+        store["z"] = out.detach()
+
+    with model_lock(model), eval_mode(model):
+        handle = get_layer(model, layer).register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            handle.remove()
+    return store["z"]
+
+
+def _targets(y, n: int, device) -> Tensor:
+    t = torch.as_tensor(y, device=device).long().reshape(-1)
+    if t.numel() == 1 and n != 1:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"y must give one target class per example ({n}), got shape {tuple(t.shape)}")
+    return t
+
+
+def _gradcam(model, x, chi, opts) -> Tensor:
+    act = layer_activation(model, x, opts["layer"])
+    if act.dim() != 4:
+        raise ValueError(f"Grad-CAM needs a convolutional layer (N, C, h, w); {opts['layer']!r} "
+                         f"gives {tuple(act.shape)}")
+    weights = chi.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * act).sum(1, keepdim=True))
+    return F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear")
+
+
+def _internal(model, x, c: int, ref: Tensor, opts: dict, batch_size) -> tuple[Tensor, dict]:
+    layer = opts["layer"]
+    doi = _class_doi(opts)
+    ranking = rank_experts(model, ref, layer, ClassQoI(c), doi, k=int(opts["k"]), reduce="sum",
+                           multiply=int(opts.get("path_resolution") or 0) > 0,
+                           batch_size=batch_size)
+    units = ranking.units
+    scores = torch.tensor([e.score for e in ranking.experts], dtype=x.dtype)
+    weights = scores.clamp(min=0)
+    if weights.sum() <= 0:
+        weights = torch.ones_like(scores)
+    weights = weights / weights.sum()
+    out = torch.zeros_like(x)
+    for u, w in zip(units, weights.tolist(), strict=True):
+        out += w * interpret(model, x, layer, u, reduce="sum", resolution=int(opts["resolution"]),
+                             batch_size=batch_size)
+    return out, {"class": c, "units": units, "scores": scores.tolist(),
+                 "weights": weights.tolist()}
+
+
+def attribute(model: nn.Module, x: Tensor, y, method: str | Method, *, reference=None,
+              return_info: bool = False, **options) -> Tensor:
+    """The ``method``'s attribution maps of the target classes ``y`` on ``x``: (N, C, H, W).
+
+    Args:
+        model: a classifier (evaluated in eval mode by the engine, mode restored).
+        x: (N, C, H, W) inputs. y: target class per example (int or (N,) ints).
+        method: a key of :data:`METHODS` (or a :class:`Method`).
+        reference: for ``internal_influence``, ``(x_ref, y_ref)``: the images whose class-c subset
+            is the distribution of interest for target class c. Default: the explained images.
+        options: the method's options (``METHODS[name].defaults``): ``steps``/``baseline`` (IG),
+            ``samples``/``stdev``/``seed`` or explicit ``noise`` (N, samples, C, H, W)
+            (SmoothGrad), ``layer`` (Grad-CAM, internal influence), ``k``/``resolution``/
+            ``path_resolution`` (internal influence), ``batch_size`` (engine chunking).
+        return_info: also return a dict (internal influence: each class's experts and weights).
+    """
+    meth = METHODS[method] if isinstance(method, str) else method
+    if not isinstance(meth, Method):
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    opts = meth.options(options)
+    batch_size = opts.pop("batch_size", None)
+    dev = model_device(model)
+    x = x.detach().to(dev).float()
+    if x.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    y = _targets(y, len(x), dev)
+    noise = opts.get("noise")
+    if noise is not None and (noise.dim() < 2 or noise.shape[0] != len(x)):
+        raise ValueError(f"noise must be (N={len(x)}, samples, ...), got {tuple(noise.shape)}")
+    layer = opts.get("layer", meth.layer)
+    out = torch.zeros_like(x)
+    info: dict = {"classes": []}
+    for c in torch.unique(y).tolist():
+        idx = (y == c).nonzero().flatten()
+        xc = x[idx]
+        if meth.per_example:
+            doi = _Reindexed(meth.make_doi(opts), idx)
+            chi = influence(model, xc, layer, ClassQoI(c), doi, per_input=True,
+                            multiply=meth.multiply, batch_size=batch_size)
+            maps = _gradcam(model, xc, chi, opts) if meth.name == "gradcam" else chi
+        else:
+            if reference is None:
+                ref = xc
+            else:
+                rx, ry = reference
+                ry = torch.as_tensor(ry).reshape(-1)
+                ref = rx[(ry == c).nonzero().flatten().to(rx.device)].to(dev).float()
+                if len(ref) == 0:
+                    raise ValueError(f"no reference images of class {c} for {meth.name!r}")
+            maps, cls_info = _internal(model, xc, c, ref, opts, batch_size)
+            info["classes"].append(cls_info)
+        out[idx] = maps.to(out.dtype)
+    return (out, info) if return_info else out
+
+
+# ---------------------------------------------------------------------------------------------
+# The case-study stage
+
+
+DEFAULTS = {
+    "n_images": 100,  # decoy test images every metric averages over
+    "n_display": 8,  # of those, the first ones whose maps the page shows
+    "n_mprt": 32,  # of those, the first ones the randomisation test uses (its cost × layers + 1)
+    "n_reference": 50,  # training images per class: internal influence's class-conditional DoI
+    "target": "label",  # explain the true class ("label") or the model's prediction ("prediction")
+    "methods": list(METHODS),
+    "models": ["vanilla", "clean"],
+    # also every corrected model the corrections stage already holds (its models are not part of
+    # this stage's cache key, so a rebuilt corrections stage needs a forced rebuild here)
+    "corrections": False,
+    "seed": 0,
+    "step": 28,  # pixels per deletion/insertion step
+    "batch_size": 1024,  # (input, DoI point) pairs per engine chunk
+    "options": {},  # per-method option overrides, e.g. {"integrated_gradients": {"steps": 64}}
+}
+
+
+def _section(study) -> dict:
+    cfg = getattr(study, "config", None)
+    sec = getattr(cfg, "representations", None) if cfg is not None else None
+    if sec is None and isinstance(cfg, dict):
+        sec = cfg.get("representations")
+    sec = dict(sec or {})
+    out = {**DEFAULTS, **sec}
+    if out["target"] not in ("label", "prediction"):
+        raise ValueError(f"representations.target must be 'label' or 'prediction', "
+                         f"not {out['target']!r}")
+    unknown = [m for m in out["methods"] if m not in METHODS]
+    if unknown:
+        raise ValueError(f"config representations.methods has unknown method(s) {unknown}; "
+                         f"valid: {', '.join(METHODS)}")
+    return out
+
+
+def _corrected_models(study) -> list[str]:
+    try:
+        payload = study.artifact("corrections")
+    except Exception:  # the corrections stage is optional here
+        return []
+    if not isinstance(payload, dict):
+        return []
+    return [str(k) for k in (payload.get("models") or {})]
+
+
+def _nanmean(t: Tensor) -> float | None:
+    t = t.double()
+    ok = torch.isfinite(t)
+    return float(t[ok].mean()) if ok.any() else None
+
+
+def metrics_info() -> dict:
+    """For every row metric: label, direction (↑/↓), description and implementation."""
+    impl = {
+        "decoy_mass": "core.metrics (batched torch); equals Quantus RelevanceMassAccuracy on "
+                      "non-negative maps (tested)",
+        "wrong_reason": "core.metrics (own; Schramowski et al. 2020; no Quantus counterpart)",
+        "rank_accuracy": "core.metrics; equals Quantus RelevanceRankAccuracy (tested)",
+        "deletion_auc": "core.metrics; its curve equals Quantus PixelFlipping (tested)",
+        "insertion_auc": "core.metrics (own, RISE insertion; no Quantus counterpart)",
+        "mprt_spearman": "core.metrics; equals Quantus MPRT top-down (tested)",
+        "sparseness": "core.metrics; equals Quantus Sparseness (tested)",
+    }
+    out = {}
+    for key in METRIC_KEYS:
+        info = M.METRICS[key]
+        out[key] = {"label": info.label, "higher_is_better": bool(info.higher_is_better),
+                    "arrow": "↑" if info.higher_is_better else "↓",
+                    "description": info.description, "implementation": impl[key]}
+    return out
+
+
+def build_stage(study, progress=None) -> dict:
+    """Every method's maps and metrics on a fixed set of decoy test images, for each model.
+
+    Reads ``study.config.representations`` (keys of :data:`DEFAULTS`; missing keys take the
+    defaults). The images are the first ``n_images`` of the decoy test split; the target of each is
+    its label (``target="label"``) or the model's prediction. For each model (vanilla, clean, and
+    any corrected model the corrections stage already holds) and each method: the maps, then the
+    mean over images of each metric of :data:`METRIC_KEYS` (NaNs skipped). ``mprt_spearman`` is the
+    Spearman similarity after *every* layer is re-initialised (cascading, top layer first; the
+    last point of the curve), on the first ``n_mprt`` images; the whole curve over layers is kept.
+
+    Payload (only dicts, lists, str, numbers and tensors):
+    ``rows``: [{"method", "label", "model", <METRIC_KEYS>: float | None}];
+    ``maps``: {model: {method: (n_display, H, W) float tensor}};
+    ``images``: {"x": (n_display, H, W), "mask": (n_display, H, W) bool, "y": (n_display,),
+    "pred": {model: (n_display,)}, "index": test-split indices};
+    ``curves``: {"fraction": [S + 1], "deletion"/"insertion": {model: {method: [S + 1] means}}};
+    ``mprt``: {"layers": [names], "row": "last", "n_images": int,
+    "curves": {model: {method: [mean per layer]}}};
+    ``metrics_info``: :func:`metrics_info`; ``methods``: :func:`method_table`;
+    ``config``: the settings used; ``seconds``: {model: float, "total": float};
+    ``experts``: {model: [{"class", "units", "scores", "weights"}]} (internal influence).
+    """
+    t_start = time.perf_counter()
+    cfg = _section(study)
+    data = study.data()
+    test = data.test
+    n = min(int(cfg["n_images"]), test.n)
+    n_display = min(int(cfg["n_display"]), n)
+    n_mprt = min(int(cfg["n_mprt"]), n)
+    x_all = test.x[:n].float()
+    mask = test.mask[:n].bool()
+    labels = test.y[:n].long()
+    # internal influence's class-conditional DoI: the first n_reference training images per class
+    tr = data.train
+    keep = torch.cat([(tr.y == c).nonzero().flatten()[:int(cfg["n_reference"])]
+                      for c in torch.unique(tr.y).tolist()])
+    reference = (tr.x[keep].float(), tr.y[keep].long())
+
+    extra = _corrected_models(study) if cfg["corrections"] else []
+    names = list(dict.fromkeys(list(cfg["models"]) + extra))
+    methods = list(cfg["methods"])
+    total = len(names) * len(methods)
+    done = 0
+
+    def report(msg: str) -> None:
+        if progress is not None:
+            progress("representations", done, total, msg)
+
+    rows: list[dict] = []
+    maps_out: dict = {}
+    deletion: dict = {}
+    insertion: dict = {}
+    mprt_curves: dict = {}
+    preds: dict = {}
+    expert_info: dict = {}
+    seconds: dict = {}
+    layers: list[str] = []
+    fraction: list[float] = []
+    report("starting")
+    for name in names:
+        t_model = time.perf_counter()
+        model = study.model(name)
+        dev = model_device(model)
+        x = x_all.to(dev)
+        with torch.no_grad(), eval_mode(model):
+            pred = model(x).argmax(1).cpu()
+        preds[name] = pred[:n_display].clone()
+        y = (labels if cfg["target"] == "label" else pred).to(dev)
+        maps_out[name], deletion[name], insertion[name], mprt_curves[name] = {}, {}, {}, {}
+        for meth in methods:
+            report(f"{name}: {METHODS[meth].label}")
+            opts = {"batch_size": int(cfg["batch_size"]), **cfg["options"].get(meth, {})}
+            ref = reference if meth == "internal_influence" else None
+            kw = {"reference": ref} if ref is not None else {}
+            if meth == "internal_influence":
+                attr, info = attribute(model, x, y, meth, return_info=True, **kw, **opts)
+                expert_info[name] = info["classes"]
+            else:
+                attr = attribute(model, x, y, meth, **kw, **opts)
+            attr = attr.detach()
+            row = {"method": meth, "label": METHODS[meth].label, "model": name}
+            row["decoy_mass"] = _nanmean(M.decoy_mass(attr, mask.to(dev)))
+            row["wrong_reason"] = _nanmean(M.wrong_reason(attr, mask.to(dev)))
+            row["rank_accuracy"] = _nanmean(M.rank_accuracy(attr, mask.to(dev)))
+            di = M.deletion_insertion(model, x, y, attr, step=int(cfg["step"]))
+            row["deletion_auc"] = _nanmean(di["deletion_auc"])
+            row["insertion_auc"] = _nanmean(di["insertion_auc"])
+            deletion[name][meth] = di["deletion_curve"].double().mean(0).tolist()
+            insertion[name][meth] = di["insertion_curve"].double().mean(0).tolist()
+            steps = di["deletion_curve"].shape[1] - 1
+            hw = x.shape[-2] * x.shape[-1]
+            fraction = [min(s * int(cfg["step"]), hw) / hw for s in range(steps + 1)]
+
+            def explain(m, xx, yy, meth=meth, opts=opts, ref=ref):
+                kw = {"reference": ref} if ref is not None else {}
+                return attribute(m, xx, yy, meth, **kw, **opts)
+
+            res = M.mprt(model, x[:n_mprt], y[:n_mprt], explain, seed=int(cfg["seed"]))
+            layers = list(res["layers"])
+            row["mprt_spearman"] = _nanmean(res["last"])
+            mprt_curves[name][meth] = [_nanmean(s) for s in res["scores"]]
+            row["sparseness"] = _nanmean(M.sparseness(attr))
+            rows.append(row)
+            maps_out[name][meth] = attr[:n_display].sum(1).float().cpu().clone()
+            done += 1
+            report(f"{name}: {METHODS[meth].label} done")
+        seconds[name] = time.perf_counter() - t_model
+    seconds["total"] = time.perf_counter() - t_start
+    cfg_out = {k: v for k, v in cfg.items() if k != "options"}
+    cfg_out["options"] = {k: {kk: vv for kk, vv in v.items() if isinstance(vv, int | float | str)}
+                          for k, v in cfg["options"].items()}
+    cfg_out["n_images"], cfg_out["n_display"], cfg_out["n_mprt"] = n, n_display, n_mprt
+    return {
+        "rows": rows,
+        "maps": maps_out,
+        "images": {"x": x_all[:n_display, 0].clone(), "mask": mask[:n_display, 0].clone(),
+                   "y": labels[:n_display].clone(), "pred": preds,
+                   "index": list(range(n_display))},
+        "curves": {"fraction": fraction, "deletion": deletion, "insertion": insertion},
+        "mprt": {"layers": layers, "row": "last", "n_images": n_mprt, "curves": mprt_curves},
+        "metrics_info": metrics_info(),
+        "methods": [METHODS[m].row() for m in methods],
+        "experts": expert_info,
+        "config": cfg_out,
+        "chance_decoy_mass": float(mask[0].sum()) / float(math.prod(mask.shape[-2:])),
+        "seconds": seconds,
+    }
+
+
+def rows_table(payload: dict) -> list[dict]:
+    """The payload's rows (a convenience for the page and the CLI)."""
+    return [dict(r) for r in payload.get("rows", [])]
+

@@ -1,0 +1,247 @@
+"""Representations as engine configurations: Captum as oracle, the stage's payload, the page."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from captum.attr import (
+    InputXGradient,
+    IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
+    NoiseTunnel,
+    Saliency,
+)
+
+from core import metrics as M
+from core.distributions import GaussianDoI
+from core.experts import interpret
+from core.models import DecoyCNN
+from core.representations import (
+    METHODS,
+    METRIC_KEYS,
+    STAGE_VERSION,
+    NoiseDoI,
+    attribute,
+    build_stage,
+    layer_activation,
+    method_table,
+    smoothgrad_noise,
+)
+
+
+def tiny_cnn(seed: int = 0) -> DecoyCNN:
+    torch.manual_seed(seed)
+    return DecoyCNN(channels=(4, 6), hidden=16).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(3)
+    x = torch.rand(6, 1, 28, 28)
+    y = torch.tensor([0, 3, 3, 7, 0, 1])
+    return x, y
+
+
+# ----------------------------------------------------------------------------- Captum equalities
+
+def test_saliency_equals_captum(batch):
+    x, y = batch
+    m = tiny_cnn()
+    ours = attribute(m, x, y, "saliency")
+    theirs = Saliency(m).attribute(x, target=y, abs=False)
+    assert ours.shape == (6, 1, 28, 28)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_gradient_x_input_equals_captum(batch):
+    x, y = batch
+    m = tiny_cnn()
+    assert torch.allclose(attribute(m, x, y, "gradient_x_input"),
+                          InputXGradient(m).attribute(x, target=y), atol=1e-6)
+
+
+@pytest.mark.parametrize("baseline", [None, 0.3])
+def test_integrated_gradients_equals_captum_riemann_middle(batch, baseline):
+    x, y = batch
+    m = tiny_cnn()
+    ours = attribute(m, x, y, "integrated_gradients", steps=12, baseline=baseline)
+    theirs = IntegratedGradients(m).attribute(x, baselines=0.0 if baseline is None else baseline,
+                                              target=y, n_steps=12, method="riemann_middle")
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_smoothgrad_equals_captum_noise_tunnel_with_the_same_noise(batch):
+    x, y = batch
+    m = tiny_cnn()
+    torch.manual_seed(5)
+    theirs = NoiseTunnel(Saliency(m)).attribute(x, nt_type="smoothgrad", nt_samples=7, stdevs=0.2,
+                                                target=y, abs=False)
+    torch.manual_seed(5)
+    # Captum's draw: torch.normal over the inputs each repeated nt_samples times in a row
+    noise = torch.normal(0, torch.full((7 * len(x), *x.shape[1:]), 0.2))
+    ours = attribute(m, x, y, "smoothgrad", noise=noise.view(len(x), 7, *x.shape[1:]))
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_smoothgrad_seeded_is_the_gaussian_doi_and_independent_of_grouping(batch):
+    x, y = batch
+    m = tiny_cnn()
+    seeded = attribute(m, x, y, "smoothgrad", samples=5, stdev=0.1, seed=4)
+    explicit = attribute(m, x, y, "smoothgrad",
+                         noise=smoothgrad_noise(len(x), tuple(x.shape[1:]), samples=5, stdev=0.1,
+                                                seed=4))
+    assert torch.allclose(seeded, explicit, atol=1e-6)
+    # example i's noise follows its index in the caller's batch, not its class group's
+    doi = GaussianDoI(5, 0.1, 4)
+    for i in (0, 3):
+        pts = x[i:i + 1] + 0.1 * doi.noise(tuple(x.shape[1:]), i)
+        want = Saliency(m).attribute(pts, target=int(y[i]), abs=False).mean(0, keepdim=True)
+        assert torch.allclose(seeded[i:i + 1], want, atol=1e-6)
+    assert NoiseDoI(torch.zeros(1, 5, 1)).resolution == 5
+
+
+@pytest.mark.parametrize("layer", ["relu2", "conv2"])
+def test_gradcam_equals_captum_layer_gradcam_interpolated(batch, layer):
+    x, y = batch
+    m = tiny_cnn()
+    ours = attribute(m, x, y, "gradcam", layer=layer)
+    cam = LayerGradCam(m, m.get_submodule(layer)).attribute(x, target=y, relu_attributions=True)
+    theirs = LayerAttribution.interpolate(cam, (28, 28), "bilinear")
+    assert ours.shape == (6, 1, 28, 28)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert (ours >= 0).all()
+
+
+def test_internal_influence_from_the_definition(batch):
+    """Experts by a slow loop of autograd over the class's reference images, then IG per unit."""
+    x, y = batch
+    m = tiny_cnn()
+    torch.manual_seed(9)
+    rx = torch.rand(12, 1, 28, 28)
+    ry = torch.tensor([0, 1, 3, 7] * 3)
+    ours, info = attribute(m, x, y, "internal_influence", reference=(rx, ry), k=2, resolution=6,
+                           return_info=True)
+    for c in (0, 1, 3, 7):
+        chi = torch.zeros(6, 14, 14)
+        for img in rx[ry == c]:
+            z = layer_activation(m, img[None], "conv2").requires_grad_(True)
+            out = m.fc2(m.relu3(m.fc1(m.flatten(m.pool2(m.relu2(z))))))
+            (g,) = torch.autograd.grad(out[0, c], z)
+            chi += g[0]
+        chi /= int((ry == c).sum())
+        scores = chi.sum((1, 2))
+        top = torch.topk(scores, 2).indices.tolist()
+        w = scores[top].clamp(min=0)
+        w = w / w.sum() if w.sum() > 0 else torch.full((2,), 0.5)
+        sel = y == c
+        want = sum(wi * interpret(m, x[sel], "conv2", u, resolution=6) for wi, u in zip(w, top, strict=True))
+        got_info = next(i for i in info["classes"] if i["class"] == c)
+        assert got_info["units"] == top
+        assert torch.allclose(ours[sel], want, atol=1e-5)
+
+
+def test_attribute_checks_its_arguments(batch):
+    x, y = batch
+    m = tiny_cnn()
+    with pytest.raises(ValueError, match="unknown option"):
+        attribute(m, x, y, "saliency", steps=3)
+    with pytest.raises(KeyError):
+        attribute(m, x, y, "nope")
+    with pytest.raises(ValueError, match="one target class"):
+        attribute(m, x, y[:2], "saliency")
+    # a single int target applies to every example
+    assert torch.allclose(attribute(m, x, 3, "saliency"),
+                          Saliency(m).attribute(x, target=3, abs=False), atol=1e-6)
+
+
+def test_every_method_is_an_engine_configuration():
+    rows = method_table()
+    assert [r["method"] for r in rows] == list(METHODS)
+    assert {"saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "gradcam",
+            "internal_influence"} == set(METHODS)
+    for r in rows:
+        assert r["slice"] and r["qoi"] and r["doi"] and r["multiplier"]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _tiny_study():
+    """A stand-in for the small case study (decoy-mnist-small's data and training settings)."""
+    from core.data import decoy_mnist
+    from core.models import train_model
+
+    data = decoy_mnist(seed=0, subset=30)
+    models = {}
+    for name, xs in (("vanilla", data.train.x), ("clean", data.train.x_clean)):
+        torch.manual_seed(0)
+        mdl = DecoyCNN()
+        train_model(mdl, xs, data.train.y, epochs=2, lr=0.003, batch_size=16, seed=0, device="cpu")
+        models[name] = mdl.eval()
+    cfg = SimpleNamespace(representations={"n_images": 24, "n_display": 4, "n_mprt": 6,
+                                           "n_reference": 8,
+                                           "options": {"integrated_gradients": {"steps": 8},
+                                                       "smoothgrad": {"samples": 6},
+                                                       "internal_influence": {"resolution": 6}}})
+    return SimpleNamespace(config=cfg, data=lambda: data, model=lambda n: models[n],
+                           artifact=lambda stage: None)
+
+
+@pytest.fixture(scope="module")
+def stage():
+    calls = []
+    payload = build_stage(_tiny_study(), lambda *a: calls.append(a))
+    return payload, calls
+
+
+def test_stage_payload_shape_and_types(stage):
+    payload, calls = stage
+    assert STAGE_VERSION == "1"
+    rows = payload["rows"]
+    assert len(rows) == 2 * len(METHODS)
+    for row in rows:
+        assert set(METRIC_KEYS) | {"method", "model", "label"} == set(row)
+        for key in METRIC_KEYS:
+            assert row[key] is None or (isinstance(row[key], float) and math.isfinite(row[key]))
+        assert 0 <= row["decoy_mass"] <= 1 and 0 <= row["sparseness"] <= 1
+        assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
+    for model in ("vanilla", "clean"):
+        for meth in METHODS:
+            assert payload["maps"][model][meth].shape == (4, 28, 28)
+            assert len(payload["curves"]["deletion"][model][meth]) == 29
+            assert len(payload["mprt"]["curves"][model][meth]) == len(payload["mprt"]["layers"])
+    assert payload["mprt"]["layers"] == ["fc2", "fc1", "conv2", "conv1"]
+    assert payload["curves"]["fraction"][0] == 0 and payload["curves"]["fraction"][-1] == 1
+    info = payload["metrics_info"]
+    for key in METRIC_KEYS:
+        assert info[key]["higher_is_better"] == M.METRICS[key].higher_is_better
+        assert info[key]["arrow"] == ("↑" if M.METRICS[key].higher_is_better else "↓")
+    assert calls[0][0] == "representations" and calls[-1][1] == calls[-1][2] == 2 * len(METHODS)
+    # the row value of MPRT is the last point of the curve (every layer randomised)
+    row = next(r for r in rows if r["method"] == "saliency" and r["model"] == "vanilla")
+    assert row["mprt_spearman"] == pytest.approx(payload["mprt"]["curves"]["vanilla"]["saliency"][-1])
+
+
+def test_stage_payload_round_trips_through_weights_only_load(stage, tmp_path):
+    payload, _ = stage
+    path = tmp_path / "p.pt"
+    torch.save(payload, path)
+    back = torch.load(path, weights_only=True)
+    assert back["rows"] == payload["rows"]
+    assert torch.equal(back["maps"]["vanilla"]["gradcam"], payload["maps"]["vanilla"]["gradcam"])
+
+
+def test_stage_the_vanilla_model_points_at_the_decoy(stage):
+    """Trained on decoy data, the vanilla model's input-space attributions put well above chance
+    (16/784) of their positive mass on the patch, and more than the clean model's do."""
+    payload, _ = stage
+    mass = {(r["model"], r["method"]): r["decoy_mass"] for r in payload["rows"]}
+    chance = 16 / 784
+    for method in ("gradient_x_input", "integrated_gradients"):
+        assert mass[("vanilla", method)] > 2 * chance
+        assert mass[("vanilla", method)] > 1.5 * mass[("clean", method)]
+
