@@ -14,6 +14,7 @@ import ui
 
 SPLITS = [("train_acc", "train"), ("decoy_test_acc", "decoy test"), ("clean_test_acc", "clean test")]
 N_SAMPLES = 8
+PALETTE = ["#B4412E", "#6C8EAD", "#D9A441", "#5B8C5A", "#8A6FB0", "#9C9C9C"]
 SCALE = 4
 
 study = ui.current_study()
@@ -77,9 +78,10 @@ for split, what in [("train", "Training images: the patch's shade encodes the la
     captions = [f"label {int(y[i])} · patch {shades[i] if shades[i] is not None else '—'}"
                 for i in range(len(y))]
     st.image([_gray(x[i]) for i in range(len(y))], caption=captions)
-    st.image([_outlined(x[i], mask[i]) for i in range(len(y))],
-             caption=["patch outlined"] * len(y))
-    st.image([_gray(x_clean[i]) for i in range(len(y))], caption=["without the patch"] * len(y))
+    st.caption("The same images with the patch tinted red (a dark patch is hard to see on black):")
+    st.image([_outlined(x[i], mask[i]) for i in range(len(y))])
+    st.caption("Their clean copies, without the patch:")
+    st.image([_gray(x_clean[i]) for i in range(len(y))])
     ui.download_png(lambda x=x, x_clean=x_clean, mask=mask: ui.image_grid(
         [[_gray(a) for a in x], [_outlined(a, m) for a, m in zip(x, mask, strict=True)],
          [_gray(a) for a in x_clean]]), f"samples_{split}.png", "Download these images (PNG)",
@@ -102,9 +104,10 @@ long = table.melt(id_vars="model", var_name="split", value_name="accuracy").drop
 order = [label for _, label in SPLITS]
 bars = alt.Chart(long).mark_bar().encode(
     x=alt.X("split:N", sort=order, title=None, axis=alt.Axis(labelAngle=0)),
-    xOffset=alt.XOffset("model:N"),
+    xOffset=alt.XOffset("model:N", sort=list(models)),
     y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="accuracy"),
-    color=alt.Color("model:N", title="model"),
+    color=alt.Color("model:N", title="model", sort=list(models),
+                    scale=alt.Scale(domain=list(models), range=PALETTE[:len(models)])),
     tooltip=["model", "split", alt.Tooltip("accuracy:Q", format=".1%")],
 )
 labels = bars.mark_text(dy=-6, fontSize=11).encode(text=alt.Text("accuracy:Q", format=".0%"),

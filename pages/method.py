@@ -53,9 +53,9 @@ st.latex(r"\chi(f, P) \;=\; \mathbb{E}_{x \sim P}\!\left[\left.\frac{\partial\, 
          r"\right|_{z = h(x)}\right] \qquad\qquad a(x) = (z - z') \odot \chi")
 st.markdown(
     "The paper derives the measure from three axioms: **linear agreement** (for $f(x) = w^\\top x$ the "
-    "influence is $w$), **distributional marginality** (units whose value does not change the quantity "
-    "on the distribution get no influence) and **distribution linearity** (the influence over a mixture "
-    "of distributions is the mixture of their influences):")
+    "influence is $w$), **distributional marginality** (two networks whose gradients agree everywhere "
+    "on the distribution get the same influence: only the behaviour on $P$ matters) and **distribution "
+    "linearity** (the influence over a mixture of distributions is the mixture of their influences):")
 st.latex(r"\chi\big(f, \textstyle\sum_i \lambda_i P_i\big) = \sum_i \lambda_i\, \chi(f, P_i)")
 
 st.header("5. Experts and their interpretation")
