@@ -56,10 +56,11 @@ with st.sidebar:
         try:
             built = ui.status(study)
             models = ui.model_names(study) if built.get("models") else list(ui.BASE_MODELS)
+            labels = ui.correction_labels(study) if built.get("corrections") else {}
         except Exception as exc:  # a broken cache must not take the sidebar down
-            built, models = {}, list(ui.BASE_MODELS)
+            built, models, labels = {}, list(ui.BASE_MODELS), {}
             st.warning(f"Could not read the cache: {exc}")
-        ui.choice("Model", models, param="model", format_func=ui.model_label,
+        ui.choice("Model", models, param="model", format_func=lambda m: ui.model_label(m, labels),
                   help="The model the influence views explain: trained with the decoy (vanilla), "
                        "without it (clean), or a correction of the vanilla model.")
         st.markdown("**Cache**")

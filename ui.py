@@ -469,5 +469,14 @@ def pp(x: float | None, digits: int = 1) -> str:
     return "—" if x is None else f"{100 * float(x):+.{digits}f} pp"
 
 
-def model_label(name: str) -> str:
-    return MODEL_LABELS.get(name, f"{name} (correction)")
+def correction_labels(study=None) -> dict[str, str]:
+    """Model name → the correction's readable label, from the report's corrections rows."""
+    rows = report(study).get("corrections") or []
+    return {str(r.get("model") or r.get("method")): str(r.get("label") or r.get("method"))
+            for r in rows if r.get("model") or r.get("method")}
+
+
+def model_label(name: str, labels: dict[str, str] | None = None) -> str:
+    if name in MODEL_LABELS:
+        return MODEL_LABELS[name]
+    return f"{(labels or {}).get(name, name)} (correction of vanilla)"

@@ -100,7 +100,8 @@ def _load(model: str, layer: str, qoi: dict, doi: dict) -> dict | None:
 
 view = _load(model, layer, qoi, doi)
 if view is None:
-    st.info(f"The experts of **{layer}** for **{what}** on the **{model}** model over "
+    st.info(f"The experts of **{layer}** for **{what}** on the model "
+            f"**{ui.model_label(model, ui.correction_labels(study))}** over "
             f"*{DOIS[doi_kind]}* are not computed yet. Computing them takes a few seconds to a minute "
             "and is cached on disk.")
     if st.button("Compute", type="primary", key="compute-experts"):
@@ -121,7 +122,8 @@ units = table["unit"].tolist()
 
 # ------------------------------------------------------------------------------------------ ranking
 st.header(f"Experts of {layer} for {what}")
-st.caption(f"Model **{ui.model_label(model)}** · distribution: {DOIS[doi_kind]} · "
+st.caption(f"Model **{ui.model_label(model, ui.correction_labels(study))}** · "
+           f"distribution: {DOIS[doi_kind]} · "
            f"{len(units)} experts of {len(view.get('scores', [])) or '?'} units.")
 chart_df = table.assign(label=table["unit"].map(lambda u: f"unit {u}"),
                         shortcut=table["carries shortcut"].map({True: "carries the shortcut",
