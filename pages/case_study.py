@@ -98,9 +98,20 @@ st.markdown(
     "Two copies of the same network: **vanilla** trained on the images with the decoy, **clean** "
     "trained on the same images without it. Both are tested on the decoy test set (random shades) and "
     "on the clean test set (no patch).")
-st.dataframe(table, hide_index=True, column_config={
-    label: st.column_config.NumberColumn(label, format="percent") for _, label in SPLITS})
+n_seeds = max(int(m.get("n_seeds") or 1) for m in models.values()) if models else 1
+shown = table.copy()
+if n_seeds > 1:  # mean ± sample sd over the seeds the report aggregates
+    for key, label in SPLITS:
+        shown[f"{label} sd"] = [m.get(f"{key}_sd") for m in models.values()]
+    st.caption(f"Means over {n_seeds} training seeds, with their standard deviations.")
+st.dataframe(shown, hide_index=True, column_config={
+    col: st.column_config.NumberColumn(col, format="percent") for col in shown.columns if col != "model"})
 long = table.melt(id_vars="model", var_name="split", value_name="accuracy").dropna()
+sd = {(name, label): m.get(f"{key}_sd") for name, m in models.items() for key, label in SPLITS}
+long["low"] = [a - (sd.get((n, sp)) or 0) for n, sp, a in zip(long["model"], long["split"], long["accuracy"],
+                                                             strict=True)]
+long["high"] = [a + (sd.get((n, sp)) or 0) for n, sp, a in zip(long["model"], long["split"], long["accuracy"],
+                                                              strict=True)]
 order = [label for _, label in SPLITS]
 bars = alt.Chart(long).mark_bar().encode(
     x=alt.X("split:N", sort=order, title=None, axis=alt.Axis(labelAngle=0)),
@@ -112,10 +123,15 @@ bars = alt.Chart(long).mark_bar().encode(
 )
 labels = bars.mark_text(dy=-6, fontSize=11).encode(text=alt.Text("accuracy:Q", format=".0%"),
                                                      color=alt.value("#1F2328"))
-st.altair_chart((bars + labels).properties(height=320), width="stretch")
+chart = bars + labels
+if n_seeds > 1:
+    chart += alt.Chart(long).mark_rule(color="#1F2328").encode(
+        x=alt.X("split:N", sort=order), xOffset=alt.XOffset("model:N", sort=list(models)),
+        y="low:Q", y2="high:Q")
+st.altair_chart(chart.properties(height=320), width="stretch")
 c1, c2 = st.columns(2)
 with c1:
-    ui.download_csv(table, f"{rep.get('case', 'case')}_accuracy.csv", "Download the table (CSV)",
+    ui.download_csv(shown, f"{rep.get('case', 'case')}_accuracy.csv", "Download the table (CSV)",
                     key="dl-accuracy")
 with c2:
     ui.download_json(rep, f"{rep.get('case', 'case')}_report.json", "Download the report (JSON)",
