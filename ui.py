@@ -293,10 +293,13 @@ def model_names(study=None) -> list[str]:
     return names
 
 
-def shortcut_threshold(rep: dict | None = None) -> float:
-    """The decoy mass above which an expert "carries the shortcut" (the report's rule)."""
+def shortcut_threshold(rep: dict | None = None, layer: str | None = None) -> float:
+    """The decoy mass above which an expert of ``layer`` "carries the shortcut" (the report's rule:
+    a per-layer threshold when the report has one, else its floor, else 5× chance)."""
     rep = rep if rep is not None else report()
-    value = (rep.get("experts") or {}).get("shortcut_threshold")
+    experts = rep.get("experts") or {}
+    value = (experts.get("shortcut_thresholds") or {}).get(layer) if layer else None
+    value = value if value is not None else experts.get("shortcut_threshold")
     return float(value) if value is not None else SHORTCUT_MASS
 
 

@@ -52,8 +52,6 @@ def _layers() -> list[str]:
 LAYERS = _layers()
 PRECOMPUTED_CLASSES = [int(c) for c in cfg.get("classes", range(N_CLASSES))]
 RESOLUTION = int(cfg.get("resolution", 20))
-SHORTCUT = ui.shortcut_threshold(rep)
-RULE = rep_experts.get("shortcut_rule") or f"decoy mass > {SHORTCUT:.3f}"
 model = ui.current_model()
 
 # ------------------------------------------------------------------------------------------ choices
@@ -113,6 +111,8 @@ rows = view.get("rows") or []
 if not rows:
     st.warning("No experts were returned for this view.")
     st.stop()
+SHORTCUT = float(view.get("threshold") or ui.shortcut_threshold(rep, layer))
+RULE = rep_experts.get("shortcut_rule") or f"decoy mass > {SHORTCUT:.3f}"
 table = pd.DataFrame(rows).sort_values("rank").reset_index(drop=True)
 table["decoy_mass"] = pd.to_numeric(table["decoy_mass"], errors="coerce")
 table["carries shortcut"] = (table["shortcut"].astype(bool) if "shortcut" in table

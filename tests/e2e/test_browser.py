@@ -1,0 +1,211 @@
+"""The report in a real browser: ``streamlit run`` on the small prebuilt case, driven by Debian's
+chromium through Playwright.
+
+Every page in the navigation draws without an exception box, with its images and charts; a deep
+link (URL with query parameters) reopens the same view, and changing a choice writes the URL.
+A screenshot of each page goes to ``assets/screenshots/<page>.png`` (used by the README).
+
+Without ``/usr/bin/chromium`` (or Playwright) the tests skip, unless ``CASEBOOK_REQUIRE_BROWSER=1``
+(set by ``.ci/run``), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = ROOT / "assets" / "screenshots"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync"]
+READY = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+# Pages that must draw images and Altair charts (the others only must not raise).
+DRAWS = {"case-study": ("stImage", "stVegaLiteChart"), "influence": ("stImage", "stVegaLiteChart")}
+
+
+def _require_browser():
+    problems = []
+    if not CHROMIUM.exists():
+        problems.append(f"{CHROMIUM} is missing (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        problems.append("the playwright package is not installed")
+    if problems:
+        message = "; ".join(problems)
+        if os.environ.get("CASEBOOK_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser tests are required here (CASEBOOK_REQUIRE_BROWSER=1) but {message}")
+        pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cache_dir(study) -> str:
+    cache = getattr(study, "cache", None)
+    root = getattr(cache, "root", None) or getattr(study, "cache_dir", None)
+    if root is None:
+        raise AttributeError("cannot tell where the small study's cache lives")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def server(small_study, tmp_path_factory):
+    _require_browser()
+    port = _free_port()
+    env = {**os.environ, "CASEBOOK_CACHE": _cache_dir(small_study), "CASEBOOK_CASE": small_study.config.name,
+           "PYTHONUNBUFFERED": "1"}
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+             "--server.port", str(port), "--server.address", "127.0.0.1",
+             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not come up in 90 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # its own session: only the server and its children
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(90_000)
+    try:
+        yield pg
+    finally:
+        context.close()
+
+
+def _settle(page) -> None:
+    """Wait until the script has run to the end and the asynchronous drawings are in place."""
+    page.wait_for_selector(f"{READY} h1", timeout=120_000)
+    page.wait_for_selector(READY, timeout=120_000)
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')]
+                   .every(c => c.querySelector('canvas, svg'))
+              && [...document.querySelectorAll('[data-testid="stImage"] img')]
+                   .every(i => i.complete && i.naturalWidth > 0)""", timeout=60_000)
+
+
+def _screenshot(page, path: Path, width: int = 1400, cap: int = 9000) -> None:
+    """The whole page: Streamlit scrolls inside its main block, so grow the viewport to fit it."""
+    height = page.evaluate("""() => Math.max(...[...document.querySelectorAll(
+        '[data-testid="stMain"], [data-testid="stMainBlockContainer"], [data-testid="stAppViewContainer"]')]
+        .map(e => e.scrollHeight), window.innerHeight)""")
+    page.set_viewport_size({"width": width, "height": min(int(height) + 40, cap)})
+    page.wait_for_timeout(400)  # charts re-lay out to the new size
+    _settle(page)
+    page.screenshot(path=str(path))
+    page.set_viewport_size({"width": width, "height": 1000})
+
+
+def _count(page, testid: str) -> int:
+    return page.locator(f'[data-testid="{testid}"]').count()
+
+
+def _nav_pages(page, base: str) -> dict[str, str]:
+    links = page.locator('[data-testid="stSidebarNav"] a')
+    hrefs = [links.nth(i).get_attribute("href") for i in range(links.count())]
+    out = {}
+    for href in hrefs:
+        path = href.split("?")[0].rstrip("/").rsplit("/", 1)[-1] if href else ""
+        name = path if path and not path.startswith("127.0.0.1") else "case-study"
+        out[name] = href if href.startswith("http") else f"{base}/{href.lstrip('/')}"
+    return out
+
+
+def test_every_page_draws_without_exceptions(server, page):
+    page.goto(server)
+    _settle(page)
+    pages = _nav_pages(page, server)
+    assert {"case-study", "influence", "method"} <= set(pages), pages
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for name, href in pages.items():
+        page.goto(href)
+        _settle(page)
+        errors = page.locator('[data-testid="stException"]')
+        assert errors.count() == 0, f"{name}: {errors.first.inner_text()}"
+        for testid in DRAWS.get(name, ()):
+            assert _count(page, testid) > 0, f"{name} draws no {testid}"
+        if name in DRAWS:
+            assert page.locator('[data-testid="stVegaLiteChart"] canvas, '
+                                '[data-testid="stVegaLiteChart"] svg').count() > 0
+        _screenshot(page, SHOTS / f"{name}.png")
+        assert (SHOTS / f"{name}.png").stat().st_size > 10_000
+
+
+def test_a_deep_link_reopens_the_view_and_choices_write_the_url(server, page, small_study):
+    layer = small_study.report()["experts"]["layer"]
+    rows = sorted(small_study.experts("clean", layer, 2)["rows"], key=lambda r: r["rank"])
+    unit = rows[-1]["unit"]
+    page.goto(f"{server}/influence?model=clean&cls=2&layer={layer}&view=heatmap&expert={unit}")
+    _settle(page)
+    assert _count(page, "stException") == 0
+    assert page.locator("h2", has_text=f"Experts of {layer} for class 2").count() == 1
+    assert page.get_by_text("clean (trained without it)").count() >= 1
+    assert page.locator('[data-testid="stRadio"] input[type="radio"]:checked').evaluate_all(
+        "els => els.map(e => e.closest('label').innerText)").count("heatmap") == 1
+    assert f"expert={unit}" in page.url and "cls=2" in page.url
+
+    # Choosing another class writes it into the URL; that URL opens the same view in a new tab.
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Class").first.click()
+    page.get_by_role("option", name="7", exact=True).click()
+    page.wait_for_function("() => location.search.includes('cls=7')", timeout=60_000)
+    _settle(page)
+    assert page.locator("h2", has_text=f"Experts of {layer} for class 7").count() == 1
+    link = page.url
+    fresh = page.context.new_page()
+    fresh.goto(link)
+    _settle(fresh)
+    assert fresh.locator("h2", has_text=f"Experts of {layer} for class 7").count() == 1
+    assert fresh.get_by_text("clean (trained without it)").count() >= 1
+    assert _count(fresh, "stException") == 0

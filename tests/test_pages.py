@@ -1,0 +1,286 @@
+"""The report's pages under Streamlit's AppTest, on the small prebuilt case study.
+
+Every page the report app owns (and the entrypoint's sidebar) runs without an exception and draws
+what it promises; changing a widget changes the view; the URL's query parameters reopen a view;
+missing results and failures show readable messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+import ui
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+TIMEOUT = 120
+
+
+def _cache_dir(study) -> str:
+    for attr in ("cache_dir", "root"):
+        value = getattr(study, attr, None)
+        if value is not None:
+            return str(value)
+    cache = getattr(study, "cache", None)
+    for attr in ("root", "path", "directory", "dir"):
+        value = getattr(cache, attr, None)
+        if value is not None:
+            return str(value)
+    raise AttributeError("cannot tell where the small study's cache lives")
+
+
+def _clear() -> None:
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    ui._GENERATION.clear()
+
+
+@pytest.fixture
+def app(small_study, monkeypatch):
+    """A factory of AppTests on the small prebuilt case (env points the app at it), caches cleared."""
+    monkeypatch.setenv("CASEBOOK_CACHE", _cache_dir(small_study))
+    monkeypatch.setenv("CASEBOOK_CASE", small_study.config.name)
+    _clear()
+
+    def make(page: str | None = None, **params) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        for key, value in params.items():
+            at.query_params[key] = str(value)
+        at.run()
+        if page is not None:
+            at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    yield make
+    _clear()
+
+
+def _texts(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown) + "\n".join(c.value for c in at.caption)
+
+
+# ---------------------------------------------------------------------------------------------- app.py
+
+
+def test_sidebar_offers_case_model_device_and_cache_status(app, small_study):
+    at = app()
+    case = at.sidebar.selectbox(key="qp-case")
+    assert case.value == small_study.config.name
+    assert small_study.config.name in case.options
+    assert at.sidebar.selectbox(key="qp-model").value == "vanilla"
+    assert {ui.model_label("vanilla"), ui.model_label("clean")} <= set(
+        at.sidebar.selectbox(key="qp-model").options)
+    assert at.sidebar.selectbox(key="qp-device").value in ("cpu", "cuda")
+    status = "\n".join(m.value for m in at.sidebar.markdown)
+    built = small_study.status()
+    for stage in ui.STAGES:
+        assert stage in status
+    assert f"{sum(map(bool, built.values()))}/{len(ui.STAGES)} stages built" in "\n".join(
+        c.value for c in at.sidebar.caption)
+    # The default page is the case study.
+    assert at.title[0].value
+
+
+def test_unknown_case_is_a_readable_error_not_a_traceback(app):
+    at = app(case="no-such-case")
+    assert not at.exception
+    assert any("no-such-case" in e.value for e in at.error)
+    # The rest of the app stays usable: the method page needs no case study.
+    at.switch_page("pages/method.py").run()
+    assert not at.exception
+    assert at.title[0].value == "Method"
+
+
+# ---------------------------------------------------------------------------------------------- case study
+
+
+def test_case_study_page_draws_samples_table_chart_from_the_report(app, small_study):
+    at = app("pages/case_study.py")
+    assert [h.value for h in at.header] == ["The images", "What the models learned", "What the gap means"]
+    assert len(at.image) >= 6  # train and test: with patch, outlined, clean
+    assert len(at.image[0].proto.imgs) == 8
+    assert len(at.get("vega_lite_chart")) == 1
+    rep = small_study.report()
+    table = at.dataframe[0].value.set_index("model")
+    for name, accs in rep["models"].items():
+        for key, label in [("train_acc", "train"), ("decoy_test_acc", "decoy test"),
+                           ("clean_test_acc", "clean test")]:
+            assert table.loc[name, label] == pytest.approx(accs[key])
+    text = _texts(at)
+    van, cln = rep["models"]["vanilla"], rep["models"]["clean"]
+    assert ui.pct(van["decoy_test_acc"]) in text and ui.pct(cln["decoy_test_acc"]) in text
+    assert at.metric[2].value == ui.pp(cln["decoy_test_acc"] - van["decoy_test_acc"])
+    assert {b.proto.label for b in at.get("download_button")} >= {
+        "Download the table (CSV)", "Download the report (JSON)"}
+
+
+# ---------------------------------------------------------------------------------------------- influence
+
+
+def _layer(small_study) -> str:
+    return small_study.report()["experts"]["layer"]
+
+
+def test_influence_page_shows_experts_interpretations_and_reading(app, small_study):
+    at = app("pages/influence.py")
+    layer = _layer(small_study)
+    assert at.header[0].value == f"Experts of {layer} for class 0"
+    assert [h.value for h in at.header[1:]] == ["What each expert looks at", "One expert up close",
+                                                "How to read this"]
+    assert len(at.get("vega_lite_chart")) >= 1
+    view = small_study.experts("vanilla", layer, 0)
+    table = at.dataframe[0].value
+    assert table["unit"].tolist() == [r["unit"] for r in sorted(view["rows"], key=lambda r: r["rank"])]
+    assert table["decoy_mass"].tolist() == pytest.approx([r["decoy_mass"] for r in
+                                                         sorted(view["rows"], key=lambda r: r["rank"])])
+    n_experts, n_images = view["maps"].shape[:2]
+    # one row of interpretations per expert, plus the close-up (image, mask, heatmap)
+    assert len(at.image) == n_experts + 3
+    assert all(len(img.proto.imgs) == n_images for img in at.image)
+    assert "decoy mass" in _texts(at)
+
+
+def test_another_class_changes_the_view_and_the_url(app, small_study):
+    at = app("pages/influence.py")
+    before = at.dataframe[0].value.copy()
+    images_before = [i.url for i in at.image[0].proto.imgs]
+    at.selectbox(key="qp-cls").select(1).run()
+    assert not at.exception
+    after = at.dataframe[0].value
+    expected = small_study.experts("vanilla", _layer(small_study), 1)
+    assert after["unit"].tolist() == [r["unit"] for r in sorted(expected["rows"], key=lambda r: r["rank"])]
+    assert not before.equals(after)
+    assert [i.url for i in at.image[0].proto.imgs] != images_before
+    assert at.query_params["cls"] == "1"
+    assert at.header[0].value.endswith("for class 1")
+
+
+def test_a_deep_link_reopens_the_same_view(app, small_study):
+    layer = _layer(small_study)
+    view = small_study.experts("clean", layer, 2)
+    unit = sorted(view["rows"], key=lambda r: r["rank"])[1]["unit"]
+    at2 = app("pages/influence.py", model="clean", cls=2, layer=layer, expert=unit, view="heatmap")
+    # (AppTest drops the sidebar's elements after switch_page: read the model from the page itself)
+    assert f"Model **{ui.model_label('clean')}**" in _texts(at2)
+    assert at2.selectbox(key="qp-cls").value == 2
+    assert at2.selectbox(key="qp-expert").value == unit
+    assert at2.radio(key="qp-view").value == "heatmap"
+    assert at2.dataframe[0].value["unit"].tolist() == [
+        r["unit"] for r in sorted(view["rows"], key=lambda r: r["rank"])]
+
+
+def test_comparative_quantity_is_computed_on_request(app, small_study):
+    at = app("pages/influence.py")
+    at.radio(key="qp-quantity").set_value("comparative").run()
+    at.selectbox(key="qp-vs").select(8).run()
+    assert not at.exception
+    qoi, doi = {"kind": "comparative", "a": 0, "b": 8}, {"kind": "class-images"}
+    if not small_study.has_experts_for("vanilla", _layer(small_study), qoi, doi):
+        assert [b.label for b in at.button] == ["Compute"]
+        assert not at.dataframe  # nothing drawn until asked
+        at.button(key="compute-experts").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+    assert at.header[0].value.endswith("for 0 rather than 8")
+    assert small_study.has_experts_for("vanilla", _layer(small_study), qoi, doi)
+    expected = small_study.experts_for("vanilla", _layer(small_study), qoi, doi)
+    assert at.dataframe[0].value["unit"].tolist() == [
+        r["unit"] for r in sorted(expected["rows"], key=lambda r: r["rank"])]
+    assert at.query_params["quantity"] == "comparative" and at.query_params["vs"] == "8"
+
+
+def test_a_corrected_model_from_the_sidebar_is_explained_on_request(app, small_study):
+    corrections = small_study.report().get("corrections") or []
+    if not corrections:
+        pytest.skip("the small study has no corrections built")
+    name = corrections[0]["model"]
+    at = app(model=name)
+    model_box = at.sidebar.selectbox(key="qp-model")
+    assert model_box.value == name
+    assert ui.model_label(name, {name: corrections[0]["label"]}) in model_box.options
+    at.switch_page("pages/influence.py").run()
+    assert not at.exception
+    layer = _layer(small_study)
+    qoi, doi = {"kind": "class", "class": 0}, {"kind": "class-images"}
+    if not small_study.has_experts_for(name, layer, qoi, doi):
+        assert corrections[0]["label"] in at.info[0].value
+        at.button(key="compute-experts").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+    expected = small_study.experts_for(name, layer, qoi, doi)
+    assert at.dataframe[0].value["unit"].tolist() == [
+        r["unit"] for r in sorted(expected["rows"], key=lambda r: r["rank"])]
+    assert len(at.image) == len(expected["rows"]) + 3
+
+
+# ---------------------------------------------------------------------------------------------- method
+
+
+def test_method_page_has_theory_table_and_references(app):
+    at = app("pages/method.py")
+    assert at.title[0].value == "Method"
+    assert len(at.latex) >= 8
+    engine = at.dataframe[0].value
+    assert "Integrated Gradients" in engine["representation"].tolist()
+    assert list(engine.columns) == ["representation", "slice", "quantity (QoI)", "distribution (DoI)",
+                                    "multiplier"]
+    refs = _texts(at)
+    for ref in ("1802.03788", "1703.03717", "1912.11425", "1810.03292", "1806.07421"):
+        assert ref in refs
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _build_script():
+    import streamlit as st
+
+    import ui
+
+    class Study:
+        def __init__(self, fail):
+            self.fail, self.calls = fail, []
+
+        def status(self):
+            return {s: False for s in ui.STAGES}
+
+        def build(self, stages=None, force=False, progress=None):
+            progress(stages[0], 1, 2, "half way")
+            if self.fail:
+                raise RuntimeError("the GPU caught fire")
+
+    ok = ui.build_missing(Study(st.session_state.get("fail", True)), ["models"])
+    st.write(f"result: {ok}")
+
+
+def test_build_missing_shows_a_readable_error(monkeypatch):
+    _clear()
+    at = AppTest.from_function(_build_script, default_timeout=30)
+    at.session_state["fail"] = True
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["RuntimeError: the GPU caught fire"]
+    assert at.markdown[-1].value == "result: False"
+    assert at.get("status") or at.get("expandable")
+    at.session_state["fail"] = False
+    at.run()
+    assert not at.error and at.markdown[-1].value == "result: True"
+
+
+def test_missing_results_are_offered_and_built_from_the_page(app, tmp_path, monkeypatch):
+    # An empty cache: nothing is built. The page explains, offers the build, and draws after it.
+    monkeypatch.setenv("CASEBOOK_CACHE", str(tmp_path / "empty"))
+    at = app("pages/case_study.py")
+    assert any("**data**" in i.value and "not built yet" in i.value for i in at.info)
+    assert not at.image and not at.get("vega_lite_chart")
+    at.button(key="build-data").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.image) >= 6  # the sample images are drawn now
+    assert any("**models**" in i.value for i in at.info)  # the next stage is offered, not built
+    assert [b.label for b in at.button] == ["Build models"]
+    # The other pages stay usable.
+    at.switch_page("pages/method.py").run()
+    assert not at.exception and at.title[0].value == "Method"
