@@ -216,7 +216,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "Leino et al. 2018: the class-conditional distributional influence picks the layer's "
            "expert units; their interpretations on the image, weighted by influence, form the map.",
            _class_doi, per_example=False,
-           defaults={"layer": "conv2", "k": 3, "resolution": 16, "path_resolution": 0}),
+           defaults={"layer": "conv2", "k": 3, "resolution": 8, "path_resolution": 0}),
 ]}
 
 METRIC_KEYS = ("decoy_mass", "wrong_reason", "rank_accuracy", "deletion_auc", "insertion_auc",
@@ -317,6 +317,11 @@ def attribute(model: nn.Module, x: Tensor, y, method: str | Method, *, reference
     noise = opts.get("noise")
     if noise is not None and (noise.dim() < 2 or noise.shape[0] != len(x)):
         raise ValueError(f"noise must be (N={len(x)}, samples, ...), got {tuple(noise.shape)}")
+    if meth.make_doi is _gaussian and noise is None:
+        # the seeded GaussianDoI's draws, made once per example (same values as GaussianDoI's own
+        # per-chunk draws, without redrawing every example's noise in each chunk)
+        opts["noise"] = smoothgrad_noise(len(x), tuple(x.shape[1:]), samples=int(opts["samples"]),
+                                         stdev=float(opts["stdev"]), seed=int(opts["seed"])).to(dev)
     layer = opts.get("layer", meth.layer)
     out = torch.zeros_like(x)
     info: dict = {"classes": []}
@@ -350,7 +355,7 @@ def attribute(model: nn.Module, x: Tensor, y, method: str | Method, *, reference
 DEFAULTS = {
     "n_images": 100,  # decoy test images every metric averages over
     "n_display": 8,  # of those, the first ones whose maps the page shows
-    "n_mprt": 32,  # of those, the first ones the randomisation test uses (its cost × layers + 1)
+    "n_mprt": 24,  # of those, the first ones the randomisation test uses (its cost × layers + 1)
     "n_reference": 50,  # training images per class: internal influence's class-conditional DoI
     "target": "label",  # explain the true class ("label") or the model's prediction ("prediction")
     "methods": list(METHODS),
@@ -371,7 +376,14 @@ def _section(study) -> dict:
     if sec is None and isinstance(cfg, dict):
         sec = cfg.get("representations")
     sec = dict(sec or {})
+    unknown_keys = sorted(set(sec) - set(DEFAULTS))
+    if unknown_keys:
+        raise ValueError(f"unknown key(s) {unknown_keys} in the representations section; valid: "
+                         f"{', '.join(DEFAULTS)}")
     out = {**DEFAULTS, **sec}
+    bad = sorted(set(out["options"]) - set(METHODS))
+    if bad:
+        raise ValueError(f"representations.options names unknown method(s) {bad}")
     if out["target"] not in ("label", "prediction"):
         raise ValueError(f"representations.target must be 'label' or 'prediction', "
                          f"not {out['target']!r}")
