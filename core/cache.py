@@ -47,6 +47,19 @@ from typing import Any
 __all__ = ["MAGIC", "Cache", "CacheEntry", "canonical_json", "default_root", "key_of"]
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple] = set()
+
+
+def _warn_once(path: Path, message: str, *args) -> None:
+    """Log a bad entry once per (path, size, mtime) and process: status checks read it often."""
+    try:
+        st = path.stat()
+        ident = (str(path), st.st_size, st.st_mtime_ns, message)
+    except OSError:
+        ident = (str(path), message)
+    if ident not in _WARNED:
+        _WARNED.add(ident)
+        log.warning(message, path, *args)
 
 MAGIC = b"CASEBOOK-ENTRY 1"
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +159,7 @@ class Cache:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("cache entry %s could not be read (%s); recomputing", path, exc)
+            _warn_once(path, "cache entry %s could not be read (%s); recomputing", exc)
             return None
         head, sep, body = blob.partition(b"\n")
         fields = head.split(b" ")
@@ -163,7 +176,7 @@ class Cache:
             if not sep or not isinstance(meta, dict):
                 raise ValueError("bad meta line")
         except (ValueError, UnicodeDecodeError) as exc:
-            log.warning("cache entry %s is corrupt (%s); treating it as missing", path, exc)
+            _warn_once(path, "cache entry %s is corrupt (%s); treating it as missing", exc)
             return None
         return meta, payload
 
@@ -186,9 +199,9 @@ class Cache:
         try:
             return torch.load(io.BytesIO(found[1]), map_location="cpu", weights_only=True)
         except Exception as exc:  # checksum held but torch cannot read it: a foreign/old format
-            log.warning("cache entry %s could not be unpickled (%s: %s); treating it as missing",
-                        self.path(key), type(exc).__name__, str(exc).splitlines()[0][:160]
-                        if str(exc) else "")
+            _warn_once(self.path(key), "cache entry %s could not be unpickled (%s: %s); treating "
+                       "it as missing", type(exc).__name__,
+                       str(exc).splitlines()[0][:160] if str(exc) else "")
             return default
 
     # writing

@@ -521,6 +521,11 @@ class CaseStudy:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def cache_dir(self) -> Path:
+        """The cache directory this study reads and writes."""
+        return self.cache.root
+
     # ------------------------------------------------------------------------------- data
     def data(self):
         """The case's DecoyData (deterministic; built once per study, kept in memory)."""
@@ -597,9 +602,12 @@ class CaseStudy:
             return None
         source = _source_hash((f"{stage}.py",))
         version = f"{getattr(module, 'STAGE_VERSION', 'unversioned')}:{source}"
+        # The stage may read every seed's models (study.seeds): key on all of them.
+        seeds = self.seeds or 1
+        models = {str(s): self._model_digests(s) for s in range(seeds)}
         return key_of(stage=stage, version=version, config=self.config.section(stage),
-                      data=self._data_digest(), models=self._model_digests(0), seed=0,
-                      experts=experts)
+                      data=self._data_digest(), models=models["0"], seeds=seeds,
+                      seed_models=models if seeds > 1 else None, experts=experts)
 
     def _key(self, stage: str, seed: int = 0) -> str | None:
         if stage == "data":
@@ -660,7 +668,8 @@ class CaseStudy:
         """Build ``stages`` (default all) and whatever they need, through the cache.
 
         ``force`` recomputes the asked-for stages (not their upstream ones). ``seeds``: models for
-        seeds 0 … seeds−1 (default: the study's ``seeds``, else 1). Returns, per stage handled,
+        seeds 0 … seeds−1 (default: the study's ``seeds``, else 1); a given value becomes the
+        study's ``seeds`` (what its report shows and delegated stages read). Returns, per stage,
         ``{"status": "cached" | "built" | "skipped" | "failed", "seconds": float, "message": str}``.
         A delegated stage (representations, corrections) that fails is reported as "failed" and
         the build goes on.
@@ -671,9 +680,11 @@ class CaseStudy:
         unknown = [s for s in wanted if s not in STAGES]
         if unknown:
             raise CaseError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
-        seeds = seeds if seeds is not None else (self.seeds or 1)
-        if not isinstance(seeds, int) or seeds < 1:
+        if seeds is not None and (not isinstance(seeds, int) or seeds < 1):
             raise CaseError(f"seeds must be a positive integer, got {seeds!r}")
+        if seeds is not None:
+            self.seeds = seeds  # from now on the study (its report, delegated stages) has N seeds
+        seeds = self.seeds or 1
         needed = set(wanted)
         if needed & {"experts", *DELEGATED}:
             needed |= {"data", "models", "experts"}
@@ -850,7 +861,12 @@ class CaseStudy:
 
     def _correction_model(self, name: str):
         payload = self.artifact("corrections")
-        if payload is None and self._delegate("corrections") is not None:
+        module = self._delegate("corrections")
+        methods = getattr(module, "METHODS", None) if module is not None else None
+        if payload is None and methods is not None and name not in methods:
+            known = ", ".join([*MODEL_NAMES, *methods])
+            raise CaseError(f"{self.name}: no model named {name!r}; available: {known}")
+        if payload is None and module is not None:
             self.build(["corrections"])
             payload = self.artifact("corrections")
         models = (payload or {}).get("models") or {}
