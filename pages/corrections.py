@@ -1,0 +1,296 @@
+"""Chapter: correcting the shortcut, five methods head to head (reads ``core.corrections``' stage).
+
+Everything drawn here comes from the corrections payload (``ui.artifact("corrections")``), the
+report JSON and the experts views of the corrected models; the page computes nothing itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+import ui
+from core import imaging
+
+SCALE = 4
+N_CLASSES = 10
+COLORS = {"reference": "#8A8F98", "mask": "#B4412E", "mask-free": "#2E7D5B"}
+
+study = ui.current_study()
+st.title("Corrections")
+st.markdown(
+    "The vanilla model learned to read the corner patch. Can we make it read the digit instead? "
+    "Five corrections start from the **same vanilla model**: two remove the shortcut after "
+    "training without retraining (*expert suppression*, *P-ClArC*), three fine-tune it "
+    "(*RRR*, an *influence penalty*, *counterexamples*). Each one's strength is tuned on the "
+    "**validation split** (test-style random-shade patches), never on the test set. "
+    "**Gap closed** = (accuracy − vanilla) / (clean reference − vanilla) on the decoy test set: "
+    "0 is no better than vanilla, 1 matches the model trained without the patch.")
+
+if not ui.require(study, ["corrections"], "The corrections chapter"):
+    st.stop()
+
+payload = ui.artifact("corrections", study) or {}
+rows = payload.get("rows") or []
+if not rows:
+    st.warning("The corrections stage is built but holds no rows (no method configured?).")
+    st.stop()
+ref = payload.get("reference") or {}
+van, cln = ref.get("vanilla") or {}, ref.get("clean") or {}
+n_seeds = int(payload.get("n_seeds") or 1)
+records = payload.get("records") or {}
+
+
+def _f(x) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+    return v
+
+
+def _sd(row: dict, key: str) -> str:
+    sd = row.get(f"{key}_sd")
+    return "" if sd is None or n_seeds < 2 else f" ± {100 * _f(sd):.1f}"
+
+
+def _strength(row: dict) -> str:
+    s = row.get("strength")
+    name = row.get("strength_name") or "strength"
+    if s is None:
+        return "—"
+    if isinstance(s, float):
+        s = f"{s:g}"
+    extra = ""
+    if row.get("method") == "suppression" and row.get("units") is not None:
+        extra = f" ({row.get('layer')} units {list(row['units'])})"
+    return f"{name} = {s}{extra}"
+
+
+# ------------------------------------------------------------------------------------ the table
+st.header("Results")
+table = pd.DataFrame([{
+    "method": r.get("label") or r["method"],
+    "uses mask": "yes" if r.get("uses_mask") else "no",
+    "decoy test": _f(r.get("decoy_test_acc")),
+    "clean test": _f(r.get("clean_test_acc")),
+    "gap closed": _f(r.get("gap_closed")),
+    "decoy mass": _f(r.get("decoy_mass")),
+    "tuned on validation": _strength(r),
+    "validation acc": _f(r.get("val_acc")),
+    "seconds": _f(r.get("seconds")),
+} for r in rows])
+ref_table = pd.DataFrame([
+    {"model": "vanilla (trained with the decoy)", "decoy test": _f(van.get("decoy_test_acc")),
+     "clean test": _f(van.get("clean_test_acc")), "decoy mass": _f(van.get("decoy_mass"))},
+    {"model": "clean reference (trained without it)", "decoy test": _f(cln.get("decoy_test_acc")),
+     "clean test": _f(cln.get("clean_test_acc")), "decoy mass": _f(cln.get("decoy_mass"))},
+])
+pct_cols = {c: st.column_config.NumberColumn(c, format="percent")
+            for c in ("decoy test", "clean test", "decoy mass", "validation acc")}
+st.dataframe(table, hide_index=True, column_config={
+    **pct_cols,
+    "gap closed": st.column_config.NumberColumn("gap closed", format="%.2f"),
+    "seconds": st.column_config.NumberColumn("seconds", format="%.1f"),
+})
+st.dataframe(ref_table, hide_index=True, column_config=pct_cols)
+seed_note = (f"Means over {n_seeds} seeds (± one standard deviation in the narrative)."
+             if n_seeds > 1 else "One seed (build the study with more seeds for means ± sd).")
+st.caption(
+    "Decoy test: test images with a random-shade patch; clean test: the same images without it. "
+    "Decoy mass: share of the positive Integrated Gradients attribution (label logit, zero "
+    f"baseline) on the 16 patch pixels, mean over test images (chance {ui.CHANCE_DECOY_MASS:.1%}). "
+    f"Seconds: wall time of the correction including its tuning grid. {seed_note}")
+ui.download_csv(table, "corrections.csv", "Download the table (CSV)", key="dl-corrections")
+
+# ------------------------------------------------------------------------------------ the chart
+st.header("Accuracies side by side")
+bars = []
+for name, r, kind in ([("vanilla", van, "reference"), ("clean reference", cln, "reference")]
+                      + [(r.get("label") or r["method"], r, "mask" if r.get("uses_mask")
+                          else "mask-free") for r in rows]):
+    for split, key in (("decoy test", "decoy_test_acc"), ("clean test", "clean_test_acc")):
+        v = _f(r.get(key))
+        sd = _f(r.get(f"{key}_sd")) if n_seeds > 1 else float("nan")
+        bars.append({"model": name, "split": split, "accuracy": v, "kind": kind,
+                     "low": v - sd if math.isfinite(sd) else None,
+                     "high": v + sd if math.isfinite(sd) else None})
+chart_df = pd.DataFrame(bars)
+order = list(dict.fromkeys(chart_df["model"]))
+base = alt.Chart(chart_df).encode(
+    x=alt.X("model:N", sort=order, title=None, axis=alt.Axis(labelAngle=-20)),
+    xOffset=alt.XOffset("split:N", sort=["decoy test", "clean test"]))
+chart = base.mark_bar().encode(
+    y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])),
+    color=alt.Color("kind:N", title="model", scale=alt.Scale(
+        domain=list(COLORS), range=list(COLORS.values()))),
+    opacity=alt.Opacity("split:N", sort=["decoy test", "clean test"],
+                        scale=alt.Scale(range=[1.0, 0.45]), title="test set"),
+    tooltip=["model", "split", alt.Tooltip("accuracy:Q", format=".1%")])
+layers = [chart]
+if chart_df["low"].notna().any():
+    layers.append(base.mark_rule(color="#1F2328").encode(y="low:Q", y2="high:Q"))
+target = _f(cln.get("decoy_test_acc"))
+if math.isfinite(target):
+    layers.append(alt.Chart(pd.DataFrame({"y": [target]})).mark_rule(
+        strokeDash=[4, 4], color="#1F2328").encode(y="y:Q"))
+st.altair_chart(alt.layer(*layers).properties(height=340), width="stretch")
+st.caption("Solid bars: decoy test; pale bars: clean test. Dashed line: the clean reference's "
+           "decoy-test accuracy (gap closed = 1). Green: corrections that need no pixel mask; red: "
+           "corrections that use the patch location.")
+
+# ------------------------------------------------------------------------------------ narrative
+st.header("Reading the numbers")
+van_acc, cln_acc = _f(van.get("decoy_test_acc")), _f(cln.get("decoy_test_acc"))
+gap = cln_acc - van_acc
+lines = [f"- The vanilla model reaches **{ui.pct(van_acc)}** on the decoy test set and "
+         f"**{ui.pct(_f(van.get('clean_test_acc')))}** without the patch; the clean reference "
+         f"**{ui.pct(cln_acc)}**: a gap of **{ui.pp(gap)}** to close."]
+if math.isfinite(gap) and abs(gap) < 0.03:
+    lines.append("- The gap is small on this case, so gap-closed ratios are noisy: read the "
+                 "accuracies themselves.")
+ranked = sorted(rows, key=lambda r: -_f(r.get("gap_closed")) if r.get("gap_closed") is not None
+                else math.inf)
+best = ranked[0]
+lines.append(f"- Best: **{best.get('label')}** closes **{_f(best.get('gap_closed')):.0%}** of the "
+             f"gap ({ui.pct(_f(best.get('decoy_test_acc')))} decoy test{_sd(best, 'decoy_test_acc')}"
+             f"), {'using' if best.get('uses_mask') else 'without'} the patch mask.")
+free = [r for r in ranked if not r.get("uses_mask") and r.get("gap_closed") is not None]
+if free:
+    fb = free[0]
+    lines.append(f"- Best without any pixel mask: **{fb.get('label')}**, "
+                 f"**{_f(fb.get('gap_closed')):.0%}** of the gap "
+                 f"({ui.pct(_f(fb.get('decoy_test_acc')))}).")
+failed = [r for r in rows if r.get("gap_closed") is None or _f(r["gap_closed"]) < 0.25]
+for r in failed:
+    g = r.get("gap_closed")
+    removal = r["method"] in ("suppression", "pclarc")
+    lines.append(
+        f"- **{r.get('label')}** {'did not help' if g is None or _f(g) <= 0.05 else 'helped little'}"
+        f" (gap closed {'—' if g is None else f'{_f(g):.0%}'}; clean test "
+        f"{ui.pct(_f(r.get('clean_test_acc')))})."
+        + (" Removing what carries the shortcut cannot add the digit knowledge the vanilla model "
+           "never learned: at best it moves the model toward its own no-patch accuracy "
+           f"({ui.pct(_f(van.get('clean_test_acc')))})." if removal else ""))
+fine = [r for r in rows if r["method"] in ("rrr", "influence_penalty", "counterexamples")]
+if any(_f(r.get("gap_closed")) > 1.0 for r in fine):
+    lines.append("- A ratio above 1 means the corrected model beat the clean reference on the decoy "
+                 "test set: the fine-tuned models train for more epochs in total than the "
+                 "reference (vanilla training plus fine-tuning), so part of the gain is extra "
+                 "training, not only the removed shortcut.")
+lines.append("- Decoy mass after correction tells whether the explanations moved off the patch: "
+             + ", ".join(f"{r.get('label')} {ui.pct(_f(r.get('decoy_mass')))}" for r in rows)
+             + f" (vanilla {ui.pct(_f(van.get('decoy_mass')))}, clean "
+             f"{ui.pct(_f(cln.get('decoy_mass')))}).")
+st.markdown("\n".join(lines))
+
+st.subheader("What each method needs")
+st.dataframe(pd.DataFrame([{"method": r.get("label"), "uses mask": "yes" if r.get("uses_mask")
+                            else "no", "what it uses": r.get("mask_note", "")} for r in rows]),
+             hide_index=True, width="stretch")
+
+# ------------------------------------------------------------------------------------ anchors
+st.header("Published anchors")
+anchors = payload.get("anchors") or []
+if anchors:
+    st.dataframe(pd.DataFrame([{
+        "source": a.get("source"), "setup": a.get("setup"),
+        "vanilla decoy test": _f(a.get("vanilla_decoy_test_acc")),
+        "RRR decoy test": _f(a.get("rrr_decoy_test_acc")),
+        "clean decoy test": _f(a.get("clean_decoy_test_acc")),
+        "gap closed": _f(a.get("gap_closed"))} for a in anchors]), hide_index=True,
+        column_config={c: st.column_config.NumberColumn(c, format="percent") for c in
+                       ("vanilla decoy test", "RRR decoy test", "clean decoy test")}
+        | {"gap closed": st.column_config.NumberColumn("gap closed", format="%.2f")})
+    rrr = next((r for r in rows if r["method"] == "rrr"), None)
+    for a in anchors:
+        mine = (f" Here RRR reaches {ui.pct(_f(rrr.get('decoy_test_acc')))} against a vanilla "
+                f"{ui.pct(van_acc)} and a clean reference {ui.pct(cln_acc)} (gap closed "
+                f"{_f(rrr.get('gap_closed')):.2f})." if rrr else "")
+        st.markdown(f"**What differs.** {a.get('differs', '')}.{mine}")
+
+# ------------------------------------------------------------------------------------ tuning
+st.header("Tuning on the validation split")
+for r in rows:
+    rec = records.get(r["method"]) or {}
+    grid = rec.get("grid") or []
+    with st.expander(f"{r.get('label')}: chosen {_strength(r)}"):
+        if grid:
+            st.dataframe(pd.DataFrame([{k: (str(v) if isinstance(v, list) else v)
+                                        for k, v in g.items()} for g in grid]),
+                         hide_index=True, column_config={"val_acc": st.column_config.NumberColumn(
+                             "validation acc", format="percent")})
+        if r["method"] == "influence_penalty" and rec.get("heatmap") is not None:
+            heat = np.asarray(rec["heatmap"], dtype=float)
+            region = np.asarray(rec.get("region"), dtype=bool)
+            st.image([imaging.heatmap(heat, scale=SCALE),
+                      imaging.heatmap(region.astype(float), scale=SCALE)],
+                     caption=["vanilla influence (mean IG, training images)",
+                              f"penalised region ({int(region.sum())} pixels, found without "
+                              "the mask)"])
+        if r["method"] == "suppression" and rec.get("candidates"):
+            cand = rec["candidates"].get(rec.get("layer"), [])
+            st.caption(f"Candidate experts of {rec.get('layer')} by border mass (share of their "
+                       "interpretation's positive attribution on the 4-pixel image border):")
+            st.dataframe(pd.DataFrame(cand), hide_index=True)
+
+# ------------------------------------------------------------------------------------ experts
+st.header("Experts before and after")
+names = [r["method"] for r in rows]
+labels = {r["method"]: r.get("label") or r["method"] for r in rows}
+cfg_experts = getattr(study.config, "experts", None) or {}
+LAYERS = [str(x) for x in (cfg_experts.get("layers") or ["conv2"])]
+c1, c2, c3 = st.columns(3)
+with c1:
+    chosen = ui.choice("Correction", names, param="correction", format_func=labels.get)
+with c2:
+    layer = ui.choice("Layer", LAYERS, param="layer")
+with c3:
+    cls = ui.choice("Class", list(range(N_CLASSES)), param="cls")
+qoi, doi = {"kind": "class", "class": int(cls)}, {"kind": "class-images"}
+
+
+def _view(model: str) -> dict | None:
+    if model in ui.BASE_MODELS:
+        try:
+            return ui.experts(model, layer, int(cls), study)
+        except Exception:  # outside the precomputed classes/layers: the on-demand path below
+            pass
+    if ui.has_experts_for(model, layer, qoi, doi, study):
+        return ui.experts_for(model, layer, qoi, doi, study)
+    return None
+
+
+before, after = _view("vanilla"), _view(chosen)
+if after is None:
+    st.info(f"The experts of **{layer}** for class **{cls}** of the **{labels[chosen]}** model are "
+            "not computed yet (a few seconds; cached on disk).")
+    if st.button("Compute", type="primary", key="compute-corrected-experts"):
+        after = ui.compute_experts_for(chosen, layer, qoi, doi, study)
+cols = st.columns(2)
+for col, title, view in ((cols[0], "vanilla", before), (cols[1], labels[chosen], after)):
+    with col:
+        st.subheader(title)
+        if view is None or not view.get("rows"):
+            st.caption("Not available.")
+            continue
+        t = pd.DataFrame(view["rows"]).sort_values("rank")
+        keep = [c for c in ("rank", "unit", "score", "decoy_mass", "shortcut") if c in t]
+        st.dataframe(t[keep], hide_index=True, column_config={
+            "score": st.column_config.NumberColumn("influence", format="%.4g"),
+            "decoy_mass": st.column_config.NumberColumn("decoy mass", format="percent")})
+        images, maps = np.asarray(view.get("images", [])), np.asarray(view.get("maps", []))
+        if images.ndim == 3 and maps.ndim == 4 and len(images):
+            n_img = min(4, images.shape[0])
+            grid = [[imaging.masked_image(images[i], maps[k, i], scale=SCALE)
+                     for i in range(n_img)] for k in range(min(3, maps.shape[0]))]
+            st.image(ui.image_grid(grid), caption="top experts (rows) on the same test images: "
+                     "pixels above the 95th percentile of each interpretation")
+        dm = [x.get("decoy_mass") for x in view["rows"] if x.get("decoy_mass") is not None]
+        if dm:
+            st.caption(f"Mean decoy mass of the experts' interpretations: {np.mean(dm):.0%} "
+                       f"(chance {ui.CHANCE_DECOY_MASS:.1%}).")

@@ -1,0 +1,374 @@
+"""core.corrections on a reduced DecoyMNIST (300 images, a model trained for a few epochs), and the
+corrections page under AppTest on the small case study."""
+
+from __future__ import annotations
+
+import copy
+import io
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from core import corrections as C
+from core.data import decoy_mnist
+from core.models import build_model, set_seed, train_model
+
+
+@pytest.fixture(scope="module")
+def data():
+    return decoy_mnist(seed=0, subset=30)  # 216 train, 24 val, 60 test
+
+
+@pytest.fixture(scope="module")
+def vanilla(data):
+    set_seed(0)
+    m = build_model("decoy-cnn")
+    train_model(m, data.train.x, data.train.y, epochs=3, lr=3e-3, batch_size=32, seed=0,
+                device="cpu")
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def clean(data):
+    set_seed(0)
+    m = build_model("decoy-cnn")
+    train_model(m, data.train.x_clean, data.train.y, epochs=3, lr=3e-3, batch_size=32, seed=0,
+                device="cpu")
+    return m.eval()
+
+
+FAST = {
+    "suppression": {"layers": ["conv1", "fc1"], "n_units": [1, 2], "damping": [0.0, 0.5],
+                    "candidates": 2, "n_images": 10, "resolution": 4},
+    "pclarc": {"layers": ["relu1", "relu3"]},
+    "rrr": {"lambdas": [0.1, 1.0], "epochs": 1, "batch_size": 64},
+    "influence_penalty": {"lambdas": [0.1], "epochs": 1, "batch_size": 64, "n_images": 40},
+    "counterexamples": {"fractions": [0.5], "epochs": 1, "batch_size": 64},
+}
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------- each method
+
+@pytest.mark.parametrize("method", C.METHODS)
+def test_each_correction_runs_records_and_leaves_vanilla_alone(method, vanilla, data):
+    before = _state(vanilla)
+    corr = C.correct(method, vanilla, data, **FAST[method])
+    assert isinstance(corr, C.Correction) and corr.method == method
+    with torch.no_grad():
+        out = corr.model(data.test.x[:5])
+    assert out.shape == (5, 10) and torch.isfinite(out).all()
+    rec = corr.record
+    assert rec["seconds"] > 0
+    assert rec["strength"] is not None and rec["strength_name"]
+    assert rec["grid"], "the tuning grid is recorded"
+    for g in rec["grid"]:
+        assert 0.0 <= g["val_acc"] <= 1.0
+    # the chosen value is the grid's best validation accuracy
+    assert max(g["val_acc"] for g in rec["grid"]) == pytest.approx(
+        C._val_acc(corr.model, data), abs=1e-6)
+    after = _state(vanilla)
+    assert all(torch.equal(before[k], after[k]) for k in before), "the vanilla model was mutated"
+
+
+def test_measure_reports_accuracies_and_decoy_mass(vanilla, data):
+    m = C.measure(vanilla, data, n_explain=20, resolution=4)
+    for k in ("decoy_test_acc", "clean_test_acc", "val_acc"):
+        assert 0.0 <= m[k] <= 1.0
+    assert 0.0 <= m["decoy_mass"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------- suppression
+
+@pytest.mark.parametrize("layer,units", [("conv1", [3, 7]), ("conv2", [0, 5, 31]), ("fc1", [2])])
+@pytest.mark.parametrize("damping", [0.0, 0.3])
+def test_suppression_scales_only_the_chosen_units(vanilla, data, layer, units, damping):
+    sup = C.suppress(vanilla, layer, units, damping)
+    x = data.test.x[:8]
+
+    # Reference: the original model with the chosen units' activations scaled by a hook.
+    ref = copy.deepcopy(vanilla)
+    scale = torch.ones(getattr(ref, layer).weight.shape[0])
+    scale[units] = damping
+
+    def hook(_m, _a, out):
+        shape = (1, -1) + (1,) * (out.dim() - 2)
+        return out * scale.view(shape)
+
+    h = getattr(ref, layer).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            expected = ref(x)
+    finally:
+        h.remove()
+    with torch.no_grad():
+        got = sup(x)
+        original = vanilla(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    if damping == 0.0:
+        assert not torch.allclose(got, original)
+
+    # The layer's own outputs (every unit) are unchanged; only the next layer's weights that read
+    # the chosen units differ, and only in those slices.
+    acts = {}
+    for name, model in (("orig", vanilla), ("sup", sup)):
+        hh = getattr(model, layer).register_forward_hook(
+            lambda _m, _a, o, name=name: acts.__setitem__(name, o.detach()))
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            hh.remove()
+    assert torch.equal(acts["orig"], acts["sup"])
+    a, b = vanilla.state_dict(), sup.state_dict()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    nxt = {"conv1": "conv2", "conv2": "fc1", "fc1": "fc2"}[layer]
+    assert changed == ([f"{nxt}.weight"] if damping != 1.0 else [])
+    w0, w1 = a[f"{nxt}.weight"], b[f"{nxt}.weight"]
+    n_units = getattr(vanilla, layer).weight.shape[0]
+    per = w0.shape[1] // n_units
+    touched = torch.zeros(w0.shape[1], dtype=torch.bool)
+    for u in units:
+        touched[u * per:(u + 1) * per] = True
+    assert torch.equal(w0[:, ~touched], w1[:, ~touched])
+    assert torch.allclose(w1[:, touched], damping * w0[:, touched])
+
+
+def test_suppression_rejects_negative_damping_and_bad_units(vanilla):
+    with pytest.raises(ValueError, match="damping"):
+        C.suppress(vanilla, "conv1", [0], -0.5)
+    with pytest.raises(ValueError, match="out of range"):
+        C.suppress(vanilla, "conv1", [16], 0.0)
+
+
+def test_shortcut_units_are_found_without_the_mask(vanilla, data):
+    ranked = C.find_shortcut_units(vanilla, data.train.x, data.train.y, "conv1", candidates=2,
+                                   n_images=10, resolution=4)
+    assert ranked and all(0.0 <= d["border_mass"] <= 1.0 for d in ranked)
+    masses = [d["border_mass"] for d in ranked]
+    assert masses == sorted(masses, reverse=True)
+
+
+# ---------------------------------------------------------------------------------- P-ClArC
+
+def test_pclarc_wraps_the_layer_and_leaves_weights_untouched(vanilla, data):
+    before = _state(vanilla)
+    x, xc = data.train.x[:100], data.train.x_clean[:100]
+    v, z_bar = C.concept_direction(vanilla, x, xc, "relu2")
+    corrected = C.project_out(vanilla, "relu2", v, z_bar)
+    assert isinstance(corrected.relu2, C.ConceptProjection)
+    # the original model and every wrapped weight are untouched
+    assert all(torch.equal(before[k], v_) for k, v_ in vanilla.state_dict().items())
+    cs = corrected.state_dict()
+    for k, w in before.items():
+        assert torch.equal(cs[k], w), k
+    assert set(cs) - set(before) == {"relu2.v", "relu2.z_bar"}
+    # the projection: a' = a − v (vᵀa − vᵀz̄); every a' has the same component along v
+    acts = C._activations(corrected, data.test.x[:10], "relu2")
+    raw = C._activations(vanilla, data.test.x[:10], "relu2")
+    vv = corrected.relu2.v.cpu()
+    expected = raw - (raw @ vv - vv @ z_bar)[:, None] * vv[None]
+    assert torch.allclose(acts, expected, atol=1e-5)
+    assert torch.allclose(acts @ vv, torch.full((10,), float(vv @ z_bar)), atol=1e-4)
+    assert abs(float(vv.norm()) - 1.0) < 1e-5
+
+
+def test_pclarc_model_rebuilds_from_its_state_dict(vanilla, data):
+    corr = C.correct("pclarc", vanilla, data, layers=["relu1"])
+    state = corr.model.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    shell = C.build_corrected("pclarc", vanilla, corr.record)
+    shell.load_state_dict(loaded)
+    x = data.test.x[:6]
+    with torch.no_grad():
+        assert torch.allclose(shell.eval()(x), corr.model(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- penalties
+
+def test_rrr_penalty_is_zero_on_an_empty_mask_and_positive_otherwise(vanilla, data):
+    x = data.train.x[:16]
+    m = copy.deepcopy(vanilla)
+    empty = torch.zeros_like(data.train.mask[:16], dtype=torch.float32)
+    zero = C.rrr_penalty(m, x, empty)
+    assert float(zero.detach()) == 0.0
+    pos = C.rrr_penalty(m, x, data.train.mask[:16].float())
+    assert float(pos.detach()) > 0.0
+    pos.backward()  # double backprop reaches the parameters
+    assert m.conv1.weight.grad is not None and m.conv1.weight.grad.abs().sum() > 0
+    # equals the definition on one example: Σ_pixels (mask · ∂Σ_k log p_k / ∂x)²
+    xi = x[:1].clone().requires_grad_(True)
+    g, = torch.autograd.grad(torch.log_softmax(vanilla(xi), 1).sum(), xi)
+    ref = (data.train.mask[:1].float() * g).pow(2).sum()
+    assert torch.allclose(C.rrr_penalty(vanilla, x[:1], data.train.mask[:1].float()), ref,
+                          rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [None, "conv1"])
+def test_influence_penalty_zero_selector_and_positive_region(vanilla, data, layer):
+    x = data.train.x[:8]
+    shape = (1, 28, 28) if layer is None else C._slice_shape(vanilla, x[:1], layer)
+    assert float(C.influence_penalty(vanilla, x, torch.zeros(shape), layer).detach()) == 0.0
+    sel = torch.zeros(shape)
+    sel[..., :4, :4] = 1
+    assert float(C.influence_penalty(vanilla, x, sel, layer).detach()) > 0.0
+
+
+def test_shortcut_region_lies_in_the_border(vanilla, data):
+    region, info = C.shortcut_region(vanilla, data.train.x, data.train.y, border=4)
+    assert region.dtype == torch.bool and region.shape == (28, 28)
+    assert not (region & ~C.border_region(28, 4)).any()
+    assert info["n_pixels"] == int(region.sum())
+    everything, _ = C.shortcut_region(vanilla, data.train.x, data.train.y, threshold=0.0)
+    assert torch.equal(everything, C.border_region(28, 4))
+
+
+def test_counterexample_copies_change_only_patch_pixels(data):
+    x, mask = data.train.x[:20], data.train.mask[:20]
+    for fill in ("uniform", "shade"):
+        c = C.counterexample_copies(x, mask, fill=fill, seed=1)
+        assert torch.equal(c[~mask], x[~mask])
+        assert not torch.equal(c[mask], x[mask])
+        assert c.min() >= 0 and c.max() <= 1
+
+
+# ---------------------------------------------------------------------------------- the stage
+
+class _FakeStudy:
+    """What build_stage reads from a CaseStudy: config.corrections, seeds, data(), model()."""
+
+    def __init__(self, data, models, corrections):
+        self.config = SimpleNamespace(corrections=corrections)
+        self.seeds = None
+        self._data, self._models = data, models
+        self.payload = None
+
+    def data(self):
+        return self._data
+
+    def model(self, name="vanilla", seed=0):
+        if name in self._models:
+            return self._models[name]
+        return C.load_model(self, name, self.payload["models"][name])
+
+    def artifact(self, stage):
+        return self.payload
+
+
+@pytest.fixture(scope="module")
+def stage(data, vanilla, clean):
+    cfg = {**{k: v for k, v in FAST.items()}, "n_explain": 20, "explain_resolution": 4}
+    study = _FakeStudy(data, {"vanilla": vanilla, "clean": clean}, cfg)
+    events = []
+    payload = C.build_stage(study, lambda *a: events.append(a))
+    study.payload = payload
+    return study, payload, events
+
+
+def test_stage_rows_and_gap_closed_agree_with_the_accuracies(stage):
+    _study, payload, events = stage
+    rows = payload["rows"]
+    assert [r["method"] for r in rows] == list(C.METHODS)
+    van = payload["reference"]["vanilla"]["decoy_test_acc"]
+    cln = payload["reference"]["clean"]["decoy_test_acc"]
+    for r in rows:
+        for k in ("method", "decoy_test_acc", "clean_test_acc", "gap_closed", "uses_mask",
+                  "decoy_mass", "seconds", "strength"):
+            assert k in r, k
+        assert r["uses_mask"] == C.USES_MASK[r["method"]]
+        assert r["vanilla_decoy_test_acc"] == van and r["clean_ref_decoy_test_acc"] == cln
+        if abs(cln - van) > 1e-9:
+            assert r["gap_closed"] == pytest.approx((r["decoy_test_acc"] - van) / (cln - van))
+        else:
+            assert r["gap_closed"] is None
+    assert not rows[C.METHODS.index("suppression")]["uses_mask"]
+    assert not rows[C.METHODS.index("influence_penalty")]["uses_mask"]
+    assert rows[C.METHODS.index("rrr")]["uses_mask"]
+    assert events and events[-1][0] == "corrections" and events[-1][1] == events[-1][2]
+    assert payload["anchors"][0]["rrr_decoy_test_acc"] == pytest.approx(0.9607)
+
+
+def test_stage_payload_reads_back_with_weights_only_and_rebuilds_models(stage, data):
+    study, payload, _ = stage
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)
+    assert set(back["models"]) == set(C.METHODS)
+    study.payload = back
+    x = data.test.x[:4]
+    for name in C.METHODS:
+        m = C.load_model(study, name, back["models"][name])
+        with torch.no_grad():
+            out = m(x)
+        assert out.shape == (4, 10)
+    study.payload = payload
+
+
+def test_stage_rebuilt_models_reproduce_the_measured_accuracy(stage, data):
+    study, payload, _ = stage
+    from core.models import evaluate
+
+    for row in payload["rows"]:
+        m = C.load_model(study, row["method"], payload["models"][row["method"]])
+        assert evaluate(m, data.test.x, data.test.y) == pytest.approx(row["decoy_test_acc"])
+
+
+def test_config_rejects_unknown_keys():
+    study = SimpleNamespace(config=SimpleNamespace(corrections={"lamdbas": [1]}))
+    with pytest.raises(ValueError, match="unknown key"):
+        C.config_of(study)
+    study = SimpleNamespace(config=SimpleNamespace(corrections={"rrr": {"lamdbas": [1]}}))
+    with pytest.raises(ValueError, match="unknown key"):
+        C.config_of(study)
+    study = SimpleNamespace(config=SimpleNamespace(corrections={"methods": ["rrr", "magic"]}))
+    with pytest.raises(ValueError, match="magic"):
+        C.config_of(study)
+    cfg = C.config_of(SimpleNamespace(config=SimpleNamespace(corrections={"rrr": {"lambdas": [2]}})))
+    assert cfg["rrr"]["lambdas"] == [2] and cfg["epochs"] == C.DEFAULTS["epochs"]
+
+
+def test_gap_closed_definition():
+    assert C.gap_closed(0.9, 0.5, 1.0) == pytest.approx(0.8)
+    assert C.gap_closed(0.4, 0.5, 1.0) == pytest.approx(-0.2)
+    assert C.gap_closed(0.7, 0.5, 0.5) is None
+
+
+# ---------------------------------------------------------------------------------- the page
+
+def test_corrections_page(small_study, monkeypatch):
+    from pathlib import Path
+
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    import ui
+
+    small_study.build(stages=["corrections"])
+    assert small_study.status()["corrections"]
+    monkeypatch.setenv("CASEBOOK_CACHE", str(small_study.cache.root))
+    monkeypatch.setenv("CASEBOOK_CASE", small_study.config.name)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    ui._GENERATION.clear()
+    app = str(Path(__file__).resolve().parents[1] / "app.py")
+    at = AppTest.from_file(app, default_timeout=180)
+    at.run()
+    at.switch_page("pages/corrections.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Corrections"
+    assert len(at.dataframe) >= 3
+    assert len(at.get("vega_lite_chart")) >= 1
+    text = " ".join(m.value for m in at.markdown)
+    assert "Gap closed" in text and "Best" in text
+    for row in small_study.artifact("corrections")["rows"]:
+        assert row["label"] in text or row["label"] in str(at.dataframe[0].value)
+    st.cache_data.clear()
+    st.cache_resource.clear()
