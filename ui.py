@@ -35,6 +35,32 @@ SHORTCUT_MASS = 5 * CHANCE_DECOY_MASS  # fallback rule when the report gives non
 MODEL_LABELS = {"vanilla": "vanilla (trained with the decoy)", "clean": "clean (trained without it)"}
 
 # ----------------------------------------------------------------------------------------------
+# Navigation: always through app.py
+
+
+def use_navigation() -> None:
+    """Make sure this run goes through ``app.py`` (its ``st.navigation`` and shared sidebar).
+
+    Streamlit treats an app beside a ``pages/`` folder as an old-style multipage app until the
+    entrypoint has called ``st.navigation`` once in the process: a fresh server whose first visitor
+    opens a deep link (``/influence?cls=3``), or an AppTest after ``switch_page``, would run the page
+    script alone, without the sidebar. Here the process is switched to ``st.navigation`` mode and the
+    run restarted, so the entrypoint runs and shows the same page. Called by the helpers every page
+    uses (and when ``ui`` is first imported); a no-op outside a script run and once switched.
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+    except ImportError:  # a Streamlit without these internals: nothing to fix
+        return
+    if getattr(PagesManager, "uses_pages_directory", None) and get_script_run_ctx(suppress_warning=True):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+use_navigation()
+
+# ----------------------------------------------------------------------------------------------
 # Deep links
 
 
@@ -69,6 +95,7 @@ def choice(label: str, options: Sequence, *, param: str, default: Any = None, co
     ``param`` names the query parameter (and, prefixed, the widget key). A URL value that is not one
     of ``options`` is ignored (the ``default``, else the first option, is used).
     """
+    use_navigation()
     options = list(options)
     if not options:
         raise ValueError(f"no options for {label!r}")
@@ -131,6 +158,7 @@ def study_key(study=None) -> tuple[str, str | None, str]:
 
 def open_study(case: str | None = None, device: str | None = None):
     """The case study ``case`` (default: the sidebar's), opened once per process. Raises on failure."""
+    use_navigation()
     key = (case or current_case(), _cache_dir(), device or current_device())
     study = _open_study(*key)
     try:
@@ -142,6 +170,7 @@ def open_study(case: str | None = None, device: str | None = None):
 
 def current_study():
     """The open case study; on an unknown or malformed case, a readable error and the page stops."""
+    use_navigation()
     try:
         return open_study()
     except Exception as exc:  # CaseError and friends: the reader sees the message, not a traceback
@@ -410,6 +439,7 @@ def _to_json(obj: Any) -> str:
 
 
 def download_csv(df, file_name: str, label: str = "Download CSV", key: str | None = None, where=None):
+    use_navigation()
     where = where if where is not None else st
     return where.download_button(label, data=lambda: df.to_csv(index=False).encode(), file_name=file_name,
                                  mime="text/csv", key=key or f"dl-{file_name}", on_click="ignore",

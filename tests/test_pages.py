@@ -39,11 +39,31 @@ def _clear() -> None:
     ui._GENERATION.clear()
 
 
-@pytest.fixture
-def app(small_study, monkeypatch):
+def _steady_navigation(monkeypatch) -> None:
+    """Run every AppTest run as a server does once app.py has called st.navigation.
+
+    AppTest forgets that between runs and starts each run in pages/-folder mode, where
+    ``ui.use_navigation`` restarts the run through app.py; a restart drops a button's click, so the
+    tests that click start in the server's steady state instead. (The restart itself is tested in
+    ``test_a_page_opened_first_still_runs_through_the_entrypoint``.)
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    init = PagesManager.__init__
+
+    def steady(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", steady)
+
+
+def _factory(small_study, monkeypatch, steady: bool):
     """A factory of AppTests on the small prebuilt case (env points the app at it), caches cleared."""
     monkeypatch.setenv("CASEBOOK_CACHE", _cache_dir(small_study))
     monkeypatch.setenv("CASEBOOK_CASE", small_study.config.name)
+    if steady:
+        _steady_navigation(monkeypatch)
     _clear()
 
     def make(page: str | None = None, **params) -> AppTest:
@@ -56,7 +76,19 @@ def app(small_study, monkeypatch):
         assert not at.exception, [e.value for e in at.exception]
         return at
 
-    yield make
+    return make
+
+
+@pytest.fixture
+def app(small_study, monkeypatch):
+    yield _factory(small_study, monkeypatch, steady=True)
+    _clear()
+
+
+@pytest.fixture
+def fresh_app(small_study, monkeypatch):
+    """Like ``app``, in the state of a fresh server (pages/-folder mode until app.py runs)."""
+    yield _factory(small_study, monkeypatch, steady=False)
     _clear()
 
 
@@ -160,12 +192,22 @@ def test_another_class_changes_the_view_and_the_url(app, small_study):
     assert at.header[0].value.endswith("for class 1")
 
 
+def test_a_page_opened_first_still_runs_through_the_entrypoint(fresh_app, small_study):
+    # A fresh server in pages/-folder mode would run pages/influence.py alone; ui.use_navigation
+    # restarts the run through app.py, so the sidebar and the navigation are there.
+    at = fresh_app("pages/influence.py", model="clean")
+    assert at.sidebar.selectbox(key="qp-model").value == "clean"
+    assert at.sidebar.selectbox(key="qp-case").value == small_study.config.name
+    assert at.header[0].value.startswith("Experts of")
+
+
 def test_a_deep_link_reopens_the_same_view(app, small_study):
     layer = _layer(small_study)
     view = small_study.experts("clean", layer, 2)
     unit = sorted(view["rows"], key=lambda r: r["rank"])[1]["unit"]
     at2 = app("pages/influence.py", model="clean", cls=2, layer=layer, expert=unit, view="heatmap")
-    # (AppTest drops the sidebar's elements after switch_page: read the model from the page itself)
+    # The page ran through app.py (ui.use_navigation): the shared sidebar is there, set from the URL.
+    assert at2.sidebar.selectbox(key="qp-model").value == "clean"
     assert f"Model **{ui.model_label('clean')}**" in _texts(at2)
     assert at2.selectbox(key="qp-cls").value == 2
     assert at2.selectbox(key="qp-expert").value == unit

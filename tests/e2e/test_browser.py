@@ -163,6 +163,52 @@ def _nav_pages(page, base: str) -> dict[str, str]:
     return out
 
 
+def _assert_shell(page) -> None:
+    """The entrypoint ran: its navigation sections and the shared sidebar are drawn."""
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    assert sidebar.get_by_text("Background", exact=True).count() == 1  # a navigation section
+    assert sidebar.get_by_text("Cache", exact=True).count() == 1
+    assert sidebar.locator('[data-testid="stSelectbox"]').filter(has_text="Model").count() == 1
+
+
+def test_a_deep_link_reopens_the_view_and_choices_write_the_url(server, page, small_study):
+    # Link to a view the report flags: a shortcut expert of the vanilla model when there is one.
+    top = small_study.report()["experts"]["top"]
+    pick = next((r for r in top if r["model"] == "vanilla" and r["shortcut"]), None)
+    pick = pick or next(r for r in top if r["model"] == "clean" and r["rank"] == 2)
+    model, cls, layer, unit = pick["model"], pick["class"], pick["layer"], pick["unit"]
+    label = {"vanilla": "vanilla (trained with the decoy)", "clean": "clean (trained without it)"}[model]
+    # First visit of a fresh server, straight to a deep link: app.py must still run (sidebar, nav).
+    page.goto(f"{server}/influence?model={model}&cls={cls}&layer={layer}&view=heatmap&expert={unit}")
+    _settle(page)
+    assert _count(page, "stException") == 0
+    _assert_shell(page)
+    assert page.locator("h2", has_text=f"Experts of {layer} for class {cls}").count() == 1
+    assert page.get_by_text(label).count() >= 1
+    assert page.locator('[data-testid="stRadio"] input[type="radio"]:checked').evaluate_all(
+        "els => els.map(e => e.closest('label').innerText)").count("heatmap") == 1
+    assert f"expert={unit}" in page.url and f"cls={cls}" in page.url
+    verdict = page.locator('[data-testid="stMarkdown"]', has_text=f"unit {unit}").filter(
+        has_text="carries the shortcut" if pick["shortcut"] else "does not carry it")
+    assert verdict.count() >= 1
+    _screenshot(page, SHOTS / "influence-deep-link.png")
+
+    # Choosing another class writes it into the URL; that URL opens the same view in a new tab.
+    other = (cls + 1) % 10
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Class").first.click()
+    page.get_by_role("option", name=str(other), exact=True).click()
+    page.wait_for_function(f"() => location.search.includes('cls={other}')", timeout=60_000)
+    _settle(page)
+    assert page.locator("h2", has_text=f"Experts of {layer} for class {other}").count() == 1
+    link = page.url
+    fresh = page.context.new_page()
+    fresh.goto(link)
+    _settle(fresh)
+    assert fresh.locator("h2", has_text=f"Experts of {layer} for class {other}").count() == 1
+    assert fresh.get_by_text(label).count() >= 1
+    assert _count(fresh, "stException") == 0
+
+
 def test_every_page_draws_without_exceptions(server, page):
     page.goto(server)
     _settle(page)
@@ -172,6 +218,7 @@ def test_every_page_draws_without_exceptions(server, page):
     for name, href in pages.items():
         page.goto(href)
         _settle(page)
+        _assert_shell(page)
         errors = page.locator('[data-testid="stException"]')
         assert errors.count() == 0, f"{name}: {errors.first.inner_text()}"
         for testid in DRAWS.get(name, ()):
@@ -181,31 +228,3 @@ def test_every_page_draws_without_exceptions(server, page):
                                 '[data-testid="stVegaLiteChart"] svg').count() > 0
         _screenshot(page, SHOTS / f"{name}.png")
         assert (SHOTS / f"{name}.png").stat().st_size > 10_000
-
-
-def test_a_deep_link_reopens_the_view_and_choices_write_the_url(server, page, small_study):
-    layer = small_study.report()["experts"]["layer"]
-    rows = sorted(small_study.experts("clean", layer, 2)["rows"], key=lambda r: r["rank"])
-    unit = rows[-1]["unit"]
-    page.goto(f"{server}/influence?model=clean&cls=2&layer={layer}&view=heatmap&expert={unit}")
-    _settle(page)
-    assert _count(page, "stException") == 0
-    assert page.locator("h2", has_text=f"Experts of {layer} for class 2").count() == 1
-    assert page.get_by_text("clean (trained without it)").count() >= 1
-    assert page.locator('[data-testid="stRadio"] input[type="radio"]:checked').evaluate_all(
-        "els => els.map(e => e.closest('label').innerText)").count("heatmap") == 1
-    assert f"expert={unit}" in page.url and "cls=2" in page.url
-
-    # Choosing another class writes it into the URL; that URL opens the same view in a new tab.
-    page.locator('[data-testid="stSelectbox"]').filter(has_text="Class").first.click()
-    page.get_by_role("option", name="7", exact=True).click()
-    page.wait_for_function("() => location.search.includes('cls=7')", timeout=60_000)
-    _settle(page)
-    assert page.locator("h2", has_text=f"Experts of {layer} for class 7").count() == 1
-    link = page.url
-    fresh = page.context.new_page()
-    fresh.goto(link)
-    _settle(fresh)
-    assert fresh.locator("h2", has_text=f"Experts of {layer} for class 7").count() == 1
-    assert fresh.get_by_text("clean (trained without it)").count() >= 1
-    assert _count(fresh, "stException") == 0
