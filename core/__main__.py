@@ -68,12 +68,12 @@ class _Bars:
         self.bar = None
 
     def __call__(self, stage: str, done: int, total: int, message: str) -> None:
-        from tqdm import tqdm
-
         if stage != self.stage:
             self.close()
             if message == "cached" and done == total:  # nothing to draw: the summary line says it
                 return
+            from tqdm import tqdm
+
             self.stage = stage
             self.bar = tqdm(total=max(total, 1), desc=f"{stage:>15}", unit="step", leave=True,
                             file=sys.stderr, dynamic_ncols=True, mininterval=0.25)
@@ -142,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             return _list(args, CaseStudy, CaseError, list_cases)
         if args.seeds is not None and args.seeds < 1:
             raise CaseError(f"--seeds must be at least 1, got {args.seeds}")
+        stages = _stages(args, CaseError) if args.command == "build" else None
         study = CaseStudy.open(args.case, cache_dir=args.cache,
                                device=getattr(args, "device", None), seeds=args.seeds)
         if args.command == "build":
-            return _build(args, study)
+            return _build(args, study, stages)
         rep = study.report()
         text = json.dumps(rep, indent=1, allow_nan=False) if args.json else _summary(rep)
         try:
@@ -159,16 +160,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
-def _build(args, study) -> int:
-    from core.casestudy import STAGES, CaseError
+def _stages(args, CaseError) -> list[str] | None:
+    from core.casestudy import STAGES
 
-    stages = None
-    if args.stages:
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        bad = [s for s in stages if s not in STAGES]
-        if bad or not stages:
-            raise CaseError(f"unknown stage {bad[0] if bad else args.stages!r}; stages: "
-                            f"{', '.join(STAGES)}")
+    if args.stages is None:
+        return None
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise CaseError(f"unknown stage {bad[0] if bad else args.stages!r}; stages: "
+                        f"{', '.join(STAGES)}")
+    return stages
+
+
+def _build(args, study, stages: list[str] | None) -> int:
     bars = _Bars()
     t0 = time.perf_counter()
     try:

@@ -192,8 +192,8 @@ class Cache:
     def get(self, key: str, default: Any = None) -> Any:
         """The payload stored under ``key``, or ``default`` when missing or corrupt."""
         found = self._read_verified(key)
-        if found is None:
-            return default
+        if found is None or (not found[1] and found[0].get("payload") is False):
+            return default  # missing, corrupt, or a meta-only entry
         import torch
 
         try:
@@ -205,26 +205,8 @@ class Cache:
             return default
 
     # writing
-    def put(self, key: str, payload: Any, meta: dict | None = None) -> Path:
-        """Store ``payload`` (torch.save) under ``key`` atomically; return the entry's path."""
-        import torch
-
+    def _write(self, key: str, body: bytes) -> Path:
         path = self.path(key)
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        try:  # refuse what could not be read back: a stored entry must always load
-            torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
-            why = lines[0] if lines else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            raise TypeError(f"cache payload for {meta.get('stage', key[:12]) if meta else key[:12]} "
-                            f"cannot be read back with torch.load(weights_only=True) ({why}); store "
-                            "only dicts, lists, str, numbers, bools, None and tensors") from None
-        meta = {"key": key, "created": time.time(), **(meta or {})}
-        meta_line = json.dumps(_canonical(meta, "meta"), sort_keys=True, separators=(",", ":"))
-        if "\n" in meta_line:
-            raise ValueError("meta must serialise to one line")
-        body = meta_line.encode() + b"\n" + buf.getvalue()
         header = MAGIC + f" {hashlib.sha256(body).hexdigest()} {len(body)}\n".encode()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
@@ -240,6 +222,36 @@ class Cache:
                 os.unlink(tmp)
             raise
         return path
+
+    @staticmethod
+    def _meta_line(key: str, meta: dict | None) -> bytes:
+        meta = {"key": key, "created": time.time(), **(meta or {})}
+        line = json.dumps(_canonical(meta, "meta"), sort_keys=True, separators=(",", ":"))
+        if "\n" in line:
+            raise ValueError("meta must serialise to one line")
+        return line.encode() + b"\n"
+
+    def put_meta(self, key: str, meta: dict) -> Path:
+        """Store a meta-only entry (no payload; :meth:`meta` reads it, :meth:`get` sees nothing):
+        small facts that must be read without importing torch."""
+        return self._write(key, self._meta_line(key, {**meta, "payload": False}))
+
+    def put(self, key: str, payload: Any, meta: dict | None = None) -> Path:
+        """Store ``payload`` (torch.save) under ``key`` atomically; return the entry's path."""
+        import torch
+
+        _check_key(key)
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        try:  # refuse what could not be read back: a stored entry must always load
+            torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
+            why = lines[0] if lines else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            raise TypeError(f"cache payload for {meta.get('stage', key[:12]) if meta else key[:12]} "
+                            f"cannot be read back with torch.load(weights_only=True) ({why}); store "
+                            "only dicts, lists, str, numbers, bools, None and tensors") from None
+        return self._write(key, self._meta_line(key, meta) + buf.getvalue())
 
     def delete(self, key: str) -> bool:
         """Remove the entry for ``key``; True if there was one."""

@@ -35,6 +35,7 @@ TOML with the same settings reuses the same entries.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import hashlib
@@ -196,13 +197,48 @@ def _section(raw: dict, name: str, src: str) -> dict:
     return out
 
 
-def _check_values(cfg: CaseConfig, src: str) -> None:
-    from core.data import SOURCES
+def _facts_key(arch: str, kwargs: dict) -> str:
+    return key_of(stage="facts", version=_source_hash(("models.py", "data.py")), arch=arch,
+                  kwargs=kwargs)
 
+
+def model_facts(arch: str, kwargs: dict, src: str = "config", cache: Cache | None = None) -> dict:
+    """What validating a config needs from torch-land: ``{"sources", "architectures", "layers"}``.
+
+    Read from ``cache`` when a checksummed facts entry for (arch, kwargs, the source of
+    core/models.py and core/data.py) is there, so opening a case does not import torch (which is
+    most of a warm build's time); otherwise computed (the model is built on the meta device) and
+    *not* stored here: :meth:`CaseStudy.open` stores it once the whole config has passed.
+    """
+    if cache is not None:
+        meta = cache.meta(_facts_key(arch, kwargs))
+        if meta is not None and isinstance(meta.get("layers"), list):
+            return {k: meta[k] for k in ("sources", "architectures", "layers")}
+    import torch
+
+    from core.data import SOURCES
+    from core.models import ARCHITECTURES, build_model
+
+    if arch not in ARCHITECTURES:
+        raise CaseError(f"{src}: model.arch {arch!r} is unknown; valid: {', '.join(ARCHITECTURES)}")
+    try:
+        with torch.device("meta"):  # no memory, no draw from the global RNG
+            model = build_model(arch, **kwargs)
+    except (TypeError, ValueError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise CaseError(f"{src}: model {arch!r} cannot be built with kwargs {kwargs}: {first}") \
+            from None
+    return {"sources": list(SOURCES), "architectures": list(ARCHITECTURES),
+            "layers": [n for n, _ in model.named_modules() if n], "computed": True}
+
+
+def _check_values(cfg: CaseConfig, src: str, cache: Cache | None = None) -> dict:
+    facts = model_facts(cfg.model["arch"], cfg.model["kwargs"], src, cache)
+    sources = facts["sources"]
     d, t, e = cfg.dataset, cfg.training, cfg.experts
-    if d["source"] not in SOURCES:
+    if d["source"] not in sources:
         raise CaseError(f"{src}: dataset.source {d['source']!r} is unknown; valid: "
-                        f"{', '.join(SOURCES)}")
+                        f"{', '.join(sources)}")
     if not (d["n_train"] > d["n_val"] >= 0 and d["n_test"] > 0):
         raise CaseError(f"{src}: need dataset.n_train > n_val >= 0 and n_test > 0, got "
                         f"{d['n_train']}, {d['n_val']}, {d['n_test']}")
@@ -236,32 +272,28 @@ def _check_values(cfg: CaseConfig, src: str) -> None:
     if not 0 <= e["shortcut_quantile"] <= 1:
         raise CaseError(f"{src}: experts.shortcut_quantile must lie in [0, 1] (0: no reference)")
     # The architecture must build, and every expert layer must be one of its named modules.
-    names = _module_names(cfg.model["arch"], cfg.model["kwargs"], src)
+    names = facts["layers"]
     unknown = [x for x in layers if x not in names]
     if unknown:
         raise CaseError(f"{src}: unknown layer {unknown[0]!r} in experts.layers; model "
                         f"{cfg.model['arch']!r} has: {', '.join(names)}")
+    return facts
 
 
 def _module_names(arch: str, kwargs: dict, src: str) -> list[str]:
-    import torch
-
-    from core.models import ARCHITECTURES, build_model
-
-    if arch not in ARCHITECTURES:
-        raise CaseError(f"{src}: model.arch {arch!r} is unknown; valid: {', '.join(ARCHITECTURES)}")
-    try:
-        with torch.device("meta"):  # no memory, no draw from the global RNG
-            model = build_model(arch, **kwargs)
-    except (TypeError, ValueError) as exc:
-        first = (str(exc).splitlines() or [""])[0]
-        raise CaseError(f"{src}: model {arch!r} cannot be built with kwargs {kwargs}: {first}") \
-            from None
-    return [n for n, _ in model.named_modules() if n]
+    return model_facts(arch, kwargs, src)["layers"]
 
 
-def load_config(path: str | Path, name: str | None = None) -> CaseConfig:
-    """Read and validate a case TOML. Any problem is a one-line :class:`CaseError`."""
+def load_config(path: str | Path, name: str | None = None, *,
+                cache: Cache | None = None) -> CaseConfig:
+    """Read and validate a case TOML. Any problem is a one-line :class:`CaseError`.
+
+    ``cache``: where to look up the model facts validation needs (see :func:`model_facts`).
+    """
+    return _load_config(path, name, cache)[0]
+
+
+def _load_config(path: str | Path, name: str | None, cache: Cache | None) -> tuple:
     path = Path(path)
     src = _where(path)
     try:
@@ -292,8 +324,7 @@ def load_config(path: str | Path, name: str | None = None) -> CaseConfig:
         training=_section(raw, "training", src), experts=_section(raw, "experts", src),
         representations=dict(raw.get("representations", {})),
         corrections=dict(raw.get("corrections", {})))
-    _check_values(cfg, src)
-    return cfg
+    return cfg, _check_values(cfg, src, cache)
 
 
 def list_cases() -> list[str]:
@@ -345,6 +376,36 @@ def _source_hash(files: tuple[str, ...]) -> str:
         except OSError:
             h.update(b"<missing>")
     return h.hexdigest()[:16]
+
+
+_DYNAMIC = object()
+
+
+@functools.cache
+def _stage_info(stage: str) -> dict | None:
+    """Read core/<stage>.py without importing it: ``{"version": STAGE_VERSION}`` when it defines
+    ``build_stage``, else None. (Importing it imports torch: seconds a warm build need not pay.)
+    ``version`` is ``_DYNAMIC`` when STAGE_VERSION is not a literal."""
+    path = REPO / "core" / f"{stage}.py"
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    has_build, version = False, None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "build_stage":
+            has_build = True
+        targets = (node.targets if isinstance(node, ast.Assign) else
+                   [node.target] if isinstance(node, ast.AnnAssign) and node.value else [])
+        for t in targets:
+            if isinstance(t, ast.Name) and t.id == "build_stage":
+                has_build = True
+            if isinstance(t, ast.Name) and t.id == "STAGE_VERSION":
+                try:
+                    version = ast.literal_eval(node.value)
+                except ValueError:
+                    version = _DYNAMIC
+    return {"version": version} if has_build else None
 
 
 def _code_version(stage: str) -> str:
@@ -491,14 +552,12 @@ class CaseStudy:
 
     def __init__(self, config: CaseConfig, cache_dir: str | Path | None = None,
                  device: Any = None, seeds: int | None = None):
-        from core.devices import pick_device
-
         self.config = config
         self.cache = Cache(cache_dir)
-        try:
-            self.device = pick_device(device)
-        except (ValueError, RuntimeError) as exc:
-            raise CaseError(str(exc).splitlines()[0]) from None
+        self._device = None
+        self._device_asked = device
+        if device is not None and str(device) != "cpu":
+            _ = self.device  # check now: asking for CUDA where there is none is a CaseError
         if seeds is not None and (not isinstance(seeds, int) or seeds < 1):
             raise CaseError(f"seeds must be a positive integer, got {seeds!r}")
         self.seeds = seeds
@@ -510,12 +569,46 @@ class CaseStudy:
     @classmethod
     def open(cls, case: str | Path, cache_dir: str | Path | None = None, device: Any = None,
              seeds: int | None = None) -> CaseStudy:
-        """Open a built-in case by name or a TOML file by path; validates the whole config."""
+        """Open a built-in case by name or a TOML file by path; validates the whole config.
+
+        Opening writes nothing to the cache; the first :meth:`build` also stores the model facts
+        validation needed, so the next open need not import torch.
+        """
         path, name = _resolve(case)
-        return cls(load_config(path, name), cache_dir=cache_dir, device=device, seeds=seeds)
+        cache = Cache(cache_dir)
+        config, facts = _load_config(path, name, cache)
+        study = cls(config, cache_dir=cache.root, device=device, seeds=seeds)
+        study._facts = facts if facts.get("computed") else None
+        return study
+
+    def _store_facts(self) -> None:
+        """Keep the model facts this open computed (see :func:`model_facts`); done by the first
+        build, so that opening alone never writes to the cache."""
+        facts, self._facts = getattr(self, "_facts", None), None
+        if facts:
+            m = self.config.model
+            with contextlib.suppress(OSError):
+                self.cache.put_meta(_facts_key(m["arch"], m["kwargs"]),
+                                    {"stage": "facts", "arch": m["arch"],
+                                     **{k: facts[k] for k in ("sources", "architectures",
+                                                              "layers")}})
+
+    @property
+    def device(self):
+        """The ``torch.device`` stages compute on (resolved on first use: ``None`` → CUDA when
+        available, else CPU)."""
+        if self._device is None:
+            from core.devices import pick_device
+
+            try:
+                self._device = pick_device(self._device_asked)
+            except (ValueError, RuntimeError) as exc:
+                raise CaseError(str(exc).splitlines()[0]) from None
+        return self._device
 
     def __repr__(self) -> str:
-        return f"CaseStudy({self.config.name!r}, cache={str(self.cache.root)!r}, device={self.device})"
+        device = self._device or self._device_asked or "auto"
+        return f"CaseStudy({self.config.name!r}, cache={str(self.cache.root)!r}, device={device})"
 
     @property
     def name(self) -> str:
@@ -596,12 +689,18 @@ class CaseStudy:
         return module if callable(getattr(module, "build_stage", None)) else None
 
     def _delegated_key(self, stage: str) -> str | None:
-        module = self._delegate(stage)
+        info = _stage_info(stage)
         experts = self._experts_key()
-        if module is None or experts is None:
+        if info is None or experts is None:
             return None
+        stage_version = info["version"]
+        if stage_version is _DYNAMIC:  # not a literal: ask the module itself
+            module = self._delegate(stage)
+            if module is None:
+                return None
+            stage_version = getattr(module, "STAGE_VERSION", None)
         source = _source_hash((f"{stage}.py",))
-        version = f"{getattr(module, 'STAGE_VERSION', 'unversioned')}:{source}"
+        version = f"{stage_version if stage_version is not None else 'unversioned'}:{source}"
         # The stage may read every seed's models (study.seeds): key on all of them.
         seeds = self.seeds or 1
         models = {str(s): self._model_digests(s) for s in range(seeds)}
@@ -691,7 +790,8 @@ class CaseStudy:
         if "models" in needed:
             needed.add("data")
         results = {}
-        with self._lock, _threads(self.device):
+        with self._lock:
+            self._store_facts()
             for stage in STAGES:
                 if stage not in needed:
                     continue
@@ -744,7 +844,8 @@ class CaseStudy:
             if not force and self.cache.has(key):
                 p(1, 1, "cached")
                 return "cached"
-            payload = fn()
+            with _threads(self.device):
+                payload = fn()
             self.cache.put(key, payload, meta_box)
         self._payloads[key] = payload
         return "built"
@@ -997,10 +1098,13 @@ class CaseStudy:
         return self._run_stage(key, compute, force, p)
 
     def _build_delegated(self, stage: str, force: bool, p: _StageProgress) -> str:
-        module = self._delegate(stage)
-        if module is None:
-            return "skipped"
         key = self._delegated_key(stage)
+        if key is not None and not force and (key in self._payloads or self.cache.has(key)):
+            p(1, 1, "cached")  # without importing the module (and torch with it)
+            return "cached"
+        module = self._delegate(stage)
+        if module is None or key is None:
+            return "skipped"
 
         def compute():
             t0 = time.perf_counter()
@@ -1151,8 +1255,12 @@ class CaseStudy:
                 r.update({"model": model, "layer": layer, "qoi": q, "doi": d})
                 return r
 
+            def compute_threads():
+                with _threads(self.device):
+                    return compute()
+
             payload, _ = self.cache.get_or_compute(
-                key, compute, meta={"stage": "experts_for", "case": self.name, "model": model,
+                key, compute_threads, meta={"stage": "experts_for", "case": self.name, "model": model,
                                     "layer": layer})
             self._payloads[key] = payload
             return self._as_numpy(self._flagged(payload, layer))

@@ -80,6 +80,18 @@ def test_put_get_round_trip_and_miss(tmp_path):
     assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]  # no temp file left
 
 
+def test_meta_only_entries_are_read_by_meta_and_invisible_to_get(tmp_path, caplog):
+    cache = Cache(tmp_path)
+    key = key_of(stage="facts", arch="x")
+    cache.put_meta(key, {"stage": "facts", "layers": ["conv1", "fc1"]})
+    assert cache.meta(key)["layers"] == ["conv1", "fc1"] and cache.has(key)
+    with caplog.at_level(logging.WARNING, logger="core.cache"):
+        assert cache.get(key, "none") == "none"
+    assert caplog.text == ""
+    _corrupt(cache.path(key), "flip-meta")
+    assert cache.meta(key) is None
+
+
 def test_get_or_compute_computes_once(tmp_path):
     cache = Cache(tmp_path)
     calls = []

@@ -61,6 +61,19 @@ def test_build_report_and_list_as_subprocesses(cache, small_study, tmp_path):
     assert any(ln.startswith("decoy-mnist ") for ln in proc.stdout.splitlines())
 
 
+def test_a_warm_build_does_not_import_torch(cache):
+    """Nothing to compute: the keys come from checksummed meta lines, the config's model facts
+    from the cache, the delegated stages' versions from their source; torch stays unimported."""
+    code = ("import sys; from core.__main__ import main; "
+            f"rc = main(['build', 'decoy-mnist-small', '--stages', 'data,models,experts', "
+            f"'--cache', {str(cache)!r}]); print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "False"], proc.stderr
+    assert "experts: cached" in proc.stderr
+
+
 def test_report_without_json_is_a_short_summary(cache, capsys):
     assert main(["report", "decoy-mnist-small", "--cache", str(cache)]) == 0
     out = capsys.readouterr().out
