@@ -13,7 +13,7 @@ method                      slice      DoI (per example x)                 multi
 ``integrated_gradients``    input      linear from a baseline (midpoints)  x − x'            —
 ``smoothgrad``              input      Gaussian around x (seeded)          —                 —
 ``gradcam``                 relu2      point                               —                 Grad-CAM
-``internal_influence``      conv2      the training images of class y      —                 experts
+``internal_influence``      fc1        the training images of class y      —                 experts
 ==========================  =========  ==================================  ================  =========
 
 Exactly what the two post-processed methods compute (y the example's target class):
@@ -27,18 +27,26 @@ Exactly what the two post-processed methods compute (y the example's target clas
   ``LayerGradCam(model, layer).attribute(x, target=y, relu_attributions=True)`` then that
   interpolation.
 - **Internal influence** (Leino et al. 2018): for each target class c, the class-conditional
-  distributional influence χ_c = E_{x ∼ P_c}[∂y_c/∂z] at ``layer`` (default ``conv2``), where P_c is
+  distributional influence χ_c = E_{x ∼ P_c}[∂y_c/∂z] at ``layer`` (default ``fc1``), where P_c is
   the empirical distribution of the *reference* images of class c (in the case study: the first
   ``n_reference`` training images of c, with their decoy; without references, the explained
   images of class c themselves); with ``path_resolution = R > 0`` each reference image is
   replaced by its linear path from black (R midpoints) and χ is multiplied by (z − z')
   ("class images × path", attribution space). A unit's score s_u is the sum of its channel's
-  spatial map; the experts are the ``k`` units with the largest s_u
+  spatial map (a neuron's own value for a dense layer); the experts are the ``k`` units with the
+  largest s_u
   (:func:`core.experts.experts`, ``by="value"``). Each expert u is interpreted on the explained
   image x by :func:`core.experts.interpret`: Integrated Gradients of the unit's summed activation
   (``UnitQoI(layer, u, "sum")``, linear DoI from black with ``resolution`` midpoints, × x). The map
   is the influence-weighted mean of the k interpretations, Σ_u max(s_u, 0)·I_u(x) / Σ_u max(s_u, 0)
-  (the plain mean when no expert has a positive score).
+  (the plain mean when no expert has a positive score). IG being linear in the quantity, this is
+  also IG of the influence-weighted sum of the experts' activations.
+
+  Why ``fc1`` by default (measured on the full case, 100 decoy test images, k = 3, the labels as
+  targets): the dense layer's experts separate the models — decoy mass 0.17 on vanilla vs 0.03
+  on clean, deletion AUC 0.05 — while ``conv2``'s pre-ReLU experts gave maps mostly negative on
+  the digit (decoy mass 0.17 vs 0.13, deletion AUC 0.46) and ``relu2``'s did not separate the
+  models (0.07 vs 0.07). Any named layer can be chosen with ``layer=``.
 
 ``attribute(model, x, y, method, **options) -> (N, C, H, W)`` computes any of them; examples are
 grouped by target class so each engine call has one ``ClassQoI``. ``build_stage`` computes every
@@ -210,13 +218,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "channel weights = spatial mean of influence; Σ_c w_c z_c, ReLU, bilinear upsampling",
            "Class-activation map of the last convolutional layer (Selvaraju et al. 2017).",
            _point, defaults={"layer": "relu2"}),
-    Method("internal_influence", "Internal influence (experts)", "conv2", "class y",
+    Method("internal_influence", "Internal influence (experts)", "fc1", "class y",
            "training images of class y (optionally × linear path)", "optional (× path)",
            "top-k experts' interpretations (IG of each unit), weighted by influence",
            "Leino et al. 2018: the class-conditional distributional influence picks the layer's "
            "expert units; their interpretations on the image, weighted by influence, form the map.",
            _class_doi, per_example=False,
-           defaults={"layer": "conv2", "k": 3, "resolution": 8, "path_resolution": 0}),
+           defaults={"layer": "fc1", "k": 3, "resolution": 8, "path_resolution": 0}),
 ]}
 
 METRIC_KEYS = ("decoy_mass", "wrong_reason", "rank_accuracy", "deletion_auc", "insertion_auc",

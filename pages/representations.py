@@ -74,6 +74,16 @@ with st.expander("The six methods as engine configurations", expanded=False):
     st.caption("Every map comes from the same `influence(model, inputs, layer, qoi, doi)` call; only the "
                "configuration changes. Grad-CAM and internal influence add one step after it (the last "
                "column)." + (f" Options set by the case study — {used}." if used else ""))
+    chosen = payload.get("experts") or {}
+    if chosen:
+        st.markdown("**The experts behind the internal-influence maps** (per target class: the units of "
+                    "the layer with the largest class-conditional influence, and the weight of each "
+                    "unit's interpretation in the map)")
+        st.dataframe(pd.DataFrame([
+            {"model": mod, "class": int(e["class"]),
+             "experts (unit: weight)": ", ".join(f"{int(u)}: {float(w):.2f}"
+                                                 for u, w in zip(e["units"], e["weights"], strict=False))}
+            for mod, per in chosen.items() for e in per]), hide_index=True, width="stretch")
 
 # ------------------------------------------------------------------------------------ the narrative
 vanilla, clean = ("vanilla" if "vanilla" in models else models[0]), ("clean" if "clean" in models else None)
@@ -205,14 +215,14 @@ long = rows.melt(id_vars=["label", "model"], value_vars=metric_keys, var_name="m
 long["metric"] = long["metric"].map(_head)
 long = long.dropna(subset=["value"])
 bars = alt.Chart(long).mark_bar().encode(
-    x=alt.X("label:N", title=None, sort=[labels[m] for m in methods]),
-    xOffset=alt.XOffset("model:N", sort=models),
-    y=alt.Y("value:Q", title=None),
+    y=alt.Y("label:N", title=None, sort=[labels[m] for m in methods]),
+    yOffset=alt.YOffset("model:N", sort=models),
+    x=alt.X("value:Q", title=None),
     color=alt.Color("model:N", sort=models, title="model"),
     tooltip=["metric", "label", "model", alt.Tooltip("value:Q", format=".3f")],
-).properties(width=230, height=170).facet(facet=alt.Facet("metric:N", title=None,
-                                                          sort=[_head(k) for k in metric_keys]), columns=4
-                                          ).resolve_scale(y="independent")
+).properties(width=210, height=190).facet(facet=alt.Facet("metric:N", title=None,
+                                                          sort=[_head(k) for k in metric_keys]), columns=3
+                                          ).resolve_scale(x="independent")
 st.altair_chart(bars)
 
 st.subheader("Deletion and insertion curves")

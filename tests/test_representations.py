@@ -131,8 +131,8 @@ def test_internal_influence_from_the_definition(batch):
     torch.manual_seed(9)
     rx = torch.rand(12, 1, 28, 28)
     ry = torch.tensor([0, 1, 3, 7] * 3)
-    ours, info = attribute(m, x, y, "internal_influence", reference=(rx, ry), k=2, resolution=6,
-                           return_info=True)
+    ours, info = attribute(m, x, y, "internal_influence", reference=(rx, ry), layer="conv2", k=2,
+                           resolution=6, return_info=True)
     for c in (0, 1, 3, 7):
         chi = torch.zeros(6, 14, 14)
         for img in rx[ry == c]:
