@@ -30,7 +30,16 @@ Stages, in order: ``data → models → experts → representations → correcti
 Each stage's result is one cache entry whose key hashes the stage name, its code version (a
 version number and the source of the modules it runs), its config section, the data digest, the
 digests of the models it reads, and the seed. The case's *name* is not part of any key: a copied
-TOML with the same settings reuses the same entries.
+TOML with the same settings reuses the same entries. A build with everything cached imports no
+torch: keys come from the entries' checksummed meta lines (data digest, model digests), the
+config's model facts (layer names) from a meta-only entry, the delegated stages' versions from
+their source (parsed, not imported). CPU stages run with ``$CASEBOOK_THREADS`` intra-op threads
+(default 1; see :func:`_threads`).
+
+Beyond the contract in CONTRIBUTING.md: ``CaseStudy.open(..., seeds=N)``, ``build(..., seeds=N)``
+(returns ``{stage: {"status", "seconds", "message"}}``), ``model(name, seed=0)``,
+``artifact(stage, seed=0)``, ``built_seeds()``, ``cache_dir``, ``default_case()``,
+:func:`rank_experts` (``core.experts.experts`` with a one-matmul bootstrap), :func:`shortcut_rule`.
 """
 
 from __future__ import annotations
@@ -129,7 +138,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "reduce": ((str,), "sum"),
         "by": ((str,), "value"),
         "n_images": ((int,), 8),
-        "resolution": ((int,), 24),
+        "resolution": ((int,), 20),
         "shortcut_factor": ((float,), 5.0),
         "shortcut_quantile": ((float,), 0.95),
     },
