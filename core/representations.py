@@ -459,10 +459,10 @@ def build_stage(study, progress=None) -> dict:
     ``mprt``: {"layers": [names], "row": "last", "n_images": int,
     "curves": {model: {method: [mean per layer]}}};
     ``metrics_info``: :func:`metrics_info`; ``methods``: :func:`method_table`;
-    ``config``: the settings used; ``seconds``: {model: float, "total": float};
+    ``config``: the settings used; ``seconds``: {model: wall s, "total": wall s, "cpu": CPU s};
     ``experts``: {model: [{"class", "units", "scores", "weights"}]} (internal influence).
     """
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     cfg = _section(study)
     data = study.data()
     test = data.test
@@ -548,6 +548,7 @@ def build_stage(study, progress=None) -> dict:
             report(f"{name}: {METHODS[meth].label} done")
         seconds[name] = time.perf_counter() - t_model
     seconds["total"] = time.perf_counter() - t_start
+    seconds["cpu"] = time.process_time() - cpu_start  # this process's CPU time, all threads
     cfg_out = {k: v for k, v in cfg.items() if k != "options"}
     cfg_out["options"] = {k: {kk: vv for kk, vv in v.items() if isinstance(vv, int | float | str)}
                           for k, v in cfg["options"].items()}

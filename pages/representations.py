@@ -280,4 +280,6 @@ if mrecs:
 
 seconds = payload.get("seconds") or {}
 if seconds.get("total") is not None:
-    st.caption(f"This stage took {float(seconds['total']):.0f} s to compute.")
+    cpu = seconds.get("cpu")
+    st.caption(f"This stage took {float(seconds['total']):.0f} s to compute"
+               + (f" ({float(cpu):.0f} s of CPU time)." if cpu is not None else "."))

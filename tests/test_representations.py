@@ -375,3 +375,21 @@ def test_build_stage_rejects_a_malformed_config_section():
         build_stage(study({"n_image": 5}), None)
     with pytest.raises(ValueError, match="target"):
         build_stage(study({"target": "logit"}), None)
+
+
+def test_internal_influence_with_the_path_doi_ranks_experts_in_attribution_space(batch):
+    from core.distributions import LinearDoI
+    from core.experts import experts
+
+    x, y = batch
+    m = tiny_cnn()
+    torch.manual_seed(2)
+    rx, ry = torch.rand(8, 1, 28, 28), torch.tensor([0, 3] * 4)
+    sel = (y == 0) | (y == 3)
+    _, info = attribute(m, x[sel], y[sel], "internal_influence", reference=(rx, ry), k=3,
+                        path_resolution=4, return_info=True)
+    for c in (0, 3):
+        want = experts(m, rx[ry == c], "fc1", ClassQoI(c), LinearDoI(4), k=3, multiply=True)
+        got = next(i for i in info["classes"] if i["class"] == c)
+        assert got["units"] == want.units
+        assert got["scores"] == pytest.approx([e.score for e in want.experts], rel=1e-5)
