@@ -5,6 +5,7 @@ Every page in the navigation draws without an exception box, with its images and
 link (URL with query parameters) reopens the same view, and changing a choice writes the URL.
 A screenshot of each page goes to ``assets/screenshots/<page>.png`` (used by the README).
 
+``CASEBOOK_E2E_CASE=decoy-mnist`` runs the same tests on a fully built case (README screenshots).
 Without ``/usr/bin/chromium`` (or Playwright) the tests skip, unless ``CASEBOOK_REQUIRE_BROWSER=1``
 (set by ``.ci/run``), where they fail.
 """
@@ -64,10 +65,27 @@ def _cache_dir(study) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(small_study, tmp_path_factory):
+def study(request):
+    """The small prebuilt case; or, for README screenshots of a fully built case, the one named by
+    ``CASEBOOK_E2E_CASE`` (cache: ``CASEBOOK_E2E_CACHE``, default the repo's .cache)."""
+    case = os.environ.get("CASEBOOK_E2E_CASE")
+    if not case:
+        return request.getfixturevalue("small_study")
+    from core.casestudy import CaseStudy
+
+    built = CaseStudy.open(case, cache_dir=os.environ.get("CASEBOOK_E2E_CACHE") or None)
+    missing = [s for s in ("data", "models", "experts") if not built.status()[s]]
+    if missing:
+        pytest.fail(f"CASEBOOK_E2E_CASE={case}: build {', '.join(missing)} first "
+                    f"(python -m core build {case})")
+    return built
+
+
+@pytest.fixture(scope="module")
+def server(study, tmp_path_factory):
     _require_browser()
     port = _free_port()
-    env = {**os.environ, "CASEBOOK_CACHE": _cache_dir(small_study), "CASEBOOK_CASE": small_study.config.name,
+    env = {**os.environ, "CASEBOOK_CACHE": _cache_dir(study), "CASEBOOK_CASE": study.config.name,
            "PYTHONUNBUFFERED": "1"}
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
     with open(log, "wb") as out:
@@ -128,7 +146,9 @@ def page(browser):
 def _settle(page) -> None:
     """Wait until the script has run to the end and the asynchronous drawings are in place."""
     page.wait_for_selector(f"{READY} h1", timeout=120_000)
-    page.wait_for_selector(READY, timeout=120_000)
+    for _ in range(2):  # a run can be followed by a rerun (URL written, navigation settled): wait it out
+        page.wait_for_timeout(300)
+        page.wait_for_selector(READY, timeout=120_000)
     page.wait_for_function(
         """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')]
                    .every(c => c.querySelector('canvas, svg'))
@@ -171,9 +191,9 @@ def _assert_shell(page) -> None:
     assert sidebar.locator('[data-testid="stSelectbox"]').filter(has_text="Model").count() == 1
 
 
-def test_a_deep_link_reopens_the_view_and_choices_write_the_url(server, page, small_study):
+def test_a_deep_link_reopens_the_view_and_choices_write_the_url(server, page, study):
     # Link to a view the report flags: a shortcut expert of the vanilla model when there is one.
-    top = small_study.report()["experts"]["top"]
+    top = study.report()["experts"]["top"]
     pick = next((r for r in top if r["model"] == "vanilla" and r["shortcut"]), None)
     pick = pick or next(r for r in top if r["model"] == "clean" and r["rank"] == 2)
     model, cls, layer, unit = pick["model"], pick["class"], pick["layer"], pick["unit"]
