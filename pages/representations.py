@@ -215,7 +215,7 @@ long = rows.melt(id_vars=["label", "model"], value_vars=metric_keys, var_name="m
 long["metric"] = long["metric"].map(_head)
 long = long.dropna(subset=["value"])
 bars = alt.Chart(long).mark_bar().encode(
-    y=alt.Y("label:N", title=None, sort=[labels[m] for m in methods]),
+    y=alt.Y("label:N", title=None, sort=[labels[m] for m in methods], axis=alt.Axis(labelLimit=180)),
     yOffset=alt.YOffset("model:N", sort=models),
     x=alt.X("value:Q", title=None),
     color=alt.Color("model:N", sort=models, title="model"),
