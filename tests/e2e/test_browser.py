@@ -73,7 +73,7 @@ def study(request):
         return request.getfixturevalue("small_study")
     from core.casestudy import CaseStudy
 
-    built = CaseStudy.open(case, cache_dir=os.environ.get("CASEBOOK_E2E_CACHE") or None)
+    built = CaseStudy.open(case, cache_dir=os.environ.get("CASEBOOK_E2E_CACHE") or ROOT / ".cache")
     missing = [s for s in ("data", "models", "experts") if not built.status()[s]]
     if missing:
         pytest.fail(f"CASEBOOK_E2E_CASE={case}: build {', '.join(missing)} first "
