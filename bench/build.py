@@ -4,9 +4,11 @@
                                     [--device cpu] [--keep DIR]
 
 Each build runs as its own ``python -m core build`` subprocess (so the warm figure includes the
-interpreter start and the torch import, as a user sees it) and the per-stage seconds come from
-the report's provenance. Prints the cold and warm wall seconds and their ratio, and the accuracies
-of the cold build's models.
+interpreter start and any import, as a user sees it) and the per-stage seconds come from the
+report's provenance. Prints the cold and warm wall seconds and their ratio, the cold build's CPU
+time and the load average (the machine is shared: wall time depends on the neighbours), and the
+accuracies and shortcut experts of the cold build's models. ``--device cuda`` validates CUDA at
+open, which imports torch: its warm figure includes that import.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -26,8 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(args: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "core", *args], cwd=REPO, env=env,
                           capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc.cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return time.perf_counter() - t0, proc
 
 
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
              "--device", args.device, "--cache", str(root)]
     try:
         cold, proc = _run(build, env)
+        cold_cpu = proc.cpu_seconds
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode
@@ -72,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"case {args.case}, stages {args.stages}, seeds {args.seeds}, device {args.device}, "
           f"torch {prov.get('torch')}, {os.cpu_count()} CPUs, "
           f"CASEBOOK_THREADS={os.environ.get('CASEBOOK_THREADS', '1 (default)')}")
-    print("cold build  {:7.2f} s  (stages: {})".format(cold, ", ".join(
-        f"{k} {v:.1f} s" for k, v in prov.get("seconds", {}).items() if v is not None)))
+    print("cold build  {:7.2f} s  (stages: {}; CPU time {:.1f} s, load average {:.1f})".format(
+        cold, ", ".join(f"{k} {v:.1f} s" for k, v in prov.get("seconds", {}).items()
+                        if v is not None), cold_cpu, os.getloadavg()[0]))
     print(f"warm build  {warm:7.2f} s  (median of {len(warms)}: "
           + ", ".join(f"{w:.2f}" for w in warms) + ")")
     print(f"cold / warm {cold / warm:7.1f}×")
