@@ -428,6 +428,8 @@ class _Engine:
             batch_size = self._guard(lambda: _chunk_size(self.model, self.x[:1], total,
                                                          self.device, memory_budget))
         chunk = max(1, int(batch_size))
+        if chunk > resolution:  # whole inputs per chunk: each input's points sum in one reshape
+            chunk -= chunk % resolution
         keep = per_input or multiply
         acc = None
         done = 0
@@ -445,7 +447,11 @@ class _Engine:
             if acc is None:
                 shape = (n_inputs, *g.shape[1:]) if keep else g.shape[1:]
                 acc = torch.zeros(shape, dtype=g.dtype, device=g.device)
-            if keep:
+            if keep and done % resolution == 0 and len(k) % resolution == 0:
+                first = done // resolution
+                acc[first:first + len(k) // resolution] += g.view(-1, resolution,
+                                                                  *g.shape[1:]).sum(1)
+            elif keep:
                 acc.index_add_(0, n, g)
             else:
                 acc += g.sum(0)
