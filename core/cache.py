@@ -72,6 +72,15 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else REPO / ".cache"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask is process-wide, not thread-safe
+
+
 # ------------------------------------------------------------------------------------------- keys
 
 def _canonical(value: Any, where: str = "key") -> Any:
@@ -138,6 +147,7 @@ class Cache:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root is not None else default_root()
+        self._memo: dict[Path, tuple[tuple, dict]] = {}  # path → (file identity, verified meta)
 
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r})"
@@ -182,12 +192,28 @@ class Cache:
 
     def has(self, key: str) -> bool:
         """True when a valid entry (checksum verified; payload not unpickled) exists for ``key``."""
-        return self._read_verified(key) is not None
+        return self.meta(key) is not None
 
     def meta(self, key: str) -> dict | None:
-        """The entry's meta dict (checksum verified, payload not unpickled), or None."""
+        """The entry's meta dict (checksum verified, payload not unpickled), or None.
+
+        The verdict is remembered per file identity (size, mtime, inode): asking again about an
+        unchanged file costs a ``stat``. :meth:`get` always verifies the bytes it returns.
+        """
+        path = self.path(key)
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        ident = (st.st_size, st.st_mtime_ns, st.st_ino)
+        known = self._memo.get(path)
+        if known is not None and known[0] == ident:
+            return known[1]
         found = self._read_verified(key)
-        return None if found is None else found[0]
+        if found is None:
+            return None
+        self._memo[path] = (ident, found[0])
+        return found[0]
 
     def get(self, key: str, default: Any = None) -> Any:
         """The payload stored under ``key``, or ``default`` when missing or corrupt."""
@@ -211,6 +237,7 @@ class Cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; entries are ordinary files
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
                 f.write(body)

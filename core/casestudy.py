@@ -49,6 +49,7 @@ import contextlib
 import functools
 import hashlib
 import importlib
+import json
 import logging
 import math
 import os
@@ -530,6 +531,29 @@ def _threads(device: Any):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _torch_version() -> str:
+    """torch's version without importing it (when it is not imported yet)."""
+    import sys
+
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torch")  # finds the package without running it
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:  # torch/version.py holds the full version, with its local tag (e.g. +cu130)
+            text = (Path(folder) / "version.py").read_text()
+        except OSError:
+            continue
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+        if found:
+            return found.group(1)
+    import torch
+
+    return str(torch.__version__)
 
 
 def _np(t):
@@ -1102,7 +1126,9 @@ class CaseStudy:
                        "chance": CHANCE, "thresholds": thresholds,
                        "shortcut_rule": shortcut_rule(e["shortcut_factor"], e["shortcut_quantile"]),
                        "provenance": prov}
-            return payload, {"stage": "experts", "case": self.name, "provenance": prov}
+            # The report's rows ride in the meta line too: report() then needs no torch.load.
+            return payload, {"stage": "experts", "case": self.name, "provenance": prov,
+                             "rows": _plain(rows), "thresholds": thresholds}
 
         return self._run_stage(key, compute, force, p)
 
@@ -1121,7 +1147,12 @@ class CaseStudy:
             if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
                 raise TypeError(f"core.{stage}.build_stage must return a dict with a 'rows' list")
             prov = _provenance(time.perf_counter() - t0, self.device)
-            return payload, {"stage": stage, "case": self.name, "provenance": prov}
+            try:
+                rows = _plain(payload["rows"])
+                json.dumps(rows, allow_nan=False)
+            except (TypeError, ValueError):
+                rows = None  # not plain JSON: the report reads them from the payload
+            return payload, {"stage": stage, "case": self.name, "provenance": prov, "rows": rows}
 
         status = self._run_stage(key, compute, force, p)
         if stage == "corrections":  # corrected models may have changed
@@ -1287,13 +1318,12 @@ class CaseStudy:
 
     # ------------------------------------------------------------------------------ report
     def report(self) -> dict:
-        """DESIGN §2 JSON of what is built; computes nothing (reads the cache)."""
-        import torch
-
+        """DESIGN §2 JSON of what is built; computes nothing (reads the cache: the entries' meta
+        lines, which carry the report's numbers and rows, so no payload is unpickled)."""
         status = self.status()
         rep: dict[str, Any] = {"case": self.name, "title": self.config.title,
                                "description": self.config.description, "built": status}
-        prov: dict[str, Any] = {"torch": str(torch.__version__), "python": platform.python_version(),
+        prov: dict[str, Any] = {"torch": _torch_version(), "python": platform.python_version(),
                                 "cache": str(self.cache.root), "stages": {}, "seconds": {}}
         data_meta = self._meta(self._data_key())
         if data_meta is not None:
@@ -1312,11 +1342,12 @@ class CaseStudy:
                 float(pv.get("seconds", 0.0)) for pv in provs), 3), "seeds": len(provs)})
             prov["device"] = provs[0].get("device")
         if status["experts"]:
-            payload = self.artifact("experts")
-            if payload is not None:
+            meta = self._meta(self._experts_key()) or {}
+            if meta.get("rows") is None:  # an entry from before rows rode in the meta line
+                meta = {**meta, **(self.artifact("experts") or {})}
+            if meta.get("rows") is not None:
                 e = self.config.experts
                 floor = e["shortcut_factor"] * CHANCE
-                thresholds = dict(payload.get("thresholds") or {})
                 rep["experts"] = {
                     "layer": e["layers"][0], "layers": list(e["layers"]),
                     "classes": list(e["classes"]), "k": e["k"], "reduce": e["reduce"],
@@ -1325,18 +1356,20 @@ class CaseStudy:
                     "chance": CHANCE, "shortcut_factor": e["shortcut_factor"],
                     "shortcut_quantile": e["shortcut_quantile"],
                     "shortcut_threshold": floor,
-                    "shortcut_thresholds": thresholds,
+                    "shortcut_thresholds": dict(meta.get("thresholds") or {}),
                     "shortcut_rule": shortcut_rule(e["shortcut_factor"], e["shortcut_quantile"]),
-                    "top": [dict(r) for r in payload["rows"]],
-                    "summary": self._experts_summary(payload["rows"]),
+                    "top": [dict(r) for r in meta["rows"]],
+                    "summary": self._experts_summary(meta["rows"]),
                 }
-                self._add_prov(prov, "experts", payload.get("provenance"))
+                self._add_prov(prov, "experts", meta.get("provenance"))
         for stage in DELEGATED:
             if status[stage]:
-                payload = self.artifact(stage)
-                if payload is not None:
-                    rep[stage] = [_plain(r) for r in payload.get("rows", [])]
-                    meta = self._meta(self._key(stage)) or {}
+                meta = self._meta(self._key(stage)) or {}
+                rows = meta.get("rows")
+                if rows is None:
+                    rows = (self.artifact(stage) or {}).get("rows")
+                if rows is not None:
+                    rep[stage] = [_plain(r) for r in rows]
                     self._add_prov(prov, stage, meta.get("provenance"))
         rep["provenance"] = prov
         return _plain(rep)

@@ -152,6 +152,29 @@ def test_a_corrupt_entry_is_missing_and_recomputed(tmp_path, caplog, how):
     assert torch.equal(cache.get(key)["w"], good["w"])  # the recomputed entry is valid
 
 
+def test_has_notices_a_file_changed_after_it_was_verified(tmp_path):
+    cache = Cache(tmp_path)
+    key = key_of(**BASE)
+    cache.put(key, {"w": torch.randn(32, 32)})
+    assert cache.has(key) and cache.has(key)  # the second answer comes from the memo
+    time.sleep(0.05)  # past the file system's timestamp tick
+    _corrupt(cache.path(key), "flip-payload")  # in place: same size, same inode, new mtime
+    assert not cache.has(key) and cache.meta(key) is None
+    assert Cache(tmp_path).get(key) is None
+
+
+def test_entries_are_ordinary_files(tmp_path):
+    cache = Cache(tmp_path)
+    path = cache.put(key_of(**BASE), {"x": 1})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    from core.cache import _UMASK
+
+    return _UMASK
+
+
 def test_a_checksummed_entry_that_is_not_a_torch_file_is_missing(tmp_path, caplog):
     import hashlib
 

@@ -61,17 +61,22 @@ def test_build_report_and_list_as_subprocesses(cache, small_study, tmp_path):
     assert any(ln.startswith("decoy-mnist ") for ln in proc.stdout.splitlines())
 
 
-def test_a_warm_build_does_not_import_torch(cache):
+def test_a_warm_build_and_the_report_do_not_import_torch(cache):
     """Nothing to compute: the keys come from checksummed meta lines, the config's model facts
-    from the cache, the delegated stages' versions from their source; torch stays unimported."""
+    from the cache, the delegated stages' versions from their source, the report's numbers and
+    rows from the meta lines; torch stays unimported (its import is most of a warm build)."""
     code = ("import sys; from core.__main__ import main; "
-            f"rc = main(['build', 'decoy-mnist-small', '--stages', 'data,models,experts', "
-            f"'--cache', {str(cache)!r}]); print(rc, 'torch' in sys.modules)")
+            f"a = main(['build', 'decoy-mnist-small', '--stages', 'data,models,experts', "
+            f"'--cache', {str(cache)!r}]); "
+            f"b = main(['report', 'decoy-mnist-small', '--json', '--cache', {str(cache)!r}]); "
+            "print(a, b, 'torch' in sys.modules, file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["0", "False"], proc.stderr
+    assert proc.stderr.splitlines()[-1] == "0 0 False", proc.stderr
     assert "experts: cached" in proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["experts"]["top"] and rep["models"]["vanilla"]["decoy_test_acc"] > 0
 
 
 def test_report_without_json_is_a_short_summary(cache, capsys):
