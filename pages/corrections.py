@@ -18,7 +18,8 @@ from core import imaging
 
 SCALE = 4
 N_CLASSES = 10
-COLORS = {"reference": "#8A8F98", "mask": "#B4412E", "mask-free": "#2E7D5B"}
+COLORS = {"reference": "#8A8F98", "control": "#C9C3B8", "mask": "#B4412E",
+          "mask-free": "#2E7D5B"}
 
 study = ui.current_study()
 st.title("Corrections")
@@ -26,7 +27,8 @@ st.markdown(
     "The vanilla model learned to read the corner patch. Can we make it read the digit instead? "
     "Five corrections start from the **same vanilla model**: two remove the shortcut after "
     "training without retraining (*expert suppression*, *P-ClArC*), three fine-tune it "
-    "(*RRR*, an *influence penalty*, *counterexamples*). Each one's strength is tuned on the "
+    "(*RRR*, an *influence penalty*, *counterexamples*); a control fine-tunes with no penalty at "
+    "all. Each one's strength is tuned on the "
     "**validation split** (test-style random-shade patches), never on the test set. "
     "**Gap closed** = (accuracy − vanilla) / (clean reference − vanilla) on the decoy test set: "
     "0 is no better than vanilla, 1 matches the model trained without the patch.")
@@ -111,8 +113,8 @@ ui.download_csv(table, "corrections.csv", "Download the table (CSV)", key="dl-co
 st.header("Accuracies side by side")
 bars = []
 for name, r, kind in ([("vanilla", van, "reference"), ("clean reference", cln, "reference")]
-                      + [(r.get("label") or r["method"], r, "mask" if r.get("uses_mask")
-                          else "mask-free") for r in rows]):
+                      + [(r.get("label") or r["method"], r, "control" if r.get("control")
+                          else "mask" if r.get("uses_mask") else "mask-free") for r in rows]):
     for split, key in (("decoy test", "decoy_test_acc"), ("clean test", "clean_test_acc")):
         v = _f(r.get(key))
         sd = _f(r.get(f"{key}_sd")) if n_seeds > 1 else float("nan")
@@ -150,22 +152,35 @@ gap = cln_acc - van_acc
 lines = [f"- The vanilla model reaches **{ui.pct(van_acc)}** on the decoy test set and "
          f"**{ui.pct(_f(van.get('clean_test_acc')))}** without the patch; the clean reference "
          f"**{ui.pct(cln_acc)}**: a gap of **{ui.pp(gap)}** to close."]
-if math.isfinite(gap) and abs(gap) < 0.03:
+has_gap = math.isfinite(gap) and gap > 0
+if not has_gap:
+    lines.append("- Here the clean reference is **not** better than the vanilla model on the decoy "
+                 "test set, so there is no gap to close (gap closed is left empty): the shortcut "
+                 "did not cost this model accuracy. Read the accuracies themselves.")
+elif gap < 0.03:
     lines.append("- The gap is small on this case, so gap-closed ratios are noisy: read the "
                  "accuracies themselves.")
-ranked = sorted(rows, key=lambda r: -_f(r.get("gap_closed")) if r.get("gap_closed") is not None
-                else math.inf)
+corrections = [r for r in rows if not r.get("control")] or rows
+controls = [r for r in rows if r.get("control")]
+ranked = sorted(corrections, key=lambda r: -_f(r.get("decoy_test_acc")))
 best = ranked[0]
-lines.append(f"- Best: **{best.get('label')}** closes **{_f(best.get('gap_closed')):.0%}** of the "
-             f"gap ({ui.pct(_f(best.get('decoy_test_acc')))} decoy test{_sd(best, 'decoy_test_acc')}"
+
+
+def _closed(r: dict) -> str:
+    g = r.get("gap_closed")
+    return f"closes **{_f(g):.0%}** of the gap" if g is not None else "reaches"
+
+
+lines.append(f"- Best: **{best.get('label')}** {_closed(best)} "
+             f"({ui.pct(_f(best.get('decoy_test_acc')))} decoy test{_sd(best, 'decoy_test_acc')}"
              f"), {'using' if best.get('uses_mask') else 'without'} the patch mask.")
-free = [r for r in ranked if not r.get("uses_mask") and r.get("gap_closed") is not None]
+free = [r for r in ranked if not r.get("uses_mask")]
 if free:
     fb = free[0]
-    lines.append(f"- Best without any pixel mask: **{fb.get('label')}**, "
-                 f"**{_f(fb.get('gap_closed')):.0%}** of the gap "
-                 f"({ui.pct(_f(fb.get('decoy_test_acc')))}).")
-failed = [r for r in rows if r.get("gap_closed") is None or _f(r["gap_closed"]) < 0.25]
+    lines.append(f"- Best without any pixel mask: **{fb.get('label')}**, {_closed(fb)} "
+                 f"({ui.pct(_f(fb.get('decoy_test_acc')))}{_sd(fb, 'decoy_test_acc')}).")
+failed = [r for r in corrections if has_gap and (r.get("gap_closed") is None
+                                                 or _f(r["gap_closed"]) < 0.25)]
 for r in failed:
     g = r.get("gap_closed")
     removal = r["method"] in ("suppression", "pclarc")
@@ -176,12 +191,24 @@ for r in failed:
         + (" Removing what carries the shortcut cannot add the digit knowledge the vanilla model "
            "never learned: at best it moves the model toward its own no-patch accuracy "
            f"({ui.pct(_f(van.get('clean_test_acc')))})." if removal else ""))
-fine = [r for r in rows if r["method"] in ("rrr", "influence_penalty", "counterexamples")]
+for r in controls if has_gap else []:
+    lines.append(
+        f"- Control: the same fine-tuning **without any penalty** reaches "
+        f"{ui.pct(_f(r.get('decoy_test_acc')))} on the decoy test set (gap closed "
+        f"{_f(r.get('gap_closed')):.0%}): training longer on the decoy data "
+        + ("does not remove the shortcut, so the fine-tuned corrections' gains come from what "
+           "they add to the loss or the data." if _f(r.get("gap_closed")) < 0.25 else
+           "already helps here, so part of the fine-tuned corrections' gains is the extra "
+           "training itself."))
+n_test = int((ui.report(study).get("data") or {}).get("n_test") or 1000)
+se = math.sqrt(0.95 * 0.05 / max(n_test, 1))
+fine = [r for r in corrections if r["method"] in ("rrr", "influence_penalty", "counterexamples")]
 if any(_f(r.get("gap_closed")) > 1.0 for r in fine):
     lines.append("- A ratio above 1 means the corrected model beat the clean reference on the decoy "
-                 "test set: the fine-tuned models train for more epochs in total than the "
-                 "reference (vanilla training plus fine-tuning), so part of the gain is extra "
-                 "training, not only the removed shortcut.")
+                 "test set. The fine-tuned models train for more epochs in total than the "
+                 "reference (vanilla training plus fine-tuning); differences of a point or so are "
+                 "within the noise of the test set (one standard error of an accuracy near 95% on "
+                 f"{n_test} images is about {100 * se:.1f} pp).")
 lines.append("- Decoy mass after correction tells whether the explanations moved off the patch: "
              + ", ".join(f"{r.get('label')} {ui.pct(_f(r.get('decoy_mass')))}" for r in rows)
              + f" (vanilla {ui.pct(_f(van.get('decoy_mass')))}, clean "
@@ -210,7 +237,8 @@ if anchors:
     for a in anchors:
         mine = (f" Here RRR reaches {ui.pct(_f(rrr.get('decoy_test_acc')))} against a vanilla "
                 f"{ui.pct(van_acc)} and a clean reference {ui.pct(cln_acc)} (gap closed "
-                f"{_f(rrr.get('gap_closed')):.2f})." if rrr else "")
+                f"{'—' if rrr.get('gap_closed') is None else format(_f(rrr['gap_closed']), '.2f')}"
+                ")." if rrr else "")
         st.markdown(f"**What differs.** {a.get('differs', '')}.{mine}")
 
 # ------------------------------------------------------------------------------------ tuning
