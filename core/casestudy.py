@@ -910,6 +910,7 @@ class CaseStudy:
         steps = -(-data.train.n // t["batch_size"]) * t["epochs"]
         total = steps * 2 * len(todo)
         offset = [0]
+        statuses = []
         for seed in todo:
             for name in MODEL_NAMES:
                 self._models.pop((name, seed), None)
@@ -917,9 +918,10 @@ class CaseStudy:
             def compute(seed=seed):
                 return self._train_seed(seed, p, offset, total)
 
-            self._run_stage(keys[seed], compute, force, p)
+            # "cached" when another process trained it while this one waited on the key's lock
+            statuses.append(self._run_stage(keys[seed], compute, force, p))
         p(total, total, "done")
-        return "built"
+        return "built" if "built" in statuses else "cached"
 
     def _train_seed(self, seed: int, p: _StageProgress, offset: list, total: int):
         from core.models import build_model, evaluate, set_seed, state_digest, train_model
