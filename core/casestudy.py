@@ -142,6 +142,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "resolution": ((int,), 20),
         "shortcut_factor": ((float,), 5.0),
         "shortcut_quantile": ((float,), 0.95),
+        "primary_layer": ((str,), None),  # the report's "layer" (default: the first of layers)
     },
 }
 TOP_LEVEL = ("title", "description", "dataset", "model", "training", "experts", "representations",
@@ -182,9 +183,10 @@ def _typed(value: Any, types: tuple[type, ...], where: str) -> Any:
     else:
         ok = isinstance(value, types)
     if not ok:
-        names = "/".join("number" if t is float else "table" if t is dict else t.__name__
-                         for t in types)
-        raise CaseError(f"{where} must be a {names}, got {value!r}")
+        words = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                 list: "a list", dict: "a table"}
+        names = " or ".join(words.get(t, t.__name__) for t in types)
+        raise CaseError(f"{where} must be {names}, got {value!r}")
     return value
 
 
@@ -262,6 +264,9 @@ def _check_values(cfg: CaseConfig, src: str, cache: Cache | None = None) -> dict
         raise CaseError(f"{src}: experts.layers must be a non-empty list of layer names")
     if len(set(layers)) != len(layers):
         raise CaseError(f"{src}: experts.layers lists a layer twice: {layers}")
+    if e.get("primary_layer") is not None and e["primary_layer"] not in layers:
+        raise CaseError(f"{src}: experts.primary_layer {e['primary_layer']!r} is not one of "
+                        f"experts.layers {layers}")
     classes = e["classes"]
     if not classes or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 10
                               for c in classes) or len(set(classes)) != len(classes):
@@ -707,8 +712,9 @@ class CaseStudy:
         digest, models = self._data_digest(), self._model_digests(0)
         if digest is None or models is None:
             return None
+        config = {k: v for k, v in self.config.experts.items() if k != "primary_layer"}
         return key_of(stage="experts", version=_code_version("experts"),
-                      config=self.config.experts, data=digest, models=models, seed=0)
+                      config=config, data=digest, models=models, seed=0)
 
     def _delegate(self, stage: str):
         """The stage's module when it defines ``build_stage``; else None (the stage is skipped)."""
@@ -1250,7 +1256,8 @@ class CaseStudy:
                 mdigest = None
             if mdigest is None:
                 return None
-        e = {k: v for k, v in self.config.experts.items() if k not in ("layers", "classes")}
+        e = {k: v for k, v in self.config.experts.items()
+             if k not in ("layers", "classes", "primary_layer")}
         return key_of(stage="experts_for", version=_code_version("experts_for"), config=e,
                       data=digest, model=mdigest, layer=layer, qoi=q, doi=d, seed=0)
 
@@ -1351,7 +1358,8 @@ class CaseStudy:
                 e = self.config.experts
                 floor = e["shortcut_factor"] * CHANCE
                 rep["experts"] = {
-                    "layer": e["layers"][0], "layers": list(e["layers"]),
+                    "layer": e.get("primary_layer") or e["layers"][0],
+                    "layers": list(e["layers"]),
                     "classes": list(e["classes"]), "k": e["k"], "reduce": e["reduce"],
                     "bootstrap": e["bootstrap"], "confidence": e["confidence"],
                     "n_images": e["n_images"], "resolution": e["resolution"],

@@ -213,6 +213,10 @@ def test_the_key_is_the_content_not_the_name(small_study, tmp_path):
     k = SMALL.read_text().replace("k = 3", "k = 2")
     s4 = CaseStudy.open(_toml(tmp_path, k, "k2.toml"), cache_dir=cache, device="cpu")
     assert s4.status()["models"] and not s4.status()["experts"]
+    # the headline layer is presentation only: same entries, another "layer" in the report
+    primary = SMALL.read_text().replace("k = 3", 'k = 3\nprimary_layer = "fc1"')
+    s5 = CaseStudy.open(_toml(tmp_path, primary, "p.toml"), cache_dir=cache, device="cpu")
+    assert s5.status()["experts"] and s5.report()["experts"]["layer"] == "fc1"
 
 
 def test_force_recomputes_only_the_asked_stage(small_study, tmp_path):
@@ -329,8 +333,9 @@ GOOD = SMALL.read_text()
     (GOOD.replace("epochs = 2", "epochs = 2\nepochz = 3"), r"unknown key 'epochz' in \[training\]"),
     (GOOD.replace('layers = ["conv1", "conv2", "fc1"]', 'layers = ["conv1", "conv9"]'),
      "unknown layer 'conv9'"),
-    (GOOD.replace("epochs = 2", 'epochs = "two"'), "training.epochs must be a int"),
-    (GOOD.replace("epochs = 2", "epochs = true"), "training.epochs must be a int"),
+    (GOOD.replace("k = 3", 'k = 3\nprimary_layer = "conv7"'), "primary_layer 'conv7'"),
+    (GOOD.replace("epochs = 2", 'epochs = "two"'), "training.epochs must be an integer"),
+    (GOOD.replace("epochs = 2", "epochs = true"), "training.epochs must be an integer"),
     (GOOD.replace("epochs = 2", "epochs = 0"), "epochs >= 1"),
     (GOOD.replace("classes = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]", "classes = [0, 10]"), "digits"),
     (GOOD.replace('arch = "decoy-cnn"', 'arch = "resnet"'), "model.arch 'resnet' is unknown"),
