@@ -260,6 +260,13 @@ for r in rows:
                      caption=["vanilla influence (mean IG, training images)",
                               f"penalised region ({int(region.sum())} pixels, found without "
                               "the mask)"])
+            if rec.get("region_precision") is not None:
+                st.caption(
+                    f"Checked afterwards against the patch positions (not used by the "
+                    f"correction): {_f(rec['region_precision']):.0%} of the region's pixels lie "
+                    f"where a patch can be, and it covers {_f(rec.get('region_recall')):.0%} of "
+                    "those positions. Slice penalised: "
+                    f"{'the input' if rec.get('layer') is None else rec.get('layer')}.")
         if r["method"] == "suppression" and rec.get("candidates"):
             cand = rec["candidates"].get(rec.get("layer"), [])
             st.caption(f"Candidate experts of {rec.get('layer')} by border mass (share of their "
