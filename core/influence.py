@@ -314,8 +314,10 @@ def influence(model: nn.Module, inputs: Tensor, layer: str | None = None,
 
     home = model_device(model)
     dev = home if device is None else torch.device(device)
-    if dev != home:
+    if dev != home:  # compute on a copy; its layers are the ones to hook
         model = copy.deepcopy(model).to(dev)
+        slice_module = None if layer is None else get_layer(model, layer)
+        source_module = None if qoi.source is None else get_layer(model, qoi.source)
     with model_lock(model), eval_mode(model):
         engine = _Engine(model, inputs.detach().to(dev), layer, slice_module, cut, qoi,
                          source_module, doi, dev)

@@ -14,6 +14,15 @@ from core.quantities import ClassQoI, ComparativeQoI
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """TF32 convolutions round to 10-bit mantissas; compare CPU and CUDA in true float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def cnn():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
