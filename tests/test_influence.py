@@ -423,3 +423,12 @@ def test_non_finite_influence_names_layer_and_quantity(data):
         m[6].weight[2] = float("nan")
     with pytest.raises(FloatingPointError, match=r"layer '3' for ClassQoI\(2\)"):
         influence(m, data, "3", ClassQoI(2))
+
+
+def test_device_copy_path_hooks_the_copy(data):
+    # "cpu:0" differs from the model's "cpu": the engine computes on a copy, whose layers it must hook
+    m = cnn()
+    for doi in (PointDoI(), LinearDoI(3, at="layer")):
+        a = influence(m, data, "3", ClassQoI(1), doi, device="cpu:0", per_input=True)
+        assert torch.allclose(a, influence(m, data, "3", ClassQoI(1), doi, per_input=True))
+    assert all_hooks(m) == 0
