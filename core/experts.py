@@ -115,16 +115,22 @@ def experts(model: nn.Module, inputs: Tensor, layer: str, qoi: Quantity,
 
 
 def bootstrap_scores(per_input: Tensor, reduce: str, resamples: int, seed: int = 0) -> Tensor:
-    """Unit scores of ``resamples`` bootstrap means of per-input influence: (resamples, units)."""
+    """Unit scores of ``resamples`` bootstrap means of per-input influence: (resamples, units).
+
+    All resamples at once: a (resamples, N) matrix of draw counts times the per-input maps.
+    A "sum" score is linear, so the per-input unit scores are resampled instead of the maps.
+    """
     n = len(per_input)
     g = torch.Generator().manual_seed(int(seed))
-    flat = per_input.flatten(1).double()
-    out = []
-    for _ in range(int(resamples)):
-        idx = torch.randint(n, (n,), generator=g).to(per_input.device)
-        mean = flat[idx].mean(0).view(1, *per_input.shape[1:])
-        out.append(_reduce_units(mean, reduce)[0])
-    return torch.stack(out).float().cpu()
+    draws = torch.randint(n, (int(resamples), n), generator=g)
+    weights = torch.zeros(int(resamples), n, dtype=torch.float64)
+    weights.scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    weights /= n
+    if reduce == "sum" or per_input.dim() <= 2:
+        units = _reduce_units(per_input, "sum").double().cpu()
+        return (weights @ units).float()
+    means = weights @ per_input.flatten(1).double().cpu()
+    return _reduce_units(means.view(-1, *per_input.shape[1:]), reduce).float()
 
 
 def interpret(model: nn.Module, images: Tensor, layer: str, unit: int | tuple[int, ...], *,

@@ -112,3 +112,16 @@ def test_heatmap_colours_and_masks():
     assert overlay(img, attr).shape == (28, 28, 3)
     with pytest.raises(ValueError, match="percentile"):
         percentile_mask(attr, q=120)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+def test_bootstrap_scores_equal_a_loop_over_resamples(reduce):
+    from core.experts import bootstrap_scores
+
+    torch.manual_seed(0)
+    per = torch.randn(15, 4, 3, 3)
+    fast = bootstrap_scores(per, reduce, resamples=30, seed=3)
+    g = torch.Generator().manual_seed(3)
+    draws = torch.randint(15, (30, 15), generator=g)
+    slow = torch.stack([unit_scores(per[d].mean(0), reduce) for d in draws])
+    assert torch.allclose(fast, slow, atol=1e-5)
