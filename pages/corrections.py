@@ -96,7 +96,9 @@ pct_cols = {c: st.column_config.NumberColumn(c, format="percent")
             for c in ("decoy test", "clean test", "decoy mass", "validation acc")}
 st.dataframe(table, hide_index=True, column_config={
     **pct_cols,
+    "method": st.column_config.TextColumn("method", width="medium"),
     "gap closed": st.column_config.NumberColumn("gap closed", format="%.2f"),
+    "tuned on validation": st.column_config.TextColumn("tuned on validation", width="large"),
     "seconds": st.column_config.NumberColumn("seconds", format="%.1f"),
 })
 st.dataframe(ref_table, hide_index=True, column_config=pct_cols)
@@ -124,10 +126,11 @@ for name, r, kind in ([("vanilla", van, "reference"), ("clean reference", cln, "
 chart_df = pd.DataFrame(bars)
 order = list(dict.fromkeys(chart_df["model"]))
 base = alt.Chart(chart_df).encode(
-    x=alt.X("model:N", sort=order, title=None, axis=alt.Axis(labelAngle=-20)),
-    xOffset=alt.XOffset("split:N", sort=["decoy test", "clean test"]))
+    y=alt.Y("model:N", sort=order, title=None, axis=alt.Axis(labelLimit=260)),
+    yOffset=alt.YOffset("split:N", sort=["decoy test", "clean test"]))
 chart = base.mark_bar().encode(
-    y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])),
+    x=alt.X("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1]),
+            axis=alt.Axis(format="%")),
     color=alt.Color("kind:N", title="model", scale=alt.Scale(
         domain=list(COLORS), range=list(COLORS.values()))),
     opacity=alt.Opacity("split:N", sort=["decoy test", "clean test"],
@@ -135,15 +138,17 @@ chart = base.mark_bar().encode(
     tooltip=["model", "split", alt.Tooltip("accuracy:Q", format=".1%")])
 layers = [chart]
 if chart_df["low"].notna().any():
-    layers.append(base.mark_rule(color="#1F2328").encode(y="low:Q", y2="high:Q"))
+    layers.append(base.mark_rule(color="#1F2328").encode(x="low:Q", x2="high:Q"))
 target = _f(cln.get("decoy_test_acc"))
 if math.isfinite(target):
-    layers.append(alt.Chart(pd.DataFrame({"y": [target]})).mark_rule(
-        strokeDash=[4, 4], color="#1F2328").encode(y="y:Q"))
-st.altair_chart(alt.layer(*layers).properties(height=340), width="stretch")
-st.caption("Solid bars: decoy test; pale bars: clean test. Dashed line: the clean reference's "
-           "decoy-test accuracy (gap closed = 1). Green: corrections that need no pixel mask; red: "
-           "corrections that use the patch location.")
+    layers.append(alt.Chart(pd.DataFrame({"x": [target]})).mark_rule(
+        strokeDash=[4, 4], color="#1F2328").encode(x="x:Q"))
+st.altair_chart(alt.layer(*layers).properties(height=44 * len(order) + 40), width="stretch")
+st.caption("Solid bars: decoy test; pale bars: clean test"
+           + (" (lines: ± one standard deviation over seeds)" if n_seeds > 1 else "")
+           + ". Dashed line: the clean reference's decoy-test accuracy (gap closed = 1). Green: "
+           "corrections that need no pixel mask; red: corrections that use the patch location; "
+           "beige: the fine-tuning control.")
 
 # ------------------------------------------------------------------------------------ narrative
 st.header("Reading the numbers")
@@ -180,17 +185,30 @@ if free:
     lines.append(f"- Best without any pixel mask: **{fb.get('label')}**, {_closed(fb)} "
                  f"({ui.pct(_f(fb.get('decoy_test_acc')))}{_sd(fb, 'decoy_test_acc')}).")
 failed = [r for r in corrections if has_gap and (r.get("gap_closed") is None
-                                                 or _f(r["gap_closed"]) < 0.25)]
+                                                 or _f(r["gap_closed"]) < 0.5)]
 for r in failed:
     g = r.get("gap_closed")
-    removal = r["method"] in ("suppression", "pclarc")
     lines.append(
         f"- **{r.get('label')}** {'did not help' if g is None or _f(g) <= 0.05 else 'helped little'}"
-        f" (gap closed {'—' if g is None else f'{_f(g):.0%}'}; clean test "
-        f"{ui.pct(_f(r.get('clean_test_acc')))})."
-        + (" Removing what carries the shortcut cannot add the digit knowledge the vanilla model "
-           "never learned: at best it moves the model toward its own no-patch accuracy "
-           f"({ui.pct(_f(van.get('clean_test_acc')))})." if removal else ""))
+        f" (gap closed {'—' if g is None else f'{_f(g):.0%}'}; decoy test "
+        f"{ui.pct(_f(r.get('decoy_test_acc')))}{_sd(r, 'decoy_test_acc')}, clean test "
+        f"{ui.pct(_f(r.get('clean_test_acc')))}).")
+removal = [r for r in failed if r["method"] in ("suppression", "pclarc")]
+if removal:
+    lines.append(
+        f"- {' and '.join(r.get('label') for r in removal)} only remove: "
+        f"{'they change' if len(removal) > 1 else 'it changes'} no weight that would teach the "
+        "digits. Removing what carries the shortcut cannot add the knowledge the vanilla model "
+        f"never learned: on images with no patch at all it reaches only "
+        f"{ui.pct(_f(van.get('clean_test_acc')))}.")
+    sup_grid = (records.get("suppression") or {}).get("grid") or []
+    if any(r["method"] == "suppression" for r in removal) and sup_grid and van.get("val_acc"):
+        deltas = [_f(g.get("val_acc")) - _f(van["val_acc"]) for g in sup_grid]
+        most = max(int(g.get("n_units", 0)) for g in sup_grid)
+        lines.append(
+            f"- Across its grid (up to {most} experts per layer, {len(sup_grid)} settings), "
+            f"suppression moved the validation accuracy by {ui.pp(min(deltas))} to "
+            f"{ui.pp(max(deltas))}: the shortcut is not held by a handful of units.")
 for r in controls if has_gap else []:
     lines.append(
         f"- Control: the same fine-tuning **without any penalty** reaches "
@@ -216,16 +234,16 @@ lines.append("- Decoy mass after correction tells whether the explanations moved
 st.markdown("\n".join(lines))
 
 st.subheader("What each method needs")
-st.dataframe(pd.DataFrame([{"method": r.get("label"), "uses mask": "yes" if r.get("uses_mask")
-                            else "no", "what it uses": r.get("mask_note", "")} for r in rows]),
-             hide_index=True, width="stretch")
+st.markdown("\n".join(
+    f"- **{r.get('label')}** — uses the mask: **{'yes' if r.get('uses_mask') else 'no'}**. "
+    f"{str(r.get('mask_note', ''))[:1].upper()}{str(r.get('mask_note', ''))[1:]}." for r in rows))
 
 # ------------------------------------------------------------------------------------ anchors
 st.header("Published anchors")
 anchors = payload.get("anchors") or []
 if anchors:
     st.dataframe(pd.DataFrame([{
-        "source": a.get("source"), "setup": a.get("setup"),
+        "source": a.get("source"),
         "vanilla decoy test": _f(a.get("vanilla_decoy_test_acc")),
         "RRR decoy test": _f(a.get("rrr_decoy_test_acc")),
         "clean decoy test": _f(a.get("clean_decoy_test_acc")),
@@ -239,7 +257,8 @@ if anchors:
                 f"{ui.pct(van_acc)} and a clean reference {ui.pct(cln_acc)} (gap closed "
                 f"{'—' if rrr.get('gap_closed') is None else format(_f(rrr['gap_closed']), '.2f')}"
                 ")." if rrr else "")
-        st.markdown(f"**What differs.** {a.get('differs', '')}.{mine}")
+        st.markdown(f"**Their setup:** {a.get('setup', '')}.  \n"
+                    f"**What differs here:** {a.get('differs', '')}.{mine}")
 
 # ------------------------------------------------------------------------------------ tuning
 st.header("Tuning on the validation split")
@@ -283,7 +302,7 @@ c1, c2, c3 = st.columns(3)
 with c1:
     chosen = ui.choice("Correction", names, param="correction", format_func=labels.get)
 with c2:
-    layer = ui.choice("Layer", LAYERS, param="layer")
+    layer = ui.choice("Layer", LAYERS, param="layer", default=LAYERS[-1])
 with c3:
     cls = ui.choice("Class", list(range(N_CLASSES)), param="cls")
 qoi, doi = {"kind": "class", "class": int(cls)}, {"kind": "class-images"}
@@ -300,21 +319,36 @@ def _view(model: str) -> dict | None:
     return None
 
 
-before, after = _view("vanilla"), _view(chosen)
+before, after, ref_view = _view("vanilla"), _view(chosen), _view("clean")
 if after is None:
-    st.info(f"The experts of **{layer}** for class **{cls}** of the **{labels[chosen]}** model are "
-            "not computed yet (a few seconds; cached on disk).")
-    if st.button("Compute", type="primary", key="compute-corrected-experts"):
+    offer = st.empty()
+    with offer.container():
+        st.info(f"The experts of **{layer}** for class **{cls}** of the **{labels[chosen]}** model "
+                "are not computed yet (a few seconds; cached on disk).")
+        clicked = st.button("Compute", type="primary", key="compute-corrected-experts")
+    if clicked:
         after = ui.compute_experts_for(chosen, layer, qoi, doi, study)
-cols = st.columns(2)
-for col, title, view in ((cols[0], "vanilla", before), (cols[1], labels[chosen], after)):
+        if after is not None:
+            offer.empty()
+
+
+def _mass(view: dict | None) -> float:
+    dm = [_f(x.get("decoy_mass")) for x in (view or {}).get("rows", [])]
+    dm = [d for d in dm if math.isfinite(d)]
+    return float(np.mean(dm)) if dm else float("nan")
+
+
+cols = st.columns(3)
+for col, title, view in ((cols[0], "vanilla (before)", before),
+                         (cols[1], f"{labels[chosen]} (after)", after),
+                         (cols[2], "clean reference", ref_view)):
     with col:
         st.subheader(title)
         if view is None or not view.get("rows"):
             st.caption("Not available.")
             continue
         t = pd.DataFrame(view["rows"]).sort_values("rank")
-        keep = [c for c in ("rank", "unit", "score", "decoy_mass", "shortcut") if c in t]
+        keep = [c for c in ("rank", "unit", "score", "decoy_mass") if c in t]
         st.dataframe(t[keep], hide_index=True, column_config={
             "score": st.column_config.NumberColumn("influence", format="%.4g"),
             "decoy_mass": st.column_config.NumberColumn("decoy mass", format="percent")})
@@ -325,7 +359,17 @@ for col, title, view in ((cols[0], "vanilla", before), (cols[1], labels[chosen],
                      for i in range(n_img)] for k in range(min(3, maps.shape[0]))]
             st.image(ui.image_grid(grid), caption="top experts (rows) on the same test images: "
                      "pixels above the 95th percentile of each interpretation")
-        dm = [x.get("decoy_mass") for x in view["rows"] if x.get("decoy_mass") is not None]
-        if dm:
-            st.caption(f"Mean decoy mass of the experts' interpretations: {np.mean(dm):.0%} "
+        m = _mass(view)
+        if math.isfinite(m):
+            st.caption(f"Mean decoy mass of the experts' interpretations: {m:.0%} "
                        f"(chance {ui.CHANCE_DECOY_MASS:.1%}).")
+mb, ma, mc = _mass(before), _mass(after), _mass(ref_view)
+if all(math.isfinite(v) for v in (mb, ma, mc)):
+    moved = ("fell" if ma < mb - 0.02 else "rose" if ma > mb + 0.02 else "barely moved")
+    st.markdown(
+        f"The experts' mean decoy mass {moved}: {mb:.0%} before, {ma:.0%} after, {mc:.0%} for the "
+        "clean reference. An expert's interpretation shows what drives *that unit* (Integrated "
+        "Gradients of its activation), not whether the class still depends on it: units near the "
+        "input keep seeing a bright corner square even in a model whose output ignores it (the "
+        "clean reference's experts are the baseline for that). The class-level decoy mass in the "
+        "results table (attribution of the class logit) is the direct test of the correction.")
