@@ -39,7 +39,7 @@ their source (parsed, not imported). CPU stages run with ``$CASEBOOK_THREADS`` i
 Beyond the contract in CONTRIBUTING.md: ``CaseStudy.open(..., seeds=N)``, ``build(..., seeds=N)``
 (returns ``{stage: {"status", "seconds", "message"}}``), ``model(name, seed=0)``,
 ``artifact(stage, seed=0)``, ``built_seeds()``, ``cache_dir``, ``default_case()``,
-:func:`rank_experts` (``core.experts.experts`` with a one-matmul bootstrap), :func:`shortcut_rule`.
+:func:`rank_experts` (``core.experts.experts`` as a dict), :func:`shortcut_rule`.
 """
 
 from __future__ import annotations
@@ -437,63 +437,20 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def _unit_scores(maps, reduce: str):
-    """(B, C, ...) → (B, C): a channel's spatial map summed or maxed; (B, F) stays."""
-    if maps.dim() <= 2:
-        return maps
-    flat = maps.flatten(2)
-    return flat.sum(2) if reduce == "sum" else flat.max(2).values
-
-
 def rank_experts(model, inputs, layer: str, qoi, doi=None, *, k: int = 5, reduce: str = "sum",
                  by: str = "value", bootstrap: int = 0, confidence: float = 0.9,
                  seed: int = 0) -> dict:
-    """:func:`core.experts.experts`, with the bootstrap as one matrix product.
+    """:func:`core.experts.experts` as a plain dict for the cache: ``{"experts": [{"unit",
+    "score", "rank", "frequency", "ci_low", "ci_high"}], "scores": (units,) CPU tensor,
+    "quantity", "distribution"}``."""
+    from dataclasses import asdict
 
-    Same influence, same ranking and the same bootstrap draws (a CPU generator seeded with
-    ``seed``, ``randint(n, (n,))`` per resample) as ``core.experts.experts``; each resample's mean
-    map is ``counts @ per_input / n`` instead of a gather of the whole per-input tensor, which
-    made the bootstrap ~95% of the experts stage (conv1: 4.6 s per class at B = 100, measured).
-    tests/test_casestudy.py checks the two agree. Returns ``{"experts": [{"unit", "score",
-    "rank", "frequency", "ci_low", "ci_high"}], "scores": (units,) CPU tensor, "quantity",
-    "distribution"}``.
-    """
-    import torch
+    from core.experts import experts
 
-    from core.distributions import PointDoI
-    from core.experts import rank_units
-    from core.influence import influence
-
-    doi = PointDoI() if doi is None else doi
-    per = influence(model, inputs, layer, qoi, doi, per_input=True)
-    scores = _unit_scores(per.mean(0, keepdim=True), reduce)[0]
-    top = rank_units(scores, k, by)
-    freq = low = high = None
-    if bootstrap:
-        n = len(per)
-        g = torch.Generator().manual_seed(int(seed))
-        counts = torch.zeros(int(bootstrap), n, dtype=torch.float64)
-        for b in range(int(bootstrap)):
-            counts[b] = torch.bincount(torch.randint(n, (n,), generator=g), minlength=n).double()
-        flat = per.flatten(1).double()
-        means = (counts.to(flat.device) @ flat) / n
-        boot = _unit_scores(means.view(int(bootstrap), *per.shape[1:]), reduce).float().cpu()
-        key = boot.abs() if by == "abs" else boot
-        in_top = torch.zeros_like(boot, dtype=torch.bool)
-        in_top.scatter_(1, torch.topk(key, len(top), dim=1).indices, True)
-        freq = in_top.float().mean(0)
-        tail = (1 - confidence) / 2
-        low = torch.quantile(boot, tail, dim=0)
-        high = torch.quantile(boot, 1 - tail, dim=0)
-    scores = scores.detach().cpu()
-    experts = []
-    for rank, u in enumerate(top.tolist()):
-        experts.append({"unit": int(u), "score": float(scores[u]), "rank": rank + 1,
-                        "frequency": None if freq is None else float(freq[u]),
-                        "ci_low": None if low is None else float(low[u]),
-                        "ci_high": None if high is None else float(high[u])})
-    return {"experts": experts, "scores": scores, "quantity": repr(qoi),
-            "distribution": repr(doi)}
+    ranking = experts(model, inputs, layer, qoi, doi, k=k, reduce=reduce, by=by,
+                      bootstrap=bootstrap, confidence=confidence, seed=seed)
+    return {"experts": [asdict(e) for e in ranking.experts], "scores": ranking.scores.detach().cpu(),
+            "quantity": ranking.quantity, "distribution": ranking.distribution}
 
 
 def _sd(values: list[float]) -> float:

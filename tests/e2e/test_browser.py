@@ -37,7 +37,9 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--disable-sync"]
 READY = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 # Pages that must draw images and Altair charts (the others only must not raise).
-DRAWS = {"case-study": ("stImage", "stVegaLiteChart"), "influence": ("stImage", "stVegaLiteChart")}
+DRAWS = {"case-study": ("stImage", "stVegaLiteChart"), "influence": ("stImage", "stVegaLiteChart"),
+         "representations": ("stImage", "stVegaLiteChart"),
+         "corrections": ("stImage", "stVegaLiteChart")}
 
 
 def _require_browser():
@@ -75,7 +77,11 @@ def study(request):
     ``CASEBOOK_E2E_CASE`` (cache: ``CASEBOOK_E2E_CACHE``, default the repo's .cache)."""
     case = os.environ.get("CASEBOOK_E2E_CASE")
     if not case:
-        return request.getfixturevalue("small_study")
+        small = request.getfixturevalue("small_study")
+        # every page draws its results: build the two later stages too (cached for the session,
+        # so the representations and corrections tests reuse them)
+        small.build(stages=["representations", "corrections"])
+        return small
     from core.casestudy import CaseStudy
 
     built = CaseStudy.open(case, cache_dir=os.environ.get("CASEBOOK_E2E_CACHE") or ROOT / ".cache")
