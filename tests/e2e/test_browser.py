@@ -72,16 +72,23 @@ def _cache_dir(study) -> str:
 
 
 @pytest.fixture(scope="module")
-def study(request):
+def study(request, tmp_path_factory):
     """The small prebuilt case; or, for README screenshots of a fully built case, the one named by
     ``CASEBOOK_E2E_CASE`` (cache: ``CASEBOOK_E2E_CACHE``, default the repo's .cache)."""
     case = os.environ.get("CASEBOOK_E2E_CASE")
     if not case:
+        import shutil
+
+        from core.casestudy import CaseStudy
+
+        # Every page draws its results: build the two later stages too, in a copy of the small
+        # study's cache (other tests rely on those stages being unbuilt in the shared one).
         small = request.getfixturevalue("small_study")
-        # every page draws its results: build the two later stages too (cached for the session,
-        # so the representations and corrections tests reuse them)
-        small.build(stages=["representations", "corrections"])
-        return small
+        root = tmp_path_factory.mktemp("e2e-cache") / "cache"
+        shutil.copytree(_cache_dir(small), root)
+        full = CaseStudy.open(small.config.name, cache_dir=root, device="cpu")
+        full.build(stages=["representations", "corrections"])
+        return full
     from core.casestudy import CaseStudy
 
     built = CaseStudy.open(case, cache_dir=os.environ.get("CASEBOOK_E2E_CACHE") or ROOT / ".cache")
