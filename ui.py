@@ -378,16 +378,22 @@ def build_missing(study, stages: Iterable[str], *, label: str | None = None) -> 
     return True
 
 
-def run_with_status(label: str, fn: Callable[[], Any], *, done: str | None = None) -> tuple[bool, Any]:
+def run_with_status(label: str, fn: Callable[..., Any], *, done: str | None = None,
+                    with_progress: bool = False) -> tuple[bool, Any]:
     """Run ``fn()`` inside ``st.status`` with a progress bar; ``(True, value)`` or ``(False, None)``.
 
-    For computations core offers without a progress callback (the bar shows start and end). A
+    With ``with_progress`` the function is called as ``fn(progress)`` where
+    ``progress(done, total, message)`` moves the bar; otherwise the bar shows start and end. A
     failure shows its message, not a traceback.
     """
     with st.status(label, expanded=True) as box:
         bar = st.progress(0.0, text="Computing …")
+
+        def progress(done_: int, total: int, message: str = "") -> None:
+            bar.progress(min(1.0, done_ / max(total, 1)), text=message or "Computing …")
+
         try:
-            value = fn()
+            value = fn(progress) if with_progress else fn()
         except Exception as exc:  # noqa: BLE001 — any failure becomes a readable message
             box.update(label=f"Failed: {label}", state="error", expanded=True)
             st.error(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
@@ -401,8 +407,9 @@ def compute_experts_for(model: str, layer: str, qoi: dict, doi: dict, study=None
     """Compute (and cache on disk) experts for any quantity and distribution, inside ``st.status``."""
     study = study or current_study()
     ok, result = run_with_status(f"Computing the experts of {layer} for {model} …",
-                                 lambda: study.experts_for(model, layer, qoi, doi),
-                                 done=f"Computed the experts of {layer}")
+                                 lambda progress: study.experts_for(model, layer, qoi, doi,
+                                                                    progress=progress),
+                                 done=f"Computed the experts of {layer}", with_progress=True)
     _has_experts_for.clear()
     return _experts_dict(result) if ok else None
 

@@ -1000,7 +1000,8 @@ class CaseStudy:
         idx = (data.test.y == c).nonzero().flatten()[:m]
         return train_x, data.test.x[idx], data.test.mask[idx], idx
 
-    def _rank_and_interpret(self, model, layer: str, qoi, doi, c: int) -> dict:
+    def _rank_and_interpret(self, model, layer: str, qoi, doi, c: int,
+                            progress: Callable[[int, int, str], None] | None = None) -> dict:
         """Top-k experts of ``layer`` for ``qoi``/``doi`` over class-c training images, each
         interpreted on class-c test images; tensors (CPU) and plain values only. The rows carry
         ``decoy_mass``; the ``shortcut`` flags are set by the caller (:meth:`_flag`)."""
@@ -1012,11 +1013,16 @@ class CaseStudy:
         e = self.config.experts
         train_x, images, masks, idx = self._class_images(c)
         dev = self.device
+        steps = 1 + int(e["k"])
+        if progress:
+            progress(0, steps, f"ranking the units of {layer}")
         ranking = rank_experts(model, train_x.to(dev), layer, qoi, doi, k=e["k"],
                                reduce=e["reduce"], by=e["by"], bootstrap=e["bootstrap"],
                                confidence=e["confidence"], seed=0)
         maps = []
-        for ex in ranking["experts"]:
+        for i, ex in enumerate(ranking["experts"]):
+            if progress:
+                progress(1 + i, steps, f"interpreting expert {ex['unit']} on {len(images)} images")
             a = interpret(model, images.to(dev), layer, ex["unit"], reduce=e["reduce"],
                           resolution=e["resolution"])
             maps.append(a.detach().cpu()[:, 0].float())
@@ -1235,7 +1241,8 @@ class CaseStudy:
         key = self._experts_for_key(model, layer, q, d)
         return key is not None and (key in self._payloads or self.cache.has(key))
 
-    def experts_for(self, model: str, layer: str, qoi: dict, doi: dict) -> dict:
+    def experts_for(self, model: str, layer: str, qoi: dict, doi: dict,
+                    progress: Callable[[int, int, str], None] | None = None) -> dict:
         """Experts for any quantity and distribution, computed and cached when missing.
 
         ``qoi``: ``{"kind": "class", "class": 3}`` or ``{"kind": "comparative", "a": 3, "b": 8}``
@@ -1244,6 +1251,7 @@ class CaseStudy:
         to each image); the images are the decoy training images of the qoi's class (of ``a`` for
         a comparative quantity), or of ``doi["class"]`` when given. Interpretations use the first
         ``n_images`` decoy test images of that class. Same dict as :meth:`experts`.
+        ``progress(done, total, message)`` is called while computing (not on a cache hit).
         """
         q, d, c, quantity, dist = self._spec(model, layer, qoi, doi)
         if self._in_stage(model, layer, q, d):
@@ -1257,7 +1265,7 @@ class CaseStudy:
                 return self._as_numpy(self._flagged(self._payloads[key], layer))
 
             def compute():
-                r = self._rank_and_interpret(net, layer, quantity, dist, c)
+                r = self._rank_and_interpret(net, layer, quantity, dist, c, progress)
                 r.update({"model": model, "layer": layer, "qoi": q, "doi": d})
                 return r
 

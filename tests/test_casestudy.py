@@ -155,8 +155,11 @@ def test_experts_for_other_quantities_is_computed_once_and_cached(small_study, m
     qoi, doi = {"kind": "comparative", "a": 3, "b": 8}, {"kind": "class-images-linear",
                                                           "resolution": 4}
     assert not small_study.has_experts_for("clean", "conv2", qoi, doi)
-    view = small_study.experts_for("clean", "conv2", qoi, doi)
+    calls = []
+    view = small_study.experts_for("clean", "conv2", qoi, doi,
+                                   progress=lambda *a: calls.append(a))
     assert view["maps"].shape == (3, 3, 28, 28) and len(view["rows"]) == 3
+    assert [c[:2] for c in calls] == [(0, 4), (1, 4), (2, 4), (3, 4)]  # ranking, then 3 experts
     assert "ComparativeQoI" in view["quantity"] and "LinearDoI" in view["distribution"]
     assert small_study.has_experts_for("clean", "conv2", qoi, doi)
     # a fresh study on the same cache reads it back without computing
