@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import eval_mode, model_device
+
 __all__ = [
     "METRICS",
     "MetricInfo",
@@ -259,11 +261,6 @@ def spearman(a, b) -> torch.Tensor:
 # Deletion / insertion (RISE)
 
 
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else fallback
-
-
 def _default_batch(device: torch.device) -> int:
     """Images per forward pass: 256 on the CPU (measured on 2 cores with the DecoyCNN: 70 µs per
     image at 128–512, 105 at 1024, 145 at 2048 — larger batches leave the cache), 4096 on a GPU."""
@@ -351,27 +348,9 @@ def _auc(curve: torch.Tensor, p: int, step: int) -> torch.Tensor:
     return torch.trapezoid(curve, xs, dim=1)
 
 
-class _EvalNoGrad:
-    """Eval mode and no_grad for the duration; the model's own mode is restored afterwards."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-        self.ng = torch.no_grad()
-        self.ng.__enter__()
-
-    def __exit__(self, *exc):
-        self.ng.__exit__(*exc)
-        self.model.train(self.was_training)
-        return False
-
-
 def _prepare(model, x, y, attr):
     x = _as_tensor(x)
-    dev = _model_device(model, x.device)
+    dev = model_device(model, default=x.device)
     x = x.to(dev).float()
     if x.dim() != 4:
         raise ValueError(f"x must be (N, C, H, W), got {tuple(x.shape)}")
@@ -398,7 +377,7 @@ def deletion_curve(model: nn.Module, x, y, attr, *, step: int = 28, baseline=0.0
     ``np.argsort`` may order tied pixels differently; it also flips each channel separately,
     where this flips whole pixels by the channel-summed map).
     """
-    with _EvalNoGrad(model):
+    with torch.no_grad(), eval_mode(model):
         x, y, rank, order = _prepare(model, x, y, attr)
         base = _baseline_like(baseline, x)
         return _perturbation_curve(model, x, base, y, rank, order, step, batch_size, softmax)
@@ -411,7 +390,7 @@ def insertion_curve(model: nn.Module, x, y, attr, *, step: int = 28, blur_sigma:
     Point 0 is ``gaussian_blur(x, blur_sigma)``; point s has the s·step highest-attributed pixels
     replaced by their original values; point S is ``x``.
     """
-    with _EvalNoGrad(model):
+    with torch.no_grad(), eval_mode(model):
         x, y, rank, order = _prepare(model, x, y, attr)
         blurred = gaussian_blur(x, blur_sigma)
         return _perturbation_curve(model, blurred, x, y, rank, order, step, batch_size, softmax)
@@ -444,7 +423,7 @@ def deletion_insertion(model: nn.Module, x, y, attr, *, step: int = 28, blur_sig
     Returns ``dict(deletion_curve=(N, S+1), insertion_curve=(N, S+1), deletion_auc=(N,),
     insertion_auc=(N,))`` on the model's device.
     """
-    with _EvalNoGrad(model):
+    with torch.no_grad(), eval_mode(model):
         x, y, rank, order = _prepare(model, x, y, attr)
         base = _baseline_like(baseline, x)
         dele = _perturbation_curve(model, x, base, y, rank, order, step, batch_size, softmax)

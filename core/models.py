@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.devices import pick_device
+from core.devices import eval_mode, model_device, pick_device
 
 __all__ = [
     "ARCHITECTURES",
@@ -182,14 +182,10 @@ def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
                    device: str | torch.device | None = None) -> torch.Tensor:
     """Logits for ``x`` in batches, in eval mode (the model's mode is restored); on the CPU."""
     _check_xy(x)
-    dev = pick_device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
+    dev = pick_device(device) if device is not None else model_device(model)
+    with eval_mode(model):
         out = [model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, int(x.shape[0]),
                                                                          batch_size)]
-    finally:
-        model.train(was_training)
     if not out:
         n_out = getattr(model, "fc2", None)
         return torch.zeros(0, getattr(n_out, "out_features", 0))
@@ -204,11 +200,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
         return float("nan")
     pred = predict_logits(model, x, batch_size=batch_size, device=device).argmax(1)
     return float((pred == y.cpu()).float().mean())
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def state_digest(model: nn.Module) -> str:
