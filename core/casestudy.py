@@ -443,13 +443,11 @@ def rank_experts(model, inputs, layer: str, qoi, doi=None, *, k: int = 5, reduce
     """:func:`core.experts.experts` as a plain dict for the cache: ``{"experts": [{"unit",
     "score", "rank", "frequency", "ci_low", "ci_high"}], "scores": (units,) CPU tensor,
     "quantity", "distribution"}``."""
-    from dataclasses import asdict
-
     from core.experts import experts
 
     ranking = experts(model, inputs, layer, qoi, doi, k=k, reduce=reduce, by=by,
                       bootstrap=bootstrap, confidence=confidence, seed=seed)
-    return {"experts": [asdict(e) for e in ranking.experts], "scores": ranking.scores.detach().cpu(),
+    return {"experts": ranking.to_records(), "scores": ranking.scores.detach().cpu(),
             "quantity": ranking.quantity, "distribution": ranking.distribution}
 
 

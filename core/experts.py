@@ -7,7 +7,7 @@ the input over a linear path from a baseline, times (x − x'): an attribution m
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +58,6 @@ class ExpertRanking:
     scores: Tensor  # (units,) every unit's score
     n_inputs: int
     bootstrap: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def units(self) -> list[int]:

@@ -79,13 +79,9 @@ def grayscale(image, scale: int = 1) -> np.ndarray:
     return _enlarge(np.stack([g] * 3, axis=-1), scale)
 
 
-def to_pil(rgb: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.asarray(rgb, dtype=np.uint8))
-
-
 def _enlarge(rgb: np.ndarray, scale: int) -> np.ndarray:
     scale = int(scale)
     return rgb if scale <= 1 else rgb.repeat(scale, 0).repeat(scale, 1)
 
 
-__all__ = ["heatmap", "percentile_mask", "masked_image", "overlay", "grayscale", "to_pil"]
+__all__ = ["heatmap", "percentile_mask", "masked_image", "overlay", "grayscale"]
