@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .distributions import LinearDoI, PointDoI
 from .experts import experts as rank_experts
 from .experts import interpret
-from .influence import eval_mode, get_layer, influence, model_device
+from .influence import activations, get_layer, influence, model_device
 from .metrics import decoy_mass
 from .models import evaluate, train_model
 from .quantities import ClassQoI
@@ -371,23 +371,9 @@ class ConceptProjection(nn.Module):
         return (flat - coef[:, None] * self.v[None]).view_as(a)
 
 
-def _activations(model: nn.Module, x: Tensor, layer: str, batch: int = 512) -> Tensor:
+def _activations(model: nn.Module, x: Tensor, layer: str) -> Tensor:
     """``layer``'s output for ``x`` (no grad), flattened per example, on the CPU."""
-    module = get_layer(model, layer)
-    dev = model_device(model)
-    out: list[Tensor] = []
-
-    def hook(_m, _a, o):
-        out.append(o.detach().flatten(1).cpu())
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            for i in range(0, len(x), batch):
-                model(x[i:i + batch].to(dev))
-    finally:
-        handle.remove()
-    return torch.cat(out)
+    return activations(model, x, layer).flatten(1).cpu()
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -625,18 +611,7 @@ def correct_influence_penalty(model: nn.Module, data, *, lambdas=(0.01, 0.1, 1.0
 
 
 def _slice_shape(model: nn.Module, x1: Tensor, layer: str) -> tuple[int, ...]:
-    box = {}
-
-    def hook(_m, _a, o):
-        box["s"] = tuple(o.shape[1:])
-
-    h = get_layer(model, layer).register_forward_hook(hook)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(x1.to(model_device(model)))
-    finally:
-        h.remove()
-    return box["s"]
+    return tuple(activations(model, x1, layer).shape[1:])
 
 
 # ----------------------------------------------------------------------------------------------

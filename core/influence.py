@@ -163,6 +163,28 @@ def _run(model: nn.Module, x: Tensor, *, grad: bool) -> Tensor:
         torch.set_grad_enabled(previous)
 
 
+def _capture(model: nn.Module, x: Tensor, layer: str, module: nn.Module, cut: str,
+             chunk: int = 1024) -> Tensor:
+    """h(x) at ``module`` without a graph, chunked; each forward pass stops at the layer."""
+    parts = []
+    for i in range(0, len(x), chunk):
+        hook = _SliceHook("capture", layer)
+        with _hooked(module, cut, hook, None):
+            _run(model, x[i:i + chunk], grad=False)
+        if hook.z is None:
+            raise ValueError(f"layer {layer!r} did not run in the forward pass")
+        parts.append(hook.z.detach())
+    return torch.cat(parts)
+
+
+def activations(model: nn.Module, inputs: Tensor, layer: str, *, cut: str = "output",
+                chunk: int = 1024) -> Tensor:
+    """The slice z = h(x) of ``inputs`` at ``layer`` (eval mode, no graph, on the model's device)."""
+    module = get_layer(model, layer)
+    with model_lock(model), eval_mode(model):
+        return _capture(model, inputs.to(model_device(model)), layer, module, cut, chunk)
+
+
 # --------------------------------------------------------------------------- g as its own module
 
 class _TracerWithLeaf(torch.fx.Tracer):
@@ -328,19 +350,10 @@ class _Engine:
             return False
 
     # h(x) without a graph, chunked
-    def slice_values(self, x: Tensor, chunk: int = 1024) -> Tensor:
+    def slice_values(self, x: Tensor) -> Tensor:
         if self.slice_module is None:
             return x
-        parts = []
-        for i in range(0, len(x), chunk):
-            hook = _SliceHook("capture", self.layer)
-            part = x[i:i + chunk]
-            with _hooked(self.slice_module, self.cut, hook, None):
-                self._guard(lambda: _run(self.model, part, grad=False))  # noqa: B023
-            if hook.z is None:
-                raise ValueError(f"layer {self.layer!r} did not run in the forward pass")
-            parts.append(hook.z.detach())
-        return torch.cat(parts)
+        return self._guard(lambda: _capture(self.model, x, self.layer, self.slice_module, self.cut))
 
     def _guard(self, fn):
         """Turn the model's own shape errors into a message about the inputs."""
@@ -456,5 +469,5 @@ class _Engine:
         return result
 
 
-__all__ = ["influence", "layer_names", "get_layer", "LayerNotFound", "model_lock", "eval_mode",
+__all__ = ["influence", "activations", "layer_names", "get_layer", "LayerNotFound", "model_lock", "eval_mode",
            "model_device"]

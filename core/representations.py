@@ -68,7 +68,7 @@ from . import metrics as M
 from .distributions import Distribution, GaussianDoI, LinearDoI, PointDoI
 from .experts import experts as rank_experts
 from .experts import interpret
-from .influence import eval_mode, get_layer, influence, model_device, model_lock
+from .influence import activations, eval_mode, influence, model_device
 from .quantities import ClassQoI
 
 STAGE_VERSION = "1"
@@ -241,20 +241,8 @@ def method_table() -> list[dict]:
 
 
 def layer_activation(model: nn.Module, x: Tensor, layer: str) -> Tensor:
-    """The output of ``layer`` on ``x`` (eval mode, no graph); the hook lives only in this call."""
-    store: dict[str, Tensor] = {}
-
-    def hook(module, args, out):
-        store["z"] = out.detach()
-
-    with model_lock(model), eval_mode(model):
-        handle = get_layer(model, layer).register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                model(x)
-        finally:
-            handle.remove()
-    return store["z"]
+    """The output of ``layer`` on ``x`` (eval mode, no graph): :func:`core.influence.activations`."""
+    return activations(model, x, layer)
 
 
 def _targets(y, n: int, device) -> Tensor:
