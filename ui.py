@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from core.casestudy import CHANCE as CHANCE_DECOY_MASS  # noqa: F401 (for the pages)
+
 DEFAULT_CASE = "decoy-mnist"
 STAGES = ("data", "models", "experts", "representations", "corrections")
 BASE_MODELS = ("vanilla", "clean")
-CHANCE_DECOY_MASS = 16 / 784  # share of the image the 4×4 patch covers
-SHORTCUT_MASS = 5 * CHANCE_DECOY_MASS  # fallback rule when the report gives none: 5× chance
 
 MODEL_LABELS = {"vanilla": "vanilla (trained with the decoy)", "clean": "clean (trained without it)"}
 
@@ -320,16 +320,6 @@ def model_names(study=None) -> list[str]:
     if status(study).get("corrections"):
         names += [n for n in _correction_models(stamp(study), study) if n not in names]
     return names
-
-
-def shortcut_threshold(rep: dict | None = None, layer: str | None = None) -> float:
-    """The decoy mass above which an expert of ``layer`` "carries the shortcut" (the report's rule:
-    a per-layer threshold when the report has one, else its floor, else 5× chance)."""
-    rep = rep if rep is not None else report()
-    experts = rep.get("experts") or {}
-    value = (experts.get("shortcut_thresholds") or {}).get(layer) if layer else None
-    value = value if value is not None else experts.get("shortcut_threshold")
-    return float(value) if value is not None else SHORTCUT_MASS
 
 
 def invalidate(study=None) -> None:

@@ -280,14 +280,6 @@ class Cache:
                             "only dicts, lists, str, numbers, bools, None and tensors") from None
         return self._write(key, self._meta_line(key, meta) + buf.getvalue())
 
-    def delete(self, key: str) -> bool:
-        """Remove the entry for ``key``; True if there was one."""
-        try:
-            self.path(key).unlink()
-            return True
-        except FileNotFoundError:
-            return False
-
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
         """Hold the key's exclusive lock (blocks while another process holds it)."""

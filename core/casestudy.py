@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import threading
 import time
 import tomllib
@@ -92,7 +93,8 @@ STAGE_VERSIONS = {"data": 1, "models": 1, "experts": 2, "experts_for": 2}
 STAGE_SOURCES = {
     "data": ("data.py",),
     "models": ("models.py", "devices.py"),
-    "experts": ("experts.py", "influence.py", "quantities.py", "distributions.py", "metrics.py"),
+    "experts": ("experts.py", "influence.py", "quantities.py", "distributions.py", "metrics.py",
+                "devices.py"),
 }
 STAGE_SOURCES["experts_for"] = STAGE_SOURCES["experts"]
 
@@ -453,11 +455,7 @@ def rank_experts(model, inputs, layer: str, qoi, doi=None, *, k: int = 5, reduce
 
 def _sd(values: list[float]) -> float:
     """Sample standard deviation (n − 1); 0.0 for a single value."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    m = sum(values) / n
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _provenance(seconds: float, device: Any) -> dict:
@@ -935,7 +933,7 @@ class CaseStudy:
             if name in MODEL_NAMES:
                 key = self._models_key(seed)
                 if key is None or not self.cache.has(key):
-                    self.build(["models"], seeds=seed + 1)
+                    self.build(["models"], seeds=max(seed + 1, self.seeds or 1))
                     if (name, seed) in self._models:
                         return self._models[(name, seed)]
                 payload = self.artifact("models", seed)
@@ -1234,8 +1232,10 @@ class CaseStudy:
     def has_experts_for(self, model: str, layer: str, qoi: dict, doi: dict) -> bool:
         """True when :meth:`experts_for` would answer from the cache (computes nothing)."""
         q, d, _, _, _ = self._spec(model, layer, qoi, doi)
-        if self._in_stage(model, layer, q, d) and self.status()["experts"]:
-            return True
+        if self._in_stage(model, layer, q, d):
+            key = self._experts_key()
+            if key is not None and (key in self._payloads or self.cache.has(key)):
+                return True
         key = self._experts_for_key(model, layer, q, d)
         return key is not None and (key in self._payloads or self.cache.has(key))
 
@@ -1282,9 +1282,9 @@ class CaseStudy:
         built and covers the layer, else the floor (factor × chance)."""
         e = self.config.experts
         threshold = e["shortcut_factor"] * CHANCE
-        stage = self.artifact("experts")
-        if stage is not None:
-            threshold = (stage.get("thresholds") or {}).get(layer, threshold)
+        meta = self._meta(self._experts_key())  # the stage's meta line carries the thresholds
+        if meta is not None:
+            threshold = (meta.get("thresholds") or {}).get(layer, threshold)
         return {**result, "threshold": threshold,
                 "rows": [self._flag(r, threshold) for r in result["rows"]]}
 
@@ -1315,8 +1315,6 @@ class CaseStudy:
             prov["device"] = provs[0].get("device")
         if status["experts"]:
             meta = self._meta(self._experts_key()) or {}
-            if meta.get("rows") is None:  # an entry from before rows rode in the meta line
-                meta = {**meta, **(self.artifact("experts") or {})}
             if meta.get("rows") is not None:
                 e = self.config.experts
                 floor = e["shortcut_factor"] * CHANCE

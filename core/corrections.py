@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,13 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distributions import LinearDoI, PointDoI
+from .distributions import PointDoI
 from .experts import experts as rank_experts
 from .experts import interpret
-from .influence import activations, get_layer, influence, model_device
+from .influence import activations, get_layer, model_device
 from .metrics import decoy_mass
 from .models import evaluate, train_model
 from .quantities import ClassQoI
+from .representations import attribute
 
 STAGE_VERSION = "1"
 
@@ -731,7 +733,6 @@ def load_model(study, name: str, state: dict) -> nn.Module:
     return model.eval()
 
 
-load_corrected = load_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -740,13 +741,7 @@ load_corrected = load_model
 
 def _ig_maps(model: nn.Module, x: Tensor, y: Tensor, resolution: int) -> Tensor:
     """Integrated Gradients (zero baseline) of each image's label logit, channel-summed: (N, H, W)."""
-    out = torch.zeros(x.shape[0], *x.shape[2:], device=x.device)
-    for c in torch.unique(y).tolist():
-        sel = (y == c).nonzero().flatten()
-        a = influence(model, x[sel], None, ClassQoI(int(c)), LinearDoI(resolution),
-                      per_input=True, multiply=True)
-        out[sel] = a.sum(1).detach()
-    return out
+    return attribute(model, x, y, "integrated_gradients", steps=resolution).sum(1).detach()
 
 
 def measure(model: nn.Module, data, *, n_explain: int = 200, resolution: int = 16) -> dict:
@@ -815,18 +810,11 @@ def _method_options(cfg: dict, method: str) -> dict:
     return opts
 
 
-def _plain_record(record: dict) -> dict:
-    """The record without tensors that do not belong in a table row."""
-    return {k: v for k, v in record.items() if not isinstance(v, Tensor)}
-
-
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return None, None
-    mean = sum(vals) / len(vals)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, sd
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
 def build_stage(study, progress=None) -> dict:
@@ -934,7 +922,7 @@ def build_stage(study, progress=None) -> dict:
         "anchors": anchors_for(data),
         "records": {m: _record_payload(r) for m, r in records.items()},
         "models": models,
-        "config": _plain_config(cfg),
+        "config": copy.deepcopy(cfg),
         "n_seeds": n_seeds,
         "seconds": time.perf_counter() - t_start,
     }
@@ -946,10 +934,6 @@ def _record_payload(record: dict) -> dict:
     for k, v in record.items():
         out[k] = v.detach().cpu().clone() if isinstance(v, Tensor) else v
     return out
-
-
-def _plain_config(cfg: dict) -> dict:
-    return copy.deepcopy(cfg)
 
 
 __all__ = [
@@ -974,7 +958,6 @@ __all__ = [
     "find_shortcut_units",
     "gap_closed",
     "influence_penalty",
-    "load_corrected",
     "load_model",
     "measure",
     "project_out",

@@ -448,7 +448,7 @@ def randomisable_layers(model: nn.Module) -> list[str]:
 
 
 def mprt(model: nn.Module, x, y, explain: Callable, *, layers: Sequence[str] | None = None,
-         seed: int = 0, similarity: str = "spearman") -> dict:
+         seed: int = 0, similarity: str = "spearman", reference=None) -> dict:
     """Cascading Model Parameter Randomisation Test (Adebayo et al. 2018).
 
     On a deep copy of ``model`` (the original is never touched, not even its mode), in eval mode:
@@ -466,6 +466,7 @@ def mprt(model: nn.Module, x, y, explain: Callable, *, layers: Sequence[str] | N
     so ``mprt(..., seed=s + 1)`` gives the same randomised models and the same scores.
 
     ``explain(model, x, y)`` returns attributions shaped like ``x`` (or any (N, ...) shape).
+    ``reference``: the unrandomised explanation when the caller already has it (else computed).
     Returns ``dict(layers=[names], scores=(L, N) float64, last=(N,))`` where ``last`` is the
     similarity after every listed layer is randomised (the report's ``mprt_spearman``); NaN
     where a map is constant (e.g. all zero).
@@ -480,7 +481,7 @@ def mprt(model: nn.Module, x, y, explain: Callable, *, layers: Sequence[str] | N
     work = copy.deepcopy(model).eval()
     work_mods = dict(work.named_modules())
     cuda = sorted({p.device.index or 0 for p in work.parameters() if p.is_cuda})
-    ref = explain(work, x, y)
+    ref = explain(work, x, y) if reference is None else reference
     scores = []
     for name in names:
         with torch.random.fork_rng(devices=cuda):

@@ -501,17 +501,15 @@ def build_stage(study, progress=None) -> dict:
             report(f"{name}: {METHODS[meth].label}")
             opts = {"batch_size": int(cfg["batch_size"]), **cfg["options"].get(meth, {})}
             ref = reference if meth == "internal_influence" else None
-            kw = {"reference": ref} if ref is not None else {}
+            attr, info = attribute(model, x, y, meth, reference=ref, return_info=True, **opts)
             if meth == "internal_influence":
-                attr, info = attribute(model, x, y, meth, return_info=True, **kw, **opts)
                 expert_info[name] = info["classes"]
-            else:
-                attr = attribute(model, x, y, meth, **kw, **opts)
             attr = attr.detach()
             row = {"method": meth, "label": METHODS[meth].label, "model": name}
-            row["decoy_mass"] = _nanmean(M.decoy_mass(attr, mask.to(dev)))
-            row["wrong_reason"] = _nanmean(M.wrong_reason(attr, mask.to(dev)))
-            row["rank_accuracy"] = _nanmean(M.rank_accuracy(attr, mask.to(dev)))
+            mask_dev = mask.to(dev)
+            row["decoy_mass"] = _nanmean(M.decoy_mass(attr, mask_dev))
+            row["wrong_reason"] = _nanmean(M.wrong_reason(attr, mask_dev))
+            row["rank_accuracy"] = _nanmean(M.rank_accuracy(attr, mask_dev))
             di = M.deletion_insertion(model, x, y, attr, step=int(cfg["step"]))
             row["deletion_auc"] = _nanmean(di["deletion_auc"])
             row["insertion_auc"] = _nanmean(di["insertion_auc"])
@@ -522,10 +520,11 @@ def build_stage(study, progress=None) -> dict:
             fraction = [min(s * int(cfg["step"]), hw) / hw for s in range(steps + 1)]
 
             def explain(m, xx, yy, meth=meth, opts=opts, ref=ref):
-                kw = {"reference": ref} if ref is not None else {}
-                return attribute(m, xx, yy, meth, **kw, **opts)
+                return attribute(m, xx, yy, meth, reference=ref, **opts)
 
-            res = M.mprt(model, x[:n_mprt], y[:n_mprt], explain, seed=int(cfg["seed"]))
+            # the unrandomised maps of these images are attr[:n_mprt]: not computed again
+            res = M.mprt(model, x[:n_mprt], y[:n_mprt], explain, seed=int(cfg["seed"]),
+                         reference=attr[:n_mprt])
             layers = list(res["layers"])
             row["mprt_spearman"] = _nanmean(res["last"])
             mprt_curves[name][meth] = [_nanmean(s) for s in res["scores"]]
@@ -557,8 +556,4 @@ def build_stage(study, progress=None) -> dict:
         "seconds": seconds,
     }
 
-
-def rows_table(payload: dict) -> list[dict]:
-    """The payload's rows (a convenience for the page and the CLI)."""
-    return [dict(r) for r in payload.get("rows", [])]
 

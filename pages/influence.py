@@ -111,12 +111,11 @@ rows = view.get("rows") or []
 if not rows:
     st.warning("No experts were returned for this view.")
     st.stop()
-SHORTCUT = float(view.get("threshold") or ui.shortcut_threshold(rep, layer))
+SHORTCUT = float(view["threshold"])  # core flags each row against it
 RULE = rep_experts.get("shortcut_rule") or f"decoy mass > {SHORTCUT:.3f}"
 table = pd.DataFrame(rows).sort_values("rank").reset_index(drop=True)
 table["decoy_mass"] = pd.to_numeric(table["decoy_mass"], errors="coerce")
-table["carries shortcut"] = (table["shortcut"].astype(bool) if "shortcut" in table
-                             else table["decoy_mass"] > SHORTCUT)
+table["carries shortcut"] = table["shortcut"].astype(bool)
 table["unit"] = table["unit"].astype(int)
 units = table["unit"].tolist()
 
@@ -270,7 +269,7 @@ except Exception:  # the comparison is a bonus: never let it break the page
 if twin and twin.get("rows"):
     twin_mass = float(np.nanmean([np.nan if x.get("decoy_mass") is None else float(x["decoy_mass"])
                                   for x in twin["rows"]]))
-    twin_short = sum(bool(x.get("shortcut", (x.get("decoy_mass") or 0) > SHORTCUT)) for x in twin["rows"])
+    twin_short = sum(bool(x["shortcut"]) for x in twin["rows"])
     lines.append(
         f"- The same view of the **{other}** model: mean decoy mass **{twin_mass:.0%}**, {twin_short} of "
         f"{len(twin['rows'])} experts carrying the shortcut. "

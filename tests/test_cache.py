@@ -192,8 +192,9 @@ def test_a_checksummed_entry_that_is_not_a_torch_file_is_missing(tmp_path, caplo
 
 # ------------------------------------------------------------------------------------ concurrency
 
-def _compute_in_child(root: str, key: str, log_path: str, value: float) -> None:
+def _compute_in_child(start, root: str, key: str, log_path: str, value: float) -> None:
     cache = Cache(root)
+    start.wait()  # both children race from here
 
     def slow():
         with open(log_path, "a") as f:
@@ -205,17 +206,21 @@ def _compute_in_child(root: str, key: str, log_path: str, value: float) -> None:
     assert out["v"].shape == (256, 256)
 
 
-def _put_in_child(root: str, key: str, value: float, rounds: int) -> None:
+def _put_in_child(start, root: str, key: str, value: float, rounds: int) -> None:
     cache = Cache(root)
+    start.wait()
     for i in range(rounds):
         cache.put(key, {"v": torch.full((200 + i, 50), value), "who": value})
 
 
 def _spawn(target, args_list):
-    # fork: the children start in milliseconds with torch already imported (spawn re-imports it)
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=target, args=args) for args in args_list]
+    # spawn, not fork: a child forked after this process ran torch's OpenMP threads can hang
+    # (its children start slowly: a barrier lines them up once torch is imported)
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(len(args_list))
+    procs = [ctx.Process(target=target, args=(start, *args)) for args in args_list]
     for p in procs:
+        p.barrier = start  # the children unpickle it after this returns: keep it alive
         p.start()
     return procs
 
