@@ -218,15 +218,16 @@ for r in controls if has_gap else []:
            "they add to the loss or the data." if _f(r.get("gap_closed")) < 0.25 else
            "already helps here, so part of the fine-tuned corrections' gains is the extra "
            "training itself."))
-n_test = int((ui.report(study).get("data") or {}).get("n_test") or 1000)
-se = math.sqrt(0.95 * 0.05 / max(n_test, 1))
+n_test = (ui.report(study).get("data") or {}).get("n_test")
 fine = [r for r in corrections if r["method"] in ("rrr", "influence_penalty", "counterexamples")]
-if any(_f(r.get("gap_closed")) > 1.0 for r in fine):
+if n_test and any(_f(r.get("gap_closed")) > 1.0 for r in fine):
+    p = float(np.mean([_f(r.get("decoy_test_acc")) for r in fine]))
+    se = math.sqrt(p * (1 - p) / n_test)
     lines.append("- A ratio above 1 means the corrected model beat the clean reference on the decoy "
                  "test set. The fine-tuned models train for more epochs in total than the "
                  "reference (vanilla training plus fine-tuning); differences of a point or so are "
-                 "within the noise of the test set (one standard error of an accuracy near 95% on "
-                 f"{n_test} images is about {100 * se:.1f} pp).")
+                 f"within the noise of the test set (one standard error of an accuracy near "
+                 f"{p:.0%} on {n_test} images is about {100 * se:.1f} pp).")
 lines.append("- Decoy mass after correction tells whether the explanations moved off the patch: "
              + ", ".join(f"{r.get('label')} {ui.pct(_f(r.get('decoy_mass')))}" for r in rows)
              + f" (vanilla {ui.pct(_f(van.get('decoy_mass')))}, clean "
@@ -289,7 +290,9 @@ for r in rows:
         if r["method"] == "suppression" and rec.get("candidates"):
             cand = rec["candidates"].get(rec.get("layer"), [])
             st.caption(f"Candidate experts of {rec.get('layer')} by border mass (share of their "
-                       "interpretation's positive attribution on the 4-pixel image border):")
+                       "interpretation's positive attribution on the "
+                       f"{(payload.get('config') or {}).get('suppression', {}).get('border', '?')}"
+                       "-pixel image border):")
             st.dataframe(pd.DataFrame(cand), hide_index=True)
 
 # ------------------------------------------------------------------------------------ experts
