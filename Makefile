@@ -12,12 +12,16 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # Stamp files make the installs idempotent: pip runs only when a requirements file changed.
+# facenet-pytorch pins an old torch: it is installed without its dependencies (the faces case
+# reads only the O-Net weights file from its wheel and never imports the package).
 $(VENV)/.runtime: requirements.txt | $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps facenet-pytorch==2.6.0
 	touch $@
 
 $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps facenet-pytorch==2.6.0
 	touch $(VENV)/.runtime $@
 
 run: $(VENV)/.runtime
