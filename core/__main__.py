@@ -1,14 +1,16 @@
-"""Command line: build a case study, print its report, list the cases.
+"""Command line: build a case study, print its report, list the cases, start a new case.
 
     python -m core build decoy-mnist [--force] [--device cpu|cuda] [--seeds N] [--stages a,b]
                                      [--cache DIR]
     python -m core report decoy-mnist [--json] [--seeds N] [--cache DIR]
     python -m core list [--cache DIR]
+    python -m core new-case DIR       # a working example of your own case to start from
 
-A case is a built-in name (``cases/<name>.toml``) or a path to a TOML file. Bad input (unknown
-case, malformed TOML, unknown layer or stage, CUDA without CUDA) prints one line on stderr and
-exits with code 2, before anything in the cache is touched. A build whose delegated stage
-(representations, corrections) failed exits with code 1 after building the rest.
+A case is a known name (the built-ins under ``core/cases/``, and the TOML files under
+``$CASEBOOK_CASES``) or a path to a TOML file. Bad input (unknown case, malformed TOML, unknown
+layer or stage, a device that is not there) prints one line on stderr and exits with code 2,
+before anything in the cache is touched. A build whose delegated stage (representations,
+corrections, essence, detection) failed exits with code 1 after building the rest.
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="train and compute every stage of a case study (cached)")
     b.add_argument("case", help="a built-in case name or a path to a .toml file")
     b.add_argument("--force", action="store_true", help="recompute the stages even if cached")
-    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when "
+                   "available)")
     b.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="train the models for seeds 0..N-1 (default 1)")
     b.add_argument("--stages", default=None, metavar="A,B",
-                   help="only these stages (and what they need): data, models, experts, "
-                        "representations, corrections")
+                   help="only these stages (and what they read): data, models, experts, "
+                        "representations, corrections, essence, detection")
     common(b)
 
     r = sub.add_parser("report", help="print a case study's results (never computes)")
@@ -55,8 +58,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="report seeds 0..N-1 (default: every seed built)")
     common(r)
 
-    ls = sub.add_parser("list", help="list the built-in cases and which stages are built")
+    ls = sub.add_parser("list", help="list the known cases and which stages are built")
     common(ls)
+
+    n = sub.add_parser("new-case", help="write a working example case to start your own from")
+    n.add_argument("dir", help="an empty or new folder")
     return ap
 
 
@@ -104,22 +110,33 @@ def _summary(rep: dict) -> str:
                      f"test {d.get('n_test')}")
     if "models" in rep:
         n = len(rep.get("seeds", [0]))
+        first = next(iter(rep["models"].values()))
+        keys = [k for k in first if k.endswith("_acc")]
         lines.append(f"models ({n} seed{'s' if n != 1 else ''}; mean ± sd):")
-        lines.append(f"  {'model':8} {'train':>13} {'decoy test':>13} {'clean test':>13}")
+        width = max([len(m) for m in rep["models"]] + [8])
+        lines.append(f"  {'model':{width}} " + " ".join(
+            f"{k[:-4].replace('_', ' '):>13}" for k in keys))
         for name, m in rep["models"].items():
-            cells = [f"{_fmt(m.get(k))} ± {_fmt(m.get(k + '_sd'))}"
-                     for k in ("train_acc", "decoy_test_acc", "clean_test_acc")]
-            lines.append(f"  {name:8} " + " ".join(f"{c:>13}" for c in cells))
+            cells = [f"{_fmt(m.get(k))} ± {_fmt(m.get(k + '_sd'))}" for k in keys]
+            lines.append(f"  {name:{width}} " + " ".join(f"{c:>13}" for c in cells))
     if "experts" in rep:
         e = rep["experts"]
         th = e.get("shortcut_thresholds") or {}
-        lines.append(f"experts: top {e['k']} per class of {', '.join(e['layers'])}; shortcut when "
-                     "decoy_mass > " + ", ".join(f"{k} {v:.3f}" for k, v in th.items()))
+        if th:
+            lines.append(f"experts: top {e['k']} per class of {', '.join(e['layers'])}; shortcut "
+                         "when region mass > " + ", ".join(f"{k} {v:.3f}" for k, v in th.items()))
+        else:
+            lines.append(f"experts: top {e['k']} per class of {', '.join(e['layers'])} (the case "
+                         "has no region: no shortcut verdicts)")
         for model, layers in e["summary"].items():
-            parts = [f"{layer} {s['n_shortcut']}/{s['n']} (mass {_fmt(s['mean_decoy_mass'])})"
-                     for layer, s in layers.items()]
-            lines.append(f"  {model:8} shortcut experts: " + ", ".join(parts))
-    for stage in ("representations", "corrections"):
+            if th:
+                parts = [f"{layer} {s['n_shortcut']}/{s['n']} (mass "
+                         f"{_fmt(s.get('mean_region_mass'))})" for layer, s in layers.items()]
+                lines.append(f"  {model:8} shortcut experts: " + ", ".join(parts))
+            else:
+                lines.append(f"  {model:8} experts: " + ", ".join(
+                    f"{layer} {s['n']}" for layer, s in layers.items()))
+    for stage in ("representations", "corrections", "essence", "detection"):
         if stage in rep:
             lines.append(f"{stage}: {len(rep[stage])} rows")
             for row in rep[stage][:12]:
@@ -140,11 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list(args, CaseStudy, CaseError, list_cases)
+        if args.command == "new-case":
+            return _new_case(args, CaseError)
         if args.seeds is not None and args.seeds < 1:
             raise CaseError(f"--seeds must be at least 1, got {args.seeds}")
+        if args.seeds is not None and args.seeds > 64:
+            raise CaseError(f"--seeds must be at most 64, got {args.seeds}")
+        device = getattr(args, "device", None)
+        if device is not None and not _valid_device(device):
+            raise CaseError(f"--device must be cpu, cuda or cuda:N, got {device[:40]!r}")
         stages = _stages(args, CaseError) if args.command == "build" else None
-        study = CaseStudy.open(args.case, cache_dir=args.cache,
-                               device=getattr(args, "device", None), seeds=args.seeds)
+        study = CaseStudy.open(args.case, cache_dir=args.cache, device=device, seeds=args.seeds)
         if args.command == "build":
             return _build(args, study, stages)
         rep = study.report()
@@ -155,9 +178,43 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # e.g. piped into head: stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except CaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (CaseError, _cache_error()) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"error: {first}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _cache_error():
+    """The cache's own error class for an unusable cache directory (a ValueError subclass)."""
+    from core import cache
+
+    return getattr(cache, "CacheError", _Never)
+
+
+class _Never(Exception):
+    pass
+
+
+def _valid_device(text: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"cpu|cuda(:\d{1,2})?", text))
+
+
+def _new_case(args, CaseError) -> int:
+    from pathlib import Path
+
+    from core.newcase import write_example
+
+    try:
+        written = write_example(Path(args.dir))
+    except ValueError as exc:
+        raise CaseError(str(exc).splitlines()[0]) from None
+    for p in written:
+        print(p)
+    print(f"next: python {Path(args.dir) / 'make_images.py'} && python -m core build "
+          f"{Path(args.dir) / 'case.toml'}", file=sys.stderr)
+    return 0
 
 
 def _stages(args, CaseError) -> list[str] | None:
@@ -196,7 +253,7 @@ def _list(args, CaseStudy, CaseError, list_cases) -> int:
     cache = Cache(args.cache)
     names = list_cases()
     width = max([len(n) for n in names] + [4])
-    print(f"{'case':{width}}  stages built (data models experts representations corrections)")
+    print(f"{'case':{width}}  stages built")
     for name in names:
         try:
             status = CaseStudy.open(name, cache_dir=args.cache, device="cpu").status()

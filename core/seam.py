@@ -116,7 +116,7 @@ class CaseData:
         positive map); None without a region."""
         if self.test.mask is None or self.test.n == 0:
             return None
-        return float(self.test.mask.float().mean())
+        return float(self.test.mask.double().mean())
 
     # ------------------------------------------------------------------ display
     def display(self, x) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Shared fixtures: every test runs against a temporary artifact cache, never the repo's .cache.
 
-``small_study`` is the small DecoyMNIST case (``cases/decoy-mnist-small.toml``) with its data,
-models and experts built once per session into that cache (a few seconds). Tests that need the
+``small_study`` is the small DecoyMNIST case (``core/cases/decoy_mnist/decoy-mnist-small.toml``)
+with its data, models and experts built once per session into that cache (a few seconds). Tests that need the
 representations or corrections stage build it on the fixture (``small_study.build([...])``);
 the stage then stays cached for the rest of the session.
 """

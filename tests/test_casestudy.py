@@ -14,7 +14,7 @@ import torch
 import core.casestudy as cs
 from core.casestudy import CHANCE, STAGES, CaseError, CaseStudy, list_cases, load_config
 
-SMALL = Path(cs.CASES_DIR) / "decoy-mnist-small.toml"
+SMALL = cs.case_files()["decoy-mnist-small"]
 
 
 def _copy_cache(study, tmp_path) -> Path:
@@ -375,7 +375,7 @@ def test_unknown_case_missing_file_and_unavailable_device(tmp_path):
 
 def test_the_built_in_cases_are_valid():
     for name in list_cases():
-        cfg = load_config(Path(cs.CASES_DIR) / f"{name}.toml")
+        cfg = load_config(cs.case_files()[name])
         assert cfg.name == name and cfg.experts["layers"]
         assert isinstance(cfg.representations, dict) and isinstance(cfg.corrections, dict)
 

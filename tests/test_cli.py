@@ -15,7 +15,7 @@ import torch
 from core.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = REPO / "cases" / "decoy-mnist-small.toml"
+SMALL = REPO / "core" / "cases" / "decoy_mnist" / "decoy-mnist-small.toml"
 
 
 def _cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:

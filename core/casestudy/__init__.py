@@ -1,0 +1,53 @@
+"""Case studies: a case's config (``config``), the stage registry (``registry``) and the pipeline
+that builds a case through the cache (``study``). See ``study``'s docstring for the stages.
+
+    from core.casestudy import CaseStudy, CaseError, list_cases
+    study = CaseStudy.open("decoy-mnist")
+"""
+
+from core.casestudy.config import (
+    CASES_DIR,
+    CaseConfig,
+    CaseError,
+    ModelSpec,
+    builtin_cases,
+    case_files,
+    default_case,
+    list_cases,
+)
+from core.casestudy.registry import DELEGATED, REGISTRY, STAGES
+from core.casestudy.study import CaseStudy, rank_experts, shortcut_rule
+
+CHANCE = 16 / 784  # DecoyMNIST's patch share of the image (every other case: CaseData.chance)
+
+
+def load_config(path, name=None, *, cache=None) -> CaseConfig:
+    """Read and validate a case TOML (every section; model layers need :meth:`CaseStudy.open`).
+    Any problem is a one-line :class:`CaseError`."""
+    from pathlib import Path
+
+    from core.casestudy.config import parse_config, read_toml
+
+    path = Path(path)
+    name = name or (path.parent.name if path.name == "case.toml" else path.stem)
+    return parse_config(read_toml(path), path, name)
+
+
+__all__ = [
+    "CASES_DIR",
+    "CHANCE",
+    "DELEGATED",
+    "REGISTRY",
+    "STAGES",
+    "CaseConfig",
+    "CaseError",
+    "CaseStudy",
+    "ModelSpec",
+    "builtin_cases",
+    "case_files",
+    "default_case",
+    "list_cases",
+    "load_config",
+    "rank_experts",
+    "shortcut_rule",
+]

@@ -1,0 +1,88 @@
+"""The stage registry: every stage declares what it reads and which module runs it.
+
+A stage's cache key follows from that declaration: its config sections, the keys (or digests) of
+the stages it reads, the device, and the code version — the stage's version number and a hash of
+the source of every ``core`` module its module imports, transitively (``core.codehash``), so an
+edit anywhere a stage reaches rebuilds it and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """``name`` reads ``reads`` (earlier stages); ``modules`` compute it; ``sections`` of the config
+    are in its key; a ``delegated`` stage is ``build_stage(study, progress)`` of that module."""
+
+    name: str
+    reads: tuple[str, ...]
+    modules: tuple[str, ...]
+    sections: tuple[str, ...]
+    version: int = 1
+    delegated: str | None = None
+
+
+REGISTRY: tuple[Stage, ...] = (
+    Stage("data", (), ("core.seam", "core.casestudy.config"), ("dataset", "region"), 2),
+    Stage("models", ("data",), ("core.models", "core.factories", "core.devices",
+                                "core.casestudy.facts"), ("models", "training"), 2),
+    Stage("experts", ("data", "models"), ("core.experts", "core.influence", "core.quantities",
+                                          "core.distributions", "core.metrics", "core.devices"),
+          ("experts",), 3),
+    Stage("representations", ("data", "models", "experts"), ("core.representations",),
+          ("representations",), delegated="core.representations"),
+    Stage("corrections", ("data", "models", "experts"), ("core.corrections",), ("corrections",),
+          delegated="core.corrections"),
+    Stage("essence", ("data", "models", "experts"), ("core.essence",), ("essence",),
+          delegated="core.essence"),
+    Stage("detection", ("data", "models"), ("core.detection",), ("detection",),
+          delegated="core.detection"),
+)
+BY_NAME = {s.name: s for s in REGISTRY}
+STAGES = tuple(s.name for s in REGISTRY)
+DELEGATED = tuple(s.name for s in REGISTRY if s.delegated)
+
+
+def _module_file(name: str) -> Path | None:
+    rel = Path(*name.split("."))
+    for cand in (REPO / rel.with_suffix(".py"), REPO / rel / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def module_exists(name: str) -> bool:
+    return _module_file(name) is not None
+
+
+@functools.cache
+def _fallback_hash(modules: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for name in modules:
+        path = _module_file(name)
+        h.update(name.encode() + b"\0")
+        h.update(path.read_bytes() if path is not None else b"<missing>")
+    return h.hexdigest()[:16]
+
+
+def code_version(modules: tuple[str, ...] | list[str]) -> str:
+    """A short hash of the source of ``modules`` and every core module they import (transitively,
+    including imports inside functions); computed without importing anything."""
+    modules = tuple(m for m in modules if module_exists(m))
+    try:
+        from core.codehash import code_hash
+    except ImportError:  # pragma: no cover - the module ships with core
+        return _fallback_hash(modules)
+    return code_hash(modules)
+
+
+def stage_code(stage: str, extra: tuple[str, ...] = ()) -> str:
+    s = BY_NAME[stage]
+    return f"{s.version}:{code_version((*s.modules, *extra))}"
