@@ -162,6 +162,9 @@ def check_dataset(section: dict, where: str = "[dataset]") -> dict:
             out[key] = dict(default) if isinstance(default, dict) else default
             continue
         value = section[key]
+        if value is None and default is None:  # a checked table passed again
+            out[key] = None
+            continue
         if not _is(value, types):
             raise SourceError(f"{where}: {key} must be {_tname(types)}, got {type(value).__name__}")
         out[key] = value
