@@ -125,12 +125,12 @@ kwargs = { n_classes = 3, in_channels = 3 }
 [models.reference]                # trained longer; or give it checkpoint = "reference.pt"
 factory = "nets:SmallCNN"
 kwargs = { n_classes = 3, in_channels = 3 }
-training = { epochs = 6 }
+training = { epochs = 20 }
 
 [training]
-epochs = 3
+epochs = 10
 lr = 0.003
-batch_size = 32
+batch_size = 16
 '''
 
 README_TXT = '''An example Influence Casebook case

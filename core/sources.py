@@ -481,8 +481,6 @@ def _stratified(labels: np.ndarray, fractions: list[float], rng: np.random.Gener
     parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
     for c in range(len(classes)):
         idx = np.flatnonzero(labels == c)
-        if idx.size == 0:
-            continue
         idx = idx[rng.permutation(idx.size)]
         start = 0
         for k, f in enumerate(fractions):
@@ -491,7 +489,8 @@ def _stratified(labels: np.ndarray, fractions: list[float], rng: np.random.Gener
             start += n
         if start >= idx.size:
             raise SourceError(f"[dataset] split leaves class {classes[c]!r} with no training image "
-                              f"({idx.size} {what}); lower split.val / split.test or add images")
+                              f"({idx.size} {what} of it); lower split.val / split.test or add "
+                              "images")
         parts[-1].extend(idx[start:].tolist())
     return [np.asarray(sorted(p), dtype=np.int64) for p in parts]
 
