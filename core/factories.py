@@ -23,6 +23,7 @@ import importlib.util
 import re
 import sys
 import threading
+import types
 import warnings
 from pathlib import Path
 
@@ -98,10 +99,10 @@ def check_model(section: dict, where: str) -> dict:
         raise SourceError(f"{where}: missing key 'factory' (\"module:callable\", e.g. "
                           "\"nets:SmallCNN\" or \"torchvision.models:resnet18\")")
     out: dict = {}
-    for key, (types, default) in MODEL_SCHEMA.items():
+    for key, (kinds, default) in MODEL_SCHEMA.items():
         value = section.get(key, default)
-        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
-            kind = "a table" if types is dict else "a string"
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            kind = "a table" if kinds is dict else "a string"
             raise SourceError(f"{where}: {key} must be {kind}, got {type(value).__name__}")
         out[key] = dict(value) if isinstance(value, dict) else value
     if not _FACTORY.match(out["factory"]):
@@ -160,6 +161,11 @@ def _import_local(module: str, file: Path, package: bool, base_dir: Path, factor
         spec = importlib.util.spec_from_file_location(
             name, file, submodule_search_locations=[str(file.parent)] if package else None)
         mod = importlib.util.module_from_spec(spec)
+        for parent in (_PRIVATE, f"{_PRIVATE}.h{tag}"):  # so pickle can import the module by name
+            if parent not in sys.modules:
+                pkg = types.ModuleType(parent, "Private namespace of modules loaded from user cases.")
+                pkg.__path__ = []
+                sys.modules[parent] = pkg
         previous = sys.modules.get(name)
         sys.modules[name] = mod  # dataclasses and pickling look the module up by name
         added = str(base_dir) not in sys.path
