@@ -262,11 +262,14 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _regular(path: Path, root: Path, base: Path, what: str = "file") -> os.stat_result:
-    """lstat of a regular file under ``root`` (a symlink must resolve to one inside ``root``)."""
+def _regular(path: Path, root: Path | None, base: Path, what: str = "file") -> os.stat_result:
+    """stat of a regular file; under a ``root`` a symlink must resolve to one inside ``root``
+    (``root`` None: a file the user named explicitly, symlinks followed anywhere)."""
     try:
         st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
+        if stat.S_ISLNK(st.st_mode) and root is None:
+            st = os.stat(path)
+        elif stat.S_ISLNK(st.st_mode):
             target = path.resolve(strict=True)
             if not _inside(target, root.resolve()):
                 raise SourceError(f"{what} {_rel(path, base)!r} is a symlink pointing outside "
@@ -430,37 +433,36 @@ def _mask_path(image: Path, root: Path, mask_root: Path, base: Path) -> Path:
 # Decoding and splitting
 
 
-def _to_array(img, channels: int | None) -> np.ndarray:
-    """(H, W, C) float32 in [0, 1] with C = channels (None: 1 for gray images, else 3)."""
+def _image_array(img, size: tuple[int, int], channels: int | None) -> np.ndarray:
+    """(H, W, C) float32 in [0, 1], resized to ``size`` (bilinear), C = channels (None: 1 for a
+    gray image, 3 otherwise). 16-bit gray is divided by 65535; alpha is dropped."""
+    from PIL import Image
+
     mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(img, dtype=np.float32)
-        arr = arr / (65535.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else 255.0)
-        arr = np.clip(arr, 0, 1)[..., None]
+        scale = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / scale, 0, 1).astype(np.float32), mode="F")
     elif mode == "F":
-        arr = np.clip(np.asarray(img, dtype=np.float32), 0, 1)[..., None]
-    elif mode in ("1", "L", "LA"):
-        arr = np.asarray(img.convert("L"), dtype=np.float32)[..., None] / 255.0
-    else:
-        arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32), 0, 1), mode="F")
+    elif mode in ("1", "L", "LA", "La"):
+        img = img.convert("L")
+    elif mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32)
+    if img.mode != "F":
+        arr = arr / 255.0
+    arr = np.clip(arr, 0, 1)
+    if arr.ndim == 2:
+        arr = arr[..., None]
     want = channels or arr.shape[-1]
     if arr.shape[-1] == want:
         return arr
     if want == 3:
         return np.repeat(arr, 3, axis=-1)
     return (arr @ np.asarray(_LUMA, dtype=np.float32))[..., None]
-
-
-def _resize_image(img, size: tuple[int, int]):
-    from PIL import Image
-
-    if img.size == (size[1], size[0]):
-        return img
-    if img.mode not in ("1", "L", "RGB", "RGBA", "F", "I"):
-        img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
-    if img.mode == "1":
-        img = img.convert("L")
-    return img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
 
 
 def _mask_array(img, size: tuple[int, int]) -> np.ndarray:
@@ -594,7 +596,7 @@ def folder_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
                                   f"{mimg.size[1]} but its image is {img.size[0]}×{img.size[1]} "
                                   "(W×H); masks must match their images")
             masks.append(_mask_array(mimg, size))
-        arrays.append(_to_array(_resize_image(img, size), dataset["channels"]))
+        arrays.append(_image_array(img, size, dataset["channels"]))
     channels = dataset["channels"] or max(a.shape[-1] for a in arrays)
     x = torch.empty((n, channels, *size), dtype=torch.float32)
     for i, arr in enumerate(arrays):
@@ -644,10 +646,10 @@ def _load_tensors_file(path: Path, base: Path) -> dict:
     suffix = path.suffix.lower()
     if suffix not in (".pt", ".pth", ".npz"):
         raise SourceError(f"[dataset] path {shown!r}: use a .pt / .pth (torch.save) or .npz file")
-    if not path.is_file() and not path.is_symlink():
+    if not os.path.lexists(path):
         raise SourceError(f"[dataset] tensors file {shown!r} does not exist (paths are relative to "
                           "the TOML file)")
-    st = _regular(path, path.parent, base, "tensors file")
+    st = _regular(path, None, base, "tensors file")
     if st.st_size > MAX_TENSORS_FILE_BYTES:
         raise SourceError(f"[dataset] tensors file {shown!r} is {st.st_size / 2**30:.1f} GiB, over "
                           f"the {MAX_TENSORS_FILE_BYTES / 2**30:.0f} GiB limit; use a subset")
@@ -845,15 +847,15 @@ def source_fingerprint(dataset: dict, region: dict | None, base_dir: Path) -> st
     region = check_region(region, "[region]") if region is not None else None
     h = hashlib.sha256(json.dumps({"dataset": dataset, "region": region}, sort_keys=True).encode())
 
-    def add(path: Path, root: Path) -> None:
+    def add(path: Path, root: Path | None) -> None:
         st = _regular(path, root, base_dir)
         h.update(f"{_rel(path, base_dir)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
 
     if dataset["source"] == "tensors":
         path = base_dir / dataset["path"]
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise SourceError(f"[dataset] tensors file {_rel(path, base_dir)!r} does not exist")
-        add(path, path.parent)
+        add(path, None)
         return h.hexdigest()
     listing = _list_folder(dataset, base_dir)
     root = listing["root"]

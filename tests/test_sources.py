@@ -495,3 +495,39 @@ def test_tensors_fingerprint_follows_the_file(tmp_path):
     f1 = source_fingerprint(ds, None, tmp_path)
     torch.save({"x": x[:20], "y": y[:20]}, tmp_path / "d.pt")
     assert source_fingerprint(ds, None, tmp_path) != f1
+
+
+def test_folder_modes_16bit_palette_alpha(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+    deep = np.full((16, 16), 65535 // 2, dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "imgs" / "a" / "deep.png")  # 16-bit gray
+    Image.new("P", (16, 16), 0).save(tmp_path / "imgs" / "a" / "pal.png")
+    Image.new("RGBA", (16, 16), (255, 0, 0, 10)).save(tmp_path / "imgs" / "b" / "alpha.png")
+    Image.new("LA", (16, 16), (128, 255)).save(tmp_path / "imgs" / "b" / "la.png")
+    data = folder_data({"source": "folder", "root": "imgs", "size": [8, 8],
+                        "split": {"val": 0.0, "test": 0.0}}, None, tmp_path)
+    assert data.channels == 3 and data.train.n == 4
+    x = {name: data.train.x[i] for i, name in enumerate(["deep", "pal", "alpha", "la"])}
+    assert torch.allclose(x["deep"], torch.full_like(x["deep"], 0.5), atol=1e-3)
+    assert torch.allclose(x["alpha"][0], torch.ones(8, 8)) and float(x["alpha"][1:].max()) == 0
+    assert torch.allclose(x["la"], torch.full_like(x["la"], 128 / 255))
+
+
+def test_symlinked_class_folder_outside_root_is_refused(tmp_path):
+    dataset, _ = make_folder(tmp_path / "case", masks=False)
+    make_folder(tmp_path / "other", masks=False)
+    (tmp_path / "case" / "imgs" / "cow").symlink_to(tmp_path / "other" / "imgs" / "cat")
+    _raises(dataset, None, tmp_path / "case", "imgs/cow", "outside")
+
+
+def test_tensors_file_may_be_a_symlink_the_user_named(tmp_path):
+    x, y, _ = _tensors()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "case").mkdir()
+    torch.save({"x": x, "y": y}, tmp_path / "store" / "d.pt")
+    (tmp_path / "case" / "d.pt").symlink_to(tmp_path / "store" / "d.pt")
+    data = tensors_data({"source": "tensors", "path": "d.pt"}, None, tmp_path / "case")
+    assert data.n_classes == 3
+    os.mkfifo(tmp_path / "case" / "p.pt")
+    _terr(tmp_path / "case", None, "'p.pt'", "not a regular file", name="p.pt")
