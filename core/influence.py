@@ -627,7 +627,7 @@ class _Engine:
             leaf = points.detach().requires_grad_(True)
             if self.tail is not None:
                 with _hooked([], self.source_module):
-                    out = _run(lambda: self.tail(leaf), grad=True)
+                    out = _run(lambda: self.tail(leaf.clone()), grad=True)  # a copy: in-place ops
             else:
                 hooks = [_SliceHook(spec, "inject", inject=leaf)]
                 with _hooked(hooks, self.source_module):
