@@ -51,6 +51,7 @@ __all__ = [
     "check_dataset",
     "check_region",
     "folder_data",
+    "load_data",
     "source_fingerprint",
     "tensors_data",
 ]
@@ -867,3 +868,11 @@ def source_fingerprint(dataset: dict, region: dict | None, base_dir: Path) -> st
         if mask_root is not None:
             add(_mask_path(path, root, mask_root, base_dir), mask_root)
     return h.hexdigest()
+
+
+def load_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
+    """:func:`folder_data` or :func:`tensors_data` by ``dataset["source"]`` (checked first with
+    :func:`check_dataset`); the same return value and errors."""
+    dataset = check_dataset(dataset, "[dataset]")
+    adapter = folder_data if dataset["source"] == "folder" else tensors_data
+    return adapter(dataset, region, Path(base_dir))

@@ -18,6 +18,7 @@ from core.sources import (
     check_dataset,
     check_region,
     folder_data,
+    load_data,
     source_fingerprint,
     tensors_data,
 )
@@ -531,3 +532,13 @@ def test_tensors_file_may_be_a_symlink_the_user_named(tmp_path):
     assert data.n_classes == 3
     os.mkfifo(tmp_path / "case" / "p.pt")
     _terr(tmp_path / "case", None, "'p.pt'", "not a regular file", name="p.pt")
+
+
+def test_load_data_dispatches_on_source(tmp_path):
+    dataset, region = make_folder(tmp_path)
+    assert load_data(dataset, region, tmp_path).digest() == folder_data(dataset, region, tmp_path).digest()
+    x, y, _ = _tensors()
+    torch.save({"x": x, "y": y}, tmp_path / "d.pt")
+    assert load_data({"source": "tensors", "path": "d.pt"}, None, tmp_path).source == "tensors"
+    with pytest.raises(SourceError, match="'hdf5'"):
+        load_data({"source": "hdf5"}, None, tmp_path)
