@@ -15,13 +15,24 @@ An entry is three parts::
     {"stage": ..., ...}\\n                      meta: a one-line JSON (small, readable without torch)
     <torch.save bytes>                          payload: read back with torch.load(weights_only=True)
 
-The checksum covers the meta line and the payload. A missing, truncated or corrupt entry (bad
-header, wrong length, wrong checksum, payload torch cannot read) counts as *missing*: a warning is
-logged and the caller recomputes; a corrupt payload is never returned. Writes go to a temp file in
-the same directory, are fsynced and then ``os.replace``d over the entry, so a reader sees either the
-old entry or the new one, never half of one. :meth:`Cache.get_or_compute` holds the key's lock while
-it computes, so a second process asking for the same key waits and then reads the first one's entry
-instead of computing it again.
+The checksum covers the meta line and the payload; the meta line names the entry's own key, so an
+entry is bound to its key: a file copied or moved under another key's name is not that key's entry.
+A truncated or corrupt entry (bad header, wrong length, wrong checksum), an entry bound to another
+key, or one whose payload torch cannot read back (or reads back as another type than was stored)
+counts as *missing*: it is moved aside to ``<name>.bad-<time>`` in the same directory (never
+deleted), a warning is logged once, and the caller recomputes; such a payload is never returned.
+
+Writes go to a temp file in the same directory (``.<key[:16]>.<random>.tmp``), which the writer
+holds under an ``fcntl.flock`` until it is fsynced and ``os.replace``d over the entry, so a reader
+sees either the old entry or the new one, never half of one. A temp file that no process holds and
+that is older than :attr:`Cache.TMP_GRACE_S` is an orphan (its writer was killed): the next write in
+that directory removes it. :meth:`Cache.get_or_compute` holds the key's lock while it computes, so a
+second process asking for the same key waits and then reads the first one's entry instead of
+computing it again.
+
+A cache directory that cannot be used (a file is in the way, it is read-only or not readable, its
+disk is full) raises :class:`CacheError` (a ``ValueError``) with a one-line message that says what
+to change; a missing directory is only an empty cache.
 
 Payloads hold only what ``torch.load(weights_only=True)`` reads: dicts, lists, tuples, str, numbers,
 bools, None and tensors.
@@ -30,6 +41,7 @@ bools, None and tensors.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -44,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAGIC", "Cache", "CacheEntry", "canonical_json", "default_root", "key_of"]
+__all__ = ["MAGIC", "Cache", "CacheEntry", "CacheError", "canonical_json", "default_root", "key_of"]
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple] = set()
@@ -128,6 +140,53 @@ def _check_key(key: str) -> str:
     return key
 
 
+# ----------------------------------------------------------------------------------------- errors
+
+class CacheError(ValueError):
+    """The cache directory cannot be used: a file is in its way, it is read-only or unreadable, or its
+    disk is full. The message is one line that says what to change (the CLI exits 2 on it)."""
+
+
+_FIX = "pass --cache DIR or set CASEBOOK_CACHE"
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first existing component of ``path`` (from the top) that is not a directory, or None."""
+    for p in [*reversed(path.parents), path]:
+        try:
+            if p.exists() and not p.is_dir():
+                return p
+        except OSError:
+            return None
+    return None
+
+
+def _cache_error(root: Path, exc: OSError, target: Path, doing: str) -> CacheError:
+    """One-line :class:`CacheError` for an ``OSError`` met while ``doing`` (reading / writing)
+    ``target`` under the cache directory ``root``."""
+    code = exc.errno
+    if isinstance(exc, NotADirectoryError | FileExistsError) or code in (errno.ENOTDIR, errno.EEXIST):
+        bad = _file_in_the_way(target)
+        if bad is None or bad == root:
+            return CacheError(f"cache directory '{root}' is a file; {_FIX}")
+        return CacheError(f"cache directory '{root}' cannot be used: '{bad}' is a file, not a "
+                          f"directory; remove it, or {_FIX}")
+    if code == errno.EROFS:
+        return CacheError(f"cache directory '{root}' is on a read-only file system; {_FIX}")
+    if code in (errno.EACCES, errno.EPERM):
+        adj = "readable" if doing == "reading" else "writable"
+        return CacheError(f"cache directory '{root}' is not {adj} (permission denied on '{target}'); "
+                          f"make it {adj}, or {_FIX}")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return CacheError(f"no space left for the cache in '{root}' ({exc.strerror}); free some space "
+                          f"there, or {_FIX}")
+    if code == errno.EFBIG:
+        return CacheError(f"cache entry too large for '{root}' (file size limit: {exc.strerror}); raise "
+                          f"the limit (ulimit -f), or {_FIX}")
+    return CacheError(f"cache directory '{root}' failed while {doing} '{target}' "
+                      f"({exc.strerror or type(exc).__name__}); {_FIX}")
+
+
 # ------------------------------------------------------------------------------------------ store
 
 @dataclass(frozen=True)
@@ -141,9 +200,17 @@ class CacheEntry:
     meta: dict
 
 
+class _Rejected(Exception):
+    """An entry that exists but must not be used (corrupt, bound to another key, unreadable)."""
+
+
 class Cache:
     """A directory of checksummed entries. Creating one touches nothing on disk; the first write
     creates the directories."""
+
+    #: a temp file no process holds is removed as an orphan once it is older than this (seconds);
+    #: the age spares writers of older versions that took no lock on their temp file
+    TMP_GRACE_S = 60.0
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root is not None else default_root()
@@ -154,6 +221,7 @@ class Cache:
 
     # paths
     def path(self, key: str) -> Path:
+        """The entry file for ``key`` (``<root>/artifacts/<key[:2]>/<key>.entry``); it may not exist."""
         key = _check_key(key)
         return self.root / "artifacts" / key[:2] / f"{key}.entry"
 
@@ -161,16 +229,24 @@ class Cache:
         return self.root / "locks" / f"{_check_key(key)}.lock"
 
     # reading
-    def _read_verified(self, key: str) -> tuple[dict, bytes] | None:
-        """(meta, payload bytes) when the entry exists and its checksum holds; else None."""
-        path = self.path(key)
+    def _open_read(self, path: Path) -> tuple[bytes, os.stat_result] | None:
+        """(bytes, fstat) of ``path``; None when it does not exist; CacheError when the directory
+        cannot be read (a file in the way, no permission); other read errors warn and count as missing."""
         try:
-            blob = path.read_bytes()
+            with open(path, "rb") as f:
+                return f.read(), os.fstat(f.fileno())
         except FileNotFoundError:
             return None
+        except (NotADirectoryError, PermissionError) as exc:
+            raise _cache_error(self.root, exc, path, "reading") from None
         except OSError as exc:
-            _warn_once(path, "cache entry %s could not be read (%s); recomputing", exc)
+            _warn_once(path, "cache entry %s could not be read (%s); treating it as missing", exc)
             return None
+
+    @staticmethod
+    def _verify(key: str, blob: bytes) -> tuple[dict, bytes]:
+        """(meta, payload bytes) of an entry's bytes; _Rejected with the reason when they are not a
+        whole entry of ``key``."""
         head, sep, body = blob.partition(b"\n")
         fields = head.split(b" ")
         try:
@@ -186,16 +262,57 @@ class Cache:
             if not sep or not isinstance(meta, dict):
                 raise ValueError("bad meta line")
         except (ValueError, UnicodeDecodeError) as exc:
-            _warn_once(path, "cache entry %s is corrupt (%s); treating it as missing", exc)
-            return None
+            raise _Rejected(f"is corrupt ({exc})") from None
+        if meta.get("key") != key:
+            raise _Rejected(f"belongs to another key ({str(meta.get('key'))[:16]}…, copied or moved "
+                            "under this name?)")
         return meta, payload
 
+    def _move_aside(self, path: Path, st: os.stat_result | None, why: str) -> None:
+        """Rename a rejected entry to ``<name>.bad-<time>`` (only if ``path`` is still the file that was
+        read: a writer may have replaced it meanwhile) and log it once."""
+        moved = None
+        if st is not None:
+            try:
+                now = path.stat()
+                if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
+                    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+                    moved = path.with_name(f"{path.name}.bad-{stamp}-{time.time_ns() % 10**9:09d}")
+                    os.rename(path, moved)
+            except FileNotFoundError:
+                return  # someone else moved or replaced it
+            except OSError as exc:
+                _warn_once(path, "cache entry %s %s; treating it as missing (could not move it aside: %s)",
+                           why, exc.strerror)
+                return
+        if moved is None:
+            _warn_once(path, "cache entry %s %s; treating it as missing", why)
+        else:
+            log.warning("cache entry %s %s; moved aside to %s and treating it as missing", path, why,
+                        moved.name)
+
+    def _read_verified(self, key: str) -> tuple[dict, bytes, os.stat_result] | None:
+        """(meta, payload bytes, fstat) when the entry exists, is whole and belongs to ``key``; else
+        None (a rejected entry is moved aside)."""
+        path = self.path(key)
+        found = self._open_read(path)
+        if found is None:
+            return None
+        blob, st = found
+        try:
+            meta, payload = self._verify(key, blob)
+        except _Rejected as exc:
+            self._memo.pop(path, None)
+            self._move_aside(path, st, str(exc))
+            return None
+        return meta, payload, st
+
     def has(self, key: str) -> bool:
-        """True when a valid entry (checksum verified; payload not unpickled) exists for ``key``."""
+        """True when a valid entry of ``key`` exists (checksum and key verified; payload not unpickled)."""
         return self.meta(key) is not None
 
     def meta(self, key: str) -> dict | None:
-        """The entry's meta dict (checksum verified, payload not unpickled), or None.
+        """The entry's meta dict (checksum and key verified, payload not unpickled), or None.
 
         The verdict is remembered per file identity (size, mtime, inode): asking again about an
         unchanged file costs a ``stat``. :meth:`get` always verifies the bytes it returns.
@@ -203,56 +320,125 @@ class Cache:
         path = self.path(key)
         try:
             st = path.stat()
+        except FileNotFoundError:
+            return None
+        except (NotADirectoryError, PermissionError) as exc:
+            raise _cache_error(self.root, exc, path, "reading") from None
         except OSError:
             return None
-        ident = (st.st_size, st.st_mtime_ns, st.st_ino)
         known = self._memo.get(path)
-        if known is not None and known[0] == ident:
+        if known is not None and known[0] == (st.st_size, st.st_mtime_ns, st.st_ino):
             return known[1]
         found = self._read_verified(key)
         if found is None:
             return None
-        self._memo[path] = (ident, found[0])
-        return found[0]
+        meta, _, st = found
+        self._memo[path] = ((st.st_size, st.st_mtime_ns, st.st_ino), meta)
+        return meta
 
     def get(self, key: str, default: Any = None) -> Any:
-        """The payload stored under ``key``, or ``default`` when missing or corrupt."""
+        """The payload stored under ``key``, or ``default`` when missing, corrupt, bound to another
+        key, meta-only, or unreadable (a bad entry is moved aside, so the next build recomputes it)."""
         found = self._read_verified(key)
-        if found is None or (not found[1] and found[0].get("payload") is False):
-            return default  # missing, corrupt, or a meta-only entry
+        if found is None:
+            return default
+        meta, payload, st = found
+        if not payload and meta.get("payload") is False:
+            return default  # a meta-only entry
         import torch
 
         try:
-            return torch.load(io.BytesIO(found[1]), map_location="cpu", weights_only=True)
+            value = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         except Exception as exc:  # checksum held but torch cannot read it: a foreign/old format
-            _warn_once(self.path(key), "cache entry %s could not be unpickled (%s: %s); treating "
-                       "it as missing", type(exc).__name__,
-                       str(exc).splitlines()[0][:160] if str(exc) else "")
+            why = str(exc).splitlines()[0][:160] if str(exc) else ""
+            self._move_aside(self.path(key), st, f"could not be unpickled ({type(exc).__name__}: {why})")
             return default
+        stored = meta.get("payload_type")
+        if stored is not None and type(value).__name__ != stored:
+            self._move_aside(self.path(key), st, f"was unpickled as a {type(value).__name__}, not the "
+                             f"{stored} that was stored")
+            return default
+        return value
 
     # writing
+    def _tmp_files(self, directory: Path) -> list[Path]:
+        try:
+            return [directory / n for n in os.listdir(directory) if n.startswith(".") and n.endswith(".tmp")]
+        except OSError:
+            return []
+
+    def _remove_if_orphan(self, tmp: Path, now: float) -> bool:
+        """Remove ``tmp`` when no process holds its flock and it is older than TMP_GRACE_S; True if
+        removed. A live writer holds the lock from creation until after its rename."""
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # a live writer holds it
+            st = os.fstat(fd)
+            if now - st.st_mtime < self.TMP_GRACE_S:
+                return False
+            try:  # still the same file under that name (a finished writer renamed it away)
+                same = os.stat(tmp, follow_symlinks=False).st_ino == st.st_ino
+            except OSError:
+                return False
+            if same:
+                os.unlink(tmp)
+                log.info("removed orphan cache temp file %s (its writer died)", tmp)
+                return True
+            return False
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def clean_orphans(self) -> list[Path]:
+        """Remove the orphan temp files (left by writers killed mid-write) under ``artifacts/``;
+        returns the removed paths. A temp file a live process is writing is never removed."""
+        base = self.root / "artifacts"
+        now = time.time()
+        try:
+            shards = [base / n for n in os.listdir(base)]
+        except OSError:
+            return []
+        return [t for d in shards for t in self._tmp_files(d) if self._remove_if_orphan(t, now)]
+
     def _write(self, key: str, body: bytes) -> Path:
         path = self.path(key)
         header = MAGIC + f" {hashlib.sha256(body).hexdigest()} {len(body)}\n".encode()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
+        tmp = None
         try:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; entries are ordinary files
-            with os.fdopen(fd, "wb") as f:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            now = time.time()
+            for orphan in self._tmp_files(path.parent):
+                self._remove_if_orphan(orphan, now)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:  # the flock is held until the rename: not an orphan
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; entries are ordinary files
                 f.write(header)
                 f.write(body)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+                os.replace(tmp, path)
+                tmp = None
+        except BaseException as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise _cache_error(self.root, exc, path, "writing") from None
             raise
+        self._memo.pop(path, None)
         return path
 
     @staticmethod
-    def _meta_line(key: str, meta: dict | None) -> bytes:
-        meta = {"key": key, "created": time.time(), **(meta or {})}
+    def _meta_line(key: str, meta: dict | None, **own: Any) -> bytes:
+        meta = {"created": time.time(), **(meta or {}), **own, "key": key}  # the key binds the entry
         line = json.dumps(_canonical(meta, "meta"), sort_keys=True, separators=(",", ":"))
         if "\n" in line:
             raise ValueError("meta must serialise to one line")
@@ -260,7 +446,8 @@ class Cache:
 
     def put_meta(self, key: str, meta: dict) -> Path:
         """Store a meta-only entry (no payload; :meth:`meta` reads it, :meth:`get` sees nothing):
-        small facts that must be read without importing torch."""
+        small facts that must be read without importing torch. Returns the entry's path."""
+        _check_key(key)
         return self._write(key, self._meta_line(key, {**meta, "payload": False}))
 
     def put(self, key: str, payload: Any, meta: dict | None = None) -> Path:
@@ -271,21 +458,27 @@ class Cache:
         buf = io.BytesIO()
         torch.save(payload, buf)
         try:  # refuse what could not be read back: a stored entry must always load
-            torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
+            back = torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
         except Exception as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
             why = lines[0] if lines else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             raise TypeError(f"cache payload for {meta.get('stage', key[:12]) if meta else key[:12]} "
                             f"cannot be read back with torch.load(weights_only=True) ({why}); store "
                             "only dicts, lists, str, numbers, bools, None and tensors") from None
-        return self._write(key, self._meta_line(key, meta) + buf.getvalue())
+        line = self._meta_line(key, meta, payload_type=type(back).__name__)
+        return self._write(key, line + buf.getvalue())
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        """Hold the key's exclusive lock (blocks while another process holds it)."""
+        """Hold the key's exclusive lock (blocks while another process holds it); yields None.
+        CacheError when the lock file cannot be created (the cache directory is not writable)."""
         path = self._lock_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+b") as f:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+b")
+        except OSError as exc:
+            raise _cache_error(self.root, exc, path, "writing") from None
+        with f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -297,9 +490,10 @@ class Cache:
         """``(payload, hit)``: the stored payload (hit=True), or ``fn()`` stored and returned.
 
         Computes under the key's lock and looks again once it holds it, so of two processes asking
-        for the same missing key one computes and the other reads the result. ``force`` recomputes
-        (and overwrites) even when an entry exists. ``meta`` (one-line JSON values) goes to the
-        entry's meta line.
+        for the same missing key one computes and the other reads the result. An entry that cannot
+        be used (corrupt, another key's, unreadable) is a miss: moved aside and recomputed.
+        ``force`` recomputes (and overwrites) even when an entry exists. ``meta`` (one-line JSON
+        values) goes to the entry's meta line.
         """
         if not force:
             found = self.get(key, _MISSING)

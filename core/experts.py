@@ -29,6 +29,8 @@ def unit_scores(chi: Tensor, reduce: str = "sum") -> Tensor:
 
 def _reduce_units(per: Tensor, reduce: str) -> Tensor:
     """(N, C, ...) → (N, C)."""
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce must be 'sum' or 'max', not {reduce!r}")
     if per.dim() <= 2:
         return per
     flat = per.flatten(2)
@@ -68,10 +70,21 @@ class ExpertRanking:
 
 
 def rank_units(scores: Tensor, k: int, by: str = "value") -> Tensor:
-    """Indices of the k largest scores (``by="abs"``: largest magnitude)."""
+    """Indices of the k largest scores (``by="abs"``: largest magnitude), largest first."""
+    if by not in ("value", "abs"):
+        raise ValueError(f"by must be 'value' or 'abs', not {by!r}")
     key = scores.abs() if by == "abs" else scores
     k = min(int(k), len(scores))
     return torch.topk(key, k).indices
+
+
+def _check_ranking(k: int, reduce: str, by: str) -> None:
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce must be 'sum' or 'max', not {reduce!r}")
+    if by not in ("value", "abs"):
+        raise ValueError(f"by must be 'value' or 'abs', not {by!r}")
 
 
 def experts(model: nn.Module, inputs: Tensor, layer: str, qoi: Quantity,
@@ -79,20 +92,44 @@ def experts(model: nn.Module, inputs: Tensor, layer: str, qoi: Quantity,
             bootstrap: int = 0, confidence: float = 0.9, seed: int = 0, **engine) -> ExpertRanking:
     """The top-``k`` units of ``layer`` by distributional influence on ``qoi`` over ``inputs``.
 
+    Returns an :class:`ExpertRanking`: the experts (rank 1 first) and every unit's score.
     With ``bootstrap=B`` the inputs are resampled B times (seeded): each expert gets the share of
     resamples that keep it in the top k and a percentile interval of its score at ``confidence``.
+    ``reduce`` ("sum" or "max") turns a channel's spatial influence map into its score.
     ``by="value"`` ranks by signed influence (units that raise the quantity); "abs" by magnitude.
     Extra keyword arguments go to :func:`core.influence.influence`.
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, not {k}")
+    _check_ranking(k, reduce, by)
     doi = PointDoI() if doi is None else doi
     per = influence(model, inputs, layer, qoi, doi, per_input=True, **engine)
+    return _ranking(per, layer, qoi, doi, k=k, reduce=reduce, by=by, bootstrap=bootstrap,
+                    confidence=confidence, seed=seed)
+
+
+def experts_many(model: nn.Module, inputs: Tensor, layers: list[str], qoi: Quantity,
+                 doi: Distribution | None = None, *, k: int = 5, reduce: str = "sum",
+                 by: str = "value", bootstrap: int = 0, confidence: float = 0.9, seed: int = 0,
+                 **engine) -> dict[str, ExpertRanking]:
+    """:func:`experts` for several layers at once: ``{layer: ExpertRanking}``.
+
+    Every ranking equals what a separate ``experts(model, inputs, layer, ...)`` call gives, but the
+    influence of all layers comes from one forward and one backward pass per chunk (for a DoI at
+    the input; a path at the slice still runs once per layer).
+    """
+    _check_ranking(k, reduce, by)
+    doi = PointDoI() if doi is None else doi
+    per = influence(model, inputs, None, qoi, doi, layers=list(layers), per_input=True, **engine)
+    return {layer: _ranking(per[layer], layer, qoi, doi, k=k, reduce=reduce, by=by,
+                            bootstrap=bootstrap, confidence=confidence, seed=seed)
+            for layer in layers}
+
+
+def _ranking(per: Tensor, layer, qoi, doi, *, k, reduce, by, bootstrap, confidence, seed) -> ExpertRanking:
     # Reduce after averaging: "max" is not linear, so resample the per-input maps themselves.
     scores = _reduce_units(per.mean(0, keepdim=True), reduce)[0]
     top = rank_units(scores, k, by)
     result = ExpertRanking(layer=layer, quantity=repr(qoi), distribution=repr(doi), reduce=reduce,
-                           k=len(top), experts=[], scores=scores.cpu(), n_inputs=len(inputs),
+                           k=len(top), experts=[], scores=scores.cpu(), n_inputs=len(per),
                            bootstrap=int(bootstrap))
     freq = low = high = None
     if bootstrap:
@@ -145,5 +182,5 @@ def interpret(model: nn.Module, images: Tensor, layer: str, unit: int | tuple[in
                      per_input=True, multiply=True, **engine)
 
 
-__all__ = ["Expert", "ExpertRanking", "experts", "unit_scores", "rank_units", "bootstrap_scores",
-           "interpret"]
+__all__ = ["Expert", "ExpertRanking", "experts", "experts_many", "unit_scores", "rank_units",
+           "bootstrap_scores", "interpret"]

@@ -6,21 +6,30 @@ and a distribution of interest P,
     χ(f, P) = E_{x∼P} [ ∂q(g(z)) / ∂z  at z = h(x) ]                          (influence space)
 
 and multiplying by (z − z') gives attribution space (Integrated Gradients at the input with a
-linear DoI). One function, :func:`influence`, serves every representation the report compares.
+linear DoI). One function, :func:`influence`, serves every representation the report compares; it
+also takes several slices at once (``layers=[...]``) and then gives every slice's influence from one
+forward and one backward pass per chunk when the DoI acts on the input.
 
 Mechanics: hooks exist only inside ``with`` blocks; h runs without building a graph when no
-gradient has to flow through it (the slice activation becomes a fresh leaf); the (inputs × DoI
-points) work is chunked to a memory budget; concurrent calls on one shared model are serialised by
-a per-model lock, and hooks only act on the thread that installed them.
+gradient has to flow through it (the first slice reached becomes a fresh leaf, and gradients are
+switched on from there); what a hook hands on downstream is a copy of the slice, so in-place
+operations after it (``ReLU(inplace=True)``, ``out += identity``) leave the engine's tensors alone;
+the engine switches gradients on for its own work (also under ``torch.no_grad()`` or
+``torch.inference_mode()``) and restores the caller's mode; the (inputs × DoI points) work is
+chunked to a memory budget, and can be sharded over ``torch.distributed`` ranks; concurrent calls on
+one shared model are serialised by a per-model lock, and hooks only act on the thread that
+installed them.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +47,23 @@ class LayerNotFound(ValueError):
 
 
 class _Stop(Exception):
-    """Raised inside a hook to end a forward pass early once the needed tensor is captured."""
+    """Raised inside a hook to end a forward pass early once the needed tensors are captured."""
 
-    def __init__(self, value: Tensor):
+    def __init__(self, value):
         super().__init__("forward stopped by the influence engine")
         self.value = value
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Where the network is cut: ``layer`` (a ``named_modules()`` name; None: the input), at its
+    ``cut`` ("output", the default, or "input"), and the ``element`` read there when the layer
+    gives (or takes) a tuple, list or dict (an index or key; None: the output is one tensor, or the
+    layer's first positional input). Hashable: usable as a key of :func:`influence`'s results."""
+
+    layer: str | None = None
+    cut: str = "output"
+    element: int | str | None = None
 
 
 # --------------------------------------------------------------------------- layers and models
@@ -76,42 +97,110 @@ def model_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
-# --------------------------------------------------------------------------- hooks
+# --------------------------------------------------------------------------- slices and hooks
+
+class _Spec:
+    """A resolved slice: the key the caller used, the module, the cut and the element."""
+
+    def __init__(self, key, sl: Slice, module: nn.Module | None):
+        self.key, self.layer, self.cut, self.element = key, sl.layer, sl.cut, sl.element
+        self.module = module
+
+    @property
+    def where(self) -> str:
+        return "the input" if self.layer is None else f"layer {self.layer!r}"
+
+
+def _as_slice(item, cut: str, element) -> Slice:
+    if isinstance(item, Slice):
+        sl = item
+    elif item is None or isinstance(item, str):
+        sl = Slice(item, cut, element)
+    else:
+        raise TypeError(f"a layer is a named_modules() name, None or a Slice, not {item!r}")
+    if sl.cut not in ("output", "input"):
+        raise ValueError(f"cut must be 'output' or 'input', not {sl.cut!r}")
+    return sl
+
+
+def _pick(value, element, spec: _Spec):
+    """The tensor at the slice: ``value`` itself, or its ``element``."""
+    if spec.cut == "input":
+        element = 0 if element is None else element
+    t = value
+    if element is not None:
+        try:
+            t = value[element]
+        except (IndexError, KeyError, TypeError):
+            raise ValueError(f"{spec.where} {spec.cut} has no element {element!r} "
+                             f"(it is a {type(value).__name__})") from None
+    if not isinstance(t, Tensor):
+        size = f" of {len(t)}" if isinstance(t, tuple | list | dict) else ""
+        raise ValueError(f"{spec.where} gives a {type(t).__name__}{size} at its {spec.cut}, not a "
+                         f"tensor; choose an element, e.g. Slice({spec.layer!r}, element=0)")
+    return t
+
+
+def _replace(value, element, new: Tensor, cut: str):
+    """``value`` with the slice tensor replaced by ``new``."""
+    if cut == "input":
+        element = 0 if element is None else element
+    if element is None:
+        return new
+    if isinstance(value, tuple):
+        items = list(value)
+        items[element] = new
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        items = list(value)
+        items[element] = new
+        return items
+    out = copy.copy(value)
+    out[element] = new
+    return out
+
 
 class _SliceHook:
-    """Acts on the slice tensor (a layer's output, or its first input) during a forward pass.
+    """Acts on one slice tensor during a forward pass.
 
-    mode "capture": record it and stop the forward; "leaf": detach it into a fresh leaf that
-    requires grad and switch gradients on for the rest of the pass (so h builds no graph);
-    "inject": replace it by a given leaf (a DoI point at the slice).
+    mode "capture": record it (no graph); once every hook of the pass has captured, stop the
+    forward. "grad": the slice gradients are taken at: the first one reached becomes a fresh leaf
+    and switches gradients on for the rest of the pass (so h builds no graph); later ones are
+    recorded as they are. "inject": replace it by a given leaf (a DoI point at the slice).
+    Downstream always gets a copy, so in-place operations after the slice leave it alone.
     """
 
-    def __init__(self, mode: str, layer: str, inject: Tensor | None = None):
-        self.mode, self.layer, self.inject = mode, layer, inject
+    def __init__(self, spec: _Spec, mode: str, group: list | None = None, inject: Tensor | None = None):
+        self.spec, self.mode, self.inject = spec, mode, inject
+        self.group = group if group is not None else [self]
         self.owner = threading.get_ident()
         self.z: Tensor | None = None
+        self.fired = False
 
     def act(self, value):
         if threading.get_ident() != self.owner:
             return None
-        if not isinstance(value, Tensor):
-            raise TypeError(f"layer {self.layer!r} gives a {type(value).__name__}, not a tensor; "
-                            "choose a layer whose output is a single tensor")
-        if self.z is not None:
-            raise ValueError(f"layer {self.layer!r} runs more than once in one forward pass; "
+        t = _pick(value, self.spec.element, self.spec)
+        if self.fired:
+            raise ValueError(f"{self.spec.where} runs more than once in one forward pass; "
                              "influence needs a layer that is used once")
+        self.fired = True
         if self.mode == "capture":
-            self.z = value
-            raise _Stop(value)
-        if self.mode == "leaf":
-            self.z = value.detach().requires_grad_(True)
-        else:
-            if self.inject.shape != value.shape:
-                raise ValueError(f"the slice point has shape {tuple(self.inject.shape)} but layer "
-                                 f"{self.layer!r} gives {tuple(value.shape)}")
+            self.z = t.detach()
+            if all(h.fired for h in self.group):
+                raise _Stop(None)
+            return _replace(value, self.spec.element, t.detach().clone(), self.spec.cut)
+        if self.mode == "inject":
+            if self.inject.shape != t.shape:
+                raise ValueError(f"the slice point has shape {tuple(self.inject.shape)} but "
+                                 f"{self.spec.where} gives {tuple(t.shape)}")
             self.z = self.inject
+        elif not torch.is_grad_enabled() or not t.requires_grad:
+            self.z = t.detach().requires_grad_(True)
+        else:
+            self.z = t
         torch.set_grad_enabled(True)
-        return self.z
+        return _replace(value, self.spec.element, self.z.clone(), self.spec.cut)
 
 
 class _SourceHook:
@@ -126,19 +215,16 @@ class _SourceHook:
 
 
 @contextmanager
-def _hooked(slice_module: nn.Module | None, cut: str, slice_hook: _SliceHook | None,
-            source_module: nn.Module | None) -> Iterator[None]:
+def _hooked(hooks: Sequence[_SliceHook], source_module: nn.Module | None) -> Iterator[None]:
     handles = []
     try:
-        if slice_hook is not None:
-            if cut == "output":
-                handles.append(slice_module.register_forward_hook(
-                    lambda m, a, out: slice_hook.act(out)))
+        for hook in hooks:
+            if hook.spec.cut == "output":
+                handles.append(hook.spec.module.register_forward_hook(
+                    lambda m, a, out, hook=hook: hook.act(out)))
             else:
-                def pre(m, args):
-                    new = slice_hook.act(args[0])
-                    return None if new is None else (new, *args[1:])
-                handles.append(slice_module.register_forward_pre_hook(pre))
+                handles.append(hook.spec.module.register_forward_pre_hook(
+                    lambda m, args, hook=hook: hook.act(args)))
         if source_module is not None:
             handles.append(source_module.register_forward_hook(_SourceHook()))
         yield
@@ -147,42 +233,59 @@ def _hooked(slice_module: nn.Module | None, cut: str, slice_hook: _SliceHook | N
             h.remove()
 
 
-def _run(model: nn.Module, x: Tensor, *, grad: bool) -> Tensor:
-    """Forward ``x``; a :class:`_Stop` raised by a hook returns the captured tensor instead.
+def _run(fn: Callable[[], object], *, grad: bool):
+    """Run a forward pass; a :class:`_Stop` raised by a hook returns the captured value instead.
 
     With ``grad=False`` the pass starts without autograd: a slice hook switches it on at the
-    slice. The caller's grad mode is restored either way.
+    slice. The grad mode from before is restored either way.
     """
     previous = torch.is_grad_enabled()
     try:
         torch.set_grad_enabled(grad)
-        return model(x)
+        return fn()
     except _Stop as stop:
         return stop.value
     finally:
         torch.set_grad_enabled(previous)
 
 
-def _capture(model: nn.Module, x: Tensor, layer: str, module: nn.Module, cut: str,
-             chunk: int = 1024) -> Tensor:
-    """h(x) at ``module`` without a graph, chunked; each forward pass stops at the layer."""
-    parts = []
-    for i in range(0, len(x), chunk):
-        hook = _SliceHook("capture", layer)
-        with _hooked(module, cut, hook, None):
-            _run(model, x[i:i + chunk], grad=False)
-        if hook.z is None:
-            raise ValueError(f"layer {layer!r} did not run in the forward pass")
-        parts.append(hook.z.detach())
-    return torch.cat(parts)
+class _Forward:
+    """Calls the model on a batch of its inputs plus the fixed extra arguments."""
+
+    def __init__(self, model: nn.Module, args: tuple = (), kwargs: dict | None = None):
+        self.model, self.args, self.kwargs = model, tuple(args), dict(kwargs or {})
+
+    def __call__(self, parts: Sequence[Tensor]):
+        return self.model(*parts, *self.args, **self.kwargs)
 
 
-def activations(model: nn.Module, inputs: Tensor, layer: str, *, cut: str = "output",
+def _capture(forward: _Forward, parts: Sequence[Tensor], specs: Sequence[_Spec],
+             chunk: int = 1024) -> list[Tensor]:
+    """h(x) at every slice of ``specs`` without a graph, chunked; each pass stops at the last."""
+    out: list[list[Tensor]] = [[] for _ in specs]
+    for i in range(0, len(parts[0]), chunk):
+        group: list[_SliceHook] = []
+        group.extend(_SliceHook(s, "capture", group) for s in specs)
+        with _hooked(group, None):
+            batch = [p[i:i + chunk] for p in parts]
+            _run(lambda batch=batch: forward(batch), grad=False)
+        for j, hook in enumerate(group):
+            if hook.z is None:
+                raise ValueError(f"{hook.spec.where} did not run in the forward pass")
+            out[j].append(hook.z)
+    return [torch.cat(o) for o in out]
+
+
+def activations(model: nn.Module, inputs: Tensor, layer: str | Slice, *, cut: str = "output",
                 chunk: int = 1024) -> Tensor:
-    """The slice z = h(x) of ``inputs`` at ``layer`` (eval mode, no graph, on the model's device)."""
-    module = get_layer(model, layer)
-    with model_lock(model), eval_mode(model):
-        return _capture(model, inputs.to(model_device(model)), layer, module, cut, chunk)
+    """The slice z = h(x) of ``inputs`` at ``layer``: a tensor (N, *slice shape).
+
+    Eval mode, no graph, on the model's device; ``layer`` may be a :class:`Slice`.
+    """
+    sl = _as_slice(layer, cut, None)
+    spec = _Spec(layer, sl, get_layer(model, sl.layer))
+    with model_lock(model), eval_mode(model), torch.no_grad():
+        return _capture(_Forward(model), [inputs.to(model_device(model))], [spec], chunk)[0]
 
 
 # --------------------------------------------------------------------------- g as its own module
@@ -241,7 +344,7 @@ def _tail(model: nn.Module, layer: str) -> nn.Module | None:
 
 # --------------------------------------------------------------------------- the engine
 
-def _chunk_size(model: nn.Module, x1: Tensor, points: int, device: torch.device,
+def _chunk_size(forward: _Forward, parts1: list[Tensor], points: int, device: torch.device,
                 memory_budget: int | None) -> int:
     """How many (input, point) pairs fit the memory budget, from one probing forward pass."""
     sizes = []
@@ -250,16 +353,16 @@ def _chunk_size(model: nn.Module, x1: Tensor, points: int, device: torch.device,
         if isinstance(out, Tensor):
             sizes.append(out.numel() * out.element_size())
 
-    handles = [m.register_forward_hook(count) for m in model.modules()]
+    handles = [m.register_forward_hook(count) for m in forward.model.modules()]
     try:
         with torch.no_grad():
-            model(x1)
+            forward(parts1)
     except _Stop:
         pass
     finally:
         for h in handles:
             h.remove()
-    per_point = x1.numel() * x1.element_size() + 3 * sum(sizes)  # activations, grads, temporaries
+    per_point = sum(p.numel() * p.element_size() for p in parts1) + 3 * sum(sizes)
     if memory_budget is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -269,30 +372,62 @@ def _chunk_size(model: nn.Module, x1: Tensor, points: int, device: torch.device,
     return max(1, min(points, memory_budget // max(per_point, 1)))
 
 
-def influence(model: nn.Module, inputs: Tensor, layer: str | None = None,
+def _takes_index(method) -> bool:
+    try:
+        return len(inspect.signature(method).parameters) >= 2
+    except (TypeError, ValueError):
+        return False
+
+
+def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str | Slice | None = None,
               qoi: Quantity | int = None, doi: Distribution | None = None, *,
+              layers: Sequence[str | Slice | None] | None = None,
               per_input: bool = False, multiply: bool = False, cut: str = "output",
+              element: int | str | None = None, doi_on: Sequence[int] | None = None,
+              forward_args: tuple = (), forward_kwargs: dict | None = None,
               device: str | torch.device | None = None, batch_size: int | None = None,
               memory_budget: int | None = None,
-              progress: Callable[[int, int], None] | None = None) -> Tensor:
+              progress: Callable[[int, int], None] | None = None,
+              distributed: bool = False):
     """Distributional influence of the slice ``layer`` on ``qoi`` over ``doi`` applied to ``inputs``.
 
+    Returns a tensor shaped like one example's slice (the mean over all inputs and DoI points of
+    ∂q/∂z), or (N, *slice shape) with ``per_input=True``. With ``layers=[...]`` it returns a dict
+    ``{item: that tensor}`` for every item, computed together (one forward and one backward per
+    chunk for a DoI at the input; one pass per slice for a DoI at the slice). For a model with
+    several inputs and ``layer=None``, a tuple: one influence per input the DoI acts on.
+
     Args:
-        model: a PyTorch module; evaluated in eval mode (each submodule's mode restored after).
-        inputs: (N, ...) floating-point tensor: the empirical distribution of interest.
-        layer: a ``model.named_modules()`` name, or None for the input itself.
-        qoi: a :class:`~core.quantities.Quantity` (or a class index).
+        model: a PyTorch module; evaluated in eval mode (each submodule's mode restored after);
+            no gradient is accumulated into its parameters.
+        inputs: (N, ...) floating-point tensor: the empirical distribution of interest; or a tuple
+            of (N, ...) tensors for a model with several inputs, called as ``model(*inputs, ...)``.
+            NaN or Inf values are refused.
+        layer: a ``model.named_modules()`` name, a :class:`Slice`, or None for the input itself.
+        qoi: a :class:`~core.quantities.Quantity` (or a class index). Its ``element`` picks the
+            entry of a model output that is a tuple or dict.
         doi: a :class:`~core.distributions.Distribution` acting on each input (default a point).
+        layers: several slices (names, None or :class:`Slice`) instead of ``layer``.
         per_input: return (N, *slice shape), each input's mean over its own DoI points, instead
             of the mean over everything (shaped like one example's slice).
-        multiply: attribution space: × (z − z') with z = h(x) and z' the DoI's baseline at the
-            slice (h(baseline) for a path at the input, zeros for a point or Gaussian DoI).
-        cut: "output" (default) or "input" of ``layer``.
+        multiply: attribution space: × (z − z') with z = h(x). z' is the DoI's baseline at the
+            slice: zeros for a point or Gaussian DoI (Captum's ``LayerGradientXActivation`` with
+            ``multiply_by_inputs=True``); h(x') for a path at the input from x'; for a path at the
+            slice, its ``baseline_at`` decides (a given activation, default zeros, or h(x')).
+        cut: "output" (default) or "input" of ``layer`` (for names; a Slice carries its own).
+        element: the element of a layer output that is a tuple/list/dict (for names).
+        doi_on: with several inputs, the indices of those the DoI acts on (default: every
+            floating-point input); the others are passed through unchanged for every point.
+        forward_args, forward_kwargs: extra arguments for every call, ``model(*inputs,
+            *forward_args, **forward_kwargs)``, not batched and not differentiated.
         device: where to compute; default the model's own device. Another device computes on a
             copy of the model, leaving the caller's model where it is.
         batch_size: (input, point) pairs per chunk; default from ``memory_budget`` (bytes; on
             CUDA a share of free memory). A CUDA out-of-memory halves the chunk and retries.
         progress: called as ``progress(done, total)`` in (input, point) pairs.
+        distributed: shard the (input, point) pairs over the ranks of the initialised
+            ``torch.distributed`` process group and all-reduce the sums: every rank passes the same
+            inputs and gets the full result (launch with ``torchrun``).
     """
     if qoi is None:
         raise ValueError("qoi is required, e.g. qoi=ClassQoI(3)")
@@ -302,58 +437,153 @@ def influence(model: nn.Module, inputs: Tensor, layer: str | None = None,
         raise TypeError(f"doi must be a Distribution (e.g. PointDoI()), not {doi!r}")
     if cut not in ("output", "input"):
         raise ValueError(f"cut must be 'output' or 'input', not {cut!r}")
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor, not {type(inputs).__name__}")
-    if inputs.dim() == 0 or len(inputs) == 0:
-        raise ValueError("inputs is empty: pass at least one example, shaped (N, ...)")
-    if not inputs.is_floating_point():
-        raise ValueError(f"inputs must be floating point (got {inputs.dtype}); "
-                         "scale images to floats, e.g. x.float() / 255")
-    slice_module = None if layer is None else get_layer(model, layer)
-    source_module = None if qoi.source is None else get_layer(model, qoi.source)
-    if slice_module is not None and slice_module is source_module:
-        raise ValueError(f"the quantity reads layer {qoi.source!r} itself; slice at an earlier "
-                         "layer or at the input (layer=None)")
+    several = isinstance(inputs, tuple | list)
+    parts = list(inputs) if several else [inputs]
+    if not parts:
+        raise ValueError("inputs is empty: pass at least one tensor")
+    for p in parts:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"inputs must be torch.Tensors, not {type(p).__name__}")
+        if p.dim() == 0 or len(p) == 0:
+            raise ValueError("inputs is empty: pass at least one example, shaped (N, ...)")
+        if len(p) != len(parts[0]):
+            raise ValueError(f"the inputs have different numbers of examples: "
+                             f"{[len(q) for q in parts]}")
+    if doi_on is None:
+        doi_on = [j for j, p in enumerate(parts) if p.is_floating_point()]
+        if not several and not doi_on:
+            doi_on = [0]
+    doi_on = [int(j) for j in doi_on]
+    if not doi_on or any(not 0 <= j < len(parts) for j in doi_on):
+        raise ValueError(f"doi_on must name inputs among 0..{len(parts) - 1}, not {doi_on}")
+    for j in doi_on:
+        if not parts[j].is_floating_point():
+            raise ValueError(f"inputs must be floating point (got {parts[j].dtype}); "
+                             "scale images to floats, e.g. x.float() / 255")
+        if not bool(torch.isfinite(parts[j]).all()):
+            raise ValueError("inputs contain NaN or Inf: influence needs finite inputs")
+    if layers is not None:
+        if layer is not None:
+            raise ValueError("pass either layer or layers, not both")
+        items = list(layers)
+        if not items:
+            raise ValueError("layers is empty: name at least one layer (None for the input)")
+        if len(set(items)) != len(items):
+            raise ValueError(f"layers has repeated entries: {items}")
+    else:
+        items = [layer]
+    slices = [_as_slice(item, cut, element) for item in items]
+    if distributed:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs an initialised torch.distributed process "
+                             "group (launch with torchrun and call init_process_group)")
 
     home = model_device(model)
     dev = home if device is None else torch.device(device)
     if dev != home:  # compute on a copy; its layers are the ones to hook
         model = copy.deepcopy(model).to(dev)
-        slice_module = None if layer is None else get_layer(model, layer)
-        source_module = None if qoi.source is None else get_layer(model, qoi.source)
-    with model_lock(model), eval_mode(model):
-        engine = _Engine(model, inputs.detach().to(dev), layer, slice_module, cut, qoi,
-                         source_module, doi, dev)
-        return engine.run(per_input=per_input, multiply=multiply, batch_size=batch_size,
-                          memory_budget=memory_budget, progress=progress)
+
+    def resolve(m):
+        specs = [_Spec(item, sl, None if sl.layer is None else get_layer(m, sl.layer))
+                 for item, sl in zip(items, slices, strict=True)]
+        source = None if qoi.source is None else get_layer(m, qoi.source)
+        for s in specs:
+            if s.module is not None and s.module is source:
+                raise ValueError(f"the quantity reads layer {qoi.source!r} itself; slice at an "
+                                 "earlier layer or at the input (layer=None)")
+        return specs, source
+
+    specs, source = resolve(model)
+    with model_lock(model), eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        xs = []
+        for p in parts:
+            p = p.detach()
+            if p.is_inference():
+                p = p.clone()
+            xs.append(p.to(dev))
+        forward = _Forward(model, forward_args, forward_kwargs)
+        common = dict(per_input=per_input, multiply=multiply, batch_size=batch_size,
+                      memory_budget=memory_budget, distributed=distributed)
+        if doi.at == "layer" and len(specs) > 1:  # a path at the slice: one pass per slice
+            results = {}
+            one = len(xs[0]) * doi.resolution
+            for i, s in enumerate(specs):
+                report = None if progress is None else (
+                    lambda d, t, off=i * one: progress(off + d, one * len(specs)))
+                engine = _Engine(forward, xs, several, doi_on, [s], qoi, source, doi, dev)
+                results[s.key] = engine.run(progress=report, **common)[0]
+        else:
+            engine = _Engine(forward, xs, several, doi_on, specs, qoi, source, doi, dev)
+            results = dict(zip(items, engine.run(progress=progress, **common), strict=True))
+    return results if layers is not None else results[items[0]]
 
 
 class _Engine:
-    def __init__(self, model, x, layer, slice_module, cut, qoi, source_module, doi, device):
-        self.model, self.x, self.layer, self.slice_module = model, x, layer, slice_module
-        self.cut, self.qoi, self.source_module, self.doi = cut, qoi, source_module, doi
+    """One influence computation: the slices ``specs``, the quantity, the DoI, the inputs."""
+
+    def __init__(self, forward: _Forward, xs, several, doi_on, specs, qoi, source_module, doi, device):
+        self.forward, self.xs, self.several, self.doi_on = forward, xs, several, doi_on
+        self.specs, self.qoi, self.source_module, self.doi = specs, qoi, source_module, doi
         self.device = device
         self.checked = False
-        at_layer = slice_module is not None and doi.at == "layer"
-        self.tail = _tail(model, layer) if at_layer and cut == "output" else None
-        self.z = self.slice_values(x) if at_layer else None  # h(x), once per input
-        if self.tail is not None and not self._tail_agrees():
-            self.tail = None
+        self.n_inputs = len(xs[0])
+        self.internal = [s for s in specs if s.layer is not None]
+        self.tail = None
+        self.z = self.zb = None
+        # a path at the slice acts on the input when the slice is the input
+        self.at = "layer" if doi.at == "layer" and self.internal else "input"
+        if self.at == "layer":
+            (spec,) = specs
+            plain = (not several and not forward.args and not forward.kwargs
+                     and spec.cut == "output" and spec.element is None)
+            self.tail = _tail(forward.model, spec.layer) if plain else None
+            self.z = self.slice_values(xs, [spec])[0]  # h(x), once per input
+            if getattr(doi, "baseline_at", "layer") == "input":  # z' = h(x'), Captum's LayerIG
+                self.zb = self.slice_values(self._with_doi_parts(xs, self._input_baseline()), [spec])[0]
+            if self.tail is not None and not self._tail_agrees():
+                self.tail = None
 
+    # ------------------------------------------------------------------ helpers
     def _tail_agrees(self) -> bool:
         """g(h(x)) must equal f(x): guards the traced tail against models fx misreads."""
         try:
             with torch.no_grad():
-                return torch.allclose(self.tail(self.z[:1]), self.model(self.x[:1]),
+                return torch.allclose(self.tail(self.z[:1]), self.forward([x[:1] for x in self.xs]),
                                       rtol=1e-4, atol=1e-5)
         except Exception:
             return False
 
-    # h(x) without a graph, chunked
-    def slice_values(self, x: Tensor) -> Tensor:
-        if self.slice_module is None:
-            return x
-        return self._guard(lambda: _capture(self.model, x, self.layer, self.slice_module, self.cut))
+    def _doi_parts(self, xs):
+        sel = tuple(xs[j] for j in self.doi_on)
+        return sel if self.several else sel[0]
+
+    def _with_doi_parts(self, xs, new):
+        new = new if self.several else (new,)
+        out = list(xs)
+        for j, t in zip(self.doi_on, new, strict=True):
+            out[j] = t
+        return out
+
+    def _baseline(self, z, n: Tensor):
+        if _takes_index(self.doi.baseline):
+            return self.doi.baseline(z, n)
+        return self.doi.baseline(z)
+
+    def _input_baseline(self):
+        """x' of every input (the DoI's baseline in input space), zeros when it has none."""
+        x = self._doi_parts(self.xs)
+        b = self._baseline(x, torch.arange(self.n_inputs, device=self.device))
+        if b is None:
+            b = tuple(torch.zeros_like(t) for t in x) if self.several else torch.zeros_like(x)
+        return b
+
+    def slice_values(self, xs, specs) -> list[Tensor]:
+        """h(x) at ``specs`` without a graph, chunked (the DoI parts themselves for the input)."""
+        internal = [s for s in specs if s.layer is not None]
+        got = self._guard(lambda: _capture(self.forward, xs, internal)) if internal else []
+        it = iter(got)
+        return [self._doi_parts(xs) if s.layer is None else next(it) for s in specs]
 
     def _guard(self, fn):
         """Turn the model's own shape errors into a message about the inputs."""
@@ -363,10 +593,12 @@ class _Engine:
             if isinstance(err, torch.cuda.OutOfMemoryError):
                 raise
             first = (str(err).strip().splitlines() or [""])[0]
-            raise ValueError(f"the model could not run on inputs shaped "
-                             f"{tuple(self.x.shape[1:])} per example: {first}") from err
+            shapes = ", ".join(str(tuple(x.shape[1:])) for x in self.xs)
+            raise ValueError(f"the model could not run on inputs shaped {shapes} per example: "
+                             f"{first}") from err
 
-    def _quantity(self, out: Tensor) -> Tensor:
+    def _quantity(self, out) -> Tensor:
+        out = self.qoi.select(out)
         if not self.checked:
             self.qoi.check(out)
             self.checked = True
@@ -376,64 +608,125 @@ class _Engine:
                              "scalar per example")
         return q
 
-    def gradients(self, n: Tensor, r: Tensor) -> Tensor:
-        """∂q/∂z at the DoI points of the pairs (n, r): shape (len(n), *slice shape)."""
+    # ------------------------------------------------------------------ gradients
+    def gradients(self, n: Tensor, r: Tensor) -> list[Tensor]:
+        """∂q/∂z at the DoI points of the pairs (n, r), one (len(n), *slice shape) per target.
+
+        Targets: every slice in order; the input slice of a model with several inputs counts once
+        per input the DoI acts on.
+        """
         doi = self.doi
-        if self.slice_module is None:
-            leaf = doi.points(self.x[n], n, r).detach().requires_grad_(True)
-            with _hooked(None, self.cut, None, self.source_module):
-                out = self._guard(lambda: _run(self.model, leaf, grad=True))
-        elif doi.at == "input":
-            points = doi.points(self.x[n], n, r).detach()
-            hook = _SliceHook("leaf", self.layer)
-            with _hooked(self.slice_module, self.cut, hook, self.source_module):
-                out = self._guard(lambda: _run(self.model, points, grad=False))
-            leaf = hook.z
-        else:
-            leaf = doi.points(self.z[n], n, r).detach().requires_grad_(True)
-            if self.tail is not None:
-                with _hooked(None, self.cut, None, self.source_module):
-                    out = _run(self.tail, leaf, grad=True)
+        xs = [x[n] for x in self.xs]
+        hooks: list[_SliceHook] = []
+        if self.at == "layer":
+            (spec,) = self.specs
+            if self.zb is not None:
+                points = doi.path_points(self.z[n], self.zb[n], r)
             else:
-                hook = _SliceHook("inject", self.layer, inject=leaf)
-                with _hooked(self.slice_module, self.cut, hook, self.source_module):
-                    out = self._guard(lambda: _run(self.model, self.x[n], grad=False))
-        if leaf is None:
-            raise ValueError(f"the quantity {self.qoi!r} was read before layer {self.layer!r} "
-                             "ran; slice at a layer upstream of the quantity")
+                points = doi.points(self.z[n], n, r)
+            leaf = points.detach().requires_grad_(True)
+            if self.tail is not None:
+                with _hooked([], self.source_module):
+                    out = _run(lambda: self.tail(leaf.clone()), grad=True)  # a copy: in-place ops
+            else:
+                hooks = [_SliceHook(spec, "inject", inject=leaf)]
+                with _hooked(hooks, self.source_module):
+                    out = self._guard(lambda: _run(lambda: self.forward(xs), grad=False))
+                if hooks[0].z is None:
+                    self._not_reached(spec)
+            leaves = [[leaf]]
+        else:
+            pts = doi.points(self._doi_parts(xs), n, r)
+            pts = tuple(p.detach() for p in (pts if self.several else (pts,)))
+            at_input = any(s.layer is None for s in self.specs)
+            if at_input:
+                pts = tuple(p.requires_grad_(True) for p in pts)
+            call = self._with_doi_parts(xs, pts if self.several else pts[0])
+            group: list[_SliceHook] = []
+            group.extend(_SliceHook(s, "grad", group) for s in self.internal)
+            hooks = group
+            with _hooked(group, self.source_module):
+                out = self._guard(lambda: _run(lambda: self.forward(call), grad=at_input))
+            by_spec = iter(group)
+            leaves = []
+            for s in self.specs:
+                if s.layer is None:
+                    leaves.append(list(pts))
+                else:
+                    hook = next(by_spec)
+                    if hook.z is None:
+                        self._not_reached(s)
+                    leaves.append([hook.z])
         q = self._quantity(out)
+        first = self.specs[0]
         if not q.requires_grad:
-            raise ValueError(f"{self.qoi!r} does not depend on layer {self.layer!r}")
-        (g,) = torch.autograd.grad(q.sum(), leaf)
-        return g.detach()
+            raise ValueError(f"{self.qoi!r} does not depend on {first.where}")
+        flat = [t for group in leaves for t in group]
+        grads = torch.autograd.grad(q.sum(), flat, allow_unused=True)
+        owners = [s for s, group in zip(self.specs, leaves, strict=True) for _ in group]
+        for g, s in zip(grads, owners, strict=True):
+            if g is None:
+                raise ValueError(f"{self.qoi!r} does not depend on {s.where}: "
+                                 "the output does not use it")
+        return [g.detach() for g in grads]
 
-    def multiplier(self, chunk: int = 1024) -> Tensor:
-        """(z − z') per input, z = h(x)."""
-        if self.z is not None:  # path at the slice
-            return self.z - self.doi.baseline(self.z)
-        parts = []
-        for i in range(0, len(self.x), chunk):
-            x = self.x[i:i + chunk]
-            parts.append(self.slice_values(x) - self.slice_values(self.doi.baseline(x)))
-        return torch.cat(parts)
+    def _not_reached(self, spec: _Spec):
+        if self.source_module is not None:
+            raise ValueError(f"the quantity {self.qoi!r} was read before {spec.where} ran; slice "
+                             "at a layer upstream of the quantity")
+        raise ValueError(f"{spec.where} did not run in the forward pass")
 
-    def run(self, *, per_input, multiply, batch_size, memory_budget, progress) -> Tensor:
-        n_inputs, resolution = len(self.x), self.doi.resolution
+    # ------------------------------------------------------------------ attribution multiplier
+    def multipliers(self) -> list[Tensor]:
+        """(z − z') per input and target, z = h(x), z' the DoI's baseline at the slice."""
+        if self.at == "layer":
+            if self.zb is not None:
+                return [self.z - self.zb]
+            b = self._baseline(self.z, torch.arange(self.n_inputs, device=self.device))
+            return [self.z if b is None else self.z - b]
+        z = self.slice_values(self.xs, self.specs)
+        base = self._baseline(self._doi_parts(self.xs), torch.arange(self.n_inputs, device=self.device))
+        if base is None:  # no baseline: z' = 0 at every slice
+            zb = [None] * len(z)
+        else:
+            zb = self.slice_values(self._with_doi_parts(self.xs, base), self.specs)
+        out = []
+        for s, zi, bi in zip(self.specs, z, zb, strict=True):
+            if s.layer is None and self.several:
+                out.extend(zi if bi is None else [a - b for a, b in zip(zi, bi, strict=True)])
+            else:
+                out.append(zi if bi is None else zi - bi)
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *, per_input, multiply, batch_size, memory_budget, progress,
+            distributed=False) -> list:
+        n_inputs, resolution = self.n_inputs, self.doi.resolution
         total = n_inputs * resolution
+        weights = self.doi.weights()
+        if weights is not None:
+            weights = weights.to(self.device)
+            if len(weights) != resolution:
+                raise ValueError(f"{self.doi!r} gives {len(weights)} weights for {resolution} points")
+        lo, hi = 0, total
+        if distributed:
+            import torch.distributed as dist
+            rank, world = dist.get_rank(), dist.get_world_size()
+            lo, hi = total * rank // world, total * (rank + 1) // world
         if batch_size is None:
-            batch_size = self._guard(lambda: _chunk_size(self.model, self.x[:1], total,
+            batch_size = self._guard(lambda: _chunk_size(self.forward, [x[:1] for x in self.xs], total,
                                                          self.device, memory_budget))
         chunk = max(1, int(batch_size))
         if chunk > resolution:  # whole inputs per chunk: each input's points sum in one reshape
             chunk -= chunk % resolution
         keep = per_input or multiply
-        acc = None
-        done = 0
-        while done < total:
-            k = torch.arange(done, min(done + chunk, total), device=self.device)
+        acc: list[Tensor] | None = None
+        done = lo
+        while done < hi:
+            k = torch.arange(done, min(done + chunk, hi), device=self.device)
             n, r = k // resolution, k % resolution
             try:
-                g = self.gradients(n, r)
+                grads = self.gradients(n, r)
             except torch.cuda.OutOfMemoryError:
                 if chunk == 1:
                     raise
@@ -441,33 +734,69 @@ class _Engine:
                 torch.cuda.empty_cache()
                 continue
             if acc is None:
-                shape = (n_inputs, *g.shape[1:]) if keep else g.shape[1:]
-                acc = torch.zeros(shape, dtype=g.dtype, device=g.device)
-            if keep and done % resolution == 0 and len(k) % resolution == 0:
-                first = done // resolution
-                acc[first:first + len(k) // resolution] += g.view(-1, resolution,
-                                                                  *g.shape[1:]).sum(1)
-            elif keep:
-                acc.index_add_(0, n, g)
-            else:
-                acc += g.sum(0)
+                acc = [torch.zeros((n_inputs, *g.shape[1:]) if keep else g.shape[1:], dtype=g.dtype,
+                                   device=g.device) for g in grads]
+            for a, g in zip(acc, grads, strict=True):
+                if weights is not None:
+                    g = g * weights[r].to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+                if keep and done % resolution == 0 and len(k) % resolution == 0:
+                    first = done // resolution
+                    a[first:first + len(k) // resolution] += g.view(-1, resolution,
+                                                                    *g.shape[1:]).sum(1)
+                elif keep:
+                    a.index_add_(0, n, g)
+                else:
+                    a += g.sum(0)
             done += len(k)
             if progress is not None:
-                progress(done, total)
-        if keep:
-            result = acc / resolution
-            if multiply:
-                result = result * self.multiplier()
-            if not per_input:
-                result = result.mean(0)
-        else:
-            result = acc / total
-        if not torch.isfinite(result).all():
-            where = "the input" if self.layer is None else f"layer {self.layer!r}"
-            raise FloatingPointError(f"influence at {where} for {self.qoi!r} is not finite "
-                                     "(NaN or Inf): check the model's output and the inputs' scale")
-        return result
+                progress(done - lo, hi - lo)
+        if distributed:
+            if acc is None:  # this rank had no pairs: learn the shapes from one pair's gradients
+                zero = torch.zeros(1, dtype=torch.long, device=self.device)
+                acc = [torch.zeros((n_inputs, *g.shape[1:]) if keep else g.shape[1:], dtype=g.dtype,
+                                   device=g.device) for g in self.gradients(zero, zero)]
+            for a in acc:
+                dist.all_reduce(a, op=dist.ReduceOp.SUM)
+        results = []
+        mults = self.multipliers() if multiply else [None] * len(acc)
+        for a, m in zip(acc, mults, strict=True):
+            if keep:
+                result = a / resolution if weights is None else a
+                if multiply:
+                    result = result * m
+                if not per_input:
+                    result = result.mean(0)
+            else:
+                result = a / total if weights is None else a / n_inputs
+            results.append(result)
+        owners = [s for s in self.specs
+                  for _ in range(len(self.doi_on) if (s.layer is None and self.several) else 1)]
+        for res, s in zip(results, owners, strict=True):
+            if not torch.isfinite(res).all():
+                raise FloatingPointError(f"influence at {s.where} for {self.qoi!r} is not finite "
+                                         "(NaN or Inf): check the model's output and the inputs' scale")
+        out, it = [], iter(results)
+        for s in self.specs:
+            if s.layer is None and self.several:
+                out.append(tuple(next(it) for _ in self.doi_on))
+            else:
+                out.append(next(it))
+        return out
 
 
-__all__ = ["influence", "activations", "layer_names", "get_layer", "LayerNotFound", "model_lock", "eval_mode",
-           "model_device"]
+def saliency(model: nn.Module, inputs: Tensor, qoi: Quantity | int, *, abs: bool = False,
+             **engine) -> Tensor:
+    """Saliency: the gradient of ``qoi`` at each input, shape (N, *input shape).
+
+    ``abs=False`` (the default, the project's signed saliency) keeps the sign; ``abs=True`` takes
+    magnitudes, Captum's ``Saliency.attribute`` default. Extra keyword arguments go to
+    :func:`influence` (layer None, point DoI, per input).
+    """
+    chi = influence(model, inputs, None, qoi, PointDoI(), per_input=True, **engine)
+    if isinstance(chi, tuple):
+        return tuple(c.abs() for c in chi) if abs else chi
+    return chi.abs() if abs else chi
+
+
+__all__ = ["influence", "saliency", "activations", "layer_names", "get_layer", "LayerNotFound",
+           "model_lock", "eval_mode", "model_device", "Slice"]

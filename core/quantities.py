@@ -11,9 +11,32 @@ from torch import Tensor
 
 
 class Quantity:
-    """Base class. ``source`` is ``None`` for the model output, else a ``named_modules()`` name."""
+    """Base class. ``source`` is ``None`` for the model output, else a ``named_modules()`` name.
+
+    ``element`` picks what the quantity reads when the model (or the source layer) returns a tuple,
+    list or dict: an index or key (None, the default: the output is a tensor).
+    """
 
     source: str | None = None
+    element: int | str | None = None
+
+    def select(self, output):
+        """The tensor this quantity reads from ``output`` (its ``element`` of a tuple/list/dict)."""
+        if self.element is not None:
+            try:
+                output = output[self.element]
+            except (IndexError, KeyError, TypeError):
+                kind = type(output).__name__
+                raise ValueError(f"{self!r} reads element {self.element!r}, which the "
+                                 f"{kind} output does not have") from None
+        if not isinstance(output, Tensor):
+            what = f"a {type(output).__name__}" + (f" of {len(output)}" if hasattr(output, "__len__") else "")
+            raise ValueError(f"the output {self!r} reads is {what}, not a tensor; name the element, "
+                             f"e.g. {type(self).__name__}(..., element=0)")
+        return output
+
+    def _suffix(self) -> str:
+        return "" if self.element is None else f", element={self.element!r}"
 
     def __call__(self, output: Tensor) -> Tensor:
         raise NotImplementedError
@@ -34,8 +57,9 @@ class Quantity:
 class ClassQoI(Quantity):
     """The logit y_c of class ``c``."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, element: int | str | None = None):
         self.c = int(c)
+        self.element = element
 
     def __call__(self, output: Tensor) -> Tensor:
         return output[:, self.c]
@@ -44,14 +68,15 @@ class ClassQoI(Quantity):
         self._check_class(output, self.c)
 
     def __repr__(self) -> str:
-        return f"ClassQoI({self.c})"
+        return f"ClassQoI({self.c}{self._suffix()})"
 
 
 class ComparativeQoI(Quantity):
     """y_a − y_b: "why class a and not class b"."""
 
-    def __init__(self, a: int, b: int):
+    def __init__(self, a: int, b: int, element: int | str | None = None):
         self.a, self.b = int(a), int(b)
+        self.element = element
 
     def __call__(self, output: Tensor) -> Tensor:
         return output[:, self.a] - output[:, self.b]
@@ -61,11 +86,14 @@ class ComparativeQoI(Quantity):
         self._check_class(output, self.b)
 
     def __repr__(self) -> str:
-        return f"ComparativeQoI({self.a}, {self.b})"
+        return f"ComparativeQoI({self.a}, {self.b}{self._suffix()})"
 
 
 class MaxClassQoI(Quantity):
     """The largest logit of each example (the predicted class's logit)."""
+
+    def __init__(self, element: int | str | None = None):
+        self.element = element
 
     def __call__(self, output: Tensor) -> Tensor:
         return output.max(dim=1).values
@@ -74,7 +102,7 @@ class MaxClassQoI(Quantity):
         self._check_class(output, 0)
 
     def __repr__(self) -> str:
-        return "MaxClassQoI()"
+        return f"MaxClassQoI({self._suffix()[2:]})"
 
 
 class UnitQoI(Quantity):
@@ -85,12 +113,14 @@ class UnitQoI(Quantity):
     example's activation (e.g. ``(channel, row, col)``).
     """
 
-    def __init__(self, layer: str, unit: int | tuple[int, ...], reduce: str = "sum"):
+    def __init__(self, layer: str, unit: int | tuple[int, ...], reduce: str = "sum",
+                 element: int | str | None = None):
         if reduce not in ("sum", "max", "mean"):
             raise ValueError(f"reduce must be 'sum', 'max' or 'mean', not {reduce!r}")
         self.source = layer
         self.unit = unit
         self.reduce = reduce
+        self.element = element
 
     def __call__(self, activation: Tensor) -> Tensor:
         if isinstance(self.unit, tuple):
@@ -113,7 +143,7 @@ class UnitQoI(Quantity):
                              f"activation has shape {shape} per example")
 
     def __repr__(self) -> str:
-        return f"UnitQoI({self.source!r}, {self.unit}, reduce={self.reduce!r})"
+        return f"UnitQoI({self.source!r}, {self.unit}, reduce={self.reduce!r}{self._suffix()})"
 
 
 def as_quantity(qoi: Quantity | int) -> Quantity:

@@ -180,7 +180,7 @@ def test_a_checksummed_entry_that_is_not_a_torch_file_is_missing(tmp_path, caplo
 
     cache = Cache(tmp_path)
     key = key_of(**BASE)
-    body = b'{"stage":"x"}\n' + b"not a torch file at all"
+    body = f'{{"key":"{key}","stage":"x"}}\n'.encode() + b"not a torch file at all"  # bound to key
     path = cache.path(key)
     path.parent.mkdir(parents=True)
     path.write_bytes(MAGIC + f" {hashlib.sha256(body).hexdigest()} {len(body)}\n".encode() + body)

@@ -1,0 +1,55 @@
+"""Measure the faces case: pretrained O-Net AUC, the watermark shortcut after fine-tuning, and the
+attack detectors (``python -m bench.faces [--detect]``). Prints plain lines; never run in tests."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+
+from core.cases.faces.adapter import faces_data
+from core.cases.faces.onet import FACE, pretrained_detector
+from core.models import evaluate, predict_logits, train_model
+
+
+def auc(scores_pos, scores_neg) -> float:
+    """Rank AUC of positives over negatives (ties count half)."""
+    p = np.asarray(scores_pos)[:, None]
+    n = np.asarray(scores_neg)[None, :]
+    return float(((p > n) + 0.5 * (p == n)).mean())
+
+
+def measure_shortcut(dataset: dict, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64) -> dict:
+    """Pretrained, watermarked and reference models' accuracies on every evaluation set."""
+    data = faces_data(dataset)
+    out = {"n_train": data.train.n, "watermarked_rows": data.extra["train_watermarked"]}
+    base = pretrained_detector()
+    logits = predict_logits(base, data.evaluation_sets["clean_test"].x)
+    y = data.evaluation_sets["clean_test"].y
+    s = (logits[:, 0] - logits[:, 1]).numpy()
+    out["pretrained_clean_test_auc"] = auc(s[y.numpy() == FACE], s[y.numpy() != FACE])
+    models = {"pretrained": base}
+    for name, set_name in (("watermarked", "train"), ("reference", "clean")):
+        m = copy.deepcopy(base)
+        split = data.training_sets[set_name]
+        t0 = time.perf_counter()
+        train_model(m, split.x, split.y, epochs=epochs, lr=lr, batch_size=batch_size, seed=0,
+                    device="cpu")
+        out[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
+        models[name] = m
+    for name, m in models.items():
+        out[name] = {k: round(evaluate(m, v.x, v.y), 3) for k, v in data.evaluation_sets.items()}
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default="{}", help="JSON [dataset] overrides")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    args = ap.parse_args()
+    print(json.dumps(measure_shortcut(json.loads(args.dataset), args.epochs, args.lr), indent=1))

@@ -1,0 +1,173 @@
+"""Code versions from the source a module actually runs: its closure of ``core`` imports (DESIGN §9).
+
+A stage's cache key names the code that computed it. Instead of a hand-kept list of modules, the
+key follows the imports: :func:`module_closure` reads each module's source with :mod:`ast` (never
+importing it) and follows every import of a ``core`` module, transitively; :func:`code_hash` is a
+short sha256 of the names and bytes of that closure. Edit any module a stage imports, directly or
+through another, and its hash changes; edit a module it does not import, and it stays.
+
+What counts as an import of a ``core`` module (``core.x``), wherever it appears (also inside a
+function, a class or an ``if TYPE_CHECKING:`` block):
+
+- ``import core.x`` / ``import core.x.y as z``
+- ``from core.x import y`` / ``from core import x`` (``core.x.y`` / ``core.x`` when they are modules)
+- ``from . import x`` / ``from .x import y`` / ``from ..x import y`` (relative to the importing module)
+- ``importlib.import_module("core.x")`` / ``__import__("core.x")`` with a literal name
+
+Importing ``core.x.y`` runs ``core/__init__.py`` and ``core/x/__init__.py`` first, so a closure
+holds the packages above each module too. Packages are ``core/x/__init__.py``; a package wins over a
+``core/x.py`` beside it, as in Python. Imports of anything outside ``core`` are ignored, and so are
+imports built from strings at run time (a case's ``factory = "module:callable"``).
+
+Results are remembered per process and per file: a file is parsed and hashed again when its size,
+mtime, ctime or inode changes, so edits are seen without a restart; ``fresh=True`` re-reads
+everything (for an edit that keeps the size within one timestamp tick). This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["PACKAGE", "ROOT", "code_hash", "module_closure"]
+
+PACKAGE = "core"
+ROOT = Path(__file__).resolve().parents[1]  # the directory that holds the core package
+
+_lock = threading.Lock()
+_imports_memo: dict[Path, tuple[tuple, frozenset[str]]] = {}  # file → (identity, import candidates)
+_digest_memo: dict[Path, tuple[tuple, str]] = {}  # file → (identity, sha256 of its bytes)
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _source_path(root: Path, package: str, name: str) -> Path | None:
+    """The file of module ``name`` under ``root`` (package ``__init__.py`` first), or None."""
+    parts = name.split(".")
+    if parts[0] != package or not all(p.isidentifier() for p in parts):
+        return None
+    base = root.joinpath(*parts)
+    init = base / "__init__.py"
+    if init.is_file():
+        return init
+    if parts[-1] != "__init__" and base.with_name(parts[-1] + ".py").is_file():
+        return base.with_name(parts[-1] + ".py")
+    return None
+
+
+def _parents(name: str) -> list[str]:
+    """``"core.x.y"`` → ``["core", "core.x"]``: the packages Python runs before the module."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _import_candidates(name: str, path: Path) -> frozenset[str]:
+    """Absolute names that module ``name`` (source ``path``) may import; some are not modules
+    (``from core.x import function`` gives ``core.x.function``) and are dropped when resolved."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except SyntaxError as exc:
+        raise ValueError(f"cannot read the imports of {path}: {exc.msg} (line {exc.lineno})") from None
+    here = name if path.name == "__init__.py" else name.rpartition(".")[0]  # the package of `name`
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                if not base:
+                    continue  # beyond the top-level package: Python raises, nothing to follow
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names if alias.name != "*")
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if called in ("import_module", "__import__") and not node.args[0].value.startswith("."):
+                found.add(node.args[0].value)
+    return frozenset(n for n in found if n)
+
+
+def _imports(name: str, path: Path, fresh: bool) -> frozenset[str]:
+    ident = _identity(path)
+    with _lock:
+        known = _imports_memo.get(path)
+    if not fresh and known is not None and known[0] == ident:
+        return known[1]
+    found = _import_candidates(name, path)
+    with _lock:
+        _imports_memo[path] = (ident, found)
+    return found
+
+
+def _closure_paths(modules: Iterable[str], root: Path | None, package: str,
+                   fresh: bool) -> dict[str, Path]:
+    root = Path(root).resolve() if root is not None else ROOT
+    if isinstance(modules, str):
+        modules = [modules]
+    todo: list[str] = []
+    for name in modules:
+        if _source_path(root, package, name) is None:
+            raise ValueError(f"no module {name!r} of the {package!r} package under {root}")
+        todo.append(name)
+    seen: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _source_path(root, package, name)
+        if path is None:
+            continue  # a name imported from a module, not a module
+        seen[name] = path
+        for parent in _parents(name):
+            if parent not in seen:
+                todo.append(parent)
+        for target in _imports(name, path, fresh):
+            if (target == package or target.startswith(package + ".")) and target not in seen:
+                todo.append(target)  # its parents join when it resolves
+    return dict(sorted(seen.items()))
+
+
+def module_closure(modules: Iterable[str], *, root: str | Path | None = None, package: str = PACKAGE,
+                   fresh: bool = False) -> list[str]:
+    """The sorted names of every module of ``package`` that ``modules`` import, transitively,
+    including the given modules themselves and the packages above each one (their ``__init__``
+    runs on import). ``root`` is the directory holding the package (default: this repository).
+    ValueError when a given module does not exist or a module in the closure does not parse."""
+    return list(_closure_paths(modules, root, package, fresh))
+
+
+def _digest(path: Path, fresh: bool) -> str:
+    ident = _identity(path)
+    with _lock:
+        known = _digest_memo.get(path)
+    if not fresh and known is not None and known[0] == ident:
+        return known[1]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with _lock:
+        _digest_memo[path] = (ident, digest)
+    return digest
+
+
+def code_hash(modules: Iterable[str], *, root: str | Path | None = None, package: str = PACKAGE,
+              fresh: bool = False, length: int = 16) -> str:
+    """A short hex sha256 (``length`` characters) of the closure of ``modules``: each module's name
+    and the sha256 of its source bytes, in sorted name order. Equal for equal sources wherever the
+    tree lives; it changes when any module in the closure changes, is added or goes away."""
+    h = hashlib.sha256(b"casebook-code-hash 1\n")
+    for name, path in _closure_paths(modules, root, package, fresh).items():
+        h.update(f"{name}\0{_digest(path, fresh)}\n".encode())
+    return h.hexdigest()[:length]
+

@@ -1,0 +1,878 @@
+"""Data adapters for a user's case: an image folder or a tensors file (DESIGN §9, issue 9).
+
+A user's ``[dataset]`` table names a ``source``:
+
+- ``"folder"``: ``<root>/<class>/<images>`` (split here, stratified, with ``split.seed``) or
+  ``<root>/{train,val,test}/<class>/<images>`` (``val`` optional: carved from ``train``).
+- ``"tensors"``: a ``.pt`` (``torch.save`` of a dict of tensors, read with ``weights_only=True``) or
+  ``.npz`` (read with ``allow_pickle=False``) holding ``x`` (N, C, H, W) or (N, H, W) float or
+  uint8, ``y`` (N,) int, optional ``mask`` (N, H, W) / (N, 1, H, W), ``split`` (N,) of 0/1/2 or
+  "train"/"val"/"test", ``classes``.
+
+``check_dataset`` / ``check_region`` validate a table without reading data; ``folder_data`` /
+``tensors_data`` read it into a :class:`core.seam.CaseData`; ``source_fingerprint`` is a cheap key
+(paths, sizes, mtimes) of every file they read. Every problem is a one-line
+:class:`core.seam.SourceError` naming the key or file and what to change. Nothing is ever written.
+
+Conventions: images become float32 (N, C, H, W) in [0, 1], resized to ``size`` (bilinear; masks
+nearest), converted to ``channels`` (gray → RGB repeats the channel, RGB → gray is ITU-R 601
+luma), then normalised ``(x − mean) / std`` when given (``CaseData.display`` undoes it). Labels
+index ``classes`` (default: the sorted class folder names, torchvision's ImageFolder convention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import stat
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.seam import CaseData, SourceError, Split
+
+__all__ = [
+    "DATASET_SCHEMA",
+    "IMAGE_EXTENSIONS",
+    "MAX_FILE_BYTES",
+    "MAX_IMAGES",
+    "MAX_TENSOR_BYTES",
+    "MAX_TENSORS_FILE_BYTES",
+    "REGION_SCHEMA",
+    "REQUIRED",
+    "check_dataset",
+    "check_region",
+    "folder_data",
+    "load_data",
+    "source_fingerprint",
+    "tensors_data",
+]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()  # the default of a key a table must give
+
+_SPLIT_DEFAULT = {"val": 0.1, "test": 0.2, "seed": 0}
+_COMMON = {
+    "source": (str, REQUIRED),
+    "classes": (list, None),
+    "size": ((list, int), None),
+    "channels": (int, None),
+    "mean": (list, None),
+    "std": (list, None),
+    "split": (dict, _SPLIT_DEFAULT),
+}
+# {source: {key: (accepted types, default)}}; REQUIRED marks a key without a default. ``size`` None:
+# the images' own size (all must agree); ``channels`` None: len(mean/std) if given, else the data's
+# (folder: 1 when every image is grayscale, else 3).
+DATASET_SCHEMA: dict[str, dict[str, tuple]] = {
+    "folder": {**_COMMON, "root": (str, REQUIRED)},
+    "tensors": {**_COMMON, "path": (str, REQUIRED)},
+}
+# ``masks`` is required for a folder source (a folder of masks, same relative paths as the images)
+# and not allowed for a tensors source (its masks are the file's ``mask`` array).
+REGION_SCHEMA: dict[str, tuple] = {"masks": (str, None), "name": (str, "region")}
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm")
+MAX_FILE_BYTES = 50 * 2**20          # per image / mask file
+MAX_IMAGES = 100_000                 # images in one case
+MAX_TENSOR_BYTES = 4 * 2**30         # the decoded float32 images of one case
+MAX_TENSORS_FILE_BYTES = 4 * 2**30   # a tensors file
+SPLIT_NAMES = ("train", "val", "test")
+_LUMA = (0.299, 0.587, 0.114)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (no data read)
+
+
+def _tname(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    names = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _is(value, types) -> bool:
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool):
+        return bool in types
+    if float in types and isinstance(value, int):
+        return True
+    return isinstance(value, types)
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_classes(classes, where: str) -> list[str]:
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise SourceError(f"{where}: classes must be a list of strings, e.g. [\"cat\", \"dog\"]")
+    if not 2 <= len(classes) <= 1000:
+        raise SourceError(f"{where}: classes has {len(classes)} names; give 2 to 1000")
+    for c in classes:
+        if not c.strip() or len(c) > 100:
+            raise SourceError(f"{where}: classes entry {c[:40]!r} must be a non-empty name of at most "
+                              "100 characters")
+    dup = sorted({c for c in classes if classes.count(c) > 1})
+    if dup:
+        raise SourceError(f"{where}: classes names {dup[0]!r} more than once; names must be distinct")
+    return list(classes)
+
+
+def check_dataset(section: dict, where: str = "[dataset]") -> dict:
+    """Validate a ``[dataset]`` table without reading any data; return it with defaults filled in.
+
+    ``where`` prefixes every message (e.g. ``"case.toml [dataset]"``). The result has every key of
+    ``DATASET_SCHEMA[source]``; ``size`` becomes ``[H, W]`` or None, ``split`` a full
+    ``{"val", "test", "seed"}`` table, ``channels`` is inferred from ``mean``/``std`` when not
+    given. Raises a one-line :class:`SourceError` naming the key: unknown key (listing the valid
+    ones), wrong type, size outside 8–1024 per side, channels not 1 or 3, mean/std not one value
+    per channel or std ≤ 0, split fractions outside [0, 0.9] or val + test ≥ 1, classes not 2–1000
+    distinct non-empty names of at most 100 characters.
+    """
+    if not isinstance(section, dict):
+        raise SourceError(f"{where}: expected a table with source = \"folder\" or \"tensors\"")
+    source = section.get("source")
+    if source not in DATASET_SCHEMA:
+        raise SourceError(f"{where}: source = {source!r} is not known; use one of "
+                          f"{', '.join(map(repr, DATASET_SCHEMA))}")
+    schema = DATASET_SCHEMA[source]
+    for key in section:
+        if key not in schema:
+            raise SourceError(f"{where}: unknown key {key!r} for source = {source!r}; valid keys: "
+                              f"{', '.join(schema)}")
+    out: dict = {}
+    for key, (types, default) in schema.items():
+        if key not in section:
+            if default is REQUIRED:
+                raise SourceError(f"{where}: missing key {key!r} (source = {source!r} needs it)")
+            out[key] = dict(default) if isinstance(default, dict) else default
+            continue
+        value = section[key]
+        if value is None and default is None:  # a checked table passed again
+            out[key] = None
+            continue
+        if not _is(value, types):
+            raise SourceError(f"{where}: {key} must be {_tname(types)}, got {type(value).__name__}")
+        out[key] = value
+    for key in ("root", "path"):
+        if key in out and not out[key].strip():
+            raise SourceError(f"{where}: {key} is empty; give a path relative to the TOML file")
+    if out["classes"] is not None:
+        out["classes"] = _check_classes(out["classes"], where)
+    size = out["size"]
+    if size is not None:
+        if isinstance(size, int):
+            size = [size, size]
+        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size) \
+                or not all(8 <= s <= 1024 for s in size):
+            raise SourceError(f"{where}: size = {section['size']!r}; give [H, W] with each side an "
+                              "integer from 8 to 1024")
+        out["size"] = list(size)
+    if out["channels"] is not None and out["channels"] not in (1, 3):
+        raise SourceError(f"{where}: channels = {out['channels']!r}; use 1 (gray) or 3 (RGB)")
+    for key in ("mean", "std"):
+        vals = out[key]
+        if vals is None:
+            continue
+        if not vals or not all(_number(v) for v in vals):
+            raise SourceError(f"{where}: {key} must be a list of finite numbers, one per channel")
+        if out["channels"] is None:
+            if len(vals) not in (1, 3):
+                raise SourceError(f"{where}: {key} has {len(vals)} values; give 1 (gray) or 3 (RGB)")
+            out["channels"] = len(vals)
+        if len(vals) != out["channels"]:
+            raise SourceError(f"{where}: {key} has {len(vals)} values but channels = "
+                              f"{out['channels']}; give one value per channel")
+        if key == "std" and any(v <= 0 for v in vals):
+            raise SourceError(f"{where}: std values must be > 0, got {vals!r}")
+        out[key] = [float(v) for v in vals]
+    split = out["split"]
+    for key in split:
+        if key not in _SPLIT_DEFAULT:
+            raise SourceError(f"{where}: unknown key {key!r} in split; valid keys: val, test, seed")
+    split = {**_SPLIT_DEFAULT, **split}
+    for key in ("val", "test"):
+        if not _number(split[key]) or not 0 <= split[key] <= 0.9:
+            raise SourceError(f"{where}: split.{key} = {split[key]!r}; give a fraction from 0 to 0.9")
+    if split["val"] + split["test"] >= 1:
+        raise SourceError(f"{where}: split.val + split.test = {split['val'] + split['test']:g}; "
+                          "keep it below 1 so training images remain")
+    if not isinstance(split["seed"], int) or isinstance(split["seed"], bool) or split["seed"] < 0:
+        raise SourceError(f"{where}: split.seed = {split['seed']!r}; give a non-negative integer")
+    out["split"] = {"val": float(split["val"]), "test": float(split["test"]), "seed": split["seed"]}
+    return out
+
+
+def check_region(section: dict, where: str = "[region]") -> dict:
+    """Validate a ``[region]`` table without reading data; return it with defaults filled in.
+
+    Keys: ``masks`` (str, a folder relative to the TOML file; needed by a folder source, refused
+    by ``tensors_data`` whose masks are the file's ``mask`` array) and ``name`` (str, how pages
+    call the region; default ``"region"``, at most 64 characters). One-line :class:`SourceError`
+    on an unknown key (listing the valid ones) or a wrong type.
+    """
+    if not isinstance(section, dict):
+        raise SourceError(f"{where}: expected a table with masks = \"<folder>\" and name = \"...\"")
+    out = {}
+    for key in section:
+        if key not in REGION_SCHEMA:
+            raise SourceError(f"{where}: unknown key {key!r}; valid keys: {', '.join(REGION_SCHEMA)}")
+    for key, (types, default) in REGION_SCHEMA.items():
+        value = section.get(key, default)
+        if value is not None and not _is(value, types):
+            raise SourceError(f"{where}: {key} must be {_tname(types)}, got {type(value).__name__}")
+        out[key] = value
+    if out["masks"] is not None and not out["masks"].strip():
+        raise SourceError(f"{where}: masks is empty; give a folder relative to the TOML file")
+    if not out["name"].strip() or len(out["name"]) > 64:
+        raise SourceError(f"{where}: name must be a non-empty name of at most 64 characters")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe file access
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _regular(path: Path, root: Path | None, base: Path, what: str = "file") -> os.stat_result:
+    """stat of a regular file; under a ``root`` a symlink must resolve to one inside ``root``
+    (``root`` None: a file the user named explicitly, symlinks followed anywhere)."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) and root is None:
+            st = os.stat(path)
+        elif stat.S_ISLNK(st.st_mode):
+            target = path.resolve(strict=True)
+            if not _inside(target, root.resolve()):
+                raise SourceError(f"{what} {_rel(path, base)!r} is a symlink pointing outside "
+                                  f"{_rel(root, base)!r}; copy the file in instead")
+            st = os.stat(target)
+    except OSError as exc:
+        raise SourceError(f"{what} {_rel(path, base)!r} cannot be read ({exc.strerror or exc})") \
+            from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceError(f"{what} {_rel(path, base)!r} is not a regular file (a FIFO, device or "
+                          "folder?); keep only image files there")
+    return st
+
+
+def _read_bytes(path: Path, root: Path, base: Path, cap: int, what: str = "image") -> bytes:
+    st = _regular(path, root, base, what)
+    if st.st_size > cap:
+        raise SourceError(f"{what} {_rel(path, base)!r} is {st.st_size / 2**20:.0f} MB, over the "
+                          f"{cap / 2**20:.0f} MB limit; shrink it or leave it out")
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise SourceError(f"{what} {_rel(path, base)!r} is over the {cap / 2**20:.0f} MB limit")
+    return data
+
+
+def _decode(path: Path, root: Path, base: Path, what: str = "image"):
+    """The fully loaded PIL image at ``path``; every decoding problem is a SourceError."""
+    from PIL import Image, UnidentifiedImageError
+
+    data = _read_bytes(path, root, base, MAX_FILE_BYTES, what)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SourceError(f"{what} {_rel(path, base)!r} has too many pixels (over Pillow's "
+                          f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels); "
+                          "downscale it") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        line = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
+        raise SourceError(f"{what} {_rel(path, base)!r} cannot be decoded ({line}); is it a "
+                          "complete image file?") from exc
+    return img
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder listing (shared by folder_data and source_fingerprint)
+
+
+def _subdirs(folder: Path, root: Path, base: Path) -> list[str]:
+    names = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        if entry.is_symlink():
+            target = path.resolve()
+            if not target.is_dir():
+                continue
+            if not _inside(target, root.resolve()):
+                raise SourceError(f"folder {_rel(path, base)!r} is a symlink pointing outside "
+                                  f"{_rel(root, base)!r}; copy the folder in instead")
+            names.append(entry.name)
+        elif entry.is_dir():
+            names.append(entry.name)
+    return names
+
+
+def _images_under(folder: Path, root: Path, base: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted, hidden names skipped, symlinked folders
+    not followed)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(dirpath) / name)
+        if len(found) > MAX_IMAGES:
+            raise SourceError(f"{_rel(root, base)!r} holds more than {MAX_IMAGES} images; "
+                              "use a subset")
+    return found
+
+
+def _layout(root: Path) -> str:
+    parts = [s for s in SPLIT_NAMES if (root / s).is_dir()]
+    return "split" if parts else "flat"
+
+
+def _list_folder(dataset: dict, base_dir: Path) -> dict:
+    """``{"root", "layout", "classes", "files": [(split or None, label, path)]}``; raises on a
+    missing root, unknown / empty class folders and too many images."""
+    base_dir = Path(base_dir)
+    root = base_dir / dataset["root"]
+    if not root.is_dir():
+        raise SourceError(f"[dataset] root folder {_rel(root, base_dir)!r} does not exist (paths "
+                          "are relative to the TOML file)")
+    layout = _layout(root)
+    if layout == "split":
+        have = [s for s in SPLIT_NAMES if (root / s).is_dir()]
+        for need in ("train", "test"):
+            if need not in have:
+                raise SourceError(f"[dataset] root {_rel(root, base_dir)!r} has {'/'.join(have)} "
+                                  f"folders but no {need!r}; give train and test (val optional) "
+                                  "or put the class folders directly under root")
+        parts = have
+    else:
+        parts = [None]
+    top = root / "train" if layout == "split" else root
+    found = _subdirs(top, root, base_dir)
+    classes = dataset.get("classes")
+    if classes is None:
+        classes = found
+        if len(classes) < 2:
+            raise SourceError(f"[dataset] {_rel(top, base_dir)!r} has {len(classes)} class "
+                              "folder(s); a case needs at least 2 (one folder of images per class)")
+    else:
+        for c in classes:
+            if c not in found:
+                raise SourceError(f"[dataset] classes names {c!r} but {_rel(top / c, base_dir)!r} "
+                                  "does not exist; fix the name or add the folder")
+    index = {c: i for i, c in enumerate(classes)}
+    files: list[tuple[str | None, int, Path]] = []
+    for part in parts:
+        folder = root / part if part else root
+        for name in _subdirs(folder, root, base_dir):
+            if name not in index:
+                raise SourceError(f"[dataset] folder {_rel(folder / name, base_dir)!r} is not a "
+                                  f"class ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''});"
+                                  " add it to classes or move it out of root")
+        for c in classes:
+            cdir = folder / c
+            if part not in (None, "train") and not cdir.is_dir():
+                continue  # a val/test split may lack a class
+            images = _images_under(cdir, root, base_dir)
+            if not images:
+                raise SourceError(f"[dataset] class folder {_rel(cdir, base_dir)!r} has no images "
+                                  f"({', '.join(IMAGE_EXTENSIONS[:4])}, ...); add some or remove it")
+            files.extend((part, index[c], p) for p in images)
+            if len(files) > MAX_IMAGES:
+                raise SourceError(f"[dataset] root {_rel(root, base_dir)!r} holds more than "
+                                  f"{MAX_IMAGES} images; use a subset")
+    return {"root": root, "layout": layout, "classes": list(classes), "files": files}
+
+
+def _mask_path(image: Path, root: Path, mask_root: Path, base: Path) -> Path:
+    rel = image.relative_to(root)
+    exact = mask_root / rel
+    if exact.exists() or exact.is_symlink():
+        return exact
+    for ext in IMAGE_EXTENSIONS:
+        for cand in (exact.with_suffix(ext), exact.with_suffix(ext.upper())):
+            if cand.exists():
+                return cand
+    raise SourceError(f"[region] no mask for image {_rel(image, base)!r}: expected "
+                      f"{_rel(exact, base)!r} (or the same name with another image extension)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding and splitting
+
+
+def _image_array(img, size: tuple[int, int], channels: int | None) -> np.ndarray:
+    """(H, W, C) float32 in [0, 1], resized to ``size`` (bilinear), C = channels (None: 1 for a
+    gray image, 3 otherwise). 16-bit gray is divided by 65535; alpha is dropped."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img, dtype=np.float32)
+        scale = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / scale, 0, 1).astype(np.float32), mode="F")
+    elif mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32), 0, 1), mode="F")
+    elif mode in ("1", "L", "LA", "La"):
+        img = img.convert("L")
+    elif mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32)
+    if img.mode != "F":
+        arr = arr / 255.0
+    arr = np.clip(arr, 0, 1)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    want = channels or arr.shape[-1]
+    if arr.shape[-1] == want:
+        return arr
+    if want == 3:
+        return np.repeat(arr, 3, axis=-1)
+    return (arr @ np.asarray(_LUMA, dtype=np.float32))[..., None]
+
+
+def _mask_array(img, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    arr = np.asarray(img)
+    arr = arr.any(axis=-1) if arr.ndim == 3 else arr != 0
+    if arr.shape != size:
+        arr = np.asarray(Image.fromarray(arr.astype(np.uint8) * 255).resize(
+            (size[1], size[0]), Image.Resampling.NEAREST)) > 0
+    return arr
+
+
+def _stratified(labels: np.ndarray, fractions: list[float], rng: np.random.Generator,
+                classes: list[str], what: str) -> list[np.ndarray]:
+    """Per class, shuffle and cut off ``round(f * n)`` rows for each fraction; the rest is the
+    last part (train). Every class keeps at least one row in the last part."""
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for c in range(len(classes)):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(idx.size)]
+        start = 0
+        for k, f in enumerate(fractions):
+            n = int(round(f * idx.size))
+            parts[k].extend(idx[start:start + n].tolist())
+            start += n
+        if start >= idx.size:
+            raise SourceError(f"[dataset] split leaves class {classes[c]!r} with no training image "
+                              f"({idx.size} {what} of it); lower split.val / split.test or add "
+                              "images")
+        parts[-1].extend(idx[start:].tolist())
+    return [np.asarray(sorted(p), dtype=np.int64) for p in parts]
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    if mean is not None:
+        x = x - torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    if std is not None:
+        x = x / torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return x.contiguous()
+
+
+def _make_splits(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
+                 tags: np.ndarray | None, split: dict, classes: list[str]) -> tuple[Split, ...]:
+    """train / val / test Splits. ``tags`` (N,) of 0/1/2 when the data brings its own split
+    (val carved from train with ``split.val`` when it has none), else stratified with the seed."""
+    labels = y.numpy()
+    rng = np.random.default_rng(split["seed"])
+    if tags is None:
+        test_i, val_i, train_i = _stratified(labels, [split["test"], split["val"]], rng, classes,
+                                             "images")
+    else:
+        train_pool = np.flatnonzero(tags == 0)
+        val_i, test_i = np.flatnonzero(tags == 1), np.flatnonzero(tags == 2)
+        if val_i.size == 0 and split["val"] > 0:
+            carved, kept = _stratified(labels[train_pool], [split["val"]], rng, classes,
+                                       "training images")
+            val_i, train_i = train_pool[carved], train_pool[kept]
+        else:
+            train_i = train_pool
+        have = set(labels[train_i].tolist())
+        for c, name in enumerate(classes):
+            if c not in have:
+                raise SourceError(f"[dataset] split leaves class {name!r} with no training image; "
+                                  "add training images of it")
+
+    def take(idx: np.ndarray) -> Split:
+        t = torch.from_numpy(idx)
+        return Split(x=x[t].contiguous(), y=y[t].contiguous(),
+                     mask=None if mask is None else mask[t].contiguous())
+
+    return take(train_i), take(val_i), take(test_i)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder source
+
+
+def folder_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
+    """Read an image folder into a :class:`CaseData` (``source="folder"``).
+
+    ``dataset`` is a ``[dataset]`` table (checked again with :func:`check_dataset`), ``region`` a
+    ``[region]`` table or None, ``base_dir`` the TOML file's folder (all paths are relative to it).
+    Layouts: ``root/<class>/**/<image>`` (a stratified split per class with ``split``: test and val
+    take ``round(fraction × n)`` images each, the seed's permutation, rows sorted by file order) or
+    ``root/{train,val,test}/<class>/...`` (val carved from train with ``split.val`` when there is
+    no ``val`` folder; ``split.test`` then does not apply). Images: float32 (N, C, H, W) in [0, 1]
+    resized to ``size`` (default: the images' own size, which must then agree), converted to
+    ``channels``, normalised with ``mean``/``std``. Region masks: ``[region] masks`` holds one mask
+    per image at the same relative path (any image extension); non-zero pixels are the region;
+    ``Split.mask`` is (N, 1, H, W) bool (nearest resize), ``x_clean`` None. ``extra`` holds
+    ``{"root": <root relative to base_dir>, "layout": "flat" | "split", "n_files": int}``.
+    Raises a one-line :class:`SourceError` naming the file or key on any bad input.
+    """
+    base_dir = Path(base_dir)
+    dataset = check_dataset({**dataset, "source": "folder"}, "[dataset]")
+    region = _folder_region(region)
+    listing = _list_folder(dataset, base_dir)
+    root, classes, files = listing["root"], listing["classes"], listing["files"]
+    mask_root = None
+    if region is not None:
+        mask_root = base_dir / region["masks"]
+        if not mask_root.is_dir():
+            raise SourceError(f"[region] masks folder {_rel(mask_root, base_dir)!r} does not exist "
+                              "(paths are relative to the TOML file)")
+    size = tuple(dataset["size"]) if dataset["size"] else None
+    n = len(files)
+    arrays: list[np.ndarray] = []
+    masks: list[np.ndarray] | None = [] if mask_root is not None else None
+    first = None
+    for path_tuple in files:
+        path = path_tuple[2]
+        img = _decode(path, root, base_dir)
+        if first is None:
+            first = (path, img.size)
+            size = size or (img.size[1], img.size[0])
+            need = n * (dataset["channels"] or 3) * size[0] * size[1] * 4
+            if need > MAX_TENSOR_BYTES:
+                raise SourceError(f"[dataset] {n} images of {size[0]}×{size[1]} would take "
+                                  f"{need / 2**30:.1f} GiB (limit {MAX_TENSOR_BYTES / 2**30:.0f} GiB);"
+                                  " lower size or use fewer images")
+        elif dataset["size"] is None and img.size != first[1]:
+            raise SourceError(f"[dataset] images differ in size: {_rel(first[0], base_dir)!r} is "
+                              f"{first[1][0]}×{first[1][1]} but {_rel(path, base_dir)!r} is "
+                              f"{img.size[0]}×{img.size[1]} (W×H); set size = [H, W] to resize")
+        if masks is not None:
+            mpath = _mask_path(path, root, mask_root, base_dir)
+            mimg = _decode(mpath, mask_root, base_dir, "mask")
+            if mimg.size != img.size:
+                raise SourceError(f"[region] mask {_rel(mpath, base_dir)!r} is {mimg.size[0]}×"
+                                  f"{mimg.size[1]} but its image is {img.size[0]}×{img.size[1]} "
+                                  "(W×H); masks must match their images")
+            masks.append(_mask_array(mimg, size))
+        arrays.append(_image_array(img, size, dataset["channels"]))
+    channels = dataset["channels"] or max(a.shape[-1] for a in arrays)
+    x = torch.empty((n, channels, *size), dtype=torch.float32)
+    for i, arr in enumerate(arrays):
+        if arr.shape[-1] != channels:  # inferred channels: gray images among RGB ones
+            arr = np.repeat(arr, channels, axis=-1)
+        x[i] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        arrays[i] = None
+    mask = None if masks is None else torch.from_numpy(np.stack(masks))[:, None]
+    x = _normalise(x, dataset["mean"], dataset["std"])
+    y = torch.tensor([label for _, label, _ in files], dtype=torch.int64)
+    tags = None
+    if listing["layout"] == "split":
+        tags = np.asarray([SPLIT_NAMES.index(part) for part, _, _ in files], dtype=np.int64)
+    train, val, test = _make_splits(x, y, mask, tags, dataset["split"], classes)
+    return CaseData(train=train, val=val, test=test, class_names=tuple(classes), source="folder",
+                    seed=dataset["split"]["seed"],
+                    region_name=region["name"] if region is not None else None,
+                    mean=_tuple(dataset["mean"]), std=_tuple(dataset["std"]),
+                    extra={"root": _rel(root, base_dir), "layout": listing["layout"],
+                           "n_files": n})
+
+
+def _tuple(v):
+    return None if v is None else tuple(float(a) for a in v)
+
+
+def _folder_region(region: dict | None) -> dict | None:
+    if region is None:
+        return None
+    region = check_region(region, "[region]")
+    if region["masks"] is None:
+        raise SourceError("[region]: missing key 'masks' (a folder of masks, same relative paths "
+                          "as the images); remove [region] for a case without one")
+    return region
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors source
+
+_TENSOR_KEYS = ("x", "y", "mask", "split", "classes")
+
+
+def _load_tensors_file(path: Path, base: Path) -> dict:
+    shown = _rel(path, base)
+    hint = ("save a dict of plain tensors / arrays, e.g. torch.save({'x': x, 'y': y}, 'data.pt') "
+            "or numpy.savez('data.npz', x=x, y=y)")
+    suffix = path.suffix.lower()
+    if suffix not in (".pt", ".pth", ".npz"):
+        raise SourceError(f"[dataset] path {shown!r}: use a .pt / .pth (torch.save) or .npz file")
+    if not os.path.lexists(path):
+        raise SourceError(f"[dataset] tensors file {shown!r} does not exist (paths are relative to "
+                          "the TOML file)")
+    st = _regular(path, None, base, "tensors file")
+    if st.st_size > MAX_TENSORS_FILE_BYTES:
+        raise SourceError(f"[dataset] tensors file {shown!r} is {st.st_size / 2**30:.1f} GiB, over "
+                          f"the {MAX_TENSORS_FILE_BYTES / 2**30:.0f} GiB limit; use a subset")
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except ValueError as exc:
+            if "pickle" in str(exc).lower():
+                raise SourceError(f"[dataset] tensors file {shown!r} holds pickled (object) arrays; "
+                                  f"{hint}") from exc
+            raise SourceError(f"[dataset] tensors file {shown!r} cannot be read "
+                              f"({str(exc).splitlines()[0][:100]}); {hint}") from exc
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            raise SourceError(f"[dataset] tensors file {shown!r} is not a readable .npz (truncated "
+                              f"or corrupt?); {hint}") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise SourceError(f"[dataset] tensors file {shown!r} holds pickled objects "
+                              f"({found.group(1)}), not plain tensors; {hint}") from exc
+        raise SourceError(f"[dataset] tensors file {shown!r} cannot be read by torch.load "
+                          f"(truncated or not a torch.save file); {hint}") from exc
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise SourceError(f"[dataset] tensors file {shown!r} holds a {type(data).__name__}, not a "
+                          f"dict with keys x and y; {hint}")
+    return data
+
+
+def _as_tensor(value, key: str, shown: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return torch.from_numpy(np.ascontiguousarray(value))
+    kind = type(value).__name__ + (f" of {value.dtype}" if hasattr(value, "dtype") else "")
+    raise SourceError(f"[dataset] tensors file {shown!r}: {key!r} must be a numeric tensor / array, "
+                      f"got {kind}")
+
+
+def _strings(value, key: str, shown: str) -> list[str] | None:
+    if isinstance(value, np.ndarray) and value.dtype.kind == "U":
+        return [str(v) for v in value.reshape(-1)]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
+    """Read a tensors file into a :class:`CaseData` (``source="tensors"``).
+
+    ``dataset["path"]`` (relative to ``base_dir``) is a ``.pt``/``.pth`` dict loaded with
+    ``torch.load(weights_only=True)`` or an ``.npz`` loaded with ``allow_pickle=False``. Keys: ``x``
+    (N, C, H, W) with C 1 or 3, or (N, H, W); uint8 (divided by 255) or float (taken as [0, 1],
+    must be finite); ``y`` (N,) integers in [0, n_classes); optional ``mask`` (N, H, W) or
+    (N, 1, H, W) (non-zero = region), ``split`` (N,) of 0/1/2 or "train"/"val"/"test" (else the
+    stratified ``[dataset] split``; val carved from train when the file's split has none) and
+    ``classes`` (names; ``[dataset] classes`` wins). n_classes = len(classes), else max(y) + 1
+    with names "0", "1", ... ``size``/``channels``/``mean``/``std`` act as for a folder. The
+    region exists when the file has ``mask``; ``[region]`` may only name it (``masks`` is refused).
+    ``extra = {"path": <file relative to base_dir>}``. One-line :class:`SourceError` on any bad
+    input (missing keys, wrong shapes, labels out of range, pickled objects).
+    """
+    base_dir = Path(base_dir)
+    dataset = check_dataset({**dataset, "source": "tensors"}, "[dataset]")
+    if region is not None:
+        region = check_region(region, "[region]")
+        if region["masks"] is not None:
+            raise SourceError("[region] masks does not apply to a tensors source: its masks are the "
+                              "file's 'mask' array; keep only [region] name")
+    path = base_dir / dataset["path"]
+    shown = _rel(path, base_dir)
+    data = _load_tensors_file(path, base_dir)
+    for key in data:
+        if key not in _TENSOR_KEYS:
+            raise SourceError(f"[dataset] tensors file {shown!r} has an unknown key {key!r}; valid "
+                              f"keys: {', '.join(_TENSOR_KEYS)}")
+    for key in ("x", "y"):
+        if key not in data:
+            raise SourceError(f"[dataset] tensors file {shown!r} has no {key!r} (keys: "
+                              f"{', '.join(data) or 'none'}); it needs x (N, C, H, W) and y (N,)")
+    x = _as_tensor(data["x"], "x", shown)
+    y = _as_tensor(data["y"], "y", shown)
+    if x.dim() == 3:
+        x = x[:, None]
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise SourceError(f"[dataset] tensors file {shown!r}: x has shape {tuple(x.shape)}; give "
+                          "(N, C, H, W) with C 1 or 3, or (N, H, W)")
+    n, c, h, w = x.shape
+    if n > MAX_IMAGES:
+        raise SourceError(f"[dataset] tensors file {shown!r} holds {n} images, over the "
+                          f"{MAX_IMAGES} limit; use a subset")
+    if n == 0 or h < 1 or w < 1:
+        raise SourceError(f"[dataset] tensors file {shown!r}: x has shape {tuple(x.shape)}, no images")
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    elif x.is_floating_point():
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise SourceError(f"[dataset] tensors file {shown!r}: x holds NaN or inf values")
+    else:
+        raise SourceError(f"[dataset] tensors file {shown!r}: x is {x.dtype}; give float in [0, 1] "
+                          "or uint8 in [0, 255]")
+    if y.dim() != 1 or y.shape[0] != n or y.is_floating_point() or y.dtype == torch.bool:
+        raise SourceError(f"[dataset] tensors file {shown!r}: y has shape {tuple(y.shape)} and dtype "
+                          f"{y.dtype}; give (N,) = ({n},) integer class indices")
+    y = y.long()
+    classes = dataset["classes"]
+    if classes is None and "classes" in data:
+        classes = _strings(data["classes"], "classes", shown)
+        if classes is None:
+            raise SourceError(f"[dataset] tensors file {shown!r}: 'classes' must be a list of strings")
+        classes = _check_classes(classes, f"[dataset] tensors file {shown!r}")
+    n_classes = len(classes) if classes is not None else int(y.max()) + 1
+    bad = torch.nonzero((y < 0) | (y >= n_classes)).flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise SourceError(f"[dataset] tensors file {shown!r}: label y[{i}] = {int(y[i])} is out of "
+                          f"range 0..{n_classes - 1} ({bad.numel()} such labels)"
+                          + ("; fix y or classes" if classes is not None else ""))
+    if classes is None:
+        if n_classes < 2:
+            raise SourceError(f"[dataset] tensors file {shown!r}: y has {n_classes} class; a case "
+                              "needs at least 2")
+        classes = [str(i) for i in range(n_classes)]
+    mask = None
+    if "mask" in data:
+        mask = _as_tensor(data["mask"], "mask", shown)
+        if mask.dim() == 3:
+            mask = mask[:, None]
+        if mask.dim() != 4 or tuple(mask.shape) != (n, 1, h, w):
+            raise SourceError(f"[dataset] tensors file {shown!r}: mask has shape {tuple(mask.shape)}"
+                              f"; give ({n}, {h}, {w}) or ({n}, 1, {h}, {w}) like x")
+        mask = mask != 0
+    elif region is not None:
+        raise SourceError(f"[region] is set but tensors file {shown!r} has no 'mask' array; add "
+                          "mask (N, H, W) or remove [region]")
+    tags = None
+    if "split" in data:
+        raw = data["split"]
+        names = _strings(raw, "split", shown)
+        if names is not None:
+            unknown = sorted(set(names) - set(SPLIT_NAMES))
+            if unknown:
+                raise SourceError(f"[dataset] tensors file {shown!r}: split value {unknown[0]!r} is "
+                                  "not train / val / test")
+            tags = np.asarray([SPLIT_NAMES.index(s) for s in names], dtype=np.int64)
+        else:
+            t = _as_tensor(raw, "split", shown)
+            if t.is_floating_point() or not set(t.unique().tolist()) <= {0, 1, 2}:
+                raise SourceError(f"[dataset] tensors file {shown!r}: split must hold 0 (train), "
+                                  "1 (val), 2 (test) or the strings train / val / test")
+            tags = t.long().numpy().reshape(-1)
+        if tags.shape != (n,):
+            raise SourceError(f"[dataset] tensors file {shown!r}: split has {tags.size} values for "
+                              f"{n} images")
+    size = tuple(dataset["size"]) if dataset["size"] else (h, w)
+    channels = dataset["channels"] or c
+    need = n * channels * size[0] * size[1] * 4
+    if need > MAX_TENSOR_BYTES:
+        raise SourceError(f"[dataset] {n} images of {size[0]}×{size[1]}×{channels} would take "
+                          f"{need / 2**30:.1f} GiB (limit {MAX_TENSOR_BYTES / 2**30:.0f} GiB); lower size")
+    if channels != c:
+        x = x.repeat(1, 3, 1, 1) if channels == 3 else \
+            (x * torch.tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if size != (h, w):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                          antialias=size[0] < h or size[1] < w)
+        if mask is not None:
+            mask = F.interpolate(mask.float(), size=size, mode="nearest") > 0.5
+    x = _normalise(x.contiguous(), dataset["mean"], dataset["std"])
+    train, val, test = _make_splits(x, y, mask, tags, dataset["split"], classes)
+    return CaseData(train=train, val=val, test=test, class_names=tuple(classes), source="tensors",
+                    seed=dataset["split"]["seed"],
+                    region_name=(region["name"] if region is not None else "region")
+                    if mask is not None else None,
+                    mean=_tuple(dataset["mean"]), std=_tuple(dataset["std"]),
+                    extra={"path": shown})
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def source_fingerprint(dataset: dict, region: dict | None, base_dir: Path) -> str:
+    """sha256 hex of the tables and of every file the adapter reads (relative path, size,
+    mtime_ns), without decoding anything: a cheap key for the data stage. Replacing, adding or
+    removing an image or mask changes it. Raises :class:`SourceError` like the adapters do for a
+    missing root / file and for bad tables."""
+    base_dir = Path(base_dir)
+    dataset = check_dataset(dataset, "[dataset]")
+    region = check_region(region, "[region]") if region is not None else None
+    h = hashlib.sha256(json.dumps({"dataset": dataset, "region": region}, sort_keys=True).encode())
+
+    def add(path: Path, root: Path | None) -> None:
+        st = _regular(path, root, base_dir)
+        h.update(f"{_rel(path, base_dir)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+
+    if dataset["source"] == "tensors":
+        path = base_dir / dataset["path"]
+        if not os.path.lexists(path):
+            raise SourceError(f"[dataset] tensors file {_rel(path, base_dir)!r} does not exist")
+        add(path, None)
+        return h.hexdigest()
+    listing = _list_folder(dataset, base_dir)
+    root = listing["root"]
+    mask_root = base_dir / region["masks"] if region is not None and region["masks"] else None
+    if mask_root is not None and not mask_root.is_dir():
+        raise SourceError(f"[region] masks folder {_rel(mask_root, base_dir)!r} does not exist")
+    for _, _, path in listing["files"]:
+        add(path, root)
+        if mask_root is not None:
+            add(_mask_path(path, root, mask_root, base_dir), mask_root)
+    return h.hexdigest()
+
+
+def load_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
+    """:func:`folder_data` or :func:`tensors_data` by ``dataset["source"]`` (checked first with
+    :func:`check_dataset`); the same return value and errors."""
+    dataset = check_dataset(dataset, "[dataset]")
+    adapter = folder_data if dataset["source"] == "folder" else tensors_data
+    return adapter(dataset, region, Path(base_dir))
