@@ -1,8 +1,10 @@
 """Influence Casebook: the report's entrypoint (page config, navigation, the shared sidebar).
 
-Run with ``streamlit run app.py`` (``make run`` builds the default case study first). The pages in
-``pages/`` only read what ``core`` computed; the sidebar picks the case study, the model and the
-device, and shows which stages of the case study are built.
+Run with ``streamlit run app.py`` (``make run`` builds the default case study first). The chapters
+in ``chapters/`` only read what ``core`` computed; the sidebar picks the case (every built-in case
+and every case under ``$CASEBOOK_CASES``, by name: never a path), the model and the device, and
+shows which stages of the case are built. A chapter whose stage module does not exist yet is left
+out of the navigation.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ st.set_page_config(page_title="Influence Casebook", page_icon=":material/biotech
 
 
 def _page(file: str, title: str, icon: str, url_path: str, default: bool = False):
-    return st.Page(f"pages/{file}", title=title, icon=icon, url_path=url_path, default=default)
+    return st.Page(f"chapters/{file}", title=title, icon=icon, url_path=url_path, default=default)
 
 
 sections: dict[str, list] = {
@@ -28,10 +30,14 @@ sections: dict[str, list] = {
         _page("influence.py", "Influence & experts", ":material/hub:", "influence"),
     ],
 }
-# Pages other engineers own join the navigation once their files exist.
-OPTIONAL = [("representations.py", "Representations compared", ":material/compare:", "representations"),
-            ("corrections.py", "Corrections", ":material/healing:", "corrections")]
-compare = [_page(*spec) for spec in OPTIONAL if (ROOT / "pages" / spec[0]).exists()]
+# Chapters drawn from a stage join the navigation once the stage's module exists.
+OPTIONAL = [("representations", "representations.py", "Representations compared", ":material/compare:",
+             "representations"),
+            ("corrections", "corrections.py", "Corrections", ":material/healing:", "corrections"),
+            ("essence", "essence.py", "Essence & causal check", ":material/filter_alt:", "essence"),
+            ("detection", "detection.py", "Attacks & detection", ":material/shield:", "detection")]
+compare = [_page(*spec[1:]) for spec in OPTIONAL
+           if ui.stage_exists(spec[0]) and (ROOT / "chapters" / spec[1]).exists()]
 if compare:
     sections["Compare & correct"] = compare
 sections["Background"] = [_page("method.py", "Method", ":material/menu_book:", "method")]
@@ -41,13 +47,19 @@ page = st.navigation(sections)
 # ---------------------------------------------------------------------------------------------- sidebar
 with st.sidebar:
     st.caption("INFLUENCE CASEBOOK")
-    ui.choice("Case study", ui.list_cases(), param="case", default=ui.current_case(),
-              help="Built-in case studies (cases/*.toml).")
+    cases = ui.list_cases()
+    asked = ui.asked_case()
+    if asked is not None and asked not in cases and "qp-case" not in st.session_state:
+        # A URL names a case by its name only; anything else is said in one plain line (no path is
+        # read, nothing of the server is revealed) and the default case opens.
+        st.error(f"Unknown case {ui.plain(repr(asked[:60]))}; showing {ui.plain(ui.default_case(cases))}.")
+    ui.choice("Case study", cases or [ui.default_case(cases)], param="case", default=ui.default_case(cases),
+              help="Built-in cases and the cases in the folder named by $CASEBOOK_CASES.")
     try:
         study = ui.open_study()
-    except Exception as exc:  # an unknown or malformed case: say so, keep the app usable
+    except Exception as exc:  # a malformed case: say so in one line, keep the app usable
         study = None
-        st.error(f"Could not open {ui.current_case()!r}: {exc}")
+        st.error(f"Could not open {ui.plain(repr(ui.current_case()))}: {ui.plain(exc)}")
     devices = ui.available_devices()
     ui.choice("Device", devices, param="device", disabled=len(devices) == 1,
               format_func=lambda d: {"cuda": "CUDA (GPU)", "cpu": "CPU"}.get(d, d),
@@ -55,18 +67,22 @@ with st.sidebar:
     if study is not None:
         try:
             built = ui.status(study)
-            models = ui.model_names(study) if built.get("models") else list(ui.BASE_MODELS)
+            facts = ui.facts(study)
+            models = ui.model_names(study)
             labels = ui.correction_labels(study) if built.get("corrections") else {}
         except Exception as exc:  # a broken cache must not take the sidebar down
-            built, models, labels = {}, list(ui.BASE_MODELS), {}
-            st.warning(f"Could not read the cache: {exc}")
-        ui.choice("Model", models, param="model", format_func=lambda m: ui.model_label(m, labels),
-                  help="The model the influence views explain: trained with the decoy (vanilla), "
-                       "without it (clean), or a correction of the vanilla model.")
+            built, facts, labels = {}, {}, {}
+            models = list(getattr(study, "model_names", None) or [])
+            st.warning(f"Could not read the cache: {ui.plain(exc)}")
+        if models:
+            ui.choice("Model", models, param="model", default=facts.get("subject"),
+                      format_func=lambda m: ui.model_label(m, labels, facts),
+                      help="The model the influence views explain: one of the case's models or a "
+                           "correction of the model under study.")
         st.markdown("**Cache**")
         done, todo = ":green[:material/check_circle:]", ":gray[:material/radio_button_unchecked:]"
         st.markdown("  \n".join(f"{done if built.get(s) else todo} {s}" for s in ui.STAGES))
-        st.caption(f"{sum(map(bool, built.values()))}/{len(ui.STAGES)} stages built · pages offer "
+        st.caption(f"{sum(map(bool, built.values()))}/{len(ui.STAGES)} stages built · chapters offer "
                    "to build what they need.")
 
 page.run()

@@ -1,18 +1,25 @@
-"""Shared helpers for every page of the report (this module imports Streamlit; ``core`` never does).
+"""Shared helpers for every chapter of the report (this module imports Streamlit; ``core`` never does).
 
-What a page needs, in one place:
+What a chapter needs, in one place:
 
 - ``current_study()``: the open :class:`core.casestudy.CaseStudy` (``st.cache_resource`` on the case
-  name, cache folder and device; shared across sessions, so pages never mutate its models).
+  name, cache folder and device; shared across sessions, so chapters never mutate its models). A
+  case is named, never a path: the app opens cases with ``allow_path=False``.
+- ``facts(study)``: ``study.case_facts()`` (classes, region, channels, size, headline evaluation
+  set, chance, subject, reference, models, layers); chapters read every case-specific word from it.
 - Cached readers keyed on strings, never on tensors: ``report()``, ``status()``, ``artifact(stage)``,
   ``samples(split, n)``, ``experts(model, layer, cls)``, ``experts_for(model, layer, qoi, doi)``.
 - ``build_missing(study, stages)``: run ``study.build`` inside ``st.status`` with a progress bar and a
-  readable error; ``require(study, stages, what)`` offers that build when a page's results are missing.
+  readable error; ``require(study, stages, what)`` offers that build when a chapter's results are
+  missing.
+- Pictures for any case: ``picture`` (grey or colour, enlarged to a readable size), ``tinted``
+  (the region outlined), ``masked`` / ``overlay`` / ``heatmap`` (an interpretation over the image).
 - Downloads: ``download_csv``, ``download_json``, ``download_png`` (deferred: the bytes are made only
   when the reader clicks).
 - Deep links: ``qp_get`` / ``qp_set`` and ``choice(...)``, a widget whose default is read from
   ``st.query_params`` and whose value is written back there, so a copied URL reopens the same view.
 - The sidebar state the entrypoint owns: ``current_case()``, ``current_model()``, ``current_device()``.
+- ``plain(text)``: text safe to show in a Markdown element (no links, no formatting, no paths).
 """
 
 from __future__ import annotations
@@ -20,45 +27,50 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import streamlit as st
 
-from core.casestudy import CHANCE as CHANCE_DECOY_MASS  # noqa: F401 (for the pages)
-
 DEFAULT_CASE = "decoy-mnist"
-STAGES = ("data", "models", "experts", "representations", "corrections")
-BASE_MODELS = ("vanilla", "clean")
 
-MODEL_LABELS = {"vanilla": "vanilla (trained with the decoy)", "clean": "clean (trained without it)"}
+
+def _stages() -> tuple[str, ...]:
+    """The pipeline's stages whose module exists (a stage another helper has not written yet is
+    left out of the sidebar and the navigation)."""
+    try:
+        from core.casestudy.registry import REGISTRY, module_exists
+    except ImportError:  # pragma: no cover - core ships the registry
+        return ("data", "models", "experts", "representations", "corrections")
+    return tuple(s.name for s in REGISTRY if s.delegated is None or module_exists(s.delegated))
+
+
+STAGES = _stages()
+
+
+def stage_exists(stage: str) -> bool:
+    return stage in STAGES
+
 
 # ----------------------------------------------------------------------------------------------
-# Navigation: always through app.py
+# Plain text
 
 
-def use_navigation() -> None:
-    """Make sure this run goes through ``app.py`` (its ``st.navigation`` and shared sidebar).
-
-    Streamlit treats an app beside a ``pages/`` folder as an old-style multipage app until the
-    entrypoint has called ``st.navigation`` once in the process: a fresh server whose first visitor
-    opens a deep link (``/influence?cls=3``), or an AppTest after ``switch_page``, would run the page
-    script alone, without the sidebar. Here the process is switched to ``st.navigation`` mode and the
-    run restarted, so the entrypoint runs and shows the same page. Called by the helpers every page
-    uses (and when ``ui`` is first imported); a no-op outside a script run and once switched.
-    """
-    try:
-        from streamlit.runtime.pages_manager import PagesManager
-        from streamlit.runtime.scriptrunner import get_script_run_ctx
-    except ImportError:  # a Streamlit without these internals: nothing to fix
-        return
-    if getattr(PagesManager, "uses_pages_directory", None) and get_script_run_ctx(suppress_warning=True):
-        PagesManager.uses_pages_directory = False
-        st.rerun()
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>$:~])")
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/,;]+){2,}")
 
 
-use_navigation()
+def plain(text: Any, limit: int = 300) -> str:
+    """``text`` as one line that Markdown shows literally: no links, emphasis, directives or LaTeX;
+    file paths shortened to their last part; at most ``limit`` characters."""
+    s = " ".join(str(text).split())
+    s = _PATH.sub(lambda m: "…/" + re.split(r"[\\/]", m.group(0))[-1], s)
+    if len(s) > limit:
+        s = s[:limit - 1] + "…"
+    return _MD_SPECIAL.sub(r"\\\1", s)
+
 
 # ----------------------------------------------------------------------------------------------
 # Deep links
@@ -95,7 +107,6 @@ def choice(label: str, options: Sequence, *, param: str, default: Any = None, co
     ``param`` names the query parameter (and, prefixed, the widget key). A URL value that is not one
     of ``options`` is ignored (the ``default``, else the first option, is used).
     """
-    use_navigation()
     options = list(options)
     if not options:
         raise ValueError(f"no options for {label!r}")
@@ -122,9 +133,42 @@ def available_devices() -> list[str]:
     return (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
 
 
+def list_cases() -> list[str]:
+    """Names of every known case: the built-in ones and the TOMLs under ``$CASEBOOK_CASES``."""
+    try:
+        from core.casestudy import list_cases as _list
+
+        return [str(c) for c in _list()]
+    except Exception:  # noqa: BLE001 - a broken $CASEBOOK_CASES folder: offer the built-ins only
+        try:
+            from core.casestudy import builtin_cases
+
+            return [str(c) for c in builtin_cases()]
+        except Exception:  # noqa: BLE001
+            return []
+
+
+def default_case(cases: Sequence[str] | None = None) -> str:
+    """``$CASEBOOK_CASE`` when it names a known case, else DecoyMNIST, else the first known case."""
+    cases = list_cases() if cases is None else list(cases)
+    for name in (os.environ.get("CASEBOOK_CASE"), DEFAULT_CASE):
+        if name and (not cases or name in cases):
+            return name
+    return cases[0] if cases else DEFAULT_CASE
+
+
+def asked_case() -> str | None:
+    """The case the URL asks for (``?case=``), as given: a name, never opened as a path."""
+    return qp_get("case")
+
+
 def current_case() -> str:
-    return str(st.session_state.get("qp-case") or qp_get("case") or os.environ.get("CASEBOOK_CASE")
-               or DEFAULT_CASE)
+    """The sidebar's case: a known case's name (an unknown ``?case=`` falls back to the default)."""
+    cases = list_cases()
+    for name in (st.session_state.get("qp-case"), qp_get("case")):
+        if name and str(name) in cases:
+            return str(name)
+    return default_case(cases)
 
 
 def current_device() -> str:
@@ -133,9 +177,16 @@ def current_device() -> str:
     return device if device in devices else devices[0]
 
 
-def current_model() -> str:
-    """The model chosen in the sidebar ("vanilla", "clean", or a correction's name)."""
-    return str(st.session_state.get("qp-model") or qp_get("model") or "vanilla")
+def current_model(study=None) -> str:
+    """The model chosen in the sidebar: one of the case's models or a correction's name (default:
+    the model under study)."""
+    chosen = st.session_state.get("qp-model") or qp_get("model")
+    if chosen:
+        return str(chosen)
+    try:
+        return str(facts(study)["subject"])
+    except Exception:  # noqa: BLE001 - no study open: the first model is the usual default
+        return "vanilla"
 
 
 def _cache_dir() -> str | None:
@@ -146,7 +197,8 @@ def _cache_dir() -> str | None:
 def _open_study(case: str, cache_dir: str | None, device: str):
     from core.casestudy import CaseStudy
 
-    return CaseStudy.open(case, cache_dir=cache_dir, device=device)
+    # A name from list_cases() only: a URL never makes the server read a path (issue 11).
+    return CaseStudy.open(case, cache_dir=cache_dir, device=device, allow_path=False)
 
 
 def study_key(study=None) -> tuple[str, str | None, str]:
@@ -157,9 +209,14 @@ def study_key(study=None) -> tuple[str, str | None, str]:
 
 
 def open_study(case: str | None = None, device: str | None = None):
-    """The case study ``case`` (default: the sidebar's), opened once per process. Raises on failure."""
-    use_navigation()
-    key = (case or current_case(), _cache_dir(), device or current_device())
+    """The case study ``case`` (default: the sidebar's), opened once per process. Raises on failure
+    (an unknown name is a CaseError; nothing is read for it)."""
+    case = case or current_case()
+    if case not in list_cases():
+        from core.casestudy import CaseError
+
+        raise CaseError(f"unknown case {case[:60]!r}")
+    key = (case, _cache_dir(), device or current_device())
     study = _open_study(*key)
     try:
         study._casebook_key = key
@@ -169,27 +226,12 @@ def open_study(case: str | None = None, device: str | None = None):
 
 
 def current_study():
-    """The open case study; on an unknown or malformed case, a readable error and the page stops."""
-    use_navigation()
+    """The open case study; on a malformed case, a one-line readable error and the chapter stops."""
     try:
         return open_study()
     except Exception as exc:  # CaseError and friends: the reader sees the message, not a traceback
-        st.error(f"Could not open the case study {current_case()!r}: {exc}")
+        st.error(f"Could not open the case study {plain(repr(current_case()))}: {plain(exc)}")
         st.stop()
-
-
-def list_cases() -> list[str]:
-    """Names of the built-in case studies (the current one first if it is a path)."""
-    try:
-        from core.casestudy import list_cases as _list
-
-        names = [c if isinstance(c, str) else getattr(c, "name", str(c)) for c in _list()]
-    except Exception:  # casestudy not importable yet: offer the default only
-        names = []
-    current = current_case()
-    if current not in names:
-        names.insert(0, current)
-    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,20 +355,145 @@ def _correction_models(stamp: tuple, _study) -> list[str]:
     return [str(k) for k in ((payload or {}).get("models") or {})]
 
 
-def model_names(study=None) -> list[str]:
-    """The models the report can show: vanilla, clean, and every correction that produced a model."""
-    study = study or current_study()
-    names = list(BASE_MODELS)
-    if status(study).get("corrections"):
-        names += [n for n in _correction_models(stamp(study), study) if n not in names]
-    return names
-
-
 def invalidate(study=None) -> None:
     """Forget what the cached readers hold for ``study`` (after a build changed what is on disk)."""
     key = study_key(study)
     _GENERATION[key] = _generation(key) + 1
     _status.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# The case's facts (every case-specific word a chapter shows comes from here)
+
+
+_LAST_FACTS: dict = {}
+
+
+def _fallback_facts(study) -> dict:
+    """Facts of a study that cannot say them (a stand-in in tests, or data that cannot load)."""
+    try:
+        models = list((study.report() or {}).get("models") or {})
+    except Exception:  # noqa: BLE001
+        models = []
+    cfg = getattr(study, "config", None)
+    experts = getattr(cfg, "experts", None) or {}
+    return {"classes": [], "region": None, "channels": 1, "size": None, "headline": None,
+            "evaluation_sets": [], "training_sets": [], "chance": None, "region_alias": None,
+            "subject": getattr(study, "subject", None) or (models[0] if models else None),
+            "reference": getattr(study, "reference", None) or (models[1] if len(models) > 1 else None),
+            "models": models, "layers": list(experts.get("layers") or []),
+            "title": getattr(cfg, "title", None)}
+
+
+@st.cache_data(show_spinner=False)
+def _facts(stamp: tuple, _study) -> dict:
+    try:
+        out = dict(_study.case_facts())
+    except Exception:  # noqa: BLE001 - a stand-in study, or data that cannot be read right now
+        out = _fallback_facts(_study)
+    out.setdefault("models", [])
+    out.setdefault("layers", [])
+    return out
+
+
+def facts(study=None) -> dict:
+    """``study.case_facts()``: classes, region, channels, size, headline, evaluation_sets,
+    training_sets, chance, subject, reference, models, layers, title (cached per build state)."""
+    global _LAST_FACTS
+    study = study or current_study()
+    out = _facts(stamp(study), study)
+    _LAST_FACTS = out
+    return out
+
+
+def model_names(study=None) -> list[str]:
+    """The models the report can show: the case's models, then every correction that produced one."""
+    study = study or current_study()
+    names = list(facts(study).get("models") or [])
+    if status(study).get("corrections"):
+        names += [n for n in _correction_models(stamp(study), study) if n not in names]
+    return names
+
+
+def accuracy_columns(models: dict, f: dict | None = None) -> list[tuple[str, str]]:
+    """(report key, column label) of every accuracy the report holds: training first, then the
+    case's evaluation sets in its order (the headline one marked)."""
+    f = f if f is not None else _LAST_FACTS
+    keys: list[str] = []
+    for m in models.values():
+        keys += [k for k in m if k.endswith("_acc") and k not in keys]
+    sets = [f"{s}_acc" for s in (f.get("evaluation_sets") or [])]
+    train = [k for k in keys if k.startswith("train") and k not in sets]
+    ordered = train + [k for k in sets if k in keys] + [k for k in keys if k not in train + sets]
+    return [(k, set_label(k[:-4])) for k in ordered]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures for any case: grey (H, W) or colour (H, W, 3) images in [0, 1]
+
+
+def scale_for(size: Sequence[int] | None, target: int = 128) -> int:
+    """How many screen pixels per image pixel make an image about ``target`` pixels wide."""
+    if not size:
+        return 4
+    return max(1, int(round(target / max(int(s) for s in size))))
+
+
+def _rgb01(x) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = np.moveaxis(a, 0, -1)  # (C, H, W) → (H, W, C)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.size and np.nanmax(a) > 1.5:
+        a = a / 255.0
+    a = np.clip(np.nan_to_num(a), 0, 1)
+    return np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
+
+
+def _enlarge(rgb: np.ndarray, scale: int) -> np.ndarray:
+    return rgb if scale <= 1 else rgb.repeat(scale, 0).repeat(scale, 1)
+
+
+def picture(x, scale: int = 4) -> np.ndarray:
+    """An image (H, W) or (H, W, 3) in [0, 1] (or 0–255) → enlarged uint8 RGB, shades kept."""
+    return _enlarge((_rgb01(x) * 255).round().astype(np.uint8), int(scale))
+
+
+def tinted(x, mask, scale: int = 4) -> np.ndarray:
+    """The image with the region's pixels tinted red (visible on any background)."""
+    rgb = _rgb01(x) * 255
+    if mask is not None:
+        m = np.asarray(mask, bool)
+        rgb[m] = 0.45 * rgb[m] + 0.55 * np.array([230.0, 40.0, 40.0])
+    return _enlarge(rgb.round().astype(np.uint8), int(scale))
+
+
+def masked(x, attr, scale: int = 4, q: float = 95.0, dim: float = 0.25) -> np.ndarray:
+    """The paper's view of an interpretation: the image kept where its attribution is above the
+    ``q``-th percentile (softly blurred, tinted red), dimmed elsewhere; colour kept."""
+    from core import imaging
+
+    m = imaging.percentile_mask(attr, q)[..., None]
+    rgb = _rgb01(x) * (dim + (1 - dim) * m)
+    rgb[..., 0] = np.clip(rgb[..., 0] + 0.6 * m[..., 0], 0, 1)
+    return _enlarge((rgb * 255).round().astype(np.uint8), int(scale))
+
+
+def heatmap(attr, scale: int = 4) -> np.ndarray:
+    """Signed heatmap (red raises, blue lowers, white neutral), scaled to its largest magnitude."""
+    from core import imaging
+
+    return imaging.heatmap(attr, scale=int(scale))
+
+
+def overlay(x, attr, scale: int = 4, alpha: float = 0.55) -> np.ndarray:
+    """The signed heatmap blended over the image (colour kept)."""
+    from core import imaging
+
+    heat = imaging.heatmap(attr).astype(np.float64) / 255
+    out = ((1 - alpha) * _rgb01(x) + alpha * heat) * 255
+    return _enlarge(np.clip(out, 0, 255).round().astype(np.uint8), int(scale))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,7 +603,6 @@ def _to_json(obj: Any) -> str:
 
 
 def download_csv(df, file_name: str, label: str = "Download CSV", key: str | None = None, where=None):
-    use_navigation()
     where = where if where is not None else st
     return where.download_button(label, data=lambda: df.to_csv(index=False).encode(), file_name=file_name,
                                  mime="text/csv", key=key or f"dl-{file_name}", on_click="ignore",
@@ -506,7 +672,49 @@ def correction_labels(study=None) -> dict[str, str]:
             for r in rows if r.get("model") or r.get("method")}
 
 
-def model_label(name: str, labels: dict[str, str] | None = None) -> str:
-    if name in MODEL_LABELS:
-        return MODEL_LABELS[name]
-    return f"{(labels or {}).get(name, name)} (correction of vanilla)"
+def model_label(name: str, labels: dict[str, str] | None = None, facts: dict | None = None) -> str:
+    """A model's name with its role in the case: the model under study, the reference, or a
+    correction of the model under study (``labels``: correction name → readable label)."""
+    f = facts if facts is not None else _LAST_FACTS
+    subject, reference = f.get("subject"), f.get("reference")
+    if name == subject:
+        return f"{name} (under study)"
+    if name == reference:
+        return f"{name} (reference)"
+    if name in (f.get("models") or []):
+        return str(name)
+    return f"{(labels or {}).get(name, name)} (correction of {subject or 'the model under study'})"
+
+
+def class_name(c: Any, facts: dict | None = None) -> str:
+    """Class index → its name from the case (the index itself when the case names none)."""
+    f = facts if facts is not None else _LAST_FACTS
+    names = f.get("classes") or []
+    try:
+        return str(names[int(c)])
+    except (IndexError, TypeError, ValueError):
+        return str(c)
+
+
+def region_name(facts: dict | None = None) -> str | None:
+    f = facts if facts is not None else _LAST_FACTS
+    return f.get("region")
+
+
+def set_label(name: str) -> str:
+    """An evaluation or training set's key as words: ``decoy_test`` → ``decoy test``."""
+    return str(name).replace("_", " ")
+
+
+def no_region_note(facts: dict | None = None) -> str:
+    return ("This case names no region (no per-image mask of a suspected shortcut), so there are no "
+            "localisation measures and no shortcut verdicts here; the influence views still show "
+            "where each model looks.")
+
+
+def next_chapter(path: str, label: str, why: str = "") -> None:
+    """The "next" link at the end of a chapter."""
+    st.divider()
+    if why:
+        st.caption(why)
+    st.page_link(path, label=f"Next: {label}", icon=":material/arrow_forward:")

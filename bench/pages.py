@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BUDGET = 0.5
-PAGES = ["pages/case_study.py", "pages/influence.py", "pages/method.py",
-         "pages/representations.py", "pages/corrections.py"]
+PAGES = ["chapters/case_study.py", "chapters/influence.py", "chapters/method.py",
+         "chapters/representations.py", "chapters/corrections.py", "chapters/essence.py",
+         "chapters/detection.py"]
 
 
 def main() -> int:
@@ -37,22 +38,11 @@ def main() -> int:
     if args.cache:
         os.environ["CASEBOOK_CACHE"] = args.cache
 
-    from streamlit.runtime.pages_manager import PagesManager
     from streamlit.testing.v1 import AppTest
 
     from core.casestudy import CaseStudy
 
-    # Measure the server's steady state: AppTest starts each run in pages/-folder mode, where
-    # ui.use_navigation restarts the run through app.py (a server does that once per process).
-    init = PagesManager.__init__
-
-    def steady(self, *a, **k):
-        init(self, *a, **k)
-        PagesManager.uses_pages_directory = False
-
-    PagesManager.__init__ = steady
-
-    study = CaseStudy.open(args.case, cache_dir=args.cache)
+    study = CaseStudy.open(args.case, cache_dir=args.cache, allow_path=False)
     if not args.no_build:
         t0 = time.perf_counter()
         study.build(progress=None)

@@ -1,103 +1,113 @@
-"""Chapter 1: the domain problem — a digit classifier that can cheat by reading a corner patch.
+"""Chapter 1: the domain problem — the case's images, its models, and what the accuracy gap says.
 
-Every number on this page is read from ``study.report()``; nothing is typed in.
+Every number on this page is read from ``study.report()`` and every case-specific word (class
+names, the region's name, the models, the evaluation sets) from ``study.case_facts()``.
 """
 
 from __future__ import annotations
 
 import altair as alt
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 import ui
 
-SPLITS = [("train_acc", "train"), ("decoy_test_acc", "decoy test"), ("clean_test_acc", "clean test")]
 N_SAMPLES = 8
 PALETTE = ["#B4412E", "#6C8EAD", "#D9A441", "#5B8C5A", "#8A6FB0", "#9C9C9C"]
-SCALE = 4
 
 study = ui.current_study()
-title = getattr(study.config, "title", None) or "DecoyMNIST"
+facts = ui.facts(study)
+title = facts.get("title") or getattr(study.config, "title", None) or study.config.name
 st.title(title)
 
-st.markdown(
-    "A classifier can be right for the wrong reason. **DecoyMNIST** (Ross et al., 2017) makes that "
-    "easy to see: every handwritten digit gets a small 4×4 square — the *decoy* — in a random corner. "
-    "In the **training** images the square's shade gives the answer away (a 0 gets a white square, "
-    "each higher digit a darker one: shade 255 − 25·label). In the **test** images the shade is "
-    "drawn at random, so a model that learned to read the square instead of the digit is misled. A "
-    "**clean** copy of every image has no square at all.")
-description = getattr(study.config, "description", None)
+classes = facts.get("classes") or []
+region = facts.get("region")
+subject, reference = facts.get("subject"), facts.get("reference")
+headline = facts.get("headline")
+SCALE = ui.scale_for(facts.get("size"))
+
+intro = ["A classifier can be right for the wrong reason: it may lean on something in the images "
+         "that happens to go with the answer (a *shortcut*) instead of the thing itself."]
+shape = facts.get("size")
+if classes:
+    intro.append(f"This case has **{len(classes)} classes** ({', '.join(map(str, classes[:12]))}"
+                 f"{' …' if len(classes) > 12 else ''})"
+                 + (f", {shape[0]}×{shape[1]} {'colour' if facts.get('channels') == 3 else 'grey'} "
+                    "images" if shape else "") + ".")
+if region:
+    intro.append(f"Each image comes with a mask of the **{region}**, the suspected shortcut: it is "
+                 "the ground truth the report uses to ask whether an explanation points at it.")
+else:
+    intro.append("It names no region (no suspected shortcut marked in the images).")
+if subject:
+    intro.append(f"The model under study is **{subject}**"
+                 + (f"; **{reference}** is the reference it is compared with." if reference
+                    else "; there is no reference model to compare it with."))
+st.markdown(" ".join(intro))
+description = facts.get("description") or getattr(study.config, "description", None)
 if description:
     st.caption(description)
 
 if not ui.require(study, ["data"], "This page"):
     st.stop()
+facts = ui.facts(study)
 rep = ui.report(study)
 data = rep.get("data") or {}
-
-
-def _gray(x: np.ndarray) -> np.ndarray:
-    """(28, 28) float image in [0, 1] (or 0–255) → enlarged uint8 RGB, shades kept as they are."""
-    x = np.asarray(x, np.float64)
-    x = x / 255 if x.max() > 1.5 else x
-    g = (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
-    return np.stack([g] * 3, -1).repeat(SCALE, 0).repeat(SCALE, 1)
-
-
-def _outlined(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image with the patch pixels tinted red, so a dark patch on black is visible."""
-    rgb = _gray(x).astype(np.float64)
-    m = np.asarray(mask, bool).repeat(SCALE, 0).repeat(SCALE, 1)
-    rgb[m] = 0.45 * rgb[m] + 0.55 * np.array([230.0, 40.0, 40.0])
-    return rgb.round().astype(np.uint8)
-
-
-def _patch_shade(x: np.ndarray, mask: np.ndarray) -> int | None:
-    if not np.asarray(mask).any():
-        return None
-    v = float(np.asarray(x)[np.asarray(mask, bool)].mean())
-    return int(round(v * 255 if np.asarray(x).max() <= 1.5 else v))
-
 
 st.header("The images")
 source = data.get("source")
 sizes = ", ".join(f"{data[k]:,} {k[2:]}" for k in ("n_train", "n_val", "n_test")
                   if isinstance(data.get(k), int))
 if sizes or source:
-    st.markdown(f"Data: {sizes or 'sizes unknown'}{f' images from {source}' if source else ''}.")
+    st.markdown(f"Data: {sizes or 'sizes unknown'}{f' images from {ui.plain(source)}' if source else ''}.")
 
-for split, what in [("train", "Training images: the patch's shade encodes the label."),
-                    ("test", "Test images: the patch's shade is random; the clean copy has none.")]:
+for split, what in [("train", "Training images"), ("test", "Test images")]:
     s = ui.samples(split, N_SAMPLES, study)
-    x, x_clean, mask, y = s["x"], s["x_clean"], s["mask"], s["y"]
+    x, x_clean, mask, y = s["x"], s.get("x_clean"), s.get("mask"), s["y"]
+    if x is None or not len(y):
+        continue
+    x_clean = None if x_clean is None or x_clean.ndim < 2 else x_clean
+    mask = None if mask is None or mask.ndim < 2 else mask
     st.subheader(f"{split.capitalize()} split")
-    st.caption(what)
-    shades = [_patch_shade(x[i], mask[i]) for i in range(len(y))]
-    captions = [f"label {int(y[i])} · patch {shades[i] if shades[i] is not None else '—'}"
-                for i in range(len(y))]
-    st.image([_gray(x[i]) for i in range(len(y))], caption=captions)
-    st.caption("The same images with the patch tinted red (a dark patch is hard to see on black):")
-    st.image([_outlined(x[i], mask[i]) for i in range(len(y))])
-    st.caption("Their clean copies, without the patch:")
-    st.image([_gray(x_clean[i]) for i in range(len(y))])
-    ui.download_png(lambda x=x, x_clean=x_clean, mask=mask: ui.image_grid(
-        [[_gray(a) for a in x], [_outlined(a, m) for a, m in zip(x, mask, strict=True)],
-         [_gray(a) for a in x_clean]]), f"samples_{split}.png", "Download these images (PNG)",
-        key=f"dl-samples-{split}")
+    names = [ui.class_name(int(c), facts) for c in y]
+    st.caption(f"{what}, with their class." + (f" The {region} is part of the image." if region else ""))
+    st.image([ui.picture(x[i], SCALE) for i in range(len(y))],
+             caption=[f"{split} image {i + 1}: {names[i]}" for i in range(len(y))])
+    grid = [[ui.picture(a, SCALE) for a in x]]
+    if mask is not None:
+        st.caption(f"The same images with the {region} tinted red (its mask):")
+        st.image([ui.tinted(x[i], mask[i], SCALE) for i in range(len(y))],
+                 caption=[f"{names[i]}: {region} tinted red" for i in range(len(y))])
+        grid.append([ui.tinted(a, m, SCALE) for a, m in zip(x, mask, strict=True)])
+    if x_clean is not None:
+        st.caption(f"The same images without the {region or 'region'}:")
+        st.image([ui.picture(x_clean[i], SCALE) for i in range(len(y))],
+                 caption=[f"{names[i]}: without the {region or 'region'}" for i in range(len(y))])
+        grid.append([ui.picture(a, SCALE) for a in x_clean])
+    ui.download_png(lambda grid=grid: ui.image_grid(grid), f"samples_{split}.png",
+                    "Download these images (PNG)", key=f"dl-samples-{split}")
 
 st.header("What the models learned")
 if not ui.require(study, ["models"], "The accuracy comparison"):
     st.stop()
 rep = ui.report(study)
 models = rep.get("models") or {}
+SPLITS = ui.accuracy_columns(models, facts)
 table = pd.DataFrame(
     [{"model": name, **{label: m.get(key) for key, label in SPLITS}} for name, m in models.items()])
+roles = []
+if subject in models:
+    roles.append(f"**{subject}** is the model under study")
+if reference in models:
+    roles.append(f"**{reference}** the reference it is compared with")
+others = [m for m in models if m not in (subject, reference)]
+if others:
+    roles.append(f"also in the case: {', '.join(f'**{m}**' for m in others)}")
+sets = [ui.set_label(s) for s in facts.get("evaluation_sets") or []]
 st.markdown(
-    "Two copies of the same network: **vanilla** trained on the images with the decoy, **clean** "
-    "trained on the same images without it. Both are tested on the decoy test set (random shades) and "
-    "on the clean test set (no patch).")
+    (("; ".join(roles) + ". ") if roles else "")
+    + (f"Each is measured on its training images and on every evaluation set of the case "
+       f"({', '.join(sets)}); the headline is **{ui.set_label(headline)}**." if sets else ""))
 n_seeds = max(int(m.get("n_seeds") or 1) for m in models.values()) if models else 1
 shown = table.copy()
 if n_seeds > 1:  # mean ± sample sd over the seeds the report aggregates
@@ -129,6 +139,8 @@ if n_seeds > 1:
         x=alt.X("split:N", sort=order), xOffset=alt.XOffset("model:N", sort=list(models)),
         y="low:Q", y2="high:Q")
 st.altair_chart(chart.properties(height=320), width="stretch")
+st.caption("Accuracy of every model on its training images and on each evaluation set (bars), "
+           "read from the report.")
 c1, c2 = st.columns(2)
 with c1:
     ui.download_csv(shown, f"{rep.get('case', 'case')}_accuracy.csv", "Download the table (CSV)",
@@ -137,45 +149,64 @@ with c2:
     ui.download_json(rep, f"{rep.get('case', 'case')}_report.json", "Download the report (JSON)",
                      key="dl-report")
 
-st.header("What the gap means")
-van, cln = models.get("vanilla") or {}, models.get("clean") or {}
-v_train, v_decoy, v_clean = (van.get(k) for k, _ in SPLITS)
-c_decoy = cln.get("decoy_test_acc")
-if None in (v_train, v_decoy, v_clean, c_decoy):
-    st.info("The gap needs both the vanilla and the clean model's accuracies in the report.")
-    st.stop()
-gap = c_decoy - v_decoy
-m1, m2, m3 = st.columns(3)
-m1.metric("vanilla, decoy test", ui.pct(v_decoy), ui.pp(v_decoy - v_train), delta_color="normal",
-          help="Change against its own training accuracy.")
-m2.metric("clean model, decoy test", ui.pct(c_decoy))
-m3.metric("the shortcut's cost", ui.pp(gap), help="Clean model minus vanilla model, on the decoy test set.")
-lines = [
-    f"- The vanilla model is right on **{ui.pct(v_train)}** of its training images but only "
-    f"**{ui.pct(v_decoy)}** of the decoy test images, where the patch no longer tells the truth.",
-    f"- The same network trained without the patch reaches **{ui.pct(c_decoy)}** on that decoy test "
-    "set: the digits alone are learnable to that level, and the patch does not bother a model that never "
-    "relied on it.",
-]
-if gap > 0.02:
-    lines.append(
-        f"- The difference, **{ui.pp(gap)}**, is what the shortcut costs. It is the gap the corrections "
-        "chapter tries to close (a correction that reaches the clean model closes 100% of it).")
+hkey = f"{headline}_acc" if headline else None
+sub, ref = models.get(subject) or {}, models.get(reference) or {}
+s_train, s_head = sub.get("train_acc"), sub.get(hkey) if hkey else None
+r_head = ref.get(hkey) if hkey else None
+hname = ui.set_label(headline) if headline else "headline"
+other_sets = [s for s in facts.get("evaluation_sets") or []
+              if s != headline and sub.get(f"{s}_acc") is not None]
+
+if reference is None or r_head is None:
+    st.header("What the accuracy says")
+    if s_head is None:
+        st.info("The report holds no headline accuracy for the model under study yet.")
+    else:
+        m1, m2 = st.columns(2)
+        m1.metric(f"{subject}, {hname}", ui.pct(s_head),
+                  ui.pp(s_head - s_train) if s_train is not None else None,
+                  help="Change against its own training accuracy.")
+        if s_train is not None:
+            m2.metric(f"{subject}, training images", ui.pct(s_train))
+        lines = [f"- **{subject}** is right on **{ui.pct(s_train)}** of its training images and "
+                 f"**{ui.pct(s_head)}** of the {hname} images."]
+        for s in other_sets:
+            lines.append(f"- On {ui.set_label(s)}: **{ui.pct(sub.get(f'{s}_acc'))}**.")
+        lines.append("- This case has no reference model, so there is no gap to measure: the chapters "
+                     "show the one model and what it relies on.")
+        st.markdown("\n".join(lines))
 else:
-    lines.append(
-        f"- The difference is small (**{ui.pp(gap)}**): in this build the vanilla model barely uses the "
-        "decoy, so there is little shortcut to find or remove.")
-if v_clean < c_decoy - 0.02:
-    lines.append(
-        f"- Without any patch the vanilla model scores **{ui.pct(v_clean)}**, below the clean model: "
-        "while it could lean on the patch it learned less about the digits themselves. Removing the "
-        "shortcut after training cannot add that missing knowledge; retraining or fine-tuning can.")
-else:
-    lines.append(
-        f"- Without any patch the vanilla model scores **{ui.pct(v_clean)}**: it did learn the digits, "
-        "and the random patch shades mislead it on top of that knowledge.")
-st.markdown("\n".join(lines))
-st.markdown(
-    "The next chapter asks the model itself which internal units carry the shortcut: the influence "
-    "of each unit on a class, and what each of the most influential units looks at.")
-st.page_link("pages/influence.py", label="Influence & experts", icon=":material/arrow_forward:")
+    st.header("What the gap means")
+    gap = r_head - s_head if s_head is not None else None
+    m1, m2, m3 = st.columns(3)
+    m1.metric(f"{subject}, {hname}", ui.pct(s_head),
+              ui.pp(s_head - s_train) if None not in (s_head, s_train) else None,
+              delta_color="normal", help="Change against its own training accuracy.")
+    m2.metric(f"{reference}, {hname}", ui.pct(r_head))
+    m3.metric("the gap", ui.pp(gap),
+              help=f"{reference} minus {subject}, on the {hname} set (the headline evaluation set).")
+    lines = []
+    if s_head is not None:
+        lines.append(f"- **{subject}** is right on **{ui.pct(s_train)}** of its training images and "
+                     f"**{ui.pct(s_head)}** of the {hname} images.")
+    lines.append(f"- **{reference}** reaches **{ui.pct(r_head)}** on the same {hname} set.")
+    if gap is not None and gap > 0.02:
+        lines.append(
+            f"- The difference, **{ui.pp(gap)}**, is what relying on the "
+            f"{region or 'shortcut'} may cost. It is the gap the corrections chapter tries to close "
+            f"(a correction that reaches {reference} closes 100% of it).")
+    elif gap is not None:
+        lines.append(
+            f"- The difference is small (**{ui.pp(gap)}**): in this build {subject} barely trails "
+            f"{reference}, so there is little shortcut cost to find or remove.")
+    for s in other_sets:
+        sv, rv = sub.get(f"{s}_acc"), ref.get(f"{s}_acc")
+        lines.append(f"- On {ui.set_label(s)}: {subject} **{ui.pct(sv)}**"
+                     + (f", {reference} **{ui.pct(rv)}**." if rv is not None else "."))
+    st.markdown("\n".join(lines))
+
+if not region:
+    st.caption(ui.no_region_note(facts))
+ui.next_chapter("chapters/influence.py", "Influence & experts",
+                "The next chapter asks the model itself which internal units it relies on for each "
+                "class, and what each of the most influential units looks at.")

@@ -14,10 +14,7 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from core import imaging
 
-N_CLASSES = 10
-SCALE = 4
 DEFAULT_DOI = "class-images"
 DOIS = {
     "class-images": "training images of the class",
@@ -26,6 +23,7 @@ DOIS = {
 VIEWS = {"mask": "mask (95th percentile)", "heatmap": "heatmap", "overlay": "heatmap over the image"}
 
 study = ui.current_study()
+facts = ui.facts(study)
 st.title("Influence & experts")
 st.markdown(
     "Which internal units does the network rely on for a class? For a **layer**, a **quantity** (the "
@@ -36,6 +34,15 @@ st.markdown(
 
 if not ui.require(study, ["models", "experts"], "This page"):
     st.stop()
+facts = ui.facts(study)
+CLASSES = list(range(len(facts.get("classes") or []))) or list(range(10))
+SCALE = ui.scale_for(facts.get("size"))
+REGION = facts.get("region")
+CHANCE = facts.get("chance")
+MASS_KEY = facts.get("region_alias") or "region_mass"
+MASS_LABEL = (facts.get("region_alias") or f"{REGION} mass").replace("_", " ") if REGION else None
+SUBJECT, REFERENCE = facts.get("subject"), facts.get("reference")
+name = (lambda c: ui.class_name(c, facts))
 
 cfg = getattr(study.config, "experts", None) or {}
 rep = ui.report(study)
@@ -46,27 +53,28 @@ def _layers() -> list[str]:
     layers = cfg.get("layers") or ([cfg["layer"]] if cfg.get("layer") else [])
     if rep_experts.get("layer") and rep_experts["layer"] not in layers:
         layers = [rep_experts["layer"], *layers]
-    return [str(x) for x in layers] or ["conv2"]
+    return [str(x) for x in layers] or [str(x) for x in facts.get("layers") or []]
 
 
 LAYERS = _layers()
-PRECOMPUTED_CLASSES = [int(c) for c in cfg.get("classes", range(N_CLASSES))]
+PRECOMPUTED_CLASSES = [int(c) for c in (cfg.get("classes") or CLASSES)]
 RESOLUTION = int(cfg.get("resolution", 20))
-model = ui.current_model()
+model = ui.current_model(study)
 
 # ------------------------------------------------------------------------------------------ choices
 c1, c2, c3, c4 = st.columns([1, 1.3, 1, 1.4])
 with c1:
-    cls = ui.choice("Class", list(range(N_CLASSES)), param="cls",
+    cls = ui.choice("Class", CLASSES, param="cls", format_func=name,
                     default=PRECOMPUTED_CLASSES[0] if PRECOMPUTED_CLASSES else 0)
 with c2:
     quantity = ui.choice("Quantity", ["class", "comparative"], param="quantity", widget="radio",
                          horizontal=True,
-                         format_func=lambda q: {"class": f"why {cls}", "comparative": f"why {cls}, not …"}[q])
+                         format_func=lambda q: {"class": f"why {name(cls)}",
+                                                "comparative": f"why {name(cls)}, not …"}[q])
     vs = None
     if quantity == "comparative":
-        vs = ui.choice("… and not", [c for c in range(N_CLASSES) if c != cls], param="vs",
-                       default=(cls + 5) % N_CLASSES)
+        vs = ui.choice("… and not", [c for c in CLASSES if c != cls], param="vs", format_func=name,
+                       default=(cls + len(CLASSES) // 2) % len(CLASSES))
 with c3:
     layer = ui.choice("Layer", LAYERS, param="layer", default=rep_experts.get("layer"))
 with c4:
@@ -80,12 +88,12 @@ if quantity != "comparative":
 qoi = ({"kind": "class", "class": int(cls)} if quantity == "class"
        else {"kind": "comparative", "a": int(cls), "b": int(vs)})
 doi = {"kind": doi_kind} if doi_kind == DEFAULT_DOI else {"kind": doi_kind, "resolution": RESOLUTION}
-what = f"class {cls}" if quantity == "class" else f"{cls} rather than {vs}"
+what = f"class {name(cls)}" if quantity == "class" else f"{name(cls)} rather than {name(vs)}"
 
 
 def _load(model: str, layer: str, qoi: dict, doi: dict) -> dict | None:
     """The view if it is precomputed or cached on disk; None when it must be computed."""
-    if (model in ui.BASE_MODELS and layer in LAYERS and qoi["kind"] == "class"
+    if (model in (facts.get("models") or []) and layer in LAYERS and qoi["kind"] == "class"
             and doi == {"kind": DEFAULT_DOI} and qoi["class"] in PRECOMPUTED_CLASSES):
         try:
             return ui.experts(model, layer, qoi["class"], study)
@@ -111,33 +119,52 @@ rows = view.get("rows") or []
 if not rows:
     st.warning("No experts were returned for this view.")
     st.stop()
-SHORTCUT = float(view["threshold"])  # core flags each row against it
-RULE = rep_experts.get("shortcut_rule") or f"decoy mass > {SHORTCUT:.3f}"
+THRESHOLD = view.get("threshold")  # core flags each row against it; None without a region
+THRESHOLD = None if THRESHOLD is None or not REGION else float(THRESHOLD)
+RULE = rep_experts.get("shortcut_rule") or (
+    f"{MASS_LABEL} > {THRESHOLD:.3f}" if THRESHOLD is not None else None)
+HAS_MASS = REGION is not None and any(r.get(MASS_KEY, r.get("region_mass")) is not None for r in rows)
 table = pd.DataFrame(rows).sort_values("rank").reset_index(drop=True)
-table["decoy_mass"] = pd.to_numeric(table["decoy_mass"], errors="coerce")
-table["carries shortcut"] = table["shortcut"].astype(bool)
+if HAS_MASS:
+    if MASS_KEY not in table:
+        table[MASS_KEY] = table.get("region_mass")
+    table[MASS_KEY] = pd.to_numeric(table[MASS_KEY], errors="coerce")
+HAS_VERDICT = HAS_MASS and THRESHOLD is not None and "shortcut" in table
+if HAS_VERDICT:
+    table["carries shortcut"] = table["shortcut"].astype(bool)
 table["unit"] = table["unit"].astype(int)
 units = table["unit"].tolist()
+labels_ = ui.correction_labels(study)
+
+
+def _verdict_reason(mass: float) -> str:
+    """The threshold and why: each verdict says the number it was judged against."""
+    chance = f"; chance {CHANCE:.1%}" if CHANCE is not None else ""
+    if np.isnan(mass):
+        return f"{MASS_LABEL} —, threshold {THRESHOLD:.0%}{chance}"
+    op = ">" if mass > THRESHOLD else "≤"
+    return f"{MASS_LABEL} {mass:.0%} {op} threshold {THRESHOLD:.0%}{chance}"
+
 
 # ------------------------------------------------------------------------------------------ ranking
 st.header(f"Experts of {layer} for {what}")
-st.caption(f"Model **{ui.model_label(model, ui.correction_labels(study))}** · "
+st.caption(f"Model **{ui.model_label(model, labels_, facts)}** · "
            f"distribution: {DOIS[doi_kind]} · "
            f"{len(units)} experts of {len(view.get('scores', [])) or '?'} units.")
-chart_df = table.assign(label=table["unit"].map(lambda u: f"unit {u}"),
-                        shortcut=table["carries shortcut"].map({True: "carries the shortcut",
-                                                                False: "does not"}))
+chart_df = table.assign(label=table["unit"].map(lambda u: f"unit {u}"))
+if HAS_VERDICT:
+    chart_df["verdict"] = chart_df["carries shortcut"].map({True: "carries the shortcut", False: "does not"})
 order = chart_df["label"].tolist()
+tooltip = ["unit", alt.Tooltip("score:Q", format=".4g"), alt.Tooltip("ci_low:Q", format=".4g"),
+           alt.Tooltip("ci_high:Q", format=".4g"), alt.Tooltip("frequency:Q", format=".0%")]
+if HAS_MASS:
+    tooltip.append(alt.Tooltip(f"{MASS_KEY}:Q", format=".1%", title=MASS_LABEL))
+color = (alt.Color("verdict:N", title=f"{MASS_LABEL} > {THRESHOLD:.0%}",
+                   scale=alt.Scale(domain=["carries the shortcut", "does not"], range=["#B4412E", "#6C8EAD"]))
+         if HAS_VERDICT else alt.value("#6C8EAD"))
 bars = alt.Chart(chart_df).mark_bar().encode(
     x=alt.X("label:N", sort=order, title="expert (by rank)", axis=alt.Axis(labelAngle=0)),
-    y=alt.Y("score:Q", title="influence score"),
-    color=alt.Color("shortcut:N", title=f"decoy mass > {SHORTCUT:.0%}",
-                    scale=alt.Scale(domain=["carries the shortcut", "does not"],
-                                    range=["#B4412E", "#6C8EAD"])),
-    tooltip=["unit", alt.Tooltip("score:Q", format=".4g"), alt.Tooltip("ci_low:Q", format=".4g"),
-             alt.Tooltip("ci_high:Q", format=".4g"), alt.Tooltip("frequency:Q", format=".0%"),
-             alt.Tooltip("decoy_mass:Q", format=".1%")],
-)
+    y=alt.Y("score:Q", title="influence score"), color=color, tooltip=tooltip)
 layers_ = [bars]
 if table["ci_low"].notna().all() and table["ci_high"].notna().all():
     layers_.append(alt.Chart(chart_df).mark_rule(color="#1F2328", strokeWidth=1.5).encode(
@@ -171,16 +198,28 @@ with right:
         st.caption(f"The {len(units)} experts hold {top_share:.0%} of the layer's positive influence."
                    if np.isfinite(top_share) else "No unit has positive influence.")
 
-shown = table[["rank", "unit", "score", "ci_low", "ci_high", "frequency", "decoy_mass", "carries shortcut"]]
+cols = ["rank", "unit", "score", "ci_low", "ci_high", "frequency"]
+if HAS_MASS:
+    cols.append(MASS_KEY)
+if HAS_VERDICT:
+    table["threshold"] = THRESHOLD
+    cols += ["threshold", "carries shortcut"]
+shown = table[cols]
 st.dataframe(shown, hide_index=True, column_config={
     "score": st.column_config.NumberColumn(format="%.4g"),
     "ci_low": st.column_config.NumberColumn("interval low", format="%.4g"),
     "ci_high": st.column_config.NumberColumn("interval high", format="%.4g"),
     "frequency": st.column_config.NumberColumn("top-k frequency", format="percent"),
-    "decoy_mass": st.column_config.NumberColumn("decoy mass", format="percent"),
+    MASS_KEY: st.column_config.NumberColumn(MASS_LABEL or MASS_KEY, format="percent"),
+    "threshold": st.column_config.NumberColumn("threshold", format="percent",
+                                               help=RULE or "the region mass above which a unit "
+                                               "carries the shortcut"),
 })
 q_name = f"{cls}" if quantity == "class" else f"{cls}-vs-{vs}"
-st.caption(f"Shortcut rule: {RULE}.")
+if HAS_VERDICT and RULE:
+    st.caption(f"Shortcut rule: {RULE}.")
+elif not REGION:
+    st.caption(ui.no_region_note(facts))
 ui.download_csv(shown, f"experts_{model}_{layer}_{q_name}_{doi_kind}.csv", "Download the experts (CSV)",
                 key="dl-experts")
 
@@ -190,24 +229,25 @@ maps = np.asarray(view.get("maps", []))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _render(key: tuple, style: str, _images: np.ndarray, _maps: np.ndarray) -> list[list[np.ndarray]]:
+def _render(key: tuple, style: str, scale: int, _images: np.ndarray,
+            _maps: np.ndarray) -> list[list[np.ndarray]]:
     """One row of rendered interpretations per expert (uint8 RGB), cached per view and style."""
     out = []
     for k in range(_maps.shape[0]):
         row = []
         for i in range(_images.shape[0]):
             if style == "mask":
-                row.append(imaging.masked_image(_images[i], _maps[k, i], scale=SCALE))
+                row.append(ui.masked(_images[i], _maps[k, i], scale))
             elif style == "heatmap":
-                row.append(imaging.heatmap(_maps[k, i], scale=SCALE))
+                row.append(ui.heatmap(_maps[k, i], scale))
             else:
-                row.append(imaging.overlay(_images[i], _maps[k, i], scale=SCALE))
+                row.append(ui.overlay(_images[i], _maps[k, i], scale))
         out.append(row)
     return out
 
 
 st.header("What each expert looks at")
-if images.ndim != 3 or maps.ndim != 4 or maps.shape[1] != images.shape[0] or not len(images):
+if (images.ndim not in (3, 4) or maps.ndim != 4 or maps.shape[1] != images.shape[0] or not len(images)):
     st.info("This view carries no interpretations (no images or maps).")
     st.stop()
 style = ui.choice("Show the interpretation as", list(VIEWS), param="view", widget="radio", horizontal=True,
@@ -219,20 +259,27 @@ st.markdown(
                "dims the rest — the paper's way of showing an expert.",
        "heatmap": "Red pixels raise the unit's activation, blue ones lower it; white is neutral.",
        "overlay": "The signed heatmap (red raises, blue lowers) blended over the image."}[style]
-    + " If an expert's marks sit in a corner square rather than on the strokes, it reads the decoy.")
+    + (f" If an expert's marks sit on the {REGION} rather than on the object, it reads the shortcut."
+       if REGION else ""))
 view_key = ui.stamp(study) + (model, layer, repr(sorted(qoi.items())), repr(sorted(doi.items())))
-grid = _render(view_key, style, images, maps)
+grid = _render(view_key, style, SCALE, images, maps)
 n_maps = min(len(grid), len(table))
+cls_name = name(view.get("class", cls))
 for k in range(n_maps):
     r = table.iloc[k]
-    mass = float(r["decoy_mass"])
-    mass_text = "decoy mass —" if np.isnan(mass) else f"decoy mass {mass:.0%}"
-    verdict = (f":red[**carries the shortcut**] ({mass_text}, chance {ui.CHANCE_DECOY_MASS:.0%})"
-               if r["carries shortcut"] else f"does not carry it ({mass_text}, chance "
-               f"{ui.CHANCE_DECOY_MASS:.0%})")
+    if HAS_VERDICT:
+        mass = float(r[MASS_KEY])
+        verdict = (f":red[**carries the shortcut**] ({_verdict_reason(mass)})" if r["carries shortcut"]
+                   else f"does not carry it ({_verdict_reason(mass)})")
+    elif HAS_MASS:
+        mass = float(r[MASS_KEY])
+        verdict = f"{MASS_LABEL} {'—' if np.isnan(mass) else f'{mass:.0%}'}"
+    else:
+        verdict = "no region to judge it against"
     st.markdown(f"**#{int(r['rank'])} · unit {int(r['unit'])}** — {verdict}")
-    st.image(grid[k], caption=[f"image {i + 1}" for i in range(len(grid[k]))])
-ui.download_png(lambda: ui.image_grid([[imaging.grayscale(im, scale=SCALE) for im in images], *grid]),
+    st.image(grid[k], caption=[f"unit {int(r['unit'])} on {cls_name} image {i + 1} ({VIEWS[style]})"
+                               for i in range(len(grid[k]))])
+ui.download_png(lambda: ui.image_grid([[ui.picture(im, SCALE) for im in images], *grid]),
                 f"experts_{model}_{layer}_{q_name}_{style}.png", "Download the grid (PNG)", key="dl-grid")
 
 # ------------------------------------------------------------------------------------------ one expert
@@ -240,46 +287,65 @@ st.header("One expert up close")
 unit = ui.choice("Expert", units[:n_maps], param="expert", format_func=lambda u: f"unit {u}")
 k = units.index(unit)
 r = table.iloc[k]
-m1, m2, m3, m4 = st.columns(4)
-m1.metric("rank", int(r["rank"]))
-m2.metric("influence score", f"{float(r['score']):.4g}")
-m3.metric("top-k frequency", "—" if pd.isna(r["frequency"]) else f"{float(r['frequency']):.0%}")
-m4.metric("decoy mass", "—" if pd.isna(r["decoy_mass"]) else f"{float(r['decoy_mass']):.0%}",
-          help=f"chance: {ui.CHANCE_DECOY_MASS:.1%}; the rule: {RULE}")
-close = _render(view_key, "mask", images, maps)[k], _render(view_key, "heatmap", images, maps)[k]
-st.image([imaging.grayscale(im, scale=SCALE) for im in images], caption=["image"] * len(images))
-st.image(close[0], caption=["mask"] * len(images))
-st.image(close[1], caption=["heatmap"] * len(images))
+mcols = st.columns(4 if HAS_MASS else 3)
+mcols[0].metric("rank", int(r["rank"]))
+mcols[1].metric("influence score", f"{float(r['score']):.4g}")
+mcols[2].metric("top-k frequency", "—" if pd.isna(r["frequency"]) else f"{float(r['frequency']):.0%}")
+if HAS_MASS:
+    mcols[3].metric(MASS_LABEL, "—" if pd.isna(r[MASS_KEY]) else f"{float(r[MASS_KEY]):.0%}",
+                    help=(f"chance: {CHANCE:.1%}; " if CHANCE is not None else "")
+                    + (f"the rule: {RULE}" if RULE else ""))
+close = (_render(view_key, "mask", SCALE, images, maps)[k],
+         _render(view_key, "heatmap", SCALE, images, maps)[k])
+n_img = len(images)
+st.image([ui.picture(im, SCALE) for im in images],
+         caption=[f"{cls_name} image {i + 1}" for i in range(n_img)])
+st.image(close[0], caption=[f"unit {unit}: mask on image {i + 1}" for i in range(n_img)])
+st.image(close[1], caption=[f"unit {unit}: heatmap on image {i + 1}" for i in range(n_img)])
 
 # ------------------------------------------------------------------------------------------ reading
 st.header("How to read this")
-n_short = int(table["carries shortcut"].sum())
-mean_mass = float(table["decoy_mass"].mean())
-lines = [
-    f"- Of the {len(table)} experts of **{layer}** for **{what}**, **{n_short}** carr"
-    f"{'ies' if n_short == 1 else 'y'} the shortcut: more than {SHORTCUT:.0%} of the positive "
-    "attribution of its interpretation falls on the 16 patch pixels. The experts' mean decoy mass is "
-    f"**{mean_mass:.0%}**, against **{ui.CHANCE_DECOY_MASS:.1%}** if attribution were spread evenly.",
-]
-other = "clean" if model != "clean" else "vanilla"
-try:
-    twin = _load(other, layer, qoi, doi)
-except Exception:  # the comparison is a bonus: never let it break the page
-    twin = None
-if twin and twin.get("rows"):
-    twin_mass = float(np.nanmean([np.nan if x.get("decoy_mass") is None else float(x["decoy_mass"])
-                                  for x in twin["rows"]]))
-    twin_short = sum(bool(x["shortcut"]) for x in twin["rows"])
+lines = []
+if HAS_VERDICT:
+    n_short = int(table["carries shortcut"].sum())
+    mean_mass = float(table[MASS_KEY].mean())
     lines.append(
-        f"- The same view of the **{other}** model: mean decoy mass **{twin_mass:.0%}**, {twin_short} of "
-        f"{len(twin['rows'])} experts carrying the shortcut. "
-        + ("The difference is the shortcut the decoy taught." if model == "vanilla" and mean_mass > twin_mass
-           else "Compare the two to see what the decoy changed."))
+        f"- Of the {len(table)} experts of **{layer}** for **{what}**, **{n_short}** carr"
+        f"{'ies' if n_short == 1 else 'y'} the shortcut: more than {THRESHOLD:.0%} of the positive "
+        f"attribution of its interpretation falls on the {REGION}. The experts' mean {MASS_LABEL} is "
+        f"**{mean_mass:.0%}**"
+        + (f", against **{CHANCE:.1%}** if attribution were spread evenly." if CHANCE is not None else "."))
+    if RULE:
+        lines.append(f"- Why that threshold: {RULE}.")
+elif HAS_MASS:
+    lines.append(f"- The experts' mean {MASS_LABEL} is **{float(table[MASS_KEY].mean()):.0%}**.")
+else:
+    lines.append(f"- {ui.no_region_note(facts)}")
+other = REFERENCE if model != REFERENCE else SUBJECT
+twin = None
+if other and other != model and HAS_MASS:
+    try:
+        twin = _load(other, layer, qoi, doi)
+    except Exception:  # the comparison is a bonus: never let it break the page
+        twin = None
+if twin and twin.get("rows"):
+    tm = [x.get(MASS_KEY, x.get("region_mass")) for x in twin["rows"]]
+    tm = [float(v) for v in tm if v is not None]
+    if tm:
+        twin_mass = float(np.mean(tm))
+        mean_mass = float(table[MASS_KEY].mean())
+        twin_short = sum(bool(x.get("shortcut")) for x in twin["rows"])
+        lines.append(
+            f"- The same view of **{ui.model_label(other, labels_, facts)}**: mean {MASS_LABEL} "
+            f"**{twin_mass:.0%}**, {twin_short} of {len(twin['rows'])} experts carrying the shortcut. "
+            + (f"The difference is the shortcut {model} learned."
+               if model == SUBJECT and mean_mass > twin_mass
+               else "Compare the two to see what the region changed."))
 if not table["frequency"].isna().all():
     stable = int((table["frequency"].astype(float) >= 0.8).sum())
     lines.append(f"- {stable} of {len(table)} experts stay in the top {len(table)} in at least 80% of "
                  "bootstrap resamples; a less stable ranking says less about any single unit.")
 if quantity == "comparative":
-    lines.append(f"- The comparative quantity y{cls} − y{vs} cancels what the two classes share; its "
-                 f"experts are the units that tell a {cls} from a {vs}.")
+    lines.append(f"- The comparative quantity y({name(cls)}) − y({name(vs)}) cancels what the two classes "
+                 f"share; its experts are the units that tell a {name(cls)} from a {name(vs)}.")
 st.markdown("\n".join(lines))

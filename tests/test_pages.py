@@ -39,31 +39,10 @@ def _clear() -> None:
     ui._GENERATION.clear()
 
 
-def _steady_navigation(monkeypatch) -> None:
-    """Run every AppTest run as a server does once app.py has called st.navigation.
-
-    AppTest forgets that between runs and starts each run in pages/-folder mode, where
-    ``ui.use_navigation`` restarts the run through app.py; a restart drops a button's click, so the
-    tests that click start in the server's steady state instead. (The restart itself is tested in
-    ``test_a_page_opened_first_still_runs_through_the_entrypoint``.)
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    init = PagesManager.__init__
-
-    def steady(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", steady)
-
-
-def _factory(small_study, monkeypatch, steady: bool):
+def _factory(small_study, monkeypatch):
     """A factory of AppTests on the small prebuilt case (env points the app at it), caches cleared."""
     monkeypatch.setenv("CASEBOOK_CACHE", _cache_dir(small_study))
     monkeypatch.setenv("CASEBOOK_CASE", small_study.config.name)
-    if steady:
-        _steady_navigation(monkeypatch)
     _clear()
 
     def make(page: str | None = None, **params) -> AppTest:
@@ -81,14 +60,7 @@ def _factory(small_study, monkeypatch, steady: bool):
 
 @pytest.fixture
 def app(small_study, monkeypatch):
-    yield _factory(small_study, monkeypatch, steady=True)
-    _clear()
-
-
-@pytest.fixture
-def fresh_app(small_study, monkeypatch):
-    """Like ``app``, in the state of a fresh server (pages/-folder mode until app.py runs)."""
-    yield _factory(small_study, monkeypatch, steady=False)
+    yield _factory(small_study, monkeypatch)
     _clear()
 
 
@@ -105,7 +77,8 @@ def test_sidebar_offers_case_model_device_and_cache_status(app, small_study):
     assert case.value == small_study.config.name
     assert small_study.config.name in case.options
     assert at.sidebar.selectbox(key="qp-model").value == "vanilla"
-    assert {ui.model_label("vanilla"), ui.model_label("clean")} <= set(
+    facts = small_study.case_facts()
+    assert {ui.model_label("vanilla", facts=facts), ui.model_label("clean", facts=facts)} <= set(
         at.sidebar.selectbox(key="qp-model").options)
     assert at.sidebar.selectbox(key="qp-device").value in ("cpu", "cuda")
     status = "\n".join(m.value for m in at.sidebar.markdown)
@@ -123,7 +96,7 @@ def test_unknown_case_is_a_readable_error_not_a_traceback(app):
     assert not at.exception
     assert any("no-such-case" in e.value for e in at.error)
     # The rest of the app stays usable: the method page needs no case study.
-    at.switch_page("pages/method.py").run()
+    at.switch_page("chapters/method.py").run()
     assert not at.exception
     assert at.title[0].value == "Method"
 
@@ -132,7 +105,7 @@ def test_unknown_case_is_a_readable_error_not_a_traceback(app):
 
 
 def test_case_study_page_draws_samples_table_chart_from_the_report(app, small_study):
-    at = app("pages/case_study.py")
+    at = app("chapters/case_study.py")
     assert [h.value for h in at.header] == ["The images", "What the models learned", "What the gap means"]
     assert len(at.image) >= 6  # train and test: with patch, outlined, clean
     assert len(at.image[0].proto.imgs) == 8
@@ -159,7 +132,7 @@ def _layer(small_study) -> str:
 
 
 def test_influence_page_shows_experts_interpretations_and_reading(app, small_study):
-    at = app("pages/influence.py")
+    at = app("chapters/influence.py")
     layer = _layer(small_study)
     assert at.header[0].value == f"Experts of {layer} for class 0"
     assert [h.value for h in at.header[1:]] == ["What each expert looks at", "One expert up close",
@@ -178,7 +151,7 @@ def test_influence_page_shows_experts_interpretations_and_reading(app, small_stu
 
 
 def test_another_class_changes_the_view_and_the_url(app, small_study):
-    at = app("pages/influence.py")
+    at = app("chapters/influence.py")
     before = at.dataframe[0].value.copy()
     images_before = [i.url for i in at.image[0].proto.imgs]
     at.selectbox(key="qp-cls").select(1).run()
@@ -192,10 +165,10 @@ def test_another_class_changes_the_view_and_the_url(app, small_study):
     assert at.header[0].value.endswith("for class 1")
 
 
-def test_a_page_opened_first_still_runs_through_the_entrypoint(fresh_app, small_study):
-    # A fresh server in pages/-folder mode would run pages/influence.py alone; ui.use_navigation
-    # restarts the run through app.py, so the sidebar and the navigation are there.
-    at = fresh_app("pages/influence.py", model="clean")
+def test_a_page_opened_first_still_runs_through_the_entrypoint(app, small_study):
+    # The chapters live in chapters/ (not pages/), so Streamlit's old multipage mode never runs a
+    # chapter alone: the sidebar and the navigation are there on the first run.
+    at = app("chapters/influence.py", model="clean")
     assert at.sidebar.selectbox(key="qp-model").value == "clean"
     assert at.sidebar.selectbox(key="qp-case").value == small_study.config.name
     assert at.header[0].value.startswith("Experts of")
@@ -205,10 +178,10 @@ def test_a_deep_link_reopens_the_same_view(app, small_study):
     layer = _layer(small_study)
     view = small_study.experts("clean", layer, 2)
     unit = sorted(view["rows"], key=lambda r: r["rank"])[1]["unit"]
-    at2 = app("pages/influence.py", model="clean", cls=2, layer=layer, expert=unit, view="heatmap")
-    # The page ran through app.py (ui.use_navigation): the shared sidebar is there, set from the URL.
+    at2 = app("chapters/influence.py", model="clean", cls=2, layer=layer, expert=unit, view="heatmap")
+    # The page ran through app.py: the shared sidebar is there, set from the URL.
     assert at2.sidebar.selectbox(key="qp-model").value == "clean"
-    assert f"Model **{ui.model_label('clean')}**" in _texts(at2)
+    assert f"Model **{ui.model_label('clean', facts=small_study.case_facts())}**" in _texts(at2)
     assert at2.selectbox(key="qp-cls").value == 2
     assert at2.selectbox(key="qp-expert").value == unit
     assert at2.radio(key="qp-view").value == "heatmap"
@@ -217,7 +190,7 @@ def test_a_deep_link_reopens_the_same_view(app, small_study):
 
 
 def test_comparative_quantity_is_computed_on_request(app, small_study):
-    at = app("pages/influence.py")
+    at = app("chapters/influence.py")
     at.radio(key="qp-quantity").set_value("comparative").run()
     at.selectbox(key="qp-vs").select(8).run()
     assert not at.exception
@@ -243,8 +216,8 @@ def test_a_corrected_model_from_the_sidebar_is_explained_on_request(app, small_s
     at = app(model=name)
     model_box = at.sidebar.selectbox(key="qp-model")
     assert model_box.value == name
-    assert ui.model_label(name, {name: corrections[0]["label"]}) in model_box.options
-    at.switch_page("pages/influence.py").run()
+    assert ui.model_label(name, {name: corrections[0]["label"]}, small_study.case_facts()) in model_box.options
+    at.switch_page("chapters/influence.py").run()
     assert not at.exception
     layer = _layer(small_study)
     qoi, doi = {"kind": "class", "class": 0}, {"kind": "class-images"}
@@ -262,7 +235,7 @@ def test_a_corrected_model_from_the_sidebar_is_explained_on_request(app, small_s
 
 
 def test_method_page_has_theory_table_and_references(app):
-    at = app("pages/method.py")
+    at = app("chapters/method.py")
     assert at.title[0].value == "Method"
     assert len(at.latex) >= 8
     engine = at.dataframe[0].value
@@ -315,7 +288,7 @@ def test_build_missing_shows_a_readable_error(monkeypatch):
 def test_missing_results_are_offered_and_built_from_the_page(app, tmp_path, monkeypatch):
     # An empty cache: nothing is built. The page explains, offers the build, and draws after it.
     monkeypatch.setenv("CASEBOOK_CACHE", str(tmp_path / "empty"))
-    at = app("pages/case_study.py")
+    at = app("chapters/case_study.py")
     assert any("**data**" in i.value and "not built yet" in i.value for i in at.info)
     assert not at.image and not at.get("vega_lite_chart")
     at.button(key="build-data").click().run()
@@ -324,5 +297,5 @@ def test_missing_results_are_offered_and_built_from_the_page(app, tmp_path, monk
     assert any("**models**" in i.value for i in at.info)  # the next stage is offered, not built
     assert [b.label for b in at.button] == ["Build models"]
     # The other pages stay usable.
-    at.switch_page("pages/method.py").run()
+    at.switch_page("chapters/method.py").run()
     assert not at.exception and at.title[0].value == "Method"
