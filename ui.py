@@ -656,13 +656,20 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 4, background: i
 # Formatting
 
 
+def _missing(x: Any) -> bool:
+    try:
+        return x is None or not np.isfinite(float(x))
+    except (TypeError, ValueError):
+        return True
+
+
 def pct(x: float | None, digits: int = 1) -> str:
-    return "—" if x is None else f"{100 * float(x):.{digits}f}%"
+    return "—" if _missing(x) else f"{100 * float(x):.{digits}f}%"
 
 
 def pp(x: float | None, digits: int = 1) -> str:
     """A difference of two shares in percentage points."""
-    return "—" if x is None else f"{100 * float(x):+.{digits}f} pp"
+    return "—" if _missing(x) else f"{100 * float(x):+.{digits}f} pp"
 
 
 def correction_labels(study=None) -> dict[str, str]:
@@ -717,4 +724,7 @@ def next_chapter(path: str, label: str, why: str = "") -> None:
     st.divider()
     if why:
         st.caption(why)
-    st.page_link(path, label=f"Next: {label}", icon=":material/arrow_forward:")
+    try:
+        st.page_link(path, label=f"Next: {label}", icon=":material/arrow_forward:")
+    except Exception:  # noqa: BLE001 - a chapter run on its own (no navigation): name it instead
+        st.caption(f"Next: {label}")

@@ -14,35 +14,55 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from core import imaging
 
-SCALE = 4
-N_CLASSES = 10
 COLORS = {"reference": "#8A8F98", "control": "#C9C3B8", "mask": "#B4412E",
           "mask-free": "#2E7D5B"}
 
 study = ui.current_study()
+facts = ui.facts(study)
+SUBJECT, REFERENCE = facts.get("subject") or "the model", facts.get("reference")
+REGION = facts.get("region")
+HEAD = facts.get("headline")
+HKEY = f"{HEAD}_acc" if HEAD else None
+HNAME = ui.set_label(HEAD) if HEAD else "headline set"
+SETS = list(facts.get("evaluation_sets") or [])
+# The sets the table shows: the test-like ones when the case names them, else every one.
+SHOW = [x for x in SETS if "test" in x] or SETS
+OTHER = [x for x in SHOW if x != HEAD]
+MASS_KEY = facts.get("region_alias") or "region_mass"
+MASS_LABEL = (facts.get("region_alias") or f"{REGION} mass").replace("_", " ") if REGION else None
+CHANCE = facts.get("chance")
+SCALE = ui.scale_for(facts.get("size"))
 st.title("Corrections")
 st.markdown(
-    "The vanilla model learned to read the corner patch. Can we make it read the digit instead? "
-    "Five corrections start from the **same vanilla model**: two remove the shortcut after "
-    "training without retraining (*expert suppression*, *P-ClArC*), three fine-tune it "
+    f"**{SUBJECT}** may have learned to read the {REGION or 'shortcut'}. Can we make it read the "
+    "object instead? Every correction starts from the **same model**: some remove the shortcut after "
+    "training without retraining (*expert suppression*, *P-ClArC*), others fine-tune it "
     "(*RRR*, an *influence penalty*, *counterexamples*); a control fine-tunes with no penalty at "
-    "all. Each one's strength is tuned on the "
-    "**validation split** (test-style random-shade patches), never on the test set. "
-    "**Gap closed** = (accuracy − vanilla) / (clean reference − vanilla) on the decoy test set: "
-    "0 is no better than vanilla, 1 matches the model trained without the patch.")
+    "all. Each one's strength is tuned on the **validation split**, never on the test set. "
+    + (f"**Gap closed** = (accuracy − {SUBJECT}) / ({REFERENCE} − {SUBJECT}) on the {HNAME} set: "
+       f"0 is no better than {SUBJECT}, 1 matches {REFERENCE}." if REFERENCE else
+       "This case has no reference model, so there is no gap to close: read the accuracies."))
 
+if not REGION:
+    st.info(ui.no_region_note(facts) + " Without a region there is no shortcut to correct, so this "
+            "chapter has nothing to show for this case.")
+    ui.next_chapter("chapters/method.py", "Method")
+    st.stop()
 if not ui.require(study, ["corrections"], "The corrections chapter"):
     st.stop()
 
 payload = ui.artifact("corrections", study) or {}
 rows = payload.get("rows") or []
+skipped = payload.get("skipped") or []
+for sk in skipped:
+    st.caption(f"Skipped {ui.plain(sk.get('method'))}: {ui.plain(sk.get('reason'))}.")
 if not rows:
-    st.warning("The corrections stage is built but holds no rows (no method configured?).")
+    st.warning("The corrections stage is built but holds no rows (no method configured, or every "
+               "method was skipped).")
     st.stop()
 ref = payload.get("reference") or {}
-van, cln = ref.get("vanilla") or {}, ref.get("clean") or {}
+van, cln = ref.get(SUBJECT) or {}, (ref.get(REFERENCE) or {}) if REFERENCE else {}
 n_seeds = int(payload.get("n_seeds") or 1)
 records = payload.get("records") or {}
 
@@ -53,6 +73,10 @@ def _f(x) -> float:
     except (TypeError, ValueError):
         return float("nan")
     return v
+
+
+def _mass(r: dict) -> float:
+    return _f(r.get(MASS_KEY, r.get("region_mass")))
 
 
 def _sd(row: dict, key: str) -> str:
@@ -78,22 +102,19 @@ st.header("Results")
 table = pd.DataFrame([{
     "method": r.get("label") or r["method"],
     "uses mask": "yes" if r.get("uses_mask") else "no",
-    "decoy test": _f(r.get("decoy_test_acc")),
-    "clean test": _f(r.get("clean_test_acc")),
+    **{ui.set_label(x): _f(r.get(f"{x}_acc")) for x in SHOW},
     "gap closed": _f(r.get("gap_closed")),
-    "decoy mass": _f(r.get("decoy_mass")),
+    MASS_LABEL: _mass(r),
     "tuned on validation": _strength(r),
     "validation acc": _f(r.get("val_acc")),
     "seconds": _f(r.get("seconds")),
 } for r in rows])
+ref_rows = [(SUBJECT, van)] + ([(REFERENCE, cln)] if REFERENCE else [])
 ref_table = pd.DataFrame([
-    {"model": "vanilla (trained with the decoy)", "decoy test": _f(van.get("decoy_test_acc")),
-     "clean test": _f(van.get("clean_test_acc")), "decoy mass": _f(van.get("decoy_mass"))},
-    {"model": "clean reference (trained without it)", "decoy test": _f(cln.get("decoy_test_acc")),
-     "clean test": _f(cln.get("clean_test_acc")), "decoy mass": _f(cln.get("decoy_mass"))},
-])
+    {"model": ui.model_label(name, facts=facts), **{ui.set_label(x): _f(m.get(f"{x}_acc")) for x in SHOW},
+     MASS_LABEL: _mass(m)} for name, m in ref_rows])
 pct_cols = {c: st.column_config.NumberColumn(c, format="percent")
-            for c in ("decoy test", "clean test", "decoy mass", "validation acc")}
+            for c in [*(ui.set_label(x) for x in SHOW), MASS_LABEL, "validation acc"]}
 st.dataframe(table, hide_index=True, column_config={
     **pct_cols,
     "method": st.column_config.TextColumn("method", width="medium"),
@@ -105,69 +126,75 @@ st.dataframe(ref_table, hide_index=True, column_config=pct_cols)
 seed_note = (f"Means over {n_seeds} seeds (± one standard deviation in the narrative)."
              if n_seeds > 1 else "One seed (build the study with more seeds for means ± sd).")
 st.caption(
-    "Decoy test: test images with a random-shade patch; clean test: the same images without it. "
-    "Decoy mass: share of the positive Integrated Gradients attribution (label logit, zero "
-    f"baseline) on the 16 patch pixels, mean over test images (chance {ui.CHANCE_DECOY_MASS:.1%}). "
-    f"Seconds: wall time of the correction including its tuning grid. {seed_note}")
+    f"Accuracy on each evaluation set ({', '.join(ui.set_label(x) for x in SHOW)}). "
+    f"{MASS_LABEL.capitalize()}: share of the positive Integrated Gradients attribution (label logit, "
+    f"zero baseline) on the {REGION}, mean over test images"
+    + (f" (chance {CHANCE:.1%})" if CHANCE is not None else "")
+    + f". Seconds: wall time of the correction including its tuning grid. {seed_note}")
 ui.download_csv(table, "corrections.csv", "Download the table (CSV)", key="dl-corrections")
 
 # ------------------------------------------------------------------------------------ the chart
 st.header("Accuracies side by side")
 bars = []
-for name, r, kind in ([("vanilla", van, "reference"), ("clean reference", cln, "reference")]
+set_order = [ui.set_label(x) for x in SHOW]
+for name, r, kind in ([(SUBJECT, van, "reference")] + ([(REFERENCE, cln, "reference")] if REFERENCE else [])
                       + [(r.get("label") or r["method"], r, "control" if r.get("control")
                           else "mask" if r.get("uses_mask") else "mask-free") for r in rows]):
-    for split, key in (("decoy test", "decoy_test_acc"), ("clean test", "clean_test_acc")):
+    for x in SHOW:
+        key = f"{x}_acc"
         v = _f(r.get(key))
         sd = _f(r.get(f"{key}_sd")) if n_seeds > 1 else float("nan")
-        bars.append({"model": name, "split": split, "accuracy": v, "kind": kind,
+        bars.append({"model": name, "split": ui.set_label(x), "accuracy": v, "kind": kind,
                      "low": v - sd if math.isfinite(sd) else None,
                      "high": v + sd if math.isfinite(sd) else None})
 chart_df = pd.DataFrame(bars)
 order = list(dict.fromkeys(chart_df["model"]))
 base = alt.Chart(chart_df).encode(
     y=alt.Y("model:N", sort=order, title=None, axis=alt.Axis(labelLimit=260)),
-    yOffset=alt.YOffset("split:N", sort=["decoy test", "clean test"]))
+    yOffset=alt.YOffset("split:N", sort=set_order))
 chart = base.mark_bar().encode(
     x=alt.X("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1]),
             axis=alt.Axis(format="%")),
     color=alt.Color("kind:N", title="model", scale=alt.Scale(
         domain=list(COLORS), range=list(COLORS.values()))),
-    opacity=alt.Opacity("split:N", sort=["decoy test", "clean test"],
-                        scale=alt.Scale(range=[1.0, 0.45]), title="test set"),
+    opacity=alt.Opacity("split:N", sort=set_order,
+                        scale=alt.Scale(range=[1.0, 0.45]), title="evaluation set"),
     tooltip=["model", "split", alt.Tooltip("accuracy:Q", format=".1%")])
 layers = [chart]
 if chart_df["low"].notna().any():
     layers.append(base.mark_rule(color="#1F2328").encode(x="low:Q", x2="high:Q"))
-target = _f(cln.get("decoy_test_acc"))
+target = _f(cln.get(HKEY)) if HKEY else float("nan")
 if math.isfinite(target):
     layers.append(alt.Chart(pd.DataFrame({"x": [target]})).mark_rule(
         strokeDash=[4, 4], color="#1F2328").encode(x="x:Q"))
-st.altair_chart(alt.layer(*layers).properties(height=44 * len(order) + 40), width="stretch")
-st.caption("Solid bars: decoy test; pale bars: clean test"
+st.altair_chart(alt.layer(*layers).properties(height=22 * len(order) * max(1, len(SHOW)) + 40),
+                width="stretch")
+st.caption(f"Solid bars: {set_order[0] if set_order else 'the first set'}; paler bars: "
+           f"{', '.join(set_order[1:]) or '—'}"
            + (" (lines: ± one standard deviation over seeds)" if n_seeds > 1 else "")
-           + ". Dashed line: the clean reference's decoy-test accuracy (gap closed = 1). Green: "
-           "corrections that need no pixel mask; red: corrections that use the patch location; "
-           "beige: the fine-tuning control.")
+           + (f". Dashed line: {REFERENCE}'s {HNAME} accuracy (gap closed = 1)" if REFERENCE else "")
+           + ". Green: corrections that need no pixel mask; red: corrections that use the "
+           f"{REGION}'s masks; beige: the fine-tuning control.")
 
 # ------------------------------------------------------------------------------------ narrative
 st.header("Reading the numbers")
-van_acc, cln_acc = _f(van.get("decoy_test_acc")), _f(cln.get("decoy_test_acc"))
+van_acc, cln_acc = _f(van.get(HKEY)), _f(cln.get(HKEY))
 gap = cln_acc - van_acc
-lines = [f"- The vanilla model reaches **{ui.pct(van_acc)}** on the decoy test set and "
-         f"**{ui.pct(_f(van.get('clean_test_acc')))}** without the patch; the clean reference "
-         f"**{ui.pct(cln_acc)}**: a gap of **{ui.pp(gap)}** to close."]
+other_txt = "".join(f" and **{ui.pct(_f(van.get(f'{x}_acc')))}** on {ui.set_label(x)}" for x in OTHER[:1])
+lines = [f"- **{SUBJECT}** reaches **{ui.pct(van_acc)}** on the {HNAME} set{other_txt}"
+         + (f"; **{REFERENCE}** **{ui.pct(cln_acc)}**: a gap of **{ui.pp(gap)}** to close."
+            if REFERENCE else ".")]
 has_gap = math.isfinite(gap) and gap > 0
-if not has_gap:
-    lines.append("- Here the clean reference is **not** better than the vanilla model on the decoy "
-                 "test set, so there is no gap to close (gap closed is left empty): the shortcut "
-                 "did not cost this model accuracy. Read the accuracies themselves.")
-elif gap < 0.03:
+if REFERENCE and not has_gap:
+    lines.append(f"- Here {REFERENCE} is **not** better than {SUBJECT} on the {HNAME} set, so there "
+                 "is no gap to close (gap closed is left empty): the shortcut did not cost this model "
+                 "accuracy. Read the accuracies themselves.")
+elif has_gap and gap < 0.03:
     lines.append("- The gap is small on this case, so gap-closed ratios are noisy: read the "
                  "accuracies themselves.")
 corrections = [r for r in rows if not r.get("control")] or rows
 controls = [r for r in rows if r.get("control")]
-ranked = sorted(corrections, key=lambda r: -_f(r.get("decoy_test_acc")))
+ranked = sorted(corrections, key=lambda r: -_f(r.get(HKEY)))
 best = ranked[0]
 
 
@@ -177,30 +204,31 @@ def _closed(r: dict) -> str:
 
 
 lines.append(f"- Best: **{best.get('label')}** {_closed(best)} "
-             f"({ui.pct(_f(best.get('decoy_test_acc')))} decoy test{_sd(best, 'decoy_test_acc')}"
-             f"), {'using' if best.get('uses_mask') else 'without'} the patch mask.")
+             f"({ui.pct(_f(best.get(HKEY)))} {HNAME}{_sd(best, HKEY)}"
+             f"), {'using' if best.get('uses_mask') else 'without'} the {REGION}'s masks.")
 free = [r for r in ranked if not r.get("uses_mask")]
 if free:
     fb = free[0]
     lines.append(f"- Best without any pixel mask: **{fb.get('label')}**, {_closed(fb)} "
-                 f"({ui.pct(_f(fb.get('decoy_test_acc')))}{_sd(fb, 'decoy_test_acc')}).")
+                 f"({ui.pct(_f(fb.get(HKEY)))}{_sd(fb, HKEY)}).")
 failed = [r for r in corrections if has_gap and (r.get("gap_closed") is None
                                                  or _f(r["gap_closed"]) < 0.5)]
 for r in failed:
     g = r.get("gap_closed")
     lines.append(
         f"- **{r.get('label')}** {'did not help' if g is None or _f(g) <= 0.05 else 'helped little'}"
-        f" (gap closed {'—' if g is None else f'{_f(g):.0%}'}; decoy test "
-        f"{ui.pct(_f(r.get('decoy_test_acc')))}{_sd(r, 'decoy_test_acc')}, clean test "
-        f"{ui.pct(_f(r.get('clean_test_acc')))}).")
+        f" (gap closed {'—' if g is None else f'{_f(g):.0%}'}; {HNAME} "
+        f"{ui.pct(_f(r.get(HKEY)))}{_sd(r, HKEY)}"
+        + "".join(f", {ui.set_label(x)} {ui.pct(_f(r.get(f'{x}_acc')))}" for x in OTHER[:1]) + ").")
 removal = [r for r in failed if r["method"] in ("suppression", "pclarc")]
 if removal:
     lines.append(
         f"- {' and '.join(r.get('label') for r in removal)} only remove: "
         f"{'they change' if len(removal) > 1 else 'it changes'} no weight that would teach the "
-        "digits. Removing what carries the shortcut cannot add the knowledge the vanilla model "
-        f"never learned: on images with no patch at all it reaches only "
-        f"{ui.pct(_f(van.get('clean_test_acc')))}.")
+        f"classes. Removing what carries the shortcut cannot add the knowledge {SUBJECT} never "
+        "learned"
+        + "".join(f": on {ui.set_label(x)} it reaches only {ui.pct(_f(van.get(f'{x}_acc')))}"
+                  for x in OTHER[:1]) + ".")
     sup_grid = (records.get("suppression") or {}).get("grid") or []
     if any(r["method"] == "suppression" for r in removal) and sup_grid and van.get("val_acc"):
         deltas = [_f(g.get("val_acc")) - _f(van["val_acc"]) for g in sup_grid]
@@ -212,8 +240,8 @@ if removal:
 for r in controls if has_gap else []:
     lines.append(
         f"- Control: the same fine-tuning **without any penalty** reaches "
-        f"{ui.pct(_f(r.get('decoy_test_acc')))} on the decoy test set (gap closed "
-        f"{_f(r.get('gap_closed')):.0%}): training longer on the decoy data "
+        f"{ui.pct(_f(r.get(HKEY)))} on the {HNAME} set (gap closed "
+        f"{_f(r.get('gap_closed')):.0%}): training longer on the same data "
         + ("does not remove the shortcut, so the fine-tuned corrections' gains come from what "
            "they add to the loss or the data." if _f(r.get("gap_closed")) < 0.25 else
            "already helps here, so part of the fine-tuned corrections' gains is the extra "
@@ -221,17 +249,18 @@ for r in controls if has_gap else []:
 n_test = (ui.report(study).get("data") or {}).get("n_test")
 fine = [r for r in corrections if r["method"] in ("rrr", "influence_penalty", "counterexamples")]
 if n_test and any(_f(r.get("gap_closed")) > 1.0 for r in fine):
-    p = float(np.mean([_f(r.get("decoy_test_acc")) for r in fine]))
+    p = float(np.mean([_f(r.get(HKEY)) for r in fine]))
     se = math.sqrt(p * (1 - p) / n_test)
-    lines.append("- A ratio above 1 means the corrected model beat the clean reference on the decoy "
-                 "test set. The fine-tuned models train for more epochs in total than the "
-                 "reference (vanilla training plus fine-tuning); differences of a point or so are "
+    lines.append(f"- A ratio above 1 means the corrected model beat {REFERENCE} on the {HNAME} set. "
+                 "The fine-tuned models train for more epochs in total than the reference (the "
+                 "first training plus fine-tuning); differences of a point or so are "
                  f"within the noise of the test set (one standard error of an accuracy near "
                  f"{p:.0%} on {n_test} images is about {100 * se:.1f} pp).")
-lines.append("- Decoy mass after correction tells whether the explanations moved off the patch: "
-             + ", ".join(f"{r.get('label')} {ui.pct(_f(r.get('decoy_mass')))}" for r in rows)
-             + f" (vanilla {ui.pct(_f(van.get('decoy_mass')))}, clean "
-             f"{ui.pct(_f(cln.get('decoy_mass')))}).")
+lines.append(f"- {MASS_LABEL.capitalize()} after correction tells whether the explanations moved off "
+             f"the {REGION} (looking at the right thing: lower is better): "
+             + ", ".join(f"{r.get('label')} {ui.pct(_mass(r))}" for r in rows)
+             + f" ({SUBJECT} {ui.pct(_mass(van))}"
+             + (f", {REFERENCE} {ui.pct(_mass(cln))}" if REFERENCE else "") + ").")
 st.markdown("\n".join(lines))
 
 st.subheader("What each method needs")
@@ -254,8 +283,8 @@ if anchors:
         | {"gap closed": st.column_config.NumberColumn("gap closed", format="%.2f")})
     rrr = next((r for r in rows if r["method"] == "rrr"), None)
     for a in anchors:
-        mine = (f" Here RRR reaches {ui.pct(_f(rrr.get('decoy_test_acc')))} against a vanilla "
-                f"{ui.pct(van_acc)} and a clean reference {ui.pct(cln_acc)} (gap closed "
+        mine = (f" Here RRR reaches {ui.pct(_f(rrr.get(HKEY)))} against {SUBJECT} "
+                f"{ui.pct(van_acc)} and {REFERENCE} {ui.pct(cln_acc)} (gap closed "
                 f"{'—' if rrr.get('gap_closed') is None else format(_f(rrr['gap_closed']), '.2f')}"
                 ")." if rrr else "")
         st.markdown(f"**Their setup:** {a.get('setup', '')}.  \n"
@@ -275,16 +304,16 @@ for r in rows:
         if r["method"] == "influence_penalty" and rec.get("heatmap") is not None:
             heat = np.asarray(rec["heatmap"], dtype=float)
             region = np.asarray(rec.get("region"), dtype=bool)
-            st.image([imaging.heatmap(heat, scale=SCALE),
-                      imaging.heatmap(region.astype(float), scale=SCALE)],
-                     caption=["vanilla influence (mean IG, training images)",
+            st.image([ui.heatmap(heat, SCALE),
+                      ui.heatmap(region.astype(float), SCALE)],
+                     caption=[f"{SUBJECT}'s influence (mean IG, training images)",
                               f"penalised region ({int(region.sum())} pixels, found without "
                               "the mask)"])
             if rec.get("region_precision") is not None:
                 st.caption(
-                    f"Checked afterwards against the patch positions (not used by the "
+                    f"Checked afterwards against the {REGION} positions (not used by the "
                     f"correction): {_f(rec['region_precision']):.0%} of the region's pixels lie "
-                    f"where a patch can be, and it covers {_f(rec.get('region_recall')):.0%} of "
+                    f"where the {REGION} can be, and it covers {_f(rec.get('region_recall')):.0%} of "
                     "those positions. Slice penalised: "
                     f"{'the input' if rec.get('layer') is None else rec.get('layer')}.")
         if r["method"] == "suppression" and rec.get("candidates"):
@@ -299,20 +328,22 @@ for r in rows:
 st.header("Experts before and after")
 names = [r["method"] for r in rows]
 labels = {r["method"]: r.get("label") or r["method"] for r in rows}
-cfg_experts = getattr(study.config, "experts", None) or {}
-LAYERS = [str(x) for x in (cfg_experts.get("layers") or ["conv2"])]
+LAYERS = [str(x) for x in (facts.get("layers") or [])]
+CLASSES = list(range(len(facts.get("classes") or []))) or [0]
 c1, c2, c3 = st.columns(3)
 with c1:
     chosen = ui.choice("Correction", names, param="correction", format_func=labels.get)
 with c2:
     layer = ui.choice("Layer", LAYERS, param="layer", default=LAYERS[-1])
 with c3:
-    cls = ui.choice("Class", list(range(N_CLASSES)), param="cls")
+    cls = ui.choice("Class", CLASSES, param="cls", format_func=lambda c: ui.class_name(c, facts))
 qoi, doi = {"kind": "class", "class": int(cls)}, {"kind": "class-images"}
 
 
-def _view(model: str) -> dict | None:
-    if model in ui.BASE_MODELS:
+def _view(model: str | None) -> dict | None:
+    if model is None:
+        return None
+    if model in (facts.get("models") or []):
         try:
             return ui.experts(model, layer, int(cls), study)
         except Exception:  # outside the precomputed classes/layers: the on-demand path below
@@ -322,12 +353,12 @@ def _view(model: str) -> dict | None:
     return None
 
 
-before, after, ref_view = _view("vanilla"), _view(chosen), _view("clean")
+before, after, ref_view = _view(SUBJECT), _view(chosen), _view(REFERENCE)
 if after is None:
     offer = st.empty()
     with offer.container():
-        st.info(f"The experts of **{layer}** for class **{cls}** of the **{labels[chosen]}** model "
-                "are not computed yet (a few seconds; cached on disk).")
+        st.info(f"The experts of **{layer}** for class **{ui.class_name(cls, facts)}** of the "
+                f"**{labels[chosen]}** model are not computed yet (a few seconds; cached on disk).")
         clicked = st.button("Compute", type="primary", key="compute-corrected-experts")
     if clicked:
         after = ui.compute_experts_for(chosen, layer, qoi, doi, study)
@@ -335,44 +366,53 @@ if after is None:
             offer.empty()
 
 
-def _mass(view: dict | None) -> float:
-    dm = [_f(x.get("decoy_mass")) for x in (view or {}).get("rows", [])]
+def _experts_mass(view: dict | None) -> float:
+    dm = [_mass(x) for x in (view or {}).get("rows", [])]
     dm = [d for d in dm if math.isfinite(d)]
     return float(np.mean(dm)) if dm else float("nan")
 
 
-cols = st.columns(3)
-for col, title, view in ((cols[0], "vanilla (before)", before),
-                         (cols[1], f"{labels[chosen]} (after)", after),
-                         (cols[2], "clean reference", ref_view)):
+panels = [(f"{SUBJECT} (before)", before), (f"{labels[chosen]} (after)", after)]
+if REFERENCE:
+    panels.append((f"{REFERENCE} (reference)", ref_view))
+cols = st.columns(len(panels))
+for col, (title, view) in zip(cols, panels, strict=True):
     with col:
         st.subheader(title)
         if view is None or not view.get("rows"):
             st.caption("Not available.")
             continue
         t = pd.DataFrame(view["rows"]).sort_values("rank")
-        keep = [c for c in ("rank", "unit", "score", "decoy_mass") if c in t]
+        if MASS_KEY not in t and "region_mass" in t:
+            t[MASS_KEY] = t["region_mass"]
+        keep = [c for c in ("rank", "unit", "score", MASS_KEY) if c in t]
         st.dataframe(t[keep], hide_index=True, column_config={
             "score": st.column_config.NumberColumn("influence", format="%.4g"),
-            "decoy_mass": st.column_config.NumberColumn("decoy mass", format="percent")})
+            MASS_KEY: st.column_config.NumberColumn(MASS_LABEL, format="percent")})
         images, maps = np.asarray(view.get("images", [])), np.asarray(view.get("maps", []))
-        if images.ndim == 3 and maps.ndim == 4 and len(images):
+        if images.ndim in (3, 4) and maps.ndim == 4 and len(images):
             n_img = min(4, images.shape[0])
-            grid = [[imaging.masked_image(images[i], maps[k, i], scale=SCALE)
+            grid = [[ui.masked(images[i], maps[k, i], SCALE)
                      for i in range(n_img)] for k in range(min(3, maps.shape[0]))]
-            st.image(ui.image_grid(grid), caption="top experts (rows) on the same test images: "
+            st.image(ui.image_grid(grid), caption=f"{title}: top experts (rows) on the same test images, "
                      "pixels above the 95th percentile of each interpretation")
-        m = _mass(view)
+        m = _experts_mass(view)
         if math.isfinite(m):
-            st.caption(f"Mean decoy mass of the experts' interpretations: {m:.0%} "
-                       f"(chance {ui.CHANCE_DECOY_MASS:.1%}).")
-mb, ma, mc = _mass(before), _mass(after), _mass(ref_view)
-if all(math.isfinite(v) for v in (mb, ma, mc)):
+            st.caption(f"Mean {MASS_LABEL} of the experts' interpretations: {m:.0%}"
+                       + (f" (chance {CHANCE:.1%})." if CHANCE is not None else "."))
+mb, ma, mc = _experts_mass(before), _experts_mass(after), _experts_mass(ref_view)
+if all(math.isfinite(v) for v in (mb, ma)):
     moved = ("fell" if ma < mb - 0.02 else "rose" if ma > mb + 0.02 else "barely moved")
     st.markdown(
-        f"The experts' mean decoy mass {moved}: {mb:.0%} before, {ma:.0%} after, {mc:.0%} for the "
-        "clean reference. An expert's interpretation shows what drives *that unit* (Integrated "
+        f"The experts' mean {MASS_LABEL} {moved}: {mb:.0%} before, {ma:.0%} after"
+        + (f", {mc:.0%} for {REFERENCE}" if math.isfinite(mc) else "")
+        + ". An expert's interpretation shows what drives *that unit* (Integrated "
         "Gradients of its activation), not whether the class still depends on it: units near the "
-        "input keep seeing a bright corner square even in a model whose output ignores it (the "
-        "clean reference's experts are the baseline for that). The class-level decoy mass in the "
-        "results table (attribution of the class logit) is the direct test of the correction.")
+        f"input keep seeing the {REGION} even in a model whose output ignores it"
+        + (f" ({REFERENCE}'s experts are the baseline for that)" if REFERENCE else "")
+        + f". The class-level {MASS_LABEL} in the results table (attribution of the class logit) is "
+        "the direct test of the correction.")
+ui.next_chapter("chapters/essence.py" if ui.stage_exists("essence") else "chapters/method.py",
+                "Essence & causal check" if ui.stage_exists("essence") else "Method",
+                "Next: do the experts really carry the class? Keep only them, or remove them, and "
+                "measure." if ui.stage_exists("essence") else "")

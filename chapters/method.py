@@ -8,6 +8,18 @@ import streamlit as st
 
 import ui
 
+
+def _facts() -> dict:
+    """The open case's facts when a case opens (the method chapter also works without one)."""
+    try:
+        return ui.facts(ui.open_study())
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+facts = _facts()
+REGION = facts.get("region")
+SUBJECT, REFERENCE = facts.get("subject") or "subject", facts.get("reference") or "reference"
 st.title("Method")
 st.markdown(
     "Every picture in this report comes from one measurement: **distributional influence** "
@@ -69,16 +81,21 @@ st.latex(r"s_k = \sum_{i,j} \chi_{k,i,j} \qquad \mathcal{E}_k(P) = \operatorname
 st.markdown(
     "An expert is interpreted by the influence of *its own activation* on the input along a linear "
     "path, times $x - x'$: an attribution map over the image. Shown as a heatmap, or — as in the paper — "
-    "as a mask keeping the pixels above the 95th percentile, softly blurred. In this case study the "
-    "patch's 16 pixels are known, so each interpretation can be scored by its **decoy mass**, the share "
-    "of its positive attribution that falls on the patch (chance: 16/784 ≈ 2%):")
-st.latex(r"\mathrm{decoy\ mass}(a) = \frac{\sum_{p \in \text{patch}} [a_p]_+}{\sum_{p} [a_p]_+}")
+    "as a mask keeping the pixels above the 95th percentile, softly blurred. When a case marks a "
+    "region in its images" + (f" (here: the **{REGION}**)" if facts.get("region") else "")
+    + ", each interpretation can be scored by its "
+    "**region mass**, the share of its positive attribution that falls on the region"
+    + (f" (chance, the region's share of the image: {facts['chance']:.1%})" if facts.get("chance") else "")
+    + ":")
+st.latex(r"\mathrm{region\ mass}(a) = \frac{\sum_{p \in \text{region}} [a_p]_+}{\sum_{p} [a_p]_+}")
 st.markdown(
     "The paper's *essence* claim: keeping only the top experts of a layer is enough to separate two "
-    "related classes. Corrections are scored by how much of the accuracy gap they close on the decoy "
-    "test set:")
-st.latex(r"\mathrm{gap\ closed} = \frac{\mathrm{acc}_{\text{corrected}} - \mathrm{acc}_{\text{vanilla}}}"
-         r"{\mathrm{acc}_{\text{clean}} - \mathrm{acc}_{\text{vanilla}}}")
+    "related classes. Corrections are scored by how much of the accuracy gap between the model under "
+    "study and the reference they close on the case's headline evaluation set"
+    + (f" ({ui.set_label(facts['headline'])})" if facts.get("headline") else "") + ":")
+_sub, _ref = (n.replace("_", r"\_") for n in (SUBJECT, REFERENCE))
+st.latex(r"\mathrm{gap\ closed} = \frac{\mathrm{acc}_{\text{corrected}} - \mathrm{acc}_{\text{" + _sub
+         + r"}}}{\mathrm{acc}_{\text{" + _ref + r"}} - \mathrm{acc}_{\text{" + _sub + r"}}}")
 
 st.header("One engine, every representation")
 st.markdown("Each compared method is one call of the same engine with a different configuration:")
@@ -100,7 +117,7 @@ st.dataframe(ENGINE, hide_index=True)
 ui.download_csv(ENGINE, "engine_configurations.csv", key="dl-method-engine")
 
 st.markdown(
-    "How the report judges them: **decoy mass** (does the explanation point at the shortcut the model "
+    "How the report judges them: **region mass** (does the explanation point at the shortcut the model "
     "uses?), **deletion / insertion AUC** (RISE: does removing the top-ranked pixels first destroy the "
     "prediction fastest?), **model-parameter randomisation** (Adebayo et al.: an explanation that barely "
     "changes when the weights are randomised explains the image, not the model — Spearman correlation "
@@ -145,3 +162,5 @@ st.markdown("""
 8. R. R. Selvaraju et al. *Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
    Localization.* ICCV 2017. [arXiv:1610.02391](https://arxiv.org/abs/1610.02391)
 """)
+
+ui.next_chapter("chapters/case_study.py", "back to the case study")

@@ -1,8 +1,9 @@
 """Chapter 3: the representations of influence compared, measured — which one exposes the shortcut?
 
 Everything drawn here is read from the ``representations`` stage (``core.representations.build_stage``):
-the maps, the metrics, the curves and the randomisation test. This page never trains or differentiates;
-when the stage is missing it offers to build it (inside ``st.status``, with a progress bar).
+the maps, the metrics, the curves and the randomisation test; every case-specific word (models,
+region, classes) from ``study.case_facts()``. This page never trains or differentiates; when the
+stage is missing it offers to build it (inside ``st.status``, with a progress bar).
 """
 
 from __future__ import annotations
@@ -15,21 +16,21 @@ import pandas as pd
 import streamlit as st
 
 import ui
-from core import imaging
 
-SCALE = 3
 VIEWS = {"heatmap": "signed heatmap", "overlay": "heatmap over the image"}
+LOCALISATION = ("region_mass", "decoy_mass", "wrong_reason", "rank_accuracy")
 
 study = ui.current_study()
+facts = ui.facts(study)
 st.title("Representations compared")
 st.markdown(
     "Saliency, gradient × input, Integrated Gradients, SmoothGrad, Grad-CAM and the paper's "
     "internal influence are **one engine in six configurations**: a slice of the network, a quantity "
     "(the logit of the image's class), a distribution of interest and an optional multiplier. Here "
-    "they explain the same decoy test images for the model trained **with** the decoy (vanilla) and "
-    "the same network trained **without** it (clean), and each explanation is measured: does it point "
-    "at the patch, is it faithful to the model (deletion / insertion), does it depend on the learned "
-    "weights at all (randomisation test)?")
+    "they explain the same test images for each model of the case, and each explanation is "
+    "measured: is it faithful to the model (deletion / insertion), does it depend on the learned "
+    "weights at all (randomisation test)"
+    + (f", and does it point at the {facts['region']}?" if facts.get("region") else "?"))
 
 if not ui.require(study, ["representations"], "This page", key="build-representations"):
     st.stop()
@@ -45,12 +46,30 @@ methods_meta = {m["method"]: m for m in payload.get("methods", [])}
 labels = {m: methods_meta.get(m, {}).get("label", m) for m in rows["method"].unique()}
 models = list(dict.fromkeys(rows["model"]))
 methods = list(dict.fromkeys(rows["method"]))
-chance = float(payload.get("chance_decoy_mass", ui.CHANCE_DECOY_MASS))
 cfg = payload.get("config", {})
-metric_keys = [k for k in info if k in rows.columns]
+REGION = facts.get("region")
+if "region_mass" in rows.columns and "region_mass" not in info:  # the generic key, described like its alias
+    base = dict(info.get(facts.get("region_alias") or "decoy_mass") or {"arrow": "↓", "description":
+                "share of positive attribution on the region"})
+    info = {"region_mass": {**base, "label": f"{(REGION or 'region').capitalize()} mass"}, **info}
+# Only the metrics the rows carry: without a region the localisation ones are absent, not zero.
+metric_keys = [k for k in info if k in rows.columns and rows[k].notna().any()]
+MASS = next((k for k in (facts.get("region_alias"), "decoy_mass", "region_mass") if k and k in metric_keys),
+            None)
+if MASS:  # one localisation share is enough: the alias duplicates region_mass
+    metric_keys = [k for k in metric_keys if k not in ("region_mass", "decoy_mass") or k == MASS]
+REGION = REGION or ("region" if MASS else None)
+chance = payload.get("chance", payload.get("chance_decoy_mass", facts.get("chance")))
+chance = None if chance is None else float(chance)
+subject = facts.get("subject") if facts.get("subject") in models else models[0]
+reference = facts.get("reference") if facts.get("reference") in models else None
+if reference is None and not facts.get("models") and len(models) > 1:
+    reference = models[1]  # a study that cannot state its roles: the second model is the reference
+SCALE = ui.scale_for(facts.get("size") or (np.asarray(payload.get("images", {}).get("x", [])).shape[1:3]
+                                           or None))
 
 
-def _value(model: str, method: str, key: str) -> float | None:
+def _value(model: str | None, method: str, key: str) -> float | None:
     sel = rows[(rows["model"] == model) & (rows["method"] == method)]
     if sel.empty:
         return None
@@ -80,75 +99,90 @@ with st.expander("The six methods as engine configurations", expanded=False):
                     "the layer with the largest class-conditional influence, and the weight of each "
                     "unit's interpretation in the map)")
         st.dataframe(pd.DataFrame([
-            {"model": mod, "class": int(e["class"]),
+            {"model": mod, "class": ui.class_name(int(e["class"]), facts),
              "experts (unit: weight)": ", ".join(f"{int(u)}: {float(w):.2f}"
                                                  for u, w in zip(e["units"], e["weights"], strict=False))}
             for mod, per in chosen.items() for e in per]), hide_index=True, width="stretch")
 
 # ------------------------------------------------------------------------------------ the narrative
-vanilla, clean = ("vanilla" if "vanilla" in models else models[0]), ("clean" if "clean" in models else None)
 rep = ui.report(study)
 accs = (rep.get("models") or {})
+headline = facts.get("headline")
 lines = []
-if vanilla in accs and accs[vanilla].get("decoy_test_acc") is not None:
-    a = accs[vanilla]
-    lines.append(f"The vanilla model scores **{ui.pct(a.get('decoy_test_acc'))}** on decoy test images and "
-                 f"**{ui.pct(a.get('clean_test_acc'))}** without the patch"
-                 + (f"; the clean model **{ui.pct(accs[clean].get('decoy_test_acc'))}** / "
-                    f"**{ui.pct(accs[clean].get('clean_test_acc'))}**." if clean in accs else "."))
-if "decoy_mass" in rows.columns:
-    vm = {m: _value(vanilla, m, "decoy_mass") for m in methods}
-    cm = {m: _value(clean, m, "decoy_mass") for m in methods} if clean else {}
+if subject in accs:
+    cols = ui.accuracy_columns(accs, facts)
+    shown_sets = [(k, lab) for k, lab in cols if not k.startswith("train")][:3]
+    parts = [f"**{ui.pct(accs[subject].get(k))}** on {lab}" for k, lab in shown_sets
+             if accs[subject].get(k) is not None]
+    if parts:
+        ref_parts = ([f"**{ui.pct(accs[reference].get(k))}**" for k, _ in shown_sets
+                      if accs[reference].get(k) is not None] if reference in accs else [])
+        lines.append(f"**{subject}** scores {', '.join(parts)}"
+                     + (f"; **{reference}** {' / '.join(ref_parts)}." if ref_parts else "."))
+if MASS:
+    vm = {m: _value(subject, m, MASS) for m in methods}
+    cm = {m: _value(reference, m, MASS) for m in methods} if reference else {}
     gap = {m: vm[m] - cm[m] for m in methods if vm.get(m) is not None and cm.get(m) is not None}
     known = [m for m in vm if vm[m] is not None]
     best = max(gap, key=gap.get) if gap else max(known, key=vm.get, default=None)
     if best is not None:
-        tail = (f", against **{ui.pct(cm[best])}** on the clean model" if best in cm and cm[best] is not None
+        tail = (f", against **{ui.pct(cm[best])}** on {reference}" if best in cm and cm[best] is not None
                 else "")
+        chance_txt = f" (chance {ui.pct(chance)})" if chance is not None else ""
         lines.append(
-            f"**{labels[best]}** exposes the shortcut best: on the vanilla model it puts "
-            f"**{ui.pct(vm[best])}** of its positive attribution on the 16 patch pixels{tail} "
-            f"(chance {ui.pct(chance)}), the largest vanilla-minus-clean gap of the "
-            f"{len(methods)} methods.")
-        below = [labels[m] for m in methods if vm.get(m) is not None and vm[m] <= 2 * chance]
-        if below:
-            lines.append(f"At most twice chance on the vanilla model — the shortcut barely shows: "
-                         f"{', '.join(below)}.")
-if "mprt_spearman" in rows.columns:
-    sim = {m: _value(vanilla, m, "mprt_spearman") for m in methods}
+            f"**{labels[best]}** exposes the shortcut best: on {subject} it puts "
+            f"**{ui.pct(vm[best])}** of its positive attribution on the {REGION}{tail}{chance_txt}, "
+            + (f"the largest {subject}-minus-{reference} gap of the {len(methods)} methods."
+               if gap else f"the largest of the {len(methods)} methods."))
+        if chance is not None:
+            below = [labels[m] for m in methods if vm.get(m) is not None and vm[m] <= 2 * chance]
+            if below:
+                lines.append(f"At most twice chance on {subject} — the shortcut barely shows: "
+                             f"{', '.join(below)}.")
+if "mprt_spearman" in metric_keys:
+    sim = {m: _value(subject, m, "mprt_spearman") for m in methods}
     sim = {m: v for m, v in sim.items() if v is not None}
     if sim:
         worst = max(sim, key=sim.get)
         bestm = min(sim, key=lambda m: abs(sim[m]))
         lines.append(
             f"Sanity check (every layer re-initialised, top first): **{labels[worst]}** stays the most "
-            f"similar to its explanation of the trained vanilla model (Spearman **{sim[worst]:.2f}**), so "
+            f"similar to its explanation of the trained {subject} (Spearman **{sim[worst]:.2f}**), so "
             f"it depends least on what the model learned; **{labels[bestm]}** changes most "
             f"(**{sim[bestm]:+.2f}**).")
-if {"deletion_auc", "insertion_auc"} <= set(rows.columns):
-    de = {m: _value(vanilla, m, "deletion_auc") for m in methods}
-    ins = {m: _value(vanilla, m, "insertion_auc") for m in methods}
+if {"deletion_auc", "insertion_auc"} <= set(metric_keys):
+    de = {m: _value(subject, m, "deletion_auc") for m in methods}
+    ins = {m: _value(subject, m, "insertion_auc") for m in methods}
     de = {m: v for m, v in de.items() if v is not None}
     ins = {m: v for m, v in ins.items() if v is not None}
     if de and ins:
         d, i = min(de, key=de.get), max(ins, key=ins.get)
-        lines.append(f"Faithfulness on the vanilla model: deleting pixels in **{labels[d]}**'s order "
+        lines.append(f"Faithfulness on {subject}: deleting pixels in **{labels[d]}**'s order "
                      f"destroys the prediction fastest (deletion AUC **{de[d]:.3f}**); inserting them in "
                      f"**{labels[i]}**'s order restores it fastest (insertion AUC **{ins[i]:.3f}**).")
 st.subheader("What the measurements say")
 st.markdown("\n".join(f"- {line}" for line in lines) or "No measurements to read.")
-st.caption("Reading the decoy metrics: on the **vanilla** model, which uses the patch, a faithful "
-           "explanation *should* point at it (high decoy mass); on the **clean** model it should "
-           "not. The ↓ marks the direction for a sound model.")
+if MASS:
+    st.caption(
+        f"Two questions, two directions. *Is the explanation faithful to a flawed model?* On "
+        f"{subject}, which may use the {REGION}, a faithful explanation **should** point at it "
+        f"({_head(MASS).rsplit(' ', 1)[0]} ↑ on {subject})"
+        + (f", and should not on {reference} (↓)" if reference else "")
+        + f". *Does the model look at the right thing?* The less attribution on the {REGION}, the "
+        "better (↓) — for any model. The table's arrows answer the second question.")
+else:
+    st.caption(ui.no_region_note(facts))
 
 # ------------------------------------------------------------------------------------ the maps
 st.subheader("The same images under every method")
 images = payload.get("images", {})
-xs = np.asarray(images.get("x", np.zeros((0, 28, 28))))
-masks = np.asarray(images.get("mask", np.zeros_like(xs, dtype=bool)))
+xs = np.asarray(images.get("x", np.zeros((0, 8, 8))))
+masks = images.get("mask")
+masks = None if masks is None else np.asarray(masks)
 ys = np.asarray(images.get("y", np.zeros(len(xs), int)))
 preds = images.get("pred", {}) or {}
 maps = payload.get("maps", {})
+pair_label = f"{subject} and {reference}" if reference else subject
 c1, c2, c3 = st.columns([1.2, 1.2, 2])
 with c1:
     view = ui.choice("Show maps as", list(VIEWS), param="rview", widget="radio", format_func=VIEWS.get,
@@ -156,35 +190,31 @@ with c1:
 with c2:
     shown_models = [m for m in models if m in maps]
     pair = ui.choice("Models", ["both", *shown_models], param="rmodels",
-                     format_func=lambda m: "vanilla and clean" if m == "both" else ui.model_label(m))
+                     format_func=lambda m: pair_label if m == "both" else ui.model_label(m, facts=facts))
 with c3:
     n_show = st.slider("Images", 1, max(1, len(xs)), min(4, max(1, len(xs))), key="rep-n-images")
-cols_models = [m for m in shown_models if m in (vanilla, clean)] if pair == "both" else [pair]
-
-
-def _outlined(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    rgb = imaging.grayscale(x, scale=SCALE).astype(np.float64)
-    m = np.asarray(mask, bool).repeat(SCALE, 0).repeat(SCALE, 1)
-    rgb[m] = 0.45 * rgb[m] + 0.55 * np.array([230.0, 40.0, 40.0])
-    return rgb.round().astype(np.uint8)
+cols_models = ([m for m in shown_models if m in (subject, reference)] if pair == "both" else [pair])
 
 
 def _render(x: np.ndarray, a: np.ndarray) -> np.ndarray:
-    return imaging.heatmap(a, scale=SCALE) if view == "heatmap" else imaging.overlay(x, a, scale=SCALE)
+    return ui.heatmap(a, SCALE) if view == "heatmap" else ui.overlay(x, a, SCALE)
 
 
 header = st.columns(1 + len(methods))
-header[0].markdown("**image** (patch in red)")
+header[0].markdown(f"**image** ({REGION} in red)" if masks is not None else "**image**")
 for j, m in enumerate(methods):
     header[j + 1].markdown(f"**{labels[m]}**")
 for i in range(min(n_show, len(xs))):
     cells = st.columns(1 + len(methods))
-    pred_txt = ", ".join(f"{m}: {int(np.asarray(preds[m])[i])}" for m in cols_models if m in preds)
-    cells[0].image(_outlined(xs[i], masks[i]), caption=f"label {int(ys[i])}; predicted {pred_txt}")
+    pred_txt = ", ".join(f"{m}: {ui.class_name(int(np.asarray(preds[m])[i]), facts)}"
+                         for m in cols_models if m in preds)
+    cells[0].image(ui.tinted(xs[i], None if masks is None else masks[i], SCALE),
+                   caption=f"label {ui.class_name(int(ys[i]), facts)}; predicted {pred_txt}")
     for j, m in enumerate(methods):
         shown = [(_render(xs[i], np.asarray(maps[mod][m])[i]), mod) for mod in cols_models if m in maps[mod]]
         if shown:
-            cells[j + 1].image([s for s, _ in shown], caption=[mod for _, mod in shown])
+            cells[j + 1].image([s for s, _ in shown],
+                               caption=[f"{labels[m]} of {mod} on image {i + 1}" for _, mod in shown])
 st.caption("Red: positive attribution (evidence for the image's class), blue: negative; each map is "
            "scaled to its own largest magnitude. Grad-CAM and internal influence are "
            "non-negative by construction.")
@@ -197,10 +227,11 @@ st.dataframe(table, hide_index=True, width="stretch",
              column_config={_head(k): st.column_config.NumberColumn(_head(k), format="%.3f",
                                                                     help=info[k].get("description"))
                             for k in metric_keys})
-st.caption(f"Means over {cfg.get('n_images', '?')} decoy test images (randomisation test: the first "
-           f"{payload.get('mprt', {}).get('n_images', '?')}). ↑ higher is better, ↓ lower is better (for the "
-           "decoy metrics: for a sound model). MPRT Spearman is the similarity after every layer is "
-           "re-initialised; the curve below shows each step.")
+st.caption(f"Means over {cfg.get('n_images', '?')} test images (randomisation test: the first "
+           f"{payload.get('mprt', {}).get('n_images', '?')}). ↑ higher is better, ↓ lower is better"
+           + (f" (for the {REGION} metrics: does the model look at the right thing)" if MASS else "")
+           + ". MPRT Spearman is the similarity after every layer is re-initialised; the curve below "
+           "shows each step.")
 csv = rows[["method", "label", "model", *metric_keys]]
 ui.download_csv(csv, f"representations_{ui.current_case()}.csv", "Download the metrics (CSV)",
                 key="dl-representations-csv")
@@ -238,7 +269,7 @@ for kind in ("deletion", "insertion"):
 if recs:
     cdf = pd.DataFrame(recs)
     curve_model = ui.choice("Model", [m for m in models if m in set(cdf["model"])], param="rcurves",
-                            format_func=ui.model_label)
+                            format_func=lambda m: ui.model_label(m, facts=facts))
     sub = cdf[cdf["model"] == curve_model]
     line = alt.Chart(sub).mark_line().encode(
         x=alt.X("fraction of pixels:Q", scale=alt.Scale(domain=[0, 1])),
@@ -283,3 +314,8 @@ if seconds.get("total") is not None:
     cpu = seconds.get("cpu")
     st.caption(f"This stage took {float(seconds['total']):.0f} s to compute"
                + (f" ({float(cpu):.0f} s of CPU time)." if cpu is not None else "."))
+
+ui.next_chapter("chapters/corrections.py" if ui.stage_exists("corrections") else "chapters/method.py",
+                "Corrections" if ui.stage_exists("corrections") else "Method",
+                "Next: what it takes to remove the shortcut, and how much of the gap each correction "
+                "closes." if ui.stage_exists("corrections") else "")

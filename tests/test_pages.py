@@ -216,7 +216,8 @@ def test_a_corrected_model_from_the_sidebar_is_explained_on_request(app, small_s
     at = app(model=name)
     model_box = at.sidebar.selectbox(key="qp-model")
     assert model_box.value == name
-    assert ui.model_label(name, {name: corrections[0]["label"]}, small_study.case_facts()) in model_box.options
+    label = ui.model_label(name, {name: corrections[0]["label"]}, small_study.case_facts())
+    assert label in model_box.options
     at.switch_page("chapters/influence.py").run()
     assert not at.exception
     layer = _layer(small_study)

@@ -1,0 +1,199 @@
+"""Chapter: attacks and their detection from influence alone.
+
+Drawn only from the ``detection`` stage (``core.detection.build_stage``): what the attacker knows,
+how often the attack succeeds, and for every detector its ROC curve, its true-positive rate at 1%,
+5% and 25% false positives and its AUC. This page computes nothing; when the stage is missing it
+offers to build it. A payload that lacks a part is drawn as far as it goes, and the page says what
+is missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+import ui
+
+FPR_POINTS = (0.01, 0.05, 0.25)
+INFLUENCE = ("influence_naive", "influence_path", "expert_concentration", "influence_combined")
+KNOWS = ("The attacker works in the white box: it knows the classifier's weights and gradients, places "
+         "a small square patch in each image and optimises its pixels (projected sign-gradient steps) "
+         "towards a target class. It does not know the detector, except in the adaptive attack, which "
+         "also pushes the influence profile toward the target class's own.")
+
+study = ui.current_study()
+facts = ui.facts(study)
+st.title("Attacks & detection")
+st.markdown(
+    "An adversarial patch makes the model answer what the attacker wants. Can the model's own "
+    "**influence** — which units and pixels drive the answer — tell an attacked image from a clean "
+    "one? Each detector gives every image a score (higher: more likely attacked), fit on clean "
+    "training images only, and is judged on held-out images by its ROC curve.")
+
+if not ui.require(study, ["detection"], "This chapter", key="build-detection"):
+    st.stop()
+payload = ui.artifact("detection", study) or {}
+rows = payload.get("rows") or []
+said_missing: list[str] = []
+
+
+def _f(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _detector(r: dict) -> str:
+    return str(r.get("detector") or r.get("name") or r.get("method") or "?")
+
+
+def _label(r: dict) -> str:
+    return str(r.get("label") or _detector(r).replace("_", " "))
+
+
+def _tpr_at(r: dict, budget: float) -> float:
+    """TPR at an FPR budget from ``tpr_at`` {0.01: t} / {"0.01": t} / {"1%": t} or a flat key."""
+    d = r.get("tpr_at") or {}
+    if isinstance(d, dict):
+        for k in (budget, str(budget), f"{budget:g}", f"{round(100 * budget)}%", round(100 * budget),
+                  str(round(100 * budget))):
+            if k in d:
+                return _f(d[k])
+    pcent = round(100 * budget)
+    for k in (f"tpr_at_{pcent}", f"tpr@{pcent}%", f"tpr_at_{budget:g}", f"tpr_{pcent}"):
+        if k in r:
+            return _f(r[k])
+    return float("nan")
+
+
+def _roc(r: dict) -> dict | None:
+    if isinstance(r.get("roc"), dict):
+        return r["roc"]
+    if r.get("fpr") is not None and r.get("tpr") is not None:
+        return {"fpr": r["fpr"], "tpr": r["tpr"]}
+    curves = payload.get("roc") or payload.get("curves") or {}
+    key = _detector(r)
+    attack = r.get("attack")
+    if isinstance(curves, dict):
+        c = curves.get(key)
+        if isinstance(c, dict) and attack is not None and attack in c:
+            c = c[attack]
+        if isinstance(c, dict) and "fpr" not in c and attack is not None:
+            c = c.get(str(attack))
+        if isinstance(c, dict) and "fpr" in c:
+            return c
+    return None
+
+
+# ------------------------------------------------------------------------------------ the attacker
+st.header("What the attacker knows")
+attack = payload.get("attack") or payload.get("attacker") or payload.get("threat_model")
+if isinstance(attack, dict) and attack:
+    knows = attack.get("knows") or attack.get("description")
+    st.markdown(ui.plain(knows) if knows else KNOWS)
+    shown = {k: v for k, v in attack.items() if k not in ("knows", "description")}
+    if shown:
+        st.dataframe(pd.DataFrame([{"setting": k, "value": str(v)} for k, v in shown.items()]),
+                     hide_index=True)
+elif isinstance(attack, str):
+    st.markdown(ui.plain(attack))
+else:
+    st.markdown(KNOWS)
+    said_missing.append("the attack's settings (payload['attack'])")
+success = payload.get("attack_success")
+if success is None and isinstance(attack, dict):
+    success = attack.get("success")
+if success is not None:
+    if isinstance(success, dict):
+        st.markdown("Attack success (the model answers the target class): " + ", ".join(
+            f"{ui.plain(k)} **{ui.pct(v)}**" for k, v in success.items()))
+    else:
+        st.markdown(f"Attack success (the model answers the target class): **{ui.pct(success)}**.")
+
+# ------------------------------------------------------------------------------------ the table
+st.header("Detectors compared")
+if not rows:
+    st.warning("The detection stage is built but holds no detector rows.")
+    st.stop()
+attacks = list(dict.fromkeys(str(r["attack"]) for r in rows if r.get("attack") is not None))
+chosen_attack = ui.choice("Attack", attacks, param="attack", widget="radio", horizontal=True) \
+    if len(attacks) > 1 else (attacks[0] if attacks else None)
+mine = [r for r in rows if chosen_attack is None or str(r.get("attack")) == chosen_attack]
+table = pd.DataFrame([{
+    "detector": _label(r),
+    "uses influence": "yes" if (r.get("uses_influence") if r.get("uses_influence") is not None
+                                else _detector(r) in INFLUENCE) else "no",
+    **{f"TPR at {round(100 * b)}% FPR": _tpr_at(r, b) for b in FPR_POINTS},
+    "AUC": _f(r.get("auc")),
+} for r in mine])
+st.dataframe(table, hide_index=True, column_config={
+    **{f"TPR at {round(100 * b)}% FPR": st.column_config.NumberColumn(format="percent") for b in FPR_POINTS},
+    "AUC": st.column_config.NumberColumn(format="%.3f")})
+n_clean = next((r.get("n_clean") for r in mine if r.get("n_clean")), None)
+n_att = next((r.get("n_attacked") for r in mine if r.get("n_attacked")), None)
+st.caption("True-positive rate (share of attacked images flagged) at the threshold where 1%, 5% and 25% "
+           "of clean images are flagged, and the area under the ROC curve (0.5: chance)"
+           + (f"; {n_clean} clean and {n_att} attacked held-out images." if n_clean and n_att else "."))
+if table["TPR at 1% FPR"].isna().all():
+    said_missing.append("TPR at fixed false-positive rates (rows' tpr_at)")
+ui.download_csv(table, "detection.csv", "Download the table (CSV)", key="dl-detection")
+ok = table.dropna(subset=["AUC"])
+if not ok.empty:
+    best = ok.sort_values("AUC", ascending=False).iloc[0]
+    infl = ok[ok["uses influence"] == "yes"]
+    base = ok[ok["uses influence"] == "no"]
+    line = f"The best detector is **{best['detector']}** (AUC **{best['AUC']:.3f}**)."
+    if not infl.empty and not base.empty:
+        bi, bb = infl["AUC"].max(), base["AUC"].max()
+        line += (" Influence-based detectors beat the baselines that use no influence"
+                 if bi > bb + 0.01 else " Influence-based detectors do **not** beat the baselines"
+                 if bi < bb - 0.01 else " Influence-based detectors and the baselines are level")
+        line += f" (best AUC {bi:.3f} against {bb:.3f})."
+    st.markdown(line)
+
+# ------------------------------------------------------------------------------------ ROC curves
+st.header("ROC curves")
+recs = []
+for r in mine:
+    roc = _roc(r)
+    if not roc:
+        continue
+    for x, y in zip(roc.get("fpr") or [], roc.get("tpr") or [], strict=False):
+        if math.isfinite(_f(x)) and math.isfinite(_f(y)):
+            recs.append({"detector": _label(r), "false-positive rate": _f(x), "true-positive rate": _f(y)})
+if recs:
+    df = pd.DataFrame(recs)
+    diag = alt.Chart(pd.DataFrame({"x": [0, 1], "y": [0, 1]})).mark_line(
+        strokeDash=[4, 4], color="#9C9C9C").encode(x="x:Q", y="y:Q")
+    curves = alt.Chart(df).mark_line(interpolate="step-after").encode(
+        x=alt.X("false-positive rate:Q", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("true-positive rate:Q", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("detector:N", sort=list(table["detector"])),
+        tooltip=["detector", alt.Tooltip("false-positive rate:Q", format=".3f"),
+                 alt.Tooltip("true-positive rate:Q", format=".3f")])
+    rules = alt.Chart(pd.DataFrame({"x": list(FPR_POINTS)})).mark_rule(
+        color="#C9C3B8", strokeDash=[2, 2]).encode(x="x:Q")
+    st.altair_chart(alt.layer(diag, rules, curves).properties(height=380), width="stretch")
+    st.caption("One curve per detector over every threshold; dotted verticals at 1%, 5% and 25% false "
+               "positives; dashed diagonal: a detector that guesses.")
+else:
+    said_missing.append("the ROC curves (fpr/tpr per detector)")
+    st.info("The payload carries no ROC curves to draw.")
+
+# ------------------------------------------------------------------------------------ masking
+masking = payload.get("masking") or payload.get("mask_experts_region")
+if isinstance(masking, dict) and masking:
+    st.header("Masking where the experts point")
+    st.markdown(
+        "The square the experts of the predicted class point at is masked, and the model asked again: "
+        f"its accuracy goes from **{ui.pct(masking.get('before'))}** to "
+        f"**{ui.pct(masking.get('recovered'))}** on the attacked images.")
+
+if said_missing:
+    st.caption("Not in this build's detection payload (nothing drawn for it): "
+               + "; ".join(said_missing) + ".")
+ui.next_chapter("chapters/method.py", "Method", "The theory behind every measurement in this report.")
