@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -300,3 +301,236 @@ def test_missing_results_are_offered_and_built_from_the_page(app, tmp_path, monk
     # The other pages stay usable.
     at.switch_page("chapters/method.py").run()
     assert not at.exception and at.title[0].value == "Method"
+
+
+# ---------------------------------------------------------------------------------------------- user cases
+# The same chapters for a user's case: the example folder case of core.newcase (3 RGB classes,
+# 48×48, a "mark" region, a reference model), and a variant without region and reference.
+
+EXAMPLE_EXPERTS = """
+[experts]
+layers = ["conv1", "fc1"]
+classes = [0, 1, 2]   # explicit: a default is resolved only once the data loads (core)
+k = 2
+bootstrap = 5
+n_images = 2
+resolution = 4
+"""
+
+
+def _drop_section(text: str, header: str) -> str:
+    """``text`` without the TOML section ``header`` (up to the next section)."""
+    out, skip = [], False
+    for line in text.splitlines():
+        if line.startswith("["):
+            skip = line.split("#")[0].strip() == header
+        if not skip:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def write_user_cases(root: Path) -> dict[str, Path]:
+    """Two user cases under ``root`` (the folder $CASEBOOK_CASES names): ``shapes`` (the example as
+    written, trained briefly) and ``plain`` (no [region], one model)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from core.newcase import write_example
+
+    shapes = root / "shapes"
+    write_example(shapes)
+    subprocess.run([sys.executable, "make_images.py"], cwd=shapes, check=True, capture_output=True)
+    toml = (shapes / "case.toml").read_text()
+    toml = toml.replace("training = { epochs = 20 }", "training = { epochs = 2 }")
+    toml = toml.replace("epochs = 10", "epochs = 2") + EXAMPLE_EXPERTS
+    (shapes / "case.toml").write_text(toml)
+    plain = root / "plain"
+    shutil.copytree(shapes, plain)
+    text = _drop_section(_drop_section(toml, "[region]"), "[models.reference]")
+    (plain / "case.toml").write_text(text.replace('title = "Example: shapes with a planted mark"',
+                                                  'title = "Shapes without a region"'))
+    return {"shapes": shapes, "plain": plain}
+
+
+@pytest.fixture(scope="session")
+def user_cases(tmp_path_factory, casebook_cache):
+    """Both user cases with data, models and experts built in the session's cache."""
+    from core.casestudy import CaseStudy
+
+    root = tmp_path_factory.mktemp("user-cases")
+    write_user_cases(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CASEBOOK_CASES", str(root))
+        studies = {}
+        for name in ("shapes", "plain"):
+            s = CaseStudy.open(name, cache_dir=casebook_cache, device="cpu", allow_path=False)
+            s.build(stages=["data", "models", "experts"])
+            studies[name] = s
+        yield root, studies
+
+
+@pytest.fixture
+def user_app(user_cases, casebook_cache, monkeypatch):
+    root, studies = user_cases
+    monkeypatch.setenv("CASEBOOK_CASES", str(root))
+    monkeypatch.setenv("CASEBOOK_CACHE", str(casebook_cache))
+    _clear()
+
+    def make(case: str, page: str | None = None, **params) -> AppTest:
+        monkeypatch.setenv("CASEBOOK_CASE", case)
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        for key, value in params.items():
+            at.query_params[key] = str(value)
+        at.run()
+        if page is not None:
+            at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    yield make, studies
+    _clear()
+
+
+CHAPTERS = ["chapters/case_study.py", "chapters/influence.py", "chapters/representations.py",
+            "chapters/corrections.py", "chapters/essence.py", "chapters/method.py"]
+
+
+def test_user_case_is_listed_and_its_models_are_offered(user_app):
+    make, studies = user_app
+    at = make("shapes")
+    case = at.sidebar.selectbox(key="qp-case")
+    assert case.value == "shapes" and {"shapes", "plain", "decoy-mnist-small"} <= set(case.options)
+    facts = studies["shapes"].case_facts()
+    assert at.sidebar.selectbox(key="qp-model").options == [
+        ui.model_label("vanilla", facts=facts), ui.model_label("reference", facts=facts)]
+    assert at.title[0].value == "Example: shapes with a planted mark"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_every_chapter_draws_for_the_user_case(user_app, chapter):
+    make, _ = user_app
+    at = make("shapes", chapter)
+    assert at.title[0].value
+    assert not at.error, [e.value for e in at.error]
+    if not Path(ROOT / chapter).exists():
+        return
+    text = _texts(at)
+    for word in ("vanilla (trained with the decoy)", "decoy test", "16/784", "digit"):
+        assert word not in text
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_every_chapter_draws_for_a_case_without_region_or_reference(user_app, chapter):
+    make, _ = user_app
+    at = make("plain", chapter)
+    assert at.title[0].value
+    assert not at.error, [e.value for e in at.error]
+    assert not any("shortcut" in str(d.value.columns) for d in at.dataframe)
+    assert len(at.sidebar.selectbox(key="qp-model").options) == 1
+
+
+def test_user_case_chapter_one_shows_classes_region_and_sets(user_app):
+    make, studies = user_app
+    at = make("shapes", "chapters/case_study.py")
+    facts = studies["shapes"].case_facts()
+    assert [h.value for h in at.header] == ["The images", "What the models learned", "What the gap means"]
+    # train and test: the images and the same with the mark tinted (no region-free copies here)
+    assert len(at.image) == 4 and len(at.image[0].proto.imgs) == 8
+    captions = [i.caption for img in at.image for i in img.proto.imgs]
+    assert any(c.endswith(tuple(facts["classes"])) for c in captions)
+    assert any("mark tinted red" in c for c in captions)
+    rep = studies["shapes"].report()
+    table = at.dataframe[0].value.set_index("model")
+    assert list(table.columns) == ["train", "val", "test"]
+    for name, accs in rep["models"].items():
+        assert table.loc[name, "test"] == pytest.approx(accs["test_acc"])
+    van, ref = rep["models"]["vanilla"], rep["models"]["reference"]
+    assert at.metric[2].value == ui.pp(ref["test_acc"] - van["test_acc"])
+    assert "**mark**" in _texts(at)
+
+
+def test_user_case_influence_names_classes_region_and_thresholds(user_app):
+    make, studies = user_app
+    at = make("shapes", "chapters/influence.py")
+    assert at.header[0].value == "Experts of conv1 for class circle"
+    assert at.selectbox(key="qp-cls").options == ["circle", "square", "triangle"]
+    view = studies["shapes"].experts("vanilla", "conv1", 0)
+    table = at.dataframe[0].value
+    assert table["unit"].tolist() == [r["unit"] for r in sorted(view["rows"], key=lambda r: r["rank"])]
+    assert table["region_mass"].tolist() == pytest.approx(
+        [r["region_mass"] for r in sorted(view["rows"], key=lambda r: r["rank"])])
+    assert table["threshold"].tolist() == pytest.approx([view["threshold"]] * len(table))
+    verdicts = [m.value for m in at.markdown if m.value.startswith("**#")]
+    assert len(verdicts) == len(view["rows"]) and all("threshold" in v for v in verdicts)
+    n_experts, n_images = view["maps"].shape[:2]
+    assert len(at.image) == n_experts + 3
+    at.selectbox(key="qp-cls").select(2).run()
+    assert not at.exception and at.header[0].value == "Experts of conv1 for class triangle"
+
+
+def test_a_case_without_region_has_no_verdicts_and_says_why(user_app):
+    make, studies = user_app
+    at = make("plain", "chapters/influence.py")
+    table = at.dataframe[0].value
+    assert {"region_mass", "threshold", "carries shortcut"}.isdisjoint(table.columns)
+    assert "no region" in _texts(at)
+    assert not any("carries the shortcut" in m.value or "does not carry" in m.value for m in at.markdown)
+    at = make("plain", "chapters/case_study.py")
+    assert at.header[-1].value == "What the accuracy says"
+    assert len(at.image) == 2  # no tinted region, no region-free copies
+    assert "no reference model" in _texts(at)
+    at = make("plain", "chapters/corrections.py")
+    assert any("no region" in i.value for i in at.info)
+
+
+def test_images_are_shown_in_colour_and_enlarged(user_app):
+    make, studies = user_app
+    s = studies["shapes"].samples("test", 2)
+    assert s["x"].shape == (2, 48, 48, 3)
+    big = ui.picture(s["x"][0], ui.scale_for([48, 48]))
+    assert big.shape == (144, 144, 3) and big.dtype.name == "uint8"
+    assert (big[..., 0] != big[..., 1]).any()  # colour kept, not grey
+    gray = ui.picture(np.full((28, 28), 0.5), ui.scale_for([28, 28]))
+    assert gray.shape == (140, 140, 3) and (gray == 128).all()
+    tinted = ui.tinted(s["x"][0], np.ones((48, 48), bool), 1)
+    assert tinted.shape == (48, 48, 3) and (tinted[..., 0] >= tinted[..., 2]).all()
+
+
+# ---------------------------------------------------------------------------------------------- ?case=
+
+
+@pytest.mark.parametrize("asked", ["/dev/zero", "../../etc/passwd", "[x](http://evil.example)", "**bold**",
+                                   "a" * 500])
+def test_an_unknown_case_in_the_url_is_one_plain_line_and_the_default_case(app, small_study, asked):
+    at = app(case=asked)
+    assert not at.exception
+    assert len(at.error) == 1
+    message = at.error[0].value
+    assert "\n" not in message and len(message) < 200
+    assert "/dev" not in message and "etc/passwd" not in message and "](http" not in message
+    assert "**bold**" not in message
+    assert at.sidebar.selectbox(key="qp-case").value == small_study.config.name
+    assert at.query_params["case"] == [small_study.config.name] or at.query_params["case"] == \
+        small_study.config.name
+    assert at.title[0].value  # the default case's first chapter drew
+
+
+def test_the_app_opens_cases_by_name_only(monkeypatch, small_study):
+    calls = []
+    from core.casestudy import CaseStudy
+
+    real = CaseStudy.open.__func__
+
+    def spy(cls, case, *args, **kwargs):
+        calls.append((case, kwargs.get("allow_path")))
+        return real(cls, case, *args, **kwargs)
+
+    monkeypatch.setattr(CaseStudy, "open", classmethod(spy))
+    _clear()
+    with pytest.raises(Exception, match="unknown case"):
+        ui.open_study("/dev/zero", "cpu")
+    assert calls == []  # never even asked core for a name that is not listed
+    ui.open_study(small_study.config.name, "cpu")
+    assert calls and all(allow is False for _, allow in calls)
+    _clear()
