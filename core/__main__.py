@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print a case study's results (never computes)")
     r.add_argument("case")
     r.add_argument("--json", action="store_true", help="the full report as JSON on stdout")
+    r.add_argument("--markdown", action="store_true",
+                   help="the report as Markdown tables (the README's generated blocks)")
     r.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="report seeds 0..N-1 (default: every seed built)")
     common(r)
@@ -63,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("new-case", help="write a working example case to start your own from")
     n.add_argument("dir", help="an empty or new folder")
+
+    rd = sub.add_parser("readme", help="rewrite README.md's generated blocks from the built cases")
+    rd.add_argument("--check", action="store_true",
+                    help="change nothing; exit 1 when a block differs from what the build gives")
+    common(rd)
     return ap
 
 
@@ -159,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             return _list(args, CaseStudy, CaseError, list_cases)
         if args.command == "new-case":
             return _new_case(args, CaseError)
+        if args.command == "readme":
+            return _readme(args, CaseStudy)
         if args.seeds is not None and args.seeds < 1:
             raise CaseError(f"--seeds must be at least 1, got {args.seeds}")
         if args.seeds is not None and args.seeds > 64:
@@ -171,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             return _build(args, study, stages)
         rep = study.report()
-        text = json.dumps(rep, indent=1, allow_nan=False) if args.json else _summary(rep)
+        if args.markdown:
+            from core.reportmd import markdown
+
+            text = markdown(rep).rstrip("\n")
+        else:
+            text = json.dumps(rep, indent=1, allow_nan=False) if args.json else _summary(rep)
         try:
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
@@ -199,6 +213,40 @@ def _valid_device(text: str) -> bool:
     import re
 
     return bool(re.fullmatch(r"cpu|cuda(:\d{1,2})?", text))
+
+
+def _readme(args, CaseStudy) -> int:
+    from core.reportmd import markdown, readme_blocks, readme_path, update_readme
+
+    path = readme_path()
+    text = path.read_text()
+    blocks = {}
+    for case in readme_blocks(text):
+        study = CaseStudy.open(case, cache_dir=args.cache, allow_path=False)
+        rep = study.report()
+        missing = [s for s in ("data", "models", "experts") if not rep["built"].get(s)]
+        if missing:
+            print(f"error: {case} is not built ({', '.join(missing)} missing); run "
+                  f"python -m core build {case}", file=sys.stderr)
+            return 1
+        blocks[case] = markdown(rep)
+    new = update_readme(text, blocks)
+    if args.check:
+        if new != text:
+            import difflib
+
+            diff = difflib.unified_diff(text.splitlines(), new.splitlines(), "README.md",
+                                        "README.md (from the build)", lineterm="", n=0)
+            print("\n".join(list(diff)[:60]), file=sys.stderr)
+            print("error: README.md's generated blocks differ from the build; run "
+                  "python -m core readme", file=sys.stderr)
+            return 1
+        print(f"README.md: {len(blocks)} generated block(s) match the build", file=sys.stderr)
+        return 0
+    if new != text:
+        path.write_text(new)
+    print(f"README.md: {len(blocks)} generated block(s) written", file=sys.stderr)
+    return 0
 
 
 def _new_case(args, CaseError) -> int:

@@ -781,6 +781,38 @@ def measure(model: nn.Module, data, *, n_explain: int = 200, resolution: int = 1
     return out
 
 
+def correct_on(model: nn.Module, split) -> Tensor:
+    """Per image of ``split``: whether ``model``'s prediction is the label (bool (N,), CPU)."""
+    from .models import predict_logits
+
+    if split.n == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    return predict_logits(model, split.x).argmax(1) == split.y.cpu()
+
+
+def paired_difference(after: Tensor, before: Tensor, alpha: float = 0.05) -> dict:
+    """A paired comparison of two models' per-image correctness on the same images.
+
+    Returns ``{"delta": acc_after − acc_before, "delta_se": its paired standard error
+    √((b + c)/n² − (b − c)²/n³), "b": images only ``after`` gets right, "c": images only
+    ``before`` gets right, "n", "p_value": two-sided exact McNemar (binomial on b of b + c at ½),
+    "verdict": "better" / "worse" when p < ``alpha``, else "tie", "alpha"}``.
+    """
+    n = int(after.numel())
+    b = int((after & ~before).sum())
+    c = int((~after & before).sum())
+    if n == 0:
+        return {"delta": None, "delta_se": None, "b": 0, "c": 0, "n": 0, "p_value": None,
+                "verdict": "tie", "alpha": alpha}
+    delta = (b - c) / n
+    se = math.sqrt(max((b + c) / n ** 2 - (b - c) ** 2 / n ** 3, 0.0))
+    k, m = min(b, c), b + c
+    p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
+    verdict = "tie" if p >= alpha else ("better" if delta > 0 else "worse")
+    return {"delta": delta, "delta_se": se, "b": b, "c": c, "n": n, "p_value": p,
+            "verdict": verdict, "alpha": alpha}
+
+
 def gap_closed(acc: float, vanilla: float, clean: float) -> float | None:
     """(acc − vanilla) / (clean − vanilla); None when the clean reference does not beat vanilla
     (then there is no gap to close and the ratio means nothing)."""
@@ -932,17 +964,35 @@ def build_stage(study, progress=None) -> dict:
         nets = {n: (study.model(n, seed=seed) if seed else study.model(n)) for n in names}
         ref = {n: measure(m, data, n_explain=cfg["n_explain"],
                           resolution=cfg["explain_resolution"]) for n, m in nets.items()}
+        head_split = data.evaluation_sets[headline] if hasattr(data, "evaluation_sets") \
+            else data.test
+        subject_correct = correct_on(nets[subject], head_split)
         done += len(names)
         out = {"reference": ref, "methods": {}}
-        for method in methods:
+        for method in list(methods):
             report(f"seed {seed}: {LABELS[method]}")
             opts = _method_options(cfg, method)
             wall, cpu = time.perf_counter(), time.process_time()
-            corr = correct(method, nets[subject], data, seed=seed, progress=report, **opts)
+            try:
+                corr = correct(method, nets[subject], data, seed=seed, progress=report, **opts)
+            except (ValueError, RuntimeError, NotImplementedError) as exc:
+                # a method this case's model cannot take (e.g. suppression through a layer it
+                # cannot fold a scale into): skipped, with the reason, for every seed
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                skipped.append({"method": method, "reason": f"{type(exc).__name__}: {first}"})
+                methods.remove(method)
+                for earlier in per_seed:
+                    earlier["methods"].pop(method, None)
+                records.pop(method, None)
+                models.pop(method, None)
+                total -= n_seeds
+                continue
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             meas = measure(corr.model, data, n_explain=cfg["n_explain"],
                            resolution=cfg["explain_resolution"])
+            paired = paired_difference(correct_on(corr.model, head_split), subject_correct)
             out["methods"][method] = {**meas, "seconds": wall, "cpu_seconds": cpu,
+                                      "paired": paired,
                                       "strength": corr.record.get("strength"),
                                       "gap_closed": gap_closed(
                                           meas[hkey], ref[subject][hkey],
@@ -986,6 +1036,9 @@ def build_stage(study, progress=None) -> dict:
             row["gap_closed"] = gap_closed(row[hkey], row["subject_acc"], row["reference_acc"])
         else:
             row["reference_acc"] = row["gap_closed"] = None
+        # paired against the model under study on the headline set, seed 0 (the kept model)
+        paired = per_seed[0]["methods"][method]["paired"]
+        row.update({f"paired_{k}": v for k, v in paired.items()})
         if n_seeds > 1:
             gaps = [s["methods"][method]["gap_closed"] for s in per_seed]
             row["gap_closed_per_seed"] = gaps
@@ -1037,12 +1090,14 @@ __all__ = [
     "concept_direction",
     "config_of",
     "correct",
+    "correct_on",
     "counterexample_copies",
     "find_shortcut_units",
     "gap_closed",
     "influence_penalty",
     "load_model",
     "measure",
+    "paired_difference",
     "project_out",
     "rrr_penalty",
     "shortcut_region",

@@ -364,7 +364,7 @@ def test_corrections_page(small_study, monkeypatch):
     app = str(Path(__file__).resolve().parents[1] / "app.py")
     at = AppTest.from_file(app, default_timeout=180)
     at.run()
-    at.switch_page("pages/corrections.py").run()
+    at.switch_page("chapters/corrections.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.title[0].value == "Corrections"
     assert len(at.dataframe) >= 3
@@ -427,7 +427,7 @@ def test_corrections_page_offers_the_build_and_draws_after_it(small_study, monke
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"),
                            default_timeout=300)
     at.run()
-    at.switch_page("pages/corrections.py").run()
+    at.switch_page("chapters/corrections.py").run()
     assert not at.exception
     assert any("corrections" in i.value and "not built yet" in i.value for i in at.info)
     assert not at.get("vega_lite_chart")
@@ -442,3 +442,21 @@ def test_corrections_page_offers_the_build_and_draws_after_it(small_study, monke
     assert len(at.image) >= 2
     st.cache_data.clear()
     st.cache_resource.clear()
+
+
+def test_paired_difference_by_hand():
+    from core.corrections import paired_difference
+
+    before = torch.tensor([True, True, False, False, True, False, True, True, False, False])
+    after = torch.tensor([True, False, True, True, True, True, True, True, True, False])
+    p = paired_difference(after, before)
+    # b = 4 images only `after` gets right, c = 1 only `before` does; n = 10
+    assert (p["b"], p["c"], p["n"]) == (4, 1, 10)
+    assert p["delta"] == pytest.approx(0.3)
+    assert p["delta_se"] == pytest.approx(math.sqrt(5 / 100 - 9 / 1000))
+    # exact McNemar: 2 · P(X ≤ 1), X ~ Bin(5, ½) = 2 · 6/32
+    assert p["p_value"] == pytest.approx(12 / 32)
+    assert p["verdict"] == "tie"  # 0.375 ≥ 0.05: within noise
+    strong = paired_difference(torch.ones(40, dtype=torch.bool), torch.arange(40) % 2 == 0)
+    assert strong["verdict"] == "better" and strong["p_value"] < 1e-5
+    assert paired_difference(before, before)["verdict"] == "tie"

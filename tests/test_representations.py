@@ -194,7 +194,8 @@ def test_stage_payload_shape_and_types(stage):
     rows = payload["rows"]
     assert len(rows) == 2 * len(METHODS)
     for row in rows:
-        assert set(METRIC_KEYS) | {"method", "model", "label"} == set(row)
+        assert set(METRIC_KEYS) | {"method", "model", "label", "region_mass"} == set(row)
+        assert row["region_mass"] == row["decoy_mass"]  # DecoyMNIST's alias of the region mass
         for key in METRIC_KEYS:
             assert row[key] is None or (isinstance(row[key], float) and math.isfinite(row[key]))
         assert 0 <= row["decoy_mass"] <= 1 and 0 <= row["sparseness"] <= 1
@@ -257,7 +258,7 @@ def test_full_case_the_vanilla_model_points_at_the_decoy(casebook_cache):
 
 # ----------------------------------------------------------------------------- the page
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "representations.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "chapters" / "representations.py")
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
@@ -356,7 +357,7 @@ def test_page_in_the_app_on_the_small_case_study(stage, small_study, casebook_ca
     _clear_streamlit_caches()
     try:
         at = AppTest.from_file(APP, default_timeout=300).run()
-        at.switch_page("pages/representations.py").run()
+        at.switch_page("chapters/representations.py").run()
         assert not at.exception, [e.value for e in at.exception]
         assert len(at.get("vega_lite_chart")) == 3
         assert any("Decoy mass ↓" in d.value.columns for d in at.dataframe)

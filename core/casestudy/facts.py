@@ -99,3 +99,20 @@ def default_layers(facts: dict) -> list[str]:
     if not picked and dense:
         picked.append(dense[-1])
     return list(dict.fromkeys(picked))
+
+
+def n_outputs(spec, base_dir: Path, src: str, input_shape: tuple[int, ...]) -> int | None:
+    """The width of the model's output on one input of ``input_shape`` (C, H, W), found by a
+    forward pass on the meta device (no memory, no weights); None when the forward pass cannot
+    run there or the output is not one (N, K) tensor."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = build(spec, base_dir, src)
+            out = model(torch.empty(1, *input_shape))
+    except Exception:  # e.g. an op without a meta kernel: the count is checked when it runs
+        return None
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        return int(out.shape[1])
+    return None

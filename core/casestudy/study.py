@@ -355,8 +355,12 @@ class CaseStudy:
                     raise CaseError(f"{self.name}: {adapter.module} cannot be imported: "
                                     f"{exc}") from None
                 loader = getattr(module, adapter.loader)
+                import inspect
+
+                takes_region = len(inspect.signature(loader).parameters) >= 3
                 try:
-                    data = loader(dict(cfg.dataset), cfg.region, cfg.base_dir)
+                    data = (loader(dict(cfg.dataset), cfg.region, cfg.base_dir) if takes_region
+                            else loader(dict(cfg.dataset), cfg.base_dir))
                 except ValueError as exc:  # SourceError, DataUnavailable and bad sizes
                     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                     raise CaseError(f"{self.name}: {first}") from None
@@ -375,7 +379,16 @@ class CaseStudy:
         if bad:
             raise CaseError(f"{self.name}: experts.classes names class {bad[0]}, but the data "
                             f"has {n} classes (0–{n - 1})")
+        shape = (data.channels, *data.size)
         for name, spec in self.config.models.items():
+            width = _facts.n_outputs(spec, self.config.base_dir, self._where(), shape)
+            if width is not None and width != n:
+                raise CaseError(f"{self.name}: model {name!r} gives {width} outputs on a "
+                                f"{'×'.join(map(str, shape))} input, but the data has {n} "
+                                f"classes ({', '.join(data.class_names[:8])}"
+                                f"{', …' if n > 8 else ''}); make them agree")
+            if width is None:
+                log.debug("model %s: output width not checked on the meta device", name)
             if spec.train_on is not None and spec.train_on not in data.training_sets:
                 raise CaseError(f"{self.name}: models.{name}.train_on {spec.train_on!r} is not "
                                 f"a training set of the data ({', '.join(data.training_sets)})")
@@ -610,6 +623,10 @@ class CaseStudy:
         results = {}
         with self._lock:
             self._store_facts()
+            clean = getattr(self.cache, "clean_orphans", None)
+            if clean is not None and self.cache.root.is_dir():
+                with contextlib.suppress(OSError):
+                    clean()  # temp files a killed writer left behind
             for stage in STAGES:
                 if stage not in needed:
                     continue
@@ -666,6 +683,10 @@ class CaseStudy:
         return "built"
 
     def _build_data(self, force: bool, p: _StageProgress) -> str:
+        key = self._data_key()
+        if force or not (key in self._payloads or self.cache.has(key)):
+            self.data()  # bad data is a CaseError before anything is written
+
         def compute():
             p(0, 1, f"building the data ({self.config.dataset['source']})")
             t0 = time.perf_counter()
@@ -679,7 +700,7 @@ class CaseStudy:
                     {"stage": "data", "case": self.name, "digest": digest, "describe": info,
                      "facts": facts, "provenance": prov})
 
-        return self._run_stage(self._data_key(), compute, force, p)
+        return self._run_stage(key, compute, force, p)
 
     def _build_models(self, seeds, force: bool, p: _StageProgress) -> str:
         seeds = list(seeds)
@@ -786,6 +807,11 @@ class CaseStudy:
                     if (name, seed) in self._models:
                         return self._models[(name, seed)]
                 payload = self.artifact("models", seed)
+                if payload is None:  # listed but unreadable: the cache moved it aside; rebuild
+                    self.build(["models"], seeds=max(seed + 1, self.seeds or 1))
+                    if (name, seed) in self._models:
+                        return self._models[(name, seed)]
+                    payload = self.artifact("models", seed)
                 if payload is None:
                     raise CaseError(f"{self.name}: the models of seed {seed} could not be built")
                 model = self._from_state(payload["models"][name]["state_dict"], name)
@@ -1044,9 +1070,11 @@ class CaseStudy:
         if model in self.config.models and layer in e["layers"] and cls in (e["classes"] or []):
             with self._lock:
                 payload = self.artifact("experts")
-                if payload is None:
+                if payload is None:  # missing, or listed but unreadable (moved aside): build
                     self.build(["experts"])
                     payload = self.artifact("experts")
+                if payload is None:
+                    raise CaseError(f"{self.name}: the experts stage could not be built")
             return self._as_numpy(payload["results"][f"{model}/{layer}/{int(cls)}"])
         return self.experts_for(model, layer, {"kind": "class", "class": int(cls)},
                                 {"kind": "class-images"})
