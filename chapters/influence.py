@@ -349,3 +349,57 @@ if quantity == "comparative":
     lines.append(f"- The comparative quantity y({name(cls)}) − y({name(vs)}) cancels what the two classes "
                  f"share; its experts are the units that tell a {name(cls)} from a {name(vs)}.")
 st.markdown("\n".join(lines))
+
+# ------------------------------------------------------------------------------------------ your image
+st.subheader("Explain your own image")
+SIZE = facts.get("size") or list(np.asarray(images).shape[1:3])
+CHANNELS = int(facts.get("channels") or (3 if images.ndim == 4 else 1))
+st.markdown(
+    f"Upload a PNG or JPEG: it is converted to the case's input ({SIZE[0]}×{SIZE[1]}, "
+    f"{'colour' if CHANNELS == 3 else 'grey'}), and **{model}** says what it sees, which pixels drive that "
+    f"answer and what its top experts of **{layer}** look at in it. The file stays in memory; nothing "
+    "is written to disk.")
+upload = st.file_uploader("Your image (PNG or JPEG)", type=["png", "jpg", "jpeg"], key="own-image")
+if upload is not None:
+    from core.explain import ImageError, explain_image, read_image
+
+    try:
+        own = read_image(upload.getvalue(), SIZE, CHANNELS)
+    except ImageError as exc:
+        st.error(f"Could not use this file: {ui.plain(exc)}")
+        own = None
+    if own is not None:
+        memo_key = ("own-image", getattr(upload, "file_id", upload.name), upload.size, model, layer)
+        result = st.session_state.get("own-image-result")
+        if not result or result[0] != memo_key:
+            ok, value = ui.run_with_status("Explaining your image …",
+                                           lambda: explain_image(study, model, own, layer=layer, k=3),
+                                           done="Explained your image")
+            result = (memo_key, value) if ok else None
+            st.session_state["own-image-result"] = result
+        if result:
+            res = result[1]
+            probs = res["probs"]
+            pred = int(res["pred"])
+            st.markdown(f"**{model}** answers **{name(pred)}** ({probs[pred]:.0%}).")
+            pics = [ui.picture(own, SCALE), ui.heatmap(res["attribution"], SCALE),
+                    ui.overlay(own, res["attribution"], SCALE)]
+            caps = ["your image, as the model sees it",
+                    f"Integrated Gradients of {name(pred)} (red raises it, blue lowers it)",
+                    "the same over your image"]
+            for ex in res["experts"]:
+                pics.append(ui.masked(own, ex["map"], SCALE))
+                caps.append(f"expert unit {ex['unit']} of {layer}: where it looks (95th percentile)")
+            st.image(pics, caption=caps)
+            if res["experts"]:
+                st.caption(f"The experts are the top units of {layer} for {name(pred)} "
+                           + ("from the experts stage." if res.get("source") == "experts stage"
+                              else "ranked on your image alone (the experts stage does not cover this "
+                                   "model, layer and class)."))
+            st.dataframe(pd.DataFrame({"class": [name(c) for c in range(len(probs))], "probability": probs}),
+                         hide_index=True,
+                         column_config={"probability": st.column_config.NumberColumn(format="percent")})
+
+nxt = ("chapters/representations.py", "Representations compared") if ui.stage_exists("representations") \
+    else ("chapters/method.py", "Method")
+ui.next_chapter(*nxt, "Next: the same question asked of six popular explanation methods, and measured.")

@@ -1,0 +1,113 @@
+"""core.explain: a reader's own image read safely from memory, converted to the case's input, and
+explained (prediction, Integrated Gradients, the predicted class's experts)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.explain import MAX_BYTES, ImageError, explain_image, read_image, to_model_input
+
+
+def _bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_rgb_png_becomes_the_case_input_in_colour():
+    a = np.zeros((10, 20, 3), np.uint8)
+    a[..., 0] = 255  # pure red
+    out = read_image(_bytes(Image.fromarray(a)), (48, 48), 3)
+    assert out.shape == (48, 48, 3) and out.dtype == np.float32
+    assert np.allclose(out[..., 0], 1.0) and np.allclose(out[..., 1:], 0.0)
+
+
+def test_colour_to_grey_and_grey_to_colour():
+    rgb = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    grey = read_image(_bytes(rgb), (28, 28), 1)
+    assert grey.shape == (28, 28) and np.allclose(grey, 200 / 255, atol=1 / 255)
+    g = Image.fromarray(np.full((8, 8), 51, np.uint8), mode="L")
+    col = read_image(_bytes(g), (4, 6), 3)
+    assert col.shape == (4, 6, 3) and np.allclose(col, 51 / 255, atol=1 / 255)
+
+
+def test_transparency_is_flattened_onto_black_and_palette_and_16_bit_read():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[:2, :, 3] = 255  # top half opaque white, bottom half transparent
+    out = read_image(_bytes(Image.fromarray(rgba, "RGBA")), (4, 4), 1)
+    assert np.allclose(out[:2], 1.0) and np.allclose(out[2:], 0.0)
+    pal = Image.fromarray(np.full((4, 4, 3), 100, np.uint8)).convert("P")
+    assert read_image(_bytes(pal), (4, 4), 3).shape == (4, 4, 3)
+    deep = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    assert np.allclose(read_image(_bytes(deep), (4, 4), 1), 1.0)
+
+
+def test_jpeg_is_accepted():
+    img = Image.fromarray(np.full((16, 16, 3), 128, np.uint8))
+    out = read_image(_bytes(img, "JPEG", quality=95), (16, 16), 3)
+    assert np.allclose(out, 128 / 255, atol=3 / 255)
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", "empty"),
+    (b"not an image at all", "not a readable"),
+    (None, "bytes"),
+])
+def test_unreadable_input_is_one_line(data, words):
+    with pytest.raises(ImageError, match=words) as info:
+        read_image(data, (8, 8), 3)
+    assert "\n" not in str(info.value)
+
+
+def test_other_formats_are_refused():
+    gif = _bytes(Image.fromarray(np.zeros((4, 4), np.uint8)), "GIF")
+    with pytest.raises(ImageError, match="PNG or JPEG"):
+        read_image(gif, (8, 8), 3)
+
+
+def test_a_file_over_the_size_cap_is_refused_before_decoding():
+    with pytest.raises(ImageError, match="at most"):
+        read_image(b"\x89PNG" + b"\0" * (MAX_BYTES + 1), (8, 8), 3)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    bomb = _bytes(Image.new("1", (6000, 5000)))  # 30 M pixels in a few kB
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageError, match="pixels"):
+        read_image(bomb, (8, 8), 1)
+    huge = _bytes(Image.new("1", (10000, 10000)))  # above Pillow's own limit (~89 M): its warning
+    with pytest.raises(ImageError, match="pixels"):  # becomes an error, not a decode
+        read_image(huge, (8, 8), 1, max_pixels=10**12)
+
+
+def test_truncated_data_is_refused():
+    data = _bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
+    with pytest.raises(ImageError):
+        read_image(data[: len(data) // 2], (8, 8), 3)
+
+
+def test_to_model_input_inverts_the_display():
+    pic = np.random.default_rng(1).random((5, 6, 3)).astype(np.float32)
+    t = to_model_input(pic, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
+    assert tuple(t.shape) == (1, 3, 5, 6)
+    back = t[0].permute(1, 2, 0).numpy() * np.array([0.2, 0.25, 0.5]) + np.array([0.5, 0.4, 0.3])
+    assert np.allclose(back, pic, atol=1e-6)
+
+
+def test_explain_image_on_the_small_case(small_study):
+    s = small_study.samples("test", 1)
+    layer = small_study.config.experts["layers"][0]
+    res = explain_image(small_study, small_study.subject, s["x"][0], layer=layer, k=2, resolution=4)
+    assert len(res["probs"]) == 10 and abs(sum(res["probs"]) - 1) < 1e-4
+    assert res["pred"] == int(np.argmax(res["probs"]))
+    assert res["attribution"].shape == (28, 28)
+    assert len(res["experts"]) == 2 and all(e["map"].shape == (28, 28) for e in res["experts"])
+    if res["source"] == "experts stage":
+        rows = sorted(small_study.experts(small_study.subject, layer, res["pred"])["rows"],
+                      key=lambda r: r["rank"])
+        assert [e["unit"] for e in res["experts"]] == [r["unit"] for r in rows[:2]]
