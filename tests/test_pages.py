@@ -534,3 +534,149 @@ def test_the_app_opens_cases_by_name_only(monkeypatch, small_study):
     ui.open_study(small_study.config.name, "cpu")
     assert calls and all(allow is False for _, allow in calls)
     _clear()
+
+
+# ---------------------------------------------------------------------------------------------- essence
+
+
+def test_essence_chapter_offers_the_build_then_draws_curves_and_tables(small_study, monkeypatch, tmp_path):
+    if not ui.stage_exists("essence"):
+        pytest.skip("core.essence is not there")
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(small_study.cache_dir, cache)  # the shared cache keeps essence unbuilt
+    monkeypatch.setenv("CASEBOOK_CACHE", str(cache))
+    monkeypatch.setenv("CASEBOOK_CASE", small_study.config.name)
+    _clear()
+    try:
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+        at.switch_page("chapters/essence.py").run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert at.title[0].value == "Essence & causal check"
+        assert any("**essence**" in i.value for i in at.info) and not at.get("vega_lite_chart")
+        at.button(key="build-essence").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        assert len(at.get("vega_lite_chart")) == 1
+        headers = [h.value for h in at.header]
+        assert headers[:2] == ["Essence: how few units separate two classes?",
+                               "Causal check: remove a class's experts"]
+        from core.casestudy import CaseStudy
+
+        payload = CaseStudy.open(small_study.config.name, cache_dir=cache, device="cpu").artifact("essence")
+        layer, fill = at.selectbox(key="qp-elayer").value, at.radio(key="qp-efill").value
+        mine = [r for r in payload["rows"] if r["layer"] == layer and r["fill"] == fill]
+        smallest = at.dataframe[0].value
+        assert smallest["top experts"].tolist() == [r["k_top"] for r in mine]
+        assert smallest["random (median)"].tolist() == [r["k_random"] for r in mine]
+        ablation = at.dataframe[1].value
+        rows = [r for r in payload["ablation"] if r["layer"] == layer and r["fill"] == fill]
+        assert ablation["class"].tolist() == [r["class_name"] for r in rows]
+        assert ablation["accuracy drop (experts)"].tolist() == pytest.approx(
+            [r["experts"]["acc_drop"] for r in rows])
+        beats = [r["beats_random"] for r in rows if r["beats_random"] is not None]
+        said = " ".join(w.value for w in at.warning) + _texts(at)
+        if beats and sum(beats) <= len(beats) / 2:
+            assert "do **not** beat random units" in said
+        # another layer changes the view
+        other = [x for x in at.selectbox(key="qp-elayer").options if x != layer][0]
+        at.selectbox(key="qp-elayer").set_value(other).run()
+        assert not at.exception and at.query_params["elayer"] == other
+    finally:
+        _clear()
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+DETECTION_PAYLOAD = {
+    "rows": [
+        {"detector": "max_softmax", "label": "max softmax", "attack": "patch", "auc": 0.61,
+         "tpr_at": {0.01: 0.02, 0.05: 0.1, 0.25: 0.4}, "n_clean": 50, "n_attacked": 40,
+         "fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 0.7, 1.0]},
+        {"detector": "influence_path", "label": "influence (path)", "attack": "patch", "auc": 0.83,
+         "tpr_at": {"0.01": 0.2, "0.05": 0.45, "0.25": 0.8}, "n_clean": 50, "n_attacked": 40},
+        {"detector": "influence_path", "label": "influence (path)", "attack": "adaptive", "auc": 0.7,
+         "tpr_at": {0.01: 0.1, 0.05: 0.3, 0.25: 0.6}},
+    ],
+    "roc": {"influence_path": {"patch": {"fpr": [0.0, 0.1, 1.0], "tpr": [0.0, 0.6, 1.0]}}},
+    "attack": {"knows": "weights and gradients, not the detector", "size": 12, "steps": 80},
+    "attack_success": {"patch": 0.9},
+}
+
+
+class _StubStudy:
+    def __init__(self, payload, built=True):
+        from types import SimpleNamespace
+
+        self.payload, self.built, self.builds = payload, built, []
+        self.config = SimpleNamespace(name="stub-case", title="stub", experts={"layers": ["conv1"]})
+
+    def status(self):
+        return {s: s != "detection" or self.built for s in ui.STAGES} | {"detection": self.built}
+
+    def artifact(self, stage):
+        return self.payload if stage == "detection" and self.built else None
+
+    def report(self):
+        return {"models": {"net": {"test_acc": 0.9}}}
+
+    def case_facts(self):
+        return {"classes": ["face", "non-face"], "region": "watermark", "channels": 3, "size": [48, 48],
+                "headline": "test", "evaluation_sets": ["test"], "training_sets": ["train"],
+                "chance": 0.05, "region_alias": None, "subject": "onet", "reference": None,
+                "models": ["onet"], "layers": ["conv1"], "title": "stub"}
+
+    def build(self, stages=None, force=False, progress=None):
+        self.builds.append(list(stages))
+        progress("detection", 1, 1, "stub")
+        self.built = True
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    def make(payload, built=True):
+        study = _StubStudy(payload, built)
+        monkeypatch.setattr(ui, "current_study", lambda: study)
+        _clear()
+        return study
+
+    yield make
+    _clear()
+
+
+def test_detection_chapter_draws_roc_table_and_the_attacker(stub):
+    stub(DETECTION_PAYLOAD)
+    at = AppTest.from_file(str(ROOT / "chapters" / "detection.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [h.value for h in at.header] == ["What the attacker knows", "Detectors compared", "ROC curves"]
+    table = at.dataframe[-1].value
+    assert table["detector"].tolist() == ["max softmax", "influence (path)"]  # the first attack
+    assert table["TPR at 1% FPR"].tolist() == pytest.approx([0.02, 0.2])
+    assert table["TPR at 25% FPR"].tolist() == pytest.approx([0.4, 0.8])
+    assert table["AUC"].tolist() == pytest.approx([0.61, 0.83])
+    assert table["uses influence"].tolist() == ["no", "yes"]
+    text = _texts(at)
+    assert "weights and gradients, not the detector" in text and "90.0%" in text
+    assert "**influence (path)** (AUC **0.830**)" in text and "beat the baselines" in text
+    assert len(at.get("vega_lite_chart")) == 1
+    at.radio(key="qp-attack").set_value("adaptive").run()
+    assert not at.exception and at.dataframe[-1].value["AUC"].tolist() == pytest.approx([0.7])
+    assert "ROC curves" in _texts(at) or any("no ROC curves" in i.value for i in at.info)
+
+
+def test_detection_chapter_says_what_the_payload_lacks(stub):
+    stub({"rows": [{"detector": "mahalanobis", "auc": 0.5}]})
+    at = AppTest.from_file(str(ROOT / "chapters" / "detection.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    missing = " ".join(c.value for c in at.caption)
+    assert "ROC curves" in missing and "payload['attack']" in missing and "tpr_at" in missing
+    assert at.dataframe[-1].value["AUC"].tolist() == [0.5]
+
+
+def test_detection_chapter_offers_its_build(stub):
+    study = stub(DETECTION_PAYLOAD, built=False)
+    at = AppTest.from_file(str(ROOT / "chapters" / "detection.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception and not at.get("vega_lite_chart")
+    at.button(key="build-detection").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert study.builds == [["detection"]] and len(at.get("vega_lite_chart")) == 1
