@@ -43,6 +43,8 @@ if compare:
 sections["Background"] = [_page("method.py", "Method", ":material/menu_book:", "method")]
 
 page = st.navigation(sections)
+# Each chapter's own title in the browser tab (and in bookmarks and history).
+st.set_page_config(page_title=f"{page.title} · Influence Casebook")
 
 # ---------------------------------------------------------------------------------------------- sidebar
 with st.sidebar:
