@@ -162,11 +162,9 @@ def _corrections(rep: dict) -> list[str]:
         table.append([r.get("label", r["method"]), _f(r.get("uses_mask")),
                       f"{r.get('strength_name') or ''} {_f(r.get('strength'), 3)}".strip(),
                       _pm(r, hkey), delta, verdict, *[_pm(r, k) for k in others],
-                      _f(r.get("gap_closed"), 2), _f(r.get("region_mass")),
-                      _f(r.get("seconds"), 0)])
+                      _f(r.get("gap_closed"), 2), _f(r.get("region_mass"))])
     out += _table(["method", "uses mask", "strength", _label(hkey), "Δ vs under study",
-                   "verdict", *map(_label, others), "gap closed", "region mass after",
-                   "seconds"], table)
+                   "verdict", *map(_label, others), "gap closed", "region mass after"], table)
     return out
 
 
@@ -184,12 +182,8 @@ def markdown(rep: dict) -> str:
     parts = [_data(rep), _models(rep), _experts(rep), _representations(rep), _corrections(rep),
              _summary_section(rep, "essence", "Essence and causal check"),
              _summary_section(rep, "detection", "Attacks and their detection")]
-    prov = rep.get("provenance") or {}
-    secs = prov.get("seconds") or {}
-    tail = [f"Built with torch {prov.get('torch')} on {prov.get('device') or 'cpu'}; stage "
-            "seconds: " + ", ".join(f"{k} {_f(v, 1)}" for k, v in secs.items()) + "."] \
-        if secs else []
-    return "\n\n".join("\n".join(p) for p in [*parts, tail] if p) + "\n"
+    # (no timings here: they change from run to run; bench/ measures them)
+    return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
 
 
 def readme_blocks(text: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 from types import SimpleNamespace
 
 import pytest

@@ -168,7 +168,8 @@ def user_study(user_dir, casebook_cache) -> CaseStudy:
 def test_the_user_case_reports_its_classes_models_experts_and_representations(user_study):
     rep = user_study.report()
     json.dumps(rep, allow_nan=False)
-    assert rep["case"] == user_study.config.path.parent.name and rep["subject"] == "vanilla" and rep["reference"] == "reference"
+    assert rep["case"] == user_study.config.path.parent.name
+    assert rep["subject"] == "vanilla" and rep["reference"] == "reference"
     facts = rep["case_facts"]
     assert facts["classes"] == list(CLASSES) and facts["region"] == "mark"
     assert facts["channels"] == 3 and facts["size"] == [48, 48]

