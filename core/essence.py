@@ -172,8 +172,84 @@ def unit_fill(model: nn.Module, layer: str, fill: str | float | Tensor, x: Tenso
     return _fill_like(fill, z).clone()
 
 
+_PER_CHANNEL = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.MaxPool1d,
+                nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Identity, nn.Dropout, nn.Flatten,
+                nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class _Fold:
+    """The part after a layer as: per-channel ops → a linear consumer (conv or dense) → the rest.
+
+    A per-channel op acts on each unit alone, so on a masked slice it gives, unit by unit, either
+    ops(z) or ops(fill); the consumer is linear, so its output is consumer(ops(fill)) plus the sum
+    over kept units of that unit's own contribution. Those contributions are computed once per
+    image; each masked variant is then a matrix product and the rest of the network, instead of
+    the whole part after the layer (DecoyCNN conv1: conv2 is the costly step it skips).
+    """
+
+    def __init__(self, ops: nn.Module, consumer: nn.Module, rest: nn.Module):
+        self.ops, self.consumer, self.rest = ops, consumer, rest
+
+    @classmethod
+    def plan(cls, model: nn.Module, layer: str) -> _Fold | None:
+        children = list(model.named_children())
+        names = [n for n, _ in children]
+        if layer not in names:
+            return None
+        ops = []
+        for name, m in children[names.index(layer) + 1:]:
+            if isinstance(m, nn.Flatten) and m.start_dim != 1:
+                return None
+            if isinstance(m, _PER_CHANNEL):
+                ops.append(m)
+                continue
+            ok = isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1
+                                             and m.padding_mode == "zeros")
+            rest = _tail(model, name) if ok else None
+            return None if rest is None else cls(nn.Sequential(*ops), m, rest)
+        return None
+
+    def _contributions(self, delta: Tensor, width: int) -> Tensor:
+        """Each unit's share of the consumer's output (without bias): (n, units, outputs flat)."""
+        c = self.consumer
+        n = delta.shape[0]
+        if isinstance(c, nn.Linear):
+            d = delta.reshape(n, width, -1)
+            w = c.weight.reshape(c.out_features, width, -1)
+            return torch.einsum("ncp,ocp->nco", d, w)
+        w = c.weight.transpose(0, 1).reshape(width * c.out_channels, 1, *c.weight.shape[2:])
+        out = torch.nn.functional.conv2d(delta, w, None, c.stride, c.padding, c.dilation, groups=width)
+        return out.reshape(n, width, -1)
+
+    def logits(self, z: Tensor, keeps: Tensor, fill: Tensor, budget: int) -> Tensor:
+        width = z.shape[1]
+        f = self.ops(fill[None])
+        base = self.consumer(f)  # (1, *consumer output)
+        shape = base.shape[1:]
+        m = base[0].numel()
+        per_image = max(1, width * m * 4)
+        n_chunk = max(1, min(len(z), budget // 2 // per_image))
+        v_chunk = max(1, min(len(keeps), budget // 2 // max(1, n_chunk * m * 4 * 4)))
+        k = keeps.to(z.dtype)
+        out = None
+        for i in range(0, len(z), n_chunk):
+            d = self._contributions(self.ops(z[i:i + n_chunk]) - f, width)
+            nc = d.shape[0]
+            d = d.permute(1, 0, 2).reshape(width, nc * m)
+            for j in range(0, len(keeps), v_chunk):
+                kv = k[j:j + v_chunk]
+                y = (kv @ d).view(len(kv) * nc, *shape) + base
+                y = self.rest(y)
+                if out is None:
+                    out = torch.empty(len(keeps), len(z), *y.shape[1:], dtype=torch.float32)
+                out[j:j + len(kv), i:i + nc] = y.reshape(len(kv), nc, *y.shape[1:]).float().cpu()
+        return out
+
+
 class _Cut:
-    """``model`` cut at ``layer``'s output: h once per image, g once per masked variant."""
+    """``model`` cut at ``layer``'s output: h once per image, then per masked variant either the
+    folded consumer (:class:`_Fold`), the traced part after the layer, or a masking hook on a
+    stacked batch, whichever is the fastest that agrees with the plain model."""
 
     def __init__(self, model: nn.Module, layer: str, memory_budget: int = MEMORY_BUDGET):
         self.model, self.layer = model, layer
@@ -181,48 +257,74 @@ class _Cut:
         self.device = model_device(model)
         self.budget = int(memory_budget)
         self.tail: nn.Module | None | bool = False  # False: not decided yet
+        self.fold: _Fold | None | bool = False
+        self.path: str | None = None  # "fold", "tail" or "hook" once decided
 
     def slice(self, x: Tensor) -> Tensor:
+        """z = h(x) at the layer's output (no graph, on the model's device)."""
         return activations(self.model, x, self.layer)
 
-    def _tail_for(self, x: Tensor, z: Tensor) -> nn.Module | None:
+    def _decide(self, x: Tensor, z: Tensor, fill: Tensor) -> None:
         if self.tail is False:
             g = _tail(self.model, self.layer)
             if g is not None:
                 try:
-                    with torch.no_grad(), eval_mode(self.model):
-                        ok = torch.allclose(g(z[:2]), self.model(x[:2].to(self.device)),
-                                            rtol=1e-4, atol=1e-5)
+                    ok = torch.allclose(g(z[:2]), self.model(x[:2].to(self.device)), rtol=1e-4, atol=1e-5)
                 except Exception:
                     ok = False
                 g = g if ok else None
             self.tail = g
-        return self.tail
+        if self.fold is False:
+            fold = _Fold.plan(self.model, self.layer)
+            if fold is not None:
+                width = z.shape[1]
+                gen = torch.Generator().manual_seed(0)
+                keeps = torch.stack([torch.ones(width, dtype=torch.bool),
+                                     torch.rand(width, generator=gen) < 0.5,
+                                     torch.zeros(width, dtype=torch.bool)]).to(self.device)
+                try:
+                    want = self._plain(x[:4], z[:4], keeps, fill)
+                    got = fold.logits(z[:4], keeps, fill, self.budget)
+                    scale = float(want.abs().max()) + 1e-6
+                    ok = got.shape == want.shape and bool(((got - want).abs() <= 1e-4 * scale + 1e-4).all())
+                except Exception:
+                    ok = False
+                fold = fold if ok else None
+            self.fold = fold
+        self.path = "fold" if self.fold is not None else "tail" if self.tail is not None else "hook"
 
-    def logits(self, x: Tensor, z: Tensor, keeps: Tensor, fill: Tensor) -> Tensor:
-        """(V, N, outputs): the model's output on images ``x`` (slice ``z``) for each row of the
-        (V, units) bool ``keeps``; chunks of variants stacked up to the memory budget."""
-        keeps = keeps.to(self.device)
-        fill = _fill_like(fill, z)
+    def _plain(self, x: Tensor, z: Tensor, keeps: Tensor, fill: Tensor) -> Tensor:
         n = z.shape[0]
         per_variant = max(1, z[0].numel() * z.element_size() * n * 4)  # slice, copy, g's temporaries
         chunk = max(1, min(len(keeps), self.budget // per_variant))
         out = []
+        for i in range(0, len(keeps), chunk):
+            kv = keeps[i:i + chunk]
+            if self.tail is not None:
+                y = self.tail(_masked(z, kv, fill))
+            else:
+                handle = self.module.register_forward_hook(_MaskHook(kv, fill))
+                try:
+                    xs = x.to(self.device)
+                    y = self.model(xs.repeat(len(kv), *([1] * (xs.dim() - 1))))
+                finally:
+                    handle.remove()
+            out.append(y.reshape(len(kv), n, *y.shape[1:]).float().cpu())
+        return torch.cat(out)
+
+    def logits(self, x: Tensor, z: Tensor, keeps: Tensor, fill: Tensor) -> Tensor:
+        """(V, N, outputs) on the CPU: the model's output on images ``x`` (slice ``z``) for each row
+        of the (V, units) bool ``keeps``, units not kept set to ``fill``; variants in batches."""
+        keeps = keeps.to(self.device)
+        fill = _fill_like(fill, z)
         with model_lock(self.model), eval_mode(self.model), torch.no_grad():
-            tail = self._tail_for(x, z)
-            for i in range(0, len(keeps), chunk):
-                kv = keeps[i:i + chunk]
-                if tail is not None:
-                    y = tail(_masked(z, kv, fill))
-                else:
-                    handle = self.module.register_forward_hook(_MaskHook(kv, fill))
-                    try:
-                        xs = x.to(self.device)
-                        y = self.model(xs.repeat(len(kv), *([1] * (xs.dim() - 1))))
-                    finally:
-                        handle.remove()
-                out.append(y.reshape(len(kv), n, *y.shape[1:]).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, n, 0)
+            if self.path is None:
+                self._decide(x, z, fill)
+            if len(keeps) == 0:
+                return torch.zeros(0, z.shape[0], 0)
+            if self.path == "fold":
+                return self.fold.logits(z, keeps, fill, self.budget)
+            return self._plain(x, z, keeps, fill)
 
 
 def masked_logits(model: nn.Module, layer: str, x: Tensor, keeps, fill: str | float | Tensor = "mean",
