@@ -145,6 +145,15 @@ def keep_units(model: nn.Module, layer: str, keep, fill: Tensor | float = 0.0) -
         handle.remove()
 
 
+def _fill_name(fill) -> str | float:
+    """How a fill is reported: its name, its number, or "custom" for a tensor."""
+    if isinstance(fill, str):
+        return fill
+    if isinstance(fill, Tensor) and fill.numel() != 1:
+        return "custom"
+    return float(fill)
+
+
 def _resolve_fill(model: nn.Module, layer: str, fill, fill_from: Tensor | None, z: Tensor) -> Tensor:
     """``fill`` for the slice ``z``: "mean" over ``fill_from`` when given, else over ``z``."""
     if isinstance(fill, str) and fill == "mean" and fill_from is not None:
@@ -474,7 +483,7 @@ def essence_curve(model: nn.Module, layer: str, x_a: Tensor, x_b: Tensor, x_eval
         pos += 2 + draws
     for lst in (top, bottom, med, low, high, mean):
         lst.append(full)
-    return {"layer": layer, "a": int(a), "b": int(b), "fill": fill if isinstance(fill, str) else float(fill),
+    return {"layer": layer, "a": int(a), "b": int(b), "fill": _fill_name(fill),
             "by": by, "reduce": reduce, "ks": grid, "width": width, "full": full, "top": top,
             "bottom": bottom, "random": {"median": med, "low": low, "high": high, "mean": mean},
             "random_draws": draws, "confidence": float(confidence), "seed": int(seed),
@@ -570,7 +579,7 @@ def ablation(model: nn.Module, layer: str, units: Sequence[int], x: Tensor, y: T
     keep = ~_keep_mask(list(units), z.shape[1], "cpu")
     lg = cut.logits(x, z, torch.stack([torch.ones_like(keep), keep]), f)
     y = torch.as_tensor(y).cpu()
-    return {"units": [int(u) for u in units], "fill": fill if isinstance(fill, str) else float(fill),
+    return {"units": [int(u) for u in units], "fill": _fill_name(fill),
             **_class_effects(lg[1], lg[0], y, int(cls))}
 
 
@@ -633,7 +642,7 @@ def ablation_table(model: nn.Module, layer: str, x: Tensor, y: Tensor, class_uni
             beats = bool(exp["logit_drop"] > rsum["logit_drop"]["high"]
                          and exp["acc_drop"] >= rsum["acc_drop"]["median"])
         rows.append({"layer": layer, "class": c, "k": len(units), "units": units,
-                     "fill": fill if isinstance(fill, str) else float(fill), "experts": exp,
+                     "fill": _fill_name(fill), "experts": exp,
                      "random": rsum, "random_draws": draws, "confidence": float(confidence),
                      "other_class": None if oc is None else int(oc),
                      "other_units": None if oc is None or int(oc) not in masks
@@ -664,7 +673,8 @@ def causal_check(model: nn.Module, layer: str, x: Tensor, y: Tensor, cls: int, u
 
 def region_check(model: nn.Module, layer: str, units: Sequence[int], eval_sets: dict, *,
                  fill: str | float = "mean", fill_from: Tensor | None = None, random_draws: int = 20,
-                 seed: int = 0, confidence: float = 0.9) -> dict:
+                 seed: int = 0, confidence: float = 0.9, _cut: _Cut | None = None,
+                 _slices: dict | None = None) -> dict:
     """Ablate ``units`` (e.g. the experts that carry a shortcut) and measure every evaluation set.
 
     ``eval_sets`` is {name: (x, y, has_region)}. Returns {"layer", "units", "fill", "sets": [{"name",
@@ -673,11 +683,16 @@ def region_check(model: nn.Module, layer: str, units: Sequence[int], eval_sets: 
     region; None when there are none), "region_minus_clean", "random_draws", "seed"}.
     """
     units = [int(u) for u in units]
-    cut = _Cut(model, layer)
+    cut = _cut or _Cut(model, layer)
     sets = []
     f = None
     for name, (x, y, has_region) in eval_sets.items():
-        z = cut.slice(x)
+        if _slices is not None and name in _slices:
+            z = _slices[name]
+        else:
+            z = cut.slice(x)
+            if _slices is not None:
+                _slices[name] = z
         width = int(z.shape[1])
         if f is None:
             f = _resolve_fill(model, layer, fill, fill_from, z)
@@ -698,7 +713,7 @@ def region_check(model: nn.Module, layer: str, units: Sequence[int], eval_sets: 
         return sum(r["acc_drop"] for r in rs) / len(rs) if rs else None
 
     rd, cd = mean([s for s in sets if s["region"]]), mean([s for s in sets if not s["region"]])
-    return {"layer": layer, "units": units, "fill": fill if isinstance(fill, str) else float(fill),
+    return {"layer": layer, "units": units, "fill": _fill_name(fill),
             "sets": sets, "region_drop": rd, "clean_drop": cd,
             "region_minus_clean": None if rd is None or cd is None else rd - cd,
             "random_draws": int(random_draws), "seed": _seed_for(seed, layer, "region", len(units))}
@@ -947,6 +962,10 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
         for layer in layers:
             cut = _Cut(model, layer)
             z_eval = cut.slice(x_eval)
+            # ablation fills: "mean" over n_rank training images per class
+            fills = {f: unit_fill(model, layer, f, x_fill) if f == "mean"
+                     else unit_fill(model, layer, f, z=z_eval) for f in cfg["fills"]}
+            region_slices: dict = {}
             # ---- essence curves
             for p in pairs:
                 a, b = p["a"], p["b"]
@@ -988,12 +1007,12 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
             other = {c: _partner(cm, c) for c in classes}
             other = {c: o for c, o in other.items() if o in class_units}
             for fill in cfg["fills"]:
-                table = ablation_table(model, layer, x_eval, y_eval, class_units, fill=fill, fill_from=x_fill,
+                table = ablation_table(model, layer, x_eval, y_eval, class_units, fill=fills[fill],
                                        other=other, random_draws=draws, seed=_seed_for(seed, mname),
                                        confidence=conf, _cut=cut, _z=z_eval)
                 for r in table:
                     r.update(model=mname, class_name=names[r["class"]], ranking_source=source[r["class"]],
-                             eval_set=eval_name)
+                             fill=fill, eval_set=eval_name)
                 ablations += table
                 beats = [r["beats_random"] for r in table if r["beats_random"] is not None]
                 mine = [r for r in rows if r["model"] == mname and r["layer"] == layer and r["fill"] == fill]
@@ -1015,8 +1034,10 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
                         if int(r["unit"]) not in units:
                             units.append(int(r["unit"]))
                     if units:
-                        rc = region_check(model, layer, units, region_sets, fill=fill, fill_from=x_fill,
-                                          random_draws=draws, seed=_seed_for(seed, mname), confidence=conf)
+                        rc = region_check(model, layer, units, region_sets, fill=fills[fill],
+                                          random_draws=draws, seed=_seed_for(seed, mname), confidence=conf,
+                                          _cut=cut, _slices=region_slices)
+                        rc["fill"] = fill
                     else:
                         rc = {"layer": layer, "units": [], "fill": fill, "sets": [], "region_drop": None,
                               "clean_drop": None, "region_minus_clean": None, "random_draws": draws,
