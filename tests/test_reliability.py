@@ -300,8 +300,8 @@ def test_a_read_only_cache_directory_raises_one_clear_error(tmp_path):
 # A tiny tmpfs in a private user+mount namespace: a real full disk and a real read-only mount,
 # without root on the host. Skipped where unprivileged namespaces are not allowed.
 _IN_NAMESPACE = textwrap.dedent("""
-    import json, os, subprocess, sys, torch
-    from core.cache import Cache, CacheError, key_of
+    import hashlib, json, os, subprocess, sys, torch
+    from core.cache import MAGIC, Cache, CacheError, key_of
     mnt = sys.argv[1]
     cache, out = Cache(os.path.join(mnt, "c")), {}
     k = lambda n: key_of(stage="ns", name=n)
@@ -317,7 +317,13 @@ _IN_NAMESPACE = textwrap.dedent("""
     attempt("small_after_full", lambda: cache.put(k("small"), {"w": torch.ones(4)}) and
             cache.get(k("small"))["w"].tolist())
     calls = []
+    bad = cache.path(k("unloadable"))  # a whole entry of its key whose payload torch cannot read
+    body = json.dumps({"key": k("unloadable")}).encode() + b"\\n" + b"not torch"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(MAGIC + f" {hashlib.sha256(body).hexdigest()} {len(body)}\\n".encode() + body)
     subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+    attempt("ro_unloadable", lambda: [cache.has(k("unloadable")), cache.get(k("unloadable"), "miss"),
+                                      cache.has(k("unloadable")), bad.exists()])
     attempt("ro_read", lambda: cache.get_or_compute(k("small"), lambda: calls.append(1))[1])
     attempt("ro_compute", lambda: cache.get_or_compute(k("new"), lambda: calls.append(1) or {"x": 1}))
     attempt("ro_put", lambda: cache.put(k("small"), {"w": torch.zeros(4)}))
@@ -355,3 +361,5 @@ def test_a_read_only_mount_reads_and_raises_one_clear_error_before_computing(in_
         assert kind == "CacheError", msg
         assert "read-only file system" in _one_line(msg) and "CASEBOOK_CACHE" in msg
     assert in_namespace["ro_calls"] == 0  # it failed before spending the computation
+    # an unusable entry that cannot be moved aside is still a miss, for has() as for get()
+    assert in_namespace["ro_unloadable"] == ["ok", "[True, 'miss', False, True]"]
