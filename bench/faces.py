@@ -9,7 +9,6 @@ import json
 import time
 
 import numpy as np
-import torch
 
 from core.cases.faces.adapter import faces_data
 from core.cases.faces.onet import FACE, pretrained_detector
