@@ -21,7 +21,8 @@ split they are reported on:
   layers, point and path, concentration), fit on clean vs attacked *training* images.
 - baselines that use no influence: ``max_softmax`` (1 − the largest softmax probability) and
   ``mahalanobis`` (class-conditional Gaussians with a shared, shrunk covariance on the same layer's
-  activations; the distance to the predicted class).
+  activations; the distance to the predicted class), and ``mahalanobis_layers`` (the largest
+  z-scored Mahalanobis distance over every layer's channel-pooled activations: a stronger one).
 
 ``mask_experts_region`` masks the square the experts point at and reports how often the prediction
 returns to the truth.
@@ -222,19 +223,24 @@ def max_softmax_scores(model: nn.Module, x: Tensor) -> Tensor:
     return 1 - _logits(model, x).softmax(1).max(1).values
 
 
-def _activations(model: nn.Module, x: Tensor, layer: str) -> Tensor:
+def _activations(model: nn.Module, x: Tensor, layer: str, pool: bool = False) -> Tensor:
     from .influence import activations
-    return activations(model, x, layer).flatten(1).cpu().double()
+    a = activations(model, x, layer)
+    if pool and a.dim() > 2:
+        a = a.flatten(2).mean(2)
+    return a.flatten(1).cpu().double()
 
 
 class Mahalanobis:
     """Class-conditional Gaussians with one shared covariance (Lee et al. 2018) on a layer's
     flattened activations, shrunk toward its diagonal by ``shrink``; ``score`` is the squared
-    Mahalanobis distance to the predicted class's mean."""
+    Mahalanobis distance to the predicted class's mean. ``pool=True`` averages a conv layer's
+    activations over space first (one value per channel, as Lee et al. do)."""
 
-    def __init__(self, model: nn.Module, layer: str, x: Tensor, y: Tensor, shrink: float = 0.1):
-        self.model, self.layer = model, layer
-        a = _activations(model, x, layer)
+    def __init__(self, model: nn.Module, layer: str, x: Tensor, y: Tensor, shrink: float = 0.1,
+                 pool: bool = False):
+        self.model, self.layer, self.pool = model, layer, pool
+        a = _activations(model, x, layer, pool)
         self.classes = int(y.max()) + 1
         self.means = torch.stack([a[y == c].mean(0) if (y == c).any() else a.mean(0)
                                   for c in range(self.classes)])
@@ -246,7 +252,7 @@ class Mahalanobis:
 
     def score(self, x: Tensor) -> Tensor:
         """(N,) squared distance to the predicted class's mean."""
-        a = _activations(self.model, x, self.layer)
+        a = _activations(self.model, x, self.layer, self.pool)
         pred = _logits(self.model, x).argmax(1)
         d = a - self.means[pred]
         return ((d @ self.precision) * d).sum(1).float()
@@ -585,6 +591,10 @@ class Detectors:
         note("class profiles on clean training images")
         self.features.fit(clean_x)
         self.mahalanobis = Mahalanobis(self.model, self.layer, clean_x, clean_y, self.shrink)
+        self.pooled = {name: Mahalanobis(self.model, name, clean_x, clean_y, self.shrink, pool=True)
+                       for name in self.features.layers}
+        d = torch.stack([m.score(clean_x) for m in self.pooled.values()], 1)
+        self.pooled_mu, self.pooled_sd = d.mean(0), d.std(0).clamp_min(1e-6)
         note("features of training attacks")
         fc, self.names = self.features.features(lr_clean)
         fa, _ = self.features.features(lr_attacked)
@@ -602,6 +612,8 @@ class Detectors:
                 "expert_concentration": feats[:, -1],
                 "max_softmax": max_softmax_scores(self.model, x),
                 "mahalanobis": self.mahalanobis.score(x),
+                "mahalanobis_layers": ((torch.stack([m.score(x) for m in self.pooled.values()], 1)
+                                        - self.pooled_mu) / self.pooled_sd).max(1).values,
                 "features": feats}
 
 
@@ -614,6 +626,8 @@ DESCRIPTIONS = {
     "max_softmax": "1 − max softmax probability (no influence)",
     "mahalanobis": "Mahalanobis distance of the layer's activations to the predicted class "
                    "(no influence)",
+    "mahalanobis_layers": "largest z-scored Mahalanobis distance over every layer's "
+                          "channel-pooled activations (no influence; a stronger baseline)",
 }
 INFLUENCE = {"influence_combined", "influence_max_z", "influence_naive", "expert_concentration"}
 
@@ -691,8 +705,9 @@ def build_stage(study, progress=None) -> dict:
             r = roc(clean_scores[det], att_scores[det])
             rows.append(_row(det, r, det in INFLUENCE, None if det == "max_softmax" else
                              (expert_layer if det == "expert_concentration" else
-                              (", ".join(layers) if det.startswith("influence_c")
-                               or det == "influence_max_z" else layer)), DESCRIPTIONS[det]))
+                              (", ".join(layers) if det in ("influence_combined", "influence_max_z",
+                                                            "mahalanobis_layers") else layer)),
+                             DESCRIPTIONS[det]))
             curves[det] = {"fpr": r["fpr"], "tpr": r["tpr"]}
         feature_rows = [{"feature": n, "auc": roc(clean_scores["features"][:, j],
                                                   att_scores["features"][:, j])["auc"],
