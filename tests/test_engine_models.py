@@ -267,3 +267,29 @@ def test_tuple_errors_are_one_line():
             influence(m, x, **kwargs)
         assert "\n" not in str(err.value)
     assert all_hooks(m) == 0
+
+
+# ----------------------------------------------------------------------------- several quantities
+
+@pytest.mark.parametrize("doi", [LinearDoI(3), LinearDoI(3, at="layer")], ids=repr)
+def test_several_quantities_share_the_forward(data, doi):
+    m = Counting(cnn())
+    qois = [ClassQoI(0), ComparativeQoI(2, 4), ClassQoI(3)]
+    layers = ["inner.0", "inner.4"]
+    influence(m, data, layers=layers, qoi=qois[0], doi=doi, batch_size=18)  # warm: fx traces the tail
+    m.calls = 0
+    together = influence(m, data, layers=layers, qoi=qois, doi=doi, per_input=True, multiply=True,
+                         batch_size=18)
+    calls = m.calls
+    assert isinstance(together, list) and len(together) == 3
+    for q, got in zip(qois, together, strict=True):
+        for layer in layers:
+            alone = influence(m, data, layer, q, doi, per_input=True, multiply=True, batch_size=18)
+            assert torch.allclose(got[layer], alone, atol=1e-6)
+    m.calls = 0
+    influence(m, data, layers=layers, qoi=qois[0], doi=doi, per_input=True, multiply=True, batch_size=18)
+    assert m.calls == calls  # three quantities cost the forward passes of one
+    ranked = experts_many(m, data, layers, qois, doi, k=2)
+    assert ranked[1]["inner.4"].units == experts(m, data, "inner.4", qois[1], doi, k=2).units
+    with pytest.raises(ValueError, match="read different layers"):
+        influence(m, data, "inner.0", [ClassQoI(0), UnitQoI("inner.4", 1)])
