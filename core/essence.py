@@ -181,7 +181,7 @@ def unit_fill(model: nn.Module, layer: str, fill: str | float | Tensor, x: Tenso
     return _fill_like(fill, z).clone()
 
 
-_PER_CHANNEL = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.MaxPool1d,
+_PER_CHANNEL = (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.MaxPool1d,
                 nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Identity, nn.Dropout, nn.Flatten,
                 nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -455,7 +455,7 @@ def essence_curve(model: nn.Module, layer: str, x_a: Tensor, x_b: Tensor, x_eval
     if len(scores) != width:
         raise ValueError(f"{len(scores)} scores for a layer with {width} units")
     order = _order(scores, by)
-    f = unit_fill(model, layer, fill, x_rank) if fill == "mean" else unit_fill(model, layer, fill, z=z)
+    f = _resolve_fill(model, layer, fill, x_rank, z)
     grid = k_grid(width, ks)
     gen = torch.Generator().manual_seed(int(seed))
     keeps, index = [torch.ones(1, width, dtype=torch.bool)], []
@@ -546,21 +546,37 @@ def most_confused_pairs(model: nn.Module | None, x: Tensor | None, y: Tensor | N
     return pairs[:max(0, int(n))]
 
 
-def _class_effects(logits: Tensor, base: Tensor, y: Tensor, c: int) -> dict:
-    """Class ``c``'s accuracy and mean logit on its images, before (``base``) and after (``logits``),
-    and the accuracy on the other images."""
-    own, rest = y == c, y != c
-    def acc(lg, m):
-        return float((lg[m].argmax(1) == y[m]).float().mean()) if bool(m.any()) else None
+def _class_stats(logits: Tensor, y: Tensor, c: int, correct: Tensor | None = None) -> dict:
+    """Per variant of ``logits`` (V, N, outputs): class ``c``'s accuracy and mean logit on its own
+    images and the accuracy on the other images, each a (V,) float64 tensor or None (no images).
+    ``correct`` (V, N) may be passed when already computed."""
+    own = y == c
+    if correct is None:
+        correct = (logits.argmax(-1) == y).double()
+    idx, rest = own.nonzero().flatten(), (~own).nonzero().flatten()
+    return {"n": len(idx),
+            "acc": correct.index_select(1, idx).mean(1) if len(idx) else None,
+            "logit": logits[:, :, c].index_select(1, idx).double().mean(1) if len(idx) else None,
+            "others_acc": correct.index_select(1, rest).mean(1) if len(rest) else None}
 
-    before, after = acc(base, own), acc(logits, own)
-    lb = float(base[own, c].mean()) if bool(own.any()) else None
-    la = float(logits[own, c].mean()) if bool(own.any()) else None
-    ob, oa = acc(base, rest), acc(logits, rest)
-    drop = (lambda u, v: None if u is None or v is None else u - v)
-    return {"n": int(own.sum()), "acc_before": before, "acc_after": after, "acc_drop": drop(before, after),
-            "logit_before": lb, "logit_after": la, "logit_drop": drop(lb, la),
-            "others_acc_before": ob, "others_acc_after": oa, "others_acc_drop": drop(ob, oa)}
+
+def _effects(stats: dict, i: int, base: int = 0) -> dict:
+    """Variant ``i`` against variant ``base`` (the intact layer) as plain numbers; drops are
+    before − after."""
+    out = {"n": stats["n"]}
+    for key, name in (("acc", "acc"), ("logit", "logit"), ("others_acc", "others_acc")):
+        t = stats[key]
+        before = None if t is None else float(t[base])
+        after = None if t is None else float(t[i])
+        out.update({f"{name}_before": before, f"{name}_after": after,
+                    f"{name}_drop": None if t is None else before - after})
+    return out
+
+
+def _class_effects(logits: Tensor, base: Tensor, y: Tensor, c: int) -> dict:
+    """Class ``c``'s accuracy and mean logit on its images before (``base``, (N, outputs)) and after
+    (``logits``), and the accuracy on the other images: :func:`_effects` of the two."""
+    return _effects(_class_stats(torch.stack([base, logits]), y, c), 1)
 
 
 def ablation(model: nn.Module, layer: str, units: Sequence[int], x: Tensor, y: Tensor, cls: int, *,
@@ -615,28 +631,30 @@ def ablation_table(model: nn.Module, layer: str, x: Tensor, y: Tensor, class_uni
         rand_at[k] = sum(len(t) for t in keeps)
         keeps.append(~_random_keeps(width, k, draws, gen))
     lg = cut.logits(x, z, torch.cat(keeps), f)
-    base = lg[0]
+    correct = (lg.argmax(-1) == y).double()
     rows = []
     for i, c in enumerate(classes):
         units = [int(u) for u in class_units[c]]
-        exp = _class_effects(lg[1 + i], base, y, c)
+        stats = _class_stats(lg, y, c, correct)
+        exp = _effects(stats, 1 + i)
         start = rand_at[len(units)]
-        rnd = [_class_effects(lg[start + j], base, y, c) for j in range(draws)]
+        rdrop = {}
         rsum = {}
-        for key in ("acc_drop", "logit_drop", "others_acc_drop"):
-            vals = torch.tensor([r[key] for r in rnd if r[key] is not None], dtype=torch.float64)
-            if len(vals):
-                m, lo, hi = _interval(vals, confidence)
-                rsum[key] = {"median": float(m), "low": float(lo), "high": float(hi)}
+        for key in ("acc", "logit", "others_acc"):
+            t = stats[key]
+            rdrop[key] = None if t is None else t[0] - t[start:start + draws]
+            if t is None:
+                rsum[f"{key}_drop"] = None
             else:
-                rsum[key] = None
+                m, lo, hi = _interval(rdrop[key], confidence)
+                rsum[f"{key}_drop"] = {"median": float(m), "low": float(lo), "high": float(hi)}
         oc = None if other is None else other.get(c)
         oth = None
         if oc is not None and int(oc) in masks:
-            oth = _class_effects(lg[1 + classes.index(int(oc))], base, y, c)
+            oth = _effects(stats, 1 + classes.index(int(oc)))
         share = None
         if exp["logit_drop"] is not None:
-            share = sum(r["logit_drop"] >= exp["logit_drop"] for r in rnd) / max(draws, 1)
+            share = float((rdrop["logit"] >= exp["logit_drop"] - 1e-12).double().mean())
         beats = None
         if exp["logit_drop"] is not None and rsum["logit_drop"] is not None:
             beats = bool(exp["logit_drop"] > rsum["logit_drop"]["high"]
@@ -733,7 +751,7 @@ DEFAULTS: dict = {
     "fills": ["mean", "zero"],  # what the removed units are set to (both: two variants)
     "by": "abs",  # essence ranking: |A − B| influence ("abs") or signed A − B ("value")
     "reduce": "sum",  # a channel's score: its spatial influence map summed ("sum") or "max"
-    "random_draws": 30,  # seeded draws of k random units per k (curves, ablations, region check)
+    "random_draws": 20,  # seeded draws of k random units per k (curves, ablations, region check)
     "confidence": 0.9,  # of the random draws' interval
     "share": 0.95,  # smallest k reaching this share of the whole layer's binary accuracy
     "seed": 0,
@@ -925,7 +943,8 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
     draws, seed, conf = cfg["random_draws"], cfg["seed"], cfg["confidence"]
 
     # Pairs: the case's, then the subject's most confused (on the validation split).
-    cm = confusion(study.model(subject), data.val.x, data.val.y, n_classes)
+    pick = data.val if data.val.n else ev  # no validation split: the evaluation set itself
+    cm = confusion(study.model(subject), pick.x, pick.y, n_classes)
     pairs, seen = [], set()
     for p in cfg["pairs"]:
         a, b = (_class_index(c, names, "essence.pairs") for c in p)
