@@ -36,8 +36,14 @@ from torch import Tensor, nn
 from .devices import eval_mode, model_device
 from .distributions import PointDoI
 from .experts import unit_scores
-from .influence import _tail, activations, get_layer, influence, model_lock
+from .influence import activations, get_layer, influence, model_lock
 from .quantities import ClassQoI, ComparativeQoI
+
+try:  # the engine's torch.fx tail g (private): only a speed-up, every use is checked against the model
+    from .influence import _tail
+except ImportError:  # pragma: no cover
+    def _tail(model: nn.Module, layer: str) -> None:
+        return None
 
 __all__ = [
     "DEFAULTS",
@@ -49,7 +55,9 @@ __all__ = [
     "build_stage",
     "causal_check",
     "check_config",
+    "class_scores",
     "comparative_scores",
+    "confusion",
     "essence_curve",
     "keep_units",
     "k_grid",
@@ -417,7 +425,7 @@ def _random_keeps(width: int, k: int, draws: int, gen: torch.Generator) -> Tenso
 
 def essence_curve(model: nn.Module, layer: str, x_a: Tensor, x_b: Tensor, x_eval: Tensor,
                   y_eval: Tensor, a: int, b: int, *, ks: Sequence[int] | None = None,
-                  fill: str | float = "mean", random_draws: int = 50, seed: int = 0,
+                  fill: str | float = "mean", random_draws: int = 20, seed: int = 0,
                   by: str = "abs", reduce: str = "sum", confidence: float = 0.9,
                   scores: Tensor | None = None, _cut: _Cut | None = None,
                   _z_eval: Tensor | None = None) -> dict:
@@ -432,8 +440,8 @@ def essence_curve(model: nn.Module, layer: str, x_a: Tensor, x_b: Tensor, x_eval
     over ks), ``random`` = {"median", "low", "high", "mean"} over ``random_draws`` seeded draws of
     k units (interval at ``confidence``), ``ranking`` (units, best first), ``scores`` (every unit's
     comparative influence), and the settings (``seed``, ``fill``, ``by``, ``n_eval``, ``n_rank``).
-    At k = width every rule is the whole layer. The random draws depend only on ``seed`` and k,
-    so curves with different fills share them.
+    At k = width every rule is the whole layer. The random draws depend only on ``seed`` and the
+    k grid, so curves with different fills share them.
     """
     if by not in ("abs", "value"):
         raise ValueError(f"by must be 'abs' or 'value', not {by!r}")
@@ -698,7 +706,9 @@ def region_check(model: nn.Module, layer: str, units: Sequence[int], eval_sets: 
     ``eval_sets`` is {name: (x, y, has_region)}. Returns {"layer", "units", "fill", "sets": [{"name",
     "region": bool, "n", "acc_before", "acc_after", "acc_drop", "random_acc_drop": {"median", "low",
     "high"}}], "region_drop", "clean_drop" (mean accuracy drop over the sets with / without the
-    region; None when there are none), "region_minus_clean", "random_draws", "seed"}.
+    region; None when there are none), "region_minus_clean", "region_moves_more" (|region drop| >
+    |clean drop|: the ablation changes the region-dependent accuracy more), "random_draws", "seed"}.
+    Drops are before − after: a negative drop is a gain (removing a misleading shortcut can help).
     """
     units = [int(u) for u in units]
     cut = _cut or _Cut(model, layer)
@@ -734,6 +744,7 @@ def region_check(model: nn.Module, layer: str, units: Sequence[int], eval_sets: 
     return {"layer": layer, "units": units, "fill": _fill_name(fill),
             "sets": sets, "region_drop": rd, "clean_drop": cd,
             "region_minus_clean": None if rd is None or cd is None else rd - cd,
+            "region_moves_more": None if rd is None or cd is None else abs(rd) > abs(cd),
             "random_draws": int(random_draws), "seed": _seed_for(seed, layer, "region", len(units))}
 
 
@@ -1059,7 +1070,8 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
                         rc["fill"] = fill
                     else:
                         rc = {"layer": layer, "units": [], "fill": fill, "sets": [], "region_drop": None,
-                              "clean_drop": None, "region_minus_clean": None, "random_draws": draws,
+                              "clean_drop": None, "region_minus_clean": None, "region_moves_more": None,
+                              "random_draws": draws,
                               "seed": None, "note": "no expert of this layer carries the shortcut"}
                     rc["model"] = mname
                     regions.append(rc)

@@ -257,6 +257,7 @@ def test_region_check_on_decoy_data(decoy):
     assert [s["name"] for s in r["sets"]] == ["decoy_test", "clean_test"]
     assert [s["region"] for s in r["sets"]] == [True, False]
     assert r["region_minus_clean"] == pytest.approx(r["region_drop"] - r["clean_drop"])
+    assert r["region_moves_more"] == (abs(r["region_drop"]) > abs(r["clean_drop"]))
     nothing = E.region_check(model, "conv1", [], sets, random_draws=2)
     assert all(s["acc_drop"] == 0.0 for s in nothing["sets"])
     json.dumps(r)
