@@ -253,10 +253,10 @@ class _Fold:
             d = self._contributions(self.ops(z[i:i + n_chunk]) - f, width)
             nc = d.shape[0]
             d = d.permute(1, 0, 2).reshape(width, nc * m)
+            b = base.reshape(1, m).expand(nc, m).reshape(1, nc * m)
             for j in range(0, len(keeps), v_chunk):
                 kv = k[j:j + v_chunk]
-                y = (kv @ d).view(len(kv) * nc, *shape) + base
-                y = self.rest(y)
+                y = self.rest(torch.addmm(b, kv, d).view(len(kv) * nc, *shape))
                 if out is None:
                     out = torch.empty(len(keeps), len(z), *y.shape[1:], dtype=torch.float32)
                 out[j:j + len(kv), i:i + nc] = y.reshape(len(kv), nc, *y.shape[1:]).float().cpu()
