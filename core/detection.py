@@ -12,13 +12,17 @@ split they are reported on:
 
 - ``influence_naive``: cosine distance of the input's gradient × activation at one layer (quantity:
   its predicted class against the rest) to the predicted class's mean over clean training images.
-- ``influence_path``: the same with distributional influence (a linear path at the slice, i.e.
-  Integrated Gradients in attribution space) at every layer, the largest z-scored distance.
+- ``influence_max_z``: the largest z-scored influence feature, with no attacks needed to fit. The
+  features, per layer: the cosine distance above for point influence and for distributional
+  influence (a linear path at the slice, i.e. Integrated Gradients in attribution space), and the
+  Mahalanobis distance of the per-unit attributions (a channel's map summed) to the predicted
+  class's distribution over clean training images, for both.
 - ``expert_concentration``: the top experts (units) of a layer for the predicted class are
   interpreted on the input (gradient × input of their summed activation over a linear path); the
   score is the largest share of that interpretation inside any ``window``×``window`` square.
-- ``influence_combined``: a logistic regression over all the influence features above (several
-  layers, point and path, concentration), fit on clean vs attacked *training* images.
+- ``influence_combined``: a logistic regression over all the influence features (several layers,
+  point and path, profile and unit distributions, concentration), fit on clean vs attacked
+  *training* images.
 - baselines that use no influence: ``max_softmax`` (1 − the largest softmax probability) and
   ``mahalanobis`` (class-conditional Gaussians with a shared, shrunk covariance on the same layer's
   activations; the distance to the predicted class), and ``mahalanobis_layers`` (the largest
@@ -231,31 +235,43 @@ def _activations(model: nn.Module, x: Tensor, layer: str, pool: bool = False) ->
     return a.flatten(1).cpu().double()
 
 
+class Gaussian:
+    """Class-conditional Gaussians with one shared covariance, shrunk toward its diagonal by
+    ``shrink`` (Lee et al. 2018), fit on features ``a`` (N, F) with classes ``y``; ``distance(a,
+    cls)`` is the squared Mahalanobis distance of each row to its class's mean."""
+
+    def __init__(self, a: Tensor, y: Tensor, n_classes: int, shrink: float = 0.1):
+        a = a.double()
+        self.means = torch.stack([a[y == c].mean(0) if (y == c).any() else a.mean(0)
+                                  for c in range(n_classes)])
+        centred = a - self.means[y]
+        cov = centred.T @ centred / max(len(a) - 1, 1)
+        diag = torch.diag(torch.diag(cov))
+        cov = (1 - shrink) * cov + shrink * diag \
+            + 1e-6 * float(torch.diag(cov).mean()) * torch.eye(len(cov), dtype=cov.dtype)
+        self.precision = torch.linalg.pinv(cov)
+
+    def distance(self, a: Tensor, cls: Tensor) -> Tensor:
+        d = a.double() - self.means[cls]
+        return ((d @ self.precision) * d).sum(1).float()
+
+
 class Mahalanobis:
-    """Class-conditional Gaussians with one shared covariance (Lee et al. 2018) on a layer's
-    flattened activations, shrunk toward its diagonal by ``shrink``; ``score`` is the squared
-    Mahalanobis distance to the predicted class's mean. ``pool=True`` averages a conv layer's
-    activations over space first (one value per channel, as Lee et al. do)."""
+    """The Mahalanobis baseline on a layer's flattened activations (a :class:`Gaussian` fit on
+    clean images); ``score`` is the squared distance to the predicted class's mean. ``pool=True``
+    averages a conv layer's activations over space first (one value per channel)."""
 
     def __init__(self, model: nn.Module, layer: str, x: Tensor, y: Tensor, shrink: float = 0.1,
                  pool: bool = False):
         self.model, self.layer, self.pool = model, layer, pool
         a = _activations(model, x, layer, pool)
-        self.classes = int(y.max()) + 1
-        self.means = torch.stack([a[y == c].mean(0) if (y == c).any() else a.mean(0)
-                                  for c in range(self.classes)])
-        centred = a - self.means[y]
-        cov = centred.T @ centred / max(len(a) - 1, 1)
-        cov = (1 - shrink) * cov + shrink * torch.diag(torch.diag(cov)) \
-            + 1e-6 * torch.eye(len(cov), dtype=cov.dtype) * float(torch.diag(cov).mean())
-        self.precision = torch.linalg.pinv(cov)
+        self.gauss = Gaussian(a, y, int(max(int(y.max()) + 1, _logits(model, x[:1]).shape[1])),
+                              shrink)
 
     def score(self, x: Tensor) -> Tensor:
         """(N,) squared distance to the predicted class's mean."""
         a = _activations(self.model, x, self.layer, self.pool)
-        pred = _logits(self.model, x).argmax(1)
-        d = a - self.means[pred]
-        return ((d @ self.precision) * d).sum(1).float()
+        return self.gauss.distance(a, _logits(self.model, x).argmax(1))
 
 
 def mahalanobis_scores(model: nn.Module, layer: str, fit_x: Tensor, fit_y: Tensor, x: Tensor,
@@ -275,14 +291,15 @@ def _quantity(n_classes: int, c: int):
 
 def _per_class_influence(model: nn.Module, x: Tensor, pred: Tensor, layer: str | None, doi,
                          n_classes: int, multiply: bool = True) -> Tensor:
-    """Per-input influence at ``layer`` for each input's own predicted class (flattened (N, F))."""
+    """Per-input attribution (influence × activation) at ``layer`` for each input's own predicted
+    class: (N, *slice shape)."""
     out = None
     for c in pred.unique().tolist():
         idx = (pred == c).nonzero().flatten()
         per = influence(model, x[idx], layer, _quantity(n_classes, c), doi, per_input=True,
-                        multiply=multiply).detach().cpu().flatten(1)
+                        multiply=multiply).detach().cpu()
         if out is None:
-            out = torch.zeros(len(x), per.shape[1], dtype=per.dtype)
+            out = torch.zeros(len(x), *per.shape[1:], dtype=per.dtype)
         out[idx] = per
     return out
 
@@ -313,7 +330,7 @@ def expert_maps(model: nn.Module, x: Tensor, layer: str, pred: Tensor, *, k: int
                     with torch.enable_grad():
                         model(pt)
                         z = store.pop("z")
-                        units = per[i:i + 128].view(len(xb), z.shape[1], -1).sum(2)
+                        units = per[i:i + 128].reshape(len(xb), z.shape[1], -1).sum(2)
                         top = units.topk(min(k, z.shape[1]), dim=1).indices.to(dev)
                         sel = z.flatten(2).sum(2) if z.dim() > 2 else z
                         (g,) = torch.autograd.grad(sel.gather(1, top).sum(), pt)
@@ -340,6 +357,11 @@ def window_concentration(maps: Tensor, window: int) -> tuple[Tensor, Tensor]:
     return share.clamp(0, 1), corner
 
 
+def _units(per: Tensor) -> Tensor:
+    """(N, C, ...) → (N, C): each unit's attribution (a channel's map summed)."""
+    return per.flatten(2).sum(2) if per.dim() > 2 else per
+
+
 def _cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     return 1 - F.cosine_similarity(a.double(), b.double(), dim=1).float()
 
@@ -348,9 +370,11 @@ class InfluenceFeatures:
     """Influence features of inputs relative to clean training images of their predicted class.
 
     ``fit(x, y)`` stores, per layer, each class's mean point profile (gradient × activation) and
-    mean path profile (Integrated Gradients at the slice), plus each feature's clean mean and spread
-    (for z-scores). ``features(x)`` returns ``(features (N, F), names)``: per layer the cosine
-    distance of the point profile and of the path profile to the class mean, then the expert
+    mean path profile (Integrated Gradients at the slice), a :class:`Gaussian` of each profile's
+    unit scores (a channel's map summed), plus each feature's clean mean and spread (for z-scores).
+    ``features(x)`` returns ``(features (N, F), names)``: per layer and profile the cosine distance
+    to the class mean (``point:``/``path:``) and the Mahalanobis distance of the unit scores to the
+    class's distribution over clean images (``units-point:``/``units-path:``), then the experts'
     concentration at ``expert_layer``.
     """
 
@@ -361,6 +385,8 @@ class InfluenceFeatures:
         self.k, self.resolution, self.window = k, resolution, window
         self.n_classes = n_classes
         self.means: dict[tuple[str, str], Tensor] = {}
+        self.gauss: dict[tuple[str, str], Gaussian] = {}
+        self.shrink = 0.1
         self.mu = self.sd = None
 
     def _profiles(self, x: Tensor, pred: Tensor) -> dict:
@@ -379,8 +405,10 @@ class InfluenceFeatures:
         pred = logits.argmax(1)
         profiles = self._profiles(x, pred)
         for key, prof in profiles.items():
-            self.means[key] = torch.stack([prof[pred == c].mean(0) if (pred == c).any()
-                                           else prof.mean(0) for c in range(self.n_classes)])
+            flat = prof.flatten(1)
+            self.means[key] = torch.stack([flat[pred == c].mean(0) if (pred == c).any()
+                                           else flat.mean(0) for c in range(self.n_classes)])
+            self.gauss[key] = Gaussian(_units(prof), pred, self.n_classes, self.shrink)
         feats, _ = self._features(x, pred, profiles)
         self.mu, self.sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
         return self
@@ -388,8 +416,10 @@ class InfluenceFeatures:
     def _features(self, x: Tensor, pred: Tensor, profiles: dict) -> tuple[Tensor, list[str]]:
         cols, names = [], []
         for (layer, kind), prof in profiles.items():
-            cols.append(_cosine_distance(prof, self.means[(layer, kind)][pred]))
+            cols.append(_cosine_distance(prof.flatten(1), self.means[(layer, kind)][pred]))
             names.append(f"{kind}:{layer}")
+            cols.append(self.gauss[(layer, kind)].distance(_units(prof), pred))
+            names.append(f"units-{kind}:{layer}")
         maps = expert_maps(self.model, x, self.expert_layer, pred, k=self.k,
                            resolution=self.resolution, n_classes=self.n_classes)
         share, _ = window_concentration(maps, self.window)
@@ -579,7 +609,7 @@ class Detectors:
         self.model, self.layer = model, layer
         self.features = InfluenceFeatures(model, layers, expert_layer=expert_layer, k=k,
                                           resolution=resolution, window=window)
-        self.shrink = shrink
+        self.shrink = self.features.shrink = shrink
         self.mahalanobis = None
         self.w = self.b = None
 
@@ -619,7 +649,8 @@ class Detectors:
 
 DESCRIPTIONS = {
     "influence_combined": "logistic regression (fit on training attacks) over point and path "
-                          "influence-profile distances at every layer and the experts' concentration",
+                          "influence-profile and unit-distribution distances at every layer and "
+                          "the experts' concentration",
     "influence_max_z": "largest z-scored influence feature (no attacks needed to fit)",
     "influence_naive": "cosine distance of gradient × activation to the predicted class's mean",
     "expert_concentration": "largest share of the top experts' interpretation in one window",

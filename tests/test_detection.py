@@ -119,7 +119,7 @@ def test_detectors_on_a_handful_of_images(data, model):
     s_clean, s_adv = dets.scores(x), dets.scores(adv)
     for name in ("influence_combined", "influence_naive", "max_softmax", "mahalanobis"):
         assert s_clean[name].shape == (len(x),) and torch.isfinite(s_adv[name]).all()
-    assert s_clean["features"].shape == (len(x), len(dets.names)) == (len(x), 5)
+    assert s_clean["features"].shape == (len(x), len(dets.names)) == (len(x), 9)
     # the O-Net's clean images are far more typical than its attacked ones at conv4
     j = dets.names.index("point:onet.conv4")
     assert s_adv["features"][:, j].mean() > s_clean["features"][:, j].mean()
