@@ -768,13 +768,13 @@ DEFAULTS: dict = {
     "seed": 0,
     "n_eval": None,  # held-out images (the first n of the evaluation set); None: all
     "n_rank": 200,  # training images per class for the rankings and the mean fill
-    "top_k": 5,  # experts ablated per class (the experts stage's top k when it has them)
+    "top_k": None,  # experts ablated per class; None: the experts stage's k (its own experts)
     "eval_set": None,  # None: the case's headline evaluation set
     "region": True,  # ablate the shortcut-carrying experts when the case has a region
 }
 
 _BOUNDS = {"n_confused": (0, 100), "random_draws": (1, 1000), "n_rank": (1, 100_000),
-           "top_k": (1, 1000), "seed": (0, 2**31 - 1)}
+           "seed": (0, 2**31 - 1)}
 
 
 def _int(v) -> bool:
@@ -796,6 +796,8 @@ def check_config(section: dict | None, where: str = "essence") -> dict:
     for key, (lo, hi) in _BOUNDS.items():
         if not _int(out[key]) or not lo <= out[key] <= hi:
             bad(key, f"an integer in {lo}..{hi}")
+    if out["top_k"] is not None and (not _int(out["top_k"]) or not 1 <= out["top_k"] <= 1000):
+        bad("top_k", "an integer in 1..1000 (or absent: the experts stage's k)")
     if out["n_eval"] is not None and (not _int(out["n_eval"]) or out["n_eval"] < 2):
         bad("n_eval", "an integer ≥ 2 (or absent: all images)")
     for key in ("confidence", "share"):
@@ -936,7 +938,11 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
     "seeds", "config", "provenance"}.
     """
     t0 = time.perf_counter()
-    cfg = check_config(study.config.section("essence"), "essence")
+    try:
+        section = study.config.section("essence")
+    except (AttributeError, KeyError):  # a case study that does not know the section yet
+        section = {}
+    cfg = check_config(section, "essence")
     data = study.data()
     names = _class_names(data, data.train.y)
     n_classes = len(names)
@@ -947,6 +953,7 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
     if not layers:
         raise ValueError("essence: no layers (set essence.layers or experts.layers)")
     classes = [int(c) for c in experts_cfg.get("classes") or range(n_classes)]
+    top_k = int(cfg["top_k"] or experts_cfg.get("k") or 5)
     eval_name, ev = _eval_split(data, cfg["eval_set"])
     n = ev.n if cfg["n_eval"] is None else min(ev.n, cfg["n_eval"])
     x_eval, y_eval = ev.x[:n], ev.y[:n].long().cpu()
@@ -1025,14 +1032,14 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
                    for c in classes}
             class_units, source = {}, {}
             for c in classes:
-                if len(own[c]) >= cfg["top_k"]:
-                    class_units[c] = [int(r["unit"]) for r in own[c][:cfg["top_k"]]]
+                if len(own[c]) >= top_k:
+                    class_units[c] = [int(r["unit"]) for r in own[c][:top_k]]
                     source[c] = "experts stage"
                 else:
                     xc = data.train.x[data.train.y == c][:cfg["n_rank"]]
                     s = class_scores(model, layer, xc, c, reduce=experts_cfg.get("reduce", cfg["reduce"]))
                     by = experts_cfg.get("by", "value")
-                    class_units[c] = _order(s, by)[:min(cfg["top_k"], len(s))].tolist()
+                    class_units[c] = _order(s, by)[:min(top_k, len(s))].tolist()
                     source[c] = "computed"
             other = {c: _partner(cm, c) for c in classes}
             other = {c: o for c, o in other.items() if o in class_units}
@@ -1083,7 +1090,7 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
                       "rule": "torch.Generator(CPU) seeded per measurement: seed·1000003 + "
                               "crc32(model/layer/a/b or model/layer/kind/k) mod 1000003; "
                               "each curve and ablation row records its own"},
-            "config": {**cfg, "layers": layers, "models": models, "eval_set": eval_name,
+            "config": {**cfg, "layers": layers, "models": models, "eval_set": eval_name, "top_k": top_k,
                        "n_eval": int(n), "classes": classes},
             "provenance": {"seconds": round(seconds, 3), "device": str(model_device(study.model(subject)))}}
 

@@ -188,7 +188,8 @@ def test_check_config():
                        ({"pairs": [[4]]}, "pairs"), ({"fills": ["mean", "mean"]}, "fills"),
                        ({"fills": ["median"]}, "fills"), ({"share": 1.5}, "share"),
                        ({"confidence": 1.0}, "confidence"), ({"by": "rank"}, "by"),
-                       ({"ks": [0]}, "ks"), ({"n_eval": 1}, "n_eval"), ({"layers": []}, "layers")]:
+                       ({"ks": [0]}, "ks"), ({"n_eval": 1}, "n_eval"), ({"layers": []}, "layers"),
+                       ({"top_k": 0}, "top_k")]:
         with pytest.raises(ValueError, match=match) as info:
             E.check_config(bad, "cases/x.toml [essence]")
         assert "\n" not in str(info.value) and "cases/x.toml [essence]" in str(info.value)
@@ -297,7 +298,7 @@ def test_build_stage_with_a_stand_in_study(decoy):
     model, data = decoy
     rows = [{"model": "vanilla", "class": c, "layer": "fc1", "unit": u, "rank": r + 1, "influence": 1.0,
              "shortcut": (c, r) == (3, 0)} for c in range(10) for r, u in enumerate((c, c + 10))]
-    section = {"pairs": [[4, 9]], "n_confused": 1, "random_draws": 4, "top_k": 2, "n_rank": 8}
+    section = {"pairs": [[4, 9]], "n_confused": 1, "random_draws": 4, "n_rank": 8}  # top_k: experts k
     seen = []
     study = _Study(model, data, section, rows)
     out = E.build_stage(study, lambda d, t, m: seen.append((d, t)))
@@ -314,4 +315,5 @@ def test_build_stage_with_a_stand_in_study(decoy):
     assert region and region[0]["units"] == [3] and {s["region"] for s in region[0]["sets"]} == {True, False}
     assert all(r["units"] == [] for r in out["region"] if r["layer"] == "conv2")
     assert out["seeds"]["seed"] == 0 and all("seed" in c for c in out["curves"])
+    assert out["config"]["top_k"] == 2 and all(r["k"] == 2 for r in out["ablation"])
     assert out == E.build_stage(_Study(model, data, section, rows)) | {"provenance": out["provenance"]}
