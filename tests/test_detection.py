@@ -106,16 +106,16 @@ def test_patch_attack_fools_the_detector_and_stays_in_bounds(data, model):
 def test_detectors_on_a_handful_of_images(data, model):
     clean = data.training_sets["clean"]
     g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(clean.n, generator=g)[:24]
-    fit_x, fit_y = clean.x[idx[:16]], clean.y[idx[:16]]
-    lr_x, lr_y = clean.x[idx[16:]], clean.y[idx[16:]]
-    lr_adv, _ = patch_attack(model, lr_x, 1 - lr_y, size=12, steps=20, seed=1, bounds=(LO, HI))
+    idx = torch.randperm(clean.n, generator=g)[:14]
+    fit_x, fit_y = clean.x[idx[:10]], clean.y[idx[:10]]
+    lr_x, lr_y = clean.x[idx[10:]], clean.y[idx[10:]]
+    lr_adv, _ = patch_attack(model, lr_x, 1 - lr_y, size=12, steps=15, seed=1, bounds=(LO, HI))
     dets = Detectors(model, ["onet.conv4", "onet.dense5"], "onet.dense5", "onet.conv4",
                      resolution=2, window=12)
     dets.fit(fit_x, fit_y, lr_x, lr_adv)
     test = data.evaluation_sets["clean_test"]
-    x = test.x[::10]
-    adv, _ = patch_attack(model, x, 1 - test.y[::10], size=12, steps=20, seed=2, bounds=(LO, HI))
+    x = test.x[::12]
+    adv, _ = patch_attack(model, x, 1 - test.y[::12], size=12, steps=15, seed=2, bounds=(LO, HI))
     s_clean, s_adv = dets.scores(x), dets.scores(adv)
     for name in ("influence_combined", "influence_naive", "max_softmax", "mahalanobis"):
         assert s_clean[name].shape == (len(x),) and torch.isfinite(s_adv[name]).all()
@@ -144,8 +144,8 @@ def test_build_stage_on_a_tiny_study(data, model):
 
     data_small = data
     section = {"model": "pretrained", "train_set": "clean", "eval_set": "clean_test",
-               "layers": ["onet.conv4", "onet.dense5"], "steps": 15, "n_fit": 12,
-               "n_attack_fit": 8, "n_eval": 6, "resolution": 2, "n_examples": 2,
+               "layers": ["onet.conv4", "onet.dense5"], "steps": 10, "n_fit": 10,
+               "n_attack_fit": 4, "n_eval": 4, "resolution": 2, "n_examples": 2,
                "adaptive_weight": 1.0}
     study = types.SimpleNamespace(
         data=lambda: data_small, subject="watermarked", reference=None,
@@ -157,7 +157,7 @@ def test_build_stage_on_a_tiny_study(data, model):
     names = [r["detector"] for r in out["rows"]]
     assert {"influence_combined", "max_softmax", "mahalanobis"} <= set(names)
     for r in out["rows"]:
-        assert 0 <= r["auc"] <= 1 and 0 <= r["tpr_at_5"] <= 1 and r["n_clean"] == 6
+        assert 0 <= r["auc"] <= 1 and 0 <= r["tpr_at_5"] <= 1 and r["n_clean"] == 4
     assert out["attack"]["model"] == "pretrained" and out["attack"]["size"] == 12
     assert out["adaptive"] is not None and 0 <= out["adaptive"]["success"] <= 1
     assert calls and calls[-1][0] == calls[-1][1]
