@@ -686,7 +686,7 @@ def build_stage(study, progress=None) -> dict:
     window = cfg["window"] or size
     bounds = input_bounds(data)
     seed = cfg["seed"]
-    total, done = 7, 0
+    total, done = 7 + int(cfg["adaptive"]), 0
 
     def step(msg: str):
         nonlocal done
@@ -763,7 +763,7 @@ def build_stage(study, progress=None) -> dict:
                    "clean_correct_before": kept["before"], "window": window,
                    "hits_patch": float(hit), "n_attacked": int(ok.sum())}
 
-    adaptive = None
+    adaptive: dict = {}
     if cfg["adaptive"]:
         step("adaptive attack")
         means = dets.features.means[(layer, "point")]
