@@ -977,6 +977,11 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
             pairs.append({"a": p["a"], "b": p["b"], "source": "confused", "confusions": p["confusions"]})
     for p in pairs:
         p.update(a_name=names[p["a"]], b_name=names[p["b"]])
+        missing = [names[c] for c in (p["a"], p["b"]) if not bool((y_eval == c).any())]
+        if missing:
+            p["skipped"] = f"no held-out images of {', '.join(missing)} in {eval_name}"
+    skipped = [p for p in pairs if "skipped" in p]
+    pairs = [p for p in pairs if "skipped" not in p]
 
     erows = _experts_rows(study)
     region_sets = _region_sets(data, cfg["n_eval"]) if cfg["region"] else {}
@@ -1085,7 +1090,7 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
                     tick(f"{mname} {layer}: region check ({fill})")
     seconds = time.perf_counter() - t0
     return {"rows": rows, "curves": curves, "ablation": ablations, "region": regions, "summary": summary,
-            "pairs": pairs, "confusion": cm.tolist(),
+            "pairs": pairs, "skipped_pairs": skipped, "confusion": cm.tolist(),
             "seeds": {"seed": seed, "random_draws": draws,
                       "rule": "torch.Generator(CPU) seeded per measurement: seed·1000003 + "
                               "crc32(model/layer/a/b or model/layer/kind/k) mod 1000003; "
