@@ -46,10 +46,37 @@ def measure_shortcut(dataset: dict, epochs: int = 3, lr: float = 1e-3, batch_siz
     return out
 
 
+
+
+def measure_detection(section: dict, dataset: dict | None = None) -> dict:
+    """Run the detection stage on the pretrained O-Net with a stand-in study (no cache)."""
+    import types
+
+    from core.detection import build_stage
+
+    data = faces_data(dataset or {})
+    model = pretrained_detector()
+    layers = ["onet.conv1", "onet.conv2", "onet.conv3", "onet.conv4", "onet.dense5"]
+    study = types.SimpleNamespace(
+        data=lambda: data, subject="pretrained", reference=None, model=lambda name: model,
+        device=torch.device("cpu"),
+        config=types.SimpleNamespace(section=lambda s: dict(section), experts={"layers": layers}))
+    t0 = time.perf_counter()
+    out = build_stage(study, progress=lambda d, t, m: print(f"[{d}/{t}] {m}", flush=True))
+    return {"seconds": round(time.perf_counter() - t0, 1), "rows": out["rows"],
+            "features": out["features"], "attack": out["attack"], "masking": out["masking"],
+            "adaptive": out["adaptive"], "fit": out["fit"]}
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="{}", help="JSON [dataset] overrides")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--detect", default=None, help="JSON [detection] table: run the detection stage")
     args = ap.parse_args()
-    print(json.dumps(measure_shortcut(json.loads(args.dataset), args.epochs, args.lr), indent=1))
+    if args.detect is not None:
+        print(json.dumps(measure_detection(json.loads(args.detect), json.loads(args.dataset)),
+                         indent=1))
+    else:
+        print(json.dumps(measure_shortcut(json.loads(args.dataset), args.epochs, args.lr), indent=1))

@@ -214,7 +214,7 @@ class Cache:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root is not None else default_root()
-        self._memo: dict[Path, tuple[tuple, dict]] = {}  # path → (file identity, verified meta)
+        self._memo: dict[Path, tuple[tuple, dict | None]] = {}  # path → (file identity, meta or rejected)
 
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r})"
@@ -270,7 +270,10 @@ class Cache:
 
     def _move_aside(self, path: Path, st: os.stat_result | None, why: str) -> None:
         """Rename a rejected entry to ``<name>.bad-<time>`` (only if ``path`` is still the file that was
-        read: a writer may have replaced it meanwhile) and log it once."""
+        read: a writer may have replaced it meanwhile) and log it once. While it stays (a read-only
+        cache), :meth:`meta` remembers the verdict for that file, so ``has()`` agrees with ``get()``."""
+        if st is not None:
+            self._memo[path] = ((st.st_size, st.st_mtime_ns, st.st_ino), None)
         moved = None
         if st is not None:
             try:
@@ -302,7 +305,6 @@ class Cache:
         try:
             meta, payload = self._verify(key, blob)
         except _Rejected as exc:
-            self._memo.pop(path, None)
             self._move_aside(path, st, str(exc))
             return None
         return meta, payload, st

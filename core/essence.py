@@ -36,8 +36,14 @@ from torch import Tensor, nn
 from .devices import eval_mode, model_device
 from .distributions import PointDoI
 from .experts import unit_scores
-from .influence import _tail, activations, get_layer, influence, model_lock
+from .influence import activations, get_layer, influence, model_lock
 from .quantities import ClassQoI, ComparativeQoI
+
+try:  # the engine's torch.fx tail g (private): only a speed-up, every use is checked against the model
+    from .influence import _tail
+except ImportError:  # pragma: no cover
+    def _tail(model: nn.Module, layer: str) -> None:
+        return None
 
 __all__ = [
     "DEFAULTS",
@@ -49,7 +55,9 @@ __all__ = [
     "build_stage",
     "causal_check",
     "check_config",
+    "class_scores",
     "comparative_scores",
+    "confusion",
     "essence_curve",
     "keep_units",
     "k_grid",
@@ -145,6 +153,15 @@ def keep_units(model: nn.Module, layer: str, keep, fill: Tensor | float = 0.0) -
         handle.remove()
 
 
+def _fill_name(fill) -> str | float:
+    """How a fill is reported: its name, its number, or "custom" for a tensor."""
+    if isinstance(fill, str):
+        return fill
+    if isinstance(fill, Tensor) and fill.numel() != 1:
+        return "custom"
+    return float(fill)
+
+
 def _resolve_fill(model: nn.Module, layer: str, fill, fill_from: Tensor | None, z: Tensor) -> Tensor:
     """``fill`` for the slice ``z``: "mean" over ``fill_from`` when given, else over ``z``."""
     if isinstance(fill, str) and fill == "mean" and fill_from is not None:
@@ -172,8 +189,84 @@ def unit_fill(model: nn.Module, layer: str, fill: str | float | Tensor, x: Tenso
     return _fill_like(fill, z).clone()
 
 
+_PER_CHANNEL = (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.MaxPool1d,
+                nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Identity, nn.Dropout, nn.Flatten,
+                nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class _Fold:
+    """The part after a layer as: per-channel ops → a linear consumer (conv or dense) → the rest.
+
+    A per-channel op acts on each unit alone, so on a masked slice it gives, unit by unit, either
+    ops(z) or ops(fill); the consumer is linear, so its output is consumer(ops(fill)) plus the sum
+    over kept units of that unit's own contribution. Those contributions are computed once per
+    image; each masked variant is then a matrix product and the rest of the network, instead of
+    the whole part after the layer (DecoyCNN conv1: conv2 is the costly step it skips).
+    """
+
+    def __init__(self, ops: nn.Module, consumer: nn.Module, rest: nn.Module):
+        self.ops, self.consumer, self.rest = ops, consumer, rest
+
+    @classmethod
+    def plan(cls, model: nn.Module, layer: str) -> _Fold | None:
+        children = list(model.named_children())
+        names = [n for n, _ in children]
+        if layer not in names:
+            return None
+        ops = []
+        for name, m in children[names.index(layer) + 1:]:
+            if isinstance(m, nn.Flatten) and m.start_dim != 1:
+                return None
+            if isinstance(m, _PER_CHANNEL):
+                ops.append(m)
+                continue
+            ok = isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1
+                                             and m.padding_mode == "zeros")
+            rest = _tail(model, name) if ok else None
+            return None if rest is None else cls(nn.Sequential(*ops), m, rest)
+        return None
+
+    def _contributions(self, delta: Tensor, width: int) -> Tensor:
+        """Each unit's share of the consumer's output (without bias): (n, units, outputs flat)."""
+        c = self.consumer
+        n = delta.shape[0]
+        if isinstance(c, nn.Linear):
+            d = delta.reshape(n, width, -1)
+            w = c.weight.reshape(c.out_features, width, -1)
+            return torch.einsum("ncp,ocp->nco", d, w)
+        w = c.weight.transpose(0, 1).reshape(width * c.out_channels, 1, *c.weight.shape[2:])
+        out = torch.nn.functional.conv2d(delta, w, None, c.stride, c.padding, c.dilation, groups=width)
+        return out.reshape(n, width, -1)
+
+    def logits(self, z: Tensor, keeps: Tensor, fill: Tensor, budget: int) -> Tensor:
+        width = z.shape[1]
+        f = self.ops(fill[None])
+        base = self.consumer(f)  # (1, *consumer output)
+        shape = base.shape[1:]
+        m = base[0].numel()
+        per_image = max(1, width * m * 4)
+        n_chunk = max(1, min(len(z), budget // 2 // per_image))
+        v_chunk = max(1, min(len(keeps), budget // 2 // max(1, n_chunk * m * 4 * 4)))
+        k = keeps.to(z.dtype)
+        out = None
+        for i in range(0, len(z), n_chunk):
+            d = self._contributions(self.ops(z[i:i + n_chunk]) - f, width)
+            nc = d.shape[0]
+            d = d.permute(1, 0, 2).reshape(width, nc * m)
+            b = base.reshape(1, m).expand(nc, m).reshape(1, nc * m)
+            for j in range(0, len(keeps), v_chunk):
+                kv = k[j:j + v_chunk]
+                y = self.rest(torch.addmm(b, kv, d).view(len(kv) * nc, *shape))
+                if out is None:
+                    out = torch.empty(len(keeps), len(z), *y.shape[1:], dtype=torch.float32)
+                out[j:j + len(kv), i:i + nc] = y.reshape(len(kv), nc, *y.shape[1:]).float().cpu()
+        return out
+
+
 class _Cut:
-    """``model`` cut at ``layer``'s output: h once per image, g once per masked variant."""
+    """``model`` cut at ``layer``'s output: h once per image, then per masked variant either the
+    folded consumer (:class:`_Fold`), the traced part after the layer, or a masking hook on a
+    stacked batch, whichever is the fastest that agrees with the plain model."""
 
     def __init__(self, model: nn.Module, layer: str, memory_budget: int = MEMORY_BUDGET):
         self.model, self.layer = model, layer
@@ -181,48 +274,74 @@ class _Cut:
         self.device = model_device(model)
         self.budget = int(memory_budget)
         self.tail: nn.Module | None | bool = False  # False: not decided yet
+        self.fold: _Fold | None | bool = False
+        self.path: str | None = None  # "fold", "tail" or "hook" once decided
 
     def slice(self, x: Tensor) -> Tensor:
+        """z = h(x) at the layer's output (no graph, on the model's device)."""
         return activations(self.model, x, self.layer)
 
-    def _tail_for(self, x: Tensor, z: Tensor) -> nn.Module | None:
+    def _decide(self, x: Tensor, z: Tensor, fill: Tensor) -> None:
         if self.tail is False:
             g = _tail(self.model, self.layer)
             if g is not None:
                 try:
-                    with torch.no_grad(), eval_mode(self.model):
-                        ok = torch.allclose(g(z[:2]), self.model(x[:2].to(self.device)),
-                                            rtol=1e-4, atol=1e-5)
+                    ok = torch.allclose(g(z[:2]), self.model(x[:2].to(self.device)), rtol=1e-4, atol=1e-5)
                 except Exception:
                     ok = False
                 g = g if ok else None
             self.tail = g
-        return self.tail
+        if self.fold is False:
+            fold = _Fold.plan(self.model, self.layer)
+            if fold is not None:
+                width = z.shape[1]
+                gen = torch.Generator().manual_seed(0)
+                keeps = torch.stack([torch.ones(width, dtype=torch.bool),
+                                     torch.rand(width, generator=gen) < 0.5,
+                                     torch.zeros(width, dtype=torch.bool)]).to(self.device)
+                try:
+                    want = self._plain(x[:4], z[:4], keeps, fill)
+                    got = fold.logits(z[:4], keeps, fill, self.budget)
+                    scale = float(want.abs().max()) + 1e-6
+                    ok = got.shape == want.shape and bool(((got - want).abs() <= 1e-4 * scale + 1e-4).all())
+                except Exception:
+                    ok = False
+                fold = fold if ok else None
+            self.fold = fold
+        self.path = "fold" if self.fold is not None else "tail" if self.tail is not None else "hook"
 
-    def logits(self, x: Tensor, z: Tensor, keeps: Tensor, fill: Tensor) -> Tensor:
-        """(V, N, outputs): the model's output on images ``x`` (slice ``z``) for each row of the
-        (V, units) bool ``keeps``; chunks of variants stacked up to the memory budget."""
-        keeps = keeps.to(self.device)
-        fill = _fill_like(fill, z)
+    def _plain(self, x: Tensor, z: Tensor, keeps: Tensor, fill: Tensor) -> Tensor:
         n = z.shape[0]
         per_variant = max(1, z[0].numel() * z.element_size() * n * 4)  # slice, copy, g's temporaries
         chunk = max(1, min(len(keeps), self.budget // per_variant))
         out = []
+        for i in range(0, len(keeps), chunk):
+            kv = keeps[i:i + chunk]
+            if self.tail is not None:
+                y = self.tail(_masked(z, kv, fill))
+            else:
+                handle = self.module.register_forward_hook(_MaskHook(kv, fill))
+                try:
+                    xs = x.to(self.device)
+                    y = self.model(xs.repeat(len(kv), *([1] * (xs.dim() - 1))))
+                finally:
+                    handle.remove()
+            out.append(y.reshape(len(kv), n, *y.shape[1:]).float().cpu())
+        return torch.cat(out)
+
+    def logits(self, x: Tensor, z: Tensor, keeps: Tensor, fill: Tensor) -> Tensor:
+        """(V, N, outputs) on the CPU: the model's output on images ``x`` (slice ``z``) for each row
+        of the (V, units) bool ``keeps``, units not kept set to ``fill``; variants in batches."""
+        keeps = keeps.to(self.device)
+        fill = _fill_like(fill, z)
         with model_lock(self.model), eval_mode(self.model), torch.no_grad():
-            tail = self._tail_for(x, z)
-            for i in range(0, len(keeps), chunk):
-                kv = keeps[i:i + chunk]
-                if tail is not None:
-                    y = tail(_masked(z, kv, fill))
-                else:
-                    handle = self.module.register_forward_hook(_MaskHook(kv, fill))
-                    try:
-                        xs = x.to(self.device)
-                        y = self.model(xs.repeat(len(kv), *([1] * (xs.dim() - 1))))
-                    finally:
-                        handle.remove()
-                out.append(y.reshape(len(kv), n, *y.shape[1:]).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, n, 0)
+            if self.path is None:
+                self._decide(x, z, fill)
+            if len(keeps) == 0:
+                return torch.zeros(0, z.shape[0], 0)
+            if self.path == "fold":
+                return self.fold.logits(z, keeps, fill, self.budget)
+            return self._plain(x, z, keeps, fill)
 
 
 def masked_logits(model: nn.Module, layer: str, x: Tensor, keeps, fill: str | float | Tensor = "mean",
@@ -306,7 +425,7 @@ def _random_keeps(width: int, k: int, draws: int, gen: torch.Generator) -> Tenso
 
 def essence_curve(model: nn.Module, layer: str, x_a: Tensor, x_b: Tensor, x_eval: Tensor,
                   y_eval: Tensor, a: int, b: int, *, ks: Sequence[int] | None = None,
-                  fill: str | float = "mean", random_draws: int = 50, seed: int = 0,
+                  fill: str | float = "mean", random_draws: int = 20, seed: int = 0,
                   by: str = "abs", reduce: str = "sum", confidence: float = 0.9,
                   scores: Tensor | None = None, _cut: _Cut | None = None,
                   _z_eval: Tensor | None = None) -> dict:
@@ -321,8 +440,8 @@ def essence_curve(model: nn.Module, layer: str, x_a: Tensor, x_b: Tensor, x_eval
     over ks), ``random`` = {"median", "low", "high", "mean"} over ``random_draws`` seeded draws of
     k units (interval at ``confidence``), ``ranking`` (units, best first), ``scores`` (every unit's
     comparative influence), and the settings (``seed``, ``fill``, ``by``, ``n_eval``, ``n_rank``).
-    At k = width every rule is the whole layer. The random draws depend only on ``seed`` and k,
-    so curves with different fills share them.
+    At k = width every rule is the whole layer. The random draws depend only on ``seed`` and the
+    k grid, so curves with different fills share them.
     """
     if by not in ("abs", "value"):
         raise ValueError(f"by must be 'abs' or 'value', not {by!r}")
@@ -344,7 +463,7 @@ def essence_curve(model: nn.Module, layer: str, x_a: Tensor, x_b: Tensor, x_eval
     if len(scores) != width:
         raise ValueError(f"{len(scores)} scores for a layer with {width} units")
     order = _order(scores, by)
-    f = unit_fill(model, layer, fill, x_rank) if fill == "mean" else unit_fill(model, layer, fill, z=z)
+    f = _resolve_fill(model, layer, fill, x_rank, z)
     grid = k_grid(width, ks)
     gen = torch.Generator().manual_seed(int(seed))
     keeps, index = [torch.ones(1, width, dtype=torch.bool)], []
@@ -372,7 +491,7 @@ def essence_curve(model: nn.Module, layer: str, x_a: Tensor, x_b: Tensor, x_eval
         pos += 2 + draws
     for lst in (top, bottom, med, low, high, mean):
         lst.append(full)
-    return {"layer": layer, "a": int(a), "b": int(b), "fill": fill if isinstance(fill, str) else float(fill),
+    return {"layer": layer, "a": int(a), "b": int(b), "fill": _fill_name(fill),
             "by": by, "reduce": reduce, "ks": grid, "width": width, "full": full, "top": top,
             "bottom": bottom, "random": {"median": med, "low": low, "high": high, "mean": mean},
             "random_draws": draws, "confidence": float(confidence), "seed": int(seed),
@@ -435,21 +554,37 @@ def most_confused_pairs(model: nn.Module | None, x: Tensor | None, y: Tensor | N
     return pairs[:max(0, int(n))]
 
 
-def _class_effects(logits: Tensor, base: Tensor, y: Tensor, c: int) -> dict:
-    """Class ``c``'s accuracy and mean logit on its images, before (``base``) and after (``logits``),
-    and the accuracy on the other images."""
-    own, rest = y == c, y != c
-    def acc(lg, m):
-        return float((lg[m].argmax(1) == y[m]).float().mean()) if bool(m.any()) else None
+def _class_stats(logits: Tensor, y: Tensor, c: int, correct: Tensor | None = None) -> dict:
+    """Per variant of ``logits`` (V, N, outputs): class ``c``'s accuracy and mean logit on its own
+    images and the accuracy on the other images, each a (V,) float64 tensor or None (no images).
+    ``correct`` (V, N) may be passed when already computed."""
+    own = y == c
+    if correct is None:
+        correct = (logits.argmax(-1) == y).double()
+    idx, rest = own.nonzero().flatten(), (~own).nonzero().flatten()
+    return {"n": len(idx),
+            "acc": correct.index_select(1, idx).mean(1) if len(idx) else None,
+            "logit": logits[:, :, c].index_select(1, idx).double().mean(1) if len(idx) else None,
+            "others_acc": correct.index_select(1, rest).mean(1) if len(rest) else None}
 
-    before, after = acc(base, own), acc(logits, own)
-    lb = float(base[own, c].mean()) if bool(own.any()) else None
-    la = float(logits[own, c].mean()) if bool(own.any()) else None
-    ob, oa = acc(base, rest), acc(logits, rest)
-    drop = (lambda u, v: None if u is None or v is None else u - v)
-    return {"n": int(own.sum()), "acc_before": before, "acc_after": after, "acc_drop": drop(before, after),
-            "logit_before": lb, "logit_after": la, "logit_drop": drop(lb, la),
-            "others_acc_before": ob, "others_acc_after": oa, "others_acc_drop": drop(ob, oa)}
+
+def _effects(stats: dict, i: int, base: int = 0) -> dict:
+    """Variant ``i`` against variant ``base`` (the intact layer) as plain numbers; drops are
+    before − after."""
+    out = {"n": stats["n"]}
+    for key, name in (("acc", "acc"), ("logit", "logit"), ("others_acc", "others_acc")):
+        t = stats[key]
+        before = None if t is None else float(t[base])
+        after = None if t is None else float(t[i])
+        out.update({f"{name}_before": before, f"{name}_after": after,
+                    f"{name}_drop": None if t is None else before - after})
+    return out
+
+
+def _class_effects(logits: Tensor, base: Tensor, y: Tensor, c: int) -> dict:
+    """Class ``c``'s accuracy and mean logit on its images before (``base``, (N, outputs)) and after
+    (``logits``), and the accuracy on the other images: :func:`_effects` of the two."""
+    return _effects(_class_stats(torch.stack([base, logits]), y, c), 1)
 
 
 def ablation(model: nn.Module, layer: str, units: Sequence[int], x: Tensor, y: Tensor, cls: int, *,
@@ -468,7 +603,7 @@ def ablation(model: nn.Module, layer: str, units: Sequence[int], x: Tensor, y: T
     keep = ~_keep_mask(list(units), z.shape[1], "cpu")
     lg = cut.logits(x, z, torch.stack([torch.ones_like(keep), keep]), f)
     y = torch.as_tensor(y).cpu()
-    return {"units": [int(u) for u in units], "fill": fill if isinstance(fill, str) else float(fill),
+    return {"units": [int(u) for u in units], "fill": _fill_name(fill),
             **_class_effects(lg[1], lg[0], y, int(cls))}
 
 
@@ -504,34 +639,36 @@ def ablation_table(model: nn.Module, layer: str, x: Tensor, y: Tensor, class_uni
         rand_at[k] = sum(len(t) for t in keeps)
         keeps.append(~_random_keeps(width, k, draws, gen))
     lg = cut.logits(x, z, torch.cat(keeps), f)
-    base = lg[0]
+    correct = (lg.argmax(-1) == y).double()
     rows = []
     for i, c in enumerate(classes):
         units = [int(u) for u in class_units[c]]
-        exp = _class_effects(lg[1 + i], base, y, c)
+        stats = _class_stats(lg, y, c, correct)
+        exp = _effects(stats, 1 + i)
         start = rand_at[len(units)]
-        rnd = [_class_effects(lg[start + j], base, y, c) for j in range(draws)]
+        rdrop = {}
         rsum = {}
-        for key in ("acc_drop", "logit_drop", "others_acc_drop"):
-            vals = torch.tensor([r[key] for r in rnd if r[key] is not None], dtype=torch.float64)
-            if len(vals):
-                m, lo, hi = _interval(vals, confidence)
-                rsum[key] = {"median": float(m), "low": float(lo), "high": float(hi)}
+        for key in ("acc", "logit", "others_acc"):
+            t = stats[key]
+            rdrop[key] = None if t is None else t[0] - t[start:start + draws]
+            if t is None:
+                rsum[f"{key}_drop"] = None
             else:
-                rsum[key] = None
+                m, lo, hi = _interval(rdrop[key], confidence)
+                rsum[f"{key}_drop"] = {"median": float(m), "low": float(lo), "high": float(hi)}
         oc = None if other is None else other.get(c)
         oth = None
         if oc is not None and int(oc) in masks:
-            oth = _class_effects(lg[1 + classes.index(int(oc))], base, y, c)
+            oth = _effects(stats, 1 + classes.index(int(oc)))
         share = None
         if exp["logit_drop"] is not None:
-            share = sum(r["logit_drop"] >= exp["logit_drop"] for r in rnd) / max(draws, 1)
+            share = float((rdrop["logit"] >= exp["logit_drop"] - 1e-12).double().mean())
         beats = None
         if exp["logit_drop"] is not None and rsum["logit_drop"] is not None:
             beats = bool(exp["logit_drop"] > rsum["logit_drop"]["high"]
                          and exp["acc_drop"] >= rsum["acc_drop"]["median"])
         rows.append({"layer": layer, "class": c, "k": len(units), "units": units,
-                     "fill": fill if isinstance(fill, str) else float(fill), "experts": exp,
+                     "fill": _fill_name(fill), "experts": exp,
                      "random": rsum, "random_draws": draws, "confidence": float(confidence),
                      "other_class": None if oc is None else int(oc),
                      "other_units": None if oc is None or int(oc) not in masks
@@ -562,20 +699,28 @@ def causal_check(model: nn.Module, layer: str, x: Tensor, y: Tensor, cls: int, u
 
 def region_check(model: nn.Module, layer: str, units: Sequence[int], eval_sets: dict, *,
                  fill: str | float = "mean", fill_from: Tensor | None = None, random_draws: int = 20,
-                 seed: int = 0, confidence: float = 0.9) -> dict:
+                 seed: int = 0, confidence: float = 0.9, _cut: _Cut | None = None,
+                 _slices: dict | None = None) -> dict:
     """Ablate ``units`` (e.g. the experts that carry a shortcut) and measure every evaluation set.
 
     ``eval_sets`` is {name: (x, y, has_region)}. Returns {"layer", "units", "fill", "sets": [{"name",
     "region": bool, "n", "acc_before", "acc_after", "acc_drop", "random_acc_drop": {"median", "low",
     "high"}}], "region_drop", "clean_drop" (mean accuracy drop over the sets with / without the
-    region; None when there are none), "region_minus_clean", "random_draws", "seed"}.
+    region; None when there are none), "region_minus_clean", "region_moves_more" (|region drop| >
+    |clean drop|: the ablation changes the region-dependent accuracy more), "random_draws", "seed"}.
+    Drops are before − after: a negative drop is a gain (removing a misleading shortcut can help).
     """
     units = [int(u) for u in units]
-    cut = _Cut(model, layer)
+    cut = _cut or _Cut(model, layer)
     sets = []
     f = None
     for name, (x, y, has_region) in eval_sets.items():
-        z = cut.slice(x)
+        if _slices is not None and name in _slices:
+            z = _slices[name]
+        else:
+            z = cut.slice(x)
+            if _slices is not None:
+                _slices[name] = z
         width = int(z.shape[1])
         if f is None:
             f = _resolve_fill(model, layer, fill, fill_from, z)
@@ -596,9 +741,10 @@ def region_check(model: nn.Module, layer: str, units: Sequence[int], eval_sets: 
         return sum(r["acc_drop"] for r in rs) / len(rs) if rs else None
 
     rd, cd = mean([s for s in sets if s["region"]]), mean([s for s in sets if not s["region"]])
-    return {"layer": layer, "units": units, "fill": fill if isinstance(fill, str) else float(fill),
+    return {"layer": layer, "units": units, "fill": _fill_name(fill),
             "sets": sets, "region_drop": rd, "clean_drop": cd,
             "region_minus_clean": None if rd is None or cd is None else rd - cd,
+            "region_moves_more": None if rd is None or cd is None else abs(rd) > abs(cd),
             "random_draws": int(random_draws), "seed": _seed_for(seed, layer, "region", len(units))}
 
 
@@ -616,19 +762,19 @@ DEFAULTS: dict = {
     "fills": ["mean", "zero"],  # what the removed units are set to (both: two variants)
     "by": "abs",  # essence ranking: |A − B| influence ("abs") or signed A − B ("value")
     "reduce": "sum",  # a channel's score: its spatial influence map summed ("sum") or "max"
-    "random_draws": 30,  # seeded draws of k random units per k (curves, ablations, region check)
+    "random_draws": 20,  # seeded draws of k random units per k (curves, ablations, region check)
     "confidence": 0.9,  # of the random draws' interval
     "share": 0.95,  # smallest k reaching this share of the whole layer's binary accuracy
     "seed": 0,
     "n_eval": None,  # held-out images (the first n of the evaluation set); None: all
     "n_rank": 200,  # training images per class for the rankings and the mean fill
-    "top_k": 5,  # experts ablated per class (the experts stage's top k when it has them)
+    "top_k": None,  # experts ablated per class; None: the experts stage's k (its own experts)
     "eval_set": None,  # None: the case's headline evaluation set
     "region": True,  # ablate the shortcut-carrying experts when the case has a region
 }
 
 _BOUNDS = {"n_confused": (0, 100), "random_draws": (1, 1000), "n_rank": (1, 100_000),
-           "top_k": (1, 1000), "seed": (0, 2**31 - 1)}
+           "seed": (0, 2**31 - 1)}
 
 
 def _int(v) -> bool:
@@ -650,6 +796,8 @@ def check_config(section: dict | None, where: str = "essence") -> dict:
     for key, (lo, hi) in _BOUNDS.items():
         if not _int(out[key]) or not lo <= out[key] <= hi:
             bad(key, f"an integer in {lo}..{hi}")
+    if out["top_k"] is not None and (not _int(out["top_k"]) or not 1 <= out["top_k"] <= 1000):
+        bad("top_k", "an integer in 1..1000 (or absent: the experts stage's k)")
     if out["n_eval"] is not None and (not _int(out["n_eval"]) or out["n_eval"] < 2):
         bad("n_eval", "an integer ≥ 2 (or absent: all images)")
     for key in ("confidence", "share"):
@@ -790,7 +938,11 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
     "seeds", "config", "provenance"}.
     """
     t0 = time.perf_counter()
-    cfg = check_config(study.config.section("essence"), "essence")
+    try:
+        section = study.config.section("essence")
+    except (AttributeError, KeyError):  # a case study that does not know the section yet
+        section = {}
+    cfg = check_config(section, "essence")
     data = study.data()
     names = _class_names(data, data.train.y)
     n_classes = len(names)
@@ -801,6 +953,7 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
     if not layers:
         raise ValueError("essence: no layers (set essence.layers or experts.layers)")
     classes = [int(c) for c in experts_cfg.get("classes") or range(n_classes)]
+    top_k = int(cfg["top_k"] or experts_cfg.get("k") or 5)
     eval_name, ev = _eval_split(data, cfg["eval_set"])
     n = ev.n if cfg["n_eval"] is None else min(ev.n, cfg["n_eval"])
     x_eval, y_eval = ev.x[:n], ev.y[:n].long().cpu()
@@ -808,7 +961,8 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
     draws, seed, conf = cfg["random_draws"], cfg["seed"], cfg["confidence"]
 
     # Pairs: the case's, then the subject's most confused (on the validation split).
-    cm = confusion(study.model(subject), data.val.x, data.val.y, n_classes)
+    pick = data.val if data.val.n else ev  # no validation split: the evaluation set itself
+    cm = confusion(study.model(subject), pick.x, pick.y, n_classes)
     pairs, seen = [], set()
     for p in cfg["pairs"]:
         a, b = (_class_index(c, names, "essence.pairs") for c in p)
@@ -823,6 +977,11 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
             pairs.append({"a": p["a"], "b": p["b"], "source": "confused", "confusions": p["confusions"]})
     for p in pairs:
         p.update(a_name=names[p["a"]], b_name=names[p["b"]])
+        missing = [names[c] for c in (p["a"], p["b"]) if not bool((y_eval == c).any())]
+        if missing:
+            p["skipped"] = f"no held-out images of {', '.join(missing)} in {eval_name}"
+    skipped = [p for p in pairs if "skipped" in p]
+    pairs = [p for p in pairs if "skipped" not in p]
 
     erows = _experts_rows(study)
     region_sets = _region_sets(data, cfg["n_eval"]) if cfg["region"] else {}
@@ -845,6 +1004,10 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
         for layer in layers:
             cut = _Cut(model, layer)
             z_eval = cut.slice(x_eval)
+            # ablation fills: "mean" over n_rank training images per class
+            fills = {f: unit_fill(model, layer, f, x_fill) if f == "mean"
+                     else unit_fill(model, layer, f, z=z_eval) for f in cfg["fills"]}
+            region_slices: dict = {}
             # ---- essence curves
             for p in pairs:
                 a, b = p["a"], p["b"]
@@ -874,24 +1037,24 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
                    for c in classes}
             class_units, source = {}, {}
             for c in classes:
-                if len(own[c]) >= cfg["top_k"]:
-                    class_units[c] = [int(r["unit"]) for r in own[c][:cfg["top_k"]]]
+                if len(own[c]) >= top_k:
+                    class_units[c] = [int(r["unit"]) for r in own[c][:top_k]]
                     source[c] = "experts stage"
                 else:
                     xc = data.train.x[data.train.y == c][:cfg["n_rank"]]
                     s = class_scores(model, layer, xc, c, reduce=experts_cfg.get("reduce", cfg["reduce"]))
                     by = experts_cfg.get("by", "value")
-                    class_units[c] = _order(s, by)[:min(cfg["top_k"], len(s))].tolist()
+                    class_units[c] = _order(s, by)[:min(top_k, len(s))].tolist()
                     source[c] = "computed"
             other = {c: _partner(cm, c) for c in classes}
             other = {c: o for c, o in other.items() if o in class_units}
             for fill in cfg["fills"]:
-                table = ablation_table(model, layer, x_eval, y_eval, class_units, fill=fill, fill_from=x_fill,
+                table = ablation_table(model, layer, x_eval, y_eval, class_units, fill=fills[fill],
                                        other=other, random_draws=draws, seed=_seed_for(seed, mname),
                                        confidence=conf, _cut=cut, _z=z_eval)
                 for r in table:
                     r.update(model=mname, class_name=names[r["class"]], ranking_source=source[r["class"]],
-                             eval_set=eval_name)
+                             fill=fill, eval_set=eval_name)
                 ablations += table
                 beats = [r["beats_random"] for r in table if r["beats_random"] is not None]
                 mine = [r for r in rows if r["model"] == mname and r["layer"] == layer and r["fill"] == fill]
@@ -913,23 +1076,26 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
                         if int(r["unit"]) not in units:
                             units.append(int(r["unit"]))
                     if units:
-                        rc = region_check(model, layer, units, region_sets, fill=fill, fill_from=x_fill,
-                                          random_draws=draws, seed=_seed_for(seed, mname), confidence=conf)
+                        rc = region_check(model, layer, units, region_sets, fill=fills[fill],
+                                          random_draws=draws, seed=_seed_for(seed, mname), confidence=conf,
+                                          _cut=cut, _slices=region_slices)
+                        rc["fill"] = fill
                     else:
                         rc = {"layer": layer, "units": [], "fill": fill, "sets": [], "region_drop": None,
-                              "clean_drop": None, "region_minus_clean": None, "random_draws": draws,
+                              "clean_drop": None, "region_minus_clean": None, "region_moves_more": None,
+                              "random_draws": draws,
                               "seed": None, "note": "no expert of this layer carries the shortcut"}
                     rc["model"] = mname
                     regions.append(rc)
                     tick(f"{mname} {layer}: region check ({fill})")
     seconds = time.perf_counter() - t0
     return {"rows": rows, "curves": curves, "ablation": ablations, "region": regions, "summary": summary,
-            "pairs": pairs, "confusion": cm.tolist(),
+            "pairs": pairs, "skipped_pairs": skipped, "confusion": cm.tolist(),
             "seeds": {"seed": seed, "random_draws": draws,
                       "rule": "torch.Generator(CPU) seeded per measurement: seed·1000003 + "
                               "crc32(model/layer/a/b or model/layer/kind/k) mod 1000003; "
                               "each curve and ablation row records its own"},
-            "config": {**cfg, "layers": layers, "models": models, "eval_set": eval_name,
+            "config": {**cfg, "layers": layers, "models": models, "eval_set": eval_name, "top_k": top_k,
                        "n_eval": int(n), "classes": classes},
             "provenance": {"seconds": round(seconds, 3), "device": str(model_device(study.model(subject)))}}
 

@@ -106,22 +106,27 @@ def experts(model: nn.Module, inputs: Tensor, layer: str, qoi: Quantity,
                     confidence=confidence, seed=seed)
 
 
-def experts_many(model: nn.Module, inputs: Tensor, layers: list[str], qoi: Quantity,
+def experts_many(model: nn.Module, inputs: Tensor, layers: list[str], qoi: Quantity | list[Quantity],
                  doi: Distribution | None = None, *, k: int = 5, reduce: str = "sum",
                  by: str = "value", bootstrap: int = 0, confidence: float = 0.9, seed: int = 0,
-                 **engine) -> dict[str, ExpertRanking]:
+                 **engine) -> dict[str, ExpertRanking] | list[dict[str, ExpertRanking]]:
     """:func:`experts` for several layers at once: ``{layer: ExpertRanking}``.
 
     Every ranking equals what a separate ``experts(model, inputs, layer, ...)`` call gives, but the
     influence of all layers comes from one forward and one backward pass per chunk (for a DoI at
-    the input; a path at the slice still runs once per layer).
+    the input; a path at the slice still runs once per layer). With a list of quantities (e.g. one
+    class each, on the same inputs), a list of such dicts, one per quantity, sharing the forward
+    passes (one backward per quantity).
     """
     _check_ranking(k, reduce, by)
     doi = PointDoI() if doi is None else doi
-    per = influence(model, inputs, None, qoi, doi, layers=list(layers), per_input=True, **engine)
-    return {layer: _ranking(per[layer], layer, qoi, doi, k=k, reduce=reduce, by=by,
-                            bootstrap=bootstrap, confidence=confidence, seed=seed)
-            for layer in layers}
+    listed = isinstance(qoi, list | tuple)
+    qois = list(qoi) if listed else [qoi]
+    per = influence(model, inputs, None, qois, doi, layers=list(layers), per_input=True, **engine)
+    out = [{layer: _ranking(p[layer], layer, q, doi, k=k, reduce=reduce, by=by, bootstrap=bootstrap,
+                            confidence=confidence, seed=seed) for layer in layers}
+           for q, p in zip(qois, per, strict=True)]
+    return out if listed else out[0]
 
 
 def _ranking(per: Tensor, layer, qoi, doi, *, k, reduce, by, bootstrap, confidence, seed) -> ExpertRanking:

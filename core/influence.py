@@ -380,7 +380,7 @@ def _takes_index(method) -> bool:
 
 
 def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str | Slice | None = None,
-              qoi: Quantity | int = None, doi: Distribution | None = None, *,
+              qoi: Quantity | int | Sequence[Quantity] = None, doi: Distribution | None = None, *,
               layers: Sequence[str | Slice | None] | None = None,
               per_input: bool = False, multiply: bool = False, cut: str = "output",
               element: int | str | None = None, doi_on: Sequence[int] | None = None,
@@ -395,7 +395,9 @@ def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str 
     ∂q/∂z), or (N, *slice shape) with ``per_input=True``. With ``layers=[...]`` it returns a dict
     ``{item: that tensor}`` for every item, computed together (one forward and one backward per
     chunk for a DoI at the input; one pass per slice for a DoI at the slice). For a model with
-    several inputs and ``layer=None``, a tuple: one influence per input the DoI acts on.
+    several inputs and ``layer=None``, a tuple: one influence per input the DoI acts on. With a
+    list of quantities, a list of such results, one per quantity, from the same forward passes (one
+    backward per quantity).
 
     Args:
         model: a PyTorch module; evaluated in eval mode (each submodule's mode restored after);
@@ -405,7 +407,8 @@ def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str 
             NaN or Inf values are refused.
         layer: a ``model.named_modules()`` name, a :class:`Slice`, or None for the input itself.
         qoi: a :class:`~core.quantities.Quantity` (or a class index). Its ``element`` picks the
-            entry of a model output that is a tuple or dict.
+            entry of a model output that is a tuple or dict. A list of quantities (reading the
+            same source) shares each chunk's forward pass.
         doi: a :class:`~core.distributions.Distribution` acting on each input (default a point).
         layers: several slices (names, None or :class:`Slice`) instead of ``layer``.
         per_input: return (N, *slice shape), each input's mean over its own DoI points, instead
@@ -431,7 +434,14 @@ def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str 
     """
     if qoi is None:
         raise ValueError("qoi is required, e.g. qoi=ClassQoI(3)")
-    qoi = as_quantity(qoi)
+    listed = isinstance(qoi, list | tuple)
+    qois = [as_quantity(q) for q in qoi] if listed else [as_quantity(qoi)]
+    if not qois:
+        raise ValueError("qoi is an empty list: name at least one quantity")
+    if len({q.source for q in qois}) > 1:
+        raise ValueError(f"the quantities read different layers {sorted({str(q.source) for q in qois})}; "
+                         "pass quantities that read the same output or layer")
+    qoi = qois[0]
     doi = PointDoI() if doi is None else doi
     if not isinstance(doi, Distribution):
         raise TypeError(f"doi must be a Distribution (e.g. PointDoI()), not {doi!r}")
@@ -511,22 +521,27 @@ def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str 
             for i, s in enumerate(specs):
                 report = None if progress is None else (
                     lambda d, t, off=i * one: progress(off + d, one * len(specs)))
-                engine = _Engine(forward, xs, several, doi_on, [s], qoi, source, doi, dev)
-                results[s.key] = engine.run(progress=report, **common)[0]
+                engine = _Engine(forward, xs, several, doi_on, [s], qois, source, doi, dev)
+                for i_q, got in enumerate(engine.run(progress=report, **common)):
+                    results.setdefault(i_q, {})[s.key] = got[0]
+            per_qoi = [results[i] for i in range(len(qois))]
         else:
-            engine = _Engine(forward, xs, several, doi_on, specs, qoi, source, doi, dev)
-            results = dict(zip(items, engine.run(progress=progress, **common), strict=True))
-    return results if layers is not None else results[items[0]]
+            engine = _Engine(forward, xs, several, doi_on, specs, qois, source, doi, dev)
+            per_qoi = [dict(zip(items, got, strict=True))
+                       for got in engine.run(progress=progress, **common)]
+    out = [r if layers is not None else r[items[0]] for r in per_qoi]
+    return out if listed else out[0]
 
 
 class _Engine:
     """One influence computation: the slices ``specs``, the quantity, the DoI, the inputs."""
 
-    def __init__(self, forward: _Forward, xs, several, doi_on, specs, qoi, source_module, doi, device):
+    def __init__(self, forward: _Forward, xs, several, doi_on, specs, qois, source_module, doi, device):
         self.forward, self.xs, self.several, self.doi_on = forward, xs, several, doi_on
-        self.specs, self.qoi, self.source_module, self.doi = specs, qoi, source_module, doi
+        self.specs, self.qois, self.source_module, self.doi = specs, qois, source_module, doi
+        self.qoi = qois[0]
         self.device = device
-        self.checked = False
+        self.checked = set()
         self.n_inputs = len(xs[0])
         self.internal = [s for s in specs if s.layer is not None]
         self.tail = None
@@ -597,14 +612,14 @@ class _Engine:
             raise ValueError(f"the model could not run on inputs shaped {shapes} per example: "
                              f"{first}") from err
 
-    def _quantity(self, out) -> Tensor:
-        out = self.qoi.select(out)
-        if not self.checked:
-            self.qoi.check(out)
-            self.checked = True
-        q = self.qoi(out)
+    def _quantity(self, qoi: Quantity, out) -> Tensor:
+        out = qoi.select(out)
+        if id(qoi) not in self.checked:
+            qoi.check(out)
+            self.checked.add(id(qoi))
+        q = qoi(out)
         if q.dim() != 1:
-            raise ValueError(f"{self.qoi!r} gave shape {tuple(q.shape)}; a quantity gives one "
+            raise ValueError(f"{qoi!r} gave shape {tuple(q.shape)}; a quantity gives one "
                              "scalar per example")
         return q
 
@@ -612,8 +627,8 @@ class _Engine:
     def gradients(self, n: Tensor, r: Tensor) -> list[Tensor]:
         """∂q/∂z at the DoI points of the pairs (n, r), one (len(n), *slice shape) per target.
 
-        Targets: every slice in order; the input slice of a model with several inputs counts once
-        per input the DoI acts on.
+        Targets: for each quantity in turn, every slice in order; the input slice of a model with
+        several inputs counts once per input the DoI acts on.
         """
         doi = self.doi
         xs = [x[n] for x in self.xs]
@@ -657,18 +672,21 @@ class _Engine:
                     if hook.z is None:
                         self._not_reached(s)
                     leaves.append([hook.z])
-        q = self._quantity(out)
-        first = self.specs[0]
-        if not q.requires_grad:
-            raise ValueError(f"{self.qoi!r} does not depend on {first.where}")
         flat = [t for group in leaves for t in group]
-        grads = torch.autograd.grad(q.sum(), flat, allow_unused=True)
         owners = [s for s, group in zip(self.specs, leaves, strict=True) for _ in group]
-        for g, s in zip(grads, owners, strict=True):
-            if g is None:
-                raise ValueError(f"{self.qoi!r} does not depend on {s.where}: "
-                                 "the output does not use it")
-        return [g.detach() for g in grads]
+        result = []
+        for i, qoi in enumerate(self.qois):
+            q = self._quantity(qoi, out)
+            if not q.requires_grad:
+                raise ValueError(f"{qoi!r} does not depend on {self.specs[0].where}")
+            grads = torch.autograd.grad(q.sum(), flat, allow_unused=True,
+                                        retain_graph=i < len(self.qois) - 1)
+            for g, s in zip(grads, owners, strict=True):
+                if g is None:
+                    raise ValueError(f"{qoi!r} does not depend on {s.where}: "
+                                     "the output does not use it")
+            result.extend(g.detach() for g in grads)
+        return result
 
     def _not_reached(self, spec: _Spec):
         if self.source_module is not None:
@@ -758,7 +776,7 @@ class _Engine:
             for a in acc:
                 dist.all_reduce(a, op=dist.ReduceOp.SUM)
         results = []
-        mults = self.multipliers() if multiply else [None] * len(acc)
+        mults = self.multipliers() * len(self.qois) if multiply else [None] * len(acc)
         for a, m in zip(acc, mults, strict=True):
             if keep:
                 result = a / resolution if weights is None else a
@@ -769,18 +787,21 @@ class _Engine:
             else:
                 result = a / total if weights is None else a / n_inputs
             results.append(result)
-        owners = [s for s in self.specs
+        owners = [(s, qoi) for qoi in self.qois for s in self.specs
                   for _ in range(len(self.doi_on) if (s.layer is None and self.several) else 1)]
-        for res, s in zip(results, owners, strict=True):
+        for res, (s, qoi) in zip(results, owners, strict=True):
             if not torch.isfinite(res).all():
-                raise FloatingPointError(f"influence at {s.where} for {self.qoi!r} is not finite "
+                raise FloatingPointError(f"influence at {s.where} for {qoi!r} is not finite "
                                          "(NaN or Inf): check the model's output and the inputs' scale")
         out, it = [], iter(results)
-        for s in self.specs:
-            if s.layer is None and self.several:
-                out.append(tuple(next(it) for _ in self.doi_on))
-            else:
-                out.append(next(it))
+        for _ in self.qois:
+            row = []
+            for s in self.specs:
+                if s.layer is None and self.several:
+                    row.append(tuple(next(it) for _ in self.doi_on))
+                else:
+                    row.append(next(it))
+            out.append(row)
         return out
 
 

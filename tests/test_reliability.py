@@ -277,31 +277,62 @@ def test_a_file_inside_the_cache_directory_is_named(tmp_path):
     assert f"'{root / 'artifacts'}' is a file" in _one_line(info.value)
 
 
+_READ_ONLY = textwrap.dedent("""
+    import json, os, sys
+    from core.cache import Cache, CacheError
+    cache, kept, new, out = Cache(sys.argv[1]), sys.argv[2], sys.argv[3], {}
+    out["writable"] = os.access(cache.root / "artifacts", os.W_OK)
+    out["read"] = cache.get(kept)
+    calls = []
+    for name, fn in (("compute", lambda: cache.get_or_compute(new, lambda: calls.append(1) or {"x": 2})),
+                     ("put", lambda: cache.put(new, {"x": 2}))):
+        try:
+            fn()
+            out[name] = ["ok", ""]
+        except CacheError as exc:
+            out[name] = ["CacheError", str(exc)]
+        except Exception as exc:
+            out[name] = [type(exc).__name__, str(exc)]
+    out["calls"] = len(calls)
+    print(json.dumps(out))
+""")
+
+
 def test_a_read_only_cache_directory_raises_one_clear_error(tmp_path):
     root = tmp_path / "cache"
-    cache = Cache(root)
-    kept = _key("kept")
-    cache.put(kept, {"x": 1})
+    kept, new = _key("kept"), _key("new")
+    Cache(root).put(kept, {"x": 1})
     modes = {p: p.stat().st_mode for p in [root, *root.rglob("*")] if p.is_dir()}
     for p in modes:
         p.chmod(0o555)
     try:
-        if os.access(root / "artifacts", os.W_OK):
-            pytest.skip("permissions are not enforced for this user (root); see the read-only mount test")
-        assert cache.get(kept) == {"x": 1}  # reading still works
-        with pytest.raises(CacheError, match="not writable") as info:
-            cache.get_or_compute(_key("new"), lambda: {"x": 2})
-        assert "CASEBOOK_CACHE" in _one_line(info.value)
+        prefix = []
+        if os.access(root / "artifacts", os.W_OK):  # root ignores permissions: drop it in a user
+            prefix = ["unshare", "-U"]              # namespace, where they hold again
+            if not shutil.which("unshare") or subprocess.run(prefix + ["true"]).returncode != 0:
+                pytest.skip("permissions are not enforced for this user (root) and unshare -U is unavailable")
+        run = subprocess.run([*prefix, sys.executable, "-c", _READ_ONLY, str(root), kept, new],
+                             capture_output=True, text=True, cwd=REPO, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["writable"] is False and out["read"] == {"x": 1}  # reading still works
+    for name in ("compute", "put"):
+        kind, msg = out[name]
+        assert kind == "CacheError", msg
+        assert "is not writable" in _one_line(msg) and "CASEBOOK_CACHE" in msg
+    assert out["calls"] == 0  # it failed before spending the computation
+    assert not Cache(root).has(new)
 
 
 # A tiny tmpfs in a private user+mount namespace: a real full disk and a real read-only mount,
 # without root on the host. Skipped where unprivileged namespaces are not allowed.
 _IN_NAMESPACE = textwrap.dedent("""
-    import json, os, subprocess, sys, torch
-    from core.cache import Cache, CacheError, key_of
+    import hashlib, json, os, subprocess, sys, torch
+    from core.cache import MAGIC, Cache, CacheError, key_of
     mnt = sys.argv[1]
     cache, out = Cache(os.path.join(mnt, "c")), {}
     k = lambda n: key_of(stage="ns", name=n)
@@ -317,7 +348,13 @@ _IN_NAMESPACE = textwrap.dedent("""
     attempt("small_after_full", lambda: cache.put(k("small"), {"w": torch.ones(4)}) and
             cache.get(k("small"))["w"].tolist())
     calls = []
+    bad = cache.path(k("unloadable"))  # a whole entry of its key whose payload torch cannot read
+    body = json.dumps({"key": k("unloadable")}).encode() + b"\\n" + b"not torch"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(MAGIC + f" {hashlib.sha256(body).hexdigest()} {len(body)}\\n".encode() + body)
     subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+    attempt("ro_unloadable", lambda: [cache.has(k("unloadable")), cache.get(k("unloadable"), "miss"),
+                                      cache.has(k("unloadable")), bad.exists()])
     attempt("ro_read", lambda: cache.get_or_compute(k("small"), lambda: calls.append(1))[1])
     attempt("ro_compute", lambda: cache.get_or_compute(k("new"), lambda: calls.append(1) or {"x": 1}))
     attempt("ro_put", lambda: cache.put(k("small"), {"w": torch.zeros(4)}))
@@ -355,3 +392,5 @@ def test_a_read_only_mount_reads_and_raises_one_clear_error_before_computing(in_
         assert kind == "CacheError", msg
         assert "read-only file system" in _one_line(msg) and "CASEBOOK_CACHE" in msg
     assert in_namespace["ro_calls"] == 0  # it failed before spending the computation
+    # an unusable entry that cannot be moved aside is still a miss, for has() as for get()
+    assert in_namespace["ro_unloadable"] == ["ok", "[True, 'miss', False, True]"]

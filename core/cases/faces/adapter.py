@@ -59,7 +59,7 @@ DEFAULTS: dict = {
     "seed": 0,
     "n_val": 10,                # held-out originals per class for validation
     "n_test": 25,               # held-out originals per class for test (the rest trains)
-    "augment": 16,              # copies of every training original (copy 0 unshifted, unflipped)
+    "augment": 4,               # copies of every training original (copy 0 unshifted, unflipped)
     "max_shift": 3,             # largest shift of a copy, pixels of the 48×48 image
     "flip": True,               # random horizontal flips of the copies
     "watermark_size": [6, 8],   # (rows, columns) in pixels of the 48×48 image
