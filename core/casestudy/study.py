@@ -876,8 +876,26 @@ class CaseStudy:
         masks = None if data.test.mask is None else data.test.mask[idx]
         return train_x, data.test.x[idx], masks, idx
 
+    def _rank_many(self, model, layers: list[str], qoi, doi, c: int) -> dict[str, dict]:
+        """The rankings of every layer for ``qoi``/``doi`` over the class-c training images, from
+        one forward and one backward pass per chunk (:func:`core.experts.experts_many`); the same
+        dicts :func:`rank_experts` gives one layer at a time."""
+        from core.experts import experts_many
+
+        e = self.config.experts
+        train_x = self._class_images(c)[0]
+        if len(train_x) == 0:
+            raise CaseError(f"{self.name}: class {c} has no training image")
+        rankings = experts_many(model, train_x.to(self.device), list(layers), qoi, doi,
+                                k=e["k"], reduce=e["reduce"], by=e["by"],
+                                bootstrap=e["bootstrap"], confidence=e["confidence"], seed=0)
+        return {layer: {"experts": r.to_records(), "scores": r.scores.detach().cpu(),
+                        "quantity": r.quantity, "distribution": r.distribution}
+                for layer, r in rankings.items()}
+
     def _rank_and_interpret(self, model, layer: str, qoi, doi, c: int,
-                            progress: Callable[[int, int, str], None] | None = None) -> dict:
+                            progress: Callable[[int, int, str], None] | None = None,
+                            ranking: dict | None = None) -> dict:
         """Top-k experts of ``layer`` for ``qoi``/``doi`` over class-c training images, each
         interpreted on class-c test images; tensors (CPU) and plain values only. With a region
         the rows carry ``region_mass``; the ``shortcut`` flags are set by the caller."""
@@ -892,11 +910,12 @@ class CaseStudy:
             raise CaseError(f"{self.name}: class {c} has no training image")
         dev = self.device
         steps = 1 + int(e["k"])
-        if progress:
-            progress(0, steps, f"ranking the units of {layer}")
-        ranking = rank_experts(model, train_x.to(dev), layer, qoi, doi, k=e["k"],
-                               reduce=e["reduce"], by=e["by"], bootstrap=e["bootstrap"],
-                               confidence=e["confidence"], seed=0)
+        if ranking is None:
+            if progress:
+                progress(0, steps, f"ranking the units of {layer}")
+            ranking = rank_experts(model, train_x.to(dev), layer, qoi, doi, k=e["k"],
+                                   reduce=e["reduce"], by=e["by"], bootstrap=e["bootstrap"],
+                                   confidence=e["confidence"], seed=0)
         maps = []
         for i, ex in enumerate(ranking["experts"]):
             if progress:
@@ -982,9 +1001,13 @@ class CaseStudy:
             p(0, total, "ranking experts")
             results, rows = {}, []
             for mname, model in models.items():
+                # every layer's ranking of a class from one pass (the engine's many-layer slice)
+                ranked = {c: self._rank_many(model, e["layers"], ClassQoI(c), PointDoI(), c)
+                          for c in e["classes"]}
                 for layer in e["layers"]:
                     for c in e["classes"]:
-                        r = self._rank_and_interpret(model, layer, ClassQoI(c), PointDoI(), c)
+                        r = self._rank_and_interpret(model, layer, ClassQoI(c), PointDoI(), c,
+                                                     ranking=ranked[c][layer])
                         results[f"{mname}/{layer}/{c}"] = r
                         for row in r["rows"]:
                             rows.append({"model": mname, "class": int(c), "layer": layer,
