@@ -113,6 +113,8 @@ def choice(label: str, options: Sequence, *, param: str, default: Any = None, co
     where = container if container is not None else st
     index = _index_of(options, qp_get(param), default)
     key = kwargs.pop("key", f"qp-{param}")
+    if key in st.session_state and st.session_state[key] not in options:
+        del st.session_state[key]  # another case's value (a class, a model, a layer): start afresh
     if widget == "radio":
         value = where.radio(label, options, index=index, key=key, format_func=format_func, **kwargs)
     elif widget == "selectbox":

@@ -680,3 +680,14 @@ def test_detection_chapter_offers_its_build(stub):
     at.button(key="build-detection").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert study.builds == [["detection"]] and len(at.get("vega_lite_chart")) == 1
+
+
+def test_switching_case_resets_choices_the_new_case_lacks(user_app):
+    make, _ = user_app
+    at = make("decoy-mnist-small", "chapters/influence.py", model="clean", cls=7)
+    assert at.selectbox(key="qp-cls").value == 7
+    at.sidebar.selectbox(key="qp-case").set_value("shapes").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.sidebar.selectbox(key="qp-model").value == "vanilla"
+    assert at.selectbox(key="qp-cls").value == 0
+    assert at.header[0].value == "Experts of conv1 for class circle"

@@ -12,6 +12,7 @@ Without ``/usr/bin/chromium`` (or Playwright) the tests skip, unless ``CASEBOOK_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -39,7 +40,7 @@ READY = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 # Pages that must draw images and Altair charts (the others only must not raise).
 DRAWS = {"case-study": ("stImage", "stVegaLiteChart"), "influence": ("stImage", "stVegaLiteChart"),
          "representations": ("stImage", "stVegaLiteChart"),
-         "corrections": ("stImage", "stVegaLiteChart")}
+         "corrections": ("stImage", "stVegaLiteChart"), "essence": ("stVegaLiteChart",)}
 
 
 def _require_browser():
@@ -87,7 +88,7 @@ def study(request, tmp_path_factory):
         root = tmp_path_factory.mktemp("e2e-cache") / "cache"
         shutil.copytree(_cache_dir(small), root)
         full = CaseStudy.open(small.config.name, cache_dir=root, device="cpu")
-        full.build(stages=["representations", "corrections"])
+        full.build(stages=["representations", "corrections", "essence"])
         return full
     from core.casestudy import CaseStudy
 
@@ -99,13 +100,11 @@ def study(request, tmp_path_factory):
     return built
 
 
-@pytest.fixture(scope="module")
-def server(study, tmp_path_factory):
-    _require_browser()
+@contextlib.contextmanager
+def _serve(env_extra: dict, log):
+    """``streamlit run app.py`` headless on a free port with ``env_extra``; yields its URL."""
     port = _free_port()
-    env = {**os.environ, "CASEBOOK_CACHE": _cache_dir(study), "CASEBOOK_CASE": study.config.name,
-           "PYTHONUNBUFFERED": "1"}
-    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
@@ -136,6 +135,14 @@ def server(study, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(study, tmp_path_factory):
+    _require_browser()
+    log = tmp_path_factory.mktemp("streamlit") / "server.log"
+    with _serve({"CASEBOOK_CACHE": _cache_dir(study), "CASEBOOK_CASE": study.config.name}, log) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +222,9 @@ def test_a_deep_link_reopens_the_view_and_choices_write_the_url(server, page, st
     pick = next((r for r in top if r["model"] == "vanilla" and r["shortcut"]), None)
     pick = pick or next(r for r in top if r["model"] == "clean" and r["rank"] == 2)
     model, cls, layer, unit = pick["model"], pick["class"], pick["layer"], pick["unit"]
-    label = {"vanilla": "vanilla (trained with the decoy)", "clean": "clean (trained without it)"}[model]
+    import ui
+
+    label = ui.model_label(model, facts=study.case_facts())
     # First visit of a fresh server, straight to a deep link: app.py must still run (sidebar, nav).
     page.goto(f"{server}/influence?model={model}&cls={cls}&layer={layer}&view=heatmap&expert={unit}")
     _settle(page)
@@ -266,3 +275,83 @@ def test_every_page_draws_without_exceptions(server, page):
                                 '[data-testid="stVegaLiteChart"] svg').count() > 0
         _screenshot(page, SHOTS / f"{name}.png")
         assert (SHOTS / f"{name}.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------- a user's case
+# The example folder case of core.newcase (3 RGB classes, 48×48, a "mark" region, a reference),
+# listed through $CASEBOOK_CASES: every chapter draws, and a reader explains an image of their own.
+
+
+@pytest.fixture(scope="module")
+def user_server(tmp_path_factory):
+    _require_browser()
+    from core.casestudy import CaseStudy
+    from tests.test_pages import write_user_cases
+
+    root = tmp_path_factory.mktemp("user-cases")
+    write_user_cases(root)
+    cache = tmp_path_factory.mktemp("user-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CASEBOOK_CASES", str(root))
+        CaseStudy.open("shapes", cache_dir=cache, device="cpu", allow_path=False).build(
+            stages=["data", "models", "experts"])
+    log = tmp_path_factory.mktemp("streamlit-user") / "server.log"
+    with _serve({"CASEBOOK_CACHE": str(cache), "CASEBOOK_CASE": "shapes", "CASEBOOK_CASES": str(root)},
+                log) as url:
+        yield url
+
+
+def _png(rgb) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_every_chapter_draws_for_a_users_case(user_server, page):
+    page.goto(user_server)
+    _settle(page)
+    pages = _nav_pages(page, user_server)
+    assert {"case-study", "influence", "method"} <= set(pages), pages
+    for name, href in pages.items():
+        page.goto(href)
+        _settle(page)
+        _assert_shell(page)
+        errors = page.locator('[data-testid="stException"]')
+        assert errors.count() == 0, f"{name}: {errors.first.inner_text()}"
+        if name in ("case-study", "influence"):
+            assert _count(page, "stImage") > 0 and _count(page, "stVegaLiteChart") > 0, name
+        _screenshot(page, SHOTS / f"user-{name}.png")
+    page.goto(pages["influence"])
+    _settle(page)
+    assert page.locator("h2", has_text="Experts of conv1 for class circle").count() == 1
+    assert page.get_by_text("threshold", exact=False).count() >= 1
+    assert "case=shapes" in page.url
+
+
+def test_a_reader_explains_an_image_of_their_own(user_server, page):
+    import numpy as np
+
+    page.goto(f"{user_server}/influence")
+    _settle(page)
+    before = _count(page, "stImage")
+    rgb = np.zeros((60, 80, 3), np.uint8)
+    rgb[15:45, 25:55] = (40, 200, 60)  # any size and shape: converted to the case's 48×48 RGB
+    uploader = page.locator('[data-testid="stFileUploader"] input[type="file"]')
+    uploader.set_input_files(files=[{"name": "mine.png", "mimeType": "image/png", "buffer": _png(rgb)}])
+    page.get_by_text("answers", exact=False).first.wait_for(timeout=120_000)
+    _settle(page)
+    assert _count(page, "stException") == 0
+    assert _count(page, "stImage") == before + 1  # one more row: the image, its map and its experts
+    assert page.get_by_text("your image, as the model sees it").count() >= 1
+    _screenshot(page, SHOTS / "user-influence-own-image.png")
+
+    # Something that is not an image: one plain line, the page goes on.
+    uploader.set_input_files(files=[{"name": "bad.png", "mimeType": "image/png", "buffer": b"not a png"}])
+    page.get_by_text("Could not use this file", exact=False).first.wait_for(timeout=60_000)
+    _settle(page)
+    assert _count(page, "stException") == 0
+    assert page.locator('[data-testid="stAlert"]', has_text="not a readable PNG or JPEG").count() == 1
