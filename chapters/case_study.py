@@ -7,6 +7,7 @@ names, the region's name, the models, the evaluation sets) from ``study.case_fac
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -61,8 +62,25 @@ sizes = ", ".join(f"{data[k]:,} {k[2:]}" for k in ("n_train", "n_val", "n_test")
 if sizes or source:
     st.markdown(f"Data: {sizes or 'sizes unknown'}{f' images from {ui.plain(source)}' if source else ''}.")
 
+
+
+def _balanced(y, n: int) -> list[int]:
+    """Up to ``n`` indices taking the classes in turn (the splits are often sorted by class)."""
+    by: dict[int, list[int]] = {}
+    for i, c in enumerate(y):
+        by.setdefault(int(c), []).append(i)
+    out, queues = [], [list(v) for _, v in sorted(by.items())]
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
 for split, what in [("train", "Training images"), ("test", "Test images")]:
-    s = ui.samples(split, N_SAMPLES, study)
+    s = ui.samples(split, N_SAMPLES * max(1, min(len(classes), 25)), study)
+    pick = _balanced(s["y"], N_SAMPLES)
+    s = {k: (None if v is None or np.ndim(v) < 1 else np.asarray(v)[pick]) for k, v in s.items()}
     x, x_clean, mask, y = s["x"], s.get("x_clean"), s.get("mask"), s["y"]
     if x is None or not len(y):
         continue

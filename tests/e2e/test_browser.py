@@ -337,7 +337,11 @@ def test_a_reader_explains_an_image_of_their_own(user_server, page):
 
     page.goto(f"{user_server}/influence")
     _settle(page)
+    page.locator("h2", has_text="Experts of conv1 for class circle").wait_for(timeout=120_000)
+    page.locator('[data-testid="stImage"]').first.wait_for(timeout=120_000)
+    _settle(page)
     before = _count(page, "stImage")
+    assert before > 0
     rgb = np.zeros((60, 80, 3), np.uint8)
     rgb[15:45, 25:55] = (40, 200, 60)  # any size and shape: converted to the case's 48×48 RGB
     uploader = page.locator('[data-testid="stFileUploader"] input[type="file"]')
