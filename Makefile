@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 CASE    ?= decoy-mnist
 PORT    ?= 8501
 
-.PHONY: run test test-slow lint build bench clean
+.PHONY: run test test-slow lint build bench clean readme readme-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,7 +15,8 @@ $(BIN)/python:
 # facenet-pytorch pins an old torch: it is installed without its dependencies (the faces case
 # reads only the O-Net weights file from its wheel and never imports the package).
 $(VENV)/.runtime: requirements.txt | $(BIN)/python
-	$(BIN)/pip install -q -r requirements.txt
+	@echo "Installing the runtime packages (a few minutes on a fresh machine; pip shows its progress)"
+	$(BIN)/pip install --progress-bar on -r requirements.txt
 	$(BIN)/pip install -q --no-deps facenet-pytorch==2.6.0
 	touch $@
 
@@ -44,6 +45,17 @@ build: $(VENV)/.runtime
 bench: $(VENV)/.dev
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/metrics.py
+
+# The README's result numbers are generated from the built cases; CI fails when they drift.
+readme: $(VENV)/.runtime
+	$(BIN)/python -m core build decoy-mnist
+	$(BIN)/python -m core build faces
+	$(BIN)/python -m core readme
+
+readme-check: $(VENV)/.runtime
+	$(BIN)/python -m core build decoy-mnist
+	$(BIN)/python -m core build faces
+	$(BIN)/python -m core readme --check
 
 clean:
 	rm -rf .cache
