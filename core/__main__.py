@@ -216,7 +216,7 @@ def _valid_device(text: str) -> bool:
 
 
 def _readme(args, CaseStudy) -> int:
-    from core.reportmd import markdown, readme_blocks, readme_path, update_readme
+    from core.reportmd import BLOCK, drift, markdown, readme_blocks, readme_path, stamped, update_readme
 
     path = readme_path()
     text = path.read_text()
@@ -229,10 +229,15 @@ def _readme(args, CaseStudy) -> int:
             print(f"error: {case} is not built ({', '.join(missing)} missing); run "
                   f"python -m core build {case}", file=sys.stderr)
             return 1
-        blocks[case] = markdown(rep)
+        blocks[case] = stamped(markdown(rep), study.code_fingerprint())
     new = update_readme(text, blocks)
     if args.check:
-        if new != text:
+        old_blocks = {m.group("case"): m.group("body") for m in BLOCK.finditer(text)}
+        problems = [f"{case}: {p}" for case, body in blocks.items()
+                    for p in drift(old_blocks[case], body)]
+        if problems:
+            for p in problems[:20]:
+                print(p, file=sys.stderr)
             import difflib
 
             diff = difflib.unified_diff(text.splitlines(), new.splitlines(), "README.md",
@@ -241,6 +246,9 @@ def _readme(args, CaseStudy) -> int:
             print("error: README.md's generated blocks differ from the build; run "
                   "python -m core readme", file=sys.stderr)
             return 1
+        if new != text:
+            print("README.md: numbers within floating-point tolerance of this build",
+                  file=sys.stderr)
         print(f"README.md: {len(blocks)} generated block(s) match the build", file=sys.stderr)
         return 0
     if new != text:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["BLOCK", "markdown", "readme_blocks", "update_readme"]
+__all__ = ["BLOCK", "drift", "markdown", "readme_blocks", "stamped", "update_readme"]
 
 BLOCK = re.compile(r"(<!-- report:(?P<case>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=case) -->)",
                    re.S)
@@ -184,6 +184,35 @@ def markdown(rep: dict) -> str:
              _summary_section(rep, "detection", "Attacks and their detection")]
     # (no timings here: they change from run to run; bench/ measures them)
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
+
+
+FINGERPRINT = re.compile(r"<!-- code and config: (\w+) -->")
+NUMBER = re.compile(r"[-+−]?\d+(?:\.\d+)?")
+
+
+def stamped(block: str, fingerprint: str) -> str:
+    """The block with its code-and-config fingerprint on its first line."""
+    return f"<!-- code and config: {fingerprint} -->\n{block}"
+
+
+def drift(old: str, new: str, tolerance: float = 0.02) -> list[str]:
+    """Why two generated blocks differ, or [] when they agree: the fingerprint must be equal
+    (code or config changed without regenerating), the words equal, and every number within
+    ``tolerance`` (absolute; relative above 1) — the tolerance absorbs floating-point
+    differences between machines, never a typed or stale number from other code."""
+    problems = []
+    fo, fn = FINGERPRINT.search(old), FINGERPRINT.search(new)
+    if (fo and fo.group(1)) != (fn and fn.group(1)):
+        problems.append(f"fingerprint {fo and fo.group(1)} ≠ {fn and fn.group(1)} (code or config "
+                        "changed since the block was generated)")
+    if NUMBER.sub("#", old) != NUMBER.sub("#", new):
+        problems.append("the text differs (rows, columns or words)")
+        return problems
+    for a, b in zip(NUMBER.findall(old), NUMBER.findall(new), strict=True):
+        x, y = float(a.replace("−", "-")), float(b.replace("−", "-"))
+        if abs(x - y) > tolerance * max(1.0, abs(y)):
+            problems.append(f"{a} ≠ {b}")
+    return problems
 
 
 def readme_blocks(text: str) -> list[str]:

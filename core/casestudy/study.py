@@ -573,6 +573,24 @@ class CaseStudy:
                 out[stage] = key is not None and self.cache.has(key)
         return out
 
+    def code_fingerprint(self) -> str:
+        """A short hash of what the report's numbers follow from apart from floating point: every
+        stage's code version and the case's whole config (no weights, no device). The README's
+        generated blocks carry it, so a code or config change without regenerating them is
+        caught exactly, while tiny float differences between machines are not."""
+        cfg = self.config
+        sections = {s: cfg.section(s) for s in ("dataset", "region", "experts",
+                                                "representations", "corrections", "essence",
+                                                "detection")}
+        models = {n: m.plain() for n, m in cfg.models.items()}
+        for m in models.values():
+            if m["checkpoint"]:
+                m["checkpoint"] = Path(m["checkpoint"]).name
+        code = {s: stage_code(s, (cfg.adapter.module,) if s == "data" else ())
+                for s in STAGES if s not in DELEGATED or BY_NAME[s].delegated}
+        return key_of(code=code, config=sections, models=models,
+                      reference=cfg.reference)[:16]
+
     def is_built(self, stage: str) -> bool:
         """The one "is this view precomputed?" rule the pages ask: the stage's entry is in the
         cache (or was computed in this process)."""

@@ -1,0 +1,48 @@
+"""The README's generated blocks: Markdown from a report, and the drift check CI runs."""
+
+from __future__ import annotations
+
+from core.reportmd import drift, markdown, readme_blocks, stamped, update_readme
+
+
+def _report(region: bool = True) -> dict:
+    rep = {
+        "case": "x", "subject": "a", "reference": "b" if region else None,
+        "data": {"source": "folder", "n_train": 10, "n_val": 2, "n_test": 4},
+        "case_facts": {"classes": ["cat", "dog"], "channels": 3, "size": [8, 8],
+                       "region": "mark" if region else None, "chance": 0.0625 if region else None},
+        "seeds": [0],
+        "models": {"a": {"train_acc": 1.0, "test_acc": 0.75}, "b": {"train_acc": 0.9,
+                                                                     "test_acc": 0.5}},
+        "representations": [{"method": "saliency", "label": "Saliency", "model": "a",
+                             "deletion_auc": 0.25, **({"region_mass": 0.5} if region else {})}],
+    }
+    return rep
+
+
+def test_markdown_has_the_numbers_and_no_region_columns_without_a_region():
+    text = markdown(_report())
+    assert "0.750" in text and "| a (under study) | 1.000 | 0.750 |" in text
+    assert "region mass" in text and "the mark" in text and "0.0625" in text
+    bare = markdown(_report(region=False))
+    assert "region mass" not in bare and "no region" in bare
+
+
+def test_drift_catches_code_changes_and_numbers_beyond_float_noise():
+    block = stamped(markdown(_report()), "abc123")
+    assert drift(block, block) == []
+    noisy = block.replace("0.750", "0.751")
+    assert drift(noisy, block) == []  # floating-point noise between machines
+    stale = block.replace("0.750", "0.600")
+    assert any("0.600" in p for p in drift(stale, block))
+    assert any("fingerprint" in p for p in drift(stamped(markdown(_report()), "zzz"), block))
+    assert drift(block.replace("Saliency", "Salience"), block) == [
+        "the text differs (rows, columns or words)"]
+
+
+def test_update_readme_replaces_only_the_blocks():
+    text = "intro\n<!-- report:x -->\nold\n<!-- /report:x -->\nend 0.5\n"
+    assert readme_blocks(text) == ["x"]
+    new = update_readme(text, {"x": "new 1.0\n"})
+    assert new == "intro\n<!-- report:x -->\nnew 1.0\n<!-- /report:x -->\nend 0.5\n"
+    assert update_readme(text, {}) == text
