@@ -95,7 +95,7 @@ attack = payload.get("attack") or payload.get("attacker") or payload.get("threat
 if isinstance(attack, dict) and attack:
     knows = attack.get("knows") or attack.get("description")
     st.markdown(ui.plain(knows) if knows else KNOWS)
-    shown = {k: v for k, v in attack.items() if k not in ("knows", "description")}
+    shown = {k: v for k, v in attack.items() if k not in ("knows", "description", "success")}
     if shown:
         st.dataframe(pd.DataFrame([{"setting": k, "value": str(v)} for k, v in shown.items()]),
                      hide_index=True)
@@ -119,12 +119,25 @@ st.header("Detectors compared")
 if not rows:
     st.warning("The detection stage is built but holds no detector rows.")
     st.stop()
-attacks = list(dict.fromkeys(str(r["attack"]) for r in rows if r.get("attack") is not None))
-chosen_attack = ui.choice("Attack", attacks, param="attack", widget="radio", horizontal=True) \
-    if len(attacks) > 1 else (attacks[0] if attacks else None)
-mine = [r for r in rows if chosen_attack is None or str(r.get("attack")) == chosen_attack]
+adaptive = payload.get("adaptive") or {}
+if any(r.get("attack") is not None for r in rows):  # rows that name their attack: one choice each
+    sets = {k: [r for r in rows if str(r.get("attack")) == k]
+            for k in dict.fromkeys(str(r["attack"]) for r in rows if r.get("attack") is not None)}
+else:
+    sets = {"patch attack": rows}
+if adaptive.get("rows"):
+    sets["adaptive attack"] = list(adaptive["rows"])
+chosen_attack = ui.choice("Attack", list(sets), param="attack", widget="radio", horizontal=True) \
+    if len(sets) > 1 else next(iter(sets))
+mine = sets[chosen_attack]
+if chosen_attack == "adaptive attack":
+    st.caption(f"The adaptive attack also pushes the influence profile at {adaptive.get('layer', '?')} "
+               f"toward the target class's own (weight {adaptive.get('weight', '?')}); it succeeds on "
+               f"{ui.pct(adaptive.get('success'))} of the held-out images. The detectors are the same, "
+               "fit before the attack.")
 table = pd.DataFrame([{
     "detector": _label(r),
+    "what it measures": str(r.get("what") or ""),
     "uses influence": "yes" if (r.get("uses_influence") if r.get("uses_influence") is not None
                                 else _detector(r) in INFLUENCE) else "no",
     **{f"TPR at {round(100 * b)}% FPR": _tpr_at(r, b) for b in FPR_POINTS},
@@ -159,7 +172,7 @@ if not ok.empty:
 st.header("ROC curves")
 recs = []
 for r in mine:
-    roc = _roc(r)
+    roc = _roc(r) if chosen_attack != "adaptive attack" else (r.get("roc") or None)
     if not roc:
         continue
     for x, y in zip(roc.get("fpr") or [], roc.get("tpr") or [], strict=False):
@@ -188,10 +201,56 @@ else:
 masking = payload.get("masking") or payload.get("mask_experts_region")
 if isinstance(masking, dict) and masking:
     st.header("Masking where the experts point")
-    st.markdown(
-        "The square the experts of the predicted class point at is masked, and the model asked again: "
-        f"its accuracy goes from **{ui.pct(masking.get('before'))}** to "
-        f"**{ui.pct(masking.get('recovered'))}** on the attacked images.")
+    parts = [f"The {masking.get('window', '')}×{masking.get('window', '')} square the predicted class's "
+             "experts point at most is masked, and the model asked again."]
+    if masking.get("recovered") is not None:
+        parts.append(f"On the {masking.get('n_attacked', '')} successfully attacked images the true class "
+                     f"comes back for **{ui.pct(masking['recovered'])}**"
+                     + (f"; the masked square covers the patch in **{ui.pct(masking['hits_patch'])}** of "
+                        "them" if masking.get("hits_patch") is not None else "") + ".")
+    if masking.get("clean_still_correct") is not None:
+        parts.append(f"On clean images the same masking keeps **{ui.pct(masking['clean_still_correct'])}** "
+                     f"correct (from {ui.pct(masking.get('clean_correct_before'))} unmasked).")
+    st.markdown(" ".join(parts))
+
+features = payload.get("features") or []
+if features:
+    with st.expander("Each influence feature alone (AUC) and its weight in the combined detector"):
+        st.dataframe(pd.DataFrame(features), hide_index=True,
+                     column_config={"auc": st.column_config.NumberColumn("AUC", format="%.3f"),
+                                    "weight": st.column_config.NumberColumn(format="%.3g")})
+
+examples = payload.get("examples") or {}
+ex_x = examples.get("x")
+if ex_x is not None and len(ex_x):
+    import numpy as np
+
+    xs = np.asarray(ex_x, dtype=float)
+    if xs.min() >= -1e-6 and xs.max() <= 1 + 1e-6:  # [0, 1] pictures: drawable as they are
+        SCALE = ui.scale_for(facts.get("size"))
+        st.header("Attacked images")
+        clean = examples.get("x_clean")
+        patch = examples.get("patch")
+        emap = examples.get("expert_map")
+        pics, caps = [], []
+        for i in range(len(xs)):
+            y, pred = examples.get("y"), examples.get("pred")
+            tag = (f"{ui.class_name(int(np.asarray(y)[i]), facts)} → "
+                   f"{ui.class_name(int(np.asarray(pred)[i]), facts)}"
+                   if y is not None and pred is not None else f"image {i + 1}")
+            if clean is not None:
+                pics.append(ui.picture(np.asarray(clean, dtype=float)[i], SCALE))
+                caps.append(f"clean ({tag.split(' → ')[0]})")
+            hw = tuple(facts.get("size") or xs.shape[-2:])
+            pics.append(ui.tinted(xs[i], None if patch is None else np.asarray(patch)[i].reshape(
+                hw).astype(bool), SCALE))
+            caps.append(f"attacked, patch in red ({tag})")
+            if emap is not None:
+                pics.append(ui.overlay(xs[i], np.asarray(emap, dtype=float)[i], SCALE))
+                caps.append("where the experts of the predicted class look")
+        st.image(pics, caption=caps)
+    else:
+        said_missing.append("display-ready attacked examples (examples are in the model's input scale)")
 
 if said_missing:
     st.caption("Not in this build's detection payload (nothing drawn for it): "

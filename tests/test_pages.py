@@ -393,7 +393,7 @@ def user_app(user_cases, casebook_cache, monkeypatch):
 
 
 CHAPTERS = ["chapters/case_study.py", "chapters/influence.py", "chapters/representations.py",
-            "chapters/corrections.py", "chapters/essence.py", "chapters/method.py"]
+            "chapters/corrections.py", "chapters/essence.py", "chapters/detection.py", "chapters/method.py"]
 
 
 def test_user_case_is_listed_and_its_models_are_offered(user_app):
@@ -691,3 +691,43 @@ def test_switching_case_resets_choices_the_new_case_lacks(user_app):
     assert at.sidebar.selectbox(key="qp-model").value == "vanilla"
     assert at.selectbox(key="qp-cls").value == 0
     assert at.header[0].value == "Experts of conv1 for class circle"
+
+
+def test_detection_chapter_reads_the_stage_payload_as_core_writes_it(stub):
+    rng = np.random.default_rng(0)
+    payload = {
+        "rows": [{"detector": d, "uses_influence": inf, "layer": "conv1", "what": f"{d} score",
+                  "auc": auc, "tpr_at_1": t1, "tpr_at_5": t5, "tpr_at_25": t25, "n_clean": 30,
+                  "n_attacked": 20}
+                 for d, inf, auc, t1, t5, t25 in [("max_softmax", False, 0.6, 0.0, 0.1, 0.3),
+                                                  ("influence_combined", True, 0.9, 0.3, 0.6, 0.9)]],
+        "roc": {"max_softmax": {"fpr": [0, 0.5, 1], "tpr": [0, 0.6, 1]},
+                "influence_combined": {"fpr": [0, 0.1, 1], "tpr": [0, 0.8, 1]}},
+        "features": [{"feature": "conv1 point", "auc": 0.8, "weight": 1.5}],
+        "attack": {"size": 12, "steps": 80, "step_size": 0.05, "seed": 0, "model": "onet",
+                   "success": {"overall": 0.75, "face": 0.8, "non-face": 0.7}, "n_held_out": 30,
+                   "knows": "white box: the model's weights and gradients; not the detector"},
+        "masking": {"recovered": 0.4, "clean_still_correct": 0.9, "clean_correct_before": 0.95,
+                    "window": 12, "hits_patch": 0.6, "n_attacked": 20},
+        "adaptive": {"success": 0.5, "weight": 1.0, "layer": "conv1",
+                     "rows": [{"detector": "influence_combined", "uses_influence": True, "auc": 0.7,
+                               "tpr_at_1": 0.1, "tpr_at_5": 0.2, "tpr_at_25": 0.5}]},
+        "examples": {"x": rng.random((2, 3, 48, 48)), "x_clean": rng.random((2, 3, 48, 48)),
+                     "patch": np.zeros((2, 1, 48, 48), bool), "y": np.array([0, 1]),
+                     "pred": np.array([1, 0]), "expert_map": rng.normal(size=(2, 48, 48))},
+    }
+    stub(payload)
+    at = AppTest.from_file(str(ROOT / "chapters" / "detection.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = next(d.value for d in at.dataframe if "AUC" in d.value.columns)
+    assert table["TPR at 5% FPR"].tolist() == pytest.approx([0.1, 0.6])
+    assert table["uses influence"].tolist() == ["no", "yes"]
+    text = _texts(at)
+    assert "white box" in text and "overall **75.0%**" in text and "**40.0%**" in text
+    assert len(at.get("vega_lite_chart")) == 1
+    assert len(at.image) == 1 and len(at.image[0].proto.imgs) == 6  # clean, attacked, experts × 2
+    at.radio(key="qp-attack").set_value("adaptive attack").run()
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "AUC" in d.value.columns)
+    assert table["AUC"].tolist() == pytest.approx([0.7])
+    assert "50.0%" in _texts(at)
