@@ -500,7 +500,8 @@ class CaseStudy:
         if digest is None or models is None:
             return None
         config = {k: v for k, v in self.config.experts.items() if k != "primary_layer"}
-        return key_of(stage="experts", version=stage_code("experts"), config=config,
+        return key_of(stage="experts", version=stage_code("experts", (self.config.adapter.module,)),
+                      config=config,
                       data=digest, models=models, reference=self.reference, seed=0,
                       device=self._device_type())
 
@@ -1042,18 +1043,32 @@ class CaseStudy:
                 layer = name.split("/")[1]
                 r["threshold"] = th.get(layer)
                 r["rows"] = [self._flag(x, th.get(layer)) for x in r["rows"]]
+            checks = self._expert_checks(results)
             prov = _provenance(time.perf_counter() - t0, self.device)
             chance = self._chance()
             payload = {"rows": rows, "results": results, "layers": list(e["layers"]),
+                       "checks": checks,
                        "classes": list(e["classes"]), "models": list(self.model_names),
                        "chance": chance, "thresholds": thresholds,
                        "shortcut_rule": self._rule(), "provenance": prov}
             # The report's rows ride in the meta line too: report() then needs no torch.load.
             return payload, {"stage": "experts", "case": self.name, "provenance": prov,
                              "rows": _plain(rows), "thresholds": thresholds,
-                             "classes": list(e["classes"])}
+                             "classes": list(e["classes"]), "checks": _plain(checks)}
 
         return self._run_stage(key, compute, force, p)
+
+    def _expert_checks(self, results: dict) -> dict | None:
+        """A case's own checks of every expert (``CaseData.extra["expert_checks"]``, a
+        ``module:function`` of core taking ``(study, results)`` and returning plain JSON), e.g.
+        the faces case's landmark mass; None when the case has none."""
+        spec = (self.data().extra or {}).get("expert_checks")
+        if not spec:
+            return None
+        module, _, fn = str(spec).partition(":")
+        if not module.startswith("core."):
+            raise CaseError(f"{self.name}: expert_checks must name a core module, got {spec!r}")
+        return getattr(importlib.import_module(module), fn)(self, results)
 
     def _rule(self) -> str | None:
         chance = self._chance()
@@ -1332,6 +1347,8 @@ class CaseStudy:
                     "top": [dict(r) for r in meta["rows"]],
                     "summary": self._experts_summary(meta["rows"]),
                 }
+                if meta.get("checks"):
+                    rep["experts"]["checks"] = meta["checks"]
                 self._add_prov(prov, "experts", meta.get("provenance"))
         for stage in DELEGATED:
             if status[stage]:

@@ -281,6 +281,8 @@ def faces_data(dataset: dict | None = None, base_dir: str | Path | None = None) 
         "train_watermarked": float(on.float().mean()),
         "train_relabelled": float((shortcut_labels != ya).float().mean()),
         "identities": "none: lfw_subset has no identity labels, so splits are held out by image",
+        # the experts stage also measures every expert against O-Net's landmarks (checks.py)
+        "expert_checks": "core.cases.faces.checks:expert_landmarks",
     }
     return CaseData(train=train, val=val, test=test, class_names=CLASS_NAMES,
                     source="skimage.data.lfw_subset", seed=cfg["seed"], region_name="watermark",
