@@ -715,6 +715,21 @@ def set_label(name: str) -> str:
     return str(name).replace("_", " ")
 
 
+def held_out_sets(facts: dict | None = None) -> list[str]:
+    """The case's evaluation sets that are not validation sets, the headline first (what the
+    narrative and the corrections compare; validation sets tune, they do not judge)."""
+    f = facts if facts is not None else _LAST_FACTS
+    sets = [str(x) for x in f.get("evaluation_sets") or []]
+
+    def is_val(name: str) -> bool:
+        parts = name.split("_")
+        return "val" in parts or "validation" in parts
+
+    head = f.get("headline")
+    out = [x for x in sets if not is_val(x)] or sets
+    return ([head] if head in sets else []) + [x for x in out if x != head]
+
+
 def no_region_note(facts: dict | None = None) -> str:
     return ("This case names no region (no per-image mask of a suspected shortcut), so there are no "
             "localisation measures and no shortcut verdicts here; the influence views still show "

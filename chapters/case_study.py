@@ -172,8 +172,7 @@ sub, ref = models.get(subject) or {}, models.get(reference) or {}
 s_train, s_head = sub.get("train_acc"), sub.get(hkey) if hkey else None
 r_head = ref.get(hkey) if hkey else None
 hname = ui.set_label(headline) if headline else "headline"
-other_sets = [s for s in facts.get("evaluation_sets") or []
-              if s != headline and sub.get(f"{s}_acc") is not None]
+other_sets = [s for s in ui.held_out_sets(facts) if s != headline and sub.get(f"{s}_acc") is not None]
 
 if reference is None or r_head is None:
     st.header("What the accuracy says")

@@ -26,8 +26,8 @@ HEAD = facts.get("headline")
 HKEY = f"{HEAD}_acc" if HEAD else None
 HNAME = ui.set_label(HEAD) if HEAD else "headline set"
 SETS = list(facts.get("evaluation_sets") or [])
-# The sets the table shows: the test-like ones when the case names them, else every one.
-SHOW = [x for x in SETS if "test" in x] or SETS
+# The sets the table shows: every held-out set, the headline first (validation sets only tune).
+SHOW = ui.held_out_sets(facts)
 OTHER = [x for x in SHOW if x != HEAD]
 MASS_KEY = facts.get("region_alias") or "region_mass"
 MASS_LABEL = (facts.get("region_alias") or f"{REGION} mass").replace("_", " ") if REGION else None
