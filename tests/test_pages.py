@@ -310,7 +310,6 @@ def test_missing_results_are_offered_and_built_from_the_page(app, tmp_path, monk
 EXAMPLE_EXPERTS = """
 [experts]
 layers = ["conv1", "fc1"]
-classes = [0, 1, 2]   # explicit: a default is resolved only once the data loads (core)
 k = 2
 bootstrap = 5
 n_images = 2
@@ -682,12 +681,13 @@ def test_detection_chapter_offers_its_build(stub):
     assert study.builds == [["detection"]] and len(at.get("vega_lite_chart")) == 1
 
 
-def test_switching_case_resets_choices_the_new_case_lacks(user_app):
+def test_switching_case_resets_choices_the_new_case_lacks(user_app, small_study):
     make, _ = user_app
     at = make("decoy-mnist-small", "chapters/influence.py", model="clean", cls=7)
     assert at.selectbox(key="qp-cls").value == 7
     at.sidebar.selectbox(key="qp-case").set_value("shapes").run()
     assert not at.exception, [e.value for e in at.exception]
+    assert not at.info, [i.value for i in at.info]
     assert at.sidebar.selectbox(key="qp-model").value == "vanilla"
     assert at.selectbox(key="qp-cls").value == 0
     assert at.header[0].value == "Experts of conv1 for class circle"
