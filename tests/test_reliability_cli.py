@@ -118,3 +118,38 @@ def test_case_files_that_are_not_regular_small_files_are_refused(tmp_path):
     with pytest.raises(CaseError) as info:
         CaseStudy.open(str(tmp_path / "absent.toml"))
     assert str(tmp_path) not in str(info.value)  # no server path in a message
+
+
+def test_editing_a_module_rebuilds_exactly_the_stages_that_import_it(tmp_path):
+    """Stage keys follow what each stage's module imports (issue 11: the corrections stage used
+    to ignore core/representations.py and served stale results after an edit)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "core", tmp_path / "core",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import json; from core.casestudy.registry import STAGES, stage_code; "
+            "print(json.dumps({s: stage_code(s) for s in STAGES}))")
+
+    def versions() -> dict:
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    before = versions()
+    with open(tmp_path / "core" / "representations.py", "a") as f:
+        f.write("\n# an edit\n")
+    after = versions()
+    changed = {s for s in before if before[s] != after[s]}
+    assert {"representations", "corrections"} <= changed  # corrections runs representations code
+    assert not changed & {"data", "models", "experts"}
+    with open(tmp_path / "core" / "influence.py", "a") as f:
+        f.write("\n# an edit of the engine\n")
+    engine = versions()
+    assert {"experts", "representations", "corrections"} <= {s for s in after
+                                                             if after[s] != engine[s]}
+    assert after["data"] == engine["data"] and after["models"] == engine["models"]

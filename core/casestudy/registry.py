@@ -76,7 +76,15 @@ def _fallback_hash(modules: tuple[str, ...]) -> str:
 
 def code_version(modules: tuple[str, ...] | list[str]) -> str:
     """A short hash of the source of ``modules`` and every core module they import (transitively,
-    including imports inside functions); computed without importing anything."""
+    including imports inside functions); computed without importing anything.
+
+    Memoised for the life of the process: a running server keys its results by the code it
+    loaded, not by files edited under it (a restarted process sees the edit and rebuilds)."""
+    return _code_version(tuple(modules))
+
+
+@functools.cache
+def _code_version(modules: tuple[str, ...]) -> str:
     modules = tuple(m for m in modules if module_exists(m))
     try:
         from core.codehash import code_hash
