@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("skimage")
 
-from core.casestudy import CaseStudy, case_files  # noqa: E402
 from core.cases.faces.onet import onet_weights_path  # noqa: E402
+from core.casestudy import CaseStudy, case_files  # noqa: E402
 
 try:
     onet_weights_path()
