@@ -5,6 +5,8 @@
     python -m core report decoy-mnist [--json] [--seeds N] [--cache DIR]
     python -m core list [--cache DIR]
     python -m core new-case DIR       # a working example of your own case to start from
+    python -m core export decoy-mnist --html report.html   # one self-contained HTML file
+    python -m core readme [--check]   # README's generated blocks from the built cases
 
 A case is a known name (the built-ins under ``core/cases/``, and the TOML files under
 ``$CASEBOOK_CASES``) or a path to a TOML file. Bad input (unknown case, malformed TOML, unknown
@@ -65,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("new-case", help="write a working example case to start your own from")
     n.add_argument("dir", help="an empty or new folder")
+
+    ex = sub.add_parser("export", help="the report as one self-contained HTML file (never computes)")
+    ex.add_argument("case")
+    ex.add_argument("--html", required=True, metavar="FILE", help="where to write it")
+    common(ex)
 
     rd = sub.add_parser("readme", help="rewrite README.md's generated blocks from the built cases")
     rd.add_argument("--check", action="store_true",
@@ -168,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return _new_case(args, CaseError)
         if args.command == "readme":
             return _readme(args, CaseStudy)
+        if args.command == "export":
+            return _export(args, CaseStudy, CaseError)
         if args.seeds is not None and args.seeds < 1:
             raise CaseError(f"--seeds must be at least 1, got {args.seeds}")
         if args.seeds is not None and args.seeds > 64:
@@ -254,6 +263,24 @@ def _readme(args, CaseStudy) -> int:
     if new != text:
         path.write_text(new)
     print(f"README.md: {len(blocks)} generated block(s) written", file=sys.stderr)
+    return 0
+
+
+def _export(args, CaseStudy, CaseError) -> int:
+    from pathlib import Path
+
+    from core.export import html_report
+
+    study = CaseStudy.open(args.case, cache_dir=args.cache)
+    if not study.status().get("data"):
+        raise CaseError(f"{study.name} is not built; run python -m core build {args.case}")
+    text = html_report(study)
+    out = Path(args.html)
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CaseError(f"cannot write {out.name}: {exc.strerror}") from None
+    print(f"{out}: {len(text) / 1024:.0f} KiB, self-contained", file=sys.stderr)
     return 0
 
 
