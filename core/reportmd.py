@@ -107,6 +107,14 @@ def _experts(rep: dict) -> list[str]:
     out.append("")
     out += _table(["layer", "model", "experts carrying the shortcut", "threshold",
                    "mean region mass", "zero-width intervals"], rows)
+    fa = e.get("false_alarms")
+    if fa:
+        model = next(iter(fa.values()))["model"]
+        out.append("")
+        out.append(f"False alarms of the rule: `{model}` is a model that does not use the region "
+                   "(see its accuracies above); the share of its experts the rule flags, per "
+                   "layer: " + ", ".join(f"{layer} {v['n_flagged']}/{v['n']}"
+                                         for layer, v in fa.items()) + ".")
     out.append("")
     out.append("A zero-width bootstrap interval is degenerate evidence, not stability: at a layer "
                "whose influence is a fixed weight row times a gate, resampling the images cannot "

@@ -90,6 +90,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "shortcut_factor": ((float,), 5.0),
         "shortcut_quantile": ((float,), 0.95),
         "primary_layer": ((str,), None),  # the report's "layer" (default: the first of layers)
+        "control": ((str,), None),  # a model known not to use the region: its flagged experts
+        # are the shortcut rule's false alarms, reported beside the verdicts
     },
 }
 MODEL_KEYS = {
@@ -494,6 +496,10 @@ def parse_config(raw: dict, path: Path, name: str) -> CaseConfig:
                         f"({', '.join(models)})")
     if reference == next(iter(models)):
         raise CaseError(f"{src}: reference {reference!r} is the model under study itself")
+    control = experts.get("control")
+    if control is not None and (control not in models or control == next(iter(models))):
+        raise CaseError(f"{src}: experts.control {control!r} must name one of the models other "
+                        f"than the one under study ({', '.join(list(models)[1:]) or 'none'})")
     for spec in models.values():
         if spec.arch is not None:
             from core.casestudy.facts import ARCH_NAMES

@@ -1349,6 +1349,12 @@ class CaseStudy:
                 }
                 if meta.get("checks"):
                     rep["experts"]["checks"] = meta["checks"]
+                control = e.get("control")
+                if control and chance is not None:
+                    rep["experts"]["false_alarms"] = {
+                        layer: {"model": control, "n": s["n"], "n_flagged": s["n_shortcut"],
+                                "rate": s["n_shortcut"] / s["n"] if s["n"] else None}
+                        for layer, s in rep["experts"]["summary"].get(control, {}).items()}
                 self._add_prov(prov, "experts", meta.get("provenance"))
         for stage in DELEGATED:
             if status[stage]:
