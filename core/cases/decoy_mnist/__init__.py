@@ -36,14 +36,17 @@ CHANNELS, SIZE = 1, (28, 28)
 # Priors that only make sense for this case (DESIGN §5): MNIST digits are size-normalised into a
 # 20×20 box centred in the 28×28 image, so a 4-pixel border holds no digit ink.
 DIGIT_BOX = 20
-# Published anchors (Ross et al. 2017, the same generator on 60k MNIST, an MLP).
+# Published anchors, shown beside the corrections (DESIGN §5): RRR on the same generator.
 ANCHORS = [
-    {"source": "Ross et al. 2017 (RRR), MLP, 60k MNIST", "method": "vanilla",
-     "decoy_test_acc": 0.5155, "train_acc": 0.9969},
-    {"source": "Ross et al. 2017 (RRR), MLP, 60k MNIST", "method": "rrr",
-     "decoy_test_acc": 0.9607},
-    {"source": "Ross et al. 2017 (RRR), MLP, 60k MNIST", "method": "clean",
-     "decoy_test_acc": 0.9611},
+    {"source": "Ross, Hughes & Doshi-Velez 2017 (Right for the Right Reasons), DecoyMNIST",
+     "setup": "60,000 MNIST training images, a multilayer perceptron, the same decoy generator "
+              "(4×4 corner patch, shade 255 − 25·label in training, random in test)",
+     "vanilla_train_acc": 0.9969, "vanilla_decoy_test_acc": 0.5155, "rrr_decoy_test_acc": 0.9607,
+     "clean_decoy_test_acc": 0.9611,
+     "gap_closed": (0.9607 - 0.5155) / (0.9611 - 0.5155),
+     "differs": "here: {n_train:,} training images ({source}), a CNN with padded 5×5 "
+                "convolutions instead of an MLP, and a few epochs of fine-tuning of the trained "
+                "vanilla model instead of training with the penalty from scratch"},
 ]
 
 
