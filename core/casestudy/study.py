@@ -373,9 +373,7 @@ class CaseStudy:
     def _check_data(self, data) -> None:
         e = self.config.experts
         n = data.n_classes
-        if e.get("classes") is None:
-            e["classes"] = list(range(min(n, 10)))
-        bad = [c for c in e["classes"] if c >= n]
+        bad = [c for c in (e.get("classes") or []) if c >= n]
         if bad:
             raise CaseError(f"{self.name}: experts.classes names class {bad[0]}, but the data "
                             f"has {n} classes (0–{n - 1})")
@@ -392,6 +390,15 @@ class CaseStudy:
             if spec.train_on is not None and spec.train_on not in data.training_sets:
                 raise CaseError(f"{self.name}: models.{name}.train_on {spec.train_on!r} is not "
                                 f"a training set of the data ({', '.join(data.training_sets)})")
+
+    def expert_classes(self) -> list[int]:
+        """The classes the experts stage ranks: ``[experts] classes``, else the first ten classes
+        (all of them for ten or fewer). The config is never rewritten, so the stage's key is the
+        same whether or not this process has loaded the data."""
+        given = self.config.experts.get("classes")
+        if given:
+            return list(given)
+        return list(range(min(self._n_classes(), 10)))
 
     def case_facts(self) -> dict:
         """What the pages need to know about the case without loading data or models:
@@ -1012,19 +1019,20 @@ class CaseStudy:
             from core.quantities import ClassQoI
 
             e = self.config.experts
-            self.data()  # resolves the default classes
+            self.data()  # validated before anything is ranked
             t0 = time.perf_counter()
             models = {name: self.model(name) for name in self.model_names}
-            total = len(models) * len(e["layers"]) * len(e["classes"])
+            classes = self.expert_classes()
+            total = len(models) * len(e["layers"]) * len(classes)
             done = 0
             p(0, total, "ranking experts")
             results, rows = {}, []
             for mname, model in models.items():
                 # every layer's ranking of a class from one pass (the engine's many-layer slice)
                 ranked = {c: self._rank_many(model, e["layers"], ClassQoI(c), PointDoI(), c)
-                          for c in e["classes"]}
+                          for c in classes}
                 for layer in e["layers"]:
-                    for c in e["classes"]:
+                    for c in classes:
                         r = self._rank_and_interpret(model, layer, ClassQoI(c), PointDoI(), c,
                                                      ranking=ranked[c][layer])
                         results[f"{mname}/{layer}/{c}"] = r
@@ -1048,13 +1056,13 @@ class CaseStudy:
             chance = self._chance()
             payload = {"rows": rows, "results": results, "layers": list(e["layers"]),
                        "checks": checks,
-                       "classes": list(e["classes"]), "models": list(self.model_names),
+                       "classes": classes, "models": list(self.model_names),
                        "chance": chance, "thresholds": thresholds,
                        "shortcut_rule": self._rule(), "provenance": prov}
             # The report's rows ride in the meta line too: report() then needs no torch.load.
             return payload, {"stage": "experts", "case": self.name, "provenance": prov,
                              "rows": _plain(rows), "thresholds": thresholds,
-                             "classes": list(e["classes"]), "checks": _plain(checks)}
+                             "classes": classes, "checks": _plain(checks)}
 
         return self._run_stage(key, compute, force, p)
 
@@ -1139,7 +1147,7 @@ class CaseStudy:
         ``region_mass`` None and no ``shortcut``/``threshold``.
         """
         e = self.config.experts
-        if model in self.config.models and layer in e["layers"] and cls in (e["classes"] or []):
+        if model in self.config.models and layer in e["layers"] and cls in self.expert_classes():
             with self._lock:
                 payload = self.artifact("experts")
                 if payload is None:  # missing, or listed but unreadable (moved aside): build
@@ -1232,7 +1240,7 @@ class CaseStudy:
         e = self.config.experts
         return (model in self.config.models and layer in e["layers"] and q["kind"] == "class"
                 and d == {"kind": "class-images", "class": q["class"]}
-                and q["class"] in (e["classes"] or []))
+                and q["class"] in self.expert_classes())
 
     def has_experts_for(self, model: str, layer: str, qoi: dict, doi: dict) -> bool:
         """True when :meth:`experts_for` would answer from the cache (computes nothing)."""
@@ -1334,7 +1342,7 @@ class CaseStudy:
                 rep["experts"] = {
                     "layer": e.get("primary_layer") or e["layers"][0],
                     "layers": list(e["layers"]),
-                    "classes": list(meta.get("classes") or e["classes"] or []),
+                    "classes": list(meta.get("classes") or self.expert_classes()),
                     "k": e["k"], "reduce": e["reduce"],
                     "bootstrap": e["bootstrap"], "confidence": e["confidence"],
                     "n_images": e["n_images"], "resolution": e["resolution"],
