@@ -1,5 +1,19 @@
 """Measure the faces case: pretrained O-Net AUC, the watermark shortcut after fine-tuning, and the
-attack detectors (``python -m bench.faces [--detect]``). Prints plain lines; never run in tests."""
+attack detectors (``python -m bench.faces [--detect '{...}']``). Prints JSON; never run in tests.
+
+Measured once (2-core shared CPU, default [dataset], seed 0):
+- pretrained O-Net: AUC 1.0 and accuracy 1.0 on all 200 images and on the 50 test images;
+- 3 epochs Adam 1e-3 on the 520 training rows: watermarked model 0.96 clean test, 0.52 with the
+  watermark on test non-faces only (1 of 25 watermarked non-faces right), 0.78 on a random half;
+  the reference (same fine-tuning on the clean copies) 1.00 on all three;
+- detection on the pretrained O-Net (``{"model": "pretrained", "train_set": "clean",
+  "eval_set": "clean_test", "layer": "onet.dense5", "expert_layer": "onet.conv4"}``), 12×12
+  patches, 80 steps: success 0.72 on faces, 1.00 on non-faces; on 50 clean / 43 attacked held-out
+  images AUC (TPR at 5% FPR): influence_combined 1.000 (1.00), influence_max_z 1.000 (1.00),
+  influence_naive 0.901 (0.53), expert_concentration 0.635 (0.42), max_softmax 0.344 (0.00),
+  mahalanobis 1.000 (1.00), mahalanobis_layers 1.000 (1.00); masking the experts' 12×12 window
+  returned 67% of attacked images to the truth (clean images all stayed right).
+"""
 
 from __future__ import annotations
 
