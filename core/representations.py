@@ -122,12 +122,18 @@ class _Reindexed(Distribution):
     def __init__(self, doi: Distribution, index: Tensor):
         self.doi, self.index = doi, index
         self.resolution, self.at = doi.resolution, doi.at
+        if hasattr(doi, "baseline_at"):
+            self.baseline_at = doi.baseline_at
 
     def points(self, z: Tensor, n: Tensor, r: Tensor) -> Tensor:
         return self.doi.points(z, self.index.to(n.device)[n], r)
 
-    def baseline(self, z: Tensor) -> Tensor:
-        return self.doi.baseline(z)
+    def baseline(self, z: Tensor, n: Tensor | None = None) -> Tensor | None:
+        # a per-example baseline follows the caller's index too
+        return self.doi.baseline(z, None if n is None else self.index.to(n.device)[n])
+
+    def weights(self) -> Tensor | None:
+        return self.doi.weights()
 
     def __repr__(self) -> str:
         return repr(self.doi)

@@ -394,3 +394,21 @@ def test_internal_influence_with_the_path_doi_ranks_experts_in_attribution_space
         got = next(i for i in info["classes"] if i["class"] == c)
         assert got["units"] == want.units
         assert got["scores"] == pytest.approx([e.score for e in want.experts], rel=1e-5)
+
+
+def test_reindexed_doi_keeps_the_quadrature_weights_and_per_example_baselines():
+    """A DoI seen through attribute()'s index map computes what the DoI itself does: the
+    quadrature's weights and a per-example baseline follow along (found by the engine review)."""
+    from core.distributions import LinearDoI
+    from core.influence import influence
+    from core.representations import _Reindexed
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x = torch.randn(5, 4)
+    base = torch.randn(5, 4)
+    for doi in (LinearDoI(4, method="gausslegendre"), LinearDoI(3, baseline=base)):
+        want = influence(net, x, None, ClassQoI(1), doi, per_input=True, multiply=True)
+        got = influence(net, x, None, ClassQoI(1), _Reindexed(doi, torch.arange(5)),
+                        per_input=True, multiply=True)
+        torch.testing.assert_close(got, want)
