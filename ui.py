@@ -698,7 +698,7 @@ def model_label(name: str, labels: dict[str, str] | None = None, facts: dict | N
     if name == subject:
         return f"{name} (under study)"
     if name == reference:
-        return f"{name} (reference)"
+        return str(name) if "reference" in str(name).lower() else f"{name} (reference)"
     if name in (f.get("models") or []):
         return str(name)
     return f"{(labels or {}).get(name, name)} (correction of {subject or 'the model under study'})"
