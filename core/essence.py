@@ -286,10 +286,13 @@ class _Cut:
             g = _tail(self.model, self.layer)
             if g is not None:
                 try:
-                    ok = torch.allclose(g(z[:2]), self.model(x[:2].to(self.device)), rtol=1e-4, atol=1e-5)
+                    ok = torch.allclose(g(z[:2].clone()), self.model(x[:2].to(self.device)),
+                                        rtol=1e-4, atol=1e-5)
                 except Exception:
                     ok = False
-                g = g if ok else None
+                # the tail may start with an in-place op (a VGG's ReLU(inplace=True)): give it a
+                # copy, so the slice z shared by every masked variant is never overwritten
+                g = (lambda t, _g=g: _g(t.clone())) if ok else None
             self.tail = g
         if self.fold is False:
             fold = _Fold.plan(self.model, self.layer)
