@@ -200,16 +200,7 @@ def _open_study(case: str, cache_dir: str | None, device: str):
     from core.casestudy import CaseStudy
 
     # A name from list_cases() only: a URL never makes the server read a path (issue 11).
-    study = CaseStudy.open(case, cache_dir=cache_dir, device=device, allow_path=False)
-    # A case that leaves experts.classes to its default resolves it only when its data loads, and
-    # the experts stage's key depends on it: load the data once per process (cheap, deterministic)
-    # so that status() agrees with what a build wrote. (Remove once core resolves it on open.)
-    if (getattr(study.config, "experts", None) or {}).get("classes") is None:
-        try:
-            study.data()
-        except Exception:  # noqa: BLE001 - data that cannot load: the chapters say so when asked
-            pass
-    return study
+    return CaseStudy.open(case, cache_dir=cache_dir, device=device, allow_path=False)
 
 
 def study_key(study=None) -> tuple[str, str | None, str]:
