@@ -317,6 +317,12 @@ if HAS_VERDICT:
         + (f", against **{CHANCE:.1%}** if attribution were spread evenly." if CHANCE is not None else "."))
     if RULE:
         lines.append(f"- Why that threshold: {RULE}.")
+    alarm = (rep_experts.get("false_alarms") or {}).get(layer)
+    if alarm and alarm.get("n"):
+        lines.append(
+            f"- How often the rule cries wolf: **{alarm.get('model')}**, a model that does not use the "
+            f"{REGION}, has **{alarm.get('n_flagged')} of {alarm['n']}** top experts of {layer} flagged "
+            f"({ui.pct(alarm.get('rate'))}): read the verdicts against that rate.")
 elif HAS_MASS:
     lines.append(f"- The experts' mean {MASS_LABEL} is **{float(table[MASS_KEY].mean()):.0%}**.")
 else:
