@@ -783,7 +783,10 @@ def build_stage(study, progress=None) -> dict:
 
     n_ex = min(cfg["n_examples"], int(ok.sum()))
     idx = ok.nonzero().flatten()[:n_ex]
-    examples = {"x": adv[idx].float(), "x_clean": held.x[idx].float(), "patch": patch[idx],
+    # for display: un-normalised images in [0, 1] ((n, H, W) or (n, H, W, 3)), as the pages draw
+    show = (lambda t: torch.from_numpy(data.display(t.detach().cpu())).float()) \
+        if hasattr(data, "display") else (lambda t: t.detach().cpu().float())
+    examples = {"x": show(adv[idx]), "x_clean": show(held.x[idx]), "patch": patch[idx],
                 "y": held.y[idx], "pred": pred_adv[idx]}
     if n_ex:
         examples["expert_map"] = expert_maps(model, adv[idx], expert_layer, pred_adv[idx],

@@ -17,7 +17,10 @@ def _as_map(attr) -> np.ndarray:
 
 
 def _as_gray(image) -> np.ndarray:
-    img = _as_map(image)
+    a = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image, dtype=np.float64)
+    if a.ndim == 3 and a.shape[-1] == 3 and a.shape[0] != 3:  # a display image (H, W, 3)
+        a = a.mean(-1)
+    img = _as_map(a)
     lo, hi = img.min(), img.max()
     return np.zeros_like(img) if hi <= lo else (img - lo) / (hi - lo)
 

@@ -460,8 +460,9 @@ def _nanmean(t: Tensor) -> float | None:
     return float(t[ok].mean()) if ok.any() else None
 
 
-def metrics_info() -> dict:
-    """For every row metric: label, direction (↑/↓), description and implementation."""
+def metrics_info(region: str | None = None) -> dict:
+    """For every row metric: label, direction (↑/↓), description and implementation;
+    ``region_mass`` is labelled with the case's region name."""
     impl = {
         "decoy_mass": "core.metrics (batched torch); equals Quantus RelevanceMassAccuracy on "
                       "non-negative maps (tested)",
@@ -478,6 +479,10 @@ def metrics_info() -> dict:
         out[key] = {"label": info.label, "higher_is_better": bool(info.higher_is_better),
                     "arrow": "↑" if info.higher_is_better else "↓",
                     "description": info.description, "implementation": impl[key]}
+    # the case-generic name of the localisation metric (decoy_mass is DecoyMNIST's alias of it)
+    out["region_mass"] = {**out["decoy_mass"], "label": f"{region or 'region'} mass",
+                          "description": out["decoy_mass"]["description"].replace(
+                              "decoy patch", region or "region").replace("decoy", "region")}
     return out
 
 
@@ -621,7 +626,7 @@ def build_stage(study, progress=None) -> dict:
                    "index": list(range(n_display))},
         "curves": {"fraction": fraction, "deletion": deletion, "insertion": insertion},
         "mprt": {"layers": layers, "row": "last", "n_images": n_mprt, "curves": mprt_curves},
-        "metrics_info": metrics_info(),
+        "metrics_info": metrics_info(data.region_name if has_region else None),
         "methods": [METHODS[m].row() for m in methods],
         "experts": expert_info,
         "config": cfg_out,
