@@ -57,7 +57,9 @@ def _layers() -> list[str]:
 
 
 LAYERS = _layers()
-PRECOMPUTED_CLASSES = [int(c) for c in (cfg.get("classes") or CLASSES)]
+# The classes the experts stage ranks (core's rule: [experts] classes, else the first ten classes).
+PRECOMPUTED_CLASSES = [int(c) for c in (study.expert_classes() if hasattr(study, "expert_classes")
+                                        else cfg.get("classes") or CLASSES[:10])]
 RESOLUTION = int(cfg.get("resolution", 20))
 model = ui.current_model(study)
 
@@ -295,6 +297,72 @@ if HAS_MASS:
     mcols[3].metric(MASS_LABEL, "—" if pd.isna(r[MASS_KEY]) else f"{float(r[MASS_KEY]):.0%}",
                     help=(f"chance: {CHANCE:.1%}; " if CHANCE is not None else "")
                     + (f"the rule: {RULE}" if RULE else ""))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _damp(key: tuple, case: str, model_: str, layer_: str, unit_: str, cls_: str, fill: str,
+          _study) -> dict:
+    """Damp one unit (filled with its mean activation over training images of the class) and
+    measure the class on the headline evaluation set; beside it, one random unit of the layer
+    (drawn 20 times). Keyed on strings only."""
+    import torch
+
+    from core import essence
+
+    data = _study.data()
+    split = data.evaluation_sets.get(data.headline, data.test)
+    n_max = 2000
+    x, y = split.x[:n_max], split.y[:n_max]
+    train = data.train
+    fill_from = train.x[train.y == int(cls_)][:256]
+    net = _study.model(model_)
+    dev = next(net.parameters()).device
+    with torch.no_grad():
+        x, y, fill_from = x.to(dev), y.to(dev), fill_from.to(dev)
+        out = essence.ablation(net, layer_, [int(unit_)], x, y, int(cls_), fill=fill, fill_from=fill_from)
+        rand = None
+        table_fn = getattr(essence, "ablation_table", None)
+        if callable(table_fn):
+            row = table_fn(net, layer_, x, y, {int(cls_): [int(unit_)]}, fill=fill, fill_from=fill_from,
+                           random_draws=20)[0]
+            rand = row.get("random")
+    return {**out, "random": rand, "n_images": int(len(y)), "set": str(data.headline)}
+
+
+dcol1, dcol2 = st.columns([1, 3])
+damp_key = (ui.current_case(), model, layer, str(unit), str(cls), "mean")
+with dcol1:
+    damp_clicked = st.button("Damp this unit", key="damp-unit", icon=":material/filter_alt_off:",
+                             help=f"Set unit {unit} of {layer} to its mean activation over training "
+                                  f"images of {name(cls)} and measure {name(cls)} before and after.")
+if damp_clicked:
+    st.session_state["damp-shown"] = damp_key
+if st.session_state.get("damp-shown") == damp_key:
+    ok, damp = ui.run_with_status(
+        f"Damping unit {unit} of {layer} …",
+        lambda: _damp(ui.stamp(study), *damp_key, study), done=f"Damped unit {unit} of {layer}")
+    if ok and damp:
+        with dcol2:
+            dm = st.columns(2)
+            dm[0].metric(f"accuracy on {name(cls)}", ui.pct(damp.get("acc_after")),
+                         delta=None if damp.get("acc_drop") is None else ui.pp(-damp["acc_drop"]),
+                         help=f"before: {ui.pct(damp.get('acc_before'))}")
+            lb, la = damp.get("logit_before"), damp.get("logit_after")
+            dm[1].metric(f"mean logit of {name(cls)}", "—" if la is None else f"{la:.3g}",
+                         delta=None if la is None or lb is None else f"{la - lb:+.3g}",
+                         help="before: " + ("—" if lb is None else f"{lb:.3g}"))
+            line = (f"Unit {unit} damped (mean fill): {name(cls)} accuracy "
+                    f"{ui.pct(damp.get('acc_before'))} → "
+                    f"{ui.pct(damp.get('acc_after'))}, mean logit "
+                    + ("—" if lb is None or la is None else f"{lb:.3g} → {la:.3g}")
+                    + f" on the first {damp['n_images']} images of the {ui.set_label(damp['set'])} set.")
+            rnd = damp.get("random") or {}
+            if (rnd.get("acc_drop") or {}).get("median") is not None:
+                line += (f" One random unit instead (20 draws, median): accuracy drop "
+                         f"{ui.pp(rnd['acc_drop']['median'])}, logit drop "
+                         f"{rnd['logit_drop']['median']:.3g}.")
+            st.caption(line)
+
 close = (_render(view_key, "mask", SCALE, images, maps)[k],
          _render(view_key, "heatmap", SCALE, images, maps)[k])
 n_img = len(images)

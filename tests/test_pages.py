@@ -190,6 +190,39 @@ def test_a_deep_link_reopens_the_same_view(app, small_study):
         r["unit"] for r in sorted(view["rows"], key=lambda r: r["rank"])]
 
 
+def test_damp_this_unit_shows_the_class_before_and_after(app, small_study):
+    at = app("chapters/influence.py")
+    layer = _layer(small_study)
+    unit = at.selectbox(key="qp-expert").value
+    assert at.button(key="damp-unit").label == "Damp this unit"
+    assert not any("damped (mean fill)" in c.value for c in at.caption)
+    at.button(key="damp-unit").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    line = next(c.value for c in at.caption if "damped (mean fill)" in c.value)
+    assert f"Unit {unit} damped" in line and "accuracy" in line and "mean logit" in line
+    assert "One random unit instead" in line
+    labels = [m.label for m in at.metric]
+    assert "accuracy on 0" in labels and "mean logit of 0" in labels
+    # The numbers are core's: the same ablation computed directly.
+    import torch
+
+    from core import essence
+
+    data = small_study.data()
+    split = data.evaluation_sets[data.headline]
+    x, y = split.x[:2000], split.y[:2000]
+    fill_from = data.train.x[data.train.y == 0][:256]
+    with torch.no_grad():
+        want = essence.ablation(small_study.model("vanilla"), layer, [unit], x, y, 0, fill="mean",
+                                fill_from=fill_from)
+    acc = next(m for m in at.metric if m.label == "accuracy on 0")
+    assert acc.value == ui.pct(want["acc_after"])
+    # A rerun (another widget) keeps the result, from the cache.
+    at.radio(key="qp-view").set_value("heatmap").run()
+    assert any(f"Unit {unit} damped" in c.value for c in at.caption)
+
+
 def test_comparative_quantity_is_computed_on_request(app, small_study):
     at = app("chapters/influence.py")
     at.radio(key="qp-quantity").set_value("comparative").run()
