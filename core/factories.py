@@ -332,40 +332,7 @@ def load_weights(model: nn.Module, path: Path, name: str) -> nn.Module:
     hint = "save one with torch.save(model.state_dict(), path)"
     if not path.is_file():
         raise SourceError(f"{where} does not exist or is not a file (paths are relative to the TOML)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if found:
-            raise SourceError(f"{where} holds pickled objects ({found.group(1)}), not a state dict; "
-                              f"{hint}") from exc
-        raise SourceError(f"{where} cannot be read by torch.load (truncated or not a torch.save "
-                          f"file); {hint}") from exc
-    if isinstance(state, dict):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-                break
-    if not isinstance(state, dict) or not state:
-        raise SourceError(f"{where} holds a {type(state).__name__}, not a state dict; {hint}")
-    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise SourceError(f"{where} is a dict but not of tensors (e.g. {_few(bad)}); {hint}")
-    expected = model.state_dict()
-    if all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = ([f"missing keys: {_few(missing)}"] if missing else []) + \
-                ([f"unexpected keys: {_few(unexpected)}"] if unexpected else [])
-        raise SourceError(f"{where} does not match the factory's model: " + "; ".join(parts))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(state[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise SourceError(f"{where} does not match the factory's model: shape mismatch "
-                          f"(checkpoint vs model): {_few(wrong, 3)}")
-    model.load_state_dict(state)
-    return model.eval()
+    from core.models import load_state_into, load_weights_only
+
+    obj = load_weights_only(path, where, hint, SourceError)
+    return load_state_into(model, obj, where, "the factory's model", hint, SourceError)

@@ -238,6 +238,68 @@ def _few(keys, k: int = 4) -> str:
     return ", ".join(keys[:k]) + (f" (+{len(keys) - k} more)" if len(keys) > k else "")
 
 
+def load_weights_only(path: str | Path, where: str, hint: str, error: type = ValueError):
+    """``torch.load(path, map_location="cpu", weights_only=True)``: tensors and plain containers
+    only, never code. Returns what the file holds; any failure is one line of ``error`` starting
+    with ``where`` — pickled objects named by their class, or why torch.load could not read it —
+    and ending with ``hint``."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise error(f"{where} holds pickled objects ({found.group(1)}), not a state dict of "
+                        f"plain tensors; {hint}") from exc
+        if isinstance(exc, pickle.UnpicklingError | EOFError | RuntimeError | OSError):
+            reason = "not a torch.save file, or truncated / corrupt"
+        else:
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            reason = f"{type(exc).__name__}: {lines[0][:120] if lines else 'no detail'}"
+        raise error(f"{where} could not be read by torch.load ({reason}); {hint}") from exc
+
+
+def load_state_into(model: nn.Module, obj, where: str, what: str, hint: str,
+                    error: type = ValueError) -> nn.Module:
+    """Load a checkpoint's contents ``obj`` into ``model`` and return it in eval mode.
+
+    Accepts a plain state dict, ``{"state_dict": ...}`` or ``{"model": ...}``, and strips a
+    ``module.`` prefix (DataParallel) when every key has it and the model's keys do not. One line
+    of ``error`` (starting with ``where``, naming ``what`` it should match) when it is not a dict of
+    tensors, when keys are missing or unexpected (a few of each), or shapes differ."""
+    state = obj
+    if isinstance(state, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not state:
+        raise error(f"{where} holds a {type(state).__name__}, not a state dict; {hint}")
+    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or
+           not isinstance(v, torch.Tensor)]
+    if bad:
+        raise error(f"{where} is a dict but not of tensors (e.g. {_few(bad)}); {hint}")
+    expected = model.state_dict()
+    if all(k.startswith("module.") for k in state) and not any(k.startswith("module.")
+                                                               for k in expected):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing keys: {_few(missing)}"] if missing else []) + \
+                ([f"unexpected keys: {_few(unexpected)}"] if unexpected else [])
+        raise error(f"{where} does not match {what}: " + "; ".join(parts))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise error(f"{where} does not match {what}: shape mismatch (checkpoint vs model): "
+                    f"{_few(wrong, 3)}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def load_checkpoint(path: str | Path, arch: str = "decoy-cnn", **kwargs) -> nn.Module:
     """Build ``arch`` (with ``kwargs``) and load the state dict at ``path``; the model is in eval mode.
 
@@ -245,53 +307,10 @@ def load_checkpoint(path: str | Path, arch: str = "decoy-cnn", **kwargs) -> nn.M
     unreadable, is not a state dict, or does not fit the architecture.
     """
     path = Path(path)
+    where = f"checkpoint {str(path)!r}"
     if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist or is not a file")
+        raise ValueError(f"{where} does not exist or is not a file")
     hint = "expected a state dict (model.state_dict()) saved with torch.save"
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it all
-            warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if found:
-            raise ValueError(f"checkpoint {str(path)!r} holds pickled objects ({found.group(1)}), "
-                             f"not plain tensors; {hint}") from exc
-        if isinstance(exc, pickle.UnpicklingError | EOFError | RuntimeError | OSError):
-            reason = "not a torch.save file, or truncated / corrupt"
-        else:
-            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-            reason = f"{type(exc).__name__}: {lines[0][:120] if lines else 'no detail'}"
-        raise ValueError(f"checkpoint {str(path)!r} could not be read by torch.load ({reason}); "
-                         f"{hint}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # the common {"state_dict": ..., "epoch": ...} wrapper
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a "
-                         f"state dict; {hint}")
-    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or
-           not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"checkpoint {str(path)!r} is a dict but not of tensors (e.g. {_few(bad)});"
-                         f" {hint}")
-    model = build_model(arch, **kwargs)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_few(unexpected)}")
-        raise ValueError(f"checkpoint {str(path)!r} does not match architecture {arch!r}: "
-                         + "; ".join(parts))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(state[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise ValueError(f"checkpoint {str(path)!r} does not match architecture {arch!r}: "
-                         f"shape mismatch (checkpoint vs model): {_few(wrong, 3)}")
-    model.load_state_dict(state)
-    model.eval()
-    return model
+    obj = load_weights_only(path, where, hint)
+    return load_state_into(build_model(arch, **kwargs), obj, where, f"architecture {arch!r}",
+                           hint)

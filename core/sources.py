@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import re
 import stat
 import warnings
 import zipfile
@@ -667,17 +666,9 @@ def _load_tensors_file(path: Path, base: Path) -> dict:
         except (OSError, zipfile.BadZipFile, EOFError) as exc:
             raise SourceError(f"[dataset] tensors file {shown!r} is not a readable .npz (truncated "
                               f"or corrupt?); {hint}") from exc
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if found:
-            raise SourceError(f"[dataset] tensors file {shown!r} holds pickled objects "
-                              f"({found.group(1)}), not plain tensors; {hint}") from exc
-        raise SourceError(f"[dataset] tensors file {shown!r} cannot be read by torch.load "
-                          f"(truncated or not a torch.save file); {hint}") from exc
+    from core.models import load_weights_only
+
+    data = load_weights_only(path, f"[dataset] tensors file {shown!r}", hint, SourceError)
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise SourceError(f"[dataset] tensors file {shown!r} holds a {type(data).__name__}, not a "
                           f"dict with keys x and y; {hint}")

@@ -218,7 +218,7 @@ def test_load_weights_errors(case_dir, tmp_path):
     _werr(model, tmp_path / "whole.pt", "pickled objects", "not a state dict", "state_dict()")
     torch.save(model.state_dict(), tmp_path / "cut.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:50])
-    _werr(model, tmp_path / "cut.pt", "cannot be read")
+    _werr(model, tmp_path / "cut.pt", "could not be read")
     torch.save([1, 2], tmp_path / "list.pt")
     _werr(model, tmp_path / "list.pt", "holds a list", "not a state dict")
     state = dict(model.state_dict())

@@ -481,7 +481,7 @@ def test_tensors_truncated_and_wrong_suffix(tmp_path):
     x, y, _ = _tensors()
     torch.save({"x": x, "y": y}, tmp_path / "d.pt")
     (tmp_path / "d.pt").write_bytes((tmp_path / "d.pt").read_bytes()[:100])
-    _terr(tmp_path, None, "'d.pt'", "cannot be read")
+    _terr(tmp_path, None, "'d.pt'", "could not be read")
     np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy())
     (tmp_path / "d.npz").write_bytes((tmp_path / "d.npz").read_bytes()[:100])
     _terr(tmp_path, None, "'d.npz'", "not a readable .npz", name="d.npz")
