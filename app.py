@@ -86,5 +86,7 @@ with st.sidebar:
         st.markdown("  \n".join(f"{done if built.get(s) else todo} {s}" for s in ui.STAGES))
         st.caption(f"{sum(map(bool, built.values()))}/{len(ui.STAGES)} stages built · chapters offer "
                    "to build what they need.")
+        if any(built.values()):
+            ui.download_report(study)
 
 page.run()

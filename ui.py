@@ -14,8 +14,8 @@ What a chapter needs, in one place:
   missing.
 - Pictures for any case: ``picture`` (grey or colour, enlarged to a readable size), ``tinted``
   (the region outlined), ``masked`` / ``overlay`` / ``heatmap`` (an interpretation over the image).
-- Downloads: ``download_csv``, ``download_json``, ``download_png`` (deferred: the bytes are made only
-  when the reader clicks).
+- Downloads: ``download_csv``, ``download_json``, ``download_png``, ``download_report`` (the HTML
+  report; deferred: the bytes are made only when the reader clicks).
 - Deep links: ``qp_get`` / ``qp_set`` and ``choice(...)``, a widget whose default is read from
   ``st.query_params`` and whose value is written back there, so a copied URL reopens the same view.
 - The sidebar state the entrypoint owns: ``current_case()``, ``current_model()``, ``current_device()``.
@@ -637,6 +637,37 @@ def download_png(make: Callable[[], Any] | Any, file_name: str, label: str = "Do
     return where.download_button(label, data=data, file_name=file_name, mime="image/png",
                                  key=key or f"dl-{file_name}", on_click="ignore",
                                  icon=":material/download:")
+
+
+def report_html_bytes(study) -> bytes:
+    """``core.export.html_report(study)`` as UTF-8 bytes; on failure, a page whose body is one
+    escaped line saying why (the download never raises in the reader's face)."""
+    import html
+
+    try:
+        from core.export import html_report
+
+        return html_report(study).encode()
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one readable line
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())
+        text = _PATH.sub(lambda m: "…/" + re.split(r"[\\/]", m.group(0))[-1], text)  # no server paths
+        line = html.escape(text[:300])
+        return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Report not "
+                f"available</title></head><body><p>Could not make the report: {line}</p></body></html>\n"
+                ).encode()
+
+
+def download_report(study, label: str = "Download the report (HTML)", key: str = "dl-report-html",
+                    where=None):
+    """The case's self-contained HTML report (tables, figures, provenance), made only on click, as
+    ``<case>-report.html``."""
+    where = where if where is not None else st
+    case = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(getattr(study, "name", None) or current_case())) or "case"
+    return where.download_button(label, data=lambda: report_html_bytes(study),
+                                 file_name=f"{case}-report.html", mime="text/html", key=key,
+                                 on_click="ignore", icon=":material/description:",
+                                 help="One HTML file with every built table and figure (embedded) "
+                                      "and the provenance; it opens offline.")
 
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 4, background: int = 255) -> np.ndarray:

@@ -764,3 +764,26 @@ def test_detection_chapter_reads_the_stage_payload_as_core_writes_it(stub):
     table = next(d.value for d in at.dataframe if "AUC" in d.value.columns)
     assert table["AUC"].tolist() == pytest.approx([0.7])
     assert "50.0%" in _texts(at)
+
+
+# ------------------------------------------------------------------------------------ the HTML report
+
+
+def test_sidebar_offers_the_html_report_made_on_click(app, small_study):
+    at = app()
+    buttons = [b for b in at.sidebar.get("download_button") if b.proto.label == "Download the report (HTML)"]
+    assert len(buttons) == 1
+    html_bytes = ui.report_html_bytes(small_study)
+    assert html_bytes.startswith(b"<!DOCTYPE html>") and b"<table" in html_bytes
+
+
+def test_a_report_that_cannot_be_made_is_one_escaped_line():
+    class Broken:
+        name = "broken"
+
+        def report(self):
+            raise RuntimeError("<script>x</script> in /srv/secret/cache/file.json")
+
+    text = ui.report_html_bytes(Broken()).decode()
+    assert "Could not make the report: RuntimeError: &lt;script&gt;" in text
+    assert "<script>" not in text and "/srv/secret" not in text

@@ -359,3 +359,47 @@ def test_a_reader_explains_an_image_of_their_own(user_server, page):
     _settle(page)
     assert _count(page, "stException") == 0
     assert page.locator('[data-testid="stAlert"]', has_text="not a readable PNG or JPEG").count() == 1
+
+
+# ------------------------------------------------------------------------------------ the HTML report
+
+
+def test_the_html_report_downloads_and_opens_offline(server, page, study, tmp_path):
+    """The sidebar's report download (issue 13): a self-contained file that draws every picture
+    and table with the network off."""
+    page.goto(server)
+    _settle(page)
+    button = page.locator('[data-testid="stSidebar"] [data-testid="stDownloadButton"]').filter(
+        has_text="Download the report (HTML)")
+    assert button.count() == 1
+    with page.expect_download(timeout=180_000) as info:
+        button.get_by_role("button", name="Download the report (HTML)").click()
+    download = info.value
+    assert download.suggested_filename == f"{study.config.name}-report.html"
+    path = tmp_path / download.suggested_filename
+    download.save_as(str(path))
+    text = path.read_text(encoding="utf-8")
+    assert "Could not make the report" not in text, text[:500]
+    assert "http://" not in text and "https://" not in text  # nothing to fetch
+
+    # Offline: every http(s) request is aborted, and the flags keep Chromium's own traffic off.
+    offline = page.context.browser.new_context(offline=True)
+    blocked: list[str] = []
+
+    def abort(route):
+        blocked.append(route.request.url)
+        route.abort()
+
+    offline.route("http://*/**", abort)
+    offline.route("https://*/**", abort)
+    try:
+        report = offline.new_page()
+        report.goto(path.as_uri())
+        report.wait_for_load_state("load")
+        report.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=30_000)
+        widths = report.evaluate("() => [...document.images].map(i => i.naturalWidth)")
+        assert widths and all(w > 0 for w in widths), widths
+        assert report.locator("table").count() >= 1
+        assert blocked == []
+    finally:
+        offline.close()
