@@ -28,6 +28,7 @@ sections: dict[str, list] = {
     "Case study": [
         _page("case_study.py", "The shortcut", ":material/science:", "case-study", default=True),
         _page("influence.py", "Influence & experts", ":material/hub:", "influence"),
+        _page("overview.py", "Where the shortcut lives", ":material/grid_on:", "overview"),
     ],
 }
 # Chapters drawn from a stage join the navigation once the stage's module exists.
