@@ -371,6 +371,7 @@ def test_the_html_report_downloads_and_opens_offline(server, page, study, tmp_pa
     _settle(page)
     button = page.locator('[data-testid="stSidebar"] [data-testid="stDownloadButton"]').filter(
         has_text="Download the report (HTML)")
+    button.first.wait_for(timeout=120_000)  # the sidebar's last element: a rerun may still draw it
     assert button.count() == 1
     with page.expect_download(timeout=180_000) as info:
         button.get_by_role("button", name="Download the report (HTML)").click()
