@@ -72,7 +72,11 @@ def _models(rep: dict) -> list[str]:
     if not models:
         return []
     first = next(iter(models.values()))
-    keys = [k for k in first if k.endswith("_acc")]
+    facts = rep.get("case_facts") or {}
+    head = facts.get("headline")
+    order = ["train", *([head] if head else []), *(facts.get("evaluation_sets") or [])]
+    rank = {f"{name}_acc": i for i, name in reversed(list(enumerate(order)))}
+    keys = sorted((k for k in first if k.endswith("_acc")), key=lambda k: (rank.get(k, 99), k))
     n = len(rep.get("seeds") or [0])
     roles = {rep.get("subject"): "under study", rep.get("reference"): "reference"}
     rows = [[f"{name}" + (f" ({roles[name]})" if name in roles and name else "")]
@@ -176,12 +180,30 @@ def _corrections(rep: dict) -> list[str]:
     return out
 
 
+COLUMNS = {
+    "essence": (["model", "layer", "a_name", "b_name", "fill", "full_acc", "k_top", "k_random",
+                 "k_bottom"],
+                "accuracy of A vs B with only the top k units of a layer kept (the others at their "
+                "mean or zero): the whole layer's binary accuracy, and the smallest k reaching 95% "
+                "of it keeping the top experts by comparative influence, random units (median of "
+                "the draws) and the bottom units; – where no k reaches it"),
+    "detection": (["detector", "uses_influence", "layer", "auc", "tpr_at_1", "tpr_at_5",
+                   "tpr_at_25", "n_clean", "n_attacked"],
+                  "adversarial patches against the model, detected on held-out images; TPR at 1, "
+                  "5 and 25% false-positive rate"),
+}
+
+
 def _summary_section(rep: dict, stage: str, title: str) -> list[str]:
     rows = rep.get(stage) or []
     if not rows:
         return []
-    keys = [k for k in rows[0] if not isinstance(rows[0][k], dict | list)][:9]
-    return [f"**{title}**:", ""] + _table(keys, [[_f(r.get(k)) for k in keys] for r in rows[:40]])
+    wanted, what = COLUMNS.get(stage, ([], ""))
+    keys = [k for k in wanted if k in rows[0]] or \
+        [k for k in rows[0] if not isinstance(rows[0][k], dict | list)][:9]
+    head = f"**{title}** ({what}):" if what else f"**{title}**:"
+    return [head, ""] + _table([k.replace("_", " ") for k in keys],
+                               [[_f(r.get(k)) for k in keys] for r in rows[:48]])
 
 
 def markdown(rep: dict) -> str:
