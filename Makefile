@@ -27,7 +27,7 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 
 run: $(VENV)/.runtime
 	$(BIN)/python -m core build $(CASE)
-	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true
+	CASEBOOK_CASE=$(CASE) $(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
