@@ -2,8 +2,10 @@
 
 Precomputed views come from ``study.experts(model, layer, cls)``; any other quantity or
 distribution from ``study.experts_for`` (computed on request, inside ``st.status``). The choices
-live in the URL (model, cls, quantity, vs, layer, doi, expert, view), so a copied link reopens
-this view.
+live in the URL (model, cls, target, wrong, quantity, vs, layer, doi, expert, view), so a copied
+link reopens this view. With the target "predicted class" each interpretation tile also says what the
+model predicts for that image ("label → predicted"), from a forward pass (no gradient) on the few
+displayed test images.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ DOIS = {
     "class-images-linear": "linear paths to the class's images",
 }
 VIEWS = {"mask": "mask (95th percentile)", "heatmap": "heatmap", "overlay": "heatmap over the image"}
+TARGETS = {"label": "label", "predicted": "predicted class"}
 
 study = ui.current_study()
 facts = ui.facts(study)
@@ -68,6 +71,11 @@ c1, c2, c3, c4 = st.columns([1, 1.3, 1, 1.4])
 with c1:
     cls = ui.choice("Class", CLASSES, param="cls", format_func=name,
                     default=PRECOMPUTED_CLASSES[0] if PRECOMPUTED_CLASSES else 0)
+    target = ui.choice("Target", list(TARGETS), param="target", widget="radio",
+                       horizontal=True, format_func=TARGETS.get,
+                       help="label: the interpretations are read on test images of the class. "
+                            "predicted class: the same images, each with what the model predicts "
+                            "for it (label → predicted), and the ones it gets wrong on request.")
 with c2:
     quantity = ui.choice("Quantity", ["class", "comparative"], param="quantity", widget="radio",
                          horizontal=True,
@@ -248,10 +256,67 @@ def _render(key: tuple, style: str, scale: int, _images: np.ndarray,
     return out
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _predictions(key: tuple, model_: str, indices: tuple[int, ...], _study) -> dict:
+    """The labels and ``model_``'s predicted classes of the test images ``indices``: one forward
+    pass without gradients on these few displayed images (nothing is trained or differentiated)."""
+    import torch
+
+    data = _study.data()
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    net = _study.model(model_)
+    dev = next(net.parameters()).device
+    with torch.no_grad():
+        pred = net(data.test.x[idx].to(dev)).argmax(1).cpu()
+    return {"label": data.test.y[idx].cpu().numpy().astype(int), "pred": pred.numpy().astype(int)}
+
+
 st.header("What each expert looks at")
 if (images.ndim not in (3, 4) or maps.ndim != 4 or maps.shape[1] != images.shape[0] or not len(images)):
     st.info("This view carries no interpretations (no images or maps).")
     st.stop()
+n_all = len(images)
+LABELS = PREDS = None
+if target == "predicted":
+    raw_idx = view.get("indices")
+    idx = [] if raw_idx is None else [int(i) for i in np.asarray(raw_idx).ravel()]
+    if len(idx) != n_all:
+        st.info("This view does not say which test images it shows, so the model's predictions on them "
+                "cannot be drawn; the images are shown by their label.")
+    else:
+        ok, got = ui.run_with_status(
+            f"Predicting {n_all} images with {model} …",
+            lambda: _predictions(ui.stamp(study), model, tuple(idx), study),
+            done=f"Predicted {n_all} images")
+        if ok and got:
+            LABELS, PREDS = np.asarray(got["label"]), np.asarray(got["pred"])
+SHOW_PRED = PREDS is not None
+shown_idx = list(range(n_all))
+if SHOW_PRED:
+    wrong = [i for i in range(n_all) if PREDS[i] != LABELS[i]]
+    st.markdown(
+        f"The interpretations are read on test images **labelled** {name(view.get('class', cls))} (the "
+        f"experts stage interprets the class's own test images). Under each tile: its label → what "
+        f"**{ui.model_label(model, labels_, facts)}** predicts. The model gets "
+        f"**{len(wrong)} of {n_all}** of them wrong.")
+    only_wrong = st.checkbox("only the images the model gets wrong", key="only-wrong",
+                             value=ui.qp_get("wrong") == "1")
+    ui.qp_set(wrong="1" if only_wrong else None)
+    if only_wrong:
+        shown_idx = wrong
+        if not wrong:
+            st.info(f"**{model}** gets all {n_all} of these images right: no tile to show.")
+else:
+    ui.qp_set(wrong=None)
+
+
+def _tile(i: int, caption: str) -> str:
+    """Image i's ``caption``, followed by "label → predicted" when predictions are shown."""
+    if SHOW_PRED:
+        return f"{caption} · {name(int(LABELS[i]))} → {name(int(PREDS[i]))}"
+    return caption
+
+
 style = ui.choice("Show the interpretation as", list(VIEWS), param="view", widget="radio", horizontal=True,
                   format_func=VIEWS.get)
 st.markdown(
@@ -279,10 +344,15 @@ for k in range(n_maps):
     else:
         verdict = "no region to judge it against"
     st.markdown(f"**#{int(r['rank'])} · unit {int(r['unit'])}** — {verdict}")
-    st.image(grid[k], caption=[f"unit {int(r['unit'])} on {cls_name} image {i + 1} ({VIEWS[style]})"
-                               for i in range(len(grid[k]))])
-ui.download_png(lambda: ui.image_grid([[ui.picture(im, SCALE) for im in images], *grid]),
-                f"experts_{model}_{layer}_{q_name}_{style}.png", "Download the grid (PNG)", key="dl-grid")
+    if shown_idx:
+        st.image([grid[k][i] for i in shown_idx],
+                 caption=[_tile(i, f"unit {int(r['unit'])} on {cls_name} image {i + 1} ({VIEWS[style]})")
+                          for i in shown_idx])
+if shown_idx:
+    ui.download_png(lambda: ui.image_grid([[ui.picture(images[i], SCALE) for i in shown_idx],
+                                           *[[row[i] for i in shown_idx] for row in grid]]),
+                    f"experts_{model}_{layer}_{q_name}_{style}.png", "Download the grid (PNG)",
+                    key="dl-grid")
 
 # ------------------------------------------------------------------------------------------ one expert
 st.header("One expert up close")
@@ -365,11 +435,13 @@ if st.session_state.get("damp-shown") == damp_key:
 
 close = (_render(view_key, "mask", SCALE, images, maps)[k],
          _render(view_key, "heatmap", SCALE, images, maps)[k])
-n_img = len(images)
-st.image([ui.picture(im, SCALE) for im in images],
-         caption=[f"{cls_name} image {i + 1}" for i in range(n_img)])
-st.image(close[0], caption=[f"unit {unit}: mask on image {i + 1}" for i in range(n_img)])
-st.image(close[1], caption=[f"unit {unit}: heatmap on image {i + 1}" for i in range(n_img)])
+if shown_idx:
+    st.image([ui.picture(images[i], SCALE) for i in shown_idx],
+             caption=[_tile(i, f"{cls_name} image {i + 1}") for i in shown_idx])
+    st.image([close[0][i] for i in shown_idx], caption=[_tile(i, f"unit {unit}: mask on image {i + 1}")
+                                               for i in shown_idx])
+    st.image([close[1][i] for i in shown_idx],
+             caption=[_tile(i, f"unit {unit}: heatmap on image {i + 1}") for i in shown_idx])
 
 # ------------------------------------------------------------------------------------------ reading
 st.header("How to read this")

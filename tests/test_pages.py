@@ -787,3 +787,59 @@ def test_a_report_that_cannot_be_made_is_one_escaped_line():
     text = ui.report_html_bytes(Broken()).decode()
     assert "Could not make the report: RuntimeError: &lt;script&gt;" in text
     assert "<script>" not in text and "/srv/secret" not in text
+
+
+def test_predicted_class_target_labels_each_tile_and_keeps_the_wrong_ones(app, small_study):
+    import torch
+
+    layer = _layer(small_study)
+    data = small_study.data()
+    facts = small_study.case_facts()
+    found = None
+    for model in ("vanilla", "clean"):
+        net = small_study.model(model)
+        for c in small_study.expert_classes():
+            view = small_study.experts(model, layer, c)
+            idx = torch.as_tensor(np.asarray(view["indices"]), dtype=torch.long)
+            with torch.no_grad():
+                pred = net(data.test.x[idx]).argmax(1).tolist()
+            y = data.test.y[idx].tolist()
+            if pred != y:
+                found = (model, int(c), view, y, pred)
+                break
+        if found:
+            break
+    if found is None:
+        pytest.skip("both small models get every interpreted test image right")
+    model, c, view, y, pred = found
+    n_experts, n_images = view["maps"].shape[:2]
+    at = app("chapters/influence.py", model=model, cls=c)
+    assert at.radio(key="qp-target").value == "label"
+    assert not any("→" in i.caption for im in at.image for i in im.proto.imgs)
+    assert not at.checkbox  # the filter is offered only with the predicted class
+
+    at.radio(key="qp-target").set_value("predicted").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.query_params["target"] == "predicted"
+    assert len(at.image) == n_experts + 3
+    arrows = [f"{ui.class_name(a, facts)} → {ui.class_name(b, facts)}" for a, b in zip(y, pred, strict=True)]
+    for im in at.image:
+        assert [i.caption.rsplit(" · ", 1)[-1] for i in im.proto.imgs] == arrows
+    wrong = [k for k in range(n_images) if y[k] != pred[k]]
+    assert f"**{len(wrong)} of {n_images}**" in _texts(at)
+
+    at.checkbox(key="only-wrong").check().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.query_params["wrong"] == "1"
+    assert len(at.image) == n_experts + 3
+    for im in at.image:
+        caps = [i.caption for i in im.proto.imgs]
+        assert len(caps) == len(wrong) and all("→" in cap for cap in caps)
+        assert [cap.rsplit(" · ", 1)[-1] for cap in caps] == [arrows[k] for k in wrong]
+        assert all(f"image {k + 1}" in cap for k, cap in zip(wrong, caps, strict=True))
+
+    at.checkbox(key="only-wrong").uncheck().run()
+    assert not at.exception
+    assert all(len(im.proto.imgs) == n_images for im in at.image)
+    at.radio(key="qp-target").set_value("label").run()
+    assert "wrong" not in at.query_params and not at.checkbox
