@@ -9,8 +9,10 @@ import pytest
 
 pytest.importorskip("skimage")
 
+from faces_small import small_faces_toml  # noqa: E402
+
 from core.cases.faces.onet import onet_weights_path  # noqa: E402
-from core.casestudy import CaseStudy, case_files  # noqa: E402
+from core.casestudy import CaseStudy  # noqa: E402
 
 try:
     onet_weights_path()
@@ -20,13 +22,7 @@ except ValueError:  # facenet-pytorch not installed: the case says how to instal
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
-    text = case_files()["faces"].read_text()
-    text = text.replace("seed = 0\n", "seed = 0\naugment = 1\n", 1)
-    text = text.replace("epochs = 3", "epochs = 1")
-    text = text.replace('layers = ["onet.conv1", "onet.conv2", "onet.conv3", "onet.conv4", '
-                        '"onet.dense5"]', 'layers = ["onet.conv4", "onet.dense5"]')
-    text = text.replace("bootstrap = 100", "bootstrap = 10").replace("n_images = 8", "n_images = 3")
-    text = text.replace("resolution = 16", "resolution = 4")
+    text = small_faces_toml()
     folder = tmp_path_factory.mktemp("faces")
     path = folder / "faces-small.toml"
     path.write_text(text)

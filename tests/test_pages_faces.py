@@ -15,11 +15,12 @@ import pytest
 pytest.importorskip("skimage")
 
 import streamlit as st  # noqa: E402
+from faces_small import small_faces_toml  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import ui  # noqa: E402
 from core.cases.faces.onet import onet_weights_path  # noqa: E402
-from core.casestudy import CaseStudy, case_files  # noqa: E402
+from core.casestudy import CaseStudy  # noqa: E402
 
 try:
     onet_weights_path()
@@ -36,14 +37,8 @@ CHAPTERS = ["chapters/case_study.py", "chapters/influence.py", "chapters/represe
 DRAWS_IMAGES = {"chapters/case_study.py", "chapters/influence.py", "chapters/representations.py"}
 
 
-def small_faces_toml() -> str:
-    text = case_files()["faces"].read_text()
-    text = text.replace("seed = 0\n", "seed = 0\naugment = 1\n", 1)
-    text = text.replace("epochs = 3", "epochs = 1")
-    text = text.replace('layers = ["onet.conv1", "onet.conv2", "onet.conv3", "onet.conv4", '
-                        '"onet.dense5"]', 'layers = ["onet.conv4", "onet.dense5"]')
-    text = text.replace("bootstrap = 100", "bootstrap = 10").replace("n_images = 8", "n_images = 3")
-    text = text.replace("resolution = 16", "resolution = 4")
+def small_pages_faces_toml() -> str:
+    text = small_faces_toml()
     head, sep, rest = text.partition("[representations]")
     assert sep, "faces.toml has no [representations] table"
     _, sep2, tail = rest.partition("\n[")
@@ -63,7 +58,7 @@ def faces(tmp_path_factory):
     """The small faces case in its own folder (listed through $CASEBOOK_CASES) and cache, with
     data, models, experts and representations built."""
     folder = tmp_path_factory.mktemp("faces-cases")
-    (folder / f"{NAME}.toml").write_text(small_faces_toml())
+    (folder / f"{NAME}.toml").write_text(small_pages_faces_toml())
     cache = tmp_path_factory.mktemp("faces-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CASEBOOK_CASES", str(folder))
