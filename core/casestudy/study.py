@@ -405,10 +405,7 @@ class CaseStudy:
         ``{"classes", "region", "channels", "size", "headline", "evaluation_sets",
         "training_sets", "chance", "subject", "reference", "models", "layers"}`` — from the
         data stage's meta line when built, else from the data."""
-        meta = self._meta(self._data_key()) or {}
-        info = meta.get("facts")
-        if info is None:
-            info = self._data_facts(self.data())
+        info = self._known_data_facts()
         return {**info, "subject": self.subject, "reference": self.reference,
                 "models": self.model_names, "layers": list(self.config.experts["layers"]),
                 "title": self.config.title}
@@ -965,12 +962,18 @@ class CaseStudy:
                 "indices": idx.clone(), "maps": maps.clone(), "class": int(c),
                 "quantity": ranking["quantity"], "distribution": ranking["distribution"]}
 
+    def _known_data_facts(self) -> dict:
+        """The data facts (:meth:`_data_facts`): from the data when this process has loaded it
+        (no I/O: the experts stage asks once per expert row), else from the data stage's meta
+        line, else by loading the data."""
+        if self._data is None:
+            facts = (self._meta(self._data_key()) or {}).get("facts")
+            if facts is not None:
+                return facts
+        return self._data_facts(self.data())
+
     def _alias(self) -> str | None:
-        meta = self._meta(self._data_key()) or {}
-        facts = meta.get("facts")
-        if facts is not None:
-            return facts.get("region_alias")
-        return (self.data().extra or {}).get("region_alias")
+        return self._known_data_facts().get("region_alias")
 
     def _mass_fields(self, mass: float | None) -> dict:
         """``{"region_mass": m}`` and the case's alias of it (``decoy_mass`` for DecoyMNIST)."""
@@ -981,9 +984,7 @@ class CaseStudy:
         return out
 
     def _chance(self) -> float | None:
-        meta = self._meta(self._data_key()) or {}
-        facts = meta.get("facts")
-        return facts.get("chance") if facts is not None else self.data().chance
+        return self._known_data_facts().get("chance")
 
     def _thresholds(self, rows: list[dict]) -> dict[str, float] | None:
         """Per layer: the region mass above which an expert carries the shortcut (see
@@ -1160,9 +1161,7 @@ class CaseStudy:
                                 {"kind": "class-images"})
 
     def _n_classes(self) -> int:
-        meta = self._meta(self._data_key()) or {}
-        facts = meta.get("facts")
-        return len(facts["classes"]) if facts is not None else self.data().n_classes
+        return len(self._known_data_facts()["classes"])
 
     def _spec(self, model: str, layer: str, qoi: dict, doi: dict):
         """Validate and normalise an experts_for request → (qoi, doi, class, Quantity, DoI)."""
