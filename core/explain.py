@@ -3,6 +3,7 @@
     from core.explain import read_image, explain_image, ImageError
     image = read_image(uploaded_bytes, size=(48, 48), channels=3)    # (H, W, 3) in [0, 1]; nothing on disk
     result = explain_image(study, "vanilla", image, layer="conv1")
+    trace = trace_image(study, "vanilla", 17)    # test image 17, followed through every expert layer
 
 ``read_image`` accepts PNG and JPEG only, refuses a file over ``MAX_BYTES`` and an image whose
 header declares more than ``MAX_PIXELS`` pixels before any pixel is decoded (a decompression bomb
@@ -21,8 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["FORMATS", "MAX_BYTES", "MAX_PIXELS", "ImageError", "explain_image", "read_image",
-           "to_model_input"]
+__all__ = ["FORMATS", "MAX_BYTES", "MAX_PIXELS", "ImageError", "explain_image", "predict_split",
+           "read_image", "to_model_input", "trace_image"]
 
 FORMATS = ("PNG", "JPEG")
 MAX_BYTES = 8 * 2**20  # 8 MiB of file
@@ -110,45 +111,178 @@ def explain_image(study, model: str, image: np.ndarray, *, layer: str | None = N
     ``{"probs": [p per class], "pred": int, "attribution": (H, W), "experts": [{"unit", "score",
     "map": (H, W)}], "layer", "source": "experts stage" | "this image"}``.
     """
-    import torch
-
-    from core.devices import eval_mode, model_device
-    from core.distributions import LinearDoI, PointDoI
-    from core.experts import interpret, unit_scores
-    from core.influence import influence, model_lock
-    from core.quantities import ClassQoI
-
     data = study.data()
     net = study.model(model)
-    dev = model_device(net)
-    x = to_model_input(image, data.mean, data.std).to(dev)
+    x = to_model_input(image, data.mean, data.std)
     if tuple(x.shape[1:]) != tuple(data.train.x.shape[1:]):
         raise ImageError(f"the picture is {tuple(x.shape[1:])}; the model expects "
                          f"{tuple(data.train.x.shape[1:])}")
+    probs, pred, attribution = _predict_and_attribute(net, x, resolution)
+    out = {"probs": probs, "pred": pred, "attribution": attribution, "experts": [], "layer": layer,
+           "source": None}
+    if layer is None:
+        return out
+    experts, source = _layer_experts(study, model, net, x, layer, pred, k, resolution)
+    out["experts"] = [{k_: e[k_] for k_ in ("unit", "score", "map")} for e in experts]
+    out["source"] = source
+    return out
+
+
+def _predict_and_attribute(net, x, resolution: int) -> tuple[list[float], int, np.ndarray]:
+    """(class probabilities, predicted class, Integrated Gradients of the predicted class summed
+    over channels (H, W)) for one input ``x`` (1, C, H, W) in the model's scale."""
+    import torch
+
+    from core.devices import eval_mode, model_device
+    from core.distributions import LinearDoI
+    from core.influence import influence, model_lock
+    from core.quantities import ClassQoI
+
+    x = x.to(model_device(net))
     with model_lock(net), eval_mode(net), torch.no_grad():
         logits = net(x)
     probs = torch.softmax(logits.float(), -1)[0].cpu()
     pred = int(probs.argmax())
     ig = influence(net, x, None, ClassQoI(pred), LinearDoI(resolution), per_input=True, multiply=True)
-    out = {"probs": [float(p) for p in probs], "pred": pred,
-           "attribution": ig[0].detach().cpu().sum(0).numpy(), "experts": [], "layer": layer,
-           "source": None}
-    if layer is None:
-        return out
+    return [float(p) for p in probs], pred, ig[0].detach().cpu().sum(0).numpy()
+
+
+def _layer_experts(study, model: str, net, x, layer: str, cls: int, k: int, resolution: int,
+                   mask=None) -> tuple[list[dict], str]:
+    """The top-``k`` experts of ``layer`` for class ``cls`` — from the experts stage when it holds
+    them for this model and class, else ranked by their influence on this one input — each
+    interpreted on ``x``: ``([{"unit", "score", "map": (H, W), "region_mass"}], source)``.
+    ``region_mass`` (share of the map's positive attribution inside ``mask``) is None without a
+    mask or when the map has no positive attribution."""
+    import torch
+
+    from core.devices import model_device
+    from core.distributions import PointDoI
+    from core.experts import interpret, unit_scores
+    from core.influence import influence
+    from core.metrics import decoy_mass
+    from core.quantities import ClassQoI
+
+    x = x.to(model_device(net))
     units, source = [], "this image"
     e = study.config.experts
-    if model in study.config.models and layer in e["layers"] and pred in (e.get("classes") or []) \
+    if model in study.config.models and layer in e["layers"] and cls in (e.get("classes") or []) \
             and study.is_built("experts"):
-        rows = sorted(study.experts(model, layer, pred)["rows"], key=lambda r: r["rank"])
+        rows = sorted(study.experts(model, layer, cls)["rows"], key=lambda r: r["rank"])
         units = [(int(r["unit"]), float(r["score"])) for r in rows[:k]]
         source = "experts stage"
     if not units:
-        chi = influence(net, x, layer, ClassQoI(pred), PointDoI())
+        chi = influence(net, x, layer, ClassQoI(cls), PointDoI())
         scores = unit_scores(chi, reduce=e.get("reduce", "sum"))
         order = torch.argsort(scores, descending=True)[:k]
         units = [(int(u), float(scores[u])) for u in order]
+        source = "this image"
+    out = []
     for unit, score in units:
         a = interpret(net, x, layer, unit, reduce=e.get("reduce", "sum"), resolution=resolution)
-        out["experts"].append({"unit": unit, "score": score, "map": a[0].detach().cpu().sum(0).numpy()})
-    out["source"] = source
+        amap = a[0].detach().cpu().sum(0)
+        mass = None
+        if mask is not None:
+            m = torch.as_tensor(np.asarray(mask, dtype=bool))[None, None]
+            if amap.clamp(min=0).sum() > 0:
+                value = float(decoy_mass(amap[None, None].float(), m)[0])
+                mass = value if np.isfinite(value) else None
+        out.append({"unit": unit, "score": score, "map": amap.numpy(), "region_mass": mass})
+    return out, source
+
+
+def _split(study, split: str):
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    data = study.data()
+    return data, getattr(data, split)
+
+
+def predict_split(study, model: str, split: str = "test", *, batch_size: int = 512) -> dict:
+    """``model``'s answers on a whole split, without gradients: ``{"label": (N,) int64, "pred": (N,)
+    int64, "wrong": [indices where pred != label, ascending]}`` (plain NumPy / Python)."""
+    import torch
+
+    from core.influence import model_lock
+    from core.models import predict_logits
+
+    _, s = _split(study, split)
+    net = study.model(model)
+    with model_lock(net):
+        logits = predict_logits(net, s.x, batch_size=batch_size)
+    pred = logits.argmax(1).numpy().astype(np.int64) if len(logits) else np.zeros(0, np.int64)
+    label = torch.as_tensor(s.y).cpu().numpy().astype(np.int64)
+    return {"label": label, "pred": pred, "wrong": [int(i) for i in np.flatnonzero(pred != label)]}
+
+
+def trace_image(study, model: str, image_or_index, *, layers: Sequence[str] | None = None, k: int = 3,
+                split: str = "test", resolution: int | None = None) -> dict:
+    """One image followed end to end through ``model``: its prediction, the Integrated Gradients of
+    the predicted class at the input, and, for every layer of ``layers`` (default: the case's
+    expert layers, ``study.config.experts["layers"]``), the predicted class's top-``k`` experts and
+    what each looks at on this image — the machinery of :func:`explain_image`, one layer after
+    another. Writes nothing.
+
+    ``image_or_index`` is an index into ``split`` (an ``int``; a bool, a float or an index out of
+    range raises :class:`IndexError` / :class:`TypeError` with one readable line) or a picture
+    (H, W) / (H, W, 3) in [0, 1] as :func:`read_image` gives (then there is no label and no mask).
+    ``resolution`` (Integrated Gradients steps) defaults to the case's ``[experts] resolution``.
+
+    Returns plain NumPy / Python values::
+
+        {"model": str, "split": str | None, "index": int | None,
+         "image": (H, W) or (H, W, 3) float32 in [0, 1] (as displayed),
+         "label": int | None, "mask": (H, W) bool | None (the case's region on this image),
+         "probs": [p per class] (softmax, sums to 1), "pred": int (argmax of probs),
+         "correct": bool | None (pred == label),
+         "attribution": (H, W) float (IG of the predicted class, summed over channels),
+         "layers": [{"layer": str, "class": int (= pred), "source": "experts stage" | "this image",
+                     "experts": [{"unit": int, "score": float, "map": (H, W) float,
+                                  "region_mass": float | None}]}]}
+
+    Experts come from the experts stage when it ranked this model, layer and class (the same units
+    and scores as :func:`explain_image` gives), else they are ranked by their influence on this
+    image alone (``source`` says which). Each ``map`` is the expert's interpretation on this image
+    (Integrated Gradients of the unit's activation, summed over channels); ``region_mass`` is the
+    share of its positive attribution inside the region (``core.metrics.decoy_mass``), None without
+    a region or when the map has no positive attribution.
+    """
+    data = study.data()
+    net = study.model(model)
+    e = study.config.experts
+    resolution = int(e.get("resolution", 20) if resolution is None else resolution)
+    layers = list(e["layers"] if layers is None else layers)
+    unknown = [ly for ly in layers if not isinstance(ly, str)]
+    if unknown:
+        raise TypeError(f"layers must be layer names, got {unknown[0]!r}")
+    index = label = mask = None
+    if isinstance(image_or_index, np.ndarray):
+        image = np.asarray(image_or_index, dtype=np.float32)
+        x = to_model_input(image, data.mean, data.std)
+        if tuple(x.shape[1:]) != tuple(data.train.x.shape[1:]):
+            raise ImageError(f"the picture is {tuple(x.shape[1:])}; the model expects "
+                             f"{tuple(data.train.x.shape[1:])}")
+        split = None
+    else:
+        if isinstance(image_or_index, bool) or not isinstance(image_or_index, int | np.integer):
+            raise TypeError(f"image must be an index into the {split} split (an integer) or a "
+                            f"picture, not {type(image_or_index).__name__}")
+        _, s = _split(study, split)
+        index = int(image_or_index)
+        if not 0 <= index < s.n:
+            raise IndexError(f"image {index} is out of range: the {split} split has {s.n} images "
+                             f"(0–{s.n - 1})")
+        x = s.x[index:index + 1]
+        image = data.display(x)[0].astype(np.float32)
+        label = int(s.y[index])
+        if s.mask is not None:
+            mask = s.mask[index, 0].detach().cpu().numpy().astype(bool)
+    probs, pred, attribution = _predict_and_attribute(net, x, resolution)
+    out = {"model": model, "split": split, "index": index, "image": image, "label": label,
+           "mask": mask, "probs": probs, "pred": pred,
+           "correct": None if label is None else pred == label, "attribution": attribution,
+           "layers": []}
+    for layer in layers:
+        experts, source = _layer_experts(study, model, net, x, layer, pred, k, resolution, mask)
+        out["layers"].append({"layer": layer, "class": pred, "source": source, "experts": experts})
     return out

@@ -111,3 +111,99 @@ def test_explain_image_on_the_small_case(small_study):
         rows = sorted(small_study.experts(small_study.subject, layer, res["pred"])["rows"],
                       key=lambda r: r["rank"])
         assert [e["unit"] for e in res["experts"]] == [r["unit"] for r in rows[:2]]
+
+
+# ------------------------------------------------------------------------ one image, end to end
+
+
+def test_trace_image_follows_one_test_image_through_every_expert_layer(small_study):
+    import torch
+
+    from core.explain import trace_image
+
+    model, layers = small_study.subject, list(small_study.config.experts["layers"])
+    res = trace_image(small_study, model, 5, k=2, resolution=4)
+    s = small_study.samples("test", 6)
+    assert res["index"] == 5 and res["split"] == "test" and res["model"] == model
+    assert res["image"].shape == s["x"][5].shape and np.allclose(res["image"], s["x"][5], atol=1e-6)
+    assert res["label"] == int(s["y"][5])
+    assert len(res["probs"]) == 10 and abs(sum(res["probs"]) - 1) < 1e-4
+    data = small_study.data()
+    with torch.no_grad():
+        logits = small_study.model(model)(data.test.x[5:6])
+    assert res["pred"] == int(logits.argmax(1)[0]) == int(np.argmax(res["probs"]))
+    assert res["correct"] == (res["pred"] == res["label"])
+    assert res["attribution"].shape == (28, 28)
+    assert [ly["layer"] for ly in res["layers"]] == layers
+    mask = s["mask"]
+    for ly in res["layers"]:
+        assert ly["class"] == res["pred"] and ly["source"] in ("experts stage", "this image")
+        assert len(ly["experts"]) == 2
+        for e in ly["experts"]:
+            assert e["map"].shape == (28, 28)
+            if mask is None:
+                assert e["region_mass"] is None
+            elif e["region_mass"] is not None:
+                assert 0.0 <= e["region_mass"] <= 1.0
+    if mask is not None:
+        assert res["mask"].shape == (28, 28) and res["mask"].dtype == bool
+        assert np.array_equal(res["mask"], mask[5])
+
+
+def test_trace_image_experts_match_explain_image_layer_by_layer(small_study):
+    from core.explain import trace_image
+
+    model = small_study.subject
+    s = small_study.samples("test", 3)
+    res = trace_image(small_study, model, 2, k=2, resolution=4)
+    for ly in res["layers"]:
+        one = explain_image(small_study, model, s["x"][2], layer=ly["layer"], k=2, resolution=4)
+        assert one["pred"] == res["pred"] and one["source"] == ly["source"]
+        assert [e["unit"] for e in one["experts"]] == [e["unit"] for e in ly["experts"]]
+        assert np.allclose([e["score"] for e in one["experts"]], [e["score"] for e in ly["experts"]],
+                           rtol=1e-4, atol=1e-6)
+        for a, b in zip(one["experts"], ly["experts"], strict=True):
+            assert np.allclose(a["map"], b["map"], rtol=1e-3, atol=1e-5)
+
+
+def test_trace_image_of_a_picture_and_of_chosen_layers(small_study):
+    from core.explain import trace_image
+
+    pic = small_study.samples("test", 1)["x"][0]
+    res = trace_image(small_study, small_study.subject, pic, layers=["conv2"], k=1, resolution=4)
+    assert res["index"] is None and res["label"] is None and res["mask"] is None
+    assert res["correct"] is None
+    assert [ly["layer"] for ly in res["layers"]] == ["conv2"] and len(res["layers"][0]["experts"]) == 1
+    assert res["layers"][0]["experts"][0]["region_mass"] is None
+    none = trace_image(small_study, small_study.subject, 0, layers=[], resolution=4)
+    assert none["layers"] == []
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (10_000, IndexError, "out of range"),
+    (-1, IndexError, "out of range"),
+    ("3", TypeError, "integer"),
+    (True, TypeError, "integer"),
+    (2.0, TypeError, "integer"),
+])
+def test_trace_image_refuses_a_bad_index_in_one_line(small_study, bad, error, words):
+    from core.explain import trace_image
+
+    with pytest.raises(error, match=words) as info:
+        trace_image(small_study, small_study.subject, bad, layers=[], resolution=4)
+    assert "\n" not in str(info.value)
+
+
+def test_predict_split_says_which_images_the_model_gets_wrong(small_study):
+    import torch
+
+    from core.explain import predict_split
+
+    got = predict_split(small_study, small_study.subject)
+    data = small_study.data()
+    with torch.no_grad():
+        pred = small_study.model(small_study.subject)(data.test.x).argmax(1).numpy()
+    assert np.array_equal(got["pred"], pred) and np.array_equal(got["label"], data.test.y.numpy())
+    assert got["wrong"] == [int(i) for i in np.flatnonzero(pred != data.test.y.numpy())]
+    with pytest.raises(ValueError, match="split"):
+        predict_split(small_study, small_study.subject, "nope")
