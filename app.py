@@ -29,6 +29,7 @@ sections: dict[str, list] = {
         _page("case_study.py", "The shortcut", ":material/science:", "case-study", default=True),
         _page("influence.py", "Influence & experts", ":material/hub:", "influence"),
         _page("overview.py", "Where the shortcut lives", ":material/grid_on:", "overview"),
+        _page("one_image.py", "One image, end to end", ":material/timeline:", "one-image"),
     ],
 }
 # Chapters drawn from a stage join the navigation once the stage's module exists.

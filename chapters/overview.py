@@ -229,5 +229,6 @@ for col, m in zip(cols, MODELS, strict=True):
 
 export = df.drop(columns=["link"]).rename(columns={"mean_mass": f"mean {MASS}"})
 ui.download_csv(export, f"overview_{CASE}.csv", "Download the matrix (CSV)", key="dl-overview")
-ui.next_chapter("chapters/influence.py", "Influence & experts",
-                "Pick any cell above to see its experts and what they look at.")
+ui.next_chapter("chapters/one_image.py", "One image, end to end",
+                "Pick any cell above to see its experts in the influence chapter, or follow one test "
+                "image through every layer.")
