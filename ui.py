@@ -331,24 +331,29 @@ def experts(model: str, layer: str, cls: int, study=None) -> dict:
 
 
 @st.cache_data(show_spinner=False)
-def _has_experts_for(stamp: tuple, model: str, layer: str, qoi: dict, doi: dict, _study) -> bool:
-    return bool(_study.has_experts_for(model, layer, qoi, doi))
+def _has_experts_for(stamp: tuple, model: str, layer: str, qoi: dict, doi: dict, images: str,
+                     _study) -> bool:
+    return bool(_study.has_experts_for(model, layer, qoi, doi, images=images))
 
 
-def has_experts_for(model: str, layer: str, qoi: dict, doi: dict, study=None) -> bool:
+def has_experts_for(model: str, layer: str, qoi: dict, doi: dict, study=None,
+                    images: str = "label") -> bool:
     study = study or current_study()
-    return _has_experts_for(stamp(study), model, layer, qoi, doi, study)
+    return _has_experts_for(stamp(study), model, layer, qoi, doi, images, study)
 
 
 @st.cache_data(show_spinner=False)
-def _experts_for(stamp: tuple, model: str, layer: str, qoi: dict, doi: dict, _study) -> dict:
-    return _experts_dict(_study.experts_for(model, layer, qoi, doi))
+def _experts_for(stamp: tuple, model: str, layer: str, qoi: dict, doi: dict, images: str,
+                 _study) -> dict:
+    return _experts_dict(_study.experts_for(model, layer, qoi, doi, images=images))
 
 
-def experts_for(model: str, layer: str, qoi: dict, doi: dict, study=None) -> dict:
-    """``study.experts_for`` (computes and caches on disk when missing: call it inside ``st.status``)."""
+def experts_for(model: str, layer: str, qoi: dict, doi: dict, study=None,
+                images: str = "label") -> dict:
+    """``study.experts_for`` (computes and caches on disk when missing: call it inside ``st.status``);
+    ``images`` "label" or "predicted": which test images the experts are interpreted on."""
     study = study or current_study()
-    return _experts_for(stamp(study), model, layer, qoi, doi, study)
+    return _experts_for(stamp(study), model, layer, qoi, doi, images, study)
 
 
 @st.cache_data(show_spinner=False)
@@ -562,12 +567,14 @@ def run_with_status(label: str, fn: Callable[..., Any], *, done: str | None = No
     return True, value
 
 
-def compute_experts_for(model: str, layer: str, qoi: dict, doi: dict, study=None) -> dict | None:
+def compute_experts_for(model: str, layer: str, qoi: dict, doi: dict, study=None,
+                        images: str = "label") -> dict | None:
     """Compute (and cache on disk) experts for any quantity and distribution, inside ``st.status``."""
     study = study or current_study()
     ok, result = run_with_status(f"Computing the experts of {layer} for {model} …",
                                  lambda progress: study.experts_for(model, layer, qoi, doi,
-                                                                    progress=progress),
+                                                                    progress=progress,
+                                                                    images=images),
                                  done=f"Computed the experts of {layer}", with_progress=True)
     _has_experts_for.clear()
     return _experts_dict(result) if ok else None

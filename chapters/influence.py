@@ -1,11 +1,11 @@
 """Chapter 2: which internal units carry a class (the experts), and what each of them looks at.
 
-Precomputed views come from ``study.experts(model, layer, cls)``; any other quantity or
-distribution from ``study.experts_for`` (computed on request, inside ``st.status``). The choices
-live in the URL (model, cls, target, wrong, quantity, vs, layer, doi, expert, view), so a copied
-link reopens this view. With the target "predicted class" each interpretation tile also says what the
-model predicts for that image ("label → predicted"), from a forward pass (no gradient) on the few
-displayed test images.
+Every view comes from ``study.experts_for`` (the experts stage's views are read from that stage;
+any other quantity, distribution or image set is computed on request, inside ``st.status``, and
+cached on disk). The choices live in the URL (model, cls, target, wrong, quantity, vs, layer, doi,
+expert, view), so a copied link reopens this view. The target says which test images the experts are
+interpreted on: those *labelled* with the class, or those the model *predicts* as the class (the
+images a shortcut fools are among them); every tile says "label → predicted", from core.
 """
 
 from __future__ import annotations
@@ -73,12 +73,17 @@ with c1:
                     default=PRECOMPUTED_CLASSES[0] if PRECOMPUTED_CLASSES else 0)
     target = ui.choice("Target", list(TARGETS), param="target", widget="radio",
                        horizontal=True, format_func=TARGETS.get,
-                       help="label: the interpretations are read on test images of the class. "
-                            "predicted class: the same images, each with what the model predicts "
-                            "for it (label → predicted), and the ones it gets wrong on request.")
+                       help="Which test images the experts are interpreted on. label: images "
+                            "labelled with the class. predicted class: images the model predicts as "
+                            "the class, whatever their label, so the images a shortcut fools into "
+                            "the class are among them. The experts (the ranking) are the same.")
 with c2:
     quantity = ui.choice("Quantity", ["class", "comparative"], param="quantity", widget="radio",
                          horizontal=True,
+                         help="The quantity of interest: the output the influence is measured for. "
+                              "A class's logit (why this class), or the difference of two classes' "
+                              "logits (why this class rather than that one: what the two share "
+                              "cancels).",
                          format_func=lambda q: {"class": f"why {name(cls)}",
                                                 "comparative": f"why {name(cls)}, not …"}[q])
     vs = None
@@ -89,7 +94,9 @@ with c3:
     layer = ui.choice("Layer", LAYERS, param="layer", default=rep_experts.get("layer"))
 with c4:
     doi_kind = ui.choice("Distribution", list(DOIS), param="doi", format_func=DOIS.get,
-                         help="Class images: the gradient at every training image of the class. Linear "
+                         help="The distribution of interest: the inputs over which the influence "
+                              "is averaged. Class images: the gradient at every training image of "
+                              "the class. Linear "
                               f"paths: along the straight line from a black image to each of them "
                               f"({RESOLUTION} points per image).")
 if quantity != "comparative":
@@ -101,27 +108,30 @@ doi = {"kind": doi_kind} if doi_kind == DEFAULT_DOI else {"kind": doi_kind, "res
 what = f"class {name(cls)}" if quantity == "class" else f"{name(cls)} rather than {name(vs)}"
 
 
-def _load(model: str, layer: str, qoi: dict, doi: dict) -> dict | None:
+def _in_stage(model: str, layer: str, qoi: dict, doi: dict) -> bool:
+    """The experts stage ranked this view's units (only the images may differ)."""
+    return (model in (facts.get("models") or []) and layer in LAYERS and qoi["kind"] == "class"
+            and doi == {"kind": DEFAULT_DOI} and qoi["class"] in PRECOMPUTED_CLASSES)
+
+
+def _load(model: str, layer: str, qoi: dict, doi: dict, images: str) -> dict | None:
     """The view if it is precomputed or cached on disk; None when it must be computed."""
-    if (model in (facts.get("models") or []) and layer in LAYERS and qoi["kind"] == "class"
-            and doi == {"kind": DEFAULT_DOI} and qoi["class"] in PRECOMPUTED_CLASSES):
-        try:
-            return ui.experts(model, layer, qoi["class"], study)
-        except Exception:  # not precomputed for this model/layer: fall back to the on-demand path
-            pass
-    if ui.has_experts_for(model, layer, qoi, doi, study):
-        return ui.experts_for(model, layer, qoi, doi, study)
+    if ui.has_experts_for(model, layer, qoi, doi, study, images=images):
+        return ui.experts_for(model, layer, qoi, doi, study, images=images)
     return None
 
 
-view = _load(model, layer, qoi, doi)
+view = _load(model, layer, qoi, doi, target)
+if view is None and target == "predicted" and _in_stage(model, layer, qoi, doi):
+    # the stage's ranking is reused: only the interpretations on other images are computed
+    view = ui.compute_experts_for(model, layer, qoi, doi, study, images=target)
 if view is None:
     st.info(f"The experts of **{layer}** for **{what}** on the model "
             f"**{ui.model_label(model, ui.correction_labels(study))}** over "
             f"*{DOIS[doi_kind]}* are not computed yet. Computing them takes a few seconds to a minute "
             "and is cached on disk.")
     if st.button("Compute", type="primary", key="compute-experts"):
-        view = ui.compute_experts_for(model, layer, qoi, doi, study)
+        view = ui.compute_experts_for(model, layer, qoi, doi, study, images=target)
     if view is None:
         st.stop()
 
@@ -256,49 +266,39 @@ def _render(key: tuple, style: str, scale: int, _images: np.ndarray,
     return out
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _predictions(key: tuple, model_: str, indices: tuple[int, ...], _study) -> dict:
-    """The labels and ``model_``'s predicted classes of the test images ``indices``: one forward
-    pass without gradients on these few displayed images (nothing is trained or differentiated)."""
-    import torch
-
-    data = _study.data()
-    idx = torch.as_tensor(list(indices), dtype=torch.long)
-    net = _study.model(model_)
-    dev = next(net.parameters()).device
-    with torch.no_grad():
-        pred = net(data.test.x[idx].to(dev)).argmax(1).cpu()
-    return {"label": data.test.y[idx].cpu().numpy().astype(int), "pred": pred.numpy().astype(int)}
-
-
 st.header("What each expert looks at")
-if (images.ndim not in (3, 4) or maps.ndim != 4 or maps.shape[1] != images.shape[0] or not len(images)):
+if (images.ndim not in (3, 4) or maps.ndim != 4 or maps.shape[1] != images.shape[0]):
     st.info("This view carries no interpretations (no images or maps).")
     st.stop()
 n_all = len(images)
-LABELS = PREDS = None
-if target == "predicted":
-    raw_idx = view.get("indices")
-    idx = [] if raw_idx is None else [int(i) for i in np.asarray(raw_idx).ravel()]
-    if len(idx) != n_all:
-        st.info("This view does not say which test images it shows, so the model's predictions on them "
-                "cannot be drawn; the images are shown by their label.")
-    else:
-        ok, got = ui.run_with_status(
-            f"Predicting {n_all} images with {model} …",
-            lambda: _predictions(ui.stamp(study), model, tuple(idx), study),
-            done=f"Predicted {n_all} images")
-        if ok and got:
-            LABELS, PREDS = np.asarray(got["label"]), np.asarray(got["pred"])
-SHOW_PRED = PREDS is not None
+LABELS = np.asarray(view.get("labels", []), dtype=int).ravel()
+PREDS = np.asarray(view.get("predictions", []), dtype=int).ravel()
+SHOW_PRED = len(LABELS) == n_all and len(PREDS) == n_all
+IMAGE_CLASSES = np.asarray(view.get("image_classes", []), dtype=int).ravel()
+if len(IMAGE_CLASSES) != n_all:
+    IMAGE_CLASSES = np.full(n_all, int(view.get("class", cls)))
+model_name_ = ui.model_label(model, labels_, facts)
+by_what = "labelled" if target == "label" else "predicted as"
+shown_for = [int(cls)] if quantity == "class" else [int(cls), int(vs)]
+if quantity == "class" and int(view.get("class", cls)) != int(cls):
+    shown_for = [int(view.get("class", cls))]
+counts = ", ".join(f"{int((IMAGE_CLASSES == c).sum())} {by_what} {name(c)}" for c in shown_for)
+if not n_all:
+    st.info(f"No test image is {by_what} {' or '.join(name(c) for c in shown_for)} by "
+            f"**{model_name_}**: there is nothing to interpret the experts on.")
+    st.stop()
 shown_idx = list(range(n_all))
 if SHOW_PRED:
     wrong = [i for i in range(n_all) if PREDS[i] != LABELS[i]]
     st.markdown(
-        f"The interpretations are read on test images **labelled** {name(view.get('class', cls))} (the "
-        f"experts stage interprets the class's own test images). Under each tile: its label → what "
-        f"**{ui.model_label(model, labels_, facts)}** predicts. The model gets "
-        f"**{len(wrong)} of {n_all}** of them wrong.")
+        f"The experts are interpreted on test images {by_what} "
+        f"{' and '.join(f'**{name(c)}**' for c in shown_for)} ({counts}"
+        + (f"; the predictions are **{model_name_}**'s" if target == "predicted" else "") + "). "
+        f"Under each tile: its label → what **{model_name_}** predicts. It gets "
+        f"**{len(wrong)} of {n_all}** of them wrong"
+        + (" — an image predicted as the class but labelled otherwise is one the model was fooled "
+           "into the class; with a region, see whether the experts' marks sit on it."
+           if target == "predicted" else "."))
     only_wrong = st.checkbox("only the images the model gets wrong", key="only-wrong",
                              value=ui.qp_get("wrong") == "1")
     ui.qp_set(wrong="1" if only_wrong else None)
@@ -311,10 +311,17 @@ else:
 
 
 def _tile(i: int, caption: str) -> str:
-    """Image i's ``caption``, followed by "label → predicted" when predictions are shown."""
+    """Image i's ``caption``, followed by "label → predicted" when core gave the predictions."""
     if SHOW_PRED:
         return f"{caption} · {name(int(LABELS[i]))} → {name(int(PREDS[i]))}"
     return caption
+
+
+def _image_name(i: int) -> str:
+    """"<class> image j": numbered within the class the image was chosen for."""
+    c = int(IMAGE_CLASSES[i])
+    j = int((IMAGE_CLASSES[:i] == c).sum()) + 1
+    return f"{name(c)} image {j}" if c >= 0 else f"image {i + 1}"
 
 
 style = ui.choice("Show the interpretation as", list(VIEWS), param="view", widget="radio", horizontal=True,
@@ -328,10 +335,10 @@ st.markdown(
        "overlay": "The signed heatmap (red raises, blue lowers) blended over the image."}[style]
     + (f" If an expert's marks sit on the {REGION} rather than on the object, it reads the shortcut."
        if REGION else ""))
-view_key = ui.stamp(study) + (model, layer, repr(sorted(qoi.items())), repr(sorted(doi.items())))
+view_key = ui.stamp(study) + (model, layer, repr(sorted(qoi.items())), repr(sorted(doi.items())),
+                             target)
 grid = _render(view_key, style, SCALE, images, maps)
 n_maps = min(len(grid), len(table))
-cls_name = name(view.get("class", cls))
 for k in range(n_maps):
     r = table.iloc[k]
     if HAS_VERDICT:
@@ -346,13 +353,13 @@ for k in range(n_maps):
     st.markdown(f"**#{int(r['rank'])} · unit {int(r['unit'])}** — {verdict}")
     if shown_idx:
         st.image([grid[k][i] for i in shown_idx],
-                 caption=[_tile(i, f"unit {int(r['unit'])} on {cls_name} image {i + 1} ({VIEWS[style]})")
+                 caption=[_tile(i, f"unit {int(r['unit'])} on {_image_name(i)} ({VIEWS[style]})")
                           for i in shown_idx])
 if shown_idx:
     ui.download_png(lambda: ui.image_grid([[ui.picture(images[i], SCALE) for i in shown_idx],
                                            *[[row[i] for i in shown_idx] for row in grid]]),
-                    f"experts_{model}_{layer}_{q_name}_{style}.png", "Download the grid (PNG)",
-                    key="dl-grid")
+                    f"experts_{model}_{layer}_{q_name}_{doi_kind}_{target}_{style}.png",
+                    "Download the grid (PNG)", key="dl-grid")
 
 # ------------------------------------------------------------------------------------------ one expert
 st.header("One expert up close")
@@ -437,11 +444,62 @@ close = (_render(view_key, "mask", SCALE, images, maps)[k],
          _render(view_key, "heatmap", SCALE, images, maps)[k])
 if shown_idx:
     st.image([ui.picture(images[i], SCALE) for i in shown_idx],
-             caption=[_tile(i, f"{cls_name} image {i + 1}") for i in shown_idx])
-    st.image([close[0][i] for i in shown_idx], caption=[_tile(i, f"unit {unit}: mask on image {i + 1}")
-                                               for i in shown_idx])
+             caption=[_tile(i, _image_name(i)) for i in shown_idx])
+    st.image([close[0][i] for i in shown_idx],
+             caption=[_tile(i, f"unit {unit}: mask on {_image_name(i)}") for i in shown_idx])
     st.image([close[1][i] for i in shown_idx],
-             caption=[_tile(i, f"unit {unit}: heatmap on image {i + 1}") for i in shown_idx])
+             caption=[_tile(i, f"unit {unit}: heatmap on {_image_name(i)}") for i in shown_idx])
+
+# ------------------------------------------------------------------------------------------ the other model
+other = REFERENCE if model != REFERENCE else SUBJECT
+twin = None
+if other and other != model:
+    other_label = ui.model_label(other, labels_, facts)
+    st.header(f"The same view of {other_label}")
+    try:
+        twin = _load(other, layer, qoi, doi, target)
+    except Exception as exc:  # the comparison is a bonus: never let it break the page
+        st.caption(f"Not available: {ui.plain(exc)}")
+    if twin is None and st.button(f"Compute it for {other}", key="compute-twin",
+                                  help=f"The experts of {layer} for {what} in {other}, interpreted on "
+                                       f"test images {'labelled' if target == 'label' else 'predicted as'} "
+                                       "the class; cached on disk."):
+        twin = ui.compute_experts_for(other, layer, qoi, doi, study, images=target)
+    if twin is None:
+        st.caption(f"Not computed yet for **{other_label}**: the button above computes it "
+                   "(a few seconds to a minute).")
+    elif twin.get("rows"):
+        t_images = np.asarray(twin.get("images", []))
+        t_maps = np.asarray(twin.get("maps", []))
+        t_labels = np.asarray(twin.get("labels", []), dtype=int).ravel()
+        t_preds = np.asarray(twin.get("predictions", []), dtype=int).ravel()
+        t_rows = sorted(twin["rows"], key=lambda x: x.get("rank", 0))
+        t_mass = [x.get(MASS_KEY, x.get("region_mass")) for x in t_rows]
+        t_table = pd.DataFrame({"rank": [x.get("rank") for x in t_rows],
+                                "unit": [int(x["unit"]) for x in t_rows],
+                                "score": [x.get("score") for x in t_rows]})
+        if HAS_MASS:
+            t_table[MASS_KEY] = pd.to_numeric(pd.Series(t_mass), errors="coerce")
+        if HAS_VERDICT and all("shortcut" in x for x in t_rows):
+            t_table["carries shortcut"] = [bool(x["shortcut"]) for x in t_rows]
+        st.dataframe(t_table, hide_index=True, column_config={
+            "score": st.column_config.NumberColumn(format="%.4g"),
+            MASS_KEY: st.column_config.NumberColumn(MASS_LABEL or MASS_KEY, format="percent")})
+        if (t_maps.ndim == 4 and t_images.ndim in (3, 4) and t_maps.shape[1] == len(t_images)
+                and len(t_images)):
+            t_key = ui.stamp(study) + (other, layer, repr(sorted(qoi.items())), repr(sorted(doi.items())),
+                                     target)
+            t_grid = _render(t_key, "mask", SCALE, t_images, t_maps)
+            both = len(t_labels) == len(t_images) == len(t_preds)
+            for j, row in enumerate(t_rows[:len(t_grid)]):
+                st.image(t_grid[j], caption=[
+                    f"{other}: unit {int(row['unit'])} on image {i + 1}"
+                    + (f" · {name(int(t_labels[i]))} → {name(int(t_preds[i]))}" if both else "")
+                    for i in range(len(t_images))])
+            st.caption(f"Masks (95th percentile) of {other_label}'s experts, on the test images "
+                       f"{'labelled' if target == 'label' else f'{other} predicts as'} "
+                       f"{' and '.join(name(c) for c in shown_for)}; label → {other}'s prediction under "
+                       "each tile.")
 
 # ------------------------------------------------------------------------------------------ reading
 st.header("How to read this")
@@ -467,14 +525,7 @@ elif HAS_MASS:
     lines.append(f"- The experts' mean {MASS_LABEL} is **{float(table[MASS_KEY].mean()):.0%}**.")
 else:
     lines.append(f"- {ui.no_region_note(facts)}")
-other = REFERENCE if model != REFERENCE else SUBJECT
-twin = None
-if other and other != model and HAS_MASS:
-    try:
-        twin = _load(other, layer, qoi, doi)
-    except Exception:  # the comparison is a bonus: never let it break the page
-        twin = None
-if twin and twin.get("rows"):
+if HAS_MASS and twin and twin.get("rows"):
     tm = [x.get(MASS_KEY, x.get("region_mass")) for x in twin["rows"]]
     tm = [float(v) for v in tm if v is not None]
     if tm:

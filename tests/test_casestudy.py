@@ -158,7 +158,9 @@ def test_experts_for_other_quantities_is_computed_once_and_cached(small_study, m
     calls = []
     view = small_study.experts_for("clean", "conv2", qoi, doi,
                                    progress=lambda *a: calls.append(a))
-    assert view["maps"].shape == (3, 3, 28, 28) and len(view["rows"]) == 3
+    # interpreted on the images of both classes: n_images (3) of 3, then 3 of 8
+    assert view["maps"].shape == (3, 6, 28, 28) and len(view["rows"]) == 3
+    assert view["labels"].tolist() == [3, 3, 3, 8, 8, 8] == view["image_classes"].tolist()
     assert [c[:2] for c in calls] == [(0, 4), (1, 4), (2, 4), (3, 4)]  # ranking, then 3 experts
     assert "ComparativeQoI" in view["quantity"] and "LinearDoI" in view["distribution"]
     assert small_study.has_experts_for("clean", "conv2", qoi, doi)
@@ -396,3 +398,50 @@ def test_the_full_case_shows_the_shortcut(tmp_path):
     assert van["clean_test_acc"] < cln["clean_test_acc"] - 0.15
     summary = rep["experts"]["summary"]
     assert summary["vanilla"]["fc1"]["n_shortcut"] >= summary["clean"]["fc1"]["n_shortcut"] + 10
+
+
+def test_experts_interpreted_on_the_images_the_model_predicts_as_the_class(small_study):
+    import torch
+
+    layer, c = "fc1", 7
+    qoi, doi = {"kind": "class", "class": c}, {"kind": "class-images"}
+    by_label = small_study.experts_for("vanilla", layer, qoi, doi)
+    stage = small_study.experts("vanilla", layer, c)
+    np.testing.assert_array_equal(by_label["maps"], stage["maps"])  # the stage's own view
+    data = small_study.data()
+    with torch.no_grad():
+        pred = small_study.model("vanilla")(data.test.x).argmax(1)
+    assert by_label["labels"].tolist() == data.test.y[stage["indices"]].tolist()
+    assert by_label["predictions"].tolist() == pred[stage["indices"]].tolist()
+
+    view = small_study.experts_for("vanilla", layer, qoi, doi, images="predicted")
+    n = small_study.config.experts["n_images"]
+    want = (pred == c).nonzero().flatten()[:n]
+    assert view["indices"].tolist() == want.tolist()
+    assert view["predictions"].tolist() == [c] * len(want)
+    assert view["labels"].tolist() == data.test.y[want].tolist()
+    assert view["images_by"] == "predicted" and view["image_classes"].tolist() == [c] * len(want)
+    # the same experts (the stage's ranking), interpreted on other images
+    assert [r["unit"] for r in view["rows"]] == [r["unit"] for r in stage["rows"]]
+    assert view["maps"].shape == (len(stage["rows"]), len(want), 28, 28)
+    # each map is that unit's interpretation on that image, and the region mass is over them
+    from core.experts import interpret
+    from core.metrics import decoy_mass
+
+    unit = view["rows"][0]["unit"]
+    a = interpret(small_study.model("vanilla"), data.test.x[want], layer, unit,
+                  reduce=small_study.config.experts["reduce"],
+                  resolution=small_study.config.experts["resolution"]).sum(1)
+    np.testing.assert_allclose(view["maps"][0], a.detach().numpy(), rtol=1e-5, atol=1e-6)
+    mass = decoy_mass(a, data.test.mask[want][:, 0]).double().mean().item()
+    assert view["rows"][0]["region_mass"] == pytest.approx(mass)
+    assert small_study.has_experts_for("vanilla", layer, qoi, doi, images="predicted")
+
+    pair = small_study.experts_for("vanilla", "conv2", {"kind": "comparative", "a": 3, "b": 8}, doi,
+                                   images="predicted")
+    want3 = (pred == 3).nonzero().flatten()[:n].tolist()
+    want8 = (pred == 8).nonzero().flatten()[:n].tolist()
+    assert pair["indices"].tolist() == want3 + want8
+    assert pair["image_classes"].tolist() == [3] * len(want3) + [8] * len(want8)
+    with pytest.raises(CaseError, match="images must be one of"):
+        small_study.experts_for("vanilla", layer, qoi, doi, images="prediction")

@@ -136,8 +136,9 @@ def test_influence_page_shows_experts_interpretations_and_reading(app, small_stu
     at = app("chapters/influence.py")
     layer = _layer(small_study)
     assert at.header[0].value == f"Experts of {layer} for class 0"
+    other = ui.model_label("clean", facts=small_study.case_facts())
     assert [h.value for h in at.header[1:]] == ["What each expert looks at", "One expert up close",
-                                                "How to read this"]
+                                                f"The same view of {other}", "How to read this"]
     assert len(at.get("vega_lite_chart")) >= 1
     view = small_study.experts("vanilla", layer, 0)
     table = at.dataframe[0].value
@@ -145,9 +146,13 @@ def test_influence_page_shows_experts_interpretations_and_reading(app, small_stu
     assert table["decoy_mass"].tolist() == pytest.approx([r["decoy_mass"] for r in
                                                          sorted(view["rows"], key=lambda r: r["rank"])])
     n_experts, n_images = view["maps"].shape[:2]
-    # one row of interpretations per expert, plus the close-up (image, mask, heatmap)
-    assert len(at.image) == n_experts + 3
+    # one row of interpretations per expert, plus the close-up (image, mask, heatmap), then the
+    # reference's same view (its experts of the layer on its images of the class)
+    twin = small_study.experts("clean", layer, 0)
+    assert len(at.image) == n_experts + 3 + twin["maps"].shape[0]
     assert all(len(img.proto.imgs) == n_images for img in at.image)
+    assert all(i.caption.startswith("clean: unit") for img in at.image[n_experts + 3:]
+               for i in img.proto.imgs)
     assert "decoy mass" in _texts(at)
 
 
@@ -496,7 +501,8 @@ def test_user_case_influence_names_classes_region_and_thresholds(user_app):
     verdicts = [m.value for m in at.markdown if m.value.startswith("**#")]
     assert len(verdicts) == len(view["rows"]) and all("threshold" in v for v in verdicts)
     n_experts, n_images = view["maps"].shape[:2]
-    assert len(at.image) == n_experts + 3
+    twin = studies["shapes"].experts("reference", "conv1", 0)  # the reference's same view
+    assert len(at.image) == n_experts + 3 + twin["maps"].shape[0]
     at.selectbox(key="qp-cls").select(2).run()
     assert not at.exception and at.header[0].value == "Experts of conv1 for class triangle"
 
@@ -789,7 +795,7 @@ def test_a_report_that_cannot_be_made_is_one_escaped_line():
     assert "<script>" not in text and "/srv/secret" not in text
 
 
-def test_predicted_class_target_labels_each_tile_and_keeps_the_wrong_ones(app, small_study):
+def test_target_label_or_predicted_class_labels_each_tile_and_keeps_the_wrong_ones(app, small_study):
     import torch
 
     layer = _layer(small_study)
@@ -813,17 +819,11 @@ def test_predicted_class_target_labels_each_tile_and_keeps_the_wrong_ones(app, s
         pytest.skip("both small models get every interpreted test image right")
     model, c, view, y, pred = found
     n_experts, n_images = view["maps"].shape[:2]
+    main = n_experts + 3  # one row per expert, then the close-up; the other model's view follows
     at = app("chapters/influence.py", model=model, cls=c)
     assert at.radio(key="qp-target").value == "label"
-    assert not any("→" in i.caption for im in at.image for i in im.proto.imgs)
-    assert not at.checkbox  # the filter is offered only with the predicted class
-
-    at.radio(key="qp-target").set_value("predicted").run()
-    assert not at.exception, [e.value for e in at.exception]
-    assert at.query_params["target"] == "predicted"
-    assert len(at.image) == n_experts + 3
     arrows = [f"{ui.class_name(a, facts)} → {ui.class_name(b, facts)}" for a, b in zip(y, pred, strict=True)]
-    for im in at.image:
+    for im in at.image[:main]:  # label: the class's own images, each with the model's prediction
         assert [i.caption.rsplit(" · ", 1)[-1] for i in im.proto.imgs] == arrows
     wrong = [k for k in range(n_images) if y[k] != pred[k]]
     assert f"**{len(wrong)} of {n_images}**" in _texts(at)
@@ -831,15 +831,31 @@ def test_predicted_class_target_labels_each_tile_and_keeps_the_wrong_ones(app, s
     at.checkbox(key="only-wrong").check().run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.query_params["wrong"] == "1"
-    assert len(at.image) == n_experts + 3
-    for im in at.image:
+    for im in at.image[:main]:
         caps = [i.caption for i in im.proto.imgs]
         assert len(caps) == len(wrong) and all("→" in cap for cap in caps)
         assert [cap.rsplit(" · ", 1)[-1] for cap in caps] == [arrows[k] for k in wrong]
         assert all(f"image {k + 1}" in cap for k, cap in zip(wrong, caps, strict=True))
-
     at.checkbox(key="only-wrong").uncheck().run()
     assert not at.exception
-    assert all(len(im.proto.imgs) == n_images for im in at.image)
-    at.radio(key="qp-target").set_value("label").run()
-    assert "wrong" not in at.query_params and not at.checkbox
+    assert all(len(im.proto.imgs) == n_images for im in at.image[:main])
+    assert "wrong" not in at.query_params
+
+    # predicted class: the first test images the model predicts as c, whatever their label
+    with torch.no_grad():
+        all_pred = small_study.model(model)(data.test.x).argmax(1)
+    want = (all_pred == c).nonzero().flatten()[:n_images].tolist()
+    at.radio(key="qp-target").set_value("predicted").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.query_params["target"] == "predicted"
+    got = small_study.experts_for(model, layer, {"kind": "class", "class": c}, {"kind": "class-images"},
+                                  images="predicted")
+    assert np.asarray(got["indices"]).tolist() == want
+    assert [r["unit"] for r in got["rows"]] == [r["unit"] for r in view["rows"]]  # same experts
+    labels_p = data.test.y[want].tolist()
+    arrows_p = [f"{ui.class_name(a, facts)} → {ui.class_name(c, facts)}" for a in labels_p]
+    for im in at.image[:main]:
+        assert [i.caption.rsplit(" · ", 1)[-1] for i in im.proto.imgs] == arrows_p
+    fooled = sum(a != c for a in labels_p)
+    assert f"**{fooled} of {len(want)}**" in _texts(at)
+    assert "predicted as" in _texts(at)

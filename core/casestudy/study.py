@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int, str], None]
 MAX_SEEDS = 64
+# The test images a view's experts are interpreted on: by label or by the model's prediction.
+IMAGES = ("label", "predicted")
 
 
 def shortcut_rule(factor: float, quantile: float = 0.95, *, chance: float | None = 16 / 784,
@@ -227,6 +229,7 @@ class CaseStudy:
         self._data = None
         self._models: dict[tuple[str, int], Any] = {}
         self._payloads: dict[str, Any] = {}  # key → payload read or computed in this process
+        self._predictions: dict[tuple[str, int], Any] = {}  # (model, seed) → test predictions
         self._facts: dict[str, dict] = {}
         self._facts_to_store: list[str] = []
 
@@ -899,6 +902,36 @@ class CaseStudy:
         masks = None if data.test.mask is None else data.test.mask[idx]
         return train_x, data.test.x[idx], masks, idx
 
+    def test_predictions(self, model: str, seed: int = 0):
+        """``model``'s predicted class (argmax of its outputs) for every test image: a (N,) long
+        tensor on the CPU, from forward passes without gradients in chunks of 256; memoised per
+        process (the model's weights are fixed for a name and seed)."""
+        import torch
+
+        key = (model, seed)
+        with self._lock:
+            if key not in self._predictions:
+                net, x = self.model(model, seed=seed), self.data().test.x
+                dev = self.device
+                out = []
+                with torch.no_grad():
+                    for i in range(0, len(x), 256):
+                        out.append(net(x[i:i + 256].to(dev)).argmax(1).cpu())
+                self._predictions[key] = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+            return self._predictions[key]
+
+    def _interpretation_indices(self, model: str, classes: list[int], images: str):
+        """Test-split indices of the images a view is interpreted on: for each class in
+        ``classes`` (one, or a comparative pair a, b), its first ``n_images`` test images by
+        label (``images="label"``) or by ``model``'s prediction (``"predicted"``), in that order."""
+        import torch
+
+        data = self.data()
+        m = self.config.experts["n_images"]
+        by = data.test.y if images == "label" else self.test_predictions(model)
+        parts = [(by == c).nonzero().flatten()[:m] for c in classes]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
     def _rank_many(self, model, layers: list[str], qoi, doi, c: int) -> dict[str, dict]:
         """The rankings of every layer for ``qoi``/``doi`` over the class-c training images, from
         one forward and one backward pass per chunk (:func:`core.experts.experts_many`); the same
@@ -918,10 +951,11 @@ class CaseStudy:
 
     def _rank_and_interpret(self, model, layer: str, qoi, doi, c: int,
                             progress: Callable[[int, int, str], None] | None = None,
-                            ranking: dict | None = None) -> dict:
+                            ranking: dict | None = None, indices=None) -> dict:
         """Top-k experts of ``layer`` for ``qoi``/``doi`` over class-c training images, each
-        interpreted on class-c test images; tensors (CPU) and plain values only. With a region
-        the rows carry ``region_mass``; the ``shortcut`` flags are set by the caller."""
+        interpreted on class-c test images (or on the test images ``indices``); tensors (CPU)
+        and plain values only. With a region the rows carry ``region_mass``; the ``shortcut``
+        flags are set by the caller."""
         import torch
 
         from core.experts import interpret
@@ -931,6 +965,11 @@ class CaseStudy:
         train_x, images, masks, idx = self._class_images(c)
         if len(train_x) == 0:
             raise CaseError(f"{self.name}: class {c} has no training image")
+        if indices is not None:
+            test = self.data().test
+            idx = indices
+            images = test.x[idx]
+            masks = None if test.mask is None else test.mask[idx]
         dev = self.device
         steps = 1 + int(e["k"])
         if ranking is None:
@@ -943,6 +982,9 @@ class CaseStudy:
         for i, ex in enumerate(ranking["experts"]):
             if progress:
                 progress(1 + i, steps, f"interpreting expert {ex['unit']} on {len(images)} images")
+            if not len(images):  # e.g. no test image is predicted as the class
+                maps.append(torch.zeros(0, *images.shape[2:]))
+                continue
             a = interpret(model, images.to(dev), layer, ex["unit"], reduce=e["reduce"],
                           resolution=e["resolution"])
             maps.append(a.detach().cpu().sum(1).float())  # summed over channels
@@ -1209,7 +1251,8 @@ class CaseStudy:
                             f"{', '.join(names[:40])}")
         return q, d, c, quantity, dist
 
-    def _experts_for_key(self, model: str, layer: str, q: dict, d: dict) -> str | None:
+    def _experts_for_key(self, model: str, layer: str, q: dict, d: dict,
+                         images: str = "label") -> str | None:
         digest = self._data_digest()
         if digest is None:
             return None
@@ -1229,7 +1272,7 @@ class CaseStudy:
              if k not in ("layers", "classes", "primary_layer")}
         return key_of(stage="experts_for", version=stage_code("experts"), config=e,
                       data=digest, model=mdigest, layer=layer, qoi=q, doi=d, seed=0,
-                      device=self._device_type())
+                      images=images, device=self._device_type())
 
     def _corrections_has(self, name: str) -> bool:
         payload = self.artifact("corrections")
@@ -1241,53 +1284,103 @@ class CaseStudy:
                 and d == {"kind": "class-images", "class": q["class"]}
                 and q["class"] in self.expert_classes())
 
-    def has_experts_for(self, model: str, layer: str, qoi: dict, doi: dict) -> bool:
+    @staticmethod
+    def _images_kind(images: str) -> str:
+        if images not in IMAGES:
+            raise CaseError(f"images must be one of {', '.join(map(repr, IMAGES))}, got {images!r}")
+        return images
+
+    def has_experts_for(self, model: str, layer: str, qoi: dict, doi: dict,
+                        images: str = "label") -> bool:
         """True when :meth:`experts_for` would answer from the cache (computes nothing)."""
         q, d, _, _, _ = self._spec(model, layer, qoi, doi)
-        if self._in_stage(model, layer, q, d):
+        images = self._images_kind(images)
+        if images == "label" and self._in_stage(model, layer, q, d):
             key = self._experts_key()
             if key is not None and (key in self._payloads or self.cache.has(key)):
                 return True
-        key = self._experts_for_key(model, layer, q, d)
+        key = self._experts_for_key(model, layer, q, d, images)
         return key is not None and (key in self._payloads or self.cache.has(key))
 
     def experts_for(self, model: str, layer: str, qoi: dict, doi: dict,
-                    progress: Callable[[int, int, str], None] | None = None) -> dict:
+                    progress: Callable[[int, int, str], None] | None = None,
+                    images: str = "label") -> dict:
         """Experts for any quantity and distribution, computed and cached when missing.
 
         ``qoi``: ``{"kind": "class", "class": 3}`` or ``{"kind": "comparative", "a": 3, "b": 8}``
         (y_a − y_b). ``doi``: ``{"kind": "class-images"}`` (each image a point) or
         ``{"kind": "class-images-linear", "resolution": 20}`` (a linear path from a black image
         to each image); the images are the training images of the qoi's class (of ``a`` for
-        a comparative quantity), or of ``doi["class"]`` when given. Interpretations use the first
-        ``n_images`` test images of that class. Same dict as :meth:`experts`.
+        a comparative quantity), or of ``doi["class"]`` when given.
+
+        ``images`` says which test images each expert is interpreted on: ``"label"`` the first
+        ``n_images`` test images labelled with the class (of ``doi["class"]`` when given), or
+        ``"predicted"`` the first ``n_images`` the model *predicts* as that class (whatever their
+        label: the images a shortcut fools are among them). A comparative quantity is interpreted
+        on the images of both classes: ``n_images`` of ``a``, then ``n_images`` of ``b``.
+
+        Same dict as :meth:`experts`, plus ``"labels"`` and ``"predictions"`` (the model's
+        argmax) of the interpreted images, ``"images_by"`` (``images``) and
+        ``"image_classes"`` (the class each image was chosen for). The experts stage's views
+        (a class quantity over the class's images, label) are read from that stage.
         ``progress(done, total, message)`` is called while computing (not on a cache hit).
         """
         q, d, c, quantity, dist = self._spec(model, layer, qoi, doi)
-        if self._in_stage(model, layer, q, d):
-            return self.experts(model, layer, q["class"])
+        images = self._images_kind(images)
+        shown = [q["a"], q["b"]] if q["kind"] == "comparative" else [c]
+        if images == "label" and self._in_stage(model, layer, q, d):
+            return self._annotated(self.experts(model, layer, q["class"]), model, shown, images)
         with self._lock:
             net = self.model(model)
-            key = self._experts_for_key(model, layer, q, d)
+            key = self._experts_for_key(model, layer, q, d, images)
             if key is None:
                 raise CaseError(f"{self.name}: model {model!r} is not available")
-            if key in self._payloads:
-                return self._as_numpy(self._flagged(self._payloads[key], layer))
+            if key not in self._payloads:
+                ranking = None
+                if self._in_stage(model, layer, q, d):  # reuse the stage's ranking of the units
+                    ranking = self._stage_ranking(model, layer, q["class"])
+                indices = self._interpretation_indices(model, shown, images)
 
-            def compute():
-                r = self._rank_and_interpret(net, layer, quantity, dist, c, progress)
-                r.update({"model": model, "layer": layer, "qoi": q, "doi": d})
-                return r
+                def compute():
+                    with _threads(self.device):
+                        r = self._rank_and_interpret(net, layer, quantity, dist, c, progress,
+                                                     ranking=ranking, indices=indices)
+                    r.update({"model": model, "layer": layer, "qoi": q, "doi": d,
+                              "images_by": images})
+                    return r
 
-            def compute_threads():
-                with _threads(self.device):
-                    return compute()
+                payload, _ = self.cache.get_or_compute(
+                    key, compute, meta={"stage": "experts_for", "case": self.name,
+                                        "model": model, "layer": layer})
+                self._payloads[key] = payload
+            view = self._as_numpy(self._flagged(self._payloads[key], layer))
+            return self._annotated(view, model, shown, images)
 
-            payload, _ = self.cache.get_or_compute(
-                key, compute_threads, meta={"stage": "experts_for", "case": self.name,
-                                            "model": model, "layer": layer})
-            self._payloads[key] = payload
-            return self._as_numpy(self._flagged(payload, layer))
+    def _stage_ranking(self, model: str, layer: str, cls: int) -> dict:
+        """The experts stage's ranking of ``layer`` for class ``cls`` (the rows' ranking fields,
+        the scores), as :func:`rank_experts` gives it: reused to interpret on other images."""
+        import torch
+
+        r = self.experts(model, layer, cls)
+        drop = ("threshold", "shortcut")
+        rows = [{k: v for k, v in row.items() if k not in drop and not k.endswith("_mass")}
+                for row in r["rows"]]
+        return {"experts": rows, "scores": torch.as_tensor(r["scores"]),
+                "quantity": r["quantity"], "distribution": r["distribution"]}
+
+    def _annotated(self, view: dict, model: str, shown: list[int], images: str) -> dict:
+        """``view`` with the labels and ``model``'s predictions of its interpreted test images,
+        ``images_by`` and ``image_classes`` (NumPy)."""
+        import numpy as np
+
+        idx = np.asarray(view.get("indices", []), dtype=np.int64).ravel()
+        test = self.data().test
+        labels = test.y[idx].numpy().astype(np.int64)
+        preds = self.test_predictions(model)[idx].numpy().astype(np.int64)
+        by = labels if images == "label" else preds
+        cls = np.array([c if c in shown else -1 for c in by.tolist()], dtype=np.int64)
+        return {**view, "labels": labels, "predictions": preds, "images_by": images,
+                "image_classes": cls}
 
     def _flagged(self, result: dict, layer: str) -> dict:
         """``result`` with shortcut flags: the layer's threshold from the experts stage when it is
