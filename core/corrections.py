@@ -961,8 +961,9 @@ def build_stage(study, progress=None) -> dict:
         head_split = data.evaluation_sets[headline] if hasattr(data, "evaluation_sets") \
             else data.test
         subject_correct = correct_on(nets[subject], head_split)
+        reference_correct = correct_on(nets[reference], head_split) if reference else None
         done += len(names)
-        out = {"reference": ref, "methods": {}}
+        out = {"reference": ref, "methods": {}, "correct": {}}
         for method in list(methods):
             report(f"seed {seed}: {LABELS[method]}")
             opts = _method_options(cfg, method)
@@ -984,9 +985,14 @@ def build_stage(study, progress=None) -> dict:
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             meas = measure(corr.model, data, n_explain=cfg["n_explain"],
                            resolution=cfg["explain_resolution"])
-            paired = paired_difference(correct_on(corr.model, head_split), subject_correct)
+            method_correct = correct_on(corr.model, head_split)
+            out["correct"][method] = method_correct  # per image, for the best-vs-runner-up test
+            paired = paired_difference(method_correct, subject_correct)
             out["methods"][method] = {**meas, "seconds": wall, "cpu_seconds": cpu,
                                       "paired": paired,
+                                      "paired_reference": paired_difference(
+                                          method_correct, reference_correct)
+                                      if reference_correct is not None else None,
                                       "strength": corr.record.get("strength"),
                                       "gap_closed": gap_closed(
                                           meas[hkey], ref[subject][hkey],
@@ -1030,10 +1036,17 @@ def build_stage(study, progress=None) -> dict:
             row["gap_closed"] = gap_closed(row[hkey], row["subject_acc"], row["reference_acc"])
         else:
             row["reference_acc"] = row["gap_closed"] = None
-        # paired against the model under study on the headline set, seed 0 (the kept model)
+        # paired against the model under study (and the reference) on the headline set, seed 0
+        # (the kept model); with several seeds, every seed's difference and verdict beside it
         paired = per_seed[0]["methods"][method]["paired"]
         row.update({f"paired_{k}": v for k, v in paired.items()})
+        paired_ref = per_seed[0]["methods"][method].get("paired_reference")
+        if paired_ref is not None:
+            row.update({f"paired_reference_{k}": v for k, v in paired_ref.items()})
         if n_seeds > 1:
+            seeds_paired = [s["methods"][method]["paired"] for s in per_seed]
+            row["paired_delta_per_seed"] = [x["delta"] for x in seeds_paired]
+            row["paired_verdict_per_seed"] = [x["verdict"] for x in seeds_paired]
             gaps = [s["methods"][method]["gap_closed"] for s in per_seed]
             row["gap_closed_per_seed"] = gaps
             row["gap_closed_sd"] = _mean_sd(gaps)[1]
@@ -1043,6 +1056,7 @@ def build_stage(study, progress=None) -> dict:
     report("done")
     return {
         "rows": rows,
+        "report": _ranking_summary(rows, per_seed, hkey, headline, n_seeds),
         "reference": ref_rows,
         "anchors": anchors_for(data),
         "records": {m: _record_payload(r) for m, r in records.items()},
@@ -1055,6 +1069,26 @@ def build_stage(study, progress=None) -> dict:
         "headline": headline,
         "seconds": time.perf_counter() - t_start,
     }
+
+
+def _ranking_summary(rows: list[dict], per_seed: list[dict], hkey: str, headline: str,
+                     n_seeds: int) -> dict | None:
+    """Whether the best correction is distinguishable from the runner-up: the two corrections
+    (controls left out) with the highest mean accuracy on the headline set, compared paired on
+    its images, per seed (exact McNemar on the seed's per-image correctness). ``verdict``
+    "better" only when every seed says better, "tie" otherwise. None with fewer than two
+    corrections."""
+    ranked = sorted((r for r in rows if not r.get("control") and r.get(hkey) is not None),
+                    key=lambda r: -r[hkey])
+    if len(ranked) < 2:
+        return None
+    best, second = ranked[0]["method"], ranked[1]["method"]
+    per = [paired_difference(s["correct"][best], s["correct"][second]) for s in per_seed]
+    verdicts = [p["verdict"] for p in per]
+    return {"headline": headline, "n_seeds": n_seeds, "best": best, "runner_up": second,
+            "best_vs_runner_up": per[0], "best_vs_runner_up_per_seed": per,
+            "verdict": "better" if all(v == "better" for v in verdicts) else "tie",
+            "rule": "better only when the exact McNemar test (α 0.05) says so in every seed"}
 
 
 def _record_payload(record: dict) -> dict:

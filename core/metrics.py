@@ -59,35 +59,50 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MetricInfo:
-    """What the report needs to label a metric: its key, a label, its direction, one paragraph."""
+    """What the report needs to label a metric: its key, a label, its direction, one paragraph.
+
+    The paragraph names the case's particulars as ``{region}``, ``{chance}`` and ``{step}``
+    placeholders: :meth:`describe` fills them."""
 
     name: str
     label: str
     higher_is_better: bool
     description: str
 
+    def describe(self, region: str | None = None, chance: float | None = None,
+                 step: int | str | None = None) -> str:
+        """The description for a case: its region's name (default "region"), the region mass of
+        a uniform map (``chance``, the region's share of the image) and the pixels per
+        deletion/insertion step (default "one image row's worth")."""
+        return self.description.format(
+            region=region or "region",
+            chance=f"chance {chance:.3f}, the {region or 'region'}'s share of the image"
+            if chance is not None else "chance: the region's share of the image",
+            step=step if step is not None else "one image row's worth of pixels")
+
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in [
     MetricInfo("decoy_mass", "Decoy mass", False,
-               "Share of the positive attribution that falls on the 16 decoy-patch pixels "
-               "(chance 16/784 ≈ 0.02). Lower is better for a sound model: the explanation does "
-               "not point at the shortcut. Quantus RelevanceMassAccuracy on non-negative maps."),
+               "Share of the positive attribution that falls on the {region} ({chance}). "
+               "Lower is better for a sound model: the explanation does not point at the "
+               "shortcut. Quantus RelevanceMassAccuracy on non-negative maps."),
     MetricInfo("wrong_reason", "Wrong-reason score", False,
-               "Share of decoy-patch pixels that are 'on' after normalising |attribution| by its "
+               "Share of the {region}'s pixels that are 'on' after normalising |attribution| by its "
                "per-image max and thresholding at the map's mean (Schramowski et al. 2020). "
                "Lower is better for a sound model."),
     MetricInfo("rank_accuracy", "Relevance rank accuracy", False,
-               "Share of the K = 16 highest-attributed pixels that lie on the decoy patch "
-               "(Arras et al. 2022; chance 16/784). Lower is better for a sound model. "
+               "Share of the K highest-attributed pixels that lie on the {region}, K = the "
+               "{region}'s size in pixels (Arras et al. 2022; {chance}). Lower is better for a "
+               "sound model. "
                "Equal to Quantus RelevanceRankAccuracy."),
     MetricInfo("deletion_auc", "Deletion AUC", False,
                "Area under the probability of the target class as the highest-attributed pixels "
-               "are set to black, 28 at a time (RISE, Petsiuk et al. 2018). Lower is better: "
+               "are set to black, {step} at a time (RISE, Petsiuk et al. 2018). Lower is better: "
                "removing what the explanation ranks first destroys the prediction quickly."),
     MetricInfo("insertion_auc", "Insertion AUC", True,
                "Area under the probability of the target class as original pixels are inserted "
-               "into a blurred image (Gaussian, σ = 4 px) in the explanation's order, 28 at a "
-               "time (RISE). Higher is better: what the explanation ranks first restores the "
+               "into a blurred image (Gaussian, σ = 4 px) in the explanation's order, {step} at "
+               "a time (RISE). Higher is better: what the explanation ranks first restores the "
                "prediction quickly."),
     MetricInfo("mprt_spearman", "MPRT Spearman", False,
                "Spearman rank correlation between the explanation of the trained model and that "

@@ -171,12 +171,29 @@ def _corrections(rep: dict) -> list[str]:
             verdict += f" (p {r['paired_p_value']:.2g}, α {alpha:g})"
         delta = "–" if r.get("paired_delta") is None else \
             f"{r['paired_delta']:+.3f} ± {r['paired_delta_se']:.3f}"
+        if n > 1 and r.get("paired_delta_per_seed"):
+            verdict += " · per seed: " + ", ".join(r.get("paired_verdict_per_seed") or [])
+        ref = "–" if r.get("paired_reference_delta") is None else \
+            f"{r['paired_reference_delta']:+.3f} ± {r['paired_reference_delta_se']:.3f} " \
+            f"{r.get('paired_reference_verdict')} (p {r['paired_reference_p_value']:.2g})"
         table.append([r.get("label", r["method"]), _f(r.get("uses_mask")),
                       f"{r.get('strength_name') or ''} {_f(r.get('strength'), 3)}".strip(),
-                      _pm(r, hkey), delta, verdict, *[_pm(r, k) for k in others],
+                      _pm(r, hkey), delta, verdict, ref, *[_pm(r, k) for k in others],
                       _f(r.get("gap_closed"), 2), _f(r.get("region_mass"))])
     out += _table(["method", "uses mask", "strength", _label(hkey), "Δ vs under study",
-                   "verdict", *map(_label, others), "gap closed", "region mass after"], table)
+                   "verdict", "Δ vs reference", *map(_label, others), "gap closed",
+                   "region mass after"], table)
+    summary = rep.get("corrections_summary") or {}
+    pair = summary.get("best_vs_runner_up")
+    if pair and pair.get("delta") is not None:
+        names = {r["method"]: r.get("label", r["method"]) for r in rows}
+        line = (f"Best vs runner-up on the {_label(hkey)} images: **{names.get(summary['best'])}** "
+                f"vs **{names.get(summary['runner_up'])}**, Δ {pair['delta']:+.3f} ± "
+                f"{pair['delta_se']:.3f} (p {pair['p_value']:.2g})")
+        per = summary.get("best_vs_runner_up_per_seed") or []
+        if len(per) > 1:
+            line += "; per seed " + ", ".join(f"{p['delta']:+.3f} {p['verdict']}" for p in per)
+        out += ["", f"{line}: **{summary.get('verdict')}** ({summary.get('rule')})."]
     return out
 
 

@@ -460,9 +460,12 @@ def _nanmean(t: Tensor) -> float | None:
     return float(t[ok].mean()) if ok.any() else None
 
 
-def metrics_info(region: str | None = None) -> dict:
-    """For every row metric: label, direction (↑/↓), description and implementation;
-    ``region_mass`` is labelled with the case's region name."""
+def metrics_info(region: str | None = None, chance: float | None = None,
+                 step: int | None = None) -> dict:
+    """For every row metric: label, direction (↑/↓), description and implementation. The
+    descriptions name the case's region, its chance level (the region mass of a uniform map) and
+    the pixels per deletion/insertion ``step``; ``region_mass`` is labelled with the region's
+    name (``decoy_mass`` is DecoyMNIST's alias of it)."""
     impl = {
         "decoy_mass": "core.metrics (batched torch); equals Quantus RelevanceMassAccuracy on "
                       "non-negative maps (tested)",
@@ -478,11 +481,10 @@ def metrics_info(region: str | None = None) -> dict:
         info = M.METRICS[key]
         out[key] = {"label": info.label, "higher_is_better": bool(info.higher_is_better),
                     "arrow": "↑" if info.higher_is_better else "↓",
-                    "description": info.description, "implementation": impl[key]}
+                    "description": info.describe(region, chance, step),
+                    "implementation": impl[key]}
     # the case-generic name of the localisation metric (decoy_mass is DecoyMNIST's alias of it)
-    out["region_mass"] = {**out["decoy_mass"], "label": f"{region or 'region'} mass",
-                          "description": out["decoy_mass"]["description"].replace(
-                              "decoy patch", region or "region").replace("decoy", "region")}
+    out["region_mass"] = {**out["decoy_mass"], "label": f"{region or 'region'} mass"}
     return out
 
 
@@ -626,7 +628,8 @@ def build_stage(study, progress=None) -> dict:
                    "index": list(range(n_display))},
         "curves": {"fraction": fraction, "deletion": deletion, "insertion": insertion},
         "mprt": {"layers": layers, "row": "last", "n_images": n_mprt, "curves": mprt_curves},
-        "metrics_info": metrics_info(data.region_name if has_region else None),
+        "metrics_info": metrics_info(data.region_name if has_region else None,
+                                     data.chance if has_region else None, step),
         "methods": [METHODS[m].row() for m in methods],
         "experts": expert_info,
         "config": cfg_out,

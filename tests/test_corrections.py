@@ -286,6 +286,10 @@ def test_stage_rows_and_gap_closed_agree_with_the_accuracies(stage):
             assert k in r, k
         assert r["uses_mask"] == C.USES_MASK[r["method"]]
         assert r["vanilla_decoy_test_acc"] == van and r["clean_ref_decoy_test_acc"] == cln
+        # paired against the model under study and against the reference, on the same images
+        assert r["paired_delta"] == pytest.approx(r["decoy_test_acc"] - van, abs=1e-6)
+        assert r["paired_reference_delta"] == pytest.approx(r["decoy_test_acc"] - cln, abs=1e-6)
+        assert r["paired_reference_verdict"] in ("better", "worse", "tie")
         if cln - van > 1e-9:
             assert r["gap_closed"] == pytest.approx((r["decoy_test_acc"] - van) / (cln - van))
         else:
@@ -399,7 +403,20 @@ def test_stage_over_seeds_reports_mean_and_sd(data, vanilla, clean):
         assert len(per) == 2 and row["decoy_test_acc"] == pytest.approx(sum(per) / 2)
         assert row["decoy_test_acc_sd"] == pytest.approx(abs(per[0] - per[1]) / 2 ** 0.5)
         assert len(row["gap_closed_per_seed"]) == 2 and len(row["strength_per_seed"]) == 2
+        assert len(row["paired_delta_per_seed"]) == 2 and row["paired_delta_per_seed"][0] == \
+            row["paired_delta"]
+        assert all(v in ("better", "worse", "tie") for v in row["paired_verdict_per_seed"])
     assert len(payload["reference"]["vanilla"]["decoy_test_acc_per_seed"]) == 2
+    # best vs runner-up, paired per seed; "better" only when every seed says so
+    summary = payload["report"]
+    ranked = sorted(payload["rows"], key=lambda r: -r["decoy_test_acc"])
+    assert (summary["best"], summary["runner_up"]) == (ranked[0]["method"], ranked[1]["method"])
+    per = summary["best_vs_runner_up_per_seed"]
+    assert len(per) == 2 and summary["best_vs_runner_up"] == per[0]
+    assert summary["verdict"] == ("better" if all(p["verdict"] == "better" for p in per) else "tie")
+    for p, seed in zip(per, (0, 1), strict=True):  # Δ is the seed's accuracy difference
+        a, b = ranked[0]["decoy_test_acc_per_seed"][seed], ranked[1]["decoy_test_acc_per_seed"][seed]
+        assert p["delta"] == pytest.approx(a - b, abs=1e-6)
 
 
 def test_corrections_page_offers_the_build_and_draws_after_it(small_study, monkeypatch, tmp_path):

@@ -46,3 +46,26 @@ def test_update_readme_replaces_only_the_blocks():
     new = update_readme(text, {"x": "new 1.0\n"})
     assert new == "intro\n<!-- report:x -->\nnew 1.0\n<!-- /report:x -->\nend 0.5\n"
     assert update_readme(text, {}) == text
+
+
+def test_corrections_say_best_vs_runner_up_and_each_seed():
+    rep = _report()
+    pair = {"delta": 0.001, "delta_se": 0.002, "p_value": 1.0, "verdict": "tie", "alpha": 0.05}
+    rows = []
+    for method, label, acc in (("rrr", "RRR", 0.97), ("ip", "Influence penalty", 0.969)):
+        rows.append({"method": method, "label": label, "headline": "test", "n_seeds": 2,
+                     "test_acc": acc, "uses_mask": True, "paired_delta": 0.2,
+                     "paired_delta_se": 0.01, "paired_p_value": 1e-9, "paired_verdict": "better",
+                     "paired_alpha": 0.05, "paired_delta_per_seed": [0.2, 0.19],
+                     "paired_verdict_per_seed": ["better", "better"],
+                     "paired_reference_delta": -0.003, "paired_reference_delta_se": 0.004,
+                     "paired_reference_p_value": 0.6, "paired_reference_verdict": "tie"})
+    rep["corrections"] = rows
+    rep["corrections_summary"] = {"best": "rrr", "runner_up": "ip", "best_vs_runner_up": pair,
+                                  "best_vs_runner_up_per_seed": [pair, {**pair, "delta": -0.002}],
+                                  "verdict": "tie", "rule": "better only when every seed says so"}
+    text = markdown(rep)
+    assert "2 seeds" in text and "per seed: better, better" in text
+    assert "-0.003 ± 0.004 tie (p 0.6)" in text  # against the reference
+    assert ("**RRR** vs **Influence penalty**, Δ +0.001 ± 0.002 (p 1); per seed +0.001 tie, "
+            "-0.002 tie: **tie** (better only when every seed says so).") in text

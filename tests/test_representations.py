@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -213,6 +214,14 @@ def test_stage_payload_shape_and_types(stage):
     for key in METRIC_KEYS:
         assert info[key]["higher_is_better"] == M.METRICS[key].higher_is_better
         assert info[key]["arrow"] == ("↑" if M.METRICS[key].higher_is_better else "↓")
+        assert "{" not in info[key]["description"]  # every placeholder filled
+    # the descriptions name this case's region, chance and step, never another case's numbers
+    chance = payload["chance"]
+    assert f"chance {chance:.3f}" in info["decoy_mass"]["description"]
+    assert "16/784" not in json.dumps(info) and "decoy patch" in info["rank_accuracy"]["description"]
+    step = payload["config"]["step"]
+    assert f"{step} at a time" in info["deletion_auc"]["description"]
+    assert info["region_mass"]["description"] == info["decoy_mass"]["description"]
     assert calls and calls[-1][1] == calls[-1][2] > 0
     # the row value of MPRT is the last point of the curve (every layer randomised)
     row = next(r for r in rows if r["method"] == "saliency" and r["model"] == "vanilla")
