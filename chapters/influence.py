@@ -226,11 +226,22 @@ if HAS_VERDICT:
     cols += ["threshold", "carries shortcut"]
 shown = table[cols]
 st.dataframe(shown, hide_index=True, column_config={
-    "score": st.column_config.NumberColumn(format="%.4g"),
     "ci_low": st.column_config.NumberColumn("interval low", format="%.4g"),
     "ci_high": st.column_config.NumberColumn("interval high", format="%.4g"),
-    "frequency": st.column_config.NumberColumn("top-k frequency", format="percent"),
-    MASS_KEY: st.column_config.NumberColumn(MASS_LABEL or MASS_KEY, format="percent"),
+    "score": st.column_config.NumberColumn(
+        format="%.4g", help="Distributional influence: the unit's gradient of the quantity, "
+                            "averaged over the distribution (summed over the channel's positions)."),
+    "frequency": st.column_config.NumberColumn(
+        "top-k frequency", format="percent",
+        help="How often the unit stays among the top k when the class's training images are "
+             "resampled with replacement (bootstrap): how much the ranking depends on which images "
+             "were drawn."),
+    MASS_KEY: st.column_config.NumberColumn(
+        MASS_LABEL or MASS_KEY, format="percent",
+        help=f"Region mass: the share of the positive attribution of the unit's interpretation that "
+             f"falls on the {REGION}, averaged over the images below"
+             + (f"; an evenly spread map scores the chance level {CHANCE:.1%}." if CHANCE is not None
+                else ".")),
     "threshold": st.column_config.NumberColumn("threshold", format="percent",
                                                help=RULE or "the region mass above which a unit "
                                                "carries the shortcut"),
