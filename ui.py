@@ -692,6 +692,79 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 4, background: i
     return out
 
 
+# Okabe & Ito's palette: told apart with the common colour-vision deficiencies.
+PALETTE = ["#D55E00", "#0072B2", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
+
+
+def model_colors(names: Sequence[str], facts: dict | None = None) -> dict[str, str]:
+    """One colour per model, the same on every page: the model under study vermillion, its
+    reference blue, every other model (controls, corrections) the next colours in ``names``'s
+    order."""
+    facts = facts or {}
+    first = [m for m in (facts.get("subject"), facts.get("reference")) if m]
+    ordered = list(dict.fromkeys([*first, *[str(n) for n in names]]))
+    if facts.get("subject") is None and facts.get("reference") is not None:
+        ordered.insert(0, "\0")  # keep blue for the reference
+    colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(ordered)}
+    return {str(n): colors[str(n)] for n in names}
+
+
+def heat_legend(width: int = 240, height: int = 12) -> np.ndarray:
+    """The signed heatmap's colour ramp as an image (uint8 RGB, ``width`` × ``height``): blue at
+    −max on the left, white at 0, red at +max on the right (core.imaging.heatmap's colours)."""
+    from core import imaging
+
+    ramp = np.linspace(-1.0, 1.0, int(width))[None, :].repeat(int(height), 0)
+    ramp[0, 0], ramp[0, -1] = -1.0, 1.0  # the ramp's own max is 1: no rescaling
+    return imaging.heatmap(ramp)
+
+
+HEAT_SCALE_NOTE = ("Colour scale: blue lowers, white is 0, red raises; each tile is scaled to its own "
+                   "largest |attribution| (full red = +max, full blue = −max of that tile).")
+
+
+def labelled_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], title: str,
+                  footer: str = "", pad: int = 4) -> np.ndarray:
+    """:func:`image_grid` with a title above, one label left of each row and a footer (the
+    legend) below, drawn in Pillow's built-in font: a PNG that says what it shows on its own."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = image_grid(rows, pad=pad)
+    font = ImageFont.load_default()
+    line = 16
+    labels = [_wrap(x, 10_000)[0] for x in row_labels]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max([int(measure.textlength(x, font=font)) for x in labels] or [0]) + 2 * pad
+    footer_lines = _wrap(footer, max(40, (grid.shape[1] + label_w) // 7)) if footer else []
+    title_lines = _wrap(title, max(40, (grid.shape[1] + label_w) // 7))
+    h = grid.shape[0] + line * (len(title_lines) + len(footer_lines)) + 2 * pad
+    w = grid.shape[1] + label_w
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    top = pad + line * len(title_lines)
+    canvas.paste(Image.fromarray(grid), (label_w, top))
+    draw = ImageDraw.Draw(canvas)
+    ink = (31, 35, 40)
+    for i, t in enumerate(title_lines):
+        draw.text((pad, pad + i * line), t, fill=ink, font=font)
+    if rows and len(rows[0]):
+        row_h = rows[0][0].shape[0] + pad
+        for i, t in enumerate(labels[:len(rows)]):
+            draw.text((pad, top + pad + i * row_h + max(0, row_h // 2 - line // 2)), t, fill=ink,
+                      font=font)
+    for i, t in enumerate(footer_lines):
+        draw.text((pad, top + grid.shape[0] + i * line), t, fill=ink, font=font)
+    return np.asarray(canvas)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, with the few symbols the built-in font
+    lacks spelled in ASCII."""
+    import textwrap
+
+    ascii_ = str(text).translate(str.maketrans({"−": "-", "→": ">", "≥": ">=", "≤": "<=", "·": "|"}))
+    return textwrap.wrap(ascii_, width=width) or [""]
+
+
 # ----------------------------------------------------------------------------------------------
 # Formatting
 

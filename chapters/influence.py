@@ -346,6 +346,8 @@ st.markdown(
        "overlay": "The signed heatmap (red raises, blue lowers) blended over the image."}[style]
     + (f" If an expert's marks sit on the {REGION} rather than on the object, it reads the shortcut."
        if REGION else ""))
+if style != "mask":
+    st.image(ui.heat_legend(), caption=ui.HEAT_SCALE_NOTE, width=240)
 view_key = ui.stamp(study) + (model, layer, repr(sorted(qoi.items())), repr(sorted(doi.items())),
                              target)
 grid = _render(view_key, style, SCALE, images, maps)
@@ -367,8 +369,24 @@ for k in range(n_maps):
                  caption=[_tile(i, f"unit {int(r['unit'])} on {_image_name(i)} ({VIEWS[style]})")
                           for i in shown_idx])
 if shown_idx:
-    ui.download_png(lambda: ui.image_grid([[ui.picture(images[i], SCALE) for i in shown_idx],
-                                           *[[row[i] for i in shown_idx] for row in grid]]),
+    def _grid_png() -> np.ndarray:
+        """The grid as a self-describing PNG: what, which model, each row's unit, the legend."""
+        row_labels = ["image"] + [
+            f"unit {int(table.iloc[j]['unit'])}"
+            + (f" ({MASS_LABEL} {float(table.iloc[j][MASS_KEY]):.0%})"
+               if HAS_MASS and pd.notna(table.iloc[j][MASS_KEY]) else "")
+            for j in range(n_maps)]
+        under = [f"{name(int(LABELS[i]))}>{name(int(PREDS[i]))}" for i in shown_idx] if SHOW_PRED else []
+        legend = {"mask": "mask: pixels above the 95th percentile of the unit's attribution, tinted red.",
+                  "heatmap": ui.HEAT_SCALE_NOTE, "overlay": ui.HEAT_SCALE_NOTE}[style]
+        title = (f"{model_name_} | experts of {layer} for {what} | distribution: {DOIS[doi_kind]} | "
+                 f"test images {by_what} the class")
+        footer = legend + (f" Columns, label>predicted: {', '.join(under)}." if under else "")
+        return ui.labelled_grid([[ui.picture(images[i], SCALE) for i in shown_idx],
+                                 *[[row[i] for i in shown_idx] for row in grid[:n_maps]]],
+                                row_labels, title, footer)
+
+    ui.download_png(_grid_png,
                     f"experts_{model}_{layer}_{q_name}_{doi_kind}_{target}_{style}.png",
                     "Download the grid (PNG)", key="dl-grid")
 

@@ -859,3 +859,40 @@ def test_target_label_or_predicted_class_labels_each_tile_and_keeps_the_wrong_on
     fooled = sum(a != c for a in labels_p)
     assert f"**{fooled} of {len(want)}**" in _texts(at)
     assert "predicted as" in _texts(at)
+
+
+def test_heat_legend_runs_from_blue_through_white_to_red():
+    legend = ui.heat_legend(width=101, height=3)
+    assert legend.shape == (3, 101, 3) and legend.dtype == np.uint8
+    assert legend[0, 0].tolist() == [0, 0, 255] and legend[0, -1].tolist() == [255, 0, 0]
+    assert legend[0, 50].tolist() == [255, 255, 255]  # zero is white
+
+
+def test_labelled_grid_keeps_the_tiles_and_adds_the_words():
+    tiles = [[np.full((8, 8, 3), v, np.uint8) for v in (10, 20)], [np.full((8, 8, 3), 30, np.uint8)] * 2]
+    plain = ui.image_grid(tiles)
+    out = ui.labelled_grid(tiles, ["image", "unit 3 → x"], "model | layer", "legend −max")
+    assert out.shape[0] > plain.shape[0] and out.shape[1] > plain.shape[1]
+    # the grid sits unchanged below the title and right of the labels
+    h, w = plain.shape[:2]
+    found = any((out[y:y + h, x:x + w] == plain).all() for y in range(out.shape[0] - h + 1)
+                for x in range(out.shape[1] - w + 1) if out[y + 4, x + 4, 0] == 10)
+    assert found
+    assert (out[:16] < 128).any()  # the title is drawn (dark ink on white)
+
+
+def test_model_colors_are_stable_and_distinct():
+    facts = {"subject": "vanilla", "reference": "clean"}
+    a = ui.model_colors(["clean", "vanilla", "rrr"], facts)
+    b = ui.model_colors(["vanilla", "rrr", "clean"], facts)
+    assert a == b and len(set(a.values())) == 3
+    assert a["vanilla"] == ui.PALETTE[0] and a["clean"] == ui.PALETTE[1]
+    assert ui.model_colors(["x"], {"reference": "x"})["x"] == ui.PALETTE[1]
+
+
+def test_heatmap_view_shows_the_colour_scale(app, small_study):
+    at = app("chapters/influence.py", view="heatmap")
+    assert not at.exception
+    assert any(i.caption == ui.HEAT_SCALE_NOTE for im in at.image for i in im.proto.imgs)
+    at = app("chapters/influence.py", view="mask")
+    assert not any(i.caption == ui.HEAT_SCALE_NOTE for im in at.image for i in im.proto.imgs)
