@@ -404,3 +404,132 @@ def test_the_html_report_downloads_and_opens_offline(server, page, study, tmp_pa
         assert blocked == []
     finally:
         offline.close()
+
+
+# ---------------------------------------------------------------------------------------- accessibility
+# WCAG 2.x AA: normal text needs a contrast ratio of at least 4.5:1 against its background. Streamlit
+# draws captions (st.caption, image captions, widget help) in a faded, semi-transparent version of the
+# theme's textColor; the theme in .streamlit/config.toml must keep them above that line, on the white
+# page and on the sidebar's secondary background alike.
+
+AA = 4.5
+FADED = ('[data-testid="stCaptionContainer"], [data-testid="stImageCaption"], '
+         '[data-testid="stMarkdownContainer"] small, [data-testid="stTooltipContent"]')
+_COLOURS_JS = """(sel) => {
+  const els = new Set();
+  for (const root of document.querySelectorAll(sel)) {
+    if (!root.getClientRects().length) continue;
+    for (const el of [root, ...root.querySelectorAll('*')]) {
+      if ([...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim())) els.add(el);
+    }
+  }
+  return [...els].filter(el => el.getClientRects().length).map(el => {
+    let opacity = 1;
+    const backgrounds = [];
+    for (let a = el; a; a = a.parentElement) {
+      const s = getComputedStyle(a);
+      opacity *= parseFloat(s.opacity);
+      backgrounds.push(s.backgroundColor);
+    }
+    return {text: el.textContent.trim().slice(0, 60), color: getComputedStyle(el).color, opacity,
+            backgrounds, sidebar: !!el.closest('[data-testid="stSidebar"]')};
+  });
+}"""
+
+
+def _rgba(css: str) -> tuple[float, float, float, float]:
+    """A computed CSS colour (``rgb()``, ``rgba()`` or ``color(srgb …)``) → (r, g, b, a), 0–255."""
+    import re
+
+    nums = [float(n) for n in re.findall(r"[-+]?\d*\.?\d+(?:e[-+]?\d+)?", css)]
+    if css.startswith("color(srgb"):
+        r, g, b = (255 * v for v in nums[:3])
+        return r, g, b, nums[3] if len(nums) > 3 else 1.0
+    if css.startswith("rgb"):
+        return nums[0], nums[1], nums[2], nums[3] if len(nums) > 3 else 1.0
+    raise AssertionError(f"cannot read the colour {css!r}")
+
+
+def _over(top, below) -> tuple[float, float, float]:
+    a = top[3]
+    return tuple(a * t + (1 - a) * b for t, b in zip(top[:3], below[:3], strict=True))
+
+
+def _luminance(rgb) -> float:
+    def lin(c):
+        c /= 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (lin(c) for c in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(fg, bg) -> float:
+    hi, lo = sorted((_luminance(fg), _luminance(bg)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def _ratios(page) -> list[tuple[float, str, str, bool]]:
+    """(contrast ratio, text, colour, in the sidebar) of every faded text element drawn now: the text
+    colour (its alpha times the ancestors' opacity) composited over the stacked backgrounds of its
+    ancestors, down to the first opaque one (the white page when none is)."""
+    out = []
+    for e in page.evaluate(_COLOURS_JS, FADED):
+        bg = (255.0, 255.0, 255.0)
+        for css in reversed(e["backgrounds"]):  # from the document down to the element
+            layer = _rgba(css)
+            bg = layer[:3] if layer[3] >= 1 else _over(layer, bg)
+        r, g, b, a = _rgba(e["color"])
+        fg = _over((r, g, b, a * e["opacity"]), bg)
+        out.append((contrast(fg, bg), e["text"], e["color"], e["sidebar"]))
+    return out
+
+
+def test_captions_reach_wcag_aa_contrast(server, page):
+    """Every caption-like text on the case-study, influence and one-image chapters, in the main area
+    and in the sidebar (and a widget's help tooltip), reaches 4.5:1 against what it is drawn on."""
+    found = []
+    for path in ("case-study", "influence", "one-image"):
+        page.goto(f"{server}/{path}")
+        _settle(page)
+        got = _ratios(page)
+        assert any(not s for *_, s in got), f"{path}: no caption in the main area"
+        assert any(s for *_, s in got), f"{path}: no caption in the sidebar"
+        found += [(r, f"{path}: {t!r} ({c})") for r, t, c, _ in got]
+    # A widget's help: hover the sidebar's first help icon and read its tooltip.
+    icon = page.locator('[data-testid="stSidebar"] [data-testid="stTooltipIcon"]').first
+    icon.hover()
+    page.locator('[data-testid="stTooltipContent"]').first.wait_for(timeout=10_000)
+    page.wait_for_function("""() => [...document.querySelectorAll('[data-testid="stTooltipContent"]')]
+        .some(t => getComputedStyle(t).opacity === '1')""", timeout=10_000)  # it fades in
+    tips = _ratios(page)
+    assert any("Built-in cases" in t or len(t) > 10 for _, t, *_ in tips)
+    found += [(r, f"tooltip: {t!r} ({c})") for r, t, c, _ in tips]
+    worst = min(found)
+    print(f"\nminimum caption contrast: {worst[0]:.2f}:1 ({len(found)} texts; the lowest: {worst[1]})")
+    bad = sorted(f for f in found if f[0] < AA)
+    assert not bad, f"{len(bad)} texts below {AA}:1, e.g. " + "; ".join(f"{r:.2f} {w}" for r, w in bad[:5])
+
+
+def test_contrast_arithmetic():
+    """The WCAG formula: black on white is 21:1, a colour on itself 1:1, #767676 on white ≈ 4.54."""
+    assert abs(contrast((0, 0, 0), (255, 255, 255)) - 21) < 1e-9
+    assert abs(contrast((90, 90, 90), (90, 90, 90)) - 1) < 1e-9
+    assert abs(contrast((118, 118, 118), (255, 255, 255)) - 4.54) < 0.01
+    assert _rgba("rgba(31, 35, 40, 0.6)") == (31, 35, 40, 0.6)
+    assert _over((0, 0, 0, 0.5), (255, 255, 255)) == (127.5, 127.5, 127.5)
+
+
+def test_the_one_image_chapter_draws_and_its_link_reopens_the_image(server, page):
+    page.goto(f"{server}/one-image?image=3")
+    _settle(page)
+    assert _count(page, "stException") == 0
+    _assert_shell(page)
+    assert page.locator("h2", has_text="Test image 3:").count() == 1
+    assert _count(page, "stImage") >= 3
+    assert "image=3" in page.url
+    _screenshot(page, SHOTS / "one-image.png")
+    page.goto(f"{server}/one-image?image=nope")
+    _settle(page)
+    assert page.locator('[data-testid="stAlert"]', has_text="No test image").count() == 1
+    assert _count(page, "stException") == 0
