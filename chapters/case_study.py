@@ -133,7 +133,11 @@ if n_seeds > 1:  # mean ± sample sd over the seeds the report aggregates
         shown[f"{label} sd"] = [m.get(f"{key}_sd") for m in models.values()]
     st.caption(f"Means over {n_seeds} training seeds, with their standard deviations.")
 st.dataframe(shown, hide_index=True, column_config={
-    col: st.column_config.NumberColumn(col, format="percent") for col in shown.columns if col != "model"})
+    col: st.column_config.NumberColumn(
+        col, format="percent",
+        help=("The sample standard deviation of that accuracy over the training seeds." if col.endswith(" sd")
+              else f"Accuracy: the share of the {col} images the model classifies correctly."))
+    for col in shown.columns if col != "model"})
 long = table.melt(id_vars="model", var_name="split", value_name="accuracy").dropna()
 sd = {(name, label): m.get(f"{key}_sd") for name, m in models.items() for key, label in SPLITS}
 long["low"] = [a - (sd.get((n, sp)) or 0) for n, sp, a in zip(long["model"], long["split"], long["accuracy"],

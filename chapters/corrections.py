@@ -33,6 +33,30 @@ MASS_KEY = facts.get("region_alias") or "region_mass"
 MASS_LABEL = (facts.get("region_alias") or f"{REGION} mass").replace("_", " ") if REGION else None
 CHANCE = facts.get("chance")
 SCALE = ui.scale_for(facts.get("size"))
+# Plain-word definitions shown as help on the columns and controls that use these terms.
+HELP = {
+    "method": "The correction. Expert suppression damps the shortcut experts of one layer; P-ClArC "
+              "(projective class artifact compensation) removes the shortcut's direction — the difference "
+              "of the layer's mean activation with and without it — from one layer's output; neither "
+              "retrains. RRR, the influence penalty and counterexamples fine-tune the model; the control "
+              "fine-tunes with no penalty.",
+    "uses mask": "Whether the correction needs the region's mask (or clean twins of the images) to work; "
+                 "a correction that does not finds the shortcut from the model alone.",
+    "gap closed": "(accuracy − the model under study's) / (the reference's − the model under study's) on "
+                  "the headline set: 0 is no better than the model under study, 1 matches the reference. "
+                  "Empty when the reference does not beat the model under study.",
+    "mass": "Region mass: the share of the positive Integrated Gradients attribution (for the image's "
+            "label) that falls inside the region, averaged over test images (0 = none, 1 = all).",
+    "tuned on validation": "The correction's strength, chosen on the validation split: λ is the weight of "
+                           "the penalty added to the training loss (larger: the correction counts more "
+                           "against accuracy); damping scales the suppressed units' outputs; copies / N "
+                           "is how many counterexamples are added per training image.",
+    "validation acc": "Accuracy on the validation split at the chosen strength (what the tuning maximised).",
+    "seconds": "Wall time of the correction, its tuning grid included.",
+    "influence": "The unit's influence score: its distributional influence on the class (the average "
+                 "gradient of the class's score with respect to the unit, over the class's training "
+                 "images).",
+}
 st.title("Corrections")
 st.markdown(
     f"**{SUBJECT}** may have learned to read the {REGION or 'shortcut'}. Can we make it read the "
@@ -115,12 +139,17 @@ ref_table = pd.DataFrame([
      MASS_LABEL: _mass(m)} for name, m in ref_rows])
 pct_cols = {c: st.column_config.NumberColumn(c, format="percent")
             for c in [*(ui.set_label(x) for x in SHOW), MASS_LABEL, "validation acc"]}
+pct_cols[MASS_LABEL] = st.column_config.NumberColumn(MASS_LABEL, format="percent", help=HELP["mass"])
+pct_cols["validation acc"] = st.column_config.NumberColumn("validation acc", format="percent",
+                                                           help=HELP["validation acc"])
 st.dataframe(table, hide_index=True, column_config={
     **pct_cols,
-    "method": st.column_config.TextColumn("method", width="medium"),
-    "gap closed": st.column_config.NumberColumn("gap closed", format="%.2f"),
-    "tuned on validation": st.column_config.TextColumn("tuned on validation", width="large"),
-    "seconds": st.column_config.NumberColumn("seconds", format="%.1f"),
+    "method": st.column_config.TextColumn("method", width="medium", help=HELP["method"]),
+    "uses mask": st.column_config.TextColumn("uses mask", help=HELP["uses mask"]),
+    "gap closed": st.column_config.NumberColumn("gap closed", format="%.2f", help=HELP["gap closed"]),
+    "tuned on validation": st.column_config.TextColumn("tuned on validation", width="large",
+                                                       help=HELP["tuned on validation"]),
+    "seconds": st.column_config.NumberColumn("seconds", format="%.1f", help=HELP["seconds"]),
 })
 st.dataframe(ref_table, hide_index=True, column_config=pct_cols)
 seed_note = (f"Means over {n_seeds} seeds (± one standard deviation in the narrative)."
@@ -280,7 +309,8 @@ if anchors:
         "gap closed": _f(a.get("gap_closed"))} for a in anchors]), hide_index=True,
         column_config={c: st.column_config.NumberColumn(c, format="percent") for c in
                        ("vanilla decoy test", "RRR decoy test", "clean decoy test")}
-        | {"gap closed": st.column_config.NumberColumn("gap closed", format="%.2f")})
+        | {"gap closed": st.column_config.NumberColumn("gap closed", format="%.2f",
+                                                       help=HELP["gap closed"])})
     rrr = next((r for r in rows if r["method"] == "rrr"), None)
     for a in anchors:
         mine = (f" Here RRR reaches {ui.pct(_f(rrr.get(HKEY)))} against {SUBJECT} "
@@ -332,11 +362,14 @@ LAYERS = [str(x) for x in (facts.get("layers") or [])]
 CLASSES = list(range(len(facts.get("classes") or []))) or [0]
 c1, c2, c3 = st.columns(3)
 with c1:
-    chosen = ui.choice("Correction", names, param="correction", format_func=labels.get)
+    chosen = ui.choice("Correction", names, param="correction", format_func=labels.get,
+                       help=HELP["method"])
 with c2:
-    layer = ui.choice("Layer", LAYERS, param="layer", default=LAYERS[-1])
+    layer = ui.choice("Layer", LAYERS, param="layer", default=LAYERS[-1],
+                      help="The layer whose experts (most influential units for the class) are ranked.")
 with c3:
-    cls = ui.choice("Class", CLASSES, param="cls", format_func=lambda c: ui.class_name(c, facts))
+    cls = ui.choice("Class", CLASSES, param="cls", format_func=lambda c: ui.class_name(c, facts),
+                    help="The class whose experts are compared before and after the correction.")
 qoi, doi = {"kind": "class", "class": int(cls)}, {"kind": "class-images"}
 
 
@@ -387,8 +420,11 @@ for col, (title, view) in zip(cols, panels, strict=True):
             t[MASS_KEY] = t["region_mass"]
         keep = [c for c in ("rank", "unit", "score", MASS_KEY) if c in t]
         st.dataframe(t[keep], hide_index=True, column_config={
-            "score": st.column_config.NumberColumn("influence", format="%.4g"),
-            MASS_KEY: st.column_config.NumberColumn(MASS_LABEL, format="percent")})
+            "score": st.column_config.NumberColumn("influence", format="%.4g", help=HELP["influence"]),
+            MASS_KEY: st.column_config.NumberColumn(
+                MASS_LABEL, format="percent",
+                help="The share of the expert's interpretation (its positive attribution) that falls inside "
+                     "the region, averaged over the class's test images.")})
         images, maps = np.asarray(view.get("images", [])), np.asarray(view.get("maps", []))
         if images.ndim in (3, 4) and maps.ndim == 4 and len(images):
             n_img = min(4, images.shape[0])

@@ -127,7 +127,10 @@ else:
     sets = {"patch attack": rows}
 if adaptive.get("rows"):
     sets["adaptive attack"] = list(adaptive["rows"])
-chosen_attack = ui.choice("Attack", list(sets), param="attack", widget="radio", horizontal=True) \
+chosen_attack = ui.choice("Attack", list(sets), param="attack", widget="radio", horizontal=True,
+                          help="The patch attack optimises a small square patch to push the prediction to "
+                               "a target class; the adaptive attack also pushes the influence profile "
+                               "toward the target class's own, to fool the influence detectors.") \
     if len(sets) > 1 else next(iter(sets))
 mine = sets[chosen_attack]
 if chosen_attack == "adaptive attack":
@@ -144,8 +147,16 @@ table = pd.DataFrame([{
     "AUC": _f(r.get("auc")),
 } for r in mine])
 st.dataframe(table, hide_index=True, column_config={
-    **{f"TPR at {round(100 * b)}% FPR": st.column_config.NumberColumn(format="percent") for b in FPR_POINTS},
-    "AUC": st.column_config.NumberColumn(format="%.3f")})
+    **{f"TPR at {round(100 * b)}% FPR": st.column_config.NumberColumn(
+        format="percent", help=f"True-positive rate at {round(100 * b)}% false-positive rate: the share of "
+                               f"attacked images flagged when the threshold flags {round(100 * b)}% of "
+                               "clean images.") for b in FPR_POINTS},
+    "AUC": st.column_config.NumberColumn(
+        format="%.3f", help="Area under the ROC curve: the chance that a random attacked image scores higher "
+                            "than a random clean one (0.5: no better than a coin, 1: perfect)."),
+    "uses influence": st.column_config.TextColumn(
+        help="Whether the detector reads the model's influence (gradients) or only its outputs and "
+             "activations.")})
 n_clean = next((r.get("n_clean") for r in mine if r.get("n_clean")), None)
 n_att = next((r.get("n_attacked") for r in mine if r.get("n_attacked")), None)
 st.caption("True-positive rate (share of attacked images flagged) at the threshold where 1%, 5% and 25% "
@@ -217,8 +228,13 @@ features = payload.get("features") or []
 if features:
     with st.expander("Each influence feature alone (AUC) and its weight in the combined detector"):
         st.dataframe(pd.DataFrame(features), hide_index=True,
-                     column_config={"auc": st.column_config.NumberColumn("AUC", format="%.3f"),
-                                    "weight": st.column_config.NumberColumn(format="%.3g")})
+                     column_config={"auc": st.column_config.NumberColumn(
+                                        "AUC", format="%.3f",
+                                        help="The feature alone as a detector: the chance that a random "
+                                             "attacked image scores higher than a random clean one."),
+                                    "weight": st.column_config.NumberColumn(
+                                        format="%.3g", help="Its coefficient in the combined detector's "
+                                                            "logistic regression.")})
 
 examples = payload.get("examples") or {}
 ex_x = examples.get("x")

@@ -70,10 +70,13 @@ with c1:
     if len(models) == 1:
         st.caption(f"Model: **{ui.model_label(model, facts=facts)}**")
 with c2:
-    layer = ui.choice("Layer", layers, param="elayer") if layers else None
+    layer = ui.choice("Layer", layers, param="elayer",
+                      help="The layer whose units are kept or removed.") if layers else None
 with c3:
     fill = ui.choice("Removed units are set to", fills, param="efill", widget="radio", horizontal=True,
-                     format_func=lambda f: {"mean": "their mean", "zero": "zero"}.get(str(f), str(f))) \
+                     format_func=lambda f: {"mean": "their mean", "zero": "zero"}.get(str(f), str(f)),
+                     help="What a removed unit outputs instead of its own activation: its mean activation "
+                          "over the images (position by position for a channel), or zero.") \
         if fills else None
 
 
@@ -92,7 +95,10 @@ else:
         return f"{c.get('a_name', _name(c.get('a')))} vs {c.get('b_name', _name(c.get('b')))}"
 
     pairs = list(dict.fromkeys(_pair(c) for c in mine_curves))
-    pair = ui.choice("Pair of classes", pairs, param="epair")
+    pair = ui.choice("Pair of classes", pairs, param="epair",
+                     help="Two related classes A and B. The layer's units are ranked by comparative "
+                          "influence — on the difference of the two classes' scores, A's minus B's — and "
+                          "only the top k are kept to tell A from B.")
     curve = next(c for c in mine_curves if _pair(c) == pair)
     ks = list(curve.get("ks") or [])
     recs = []
@@ -143,8 +149,19 @@ else:
     } for r in _mine(rows)])
     if not table.empty:
         st.dataframe(table, hide_index=True, column_config={
-            c: st.column_config.NumberColumn(c, format="percent")
-            for c in ("whole layer", "top-1 accuracy", "random-1 accuracy")})
+            **{c: st.column_config.NumberColumn(c, format="percent")
+               for c in ("whole layer", "top-1 accuracy", "random-1 accuracy")},
+            "whole layer": st.column_config.NumberColumn(
+                "whole layer", format="percent",
+                help="Binary accuracy (A vs B on held-out images) with every unit of the layer kept."),
+            "top experts": st.column_config.NumberColumn(
+                "top experts", help="The smallest k of top-ranked units (by comparative influence) whose "
+                                    "binary accuracy reaches the target share of the whole layer's."),
+            "random (median)": st.column_config.NumberColumn(
+                "random (median)", help="The same smallest k for randomly drawn units: the median over the "
+                                        "seeded draws."),
+            "bottom units": st.column_config.NumberColumn(
+                "bottom units", help="The same smallest k for the lowest-ranked units.")})
         st.caption(f"The smallest k whose binary accuracy reaches {share:.0%} of the whole layer's, for "
                    "each way of choosing the units (the lucky draw: the upper end of the random "
                    "interval). Empty: never reached before the whole layer.")
@@ -185,9 +202,17 @@ else:
         "beats random": {True: "yes", False: "no", None: "—"}[r.get("beats_random")],
     } for r in mine_abl])
     st.dataframe(atable, hide_index=True, column_config={
-        "accuracy drop (experts)": st.column_config.NumberColumn(format="percent"),
-        "accuracy drop (other's experts)": st.column_config.NumberColumn(format="percent"),
-        "logit drop (experts)": st.column_config.NumberColumn(format="%.3g")})
+        "accuracy drop (experts)": st.column_config.NumberColumn(
+            format="percent", help="The class's accuracy on its own images before minus after its top "
+                                   "experts are removed (set to the fill)."),
+        "accuracy drop (other's experts)": st.column_config.NumberColumn(
+            format="percent", help="The same drop when another class's top experts are removed instead."),
+        "logit drop (experts)": st.column_config.NumberColumn(
+            format="%.3g", help="The class's mean score (logit) on its own images before minus after its "
+                                "top experts are removed."),
+        "beats random": st.column_config.TextColumn(
+            help="Yes when the experts' logit drop is above the random units' interval and their accuracy "
+                 "drop is at least the random median.")})
     st.caption("Each class's top experts of the layer are removed (set to the fill) and the class's "
                "accuracy and mean logit on its own images are measured before and after; the same for "
                "as many random units (median [interval] over the draws) and for another class's "

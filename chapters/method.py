@@ -113,7 +113,19 @@ ENGINE = pd.DataFrame(
     ],
     columns=["representation", "slice", "quantity (QoI)", "distribution (DoI)", "multiplier"],
 )
-st.dataframe(ENGINE, hide_index=True)
+st.dataframe(ENGINE, hide_index=True, column_config={
+    "slice": st.column_config.TextColumn(
+        help="Where the influence is measured: the input pixels or one internal layer."),
+    "quantity (QoI)": st.column_config.TextColumn(
+        help="Quantity of interest: the output number being explained — a class's score, the difference "
+             "of two classes' scores (A − B), or one unit's activation."),
+    "distribution (DoI)": st.column_config.TextColumn(
+        help="Distribution of interest: the inputs the gradient is averaged over — the image alone "
+             "(point), a straight path from a baseline to it (linear), noisy copies (Gaussian), or every "
+             "training image of a class (empirical)."),
+    "multiplier": st.column_config.TextColumn(
+        help="What the averaged gradient is multiplied by to give an attribution (— : nothing)."),
+})
 ui.download_csv(ENGINE, "engine_configurations.csv", key="dl-method-engine")
 
 st.markdown(

@@ -147,7 +147,7 @@ with c3:
         help=f"{label_of(m)}: its probability for each class (softmax of its outputs; they sum to 100%).")
         for m in table if m != "class"}
     st.dataframe(pd.DataFrame(table), hide_index=True, column_config=cfg, height=220)
-st.caption("Heatmap colours: red raises the predicted class's score, blue lowers it, white is neutral.")
+st.image(ui.heat_legend(), caption=ui.HEAT_SCALE_NOTE, width=240)
 
 # -------------------------------------------------------------------------------------- the layers
 st.header(f"Layer by layer: the experts for {name(trace['pred'])}")

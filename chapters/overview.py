@@ -196,7 +196,11 @@ with left:
 with right:
     st.markdown("**Layer thresholds**")
     th = pd.DataFrame({"layer": LAYERS, "threshold": [THRESHOLDS.get(x) for x in LAYERS]})
-    cfg = {"threshold": st.column_config.NumberColumn(f"{MASS} above", format="percent")}
+    cfg = {"threshold": st.column_config.NumberColumn(
+        f"{MASS} above", format="percent",
+        help=f"An expert carries the shortcut when its {MASS} — the share of its interpretation's positive "
+             f"attribution that falls inside the {REGION}, averaged over the class's test images — is "
+             "above this layer's threshold.")}
     if CONTROL:
         th["false alarms"] = [(ALARMS.get(x) or {}).get("rate") for x in LAYERS]
         th["flagged"] = [f"{a.get('n_flagged', '—')}/{a.get('n', '—')}"

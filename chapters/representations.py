@@ -19,6 +19,19 @@ import ui
 
 VIEWS = {"heatmap": "signed heatmap", "overlay": "heatmap over the image"}
 LOCALISATION = ("region_mass", "decoy_mass", "wrong_reason", "rank_accuracy")
+# Plain-word definitions of the engine's terms, shown as help where the columns and controls use them.
+TERMS = {
+    "slice": "Where in the network the influence is measured: the input pixels or one internal layer.",
+    "quantity": "Quantity of interest: the output number being explained, e.g. the score (logit) of the "
+                "image's class, the difference of two classes' scores, or one unit's activation.",
+    "distribution": "Distribution of interest: the inputs the gradient is averaged over — the image alone "
+                    "(point), a straight path from a black image to it (linear, as in Integrated "
+                    "Gradients), noisy copies of it (Gaussian), or every training image of a class.",
+    "multiplier": "What the averaged gradient is multiplied by to give an attribution, e.g. the input x "
+                  "or its difference from the baseline x − x′ (— : the gradient itself).",
+    "then": "A step after the influence call: Grad-CAM weighs the layer's channels and upsamples; internal "
+            "influence keeps the top experts and combines their interpretations.",
+}
 
 study = ui.current_study()
 facts = ui.facts(study)
@@ -88,7 +101,8 @@ with st.expander("The six methods as engine configurations", expanded=False):
                            "quantity": m.get("qoi"), "distribution": m.get("doi"),
                            "multiplier": m.get("multiplier"), "then": m.get("post")}
                           for m in payload.get("methods", [])])
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={k: st.column_config.TextColumn(k, help=v) for k, v in TERMS.items()})
     used = ", ".join(f"{labels.get(k, k)}: {v}" for k, v in (cfg.get("options") or {}).items() if v)
     st.caption("Every map comes from the same `influence(model, inputs, layer, qoi, doi)` call; only the "
                "configuration changes. Grad-CAM and internal influence add one step after it (the last "
@@ -102,7 +116,12 @@ with st.expander("The six methods as engine configurations", expanded=False):
             {"model": mod, "class": ui.class_name(int(e["class"]), facts),
              "experts (unit: weight)": ", ".join(f"{int(u)}: {float(w):.2f}"
                                                  for u, w in zip(e["units"], e["weights"], strict=False))}
-            for mod, per in chosen.items() for e in per]), hide_index=True, width="stretch")
+            for mod, per in chosen.items() for e in per]), hide_index=True, width="stretch",
+            column_config={"experts (unit: weight)": st.column_config.TextColumn(
+                "experts (unit: weight)",
+                help="Experts: the units of the layer with the largest class-conditional influence on the "
+                     "class. Weight: each one's share in the map (its positive influence score over the "
+                     "sum of them).")})
 
 # ------------------------------------------------------------------------------------ the narrative
 rep = ui.report(study)
@@ -186,13 +205,19 @@ pair_label = f"{subject} and {reference}" if reference else subject
 c1, c2, c3 = st.columns([1.2, 1.2, 2])
 with c1:
     view = ui.choice("Show maps as", list(VIEWS), param="rview", widget="radio", format_func=VIEWS.get,
-                     horizontal=True)
+                     horizontal=True,
+                     help="Signed heatmap: red pixels raise the class's score, blue ones lower it. Over the "
+                          "image: the same colours blended over the picture.")
 with c2:
     shown_models = [m for m in models if m in maps]
     pair = ui.choice("Models", ["both", *shown_models], param="rmodels",
-                     format_func=lambda m: pair_label if m == "both" else ui.model_label(m, facts=facts))
+                     format_func=lambda m: pair_label if m == "both" else ui.model_label(m, facts=facts),
+                     help="Whose explanations to draw: the model under study, the reference (trained "
+                          "without the shortcut), or both side by side.")
 with c3:
-    n_show = st.slider("Images", 1, max(1, len(xs)), min(4, max(1, len(xs))), key="rep-n-images")
+    n_show = st.slider("Images", 1, max(1, len(xs)), min(4, max(1, len(xs))), key="rep-n-images",
+                       help="How many of the stage's test images to draw (the same images for every "
+                            "method).")
 cols_models = ([m for m in shown_models if m in (subject, reference)] if pair == "both" else [pair])
 
 
@@ -269,7 +294,10 @@ for kind in ("deletion", "insertion"):
 if recs:
     cdf = pd.DataFrame(recs)
     curve_model = ui.choice("Model", [m for m in models if m in set(cdf["model"])], param="rcurves",
-                            format_func=lambda m: ui.model_label(m, facts=facts))
+                            format_func=lambda m: ui.model_label(m, facts=facts),
+                            help="Deletion AUC: area under the class probability as the most-attributed "
+                                 "pixels are blacked out first (lower: a more faithful map). Insertion AUC: "
+                                 "the same as they are put back into a blurred image (higher is better).")
     sub = cdf[cdf["model"] == curve_model]
     line = alt.Chart(sub).mark_line().encode(
         x=alt.X("fraction of pixels:Q", scale=alt.Scale(domain=[0, 1])),
@@ -284,7 +312,10 @@ if recs:
                "fall fast: low area ↓). Insertion: they are put back first into a blurred image (a faithful "
                "map makes it rise fast: high area ↑). Mean over the images.")
 
-st.subheader("Randomisation test (MPRT)")
+st.subheader("Randomisation test (MPRT)", help=(
+    "MPRT, the model parameter randomisation test: re-initialise the network's layers one after another "
+    "and see whether the explanation changes. A map that stays the same cannot be explaining what the "
+    "model learned."))
 mp = payload.get("mprt", {})
 layers = list(mp.get("layers", []))
 steps = [("+ " if k else "") + name for k, name in enumerate(layers)]
