@@ -14,7 +14,6 @@ import streamlit as st
 import ui
 
 N_SAMPLES = 8
-PALETTE = ["#B4412E", "#6C8EAD", "#D9A441", "#5B8C5A", "#8A6FB0", "#9C9C9C"]
 
 study = ui.current_study()
 facts = ui.facts(study)
@@ -150,7 +149,8 @@ bars = alt.Chart(long).mark_bar().encode(
     xOffset=alt.XOffset("model:N", sort=list(models)),
     y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="accuracy"),
     color=alt.Color("model:N", title="model", sort=list(models),
-                    scale=alt.Scale(domain=list(models), range=PALETTE[:len(models)])),
+                    scale=alt.Scale(domain=list(models),
+                                    range=[ui.model_colors(list(models), facts)[m] for m in models])),
     tooltip=["model", "split", alt.Tooltip("accuracy:Q", format=".1%")],
 )
 labels = bars.mark_text(dy=-6, fontSize=11).encode(text=alt.Text("accuracy:Q", format=".0%"),

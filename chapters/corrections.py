@@ -15,8 +15,10 @@ import streamlit as st
 
 import ui
 
-COLORS = {"reference": "#8A8F98", "control": "#C9C3B8", "mask": "#B4412E",
-          "mask-free": "#2E7D5B"}
+# ui's colour-blind-safe palette: the model under study and its reference keep their colours
+# from every other page; the corrections are coloured by what they need.
+COLORS = {"under study": ui.PALETTE[0], "reference": ui.PALETTE[1], "uses the mask": ui.PALETTE[4],
+          "mask-free": ui.PALETTE[2], "control": "#999999"}
 
 study = ui.current_study()
 facts = ui.facts(study)
@@ -53,6 +55,11 @@ HELP = {
                            "is how many counterexamples are added per training image.",
     "validation acc": "Accuracy on the validation split at the chosen strength (what the tuning maximised).",
     "seconds": "Wall time of the correction, its tuning grid included.",
+    "vs subject": "Paired difference from the model under study on the same headline-set images "
+                  "(accuracy after − before) ± its standard error, and the exact McNemar test on the "
+                  "images only one of the two gets right: a verdict is \"tie\" unless p < α.",
+    "vs reference": "The same paired comparison against the reference model: \"tie\" means the "
+                    "corrected model cannot be told from the reference on these images.",
     "influence": "The unit's influence score: its distributional influence on the class (the average "
                  "gradient of the class's score with respect to the unit, over the class's training "
                  "images).",
@@ -121,6 +128,21 @@ def _strength(row: dict) -> str:
     return f"{name} = {s}{extra}"
 
 
+def _paired(row: dict, prefix: str) -> str:
+    """"+19.6 pp ± 1.3, better (p 1e-40)", with every seed's verdict when there are several."""
+    d, se = row.get(f"{prefix}_delta"), row.get(f"{prefix}_delta_se")
+    if d is None or se is None:
+        return "—"
+    text = (f"{100 * _f(d):+.1f} pp ± {100 * _f(se):.1f}, {row.get(f'{prefix}_verdict')} "
+            f"(p {_f(row.get(f'{prefix}_p_value')):.2g})")
+    per = row.get(f"{prefix}_verdict_per_seed")
+    if n_seeds > 1:
+        text = "seed 0: " + text
+    if per and len(per) > 1:
+        text += "; every seed: " + ", ".join(per)
+    return text
+
+
 # ------------------------------------------------------------------------------------ the table
 st.header("Results")
 table = pd.DataFrame([{
@@ -128,6 +150,8 @@ table = pd.DataFrame([{
     "uses mask": "yes" if r.get("uses_mask") else "no",
     **{ui.set_label(x): _f(r.get(f"{x}_acc")) for x in SHOW},
     "gap closed": _f(r.get("gap_closed")),
+    f"Δ vs {SUBJECT}": _paired(r, "paired"),
+    **({f"Δ vs {REFERENCE}": _paired(r, "paired_reference")} if REFERENCE else {}),
     MASS_LABEL: _mass(r),
     "tuned on validation": _strength(r),
     "validation acc": _f(r.get("val_acc")),
@@ -147,6 +171,10 @@ st.dataframe(table, hide_index=True, column_config={
     "method": st.column_config.TextColumn("method", width="medium", help=HELP["method"]),
     "uses mask": st.column_config.TextColumn("uses mask", help=HELP["uses mask"]),
     "gap closed": st.column_config.NumberColumn("gap closed", format="%.2f", help=HELP["gap closed"]),
+    f"Δ vs {SUBJECT}": st.column_config.TextColumn(f"Δ vs {SUBJECT}", width="large",
+                                                   help=HELP["vs subject"]),
+    f"Δ vs {REFERENCE}": st.column_config.TextColumn(f"Δ vs {REFERENCE}", width="large",
+                                                     help=HELP["vs reference"]),
     "tuned on validation": st.column_config.TextColumn("tuned on validation", width="large",
                                                        help=HELP["tuned on validation"]),
     "seconds": st.column_config.NumberColumn("seconds", format="%.1f", help=HELP["seconds"]),
@@ -166,9 +194,10 @@ ui.download_csv(table, "corrections.csv", "Download the table (CSV)", key="dl-co
 st.header("Accuracies side by side")
 bars = []
 set_order = [ui.set_label(x) for x in SHOW]
-for name, r, kind in ([(SUBJECT, van, "reference")] + ([(REFERENCE, cln, "reference")] if REFERENCE else [])
+for name, r, kind in ([(SUBJECT, van, "under study")]
+                      + ([(REFERENCE, cln, "reference")] if REFERENCE else [])
                       + [(r.get("label") or r["method"], r, "control" if r.get("control")
-                          else "mask" if r.get("uses_mask") else "mask-free") for r in rows]):
+                          else "uses the mask" if r.get("uses_mask") else "mask-free") for r in rows]):
     for x in SHOW:
         key = f"{x}_acc"
         v = _f(r.get(key))
@@ -202,8 +231,9 @@ st.caption(f"Solid bars: {set_order[0] if set_order else 'the first set'}; paler
            f"{', '.join(set_order[1:]) or '—'}"
            + (" (lines: ± one standard deviation over seeds)" if n_seeds > 1 else "")
            + (f". Dashed line: {REFERENCE}'s {HNAME} accuracy (gap closed = 1)" if REFERENCE else "")
-           + ". Green: corrections that need no pixel mask; red: corrections that use the "
-           f"{REGION}'s masks; beige: the fine-tuning control.")
+           + f". Colours: {SUBJECT} and {REFERENCE or 'its reference'} as on every page; green: "
+           f"corrections that need no pixel mask; orange: corrections that use the {REGION}'s masks; "
+           "grey: the fine-tuning control.")
 
 # ------------------------------------------------------------------------------------ narrative
 st.header("Reading the numbers")
@@ -232,9 +262,26 @@ def _closed(r: dict) -> str:
     return f"closes **{_f(g):.0%}** of the gap" if g is not None else "reaches"
 
 
-lines.append(f"- Best: **{best.get('label')}** {_closed(best)} "
+lines.append(f"- Highest: **{best.get('label')}** {_closed(best)} "
              f"({ui.pct(_f(best.get(HKEY)))} {HNAME}{_sd(best, HKEY)}"
              f"), {'using' if best.get('uses_mask') else 'without'} the {REGION}'s masks.")
+summary = payload.get("report") or {}
+pair = summary.get("best_vs_runner_up") or {}
+if summary.get("best") == best.get("method") and pair.get("delta") is not None:
+    runner = next((r for r in rows if r["method"] == summary.get("runner_up")), {})
+    per = summary.get("best_vs_runner_up_per_seed") or []
+    lines.append(
+        f"- Against the runner-up **{runner.get('label', summary.get('runner_up'))}**, paired on the "
+        f"same {HNAME} images: {100 * _f(pair['delta']):+.1f} pp ± {100 * _f(pair.get('delta_se')):.1f} "
+        f"(p {_f(pair.get('p_value')):.2g})"
+        + (f"; per seed: {', '.join(x.get('verdict', '?') for x in per)}" if len(per) > 1 else "")
+        + f" — {'**better**' if summary.get('verdict') == 'better' else '**a tie**: no single best'}"
+        f" ({summary.get('rule')}).")
+if REFERENCE and best.get("paired_reference_verdict"):
+    v = best["paired_reference_verdict"]
+    lines.append(f"- Against **{REFERENCE}**: {_paired(best, 'paired_reference')} — "
+                 + ("it cannot be told from the reference on these images." if v == "tie" else
+                    f"it is {v} than the reference."))
 free = [r for r in ranked if not r.get("uses_mask")]
 if free:
     fb = free[0]

@@ -162,7 +162,8 @@ def _corrections(rep: dict) -> list[str]:
     out = [f"**Corrections** of the model under study ({'one seed' if n == 1 else f'{n} seeds'}; "
            "strengths chosen on the validation split, never the test set; Δ = paired "
            f"difference from the model under study on the {_label(hkey)} images ± its standard "
-           "error; a verdict is \"tie\" unless the exact McNemar p-value is below α):", ""]
+           "error" + (" (seed 0; every seed's verdict beside it)" if n > 1 else "")
+           + "; a verdict is \"tie\" unless the exact McNemar p-value is below α):", ""]
     table = []
     for r in rows:
         alpha = r.get("paired_alpha")

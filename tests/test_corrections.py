@@ -376,8 +376,23 @@ def test_corrections_page(small_study, monkeypatch):
     assert len(at.get("vega_lite_chart")) >= 1
     text = " ".join(m.value for m in at.markdown)
     assert "Gap closed" in text and "Best" in text
-    for row in small_study.artifact("corrections")["rows"]:
+    payload = small_study.artifact("corrections")
+    for row in payload["rows"]:
         assert row["label"] in text or row["label"] in str(at.dataframe[0].value)
+    # every correction's paired difference from the model under study and from the reference
+    table = at.dataframe[0].value.set_index("method")
+    subject, reference = small_study.subject, small_study.reference
+    for row in payload["rows"]:
+        cell = table.loc[row["label"], f"Δ vs {subject}"]
+        assert f"{100 * row['paired_delta']:+.1f} pp" in cell and row["paired_verdict"] in cell
+        cell = table.loc[row["label"], f"Δ vs {reference}"]
+        assert f"{100 * row['paired_reference_delta']:+.1f} pp" in cell
+        assert row["paired_reference_verdict"] in cell
+    summary = payload["report"]
+    if summary:
+        line = next(m.value for m in at.markdown if "runner-up" in m.value)
+        verdict = "**better**" if summary["verdict"] == "better" else "**a tie**"
+        assert verdict in line and summary["rule"] in line
     st.cache_data.clear()
     st.cache_resource.clear()
 
