@@ -45,6 +45,8 @@ if compare:
 sections["Background"] = [_page("method.py", "Method", ":material/menu_book:", "method")]
 
 page = st.navigation(sections)
+# The chapters that explain one model at a time (the sidebar's Model choice drives them).
+MODEL_PAGES = {"influence": "Influence & experts", "one-image": "One image, end to end"}
 # Each chapter's own title in the browser tab (and in bookmarks and history).
 st.set_page_config(page_title=f"{page.title} · Influence Casebook")
 
@@ -79,10 +81,16 @@ with st.sidebar:
             models = list(getattr(study, "model_names", None) or [])
             st.warning(f"Could not read the cache: {ui.plain(exc)}")
         if models:
+            # The choice drives only the chapters that explain one model; elsewhere it is greyed
+            # out (every model is shown there) but kept, so it is still set on the way back.
+            explains_one = page.url_path in MODEL_PAGES
             ui.choice("Model", models, param="model", default=facts.get("subject"),
                       format_func=lambda m: ui.model_label(m, labels, facts),
+                      disabled=not explains_one,
                       help="The model the influence views explain: one of the case's models or a "
-                           "correction of the model under study.")
+                           "correction of the model under study. It applies to "
+                           + " and ".join(MODEL_PAGES.values())
+                           + ("." if explains_one else "; this chapter shows every model."))
         st.markdown("**Cache**")
         done, todo = ":green[:material/check_circle:]", ":gray[:material/radio_button_unchecked:]"
         st.markdown("  \n".join(f"{done if built.get(s) else todo} {s}" for s in ui.STAGES))

@@ -896,3 +896,17 @@ def test_heatmap_view_shows_the_colour_scale(app, small_study):
     assert any(i.caption == ui.HEAT_SCALE_NOTE for im in at.image for i in im.proto.imgs)
     at = app("chapters/influence.py", view="mask")
     assert not any(i.caption == ui.HEAT_SCALE_NOTE for im in at.image for i in im.proto.imgs)
+
+
+def test_the_model_choice_is_live_only_on_the_chapters_it_drives(app, small_study):
+    at = app()  # the case-study chapter shows every model
+    box = at.sidebar.selectbox(key="qp-model")
+    assert box.disabled and "this chapter shows every model" in box.help
+    at.switch_page("chapters/influence.py").run()
+    box = at.sidebar.selectbox(key="qp-model")
+    assert not box.disabled and "Influence & experts" in box.help
+    box.set_value("clean").run()
+    at.switch_page("chapters/case_study.py").run()
+    assert at.sidebar.selectbox(key="qp-model").value == "clean"  # kept while greyed out
+    at.switch_page("chapters/influence.py").run()
+    assert at.sidebar.selectbox(key="qp-model").value == "clean"
