@@ -261,9 +261,9 @@ csv = rows[["method", "label", "model", *metric_keys]]
 ui.download_csv(csv, f"representations_{ui.current_case()}.csv", "Download the metrics (CSV)",
                 key="dl-representations-csv")
 with st.expander("What each metric measures, and whose implementation it is"):
-    st.dataframe(pd.DataFrame([{"metric": _head(k), "meaning": info[k].get("description"),
-                                "implementation": info[k].get("implementation")} for k in metric_keys]),
-                 hide_index=True, width="stretch")
+    # a list, not a table: the descriptions are paragraphs, and table cells would clip them
+    st.markdown("\n".join(f"- **{_head(k)}** — {info[k].get('description')} "
+                          f"*Implementation:* {info[k].get('implementation')}." for k in metric_keys))
 
 # ------------------------------------------------------------------------------------ charts
 st.subheader("Each metric per method")
