@@ -445,3 +445,17 @@ def test_experts_interpreted_on_the_images_the_model_predicts_as_the_class(small
     assert pair["image_classes"].tolist() == [3] * len(want3) + [8] * len(want8)
     with pytest.raises(CaseError, match="images must be one of"):
         small_study.experts_for("vanilla", layer, qoi, doi, images="prediction")
+
+
+def test_a_stage_asking_for_another_seed_does_not_change_later_stages_keys(tmp_path):
+    # The corrections stage of a case with [corrections] seeds = 3 asks for the models of seeds
+    # 1 and 2. That must not change the keys of the stages built after it in the same process
+    # (a fresh process, such as the report's, would look for them under other keys).
+    fresh = CaseStudy.open("decoy-mnist-small", cache_dir=tmp_path, device="cpu")
+    fresh.build(["data", "models"])
+    before = {s: fresh._key(s) for s in ("essence", "detection", "corrections")}
+    assert all(before.values())
+    fresh.model("vanilla", seed=1)
+    assert fresh.seeds is None
+    assert {s: fresh._key(s) for s in before} == before
+    assert 1 in fresh.built_seeds()

@@ -838,12 +838,12 @@ class CaseStudy:
             if name in self.config.models:
                 key = self._models_key(seed)
                 if key is None or not self.cache.has(key):
-                    self.build(["models"], seeds=max(seed + 1, self.seeds or 1))
+                    self._build_seed_models(seed)
                     if (name, seed) in self._models:
                         return self._models[(name, seed)]
                 payload = self.artifact("models", seed)
                 if payload is None:  # listed but unreadable: the cache moved it aside; rebuild
-                    self.build(["models"], seeds=max(seed + 1, self.seeds or 1))
+                    self._build_seed_models(seed)
                     if (name, seed) in self._models:
                         return self._models[(name, seed)]
                     payload = self.artifact("models", seed)
@@ -854,6 +854,16 @@ class CaseStudy:
                 model = self._correction_model(name)
             self._models[(name, seed)] = model
             return model
+
+    def _build_seed_models(self, seed: int) -> None:
+        """Build the models of seeds 0 … ``seed`` on demand (a stage asked for seed ``seed``)
+        without changing :attr:`seeds`: the keys of the stages built later in this process
+        must be those a fresh process computes."""
+        saved = self.seeds
+        try:
+            self.build(["models"], seeds=max(seed + 1, self.seeds or 1))
+        finally:
+            self.seeds = saved
 
     def _from_state(self, state: dict, name: str | None = None):
         model = self._fresh_model(name or self.subject)
