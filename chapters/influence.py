@@ -472,8 +472,12 @@ if st.session_state.get("damp-shown") == damp_key:
 close = (_render(view_key, "mask", SCALE, images, maps)[k],
          _render(view_key, "heatmap", SCALE, images, maps)[k])
 if shown_idx:
-    st.image([ui.picture(images[i], SCALE) for i in shown_idx],
-             caption=[_tile(i, _image_name(i)) for i in shown_idx])
+    MASKS = view.get("masks")
+    MASKS = None if MASKS is None or len(np.asarray(MASKS)) != n_all else np.asarray(MASKS)
+    st.image([ui.tinted(images[i], MASKS[i], SCALE) if MASKS is not None else ui.picture(images[i], SCALE)
+              for i in shown_idx],
+             caption=[_tile(i, _image_name(i) + (f" ({REGION} shaded red)" if MASKS is not None else ""))
+                      for i in shown_idx])
     st.image([close[0][i] for i in shown_idx],
              caption=[_tile(i, f"unit {unit}: mask on {_image_name(i)}") for i in shown_idx])
     st.image([close[1][i] for i in shown_idx],

@@ -153,6 +153,8 @@ def test_influence_page_shows_experts_interpretations_and_reading(app, small_stu
     assert all(len(img.proto.imgs) == n_images for img in at.image)
     assert all(i.caption.startswith("clean: unit") for img in at.image[n_experts + 3:]
                for i in img.proto.imgs)
+    # the close-up's image row shades the region
+    assert all("decoy patch shaded red" in i.caption for i in at.image[n_experts].proto.imgs)
     assert "decoy mass" in _texts(at)
 
 
