@@ -270,7 +270,9 @@ def test_a_corrected_model_from_the_sidebar_is_explained_on_request(app, small_s
     expected = small_study.experts_for(name, layer, qoi, doi)
     assert at.dataframe[0].value["unit"].tolist() == [
         r["unit"] for r in sorted(expected["rows"], key=lambda r: r["rank"])]
-    assert len(at.image) == len(expected["rows"]) + 3
+    # one row per expert and the close-up, then the reference's same view
+    twin = small_study.experts(small_study.reference, layer, 0)
+    assert len(at.image) == len(expected["rows"]) + 3 + len(twin["rows"])
 
 
 # ---------------------------------------------------------------------------------------------- method
