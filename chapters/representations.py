@@ -274,7 +274,9 @@ bars = alt.Chart(long).mark_bar().encode(
     y=alt.Y("label:N", title=None, sort=[labels[m] for m in methods], axis=alt.Axis(labelLimit=180)),
     yOffset=alt.YOffset("model:N", sort=models),
     x=alt.X("value:Q", title=None),
-    color=alt.Color("model:N", sort=models, title="model"),
+    color=alt.Color("model:N", sort=models, title="model",
+                    scale=alt.Scale(domain=list(models),
+                                    range=[ui.model_colors(list(models), facts)[m] for m in models])),
     tooltip=["metric", "label", "model", alt.Tooltip("value:Q", format=".3f")],
 ).properties(width=210, height=190).facet(facet=alt.Facet("metric:N", title=None,
                                                           sort=[_head(k) for k in metric_keys]), columns=3
