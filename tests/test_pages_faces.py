@@ -31,10 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 TIMEOUT = 300
 NAME = "faces-small"
-CHAPTERS = ["chapters/case_study.py", "chapters/influence.py", "chapters/representations.py",
-            "chapters/corrections.py", "chapters/essence.py", "chapters/detection.py", "chapters/method.py"]
+CHAPTERS = ["chapters/case_study.py", "chapters/influence.py", "chapters/one_image.py",
+            "chapters/representations.py", "chapters/corrections.py", "chapters/essence.py",
+            "chapters/detection.py", "chapters/method.py"]
 # Chapters whose results are built here, so they must draw pictures of the case's images.
-DRAWS_IMAGES = {"chapters/case_study.py", "chapters/influence.py", "chapters/representations.py"}
+DRAWS_IMAGES = {"chapters/case_study.py", "chapters/influence.py", "chapters/one_image.py",
+                "chapters/representations.py"}
 
 
 def small_pages_faces_toml() -> str:
