@@ -1178,6 +1178,8 @@ class CaseStudy:
         if stage == "corrections":  # corrected models may have changed
             for k in [k for k in self._models if k[0] not in self.config.models]:
                 del self._models[k]
+            for k in [k for k in self._predictions if k[0] not in self.config.models]:
+                del self._predictions[k]
         return status
 
     @staticmethod
