@@ -240,9 +240,13 @@ for i in range(min(n_show, len(xs))):
         if shown:
             cells[j + 1].image([s for s, _ in shown],
                                caption=[f"{labels[m]} of {mod} on image {i + 1}" for _, mod in shown])
-st.caption("Red: positive attribution (evidence for the image's class), blue: negative; each map is "
+TARGET = cfg.get("target", "label")
+st.caption("Red: positive attribution (evidence for the explained class), blue: negative; each map is "
            "scaled to its own largest magnitude. Grad-CAM and internal influence are "
-           "non-negative by construction.")
+           "non-negative by construction. The explained class (the target) is each image's "
+           + ("**label**" if TARGET == "label" else "**predicted class** (each model's own prediction)")
+           + ", as the case study's `[representations] target` sets it (\"label\" or \"prediction\"); "
+           "the influence chapter offers both targets per view.")
 
 # ------------------------------------------------------------------------------------ the table
 st.subheader("Metrics")
