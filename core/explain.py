@@ -198,19 +198,14 @@ def _split(study, split: str):
     return data, getattr(data, split)
 
 
-def predict_split(study, model: str, split: str = "test", *, batch_size: int = 512) -> dict:
+def predict_split(study, model: str, split: str = "test") -> dict:
     """``model``'s answers on a whole split, without gradients: ``{"label": (N,) int64, "pred": (N,)
-    int64, "wrong": [indices where pred != label, ascending]}`` (plain NumPy / Python)."""
+    int64, "wrong": [indices where pred != label, ascending]}`` (plain NumPy / Python); the
+    predictions are the study's (:meth:`CaseStudy.predictions`, memoised per process)."""
     import torch
 
-    from core.influence import model_lock
-    from core.models import predict_logits
-
     _, s = _split(study, split)
-    net = study.model(model)
-    with model_lock(net):
-        logits = predict_logits(net, s.x, batch_size=batch_size)
-    pred = logits.argmax(1).numpy().astype(np.int64) if len(logits) else np.zeros(0, np.int64)
+    pred = study.predictions(model, split).numpy().astype(np.int64)
     label = torch.as_tensor(s.y).cpu().numpy().astype(np.int64)
     return {"label": label, "pred": pred, "wrong": [int(i) for i in np.flatnonzero(pred != label)]}
 

@@ -229,7 +229,7 @@ class CaseStudy:
         self._data = None
         self._models: dict[tuple[str, int], Any] = {}
         self._payloads: dict[str, Any] = {}  # key → payload read or computed in this process
-        self._predictions: dict[tuple[str, int], Any] = {}  # (model, seed) → test predictions
+        self._predictions: dict[tuple[str, int, str], Any] = {}  # (model, seed, split) → classes
         self._facts: dict[str, dict] = {}
         self._facts_to_store: list[str] = []
 
@@ -912,22 +912,26 @@ class CaseStudy:
         masks = None if data.test.mask is None else data.test.mask[idx]
         return train_x, data.test.x[idx], masks, idx
 
-    def test_predictions(self, model: str, seed: int = 0):
-        """``model``'s predicted class (argmax of its outputs) for every test image: a (N,) long
-        tensor on the CPU, from forward passes without gradients in chunks of 256; memoised per
-        process (the model's weights are fixed for a name and seed)."""
+    def predictions(self, model: str, split: str = "test", seed: int = 0):
+        """``model``'s predicted class (argmax of its logits) for every image of ``split``
+        ("train", "val" or "test"): a (N,) long tensor on the CPU, from
+        :func:`core.models.predict_logits` (batched, no gradients) under the model's lock;
+        memoised per process (the weights are fixed for a name and seed)."""
         import torch
 
-        key = (model, seed)
+        from core.influence import model_lock
+        from core.models import predict_logits
+
+        if split not in ("train", "val", "test"):
+            raise CaseError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        key = (model, seed, split)
         with self._lock:
             if key not in self._predictions:
-                net, x = self.model(model, seed=seed), self.data().test.x
-                dev = self.device
-                out = []
-                with torch.no_grad():
-                    for i in range(0, len(x), 256):
-                        out.append(net(x[i:i + 256].to(dev)).argmax(1).cpu())
-                self._predictions[key] = torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+                net, x = self.model(model, seed=seed), getattr(self.data(), split).x
+                with model_lock(net):
+                    logits = predict_logits(net, x)
+                self._predictions[key] = (logits.argmax(1) if len(logits)
+                                          else torch.zeros(0, dtype=torch.long))
             return self._predictions[key]
 
     def _interpretation_indices(self, model: str, classes: list[int], images: str):
@@ -938,7 +942,7 @@ class CaseStudy:
 
         data = self.data()
         m = self.config.experts["n_images"]
-        by = data.test.y if images == "label" else self.test_predictions(model)
+        by = data.test.y if images == "label" else self.predictions(model)
         parts = [(by == c).nonzero().flatten()[:m] for c in classes]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
@@ -1388,7 +1392,7 @@ class CaseStudy:
         idx = np.asarray(view.get("indices", []), dtype=np.int64).ravel()
         test = self.data().test
         labels = test.y[idx].numpy().astype(np.int64)
-        preds = self.test_predictions(model)[idx].numpy().astype(np.int64)
+        preds = self.predictions(model)[idx].numpy().astype(np.int64)
         by = labels if images == "label" else preds
         cls = np.array([c if c in shown else -1 for c in by.tolist()], dtype=np.int64)
         return {**view, "labels": labels, "predictions": preds, "images_by": images,
