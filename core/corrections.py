@@ -1088,7 +1088,8 @@ def _ranking_summary(rows: list[dict], per_seed: list[dict], hkey: str, headline
     return {"headline": headline, "n_seeds": n_seeds, "best": best, "runner_up": second,
             "best_vs_runner_up": per[0], "best_vs_runner_up_per_seed": per,
             "verdict": "better" if all(v == "better" for v in verdicts) else "tie",
-            "rule": "better only when the exact McNemar test (α 0.05) says so in every seed"}
+            "rule": f"better only when the exact McNemar test (α {per[0]['alpha']:g}) says so "
+                    "in every seed"}
 
 
 def _record_payload(record: dict) -> dict:
