@@ -32,6 +32,7 @@ __all__ = [
     "evaluate",
     "load_checkpoint",
     "predict_logits",
+    "recalibrate_batchnorm",
     "save_checkpoint",
     "set_seed",
     "state_digest",
@@ -128,8 +129,14 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     layer). The parameters' initial values are whatever ``model`` holds: call ``set_seed`` before
     building it for a reproducible run. The model ends in eval mode on ``device``.
 
+    When the model has BatchNorm layers their running statistics are recomputed at the end from
+    the final weights (:func:`recalibrate_batchnorm`, batches of ``batch_size`` over ``x``): the
+    running averages kept during training mix statistics of earlier weights, and on a small set
+    (few steps per epoch, a fast optimiser) they no longer describe the final model, so eval mode
+    can fall to chance while train mode fits (a torchvision resnet18 on 108 images: 33% → 100%).
+
     Returns ``{"loss": [per epoch], "acc": [per epoch train acc, running], "seconds": float,
-    "epochs", "steps", "device"}``.
+    "epochs", "steps", "device", "batchnorm_recalibrated": number of BatchNorm layers}``.
     """
     _check_xy(x, y)
     if epochs < 0 or batch_size <= 0:
@@ -171,10 +178,58 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
                     progress(done, total, {"epoch": epoch, "loss": batch_loss})
             history["loss"].append(loss_sum / max(n, 1))
             history["acc"].append(correct / max(n, 1))
+        history["batchnorm_recalibrated"] = (
+            recalibrate_batchnorm(model, x_dev, batch_size=batch_size) if epochs > 0 else 0)
     finally:
         model.eval()
         history["seconds"] = time.perf_counter() - t0
     return history
+
+
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 64,
+                          device: str | torch.device | None = None) -> int:
+    """Recompute every BatchNorm layer's running mean and variance from ``model``'s current weights.
+
+    Runs ``x`` through the model in batches of ``batch_size`` with only the BatchNorm layers in
+    train mode (dropout and the like stay in eval mode) and ``momentum=None``, so each layer's
+    running statistics become the plain average of the batch statistics the final weights give
+    (what train mode normalises with), not an exponential average over earlier weights. A last
+    batch of one image joins the one before (train-mode BatchNorm needs two values per channel).
+    Every module's mode and every layer's momentum are restored. Returns the number of layers
+    recalibrated (0 when the model has none or ``x`` has fewer than two images: nothing changes).
+    """
+    _check_xy(x)
+    bns = _batchnorms(model)
+    n = int(x.shape[0])
+    if not bns or n < 2 or batch_size <= 0:
+        return 0
+    dev = pick_device(device) if device is not None else model_device(model)
+    starts = list(range(0, n, batch_size))
+    if n - starts[-1] == 1 and len(starts) > 1:
+        starts.pop()
+    bounds = list(zip(starts, starts[1:] + [n], strict=True))
+    modes = {m: m.training for m in model.modules()}
+    momenta = [b.momentum for b in bns]
+    try:
+        model.eval()
+        for b in bns:
+            b.reset_running_stats()
+            b.momentum = None  # cumulative average over the batches below
+            b.train()
+        for lo, hi in bounds:
+            model(x[lo:hi].to(dev))
+    finally:
+        for b, momentum in zip(bns, momenta, strict=True):
+            b.momentum = momentum
+        for m, training in modes.items():
+            m.train(training)
+    return len(bns)
 
 
 @torch.no_grad()

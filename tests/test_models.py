@@ -17,6 +17,7 @@ from core.models import (
     evaluate,
     load_checkpoint,
     predict_logits,
+    recalibrate_batchnorm,
     save_checkpoint,
     set_seed,
     state_digest,
@@ -289,3 +290,65 @@ def test_vanilla_model_learns_the_decoy_shortcut():
     assert acc["vanilla"]["decoy"] < acc["clean"]["decoy"] - 0.08, acc
     assert acc["vanilla"]["clean"] < acc["clean"]["clean"] - 0.15, acc
     assert acc["unpadded"]["decoy"] > acc["vanilla"]["decoy"] + 0.08, acc
+
+
+class _BNNet(nn.Module):
+    """conv → BatchNorm → ReLU → pool → dropout → linear: a tiny model with running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.pool(self.relu(self.bn(self.conv(x)))).flatten(1)))
+
+
+def _conv_stats(model, x, bounds):
+    """The mean over batches of each batch's per-channel mean / unbiased variance of conv(x)."""
+    with torch.no_grad():
+        outs = [model.conv(x[lo:hi]) for lo, hi in bounds]
+    means = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outs]).mean(0)
+    return means, var
+
+
+def test_train_model_leaves_batchnorm_stats_of_the_final_weights():
+    """The running statistics describe the trained weights, not an average over earlier ones
+    (with the old exponential average a few fast steps left them far off: eval at chance)."""
+    set_seed(0)
+    x = torch.rand(40, 1, 8, 8) * 3 + 1
+    y = (x[:, 0, :4].mean((1, 2)) > x[:, 0, 4:].mean((1, 2))).long()
+    model = _BNNet()
+    hist = train_model(model, x, y, epochs=3, lr=0.05, batch_size=16, seed=0)
+    assert hist["batchnorm_recalibrated"] == 1
+    assert not model.training and not model.bn.training
+    mean, var = _conv_stats(model, x, [(0, 16), (16, 32), (32, 40)])
+    assert torch.allclose(model.bn.running_mean, mean, atol=1e-5)
+    assert torch.allclose(model.bn.running_var, var, rtol=1e-4, atol=1e-6)
+    assert model.bn.momentum == 0.1
+
+
+def test_recalibrate_batchnorm_restores_modes_and_joins_a_batch_of_one():
+    set_seed(1)
+    model = _BNNet().train()
+    model.drop.eval()
+    x = torch.rand(9, 1, 8, 8)
+    assert recalibrate_batchnorm(model, x, batch_size=4) == 1
+    assert model.training and model.bn.training and not model.drop.training
+    assert model.bn.momentum == 0.1
+    mean, var = _conv_stats(model, x, [(0, 4), (4, 9)])  # the lone 9th image joins the 2nd batch
+    assert torch.allclose(model.bn.running_mean, mean, atol=1e-6)
+    assert torch.allclose(model.bn.running_var, var, rtol=1e-4, atol=1e-7)
+
+
+def test_recalibrate_batchnorm_without_batchnorm_changes_nothing():
+    model = _model()
+    before = state_digest(model)
+    assert recalibrate_batchnorm(model, torch.rand(5, 1, 28, 28)) == 0
+    assert recalibrate_batchnorm(_BNNet(), torch.rand(1, 1, 8, 8)) == 0
+    assert state_digest(model) == before
