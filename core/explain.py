@@ -166,7 +166,9 @@ def _layer_experts(study, model: str, net, x, layer: str, cls: int, k: int, reso
     x = x.to(model_device(net))
     units, source = [], "this image"
     e = study.config.experts
-    if model in study.config.models and layer in e["layers"] and cls in (e.get("classes") or []) \
+    # the classes the stage ranks (study.expert_classes(): ``[experts] classes``, or every class
+    # up to ten when unset — never "none" for an unset list)
+    if model in study.config.models and layer in e["layers"] and cls in study.expert_classes() \
             and study.is_built("experts"):
         rows = sorted(study.experts(model, layer, cls)["rows"], key=lambda r: r["rank"])
         units = [(int(r["unit"]), float(r["score"])) for r in rows[:k]]

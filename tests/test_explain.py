@@ -207,3 +207,47 @@ def test_predict_split_says_which_images_the_model_gets_wrong(small_study):
     assert got["wrong"] == [int(i) for i in np.flatnonzero(pred != data.test.y.numpy())]
     with pytest.raises(ValueError, match="split"):
         predict_split(small_study, small_study.subject, "nope")
+
+
+def test_layer_experts_read_the_stage_when_experts_classes_is_unset():
+    """An unset ``[experts] classes`` means every class the stage ranks (study.expert_classes()),
+    so one image shows the Influence chapter's experts, not units ranked on that image alone."""
+    import torch
+    from torch import nn
+
+    from core.explain import _layer_experts
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.conv(x)).flatten(1))
+
+    class Study:
+        class config:  # noqa: N801 — the attribute the function reads
+            models = {"m": object()}
+            experts = {"layers": ["conv"], "reduce": "sum"}  # no "classes": unset
+
+        asked: list = []
+
+        def expert_classes(self):
+            return [0, 1, 2]
+
+        def is_built(self, stage):
+            return stage == "experts"
+
+        def experts(self, model, layer, cls):
+            self.asked.append((model, layer, cls))
+            return {"rows": [{"unit": 3, "score": 0.5, "rank": 1}, {"unit": 1, "score": 0.2,
+                                                                     "rank": 2}]}
+
+    torch.manual_seed(0)
+    study = Study()
+    out, source = _layer_experts(study, "m", Net().eval(), torch.rand(1, 1, 6, 6), "conv", 2, 2, 4)
+    assert source == "experts stage"
+    assert study.asked == [("m", "conv", 2)]
+    assert [e["unit"] for e in out] == [3, 1]
