@@ -1,0 +1,1 @@
+"""The report: summary rows, claims with their tolerances, Markdown and HTML export."""
