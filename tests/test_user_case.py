@@ -329,3 +329,24 @@ def test_the_app_names_cases_never_paths(user_dir):
         CaseStudy.open(str(user_dir / "case.toml"), allow_path=False)
     with pytest.raises(CaseError, match="unknown case"):
         CaseStudy.open("/dev/zero", allow_path=False)
+
+
+def test_casebook_cases_lists_only_files_with_a_dataset_table(tmp_path, monkeypatch):
+    """``CASEBOOK_CASES=$PWD`` in the repository must not list ``pyproject.toml`` (issue 22): a
+    TOML file is a case when it has a ``[dataset]`` table; a broken one with that line stays
+    listed so that opening it says what is wrong."""
+    from core.casestudy import list_cases
+
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n[tool.ruff]\nline-length = 99\n')
+    (tmp_path / "mine.toml").write_text('[dataset]\nsource = "folder"\nroot = "d"\n')
+    (tmp_path / "broken.toml").write_text('[dataset]\nsource = "folder\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "case.toml").write_text('title = "t"\n[dataset]\nsource = "tensors"\n')
+    (tmp_path / "tool").mkdir()
+    (tmp_path / "tool" / "case.toml").write_text('[settings]\ndataset = "no table"\n')
+    monkeypatch.setenv("CASEBOOK_CASES", str(tmp_path))
+    names = list_cases()
+    assert {"mine", "broken", "sub"} <= set(names)
+    assert "pyproject" not in names and "tool" not in names
+    monkeypatch.setenv("CASEBOOK_CASES", str(REPO))
+    assert "pyproject" not in list_cases()

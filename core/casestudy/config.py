@@ -541,9 +541,41 @@ def case_files() -> dict[str, Path]:
             continue
         for p in found:
             name = p.parent.name if p.name == "case.toml" else p.stem
-            if NAME.match(name) and p.is_file():
+            if NAME.match(name) and p.is_file() and looks_like_case(p):
                 out.setdefault(name, p)
     return out
+
+
+_LOOKS: dict[Path, tuple[tuple, bool]] = {}  # path → ((size, mtime_ns), verdict)
+_DATASET_LINE = re.compile(r"^\s*\[\s*dataset\s*\]", re.M)
+
+
+def looks_like_case(path: Path) -> bool:
+    """Whether a TOML file under ``$CASEBOOK_CASES`` is a case: it has a ``[dataset]`` table (a
+    ``pyproject.toml`` or a tool's config is not listed). A file that is not valid TOML counts when
+    a ``[dataset]`` line appears in it, so a broken case is still listed (and then refused with
+    its reason); a file over ``MAX_CASE_BYTES`` counts too (opening it says why not)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    ident = (st.st_size, st.st_mtime_ns)
+    memo = _LOOKS.get(path)
+    if memo is not None and memo[0] == ident:
+        return memo[1]
+    if st.st_size > MAX_CASE_BYTES:
+        verdict = True
+    else:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+        try:
+            verdict = isinstance(tomllib.loads(text).get("dataset"), dict)
+        except tomllib.TOMLDecodeError:
+            verdict = bool(_DATASET_LINE.search(text))
+    _LOOKS[path] = (ident, verdict)
+    return verdict
 
 
 def list_cases() -> list[str]:
