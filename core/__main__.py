@@ -129,12 +129,14 @@ def _summary(rep: dict) -> str:
         n = len(rep.get("seeds", [0]))
         first = next(iter(rep["models"].values()))
         keys = [k for k in first if k.endswith("_acc")]
-        lines.append(f"models ({n} seed{'s' if n != 1 else ''}; mean ± sd):")
+        lines.append(f"models ({n} seeds; mean ± sd):" if n > 1 else  # one seed has no spread
+                     "models (1 seed):")
         width = max([len(m) for m in rep["models"]] + [8])
         lines.append(f"  {'model':{width}} " + " ".join(
             f"{k[:-4].replace('_', ' '):>13}" for k in keys))
         for name, m in rep["models"].items():
-            cells = [f"{_fmt(m.get(k))} ± {_fmt(m.get(k + '_sd'))}" for k in keys]
+            cells = [f"{_fmt(m.get(k))} ± {_fmt(m.get(k + '_sd'))}" if n > 1 else _fmt(m.get(k))
+                     for k in keys]
             lines.append(f"  {name:{width}} " + " ".join(f"{c:>13}" for c in cells))
     if "experts" in rep:
         e = rep["experts"]
@@ -158,7 +160,18 @@ def _summary(rep: dict) -> str:
             lines.append(f"{stage}: {len(rep[stage])} rows")
             for row in rep[stage][:12]:
                 keys = [k for k in row if isinstance(row[k], float)][:4]
-                label = row.get("method", "?") + (f" [{row['model']}]" if "model" in row else "")
+                # what names a row: a method (representations, corrections), a detector, or for
+                # essence the layer, the class pair and the fill
+                name = row.get("method") or row.get("detector") or row.get("label")
+                if name is None and "a" in row and "b" in row:
+                    name = (f"{row.get('layer', '')} {row.get('a_name', row['a'])} vs "
+                            f"{row.get('b_name', row['b'])}" +
+                            (f" ({row['fill']})" if row.get("fill") else "")).strip()
+                if name is None:
+                    name = row.get("layer") or row.get("stage") or "row"
+                label = str(name) + (f" [{row['model']}]" if "model" in row else "")
+                if row.get("detector") and row.get("layer"):
+                    label += f" @ {row['layer']}"
                 lines.append(f"  {label:36} " + "  ".join(f"{k} {_fmt(row[k])}" for k in keys))
     secs = rep.get("provenance", {}).get("seconds", {})
     if secs:

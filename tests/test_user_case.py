@@ -350,3 +350,37 @@ def test_casebook_cases_lists_only_files_with_a_dataset_table(tmp_path, monkeypa
     assert "pyproject" not in names and "tool" not in names
     monkeypatch.setenv("CASEBOOK_CASES", str(REPO))
     assert "pyproject" not in list_cases()
+
+
+def test_cli_summary_names_every_row_and_shows_no_spread_for_one_seed():
+    """``report CASE`` printed "?" for every essence and detection row and "± 0.000" with one seed
+    (issue 22)."""
+    from core.__main__ import _summary
+
+    def rep(seeds):
+        return {"case": "c", "title": "t", "built": {"models": True}, "seeds": seeds,
+                "models": {"vanilla": {"train_acc": 0.9, "train_acc_sd": 0.0, "test_acc": 0.8,
+                                       "test_acc_sd": 0.01}},
+                "essence": [{"a": 0, "a_name": "circle", "b": 2, "b_name": "triangle",
+                             "layer": "conv2", "fill": "mean", "model": "vanilla",
+                             "top1_acc": 0.5, "full_acc": 0.9}],
+                "detection": [{"detector": "mahalanobis", "layer": "fc1", "auc": 0.88},
+                              {"detector": "max_softmax", "auc": 0.79}]}
+
+    one = _summary(rep([0]))
+    assert "?" not in one and "±" not in one and "1 seed" in one
+    assert "conv2 circle vs triangle (mean) [vanilla]" in one
+    assert "mahalanobis @ fc1" in one and "max_softmax " in one
+    two = _summary(rep([0, 1]))
+    assert "0.800 ± 0.010" in two and "2 seeds; mean ± sd" in two
+
+
+def test_readme_command_list_names_every_cli_command():
+    """The README's "Command line" list had no ``export`` (issue 22)."""
+    from core.__main__ import _parser
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Command line", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    sub = next(a for a in _parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for command in sub.choices:
+        assert f"python -m core {command}" in block, command
