@@ -7,6 +7,7 @@
     python -m core new-case DIR       # a working example of your own case to start from
     python -m core export decoy-mnist --html report.html   # one self-contained HTML file
     python -m core readme [--check]   # README's generated blocks from the built cases
+    python -m core discover decoy-mnist [--model NAME] [--top K] --out DIR   # shortcut suspects
 
 A case is a known name (the built-ins under ``core/cases/``, and the TOML files under
 ``$CASEBOOK_CASES``) or a path to a TOML file. Bad input (unknown case, malformed TOML, unknown
@@ -72,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("case")
     ex.add_argument("--html", required=True, metavar="FILE", help="where to write it")
     common(ex)
+
+    dc = sub.add_parser("discover", help="mask-free shortcut suspects of a model: DIR/candidates"
+                        ".json and DIR/<masks>/ PNG masks at the images' relative paths")
+    dc.add_argument("case", help="a built-in case name or a path to a .toml file")
+    dc.add_argument("--model", default=None, help="one of the case's models (default: the model "
+                    "under study)")
+    dc.add_argument("--top", type=int, default=3, metavar="K",
+                    help="write masks for the K best candidates (default 3)")
+    dc.add_argument("--out", required=True, metavar="DIR", help="where to write them")
+    dc.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    common(dc)
 
     rd = sub.add_parser("readme", help="rewrite README.md's generated blocks from the built cases")
     rd.add_argument("--check", action="store_true",
@@ -193,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             return _readme(args, CaseStudy)
         if args.command == "export":
             return _export(args, CaseStudy, CaseError)
+        if args.command == "discover":
+            return _discover(args, CaseStudy, CaseError)
         if args.seeds is not None and args.seeds < 1:
             raise CaseError(f"--seeds must be at least 1, got {args.seeds}")
         if args.seeds is not None and args.seeds > 64:
@@ -263,6 +277,28 @@ def _export(args, CaseStudy, CaseError) -> int:
     except OSError as exc:
         raise CaseError(f"cannot write {out.name}: {exc.strerror}") from None
     print(f"{out}: {len(text) / 1024:.0f} KiB, self-contained", file=sys.stderr)
+    return 0
+
+
+def _discover(args, CaseStudy, CaseError) -> int:
+    """``discover CASE [--model NAME] [--top K] --out DIR`` (issue 20's output contract)."""
+    if args.top < 0 or args.top > 1000:
+        raise CaseError(f"--top must be between 0 and 1000, got {args.top}")
+    if args.device is not None and not _valid_device(args.device):
+        raise CaseError(f"--device must be cpu, cuda or cuda:N, got {args.device[:40]!r}")
+    study = CaseStudy.open(args.case, cache_dir=args.cache, device=args.device)
+    if args.model is not None and args.model not in study.model_names:
+        raise CaseError(f"--model {args.model[:40]!r} is not one of the case's models "
+                        f"({', '.join(study.model_names)})")
+    from core.discovery_stage import discover_to_folder
+
+    rows = discover_to_folder(study, args.out, args.model, args.top)
+    for r in rows:
+        print(f"{r['rank']:>3}  {r['class']!s:16} {r['verdict']:14} necessity {r['necessity']:.2f}"
+              f" (control {r['control_necessity']:.2f})  sufficiency {r['sufficiency']:.2f}"
+              f" (control {r['control_sufficiency']:.2f})  masks {args.out}/{r['masks']}")
+    if not rows:
+        print("no candidate (see report --json under discovery for the reasons)")
     return 0
 
 

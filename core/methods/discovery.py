@@ -481,8 +481,8 @@ def _pattern_rule(x: Tensor, blobs: np.ndarray, x_ref: Tensor,
     every image of the group (best normalised cross-correlation); of the aligned windows, the
     pixels that recur (:func:`_recurring` against same-size windows of ``x_ref`` at random places)
     connected to the most attributed ones are the pattern: the template becomes their box (plus
-    a 1-pixel margin) and its recurring pixels the region's shape. Without recurring pixels the
-    medoid's own blob is the shape."""
+    a 1-pixel margin) and its recurring pixels the region's shape. Without recurring pixels (or
+    fewer than a quarter of the blob's) the medoid's own window and blob stay."""
     keep = [i for i in range(len(blobs)) if blobs[i].any()]
     if len(keep) < 2:
         return None
@@ -520,7 +520,7 @@ def _pattern_rule(x: Tensor, blobs: np.ndarray, x_ref: Tensor,
         ref.append(x_ref[int(j), :, top:top + wh, left:left + ww])
     rec = _recurring(aligned, torch.stack(ref))
     grown = _grow(shape, rec) if (shape & rec).any() else rec
-    if grown.any() and (grown & rec).any():
+    if grown.any() and (grown & rec).any() and grown.sum() >= 0.25 * shape.sum():
         t, b, left, r = _bbox(grown)
         t0, b0 = max(0, t - 1), min(wh, b + 1)
         l0, r0 = max(0, left - 1), min(ww, r + 1)
