@@ -269,13 +269,41 @@ def stamp(study=None) -> tuple:
 
 @st.cache_data(show_spinner=False)
 def _report(stamp: tuple, _study) -> dict:
-    return _study.report()
+    from core.report.health import annotate
+
+    return annotate(_study.report())
 
 
 def report(study=None) -> dict:
-    """``study.report()`` (the DESIGN §2 JSON of what is built), cached per build state."""
+    """``study.report()`` (the DESIGN §2 JSON of what is built), cached per build state, with
+    ``core.report.health``'s ``warnings`` and the shortcut rule's caveat added."""
     study = study or current_study()
     return _report(stamp(study), study)
+
+
+def model_warnings(study=None) -> list[dict]:
+    """Draw, at the top of a chapter, a warning for every model that is at or near chance on its
+    own training or validation set or whose train- and eval-mode accuracy differ widely (from
+    ``core.report.health``); return those warnings. Every chapter calls it under its title; it
+    never stops a chapter (a report that cannot be read shows nothing here)."""
+    try:
+        found = [w for w in report(study).get("warnings") or []
+                 if w.get("kind") in ("chance", "train_eval_gap")]
+    except Exception:  # noqa: BLE001 — the chapter itself says what is missing or broken
+        return []
+    for w in found:
+        st.warning(plain(w["text"], limit=1000), icon=":material/warning:")
+    return found
+
+
+def rule_caveat(study=None) -> str | None:
+    """The sentence to show beside the shortcut rule when its false-alarm check is gone (no
+    reference model), escaped for Markdown; None when the rule has it."""
+    try:
+        text = (report(study).get("experts") or {}).get("shortcut_rule_caveat")
+    except Exception:  # noqa: BLE001
+        return None
+    return plain(text, limit=1000) if text else None
 
 
 def _strip(value: Any, drop: tuple[str, ...]) -> Any:

@@ -19,6 +19,7 @@ study = ui.current_study()
 facts = ui.facts(study)
 title = facts.get("title") or getattr(study.config, "title", None) or study.config.name
 st.title(title)
+ui.model_warnings(study)  # a model at chance is said before anything is read
 
 classes = facts.get("classes") or []
 region = facts.get("region")

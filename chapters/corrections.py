@@ -65,6 +65,7 @@ HELP = {
                  "images).",
 }
 st.title("Corrections")
+ui.model_warnings(study)  # a model at chance is said before anything is read
 st.markdown(
     f"**{SUBJECT}** may have learned to read the {REGION or 'shortcut'}. Can we make it read the "
     "object instead? Every correction starts from the **same model**: some remove the shortcut after "

@@ -27,6 +27,7 @@ KNOWS = ("The attacker works in the white box: it knows the classifier's weights
 study = ui.current_study()
 facts = ui.facts(study)
 st.title("Attacks & detection")
+ui.model_warnings(study)  # a model at chance is said before anything is read
 st.markdown(
     "An adversarial patch makes the model answer what the attacker wants. Can the model's own "
     "**influence** — which units and pixels drive the answer — tell an attacked image from a clean "

@@ -23,6 +23,7 @@ COLORS = {"top experts": "#B4412E", "random units (median)": "#6C8EAD", "bottom 
 study = ui.current_study()
 facts = ui.facts(study)
 st.title("Essence & causal check")
+ui.model_warnings(study)  # a model at chance is said before anything is read
 st.markdown(
     "Two claims of the influence paper, measured. **Essence**: for two related classes, keep only "
     "the k units of a layer with the largest comparative influence (every other unit set to its mean "

@@ -28,6 +28,7 @@ TARGETS = {"label": "label", "predicted": "predicted class"}
 study = ui.current_study()
 facts = ui.facts(study)
 st.title("Influence & experts")
+ui.model_warnings(study)  # a model at chance is said before anything is read
 st.markdown(
     "Which internal units does the network rely on for a class? For a **layer**, a **quantity** (the "
     "class's logit, or the difference between two classes) and a **distribution** of inputs, each "
@@ -247,8 +248,11 @@ st.dataframe(shown, hide_index=True, column_config={
                                                "carries the shortcut"),
 })
 q_name = f"{cls}" if quantity == "class" else f"{cls}-vs-{vs}"
+CAVEAT = ui.rule_caveat(study)  # no reference: the threshold has no false-alarm check
 if HAS_VERDICT and RULE:
     st.caption(f"Shortcut rule: {RULE}.")
+    if CAVEAT:
+        st.warning(CAVEAT, icon=":material/report:")
 elif not REGION:
     st.caption(ui.no_region_note(facts))
 ui.download_csv(shown, f"experts_{model}_{layer}_{q_name}_{doi_kind}.csv", "Download the experts (CSV)",
@@ -547,7 +551,7 @@ if HAS_VERDICT:
         f"**{mean_mass:.0%}**"
         + (f", against **{CHANCE:.1%}** if attribution were spread evenly." if CHANCE is not None else "."))
     if RULE:
-        lines.append(f"- Why that threshold: {RULE}.")
+        lines.append(f"- Why that threshold: {RULE}." + (f" {CAVEAT}" if CAVEAT else ""))
     alarm = (rep_experts.get("false_alarms") or {}).get(layer)
     if alarm and alarm.get("n"):
         lines.append(

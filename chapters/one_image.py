@@ -22,6 +22,7 @@ KEY = "one-image-index"
 
 study = ui.current_study()
 st.title("One image, end to end")
+ui.model_warnings(study)  # a model at chance is said before anything is read
 st.markdown(
     "The other chapters summarise many images. Here one test image is followed the whole way: what the "
     "model answers, which input pixels that answer rests on, and — layer after layer — which "

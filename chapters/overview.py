@@ -24,6 +24,7 @@ INFLUENCE = "influence"  # the influence chapter's url_path (app.py)
 
 study = ui.current_study()
 st.title("Where the shortcut lives")
+ui.model_warnings(study)  # a model at chance is said before anything is read
 st.markdown(
     "The headline finding in one view: for each class and each layer, how many of the class's top "
     "**experts** (the units with the largest distributional influence on the class) carry the "
@@ -212,6 +213,9 @@ with right:
     st.dataframe(th, hide_index=True, column_config=cfg)
     if RULE:
         st.caption(f"The rule: {ui.plain(RULE, limit=800)}.")
+        caveat = ui.rule_caveat(study)  # no reference: say that the false-alarm check is gone
+        if caveat:
+            st.warning(caveat, icon=":material/report:")
     if CHANCE is not None:
         st.caption(f"Chance: the {ui.plain(REGION)} covers {CHANCE:.1%} of the image.")
     if CONTROL:

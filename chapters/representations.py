@@ -36,6 +36,7 @@ TERMS = {
 study = ui.current_study()
 facts = ui.facts(study)
 st.title("Representations compared")
+ui.model_warnings(study)  # a model at chance is said before anything is read
 st.markdown(
     "Saliency, gradient × input, Integrated Gradients, SmoothGrad, Grad-CAM and the paper's "
     "internal influence are **one engine in six configurations**: a slice of the network, a quantity "

@@ -11,8 +11,11 @@ Imports no torch.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
+
+from core.report.claims import _split_size, expert_intervals, wilson
 
 __all__ = ["BLOCK", "drift", "markdown", "readme_blocks", "stamped", "update_readme"]
 
@@ -36,6 +39,18 @@ def _pm(row: dict, key: str, digits: int = 3) -> str:
         return "–"
     return f"{v:.{digits}f} ± {sd:.{digits}f}" if isinstance(sd, float) and row.get(
         "n_seeds", 1) > 1 else f"{v:.{digits}f}"
+
+
+def _ci(v: float | None, lo: float, hi: float, integer: bool = False) -> str:
+    """``v (lo–hi)`` with no digit the interval does not support: the last printed decimal is
+    the first one the interval's half-width reaches (1 to 3 decimals)."""
+    if v is None:
+        return "–"
+    if integer:
+        return f"{v} ({max(0, math.floor(lo))}–{math.ceil(hi)})"
+    half = max((hi - lo) / 2, 1e-9)
+    d = min(3, max(1, math.ceil(-math.log10(half))))
+    return f"{v:.{d}f} ({lo:.{d}f}–{hi:.{d}f})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -82,7 +97,27 @@ def _models(rep: dict) -> list[str]:
     rows = [[f"{name}" + (f" ({roles[name]})" if name in roles and name else "")]
             + [_pm({**m, "n_seeds": n}, k) for k in keys] for name, m in models.items()]
     note = f" (mean ± sd over {n} seeds)" if n > 1 else " (one seed)"
-    return [f"**Models**{note}, accuracy:", ""] + _table(["model", *map(_label, keys)], rows)
+    out = [f"**Models**{note}, accuracy:", ""] + _table(["model", *map(_label, keys)], rows)
+    data = rep.get("data") or {}
+    hkey = f"{head}_acc" if head and f"{head}_acc" in first else (keys[1] if len(keys) > 1 else None)
+    if hkey:
+        cells = []
+        for name, m in models.items():
+            if m.get(hkey) is None:
+                continue
+            lo, hi = wilson(m[hkey], _split_size(data, hkey))
+            sd = m.get(f"{hkey}_sd") or 0.0
+            cells.append(f"{name} {_ci(m[hkey], min(lo, m[hkey] - 2 * sd), max(hi, m[hkey] + 2 * sd))}")
+        out += ["", f"Headline ({_label(hkey)}, {_split_size(data, hkey)} images) with its 95% "
+                "interval (Wilson, widened to ±2 sd where the seeds spread more): "
+                + "; ".join(cells) + "."]
+    small = sorted({(k.removesuffix("_acc"), _split_size(data, k)) for k in keys
+                    if 0 < _split_size(data, k) < 100}, key=lambda t: t[0])
+    if small:
+        out += ["", "Small evaluation sets (under 100 images; one binomial SE at 50% accuracy): "
+                + ", ".join(f"{_label(name)} {n_} images (±{50 / math.sqrt(n_):.0f} points)"
+                            for name, n_ in small) + "."]
+    return out
 
 
 def _experts(rep: dict) -> list[str]:
@@ -93,6 +128,7 @@ def _experts(rep: dict) -> list[str]:
            f"DoI = the class's training images), {e['bootstrap']} bootstrap resamples, at "
            f"{', '.join(e['layers'])}."]
     top = e.get("top") or []
+    iv = expert_intervals(e, rep.get("reference"))
     rows = []
     for layer in e["layers"]:
         for model, layers in (e.get("summary") or {}).items():
@@ -102,23 +138,42 @@ def _experts(rep: dict) -> list[str]:
             cells = [r for r in top if r["model"] == model and r["layer"] == layer]
             flat = sum(1 for r in cells if r.get("ci_low") is not None and r["ci_low"] == r["ci_high"])
             th = (e.get("shortcut_thresholds") or {}).get(layer)
-            rows.append([layer, model,
-                         "–" if s.get("n_shortcut") is None else f"{s['n_shortcut']}/{s['n']}",
-                         _f(th), _f(s.get("mean_region_mass")), f"{flat}/{s['n']}"])
+            count = "–"
+            if s.get("n_shortcut") is not None:
+                lo, hi = iv["counts"].get((model, layer), (s["n_shortcut"], s["n_shortcut"]))
+                count = f"{s['n_shortcut']}/{s['n']} ({max(0, math.floor(lo))}–{math.ceil(hi)})"
+            th_cell = _f(th) if th is None or layer not in iv["thresholds"] else \
+                _ci(th, *iv["thresholds"][layer])
+            mm = s.get("mean_region_mass")
+            mm_cell = _ci(mm, *iv["means"][(model, layer)]) if mm is not None and \
+                (model, layer) in iv["means"] else _f(mm)
+            rows.append([layer, model, count, th_cell, mm_cell, f"{flat}/{s['n']}"])
     if e.get("shortcut_rule"):
         out.append("")
         out.append(f"Rule: {e['shortcut_rule']}.")
     out.append("")
-    out += _table(["layer", "model", "experts carrying the shortcut", "threshold",
-                   "mean region mass", "zero-width intervals"], rows)
+    out += _table(["layer", "model", "experts carrying the shortcut (95% interval)",
+                   "threshold (95% interval)", "mean region mass (95% interval)",
+                   "zero-width intervals"], rows)
+    if iv["thresholds"]:
+        wide = [layer for layer, (lo, hi) in iv["thresholds"].items()
+                if hi - lo > 0.5 * max((e.get("shortcut_thresholds") or {}).get(layer) or 0, 1e-9)]
+        out += ["", "Intervals: bootstrap over the experts (2000 resamples; the threshold's "
+                "resamples the reference's experts, the counts resample both)."
+                + (f" The threshold is unstable at {', '.join(wide)} (its interval is wider than "
+                   "half its value): a count there depends on a cut the evidence does not fix."
+                   if wide else " Every layer's threshold is stable to within half its value.")]
     fa = e.get("false_alarms")
     if fa:
         model = next(iter(fa.values()))["model"]
         out.append("")
         out.append(f"False alarms of the rule: `{model}` is a model that does not use the region "
                    "(see its accuracies above); the share of its experts the rule flags, per "
-                   "layer: " + ", ".join(f"{layer} {v['n_flagged']}/{v['n']}"
-                                         for layer, v in fa.items()) + ".")
+                   "layer (95% bootstrap interval): " + ", ".join(
+                       f"{layer} {v['n_flagged']}/{v['n']}" + (
+                           " ({}–{})".format(*map(round, iv["counts"][(model, layer)]))
+                           if (model, layer) in iv["counts"] else "")
+                       for layer, v in fa.items()) + ".")
     out.append("")
     out.append("A zero-width bootstrap interval is degenerate evidence, not stability: at a layer "
                "whose influence is a fixed weight row times a gate, resampling the images cannot "
@@ -146,6 +201,10 @@ def _representations(rep: dict) -> list[str]:
     out += _table(["model", "method", *[k.replace("_", " ") for k in metrics]],
                   [[r["model"], r.get("label", r["method"]), *[_f(r.get(k)) for k in metrics]]
                    for r in rows])
+    if not any(f"{k}_se" in rows[0] for k in metrics):
+        out += ["", "These means carry no interval of their own (one pass over the images, no "
+                "resampling): read differences under 0.02 as ties; the README check holds them "
+                "to ±0.02."]
     return out
 
 
@@ -184,6 +243,17 @@ def _corrections(rep: dict) -> list[str]:
     out += _table(["method", "uses mask", "strength", _label(hkey), "Δ vs under study",
                    "verdict", "Δ vs reference", *map(_label, others), "gap closed",
                    "region mass after"], table)
+    n_eval = int(rows[0].get("paired_n") or _split_size(rep.get("data") or {}, hkey))
+    cells = []
+    for r in rows:
+        if r.get(hkey) is None:
+            continue
+        lo, hi = wilson(r[hkey], n_eval)
+        sd = r.get(f"{hkey}_sd") or 0.0
+        cells.append(f"{r.get('label', r['method'])} "
+                     f"{_ci(r[hkey], min(lo, r[hkey] - 2 * sd), max(hi, r[hkey] + 2 * sd))}")
+    out += ["", f"{_label(hkey).capitalize()} with its 95% interval ({n_eval} images; Wilson, "
+            "widened to ±2 sd of the seeds): " + "; ".join(cells) + "."]
     summary = rep.get("corrections_summary") or {}
     pair = summary.get("best_vs_runner_up")
     if pair and pair.get("delta") is not None:
@@ -220,8 +290,58 @@ def _summary_section(rep: dict, stage: str, title: str) -> list[str]:
     keys = [k for k in wanted if k in rows[0]] or \
         [k for k in rows[0] if not isinstance(rows[0][k], dict | list)][:9]
     head = f"**{title}** ({what}):" if what else f"**{title}**:"
-    return [head, ""] + _table([k.replace("_", " ") for k in keys],
-                               [[_f(r.get(k)) for k in keys] for r in rows[:48]])
+    out = [head, ""] + _table([k.replace("_", " ") for k in keys],
+                              [[_f(r.get(k)) for k in keys] for r in rows[:48]])
+    notes = _DEGENERATE.get(stage, lambda rows: [])(rows)
+    return out + (["", *notes] if notes else [])
+
+
+def _essence_notes(rows: list[dict]) -> list[str]:
+    """Name an essence test that cannot discriminate: every rule at k = 1."""
+    ok = [r for r in rows if not r.get("error")]
+    flat = [r for r in ok if r.get("k_top") == 1 and r.get("k_random") == 1
+            and r.get("k_bottom") == 1]
+    if not flat:
+        return []
+    accs = sorted({round(r["full_acc"], 2) for r in flat if r.get("full_acc") is not None})
+    scope = "every row" if len(flat) == len(ok) else f"{len(flat)} of {len(ok)} rows"
+    return [f"Degenerate: in {scope} every rule — top, random and bottom units — reaches the "
+            f"target at k = 1 (the whole layer's accuracy {', '.join(map(str, accs))}): the test "
+            "cannot tell essence from chance there."]
+
+
+def _detection_notes(rows: list[dict]) -> list[str]:
+    """Name a saturated detector table (a baseline at AUC 1) and detectors that cannot be told
+    apart (the best's 95% interval overlaps the runner-up's; Hanley–McNeil SEs)."""
+    ok = [r for r in rows if r.get("auc") is not None]
+    if not ok:
+        return []
+    notes = []
+    sat = [r["detector"] for r in ok if not r.get("uses_influence") and r["auc"] >= 0.995]
+    if sat:
+        notes.append(f"Saturated: {', '.join(sat)} (baselines without influence) reach AUC "
+                     "1.0, so this benchmark cannot rank detectors.")
+
+    def ci(r):
+        a, n0, n1 = r["auc"], int(r.get("n_clean") or 0), int(r.get("n_attacked") or 0)
+        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+        se = math.sqrt(max(a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a), 0)
+                       / max(n0 * n1, 1))
+        return a - 1.96 * se, a + 1.96 * se
+
+    ranked = sorted(ok, key=lambda r: -r["auc"])
+    if len(ranked) > 1:
+        (lo1, hi1), (lo2, hi2) = ci(ranked[0]), ci(ranked[1])
+        a, b = ranked[0], ranked[1]
+        tied = lo1 <= hi2
+        notes.append(f"Best AUC: {a['detector']} {_ci(a['auc'], lo1, min(hi1, 1.0))} vs "
+                     f"{b['detector']} {_ci(b['auc'], lo2, min(hi2, 1.0))} (95%, Hanley–McNeil): "
+                     + ("their intervals overlap — they cannot be told apart on these images."
+                        if tied else "the intervals separate them."))
+    return notes
+
+
+_DEGENERATE = {"essence": _essence_notes, "detection": _detection_notes}
 
 
 def markdown(rep: dict) -> str:

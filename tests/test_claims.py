@@ -85,14 +85,28 @@ def _perturbing_train(real, scale: float = 1e-3):
 
 
 @pytest.fixture(scope="module")
-def two_builds(small_study, tmp_path_factory):
+def full_study(small_study, tmp_path_factory):
+    """The small case with every stage built, in a copy of the shared cache (other tests rely on
+    the shared one keeping corrections and essence unbuilt)."""
+    import shutil
+
+    from core.casestudy import CaseStudy
+
+    cache = tmp_path_factory.mktemp("full-cache") / "cache"
+    shutil.copytree(small_study.cache_dir, cache)
+    study = CaseStudy.open("decoy-mnist-small", cache_dir=cache, device="cpu")
+    study.build()
+    return study
+
+
+@pytest.fixture(scope="module")
+def two_builds(full_study, tmp_path_factory):
     """The small case's report built twice: as is, and with tiny weight noise added to every
     trained model before the downstream stages (a stand-in for another CPU's float bits)."""
     import core.models
     from core.casestudy import CaseStudy
 
-    small_study.build()
-    base = small_study.report()
+    base = full_study.report()
     cache = tmp_path_factory.mktemp("perturbed-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(core.models, "train_model", _perturbing_train(core.models.train_model))
@@ -135,14 +149,13 @@ def test_a_flipped_verdict_or_a_moved_accuracy_fails(two_builds):
     assert any("gone from the build" in p for p in problems)
 
 
-def test_the_readme_command_end_to_end(small_study, tmp_path, capsys):
+def test_the_readme_command_end_to_end(full_study, tmp_path, capsys):
     from core.casestudy import CaseStudy
     from core.report.readme import check_readme, claims_path, write_readme
 
-    small_study.build()
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- report:decoy-mnist-small -->\n<!-- /report:decoy-mnist-small -->\n")
-    cache = small_study.cache_dir
+    cache = full_study.cache_dir
     assert write_readme(CaseStudy, cache, path=readme) == 0
     record = json.loads(claims_path(readme).read_text())
     assert record["decoy-mnist-small"]["claims"]

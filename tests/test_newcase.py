@@ -44,13 +44,14 @@ def test_example_round_trip(tmp_path):
     run = subprocess.run([sys.executable, "make_images.py"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert len(list((tmp_path / "data" / "images").rglob("*.png"))) == 180
-    assert len(list((tmp_path / "data" / "masks").rglob("*.png"))) == 180
+    assert len(list((tmp_path / "data" / "images").rglob("*.png"))) == 420
+    assert len(list((tmp_path / "data" / "masks").rglob("*.png"))) == 420
     cfg = tomllib.loads((tmp_path / "case.toml").read_text())
     data = folder_data(cfg["dataset"], cfg["region"], tmp_path)
     assert data.class_names == ("circle", "square", "triangle")
     assert data.channels == 3 and data.size == (48, 48)
-    assert data.train.n + data.val.n + data.test.n == 180
+    assert data.train.n + data.val.n + data.test.n == 420
+    assert (data.train.n, data.val.n, data.test.n) == (240, 60, 120)
     assert data.region_name == "mark"
     for split in (data.train, data.val, data.test):
         assert split.mask.shape == (split.n, 1, 48, 48)
@@ -62,6 +63,10 @@ def test_example_round_trip(tmp_path):
     mark_rgb = (tr.x * tr.mask).sum(dim=(2, 3)) / 36
     nearest = torch.cdist(mark_rgb, colours).argmin(1)
     assert float((nearest == tr.y).float().mean()) > 0.75
+    # ... and the test split breaks the link (its mark's colour is drawn at random)
+    te = data.test
+    nearest = torch.cdist((te.x * te.mask).sum(dim=(2, 3)) / 36, colours).argmin(1)
+    assert float((nearest == te.y).float().mean()) < 0.55
 
     spec = cfg["models"]["vanilla"]
     model = make_model(spec["factory"], spec["kwargs"], tmp_path)

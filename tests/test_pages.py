@@ -384,7 +384,7 @@ def write_user_cases(root: Path) -> dict[str, Path]:
     subprocess.run([sys.executable, "make_images.py"], cwd=shapes, check=True, capture_output=True)
     toml = (shapes / "case.toml").read_text()
     toml = toml.replace("training = { epochs = 20 }", "training = { epochs = 2 }")
-    toml = toml.replace("epochs = 10", "epochs = 2") + EXAMPLE_EXPERTS
+    toml = toml.replace("epochs = 30", "epochs = 2") + EXAMPLE_EXPERTS
     (shapes / "case.toml").write_text(toml)
     plain = root / "plain"
     shutil.copytree(shapes, plain)
