@@ -19,7 +19,10 @@ The checksum covers the meta line and the payload; the meta line names the entry
 entry is bound to its key: a file copied or moved under another key's name is not that key's entry.
 A truncated or corrupt entry (bad header, wrong length, wrong checksum), an entry bound to another
 key, or one whose payload torch cannot read back (or reads back as another type than was stored)
-counts as *missing*: it is moved aside to ``<name>.bad-<time>`` in the same directory (never
+counts as *missing* — for :meth:`Cache.has` too, so a build recomputes it at once: ``has`` checks
+that the payload is one ``torch.load(weights_only=True)`` reads (a scan of its pickle, without
+torch, for the plain payloads this cache writes; a real load, once per file, for anything else) —
+it is moved aside to ``<name>.bad-<time>`` in the same directory (never
 deleted), a warning is logged once, and the caller recomputes; such a payload is never returned.
 
 Writes go to a temp file in the same directory (``.<key[:16]>.<random>.tmp``), which the writer
@@ -49,8 +52,10 @@ import json
 import logging
 import math
 import os
+import pickletools
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +205,82 @@ class CacheEntry:
     meta: dict
 
 
+# the globals a payload of this cache's own kind pickles (torch.save of dicts, lists and tensors);
+# torch.load(weights_only=True) allows each of them
+_DTYPES = frozenset({"float16", "float32", "float64", "bfloat16", "complex64", "complex128", "uint8",
+                     "int8", "int16", "int32", "int64", "bool"})
+
+
+def _plain_global(module: str, name: str) -> bool:
+    if module == "torch._utils":
+        return name.startswith("_rebuild_")
+    if module == "torch":
+        return name.endswith("Storage") or name in ("Size", "device") or name in _DTYPES
+    return (module, name) == ("collections", "OrderedDict")
+
+
+def _plainly_loadable(payload: bytes) -> bool:
+    """True when ``payload`` is a zip-format ``torch.save`` whose pickle names only globals that
+    ``torch.load(weights_only=True)`` always allows (tensors, storages, OrderedDict, dtypes)
+    and whose storage records are all in the archive; False when unsure (then torch decides).
+    Needs no torch."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as z:
+            names = z.namelist()
+            pkl = [n for n in names if n.endswith("/data.pkl")]
+            if len(pkl) != 1:
+                return False
+            prefix = pkl[0][:-len("data.pkl")]
+            stored = {n[len(prefix) + 5:] for n in names if n.startswith(prefix + "data/")}
+            for op, arg, _ in pickletools.genops(z.read(pkl[0])):
+                if op.name == "GLOBAL":
+                    module, _, name = str(arg).partition(" ")
+                    if not _plain_global(module, name):
+                        return False
+                elif op.name in ("STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4",
+                                 "PERSID"):
+                    return False
+            # every storage the pickle refers to (its persistent ids name them) must be there
+            if not all(k in stored for k in _storage_keys(z.read(pkl[0]))):
+                return False
+    except Exception:  # not a zip, a truncated pickle, …: unsure
+        return False
+    return True
+
+
+def _storage_keys(pkl: bytes) -> list[str]:
+    """The storage keys of ``("storage", type, key, location, numel)`` persistent ids: the string
+    pushed right after each ``"storage"`` tag (memo references resolved)."""
+    memo: dict[int, object] = {}
+    last: object = None
+    keys, after_tag = [], False
+    for op, arg, _ in pickletools.genops(pkl):
+        value = _MISSING
+        if op.name in ("BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BINUNICODE8"):
+            value = arg
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+            value = memo.get(int(arg), None)
+        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[int(arg)] = last
+            continue
+        elif op.name == "GLOBAL":
+            value = ("global", arg)
+        if value is _MISSING:
+            after_tag = False if op.name not in ("BINPUT", "LONG_BINPUT", "PUT") else after_tag
+            last = None
+            continue
+        if after_tag and isinstance(value, tuple):  # the storage type, then the key
+            last = value
+            continue
+        if after_tag and isinstance(value, str):
+            keys.append(value)
+            after_tag = False
+        elif value == "storage":
+            after_tag = True
+        last = value
+    return keys
+
+
 class _Rejected(Exception):
     """An entry that exists but must not be used (corrupt, bound to another key, unreadable)."""
 
@@ -215,6 +296,7 @@ class Cache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root).expanduser() if root is not None else default_root()
         self._memo: dict[Path, tuple[tuple, dict | None]] = {}  # path → (file identity, meta or rejected)
+        self._loads: dict[Path, tuple] = {}  # path → identity of a file whose payload is known to load
 
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r})"
@@ -310,8 +392,33 @@ class Cache:
         return meta, payload, st
 
     def has(self, key: str) -> bool:
-        """True when a valid entry of ``key`` exists (checksum and key verified; payload not unpickled)."""
-        return self.meta(key) is not None
+        """True when a usable entry of ``key`` exists: checksum and key verified, and its payload
+        one that ``torch.load(weights_only=True)`` reads (:meth:`get` would return it). A payload
+        of the plain kind this cache writes is checked by scanning its pickle (no torch);
+        anything else is loaded once. An entry that will not load is moved aside and is missing
+        here and for :meth:`meta` (so a build recomputes it in the same run). Remembered per file
+        identity (size, mtime, inode)."""
+        meta = self.meta(key)
+        if meta is None:
+            return False
+        if meta.get("payload") is False:
+            return True
+        path = self.path(key)
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        ident = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if self._loads.get(path) == ident:
+            return True
+        found = self._read_verified(key)
+        if found is None:
+            return False
+        _, payload, st = found
+        ok = _plainly_loadable(payload) or self.get(key, _MISSING) is not _MISSING
+        if ok:
+            self._loads[path] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        return ok
 
     def meta(self, key: str) -> dict | None:
         """The entry's meta dict (checksum and key verified, payload not unpickled), or None.

@@ -28,14 +28,19 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
+import stat
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["PACKAGE", "ROOT", "code_hash", "module_closure"]
+__all__ = ["MAX_SOURCE_BYTES", "PACKAGE", "ROOT", "code_hash", "local_closure", "module_closure",
+           "user_code_hash"]
 
 PACKAGE = "core"
 ROOT = Path(__file__).resolve().parents[1]  # the directory that holds the core package
+
+MAX_SOURCE_BYTES = 16 * 2**20  # a source file larger than this is not source (a FIFO, a device…)
 
 _lock = threading.Lock()
 _imports_memo: dict[Path, tuple[tuple, frozenset[str]]] = {}  # file → (identity, import candidates)
@@ -44,7 +49,25 @@ _digest_memo: dict[Path, tuple[tuple, str]] = {}  # file → (identity, sha256 o
 
 def _identity(path: Path) -> tuple:
     st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"source {str(path)!r} is not a regular file (a FIFO, device or folder?)")
+    if st.st_size > MAX_SOURCE_BYTES:
+        raise ValueError(f"source {str(path)!r} is {st.st_size / 2**20:.0f} MB, over the "
+                         f"{MAX_SOURCE_BYTES / 2**20:.0f} MB limit for a Python source file")
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _read_source(path: Path) -> bytes:
+    """The bytes of a source file checked by :func:`_identity` (read no further than its bound, so
+    a file swapped for a FIFO or device after the check cannot hang the read)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"source {str(path)!r} is not a regular file")
+        data = f.read(MAX_SOURCE_BYTES + 1)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise ValueError(f"source {str(path)!r} is over the {MAX_SOURCE_BYTES / 2**20:.0f} MB limit")
+    return data
 
 
 def _source_path(root: Path, package: str, name: str) -> Path | None:
@@ -71,7 +94,7 @@ def _import_candidates(name: str, path: Path) -> frozenset[str]:
     """Absolute names that module ``name`` (source ``path``) may import; some are not modules
     (``from core.x import function`` gives ``core.x.function``) and are dropped when resolved."""
     try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
+        tree = ast.parse(_read_source(path), filename=str(path))
     except SyntaxError as exc:
         raise ValueError(f"cannot read the imports of {path}: {exc.msg} (line {exc.lineno})") from None
     here = name if path.name == "__init__.py" else name.rpartition(".")[0]  # the package of `name`
@@ -155,7 +178,7 @@ def _digest(path: Path, fresh: bool) -> str:
         known = _digest_memo.get(path)
     if not fresh and known is not None and known[0] == ident:
         return known[1]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(_read_source(path)).hexdigest()
     with _lock:
         _digest_memo[path] = (ident, digest)
     return digest
@@ -171,3 +194,66 @@ def code_hash(modules: Iterable[str], *, root: str | Path | None = None, package
         h.update(f"{name}\0{_digest(path, fresh)}\n".encode())
     return h.hexdigest()[:length]
 
+
+
+# ----------------------------------------------------------------------------------------------
+# A case's own code: the factory module next to its TOML and what it imports from that folder
+
+
+def _local_source(base_dir: Path, name: str) -> Path | None:
+    """The file of module ``name`` (``nets`` or ``nets.layers``) inside ``base_dir`` as Python finds
+    it with ``base_dir`` first on ``sys.path``: ``nets/__init__.py`` before ``nets.py`` for a
+    package, else None."""
+    parts = name.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return None
+    base = base_dir.joinpath(*parts)
+    for cand in (base / "__init__.py", base.with_name(parts[-1] + ".py")):
+        try:
+            if cand.is_file():
+                return cand
+        except OSError:
+            continue
+    return None
+
+
+def local_closure(module: str, base_dir: str | Path, *, fresh: bool = False) -> dict[str, Path]:
+    """``{module name: file}`` of ``module`` (a dot-free factory module such as ``nets``, a single
+    ``nets.py`` or a package ``nets/__init__.py``) and of every module it imports, transitively,
+    that lives in ``base_dir`` (a sibling ``helper.py``, a submodule ``nets/layers.py``, a
+    relative import), with the packages above each. Found with :mod:`ast`, never importing;
+    imports of anything not in ``base_dir`` (torch, the standard library) are not followed.
+    Empty when ``module`` is not in ``base_dir``. ValueError when a file in the closure does not
+    parse, is not a regular file, or is larger than :data:`MAX_SOURCE_BYTES`."""
+    base_dir = Path(base_dir)
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _local_source(base_dir, name)
+        if path is None:
+            continue  # not a module of this folder (a name imported from one, or a library)
+        seen[name] = path
+        todo.extend(p for p in _parents(name) if p not in seen)
+        for target in _imports(name, path, fresh):
+            for cand in (target, *_parents(target)):
+                if cand not in seen:
+                    todo.append(cand)
+    return dict(sorted(seen.items()))
+
+
+def user_code_hash(module: str, base_dir: str | Path, *, fresh: bool = False,
+                   length: int = 16) -> str | None:
+    """A short hex sha256 of :func:`local_closure` of ``module`` in ``base_dir`` (each module's
+    name and the sha256 of its bytes), or None when ``module`` is not a file of ``base_dir``.
+    Editing the factory module, a helper it imports from the folder, or any file of a factory
+    package that is imported changes it; ValueError as :func:`local_closure`."""
+    files = local_closure(module, base_dir, fresh=fresh)
+    if not files:
+        return None
+    h = hashlib.sha256(b"casebook-user-code 1\n")
+    for name, path in files.items():
+        h.update(f"{name}\0{_digest(path, fresh)}\n".encode())
+    return h.hexdigest()[:length]

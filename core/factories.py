@@ -8,11 +8,15 @@
     init = "other"                  # start from another model's weights (fine-tuning)
     training = { epochs = 5 }       # overrides of [training]: epochs, lr, batch_size, weight_decay
 
-A module without a dot (``nets``) is looked up next to the TOML first (``base_dir/nets.py`` or
-``base_dir/nets/__init__.py``) and loaded under a private name (``casebook_user.<hash>.nets``), so
-it never clobbers an importable ``nets`` from elsewhere and ``base_dir`` is not left on
-``sys.path``; dotted modules (``torchvision.models``, ``core.models``) import normally. Every
-problem is a one-line :class:`core.seam.SourceError`.
+A module without a dot (``nets``) must lie next to the TOML (``base_dir/nets.py`` or
+``base_dir/nets/__init__.py``); it is loaded under a private name (``casebook_user.<hash>.nets``),
+so it never clobbers an importable ``nets`` from elsewhere, ``base_dir`` is not left on
+``sys.path`` and the sibling modules it imports are not left in ``sys.modules``; it is never
+looked up in the current directory or on ``PYTHONPATH``. A dotted module must be a known model
+zoo (:data:`ZOO_MODULES`: ``torchvision.models``, the project's ``core.models`` and
+``core.cases``) or one named in ``$CASEBOOK_FACTORY_MODULES`` (comma-separated module names; a
+name allows its submodules); the standard library is refused even when named there. A refused
+factory is never imported or called. Every problem is a one-line :class:`core.seam.SourceError`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
 import re
 import sys
 import threading
@@ -33,8 +38,14 @@ from torch import nn
 from core.seam import SourceError
 
 __all__ = [
+    "MAX_CHECKPOINT_BYTES",
     "MODEL_SCHEMA",
     "TRAINING_BOUNDS",
+    "ZOO_MODULES",
+    "allowed_modules",
+    "check_checkpoint",
+    "check_factory",
+    "checkpoint_digest",
     "check_model",
     "check_name",
     "load_weights",
@@ -62,7 +73,15 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FACTORY = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
 _PRIVATE = "casebook_user"
 _LOCK = threading.Lock()
-_LOADED: dict[tuple, object] = {}  # (file, mtime_ns, size) -> module
+_LOADED: dict[tuple, object] = {}  # (file, hash of the module and its local imports) -> module
+
+#: dotted modules a factory may come from without a setting (a name allows its submodules)
+ZOO_MODULES = ("torchvision.models", "core.models", "core.cases")
+#: the environment variable naming more factory modules (comma-separated)
+ZOO_SETTING = "CASEBOOK_FACTORY_MODULES"
+#: a checkpoint larger than this is refused before it is read
+MAX_CHECKPOINT_BYTES = 16 * 2**30  # the same as core.casestudy.facts.MAX_CHECKPOINT_BYTES
+_REFUSED_TOPS = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins", "__main__"}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -139,24 +158,92 @@ def check_model(section: dict, where: str) -> dict:
 # Building
 
 
+def allowed_modules() -> tuple[str, ...]:
+    """The dotted modules a factory may name: :data:`ZOO_MODULES` and the names in
+    ``$CASEBOOK_FACTORY_MODULES`` (comma-separated); each allows its submodules."""
+    extra = [m.strip() for m in os.environ.get(ZOO_SETTING, "").split(",") if m.strip()]
+    return tuple(dict.fromkeys([*ZOO_MODULES, *extra]))
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def check_factory(factory: str, base_dir: Path) -> tuple[str, str, tuple[Path, bool] | None]:
+    """``(module, attr, local file)`` of ``factory`` when the trust model allows it, checked
+    before anything is imported: a dot-free module must be a file next to the TOML (``nets.py``
+    or ``nets/__init__.py`` in ``base_dir``); a dotted one must lie under :func:`allowed_modules`;
+    the standard library (``os:system``, ``subprocess:Popen``, ``shutil:rmtree``), ``builtins``
+    and private attributes are refused. One-line :class:`SourceError` otherwise."""
+    found = _FACTORY.match(factory) if isinstance(factory, str) else None
+    if not found:
+        raise SourceError(f"factory {factory!r}: write \"module:callable\", e.g. \"nets:SmallCNN\"")
+    module, attr = found.groups()
+    if any(part.startswith("_") for part in attr.split(".")):
+        raise SourceError(f"factory {factory!r}: {attr!r} is private; name a public class or "
+                          "function returning an nn.Module")
+    top = module.split(".")[0]
+    local = _local_file(module, Path(base_dir))
+    if local is not None:
+        return module, attr, local
+    if top in _REFUSED_TOPS:
+        raise SourceError(f"factory {factory!r} refused: {top!r} is the standard library, not a "
+                          "model factory; put your factory in a .py file next to the TOML")
+    if "." not in module:
+        raise SourceError(f"factory {factory!r}: no module {module!r} next to the TOML file "
+                          f"({module}.py or {module}/__init__.py in {str(base_dir)!r}); a dot-free "
+                          "module is only taken from the case's folder")
+    if not any(_under(module, m) for m in allowed_modules()):
+        raise SourceError(f"factory {factory!r} refused: {module!r} is not the case's own module "
+                          f"or a known model zoo ({', '.join(ZOO_MODULES)}); to trust it, add it "
+                          f"to ${ZOO_SETTING} (comma-separated)")
+    return module, attr, None
+
+
 def _local_file(module: str, base_dir: Path) -> tuple[Path, bool] | None:
     if "." in module:
         return None
     single, package = base_dir / f"{module}.py", base_dir / module / "__init__.py"
+    if package.is_file():  # a package wins over a module beside it, as in Python
+        return package, True
     if single.is_file():
         return single, False
-    if package.is_file():
-        return package, True
     return None
 
 
+def _own_module(mod, base_dir: Path) -> bool:
+    """Whether ``mod`` was loaded from a file inside ``base_dir`` (and is not the project's own
+    ``core``, which a case folder above the repository could hold)."""
+    file = getattr(mod, "__file__", None)
+    if not file:
+        return False
+    try:
+        path = Path(file).resolve()
+        path.relative_to(base_dir)
+    except (OSError, ValueError):
+        return False
+    try:
+        path.relative_to(_CORE)
+        return False
+    except ValueError:
+        return True
+
+
+_CORE = Path(__file__).resolve().parent
+
+
 def _import_local(module: str, file: Path, package: bool, base_dir: Path, factory: str):
-    st = file.stat()
-    key = (str(file.resolve()), st.st_mtime_ns, st.st_size)
+    from core.codehash import user_code_hash
+
+    try:  # the module and the helpers it imports from the folder: editing any reloads it
+        key = (str(file.resolve()), user_code_hash(module, base_dir))
+    except (OSError, ValueError):
+        key = None  # e.g. a syntax error: not remembered; importing it says what is wrong
     with _LOCK:
-        if key in _LOADED:
+        if key is not None and key in _LOADED:
             return _LOADED[key]
-        tag = hashlib.sha256(str(base_dir.resolve()).encode()).hexdigest()[:12]
+        resolved = base_dir.resolve()
+        tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
         name = f"{_PRIVATE}.h{tag}.{module}"
         spec = importlib.util.spec_from_file_location(
             name, file, submodule_search_locations=[str(file.parent)] if package else None)
@@ -167,6 +254,13 @@ def _import_local(module: str, file: Path, package: bool, base_dir: Path, factor
                 pkg.__path__ = []
                 sys.modules[parent] = pkg
         previous = sys.modules.get(name)
+        # siblings this folder left in sys.modules (an earlier load, another case in the same
+        # folder) are set aside, so that `from helper import Act` reads helper.py as it is now
+        stale = {n: m for n, m in list(sys.modules.items())
+                 if not n.startswith(_PRIVATE) and _own_module(m, resolved)}
+        for n in stale:
+            del sys.modules[n]
+        before = set(sys.modules)
         sys.modules[name] = mod  # dataclasses and pickling look the module up by name
         added = str(base_dir) not in sys.path
         if added:  # so the module can import its siblings; removed right after
@@ -178,6 +272,12 @@ def _import_local(module: str, file: Path, package: bool, base_dir: Path, factor
                 sys.modules[name] = previous
             else:
                 sys.modules.pop(name, None)
+            if isinstance(exc, KeyboardInterrupt):
+                raise SourceError(f"factory {factory!r}: module {module!r} ({file.name}) raised "
+                                  "KeyboardInterrupt while importing") from None
+            if isinstance(exc, SystemExit):
+                raise SourceError(f"factory {factory!r}: module {module!r} ({file.name}) called "
+                                  f"sys.exit({exc.code!r}) while importing") from None
             if not isinstance(exc, Exception):
                 raise
             raise SourceError(f"factory {factory!r}: module {module!r} ({file.name}) does not import "
@@ -188,18 +288,21 @@ def _import_local(module: str, file: Path, package: bool, base_dir: Path, factor
                     sys.path.remove(str(base_dir))
                 except ValueError:
                     pass
-        _LOADED[key] = mod
+            for n in set(sys.modules) - before:  # the siblings it imported leave no trace
+                if n != name and not n.startswith(_PRIVATE) and _own_module(sys.modules[n], resolved):
+                    del sys.modules[n]
+            for n, m in stale.items():
+                sys.modules.setdefault(n, m)
+        if key is not None:
+            _LOADED[key] = mod
         return mod
 
 
 def _resolve(factory: str, base_dir: Path):
-    """The callable ``factory`` names (``"module:attr"``); one-line SourceError otherwise."""
-    found = _FACTORY.match(factory) if isinstance(factory, str) else None
-    if not found:
-        raise SourceError(f"factory {factory!r}: write \"module:callable\", e.g. \"nets:SmallCNN\"")
-    module, attr = found.groups()
+    """The callable ``factory`` names (``"module:attr"``), once :func:`check_factory` allows it;
+    one-line SourceError otherwise. A refused factory is never imported."""
     base_dir = Path(base_dir)
-    local = _local_file(module, base_dir)
+    module, attr, local = check_factory(factory, base_dir)
     if local is not None:
         mod = _import_local(module, *local, base_dir, factory)
     else:
@@ -208,8 +311,7 @@ def _resolve(factory: str, base_dir: Path):
         except ModuleNotFoundError as exc:
             if exc.name is not None and module.split(".")[0] == exc.name.split(".")[0] and \
                     module.startswith(exc.name):
-                raise SourceError(f"factory {factory!r}: no module {module!r} next to the TOML file "
-                                  f"({module}.py in {str(base_dir)!r}) or importable") from exc
+                raise SourceError(f"factory {factory!r}: no module {module!r} importable") from exc
             raise SourceError(f"factory {factory!r}: module {module!r} does not import "
                               f"({_first_line(exc)})") from exc
         except Exception as exc:
@@ -223,6 +325,14 @@ def _resolve(factory: str, base_dir: Path):
             raise SourceError(f"factory {factory!r}: module {module!r} has no {attr!r} "
                               f"(callables there: {shown or 'none'})")
         obj = getattr(obj, part)
+        if isinstance(obj, types.ModuleType) and obj is not mod:
+            raise SourceError(f"factory {factory!r} refused: {attr!r} reaches into module "
+                              f"{obj.__name__!r}; name a callable of {module!r} itself")
+    origin = getattr(obj, "__module__", None) if isinstance(
+        obj, type | types.FunctionType | types.BuiltinFunctionType) else None
+    if isinstance(origin, str) and origin.split(".")[0] in _REFUSED_TOPS:
+        raise SourceError(f"factory {factory!r} refused: {attr!r} is {origin}.{obj.__name__} from "
+                          "the standard library, not a model factory")
     if not callable(obj):
         raise SourceError(f"factory {factory!r}: {attr!r} is a {type(obj).__name__}, not callable; "
                           "name a class or function returning an nn.Module")
@@ -317,6 +427,24 @@ def _few(keys, k: int = 4) -> str:
     return ", ".join(keys[:k]) + (f" (+{len(keys) - k} more)" if len(keys) > k else "")
 
 
+def check_checkpoint(path: str | Path, where: str) -> os.stat_result:
+    """The ``stat`` of checkpoint ``path`` once it is known to be a regular file (symlinks
+    followed) of at most :data:`MAX_CHECKPOINT_BYTES`, before a byte is read: ``/dev/zero``, a
+    FIFO or a symlink to either is a one-line :class:`SourceError` prefixed with ``where``, never
+    a hang (:func:`core.casestudy.facts.check_checkpoint`, which needs no torch)."""
+    from core.casestudy.facts import check_checkpoint as check
+
+    return check(path, where, SourceError)
+
+
+def checkpoint_digest(path: str | Path, where: str = "checkpoint") -> str:
+    """``"<size>:<sha256 hex[:24]>"`` of the checkpoint's bytes after :func:`check_checkpoint`
+    (:func:`core.casestudy.facts.checkpoint_digest`); one-line :class:`SourceError`."""
+    from core.casestudy.facts import checkpoint_digest as digest
+
+    return digest(path, where, SourceError)
+
+
 def load_weights(model: nn.Module, path: Path, name: str) -> nn.Module:
     """Load the state dict at ``path`` into ``model`` (``torch.load(weights_only=True)``); return
     ``model`` in eval mode.
@@ -330,9 +458,12 @@ def load_weights(model: nn.Module, path: Path, name: str) -> nn.Module:
     path = Path(path)
     where = f"model {name!r}: checkpoint {str(path)!r}"
     hint = "save one with torch.save(model.state_dict(), path)"
-    if not path.is_file():
+    if not path.is_file() and not path.exists():
         raise SourceError(f"{where} does not exist or is not a file (paths are relative to the TOML)")
+    from core.casestudy.facts import open_checkpoint
     from core.models import load_state_into, load_weights_only
 
-    obj = load_weights_only(path, where, hint, SourceError)
+    f, _ = open_checkpoint(path, where, SourceError)  # checked before a byte is read; torch reads it
+    with f:
+        obj = load_weights_only(f, where, hint, SourceError)
     return load_state_into(model, obj, where, "the factory's model", hint, SourceError)

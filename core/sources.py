@@ -829,25 +829,67 @@ def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData
 # Fingerprint
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, dev, inode, size, mtime_ns, ctime_ns) -> sha256 hex
+
+
+def _file_digest(path: Path, st: os.stat_result, cap: int, base: Path) -> str:
+    """sha256 hex of a regular file's bytes (``st`` from :func:`_regular`), remembered per
+    process on its identity; a file over ``cap`` bytes is a one-line :class:`SourceError`."""
+    ident = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    known = _DIGESTS.get(ident)
+    if known is not None:
+        return known
+    if st.st_size > cap:
+        raise SourceError(f"file {_rel(path, base)!r} is {st.st_size / 2**20:.0f} MB, over the "
+                          f"{cap / 2**20:.0f} MB limit; shrink it or leave it out")
+    h = hashlib.sha256()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SourceError(f"file {_rel(path, base)!r} is not a regular file")
+            left = cap + 1
+            while left > 0:
+                block = f.read(min(1 << 20, left))
+                if not block:
+                    break
+                h.update(block)
+                left -= len(block)
+    except OSError as exc:
+        raise SourceError(f"file {_rel(path, base)!r} cannot be read ({exc.strerror or exc})") \
+            from exc
+    if left <= 0:
+        raise SourceError(f"file {_rel(path, base)!r} is over the {cap / 2**20:.0f} MB limit")
+    digest = h.hexdigest()
+    if len(_DIGESTS) > 4 * MAX_IMAGES:
+        _DIGESTS.clear()
+    _DIGESTS[ident] = digest
+    return digest
+
+
 def source_fingerprint(dataset: dict, region: dict | None, base_dir: Path) -> str:
-    """sha256 hex of the tables and of every file the adapter reads (relative path, size,
-    mtime_ns), without decoding anything: a cheap key for the data stage. Replacing, adding or
-    removing an image or mask changes it. Raises :class:`SourceError` like the adapters do for a
-    missing root / file and for bad tables."""
+    """sha256 hex of the tables and of every file the adapter reads (relative path, size and
+    the sha256 of its bytes), without decoding anything: the key of the data stage. Replacing,
+    adding or removing an image or mask changes it, also when the new file has the old one's
+    size and mtime (``cp -p``, ``rsync -t``, ``tar x``). Each file's hash is remembered per
+    process on its (device, inode, size, mtime, ctime), so a second call reads no bytes. Files are
+    checked to be regular and within the adapters' size limits before a byte is read. Raises
+    :class:`SourceError` like the adapters do for a missing root / file and for bad tables."""
     base_dir = Path(base_dir)
     dataset = check_dataset(dataset, "[dataset]")
     region = check_region(region, "[region]") if region is not None else None
     h = hashlib.sha256(json.dumps({"dataset": dataset, "region": region}, sort_keys=True).encode())
 
-    def add(path: Path, root: Path | None) -> None:
+    def add(path: Path, root: Path | None, cap: int = MAX_FILE_BYTES) -> None:
         st = _regular(path, root, base_dir)
-        h.update(f"{_rel(path, base_dir)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{_rel(path, base_dir)}|{st.st_size}|{_file_digest(path, st, cap, base_dir)}\n"
+                 .encode())
 
     if dataset["source"] == "tensors":
         path = base_dir / dataset["path"]
         if not os.path.lexists(path):
             raise SourceError(f"[dataset] tensors file {_rel(path, base_dir)!r} does not exist")
-        add(path, None)
+        add(path, None, MAX_TENSORS_FILE_BYTES)
         return h.hexdigest()
     listing = _list_folder(dataset, base_dir)
     root = listing["root"]

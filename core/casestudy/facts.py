@@ -7,34 +7,74 @@ time).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
+import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from core.cache import Cache, key_of
+from core.casestudy.config import CaseError
 
 ARCH_NAMES = ("decoy-cnn", "decoy-cnn-unpadded")  # core.models.ARCHITECTURES, without torch
+MAX_CHECKPOINT_BYTES = 16 * 2**30  # a checkpoint larger than this is refused before it is read
+_NO_CODE = "e3b0c44298fc1c14"  # sha256(b"")[:16]: no user code (kept so built-in keys stay put)
 
 
-def _factory_file(factory: str, base_dir: Path) -> Path | None:
+_NO_USER_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("no_user_code", default=False)
+
+
+@contextlib.contextmanager
+def no_user_code() -> Iterator[None]:
+    """Within this block, :func:`model_facts` reads the model facts from the cache only and never
+    imports or calls a case's factory: a case whose facts are not cached yet raises
+    :class:`FactsNotCached` (for listing cases: ``python -m core list`` reads TOML and cached
+    facts only)."""
+    token = _NO_USER_CODE.set(True)
+    try:
+        yield
+    finally:
+        _NO_USER_CODE.reset(token)
+
+
+class FactsNotCached(CaseError):
+    """A case's model facts are not cached and :func:`no_user_code` forbids computing them (the
+    case is not built yet); a one-line :class:`CaseError`."""
+
+
+def user_code(factory: str | None, base_dir: Path) -> str:
+    """A short hash of the case's own code behind ``factory`` (``"module:callable"``): the factory
+    module found next to the TOML — a ``nets.py`` or a package ``nets/__init__.py`` — and every
+    module of the case folder it imports, transitively (:func:`core.codehash.user_code_hash`).
+    A fixed value for a dotted (library) module or none found there (the key built-in cases
+    always had: the hash of no bytes); a file that cannot be read as source
+    (not a regular file, too large, not parsing) keys as ``"<unreadable: ...>"`` so the build
+    reports the error instead of reusing an entry."""
+    if not factory:
+        return _NO_CODE
     module = factory.split(":", 1)[0]
-    path = base_dir / (module.replace(".", "/") + ".py")
-    return path if path.is_file() else None
+    if "." in module:
+        return _NO_CODE
+    from core.codehash import user_code_hash
+
+    try:
+        return user_code_hash(module, base_dir) or _NO_CODE
+    except (OSError, ValueError) as exc:
+        return f"<unreadable: {(str(exc).splitlines() or [''])[0][:120]}>"
 
 
 def facts_key(spec, base_dir: Path) -> str:
+    """The cache key of a model's facts: the factory (or architecture), its kwargs, the code of
+    ``core.models`` / ``core.factories`` and the case's own code behind the factory
+    (:func:`user_code`). The models stage's key holds it, so editing a helper module the
+    factory imports rebuilds the models."""
     from core.casestudy.registry import code_version
 
-    user = b""
-    if spec.factory:
-        f = _factory_file(spec.factory, base_dir)
-        if f is not None:
-            try:
-                user = f.read_bytes()
-            except OSError:
-                user = b"<unreadable>"
     return key_of(stage="facts", version=code_version(("core.models", "core.factories")),
                   arch=spec.arch, factory=spec.factory, kwargs=spec.kwargs,
-                  user=hashlib.sha256(user).hexdigest()[:16])
+                  user=user_code(spec.factory, Path(base_dir)) if spec.factory else _NO_CODE)
 
 
 def model_facts(spec, base_dir: Path, src: str, cache: Cache | None = None) -> dict:
@@ -45,6 +85,9 @@ def model_facts(spec, base_dir: Path, src: str, cache: Cache | None = None) -> d
         meta = cache.meta(facts_key(spec, base_dir))
         if meta is not None and isinstance(meta.get("layers"), list):
             return {"layers": meta["layers"], "kinds": meta.get("kinds") or {}, "computed": False}
+    if _NO_USER_CODE.get() and spec.factory:
+        raise FactsNotCached(f"{src}: not built yet (model {spec.name!r}'s facts are not cached; "
+                             "listing runs no factory: build the case once)")
     import warnings
 
     import torch
@@ -119,3 +162,64 @@ def n_outputs(spec, base_dir: Path, src: str, input_shape: tuple[int, ...]) -> i
     if isinstance(out, torch.Tensor) and out.dim() == 2:
         return int(out.shape[1])
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: checked before a byte is read (no torch here, so a warm status stays torch-free)
+
+
+def check_checkpoint(path: str | Path, where: str, error: type = ValueError) -> os.stat_result:
+    """The ``stat`` of checkpoint ``path`` once it is known to be a regular file (symlinks
+    followed) of at most :data:`MAX_CHECKPOINT_BYTES`: checked before a byte is read, so
+    ``/dev/zero``, a FIFO or a symlink to either is a one-line ``error`` (prefixed with
+    ``where``), never a hang. Needs no torch."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise error(f"{where} cannot be read ({exc.strerror or type(exc).__name__}; paths "
+                    "are relative to the TOML)") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if (
+            stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) else "a folder" if \
+            stat.S_ISDIR(st.st_mode) else "not a file"
+        raise error(f"{where} is {kind}, not a regular file; give a state dict saved with "
+                    "torch.save(model.state_dict(), path)")
+    if st.st_size > MAX_CHECKPOINT_BYTES:
+        raise error(f"{where} is {st.st_size / 2**30:.1f} GiB, over the "
+                    f"{MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB limit for a checkpoint")
+    return st
+
+
+def open_checkpoint(path: str | Path, where: str, error: type = ValueError):
+    """``path`` opened for reading without blocking (a FIFO swapped in after the check cannot
+    hang the open) and checked again on the open file; (file, stat)."""
+    check_checkpoint(path, where, error)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise error(f"{where} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    f = os.fdopen(fd, "rb")
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CHECKPOINT_BYTES:
+        f.close()
+        raise error(f"{where} changed into something that is not a regular file of at most "
+                    f"{MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB while being opened")
+    return f, st
+
+
+def checkpoint_digest(path: str | Path, where: str = "checkpoint", error: type = ValueError) -> str:
+    """``"<size>:<sha256 hex[:24]>"`` of the checkpoint's bytes (its content, not where it lies),
+    after :func:`check_checkpoint`; reads no more than the size it found. One-line
+    ``error`` for a missing, non-regular, oversized or unreadable file."""
+    f, st = open_checkpoint(path, f"{where} {str(path)!r}", error)
+    h = hashlib.sha256()
+    left = st.st_size
+    with f:
+        while left > 0:
+            block = f.read(min(1 << 20, left))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block)
+    return f"{st.st_size}:{h.hexdigest()[:24]}"
+
