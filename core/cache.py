@@ -398,27 +398,34 @@ class Cache:
         anything else is loaded once. An entry that will not load is moved aside and is missing
         here and for :meth:`meta` (so a build recomputes it in the same run). Remembered per file
         identity (size, mtime, inode)."""
-        meta = self.meta(key)
-        if meta is None:
-            return False
-        if meta.get("payload") is False:
-            return True
         path = self.path(key)
         try:
             st = path.stat()
+        except FileNotFoundError:
+            return False
+        except (NotADirectoryError, PermissionError) as exc:
+            raise _cache_error(self.root, exc, path, "reading") from None
         except OSError:
             return False
         ident = (st.st_size, st.st_mtime_ns, st.st_ino)
-        if self._loads.get(path) == ident:
-            return True
-        found = self._read_verified(key)
+        known = self._memo.get(path)
+        if known is not None and known[0] == ident:
+            if known[1] is None:
+                return False
+            if known[1].get("payload") is False or self._loads.get(path) == ident:
+                return True
+        found = self._read_verified(key)  # one read: checksum, key and the payload's scan
         if found is None:
             return False
-        _, payload, st = found
-        ok = _plainly_loadable(payload) or self.get(key, _MISSING) is not _MISSING
-        if ok:
-            self._loads[path] = (st.st_size, st.st_mtime_ns, st.st_ino)
-        return ok
+        meta, payload, st = found
+        ident = (st.st_size, st.st_mtime_ns, st.st_ino)
+        self._memo[path] = (ident, meta)
+        if meta.get("payload") is False:
+            return True
+        if not (_plainly_loadable(payload) or self.get(key, _MISSING) is not _MISSING):
+            return False
+        self._loads[path] = ident
+        return True
 
     def meta(self, key: str) -> dict | None:
         """The entry's meta dict (checksum and key verified, payload not unpickled), or None.
@@ -441,8 +448,10 @@ class Cache:
         found = self._read_verified(key)
         if found is None:
             return None
-        meta, _, st = found
+        meta, payload, st = found
         self._memo[path] = ((st.st_size, st.st_mtime_ns, st.st_ino), meta)
+        if meta.get("payload") is not False and _plainly_loadable(payload):  # bytes at hand: has()
+            self._loads[path] = (st.st_size, st.st_mtime_ns, st.st_ino)  # need not read them again
         return meta
 
     def get(self, key: str, default: Any = None) -> Any:

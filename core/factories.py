@@ -80,7 +80,7 @@ ZOO_MODULES = ("torchvision.models", "core.models", "core.cases")
 #: the environment variable naming more factory modules (comma-separated)
 ZOO_SETTING = "CASEBOOK_FACTORY_MODULES"
 #: a checkpoint larger than this is refused before it is read
-MAX_CHECKPOINT_BYTES = 16 * 2**30  # the same as core.casestudy.facts.MAX_CHECKPOINT_BYTES
+MAX_CHECKPOINT_BYTES = 16 * 2**30  # the same as core.safeio.MAX_CHECKPOINT_BYTES
 _REFUSED_TOPS = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins", "__main__"}
 
 
@@ -431,16 +431,16 @@ def check_checkpoint(path: str | Path, where: str) -> os.stat_result:
     """The ``stat`` of checkpoint ``path`` once it is known to be a regular file (symlinks
     followed) of at most :data:`MAX_CHECKPOINT_BYTES`, before a byte is read: ``/dev/zero``, a
     FIFO or a symlink to either is a one-line :class:`SourceError` prefixed with ``where``, never
-    a hang (:func:`core.casestudy.facts.check_checkpoint`, which needs no torch)."""
-    from core.casestudy.facts import check_checkpoint as check
+    a hang (:func:`core.safeio.check_checkpoint`, which needs no torch)."""
+    from core.safeio import check_checkpoint as check
 
     return check(path, where, SourceError)
 
 
 def checkpoint_digest(path: str | Path, where: str = "checkpoint") -> str:
     """``"<size>:<sha256 hex[:24]>"`` of the checkpoint's bytes after :func:`check_checkpoint`
-    (:func:`core.casestudy.facts.checkpoint_digest`); one-line :class:`SourceError`."""
-    from core.casestudy.facts import checkpoint_digest as digest
+    (:func:`core.safeio.checkpoint_digest`); one-line :class:`SourceError`."""
+    from core.safeio import checkpoint_digest as digest
 
     return digest(path, where, SourceError)
 
@@ -460,8 +460,8 @@ def load_weights(model: nn.Module, path: Path, name: str) -> nn.Module:
     hint = "save one with torch.save(model.state_dict(), path)"
     if not path.is_file() and not path.exists():
         raise SourceError(f"{where} does not exist or is not a file (paths are relative to the TOML)")
-    from core.casestudy.facts import open_checkpoint
     from core.models import load_state_into, load_weights_only
+    from core.safeio import open_checkpoint
 
     f, _ = open_checkpoint(path, where, SourceError)  # checked before a byte is read; torch reads it
     with f:

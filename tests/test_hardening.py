@@ -271,7 +271,9 @@ def test_an_oversized_checkpoint_is_refused_by_its_size(tmp_path, monkeypatch):
     big = tmp_path / "big.pt"
     with open(big, "wb") as f:
         f.truncate(2 * 2**20)  # sparse: nothing to read
-    monkeypatch.setattr(case_facts, "MAX_CHECKPOINT_BYTES", 2**20)
+    from core import safeio
+
+    monkeypatch.setattr(safeio, "MAX_CHECKPOINT_BYTES", 2**20)
     with pytest.raises(SourceError) as info:
         checkpoint_digest(big)
     assert "over the" in _one_line(info)
