@@ -32,6 +32,9 @@ sections: dict[str, list] = {
         _page("one_image.py", "One image, end to end", ":material/timeline:", "one-image"),
     ],
 }
+if ui.stage_exists("discovery"):  # the shortcut no one marked, found and tested without masks
+    sections["Case study"].insert(3, _page("suspects.py", "Suspects", ":material/search:",
+                                           "suspects"))
 # Chapters drawn from a stage join the navigation once the stage's module exists.
 OPTIONAL = [("representations", "representations.py", "Representations compared", ":material/compare:",
              "representations"),

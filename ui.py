@@ -296,6 +296,30 @@ def model_warnings(study=None) -> list[dict]:
     return found
 
 
+def discovery_headline(study=None) -> str | None:
+    """What the discovery stage found without masks, in one Markdown line for a chapter's top:
+    the model under study's headline, its counts, and the controls flagged (the false-alarm rate);
+    None when the stage is not built."""
+    try:
+        summary = report(study).get("discovery_summary") or {}
+    except Exception:  # noqa: BLE001 — the chapter itself says what is missing or broken
+        return None
+    models = summary.get("models") or {}
+    subject = summary.get("subject")
+    if subject not in models:
+        return None
+    s = models[subject]
+    alarms = summary.get("false_alarms") or {}
+    others = alarms.get("models") or []
+    text = (f"**Found without any mask** ({plain(subject)}): {plain(s.get('headline'))} — "
+            f"{s.get('n_suspected', 0)} suspected of {s.get('n_candidates', 0)} candidates")
+    if others:
+        text += (f"; false alarms: {alarms.get('n_flagged', 0)} of {len(others)} other "
+                 f"model{'s' if len(others) != 1 else ''} ({', '.join(map(plain, others))}) "
+                 "have a suspect")
+    return text + "."
+
+
 def rule_caveat(study=None) -> str | None:
     """The sentence to show beside the shortcut rule when its false-alarm check is gone (no
     reference model), escaped for Markdown; None when the rule has it."""
@@ -502,6 +526,25 @@ def tinted(x, mask, scale: int = 4) -> np.ndarray:
         m = np.asarray(mask, bool)
         rgb[m] = 0.45 * rgb[m] + 0.55 * np.array([230.0, 40.0, 40.0])
     return _enlarge(rgb.round().astype(np.uint8), int(scale))
+
+
+def outlined(x, mask, scale: int = 4, color: tuple[int, int, int] = (230, 40, 40)) -> np.ndarray:
+    """The image enlarged by ``scale`` with the region's boundary drawn in ``color`` (the pixels of
+    the region that touch a pixel outside it, after enlarging); the image itself is unchanged."""
+    rgb = picture(x, scale)
+    if mask is None:
+        return rgb
+    m = np.asarray(mask, bool)
+    m = m.repeat(int(scale), 0).repeat(int(scale), 1)
+    pad = np.pad(m, 1, constant_values=False)
+    inner = pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+    edge = m & ~inner
+    if int(scale) >= 4:  # a two-pixel line where the picture is large enough to carry it
+        pe = np.pad(edge, 1, constant_values=False)
+        edge = m & (pe[:-2, 1:-1] | pe[2:, 1:-1] | pe[1:-1, :-2] | pe[1:-1, 2:] | edge)
+    out = rgb.copy()
+    out[edge] = np.array(color, dtype=np.uint8)
+    return out
 
 
 def masked(x, attr, scale: int = 4, q: float = 95.0, dim: float = 0.25) -> np.ndarray:

@@ -30,6 +30,14 @@ st.markdown(
     "**experts** (the units with the largest distributional influence on the class) carry the "
     "shortcut — most of their interpretation falls on the suspected region — in the model under study "
     "and in the reference. Click a cell to open those experts in the influence chapter.")
+FOUND = ui.discovery_headline(study)  # what discovery found with no mask at all
+if FOUND:
+    st.info(FOUND, icon=":material/search:")
+    try:
+        st.page_link("chapters/suspects.py", label="The suspects, tested by cause",
+                     icon=":material/arrow_forward:")
+    except Exception:  # noqa: BLE001 - a chapter run on its own (no navigation)
+        pass
 
 if not ui.status(study).get("experts"):
     st.info("The experts stage is not built for this case study yet, so there is nothing to summarise "

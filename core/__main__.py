@@ -167,7 +167,9 @@ def _summary(rep: dict) -> str:
             else:
                 lines.append(f"  {model:8} experts: " + ", ".join(
                     f"{layer} {s['n']}" for layer, s in layers.items()))
-    for stage in ("representations", "corrections", "essence", "detection"):
+    from core.casestudy import DELEGATED
+
+    for stage in DELEGATED:
         if stage in rep:
             lines.append(f"{stage}: {len(rep[stage])} rows")
             for row in rep[stage][:12]:
@@ -179,6 +181,9 @@ def _summary(rep: dict) -> str:
                     name = (f"{row.get('layer', '')} {row.get('a_name', row['a'])} vs "
                             f"{row.get('b_name', row['b'])}" +
                             (f" ({row['fill']})" if row.get("fill") else "")).strip()
+                if name is None and row.get("kind") in ("candidate", "note"):  # discovery
+                    name = (f"#{row.get('rank', '-')} class {row.get('class')}: "
+                            f"{row.get('verdict')}")
                 if name is None:
                     name = row.get("layer") or row.get("stage") or "row"
                 label = str(name) + (f" [{row['model']}]" if "model" in row else "")

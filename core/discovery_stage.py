@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from core.methods.discovery import DEFAULTS as METHOD_DEFAULTS
-from core.methods.discovery import check_config as _check_method
-from core.methods.discovery import discover, iou, public_row, region_masks, write_masks
+from core.methods.discovery import check_config as check_method
+from core.methods.discovery import discover, iou, public_row, region_masks, rule_text, write_masks
 
 __all__ = ["DEFAULTS", "CONTRACT", "check_config", "build_stage", "run", "image_relpaths",
            "discover_to_folder"]
@@ -46,7 +46,7 @@ def check_config(section: dict | None, where: str = "[discovery]") -> dict:
         raise ValueError(f"{where}: discovery.models must be a non-empty list of model names")
     if layer is not None and (not isinstance(layer, str) or not layer):
         raise ValueError(f"{where}: discovery.layer must be a layer name (named_modules())")
-    out = _check_method(sec, where)
+    out = check_method(sec, where)
     out.update(models=models, layer=layer)
     return out
 
@@ -112,7 +112,7 @@ def build_stage(study, progress=None) -> dict:
     cfg = _section(study)
     names = cfg["models"] or list(study.model_names)
     unknown = [n for n in names if n not in study.model_names]
-    rows, summary = [], {}
+    rows, summary, gallery, rules = [], {}, {}, {}
     for i, name in enumerate(names):
         if name in unknown:
             rows.append({"kind": "note", "model": name, "class": None, "verdict": "not suspected",
@@ -133,6 +133,9 @@ def build_stage(study, progress=None) -> dict:
                          "verdict": "not suspected", "reason": f"could not run: {first}"})
             continue
         cands = [public_row(r) for r in result["candidates"]]
+        for r in result["candidates"]:
+            gallery[f"{name}/{r['rank']}"] = _gallery(study, name, r)
+            rules[f"{name}/{r['rank']}"] = _plain(r["_rule"])
         rows.extend(cands)
         rows.extend(public_row(n) for n in result["notes"])
         suspected = [r for r in cands if r["verdict"] == "suspected"]
@@ -144,16 +147,47 @@ def build_stage(study, progress=None) -> dict:
             "headline": _headline(suspected),
             "seconds": round(time.perf_counter() - t1, 3)}
     others = [n for n in summary if n != study.subject]
-    report = {"rule": cands[0]["rule"] if rows and summary and cands else None,
+    report = {"rule": rule_text(check_method({k: v for k, v in cfg.items()
+                                              if k in METHOD_DEFAULTS})),
               "layer": _layer(study, cfg), "subject": study.subject, "models": summary,
               "false_alarms": {"models": others,
                                "n_flagged": sum(1 for n in others if summary[n]["n_suspected"])},
               "seconds": round(time.perf_counter() - t0, 3)}
-    if report["rule"] is None:
-        from core.methods.discovery import rule_text
+    return {"rows": rows, "report": report, "gallery": gallery, "rules": rules}
 
-        report["rule"] = rule_text({k: v for k, v in cfg.items() if k in METHOD_DEFAULTS})
-    return {"rows": rows, "report": report}
+
+GALLERY = 16  # held-out images kept per candidate for the chapter's grid
+
+
+def _gallery(study, model_name: str, row: dict) -> dict:
+    """Up to :data:`GALLERY` of a candidate's held-out images where its region is present, for
+    display: ``{"split": [...], "index": [...] (row in the split), "label", "pred" (class
+    indices), "image": uint8 tensor (n, H, W) or (n, H, W, 3), "mask": bool tensor (n, H, W)}``;
+    the images are evenly spread over the held-out set (test images first)."""
+    import torch
+
+    held = row["_heldout"]
+    n_test, index, masks = held["n_test"], np.asarray(held["index"]), held["masks"]
+    pick = np.unique(np.linspace(0, len(index) - 1, min(GALLERY, len(index))).round().astype(int)) \
+        if len(index) else np.zeros(0, int)
+    data = study.data()
+    splits, idx, x, labels, preds = [], [], [], [], []
+    pred = {s: study.predictions(model_name, s) for s in ("test", "train")}
+    for j in pick:
+        pool = int(index[j])
+        split = "test" if pool < n_test else "train"
+        i = pool if split == "test" else pool - n_test
+        sp = getattr(data, split)
+        splits.append(split)
+        idx.append(i)
+        x.append(sp.x[i])
+        labels.append(int(sp.y[i]))
+        preds.append(int(pred[split][i]))
+    image = data.display(torch.stack(x)) if x else np.zeros((0, *data.size), np.float32)
+    return {"split": splits, "index": idx, "label": labels, "pred": preds,
+            "image": torch.from_numpy((np.clip(image, 0, 1) * 255).round().astype(np.uint8)),
+            "mask": torch.from_numpy(np.asarray(masks)[pick].astype(bool)) if len(pick) else
+            torch.zeros((0, *data.size), dtype=torch.bool)}
 
 
 def _headline(suspected: list[dict]) -> str:
@@ -218,12 +252,15 @@ def discover_to_folder(study, out_dir: str | Path, model_name: str | None = None
     missing file means no region on that image. Returns the list written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = run(study, model_name, None, progress)
+    name = model_name or study.subject
+    candidates = _cached_candidates(study, name)
+    if candidates is None:
+        candidates = run(study, name, None, progress)["candidates"]
     data = study.data()
-    model = study.model(model_name or study.subject)
+    model = study.model(name)
     rel = image_relpaths(study)
     rows = []
-    for row in result["candidates"][:max(0, int(top))]:
+    for row in candidates[:max(0, int(top))]:
         folder = out_dir / row["masks"]
         written = 0
         for split in SPLITS:
@@ -237,3 +274,35 @@ def discover_to_folder(study, out_dir: str | Path, model_name: str | None = None
         rows.append(pub)
     (out_dir / "candidates.json").write_text(json.dumps(rows, indent=1, allow_nan=False) + "\n")
     return rows
+
+
+def _cached_candidates(study, name: str) -> list[dict] | None:
+    """The built stage's ranked candidates of model ``name`` with the rules their masks need, or
+    None when the stage is not built for it (or its entry predates the stored rules)."""
+    if not study.is_built("discovery"):
+        return None
+    payload = study.artifact("discovery") or {}
+    rules = payload.get("rules") or {}
+    if name not in ((payload.get("report") or {}).get("models") or {}):
+        return None
+    out = []
+    for r in payload.get("rows") or []:
+        if r.get("model") != name or r.get("kind") != "candidate":
+            continue
+        rule = rules.get(f"{name}/{r.get('rank')}")
+        if rule is None:
+            return None
+        out.append({**r, "_rule": rule})
+    return out
+
+
+def _plain(value):
+    """``value`` with NumPy and torch scalars and arrays as Python numbers and lists (what a
+    ``weights_only`` load accepts and JSON writes)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # np.ndarray, np.generic, torch.Tensor
+        return _plain(value.tolist())
+    return value

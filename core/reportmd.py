@@ -344,10 +344,53 @@ def _detection_notes(rows: list[dict]) -> list[str]:
 _DEGENERATE = {"essence": _essence_notes, "detection": _detection_notes}
 
 
+def _discovery(rep: dict) -> list[str]:
+    """Mask-free suspects: per model its headline and top candidates with their causal effects
+    (95% Wilson intervals) against the same-shape control, the verdict and, when the case has a
+    region, the IoU with it; the rule below the table."""
+    rows = [r for r in rep.get("discovery") or [] if r.get("kind") == "candidate"]
+    summary = rep.get("discovery_summary") or {}
+    models = summary.get("models") or {}
+    if not models:
+        return []
+    out = ["**Suspects found without masks** (the experts' maps grouped per class, a region per "
+           "group, tested by cause on held-out images against the same region at random places):",
+           ""]
+    iou = any("region_iou" in r for r in rows)
+    header = ["model", "rank", "class", "verdict", "necessity", "control", "sufficiency",
+              "control", "share of image"] + (["IoU with the case's region"] if iou else [])
+    table = []
+    for name in models:
+        mine = [r for r in rows if r.get("model") == name][:3]
+        for r in mine:
+            cells = [name, str(r.get("rank")), str(r.get("class")), str(r.get("verdict"))]
+            for key in ("necessity", "control_necessity", "sufficiency", "control_sufficiency"):
+                lo, hi = (r.get(f"{key}_ci") or [None, None])[:2]
+                cells.append(_ci(r.get(key), lo, hi) if lo is not None else _f(r.get(key), 2))
+            cells.append(f"{r.get('share_of_image', 0):.1%}")
+            if iou:
+                cells.append(_f(r.get("region_iou"), 2))
+            table.append(cells)
+        if not mine:
+            table.append([name, "–", "–", "no candidate"] + ["–"] * (len(header) - 4))
+    out += _table(header, table)
+    heads = "; ".join(f"{n}: {i.get('headline')} ({i.get('n_suspected', 0)} suspected of "
+                      f"{i.get('n_candidates', 0)})" for n, i in models.items())
+    alarms = summary.get("false_alarms") or {}
+    out += ["", f"Per model: {heads}."]
+    if alarms.get("models"):
+        out += [f"False alarms: {alarms.get('n_flagged', 0)} of {len(alarms['models'])} models "
+                f"other than the one under study have a suspect."]
+    if summary.get("rule"):
+        out += [f"Rule: {summary['rule']}."]
+    return out
+
+
 def markdown(rep: dict) -> str:
     """The case's results as Markdown (tables and a few sentences), every number from ``rep``
     (:meth:`CaseStudy.report`)."""
-    parts = [_data(rep), _models(rep), _experts(rep), _representations(rep), _corrections(rep),
+    parts = [_data(rep), _models(rep), _experts(rep), _discovery(rep), _representations(rep),
+             _corrections(rep),
              _summary_section(rep, "essence", "Essence and causal check"),
              _summary_section(rep, "detection", "Attacks and their detection")]
     # (no timings here: they change from run to run; bench/ measures them)

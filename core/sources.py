@@ -416,7 +416,9 @@ def _list_folder(dataset: dict, base_dir: Path) -> dict:
     return {"root": root, "layout": layout, "classes": list(classes), "files": files}
 
 
-def _mask_path(image: Path, root: Path, mask_root: Path, base: Path) -> Path:
+def _mask_path(image: Path, root: Path, mask_root: Path) -> Path | None:
+    """The mask file of ``image`` (same relative path, any image extension), or None when there is
+    none: a missing mask is an empty region on that image (what ``discover --out`` writes)."""
     rel = image.relative_to(root)
     exact = mask_root / rel
     if exact.exists() or exact.is_symlink():
@@ -425,8 +427,7 @@ def _mask_path(image: Path, root: Path, mask_root: Path, base: Path) -> Path:
         for cand in (exact.with_suffix(ext), exact.with_suffix(ext.upper())):
             if cand.exists():
                 return cand
-    raise SourceError(f"[region] no mask for image {_rel(image, base)!r}: expected "
-                      f"{_rel(exact, base)!r} (or the same name with another image extension)")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,6 +573,7 @@ def folder_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
     n = len(files)
     arrays: list[np.ndarray] = []
     masks: list[np.ndarray] | None = [] if mask_root is not None else None
+    missing_masks: list[Path] = []
     first = None
     for path_tuple in files:
         path = path_tuple[2]
@@ -589,13 +591,17 @@ def folder_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
                               f"{first[1][0]}×{first[1][1]} but {_rel(path, base_dir)!r} is "
                               f"{img.size[0]}×{img.size[1]} (W×H); set size = [H, W] to resize")
         if masks is not None:
-            mpath = _mask_path(path, root, mask_root, base_dir)
-            mimg = _decode(mpath, mask_root, base_dir, "mask")
-            if mimg.size != img.size:
-                raise SourceError(f"[region] mask {_rel(mpath, base_dir)!r} is {mimg.size[0]}×"
-                                  f"{mimg.size[1]} but its image is {img.size[0]}×{img.size[1]} "
-                                  "(W×H); masks must match their images")
-            masks.append(_mask_array(mimg, size))
+            mpath = _mask_path(path, root, mask_root)
+            if mpath is None:  # no mask file: no region on this image
+                masks.append(np.zeros(tuple(size), dtype=bool))
+                missing_masks.append(path)
+            else:
+                mimg = _decode(mpath, mask_root, base_dir, "mask")
+                if mimg.size != img.size:
+                    raise SourceError(f"[region] mask {_rel(mpath, base_dir)!r} is {mimg.size[0]}×"
+                                      f"{mimg.size[1]} but its image is {img.size[0]}×"
+                                      f"{img.size[1]} (W×H); masks must match their images")
+                masks.append(_mask_array(mimg, size))
         arrays.append(_image_array(img, size, dataset["channels"]))
     channels = dataset["channels"] or max(a.shape[-1] for a in arrays)
     x = torch.empty((n, channels, *size), dtype=torch.float32)
@@ -604,6 +610,11 @@ def folder_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
             arr = np.repeat(arr, channels, axis=-1)
         x[i] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
         arrays[i] = None
+    if masks is not None and n and len(missing_masks) == n:
+        # not one image has a mask: a wrong folder, not a region that is absent everywhere
+        raise SourceError(f"[region] no mask for any image in {_rel(mask_root, base_dir)!r}: "
+                          f"expected e.g. {_rel(mask_root / missing_masks[0].relative_to(root), base_dir)!r} "
+                          "(same relative paths as the images; a missing file = no region there)")
     mask = None if masks is None else torch.from_numpy(np.stack(masks))[:, None]
     x = _normalise(x, dataset["mean"], dataset["std"])
     y = torch.tensor([label for _, label, _ in files], dtype=torch.int64)
@@ -899,7 +910,11 @@ def source_fingerprint(dataset: dict, region: dict | None, base_dir: Path) -> st
     for _, _, path in listing["files"]:
         add(path, root)
         if mask_root is not None:
-            add(_mask_path(path, root, mask_root, base_dir), mask_root)
+            mpath = _mask_path(path, root, mask_root)
+            if mpath is None:  # no mask: an empty region, keyed as such
+                h.update(f"{_rel(path, base_dir)}|no mask\n".encode())
+            else:
+                add(mpath, mask_root)
     return h.hexdigest()
 
 

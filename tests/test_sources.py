@@ -280,10 +280,20 @@ def test_mask_of_another_size_is_named(tmp_path):
     _raises(dataset, region, tmp_path, "masks/cat/02.png", "8×8", "16×16")
 
 
-def test_missing_mask_is_named(tmp_path):
+def test_a_missing_mask_is_an_empty_region_and_no_mask_at_all_is_named(tmp_path):
+    # issue 20: discovery writes masks only where its region is, so a missing file = no region
     dataset, region = make_folder(tmp_path)
+    before = source_fingerprint(dataset, region, tmp_path)
     (tmp_path / "masks" / "dog" / "04.png").unlink()
-    _raises(dataset, region, tmp_path, "imgs/dog/04.png", "masks/dog/04.png", "no mask")
+    data = folder_data(dataset, region, tmp_path)
+    masks = torch.cat([data.train.mask, data.val.mask, data.test.mask])
+    empty = int((masks.flatten(1).sum(1) == 0).sum())
+    assert empty >= 1 and masks.any()
+    assert source_fingerprint(dataset, region, tmp_path) != before  # the key follows the change
+    # a folder that matches no image at all is a wrong folder, named in one line
+    for p in (tmp_path / "masks").rglob("*.png"):
+        p.unlink()
+    _raises(dataset, region, tmp_path, "masks/", "no mask for any image")
 
 
 def test_mask_with_another_extension_is_found(tmp_path):

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.casestudy.registry import REGISTRY
+
 REPO = Path(__file__).resolve().parents[2]
 CASES_DIR = REPO / "core" / "cases"
 MAX_CASE_BYTES = 1 << 20  # a case TOML is a few KiB: refuse anything over 1 MiB unread
@@ -110,9 +112,9 @@ MODEL_KEYS = {
     "frozen": ((bool,), None),  # the factory's model as it comes (its own weights), never trained
     "training": ((dict,), None),
 }
-# Stages computed by other modules, each validating its own section with check_config.
-DELEGATED_SECTIONS = {"representations": "core.representations", "corrections": "core.corrections",
-                      "essence": "core.essence", "detection": "core.detection"}
+# Stages computed by other modules, each validating its own section with check_config: read from
+# the registry, so a new stage is one module and one registry line.
+DELEGATED_SECTIONS = {s.name: s.delegated for s in REGISTRY if s.delegated}
 TOP_LEVEL = ("title", "description", "reference", "dataset", "region", "model", "models",
              "training", "experts", *DELEGATED_SECTIONS)
 BOUNDS = {  # (low, high) inclusive; the error says them
@@ -148,8 +150,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class CaseConfig:
-    """A case's settings, validated. Delegated sections hold what their module's check_config
-    returned (defaults filled in); ``raw_sections`` keeps them as written."""
+    """A case's settings, validated. A delegated stage's section is kept as written (its module's
+    ``check_config`` accepted it; the module fills in its defaults when it runs)."""
 
     name: str
     path: Path
@@ -162,10 +164,14 @@ class CaseConfig:
     reference: str | None
     training: dict
     experts: dict
-    representations: dict = field(default_factory=dict)
-    corrections: dict = field(default_factory=dict)
-    essence: dict = field(default_factory=dict)
-    detection: dict = field(default_factory=dict)
+    # the delegated stages' sections by stage name (``cfg.corrections`` reads ``sections["corrections"]``)
+    sections: dict = field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        # only called for names that are not fields: a delegated stage's section ({} = defaults)
+        if name in DELEGATED_SECTIONS:
+            return self.__dict__.get("sections", {}).get(name, {})
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     @property
     def base_dir(self) -> Path:
@@ -517,7 +523,7 @@ def parse_config(raw: dict, path: Path, name: str) -> CaseConfig:
         name=name, path=path.resolve(), title=raw.get("title", name),
         description=raw.get("description", ""), dataset=dataset, region=region, model=model,
         models=models, reference=reference, training=training, experts=experts,
-        **{s: _delegated(raw, s, src) for s in DELEGATED_SECTIONS})
+        sections={s: _delegated(raw, s, src) for s in DELEGATED_SECTIONS})
 
 
 # ------------------------------------------------------------------------------------ finding cases

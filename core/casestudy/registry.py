@@ -38,6 +38,8 @@ REGISTRY: tuple[Stage, ...] = (
     Stage("experts", ("data", "models"), ("core.experts", "core.influence", "core.quantities",
                                           "core.distributions", "core.metrics", "core.devices"),
           ("experts",), 3),
+    Stage("discovery", ("data", "models"), ("core.discovery_stage",), ("discovery",),
+          delegated="core.discovery_stage"),
     Stage("representations", ("data", "models", "experts"), ("core.representations",),
           ("representations",), delegated="core.representations"),
     Stage("corrections", ("data", "models", "experts"), ("core.corrections",), ("corrections",),

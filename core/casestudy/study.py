@@ -583,9 +583,7 @@ class CaseStudy:
         generated blocks carry it, so a code or config change without regenerating them is
         caught exactly, while tiny float differences between machines are not."""
         cfg = self.config
-        sections = {s: cfg.section(s) for s in ("dataset", "region", "experts",
-                                                "representations", "corrections", "essence",
-                                                "detection")}
+        sections = {s: cfg.section(s) for s in ("dataset", "region", "experts", *DELEGATED)}
         models = {n: m.plain() for n, m in cfg.models.items()}
         for m in models.values():
             if m["checkpoint"]:

@@ -68,7 +68,10 @@ DEFAULTS: dict = {
     "threshold": 0.3,       # region: map ≥ threshold × its maximum
     "fill": "local_mean",   # how necessity removes a region: "local_mean" or "blur"
     "alpha": 0.05,          # family-wise level (Bonferroni over the candidates tested)
-    "min_effect": 0.15,     # region effect minus control effect, both tests
+    "min_effect": 0.15,     # necessity: region effect minus control effect
+    "min_sufficiency": 0.10,  # sufficiency: the same margin; lower, since a pasted mark must
+                            # outvote the target image's own object (DecoyMNIST's patch: 1.00
+                            # necessity, 0.12 sufficiency, both against a 0.00 control)
     "max_share": 0.25,      # compact: mean share of the image the region covers
     "max_components": 3,    # compact: median connected pieces of a region
     "min_consistency": 0.75,  # a mark: its content varies across the group ≤ ¼ as much as the
@@ -81,7 +84,8 @@ DEFAULTS: dict = {
 _BOUNDS = {"max_fit": (8, 100000), "max_heldout": (4, 100000), "max_targets": (4, 100000),
            "max_clusters": (1, 20), "min_group": (2, 10000), "k_experts": (1, 10000),
            "resolution": (1, 1000), "threshold": (0.01, 0.99), "alpha": (1e-9, 0.5),
-           "min_effect": (0.0, 1.0), "max_share": (0.0, 1.0), "max_components": (1, 1000),
+           "min_effect": (0.0, 1.0), "min_sufficiency": (0.0, 1.0), "max_share": (0.0, 1.0),
+           "max_components": (1, 1000),
            "min_consistency": (0.0, 1.0),
            "min_test": (1, 100000), "min_tested": (1, 100000), "seed": (0, 2**31 - 1),
            "batch_size": (1, 1 << 20)}
@@ -675,8 +679,9 @@ def _effect(name: str, region: np.ndarray, control: np.ndarray) -> dict:
 
 def rule_text(cfg: dict) -> str:
     """The verdict rule in words, with its thresholds."""
-    return (f"suspected when necessity and sufficiency each exceed their same-shape random-place "
-            f"control by ≥ {cfg['min_effect']:g} with a one-sided exact McNemar p < α/m "
+    return (f"suspected when necessity and sufficiency exceed their same-shape random-place "
+            f"control by ≥ {cfg['min_effect']:g} and ≥ {cfg['min_sufficiency']:g}, each with a "
+            f"one-sided exact McNemar p < α/m "
             f"(α = {cfg['alpha']:g}, m = candidates tested, Bonferroni), each on ≥ "
             f"{cfg['min_tested']} held-out images, and the region is compact (mean share of the "
             f"image ≤ {cfg['max_share']:g}, median ≤ {cfg['max_components']} connected pieces) "
@@ -690,13 +695,13 @@ def verdict(row: dict, cfg: dict, m: int) -> tuple[str, str]:
     """("suspected" | "not suspected", reason) of one tested candidate under the rule with ``m``
     candidates tested (see :func:`rule_text`)."""
     level = cfg["alpha"] / max(m, 1)
-    eff = cfg["min_effect"]
+    effs = {"necessity": cfg["min_effect"], "sufficiency": cfg["min_sufficiency"]}
     for name in ("necessity", "sufficiency"):
         if (row.get(f"{name}_n") or 0) < cfg["min_tested"]:
             return "not suspected", (f"too few images to test {name} ({row.get(f'{name}_n') or 0}"
                                      f" < {cfg['min_tested']})")
     for name in ("necessity", "sufficiency"):
-        gain = row[name] - row[f"control_{name}"]
+        gain, eff = row[name] - row[f"control_{name}"], effs[name]
         if gain < eff:
             return "not suspected", (f"{name} {row[name]:.2f} does not beat its control "
                                      f"{row[f'control_{name}']:.2f} by {eff:g}")
@@ -804,7 +809,8 @@ def discover(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor,
     for row in raw:
         row["verdict"], row["reason"] = verdict(row, cfg, m)
         row["rule"] = out["rule"]
-        row["thresholds"] = {k: cfg[k] for k in ("alpha", "min_effect", "max_share",
+        row["thresholds"] = {k: cfg[k] for k in ("alpha", "min_effect", "min_sufficiency",
+                                                 "max_share",
                                                  "max_components", "min_consistency",
                                                  "min_tested")}
         row["alpha_corrected"] = cfg["alpha"] / max(m, 1)

@@ -337,6 +337,37 @@ def _essence_claims(rep: dict) -> list[dict]:
     return out
 
 
+def _discovery_claims(rep: dict) -> list[dict]:
+    """Per model: whether any candidate is suspected, and the top candidate's class when it is
+    (verdict claims: fragile when the top candidate's p-value is within the factor of its
+    corrected α, or one of its effects' margins over the control is within two SEs of its
+    threshold). Ranks and effects of single candidates are not claims: which region comes
+    second follows the clustering of noisy maps."""
+    out = []
+    summary = rep.get("discovery_summary") or {}
+    rows = [r for r in rep.get("discovery") or [] if r.get("kind") == "candidate"]
+    for name, info in (summary.get("models") or {}).items():
+        mine = [r for r in rows if r.get("model") == name]
+        reason = None
+        if mine:
+            top = mine[0]
+            reason = _fragile(top.get("p_value"), top.get("alpha_corrected"))
+            th = top.get("thresholds") or {}
+            for key, limit in (("necessity", th.get("min_effect")),
+                               ("sufficiency", th.get("min_sufficiency", th.get("min_effect")))):
+                n, v, c = top.get(f"{key}_n") or 0, top.get(key), top.get(f"control_{key}")
+                if limit is None or v is None or c is None or not n:
+                    continue
+                se = math.sqrt(max(v * (1 - v) + c * (1 - c), 1e-12) / n)
+                if abs(v - c - limit) <= 2 * se:
+                    reason = reason or f"its {key} margin is within 2 SE of {limit:g}"
+        suspected = bool(info.get("n_suspected"))
+        out.append(_verdict(f"discovery.{name}.any_suspected", suspected, reason))
+        if suspected and mine:
+            out.append(_verdict(f"discovery.{name}.top_class", mine[0].get("class"), reason))
+    return out
+
+
 def _detection_claims(rep: dict) -> list[dict]:
     out = []
     for r in rep.get("detection") or []:
@@ -366,7 +397,7 @@ def claims(rep: dict) -> list[dict]:
     """Every claim the report's Markdown makes (see the module docstring for the kinds), in a
     stable order; computed from ``rep`` (:meth:`CaseStudy.report`) alone."""
     parts = (_data_claims, _model_claims, _expert_claims, _representation_claims,
-             _correction_claims, _essence_claims, _detection_claims)
+             _correction_claims, _essence_claims, _detection_claims, _discovery_claims)
     return [c for part in parts for c in part(rep) if c is not None]
 
 
