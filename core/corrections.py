@@ -9,7 +9,11 @@ method                      what it does                                        
 ==========================  =======================================================  =========
 ``suppression``             damp the shortcut experts of one layer: scale the next    no
                             layer's incoming weights of the chosen units by ``d``
-                            (exactly the unit's activation × d). Experts are found
+                            (exactly the unit's activation × d) in a plain conv /
+                            dense chain; any other layer (a residual block, a
+                            nested one, BatchNorm after it) is wrapped in a
+                            :class:`UnitScale` that multiplies those output
+                            channels by ``d``. Experts are found
                             mask-free: class experts (distributional influence)
                             whose interpretation puts its positive attribution on
                             the image border (outside the central 20×20 box where
@@ -47,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .devices import eval_mode
 from .distributions import PointDoI
 from .experts import experts as rank_experts
 from .experts import interpret
@@ -180,14 +185,16 @@ def _subset(split, n_fit: int | None, seed: int = 0):
 # The region prior and mask-free shortcut experts
 
 
-def border_region(size: int = 28, width: int = 4) -> Tensor:
-    """Bool (size, size): the frame of ``width`` pixels around the image.
+def border_region(size: int | Sequence[int] = 28, width: int = 4) -> Tensor:
+    """Bool (size, size), or (H, W) for ``size=(H, W)``: the frame of ``width`` pixels around
+    the image.
 
     MNIST digits are size-normalised into a 20×20 box and centred in the 28×28 image, so the
     4-pixel frame holds (almost) no digit ink: a prior on where an artifact may hide that needs no
     per-image annotation.
     """
-    r = torch.zeros(size, size, dtype=torch.bool)
+    h, w = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    r = torch.zeros(h, w, dtype=torch.bool)
     if width > 0:
         r[:width] = True
         r[-width:] = True
@@ -245,7 +252,7 @@ def find_shortcut_units(model: nn.Module, x: Tensor, y: Tensor, layer: str, *,
             d["influence"] = max(d["influence"], float(e.score))
     images, _ = _per_class(x, y, n_images)
     images = images.to(dev)
-    region = border_region(images.shape[-1], border)
+    region = border_region(tuple(images.shape[-2:]), border)
     for d in found.values():
         maps = interpret(model, images, layer, d["unit"], resolution=resolution)
         mass = region_mass(maps.detach().sum(1, keepdim=True), region)
@@ -275,28 +282,73 @@ def _next_consumer(model: nn.Module, layer: str) -> tuple[str, nn.Module]:
     raise ValueError(f"layer {layer!r} has no parametrised layer after it to fold the scale into")
 
 
-def suppress(model: nn.Module, layer: str, units: Sequence[int], damping: float = 0.0
-             ) -> nn.Module:
-    """A copy of ``model`` where ``layer``'s ``units`` act with their activation × ``damping``.
+class UnitScale(nn.Module):
+    """Wraps a layer; multiplies the chosen units of its output by ``damping``.
 
-    Implemented by scaling the next layer's incoming weights of those units (a conv's input
-    channels, or a dense layer's columns; for conv → dense through a flatten, the columns of the
-    unit's spatial block). Because ReLU and max-pooling commute with a scale d ≥ 0, the network
-    computes exactly what it would with the units' outputs multiplied by d; every other unit of
-    ``layer`` and every other weight is unchanged. The copy is an ordinary model of the same
-    architecture (its state dict loads into it).
+    A unit is a channel (dim 1) of the output, as for the experts (a conv map's channel, a flat
+    layer's neuron). The wrapped layer is kept as ``self.layer`` with its parameters untouched;
+    ``units`` and ``damping`` are buffers, so the wrapper survives ``state_dict`` and deepcopy.
+    The product is taken out of place, so an in-place activation after the layer (or inside it)
+    does not disturb autograd. Returns the scaled output from ``forward``.
     """
-    if damping < 0:
-        raise ValueError(f"damping must be ≥ 0 (ReLU commutes only with non-negative scales), "
-                         f"got {damping}")
-    out = _copy(model)
-    src = get_layer(out, layer)
-    n_units = src.out_channels if isinstance(src, nn.Conv2d) else src.out_features
-    units = [int(u) for u in units]
-    bad = [u for u in units if not 0 <= u < n_units]
-    if bad:
-        raise ValueError(f"units {bad} out of range for layer {layer!r} with {n_units} units")
-    _, nxt = _next_consumer(out, layer)
+
+    def __init__(self, layer: nn.Module, units: Sequence[int], damping: float):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("units", torch.tensor([int(u) for u in units], dtype=torch.long))
+        self.register_buffer("damping", torch.tensor(float(damping)))
+
+    def forward(self, *args, **kwargs):
+        a = self.layer(*args, **kwargs)
+        if not isinstance(a, Tensor) or a.dim() < 2:
+            raise ValueError(f"suppression needs a layer whose output is a (N, units, …) tensor, "
+                             f"got {type(a).__name__}")
+        n = a.shape[1]
+        if self.units.numel() and int(self.units.max()) >= n:
+            bad = [int(u) for u in self.units if int(u) >= n]
+            raise ValueError(f"units {bad} out of range for a layer with {n} units")
+        scale = torch.ones(n, dtype=a.dtype, device=a.device)
+        scale[self.units.to(a.device)] = self.damping.to(device=a.device, dtype=a.dtype)
+        return a * scale.view(1, n, *([1] * (a.dim() - 2)))
+
+
+def _n_units_of(module: nn.Module) -> int | None:
+    """A layer's unit count when its type says it (conv / dense / batch norm), else None."""
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return int(module.out_channels)
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+        return int(module.num_features)
+    return None
+
+
+def _fold_plan(model: nn.Module, layer: str) -> tuple[nn.Module, int] | str:
+    """(next layer, unit count) when a unit scale of ``layer`` folds exactly into the next layer's
+    weights (a top-level Conv2d / Linear followed, through ReLU / max-pool / flatten only, by an
+    ungrouped Conv2d reading all its channels or a Linear reading them in equal blocks); else the
+    reason it does not (then the scale is applied to the layer's output, :class:`UnitScale`)."""
+    src = get_layer(model, layer)
+    if not isinstance(src, nn.Conv2d | nn.Linear):
+        return f"{layer!r} is a {type(src).__name__}, not a Conv2d or Linear"
+    n_units = _n_units_of(src)
+    try:
+        _, nxt = _next_consumer(model, layer)
+    except ValueError as exc:
+        return str(exc)
+    if isinstance(nxt, nn.Conv2d):
+        if nxt.groups != 1 or nxt.in_channels != n_units:
+            return f"the next conv reads {nxt.in_channels} channels in {nxt.groups} group(s)"
+    elif isinstance(src, nn.Conv2d):
+        if nxt.in_features % n_units:
+            return f"the next dense layer's {nxt.in_features} inputs are not {n_units} blocks"
+    elif nxt.in_features != n_units:
+        return f"the next dense layer reads {nxt.in_features} inputs, not {n_units}"
+    return nxt, n_units
+
+
+def _fold(nxt: nn.Module, src: nn.Module, n_units: int, units: list[int], damping: float) -> None:
+    """Scale ``nxt``'s incoming weights of ``units`` by ``damping`` in place."""
     with torch.no_grad():
         w = nxt.weight
         if isinstance(nxt, nn.Conv2d):
@@ -307,7 +359,77 @@ def suppress(model: nn.Module, layer: str, units: Sequence[int], damping: float 
                 w[:, u * per:(u + 1) * per] *= damping
         else:
             w[:, units] *= damping
+
+
+def _scaled(model: nn.Module, layer: str, units: list[int], damping: float) -> nn.Module:
+    """A copy of ``model`` whose ``layer`` is wrapped in a :class:`UnitScale`."""
+    out = _copy(model)
+    inner = get_layer(out, layer)
+    _set_submodule(out, layer, UnitScale(inner, units, damping).to(model_device(out)))
+    return out.eval()
+
+
+def _agree(a: nn.Module, b: nn.Module, probe: Tensor) -> bool:
+    """Whether two models give the same logits on ``probe`` (to 1e-4 of their scale)."""
+    with torch.no_grad():
+        la = a(probe.to(model_device(a)))
+        lb = b(probe.to(model_device(b)))
+    if not (isinstance(la, Tensor) and isinstance(lb, Tensor)) or la.shape != lb.shape:
+        return False
+    tol = 1e-4 * (1.0 + float(la.abs().max())) if la.numel() else 0.0
+    return bool(torch.allclose(la, lb, rtol=0.0, atol=tol))
+
+
+def suppress(model: nn.Module, layer: str, units: Sequence[int], damping: float = 0.0, *,
+             probe: Tensor | None = None) -> nn.Module:
+    """A copy of ``model`` where ``layer``'s ``units`` act with their activation × ``damping``.
+
+    Returns the copy; ``model`` is not mutated. Two ways, same function:
+
+    * **folded** (a plain chain, DecoyCNN): the next layer's incoming weights of those units are
+      scaled (a conv's input channels, or a dense layer's columns; for conv → dense through a
+      flatten, the columns of the unit's spatial block). Because ReLU and max-pooling commute
+      with a scale d ≥ 0, the network computes exactly what it would with the units' outputs
+      multiplied by d; every other weight is unchanged and the copy is the same architecture.
+    * **output scale** (anything else: a residual block, a nested layer, BatchNorm or a grouped
+      conv after it, no next layer): ``layer`` is wrapped in a :class:`UnitScale` that multiplies
+      those output channels by d (its state dict has the wrapper's ``units`` and ``damping``
+      buffers; :func:`build_corrected` rebuilds it from the record's spec).
+
+    With ``probe`` (a few inputs) the fold is checked against the output scale and dropped for it
+    when they disagree (a forward that does not follow the children's order, e.g. a skip).
+    """
+    if damping < 0:
+        raise ValueError(f"damping must be ≥ 0 (ReLU commutes only with non-negative scales), "
+                         f"got {damping}")
+    units = [int(u) for u in units]
+    n_units = _n_units_of(get_layer(model, layer))
+    if n_units is not None:
+        bad = [u for u in units if not 0 <= u < n_units]
+        if bad:
+            raise ValueError(f"units {bad} out of range for layer {layer!r} with {n_units} units")
+    elif any(u < 0 for u in units):
+        raise ValueError(f"units {[u for u in units if u < 0]} out of range for layer {layer!r}")
+    plan = _fold_plan(model, layer)
+    if isinstance(plan, str):
+        return _scaled(model, layer, units, damping)
+    out = _copy(model)
+    _fold(get_layer(out, _next_consumer(out, layer)[0]), get_layer(out, layer), plan[1], units,
+          damping)
+    if probe is not None and not _agree(out, _scaled(model, layer, units, damping), probe):
+        return _scaled(model, layer, units, damping)
     return out
+
+
+def _suppression_spec(corrected: nn.Module, layer: str, units: Sequence[int], damping: float
+                      ) -> dict | None:
+    """How :func:`suppress` built ``corrected``, for :func:`build_corrected`: None when folded
+    into the weights (the same architecture), else ``{"wrap": "scale", "layer", "units",
+    "damping"}``."""
+    if isinstance(get_layer(corrected, layer), UnitScale):
+        return {"wrap": "scale", "layer": layer, "units": [int(u) for u in units],
+                "damping": float(damping)}
+    return None
 
 
 def correct_suppression(model: nn.Module, data, *, layers=("conv1", "conv2", "fc1"),
@@ -316,9 +438,12 @@ def correct_suppression(model: nn.Module, data, *, layers=("conv1", "conv2", "fc
                         n_fit: int | None = None, seed: int = 0,
                         progress: Callable[[str], None] | None = None, **_) -> Correction:
     """Find border-shortcut experts per layer (mask-free), damp the top n, pick (layer, n, d) on
-    the validation split."""
+    the validation split. Returns the :class:`Correction`; its record's ``spec`` is None when the
+    damping was folded into the next layer's weights, else the :class:`UnitScale` wrapper's
+    (``applied`` says "output scale" then)."""
     t0 = time.perf_counter()
     x, _xc, _m, y = _subset(data.train, n_fit, seed)
+    probe = x[:16]  # checks a fold against the output scale (a forward the children don't tell)
     grid, ranked = [], {}
     for layer in layers:
         if progress:
@@ -331,18 +456,21 @@ def correct_suppression(model: nn.Module, data, *, layers=("conv1", "conv2", "fc
             if len(units) < n:
                 continue
             for d in damping:
-                m = suppress(model, layer, units, d)
+                m = suppress(model, layer, units, d, probe=probe)
                 grid.append({"layer": layer, "n_units": n, "damping": float(d), "units": units,
                              "val_acc": _val_acc(m, data)})
     if not grid:
         raise ValueError("suppression: no candidate experts found")
     best = grid[_pick(grid)]
-    corrected = suppress(model, best["layer"], best["units"], best["damping"])
+    corrected = suppress(model, best["layer"], best["units"], best["damping"], probe=probe)
+    spec = _suppression_spec(corrected, best["layer"], best["units"], best["damping"])
     record = {"strength": best["damping"], "strength_name": "damping", "layer": best["layer"],
               "units": best["units"], "n_units": best["n_units"], "grid": grid,
               "candidates": {k: [{kk: (vv if not isinstance(vv, float) else round(vv, 6))
                                   for kk, vv in d.items()} for d in v] for k, v in ranked.items()},
-              "seconds": time.perf_counter() - t0, "spec": None}
+              "seconds": time.perf_counter() - t0, "spec": spec}
+    if spec is not None:
+        record["applied"] = "output scale"
     return Correction("suppression", corrected, record)
 
 
@@ -544,7 +672,7 @@ def shortcut_region(model: nn.Module, x: Tensor, y: Tensor, *, border: int = 4,
     """
     dev = model_device(model)
     attr = _ig_maps(model, x.to(dev), y.to(dev), resolution).clamp_min(0).mean(0)  # (H, W)
-    frame = border_region(attr.shape[-1], border).to(attr.device)
+    frame = border_region(tuple(attr.shape[-2:]), border).to(attr.device)
     centre = attr[~frame].mean()
     region = frame & (attr > threshold * centre) if threshold > 0 else frame
     info = {"border": border, "threshold": threshold, "n_pixels": int(region.sum()),
@@ -706,9 +834,10 @@ def correct(method: str, model: nn.Module, data, **options) -> Correction:
 def build_corrected(name: str, vanilla_model: nn.Module, record: dict | None) -> nn.Module:
     """An empty-shell model for correction ``name``, ready for ``load_state_dict``.
 
-    Corrections that change only weights (suppression, rrr, influence_penalty, counterexamples)
-    are the vanilla architecture; P-ClArC wraps its layer in a :class:`ConceptProjection` (its
-    ``v`` and ``z_bar`` come from the state dict).
+    Corrections that change only weights (suppression folded into the next layer, rrr,
+    influence_penalty, counterexamples) are the vanilla architecture; P-ClArC wraps its layer in
+    a :class:`ConceptProjection` (its ``v`` and ``z_bar`` come from the state dict), suppression
+    that could not be folded in a :class:`UnitScale` (spec ``{"wrap": "scale", ...}``).
     """
     model = copy.deepcopy(vanilla_model)
     spec = (record or {}).get("spec")
@@ -717,6 +846,10 @@ def build_corrected(name: str, vanilla_model: nn.Module, record: dict | None) ->
         dim = int(spec["dim"])
         _set_submodule(model, spec["layer"],
                        ConceptProjection(inner, torch.ones(dim), torch.zeros(dim)))
+    elif spec and spec.get("wrap") == "scale":
+        inner = get_layer(model, spec["layer"])
+        _set_submodule(model, spec["layer"],
+                       UnitScale(inner, spec["units"], spec["damping"]).to(model_device(model)))
     elif spec:
         raise ValueError(f"correction {name!r}: unknown model spec {spec!r}")
     return model
@@ -880,18 +1013,63 @@ def check_config(section: dict, where: str = "config") -> dict:
     return out
 
 
-def _after_activation(study, layers: list[str]) -> list[str]:
-    """The activation module right after each layer (where P-ClArC projects), else the layer."""
+def _could_not_run(method: str, exc: BaseException, seed: int) -> dict:
+    """The ``skipped`` entry of a method that raised: ``{"method", "reason": "could not run:
+    <Type>: <first line>", "error": <Type>, "seed"}``."""
+    first = (str(exc).strip().splitlines() or [""])[0].strip()
+    name = type(exc).__name__
+    return {"method": method, "reason": f"could not run: {name}: {first}" if first else
+            f"could not run: {name}", "error": name, "seed": seed}
+
+
+def _activation_pairs(study, layers: list[str]) -> list[tuple[str, str]]:
+    """(layer, where P-ClArC projects) per layer: the activation module listed right after the
+    layer in the model's facts, else the layer itself."""
     facts = study.model_facts() if hasattr(study, "model_facts") else None
     if not facts:
-        return list(layers)
+        return [(layer, layer) for layer in layers]
     names, kinds = facts["layers"], facts["kinds"]
     acts = ("ReLU", "PReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh")
     out = []
     for layer in layers:
         i = names.index(layer) if layer in names else -1
         nxt = names[i + 1] if 0 <= i < len(names) - 1 else None
-        out.append(nxt if nxt is not None and kinds.get(nxt) in acts else layer)
+        out.append((layer, nxt if nxt is not None and kinds.get(nxt) in acts else layer))
+    return out
+
+
+def _after_activation(study, layers: list[str]) -> list[str]:
+    """The activation module right after each layer (where P-ClArC projects), else the layer."""
+    return list(dict.fromkeys(act for _layer, act in _activation_pairs(study, layers)))
+
+
+def _feeds(model: nn.Module, layer: str, act: str, x1: Tensor) -> bool:
+    """Whether module ``act`` runs once per forward, on exactly ``layer``'s output (which runs
+    once too). The module listed after a layer need not be what reads it: a residual block's
+    ReLU is one module called twice, once on the sum with the skip. Hooks removed on return."""
+    seen: dict = {"layer": [], "act": []}
+    handles = [get_layer(model, layer).register_forward_hook(
+        lambda _m, _a, o: seen["layer"].append(o)),
+        get_layer(model, act).register_forward_pre_hook(
+        lambda _m, a: seen["act"].append(a[0] if a else None))]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x1.to(model_device(model)))
+    except Exception:  # noqa: BLE001 — unverifiable: project at the layer itself
+        return False
+    finally:
+        for h in handles:
+            h.remove()
+    return (len(seen["layer"]) == 1 and len(seen["act"]) == 1
+            and seen["act"][0] is seen["layer"][0])
+
+
+def _checked_activations(model: nn.Module, pairs: list[tuple[str, str]], x1: Tensor
+                         ) -> list[str]:
+    """P-ClArC's layers: each pair's activation when :func:`_feeds` confirms it reads the layer,
+    else the layer itself (deduplicated, in order)."""
+    out = [act if act == layer or _feeds(model, layer, act, x1) else layer
+           for layer, act in pairs]
     return list(dict.fromkeys(out))
 
 
@@ -926,7 +1104,9 @@ def build_stage(study, progress=None) -> dict:
                   ["conv1", "conv2", "fc1"])
     if cfg["suppression"]["layers"] is None:
         cfg["suppression"]["layers"] = layers
+    pclarc_pairs = None
     if cfg["pclarc"]["layers"] is None:
+        pclarc_pairs = _activation_pairs(study, layers)
         cfg["pclarc"]["layers"] = _after_activation(study, layers)
     skipped = []
     if data.train.mask is None:
@@ -956,6 +1136,10 @@ def build_stage(study, progress=None) -> dict:
     for seed in range(n_seeds):
         report(f"seed {seed}: measuring {' and '.join(names)}")
         nets = {n: (study.model(n, seed=seed) if seed else study.model(n)) for n in names}
+        if seed == 0 and pclarc_pairs is not None and data.train.n:
+            # the listed activation must be what reads the layer (not a shared residual ReLU)
+            cfg["pclarc"]["layers"] = _checked_activations(nets[subject], pclarc_pairs,
+                                                           data.train.x[:1])
         ref = {n: measure(m, data, n_explain=cfg["n_explain"],
                           resolution=cfg["explain_resolution"]) for n, m in nets.items()}
         head_split = data.evaluation_sets[headline] if hasattr(data, "evaluation_sets") \
@@ -970,22 +1154,22 @@ def build_stage(study, progress=None) -> dict:
             wall, cpu = time.perf_counter(), time.process_time()
             try:
                 corr = correct(method, nets[subject], data, seed=seed, progress=report, **opts)
-            except (ValueError, RuntimeError, NotImplementedError) as exc:
-                # a method this case's model cannot take (e.g. suppression through a layer it
-                # cannot fold a scale into): skipped, with the reason, for every seed
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                skipped.append({"method": method, "reason": f"{type(exc).__name__}: {first}"})
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                meas = measure(corr.model, data, n_explain=cfg["n_explain"],
+                               resolution=cfg["explain_resolution"])
+                method_correct = correct_on(corr.model, head_split)
+            except Exception as exc:  # noqa: BLE001 — every method fails alone
+                # a method this case's model cannot take: one "could not run" entry with the
+                # reason, the method dropped for every seed, the stage goes on with the others
+                skipped.append(_could_not_run(method, exc, seed))
                 methods.remove(method)
                 for earlier in per_seed:
                     earlier["methods"].pop(method, None)
+                    earlier["correct"].pop(method, None)
                 records.pop(method, None)
                 models.pop(method, None)
                 total -= n_seeds
                 continue
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            meas = measure(corr.model, data, n_explain=cfg["n_explain"],
-                           resolution=cfg["explain_resolution"])
-            method_correct = correct_on(corr.model, head_split)
             out["correct"][method] = method_correct  # per image, for the best-vs-runner-up test
             paired = paired_difference(method_correct, subject_correct)
             out["methods"][method] = {**meas, "seconds": wall, "cpu_seconds": cpu,
@@ -1112,6 +1296,7 @@ __all__ = [
     "RECORDS",
     "STAGE_VERSION",
     "USES_MASK",
+    "UnitScale",
     "anchors_for",
     "border_region",
     "build_corrected",
