@@ -93,7 +93,7 @@ def test_the_stage_is_in_the_report_and_the_chapter_draws(small_study, tmp_path,
     assert rep["discovery"] and rep["discovery_summary"]["subject"] == study.subject
     head = rep["discovery_summary"]["models"][study.subject]["headline"]
     shown = [i.value for i in list(at.success) + list(at.info)]
-    assert any(head in (v or "") for v in shown), (head, shown, [w.value for w in at.warning], [m.value[:80] for m in at.markdown])
+    assert any(head in (v or "") for v in shown), (head, shown, [w.value for w in at.warning])
     assert any("The rule:" in c.value for c in at.caption)
     for fn in (ui._report, ui._status, ui._artifact, ui._facts):
         fn.clear()
@@ -116,3 +116,19 @@ def test_decoy_mnist_patch_found_without_masks_and_the_twins_stay_clean(tmp_path
     summary = rep["discovery_summary"]
     assert summary["false_alarms"]["n_flagged"] == 0
     assert summary["models"]["vanilla"]["n_suspected"] >= 1
+
+
+def test_faces_watermark_found_and_the_reference_clean(tmp_path):
+    """The second built-in case: the watermark is found on the watermarked fine-tune (suspected,
+    median IoU >= 0.5 with the case's watermark masks, used only to score); neither the clean
+    fine-tune nor the pretrained network has a suspect."""
+    study = CaseStudy.open("faces", cache_dir=tmp_path / "cache", device="cpu")
+    study.build(stages=["data", "models", "discovery"])
+    rep = study.report()
+    rows = [r for r in rep["discovery"] if r.get("kind") == "candidate"]
+    subject = rep["subject"]
+    top3 = [r for r in rows if r["model"] == subject][:3]
+    assert any(r["verdict"] == "suspected" and (r.get("region_iou") or 0) >= 0.5 for r in top3), \
+        [(r["class"], r["verdict"], r.get("region_iou"), r["reason"]) for r in top3]
+    flagged = [r for r in rows if r["model"] != subject and r["verdict"] == "suspected"]
+    assert not flagged, [(r["model"], r["class"], r["reason"]) for r in flagged]

@@ -21,11 +21,13 @@ For the model under study and each class c (DESIGN §10, issue 20):
    to a random place (same size, same shape). *Necessity*: the region is removed (filled with the
    mean of a 2-pixel ring around it, per channel: ``fill = "local_mean"``; or a blurred copy:
    ``"blur"``) on the held-out images the model predicts as c: the share that lose c.
-   *Sufficiency*: the region's content is pasted onto held-out images of other classes (label
-   and prediction not c): the share that become c. Both are paired (region vs control on the same
+   *Sufficiency*: the region's content is pasted onto test images of other classes (label
+   and prediction not c; topped up with such training images when the test split has too few):
+   the share that become c. Both are paired (region vs control on the same
    images): one-sided exact McNemar tests; shares with Wilson intervals.
 5. **Verdict** "suspected" when, with α Bonferroni-corrected over the candidates tested, both
-   effects beat their control by at least ``min_effect`` at p < α / m, and the region is compact
+   effects beat their control at p < α / m, necessity by at least ``min_effect`` and sufficiency
+   by at least ``min_sufficiency``, and the region is compact
    (mean share of the image ≤ ``max_share``, median ≤ ``max_components`` connected pieces);
    otherwise "not suspected" with the first condition that failed. The rule and thresholds are in
    every row. Candidates are ranked by evidence (suspected first, then the smaller of the two
@@ -890,10 +892,16 @@ def _class_candidates(model, c, name, train_x, train_y, pred_train, test_x, test
         for g in range(k):
             if (labels == g).sum() >= cfg["min_group"]:
                 groups.append((f"cluster {g + 1} of {k}", labels == g, assign == g))
-    # other classes' held-out images for sufficiency: test images, label and prediction not c
+    # other classes' images for sufficiency: test images whose label and prediction are not c,
+    # topped up with such training images when the test split has too few (a model that gives
+    # almost every test image the class leaves few to paste onto)
     tgt = np.flatnonzero((test_y.numpy() != c) & (pred_test.numpy() != c))
     tgt = _take(tgt, cfg["max_targets"], rng)
     x_tgt = test_x[torch.as_tensor(tgt, dtype=torch.long)]
+    if len(tgt) < cfg["max_targets"]:
+        more = np.flatnonzero((train_y.numpy() != c) & (pred_train.numpy() != c))
+        more = _take(more, cfg["max_targets"] - len(tgt), rng)
+        x_tgt = torch.cat([x_tgt, train_x[torch.as_tensor(more, dtype=torch.long)]])
     x_ref = train_x[torch.as_tensor(_take(np.arange(len(train_x)), 512, rng))]
     found = []
     for gname, in_fit, in_held in groups:
