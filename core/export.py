@@ -172,7 +172,45 @@ def _figures(study, rep: dict, scale: int) -> list[str]:
                                 f"Model {model}: the images (top row), then one row per method "
                                 f"({', '.join(labels)}), each map scaled by its largest "
                                 "magnitude; red positive, blue negative."))
+    figs += _suspect_figures(study, rep, scale)
     return figs
+
+
+def _outline(image: np.ndarray, mask: np.ndarray, scale: int) -> np.ndarray:
+    """``_rgb`` with the region's boundary (its pixels next to one outside it) drawn in red."""
+    out = _rgb(np.asarray(image, dtype=np.float64) / 255, scale)
+    m = np.asarray(mask, bool).repeat(scale, 0).repeat(scale, 1)
+    pad = np.pad(m, 1, constant_values=False)
+    inner = pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+    out[m & ~inner] = (230, 40, 40)
+    return out
+
+
+def _suspect_figures(study, rep: dict, scale: int) -> list[str]:
+    """The model under study's top discovery candidate: its held-out images with the region
+    outlined, one row per predicted class (empty when discovery is not built)."""
+    summary = rep.get("discovery_summary") or {}
+    subject = summary.get("subject")
+    top = [r for r in rep.get("discovery") or [] if r.get("model") == subject
+           and r.get("kind") == "candidate"][:1]
+    payload = study.artifact("discovery") if top else None
+    if not payload:
+        return []
+    row = top[0]
+    g = (payload.get("gallery") or {}).get(f"{subject}/{row['rank']}") or {}
+    preds = list(g.get("pred") or [])
+    if not preds:
+        return []
+    classes = (rep.get("case_facts") or {}).get("classes") or []
+    by_pred: dict[int, list[np.ndarray]] = {}
+    for i, p in enumerate(preds):
+        by_pred.setdefault(int(p), []).append(_outline(np.asarray(g["image"][i]),
+                                                       np.asarray(g["mask"][i]), scale))
+    names = ", ".join(str(classes[p]) if p < len(classes) else str(p) for p in by_pred)
+    return [_figure(_grid([v[:8] for v in by_pred.values()]), f"suspect {row['rank']} of {subject}",
+                    f"Model {subject}, discovery's top candidate (class {row.get('class')}, "
+                    f"{row.get('verdict')}): held-out images with the region outlined in red, one "
+                    f"row per predicted class ({names}).")]
 
 
 def html_report(study, *, scale: int | None = None) -> str:
