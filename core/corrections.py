@@ -1078,7 +1078,9 @@ def build_stage(study, progress=None) -> dict:
 
     Needs a region: without one there is no shortcut to correct and the stage returns no rows
     (``skipped`` says why). Methods that need what the case lacks (the per-image masks, or
-    region-free twins for P-ClArC) are skipped with the reason. Per seed s (``corrections.seeds``,
+    region-free twins for P-ClArC) are skipped with the reason; a method that raises (on any
+    seed) is dropped with one ``skipped`` entry "could not run: <error>: <its first line>" and
+    the stage goes on with the others. Per seed s (``corrections.seeds``,
     else ``study.seeds``, else 1): the seed-s subject and reference models, each correction tuned
     on the validation split and measured on every evaluation set (:func:`measure`). The corrected
     models of seed 0 are kept (``payload["models"]``). Rows carry the mean over seeds (``*_sd``

@@ -347,3 +347,13 @@ def test_pclarc_runs_on_resnet18_layer3(resnet, data):
     shell.load_state_dict(corr.model.state_dict())
     x = data.test.x[:4]
     assert torch.allclose(_logits(shell, x), _logits(corr.model, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", ["features.5", "features.9.block.0", "classifier.0"])
+def test_mobilenet_v3_small_blocks_and_a_nested_head(layer):
+    set_seed(0)
+    net = torchvision.models.mobilenet_v3_small(num_classes=2).eval()
+    units, x = [0, 3], torch.rand(3, 3, SIZE, SIZE)
+    sup = C.suppress(net, layer, units, 0.0, probe=x)
+    assert isinstance(sup.get_submodule(layer), C.UnitScale)
+    assert torch.allclose(_logits(sup, x), _reference(net, layer, units, 0.0, x), atol=1e-5)
