@@ -355,6 +355,7 @@ def _build(args, study, stages: list[str] | None) -> int:
 
 def _list(args, CaseStudy, CaseError, list_cases) -> int:
     from core.cache import Cache
+    from core.casestudy.facts import FactsNotCached, no_user_code
 
     cache = Cache(args.cache)
     names = list_cases()
@@ -362,8 +363,11 @@ def _list(args, CaseStudy, CaseError, list_cases) -> int:
     print(f"{'case':{width}}  stages built")
     for name in names:
         try:
-            status = CaseStudy.open(name, cache_dir=args.cache, device="cpu").status()
+            with no_user_code():  # listing reads TOML and cached facts: no case's code runs
+                status = CaseStudy.open(name, cache_dir=args.cache, device="cpu").status()
             marks = "  ".join(f"{k} {'✓' if v else '–'}" for k, v in status.items())
+        except FactsNotCached:
+            marks = "not built (its model facts are not cached yet)"
         except CaseError as exc:
             marks = f"invalid: {exc}"
         print(f"{name:{width}}  {marks}")

@@ -375,9 +375,6 @@ def test_under_no_user_code_open_reads_cached_facts_and_never_runs_the_factory(t
     assert status["data"] and not status["models"] and not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="core/__main__.py's _list must open each case under "
-                   "core.casestudy.facts.no_user_code() and show FactsNotCached as 'not built' "
-                   "(issue 23 item 7; __main__.py is not this change's file)")
 def test_python_m_core_list_runs_no_factory(tmp_path):
     import subprocess
 

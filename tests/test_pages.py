@@ -434,7 +434,8 @@ def user_app(user_cases, casebook_cache, monkeypatch):
 
 
 CHAPTERS = ["chapters/case_study.py", "chapters/influence.py", "chapters/representations.py",
-            "chapters/corrections.py", "chapters/essence.py", "chapters/detection.py", "chapters/method.py"]
+            "chapters/corrections.py", "chapters/essence.py", "chapters/detection.py", "chapters/method.py",
+            "chapters/suspects.py"]
 
 
 def test_user_case_is_listed_and_its_models_are_offered(user_app):

@@ -33,7 +33,7 @@ TIMEOUT = 300
 NAME = "faces-small"
 CHAPTERS = ["chapters/case_study.py", "chapters/influence.py", "chapters/one_image.py",
             "chapters/representations.py", "chapters/corrections.py", "chapters/essence.py",
-            "chapters/detection.py", "chapters/method.py"]
+            "chapters/detection.py", "chapters/method.py", "chapters/suspects.py"]
 # Chapters whose results are built here, so they must draw pictures of the case's images.
 DRAWS_IMAGES = {"chapters/case_study.py", "chapters/influence.py", "chapters/one_image.py",
                 "chapters/representations.py"}
