@@ -296,6 +296,35 @@ def model_warnings(study=None) -> list[dict]:
     return found
 
 
+def draw_findings(study=None) -> dict | None:
+    """Draw the study's findings (``core.report.findings``) in a bordered box: one bullet per
+    finding with a link to the chapter that shows it, then what the study cannot tell; return
+    them (None when the report cannot be read)."""
+    from urllib.parse import urlencode
+
+    from core.report.findings import findings
+
+    try:
+        found = findings(report(study))
+    except Exception:  # noqa: BLE001 — the chapters below say what is missing or broken
+        return None
+    if not found["items"] and not found["cannot_tell"]:
+        return found
+    with st.container(border=True):
+        st.markdown("**Findings**")
+        lines = []
+        for item in found["items"]:
+            link = item.get("link") or {}
+            url = f"{link.get('page', '')}?{urlencode(link.get('params') or {})}"
+            lines.append(f"- {plain(item['text'], limit=1200)} [→ open]({url})")
+        if lines:
+            st.markdown("\n".join(lines))
+        if found["cannot_tell"]:
+            st.caption("What this study cannot tell: " + " ".join(
+                plain(t, limit=600) for t in found["cannot_tell"]))
+    return found
+
+
 def discovery_headline(study=None) -> str | None:
     """What the discovery stage found without masks, in one Markdown line for a chapter's top:
     the model under study's headline, its counts, and the controls flagged (the false-alarm rate);

@@ -20,6 +20,7 @@ facts = ui.facts(study)
 title = facts.get("title") or getattr(study.config, "title", None) or study.config.name
 st.title(title)
 ui.model_warnings(study)  # a model at chance is said before anything is read
+ui.draw_findings(study)  # what the study found, each with a link to the chapter that shows it
 
 classes = facts.get("classes") or []
 region = facts.get("region")

@@ -176,6 +176,25 @@ def _figures(study, rep: dict, scale: int) -> list[str]:
     return figs
 
 
+def _findings_html(rep: dict) -> list[str]:
+    """The findings box (``core.report.findings``): one item per finding, then what the study
+    cannot tell; every text escaped. Empty when there is nothing to say."""
+    from core.report.findings import findings
+
+    found = findings(rep)
+    if not found["items"] and not found["cannot_tell"]:
+        return []
+    out = ["<section id='findings'><h2>Findings</h2><ul>"]
+    out += [f"<li>{html.escape(i['text'])} <a href='#results'>(results)</a></li>"
+            for i in found["items"]]
+    out.append("</ul>")
+    if found["cannot_tell"]:
+        out.append("<p><strong>What this study cannot tell:</strong> "
+                   + " ".join(html.escape(t) for t in found["cannot_tell"]) + "</p>")
+    out.append("</section>")
+    return out
+
+
 def _outline(image: np.ndarray, mask: np.ndarray, scale: int) -> np.ndarray:
     """``_rgb`` with the region's boundary (its pixels next to one outside it) drawn in red."""
     out = _rgb(np.asarray(image, dtype=np.float64) / 255, scale)
@@ -233,8 +252,9 @@ def html_report(study, *, scale: int | None = None) -> str:
         + "</table>"
     body = [f"<h1>{html.escape(rep.get('title') or rep.get('case', ''))}</h1>",
             f"<p>{html.escape(rep.get('description') or '')}</p>",
-            "<h2>Results</h2>", _md_to_html(markdown(rep)),
-            "<h2>Figures</h2>", *_figures(study, rep, scale),
+            *_findings_html(rep),
+            "<h2 id='results'>Results</h2>", _md_to_html(markdown(rep)),
+            "<h2 id='figures'>Figures</h2>", *_figures(study, rep, scale),
             "<h2>Provenance</h2>", prov_html,
             "<p class='prov'>Influence Casebook: influence-directed explanations (Leino et al., "
             "ITC 2018). Every number above was computed by the pipeline; none was typed.</p>"]

@@ -62,3 +62,14 @@ def test_without_a_reference_the_rule_says_its_false_alarm_check_is_gone():
     assert out["experts"]["shortcut_rule_caveat"] == text
     assert [w["kind"] for w in out["warnings"]] == ["no_false_alarm_check"]
     assert "warnings" not in without and "shortcut_rule_caveat" not in without["experts"]
+
+
+def test_chance_on_one_shortcut_breaking_validation_set_only_is_no_warning():
+    """faces: the watermarked model is at 50% on the watermarked non-faces (the set built to break
+    its shortcut) and fine on the plain validation set: that is the finding, not an untrained
+    model; at chance on every validation set it is a warning."""
+    rep = _report({"w": {"train_acc": 0.99, "val_acc": 0.95, "val_watermark_acc": 0.5},
+                   "u": {"train_acc": 0.99, "val_acc": 0.34, "val_watermark_acc": 0.33}})
+    found = [(w["model"], w["set"]) for w in warnings(rep) if w["kind"] == "chance"]
+    assert ("w", "val_watermark") not in found
+    assert ("u", "val") in found and ("u", "val_watermark") in found

@@ -224,10 +224,6 @@ def roll_masks(mask: Tensor, rng: np.random.Generator, tries: int = 24) -> tuple
     return out, offsets
 
 
-def _roll_images(x: Tensor, offsets: list) -> Tensor:
-    return torch.stack([torch.roll(x[i], off, (-2, -1)) for i, off in enumerate(offsets)])
-
-
 def _tidy(mask: np.ndarray) -> np.ndarray:
     """A region closed with a 3 × 3 square and its holes no larger than itself filled (checkered
     marks become blocks; a frame stays a frame)."""
@@ -642,12 +638,13 @@ def causal_tests(model: nn.Module, cls: int, x_group: Tensor, masks: np.ndarray,
 
     Necessity: share of ``x_group`` that lose ``cls`` once the region is removed (``fill``).
     Sufficiency: share of ``x_targets`` (other classes' images) that become ``cls`` once the region's
-    content of a group image (taken in turn) is pasted onto them at the same place. Returns the
+    content of a group image (taken in turn) is pasted onto them at the same place; its control
+    pastes the same image's content under the control region instead. Returns the
     shares, their Wilson intervals, the controls' and the McNemar tests (one-sided: region > control).
     """
     rng = np.random.default_rng(seed)
     m = torch.as_tensor(np.asarray(masks, dtype=bool))
-    ctrl, offsets = roll_masks(m, rng)
+    ctrl, _ = roll_masks(m, rng)
     lost = _predict(model, remove_region(x_group, m, fill), batch_size) != cls
     lost_c = _predict(model, remove_region(x_group, ctrl, fill), batch_size) != cls
     out = {"fill": fill}
@@ -655,10 +652,11 @@ def causal_tests(model: nn.Module, cls: int, x_group: Tensor, masks: np.ndarray,
     if len(x_targets):
         j = torch.arange(len(x_targets)) % len(x_group)
         src, sm = x_group[j], m[j]
-        soff = [offsets[int(i)] for i in j]
         pasted = paste_region(x_targets, src, sm)
-        rolled_src = _roll_images(src, soff)
-        pasted_c = paste_region(x_targets, rolled_src, ctrl[j])
+        # the control pastes what the same image holds under the control region (same size and
+        # shape, a random place): content that is not the candidate, so a mark that works
+        # anywhere (a texture) is not its own control
+        pasted_c = paste_region(x_targets, src, ctrl[j])
         became = _predict(model, pasted, batch_size) == cls
         became_c = _predict(model, pasted_c, batch_size) == cls
         out.update(_effect("sufficiency", became.numpy(), became_c.numpy()))

@@ -213,11 +213,43 @@ def _detection(rep: dict, case: str) -> tuple[list[dict], list[str]]:
              "link": _link("detection", "detection", case=case)}], unknown
 
 
+def _discovery(rep: dict, case: str) -> tuple[list[dict], list[str]]:
+    """What the discovery stage found with no mask: the model under study's top suspect (class,
+    share of the image, its effects against the control) and the controls' false alarms."""
+    summary = rep.get("discovery_summary") or {}
+    subject = summary.get("subject")
+    info = (summary.get("models") or {}).get(subject)
+    if not info:
+        return [], []
+    rows = [r for r in rep.get("discovery") or [] if r.get("model") == subject
+            and r.get("kind") == "candidate" and r.get("verdict") == "suspected"]
+    alarms = summary.get("false_alarms") or {}
+    others = alarms.get("models") or []
+    if rows:
+        top = rows[0]
+        text = (f"Found with no mask: {subject} is suspected of a shortcut for class "
+                f"{top.get('class')!s} — a region of {_pct(top.get('share_of_image'), 1)} of the "
+                f"image whose removal loses the class on {_pct(top.get('necessity'))} of its "
+                f"held-out images (control {_pct(top.get('control_necessity'))}) and whose "
+                f"content, pasted onto other classes' images, turns {_pct(top.get('sufficiency'))}"
+                f" of them (control {_pct(top.get('control_sufficiency'))}); "
+                f"{info.get('n_suspected')} suspect(s) in all.")
+        link = _link("suspects", "suspects", case=case, smodel=subject, suspect=top.get("rank"))
+    else:
+        text = (f"Found with no mask: no suspected shortcut in {subject} "
+                f"({info.get('n_candidates', 0)} candidates tested by cause).")
+        link = _link("suspects", "suspects", case=case, smodel=subject)
+    if others:
+        text += (f" False alarms: {alarms.get('n_flagged', 0)} of {len(others)} other model(s) "
+                 "have a suspect.")
+    return [{"topic": "discovery", "text": text, "link": link}], []
+
+
 def findings(report: dict) -> dict:
     """The study's findings from ``report`` (``study.report()``): ``{"case", "items":
     [{"topic", "text", "link": {"page", "params", "anchor"}}], "cannot_tell": [text],
-    "warnings": [core.report.health warning]}``. Topics, in order: ``accuracy``, ``shortcut``,
-    ``corrections``, ``essence``, ``detection`` — each only when its stage is built. A model at
+    "warnings": [core.report.health warning]}``. Topics, in order: ``accuracy``, ``discovery``,
+    ``shortcut``, ``corrections``, ``essence``, ``detection`` — each only when its stage is built. A model at
     chance heads ``cannot_tell``: nothing else the study says about it can be trusted."""
     case = report.get("case")
     items: list[dict] = []
@@ -227,7 +259,7 @@ def findings(report: dict) -> dict:
         if w["kind"] in ("chance", "train_eval_gap"):
             unknown.append(w["text"])
     items += _accuracy(report, case)
-    for part in (_shortcut, _corrections, _essence, _detection):
+    for part in (_discovery, _shortcut, _corrections, _essence, _detection):
         got, cannot = part(report, case)
         items += got
         unknown += cannot
