@@ -575,9 +575,21 @@ if HAS_MASS and twin and twin.get("rows"):
             + (f"The difference is the shortcut {model} learned."
                if model == SUBJECT and mean_mass > twin_mass
                else "Compare the two to see what the region changed."))
-if not table["frequency"].isna().all():
-    stable = int((table["frequency"].astype(float) >= 0.8).sum())
-    lines.append(f"- {stable} of {len(table)} experts stay in the top {len(table)} in at least 80% of "
+_width = (table["ci_high"].astype(float) - table["ci_low"].astype(float)).abs()
+ZERO_WIDTH = int((_width <= 1e-12).sum()) if table["ci_low"].notna().all() and \
+    table["ci_high"].notna().all() else 0  # rows whose every resample gave the same score
+if ZERO_WIDTH:
+    # the bootstrap could not vary those scores (a unit silent on every image, or a distribution
+    # the resampling does not touch): degenerate evidence, not stability
+    lines.append(f"- {ZERO_WIDTH} of {len(table)} experts have a **zero-width** bootstrap interval: "
+                 "every resample gave the same score, so the resampling could not vary it. That "
+                 "is degenerate evidence, not stability, and their top-k frequency says nothing "
+                 "about how the ranking would move on other images.")
+if not table["frequency"].isna().all() and ZERO_WIDTH < len(table):
+    live = table[_width > 1e-12] if ZERO_WIDTH else table
+    stable = int((live["frequency"].astype(float) >= 0.8).sum())
+    lines.append(f"- {stable} of {len(live)} experts" + (" with a non-degenerate interval"
+                 if ZERO_WIDTH else "") + f" stay in the top {len(table)} in at least 80% of "
                  "bootstrap resamples; a less stable ranking says less about any single unit.")
 if quantity == "comparative":
     lines.append(f"- The comparative quantity y({name(cls)}) − y({name(vs)}) cancels what the two classes "

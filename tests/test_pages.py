@@ -156,6 +156,14 @@ def test_influence_page_shows_experts_interpretations_and_reading(app, small_stu
     # the close-up's image row shades the region
     assert all("decoy patch shaded red" in i.caption for i in at.image[n_experts].proto.imgs)
     assert "decoy mass" in _texts(at)
+    # a zero-width bootstrap interval is named as degenerate, never read as stability (issue 22)
+    rows = view["rows"]
+    zero = sum(1 for r in rows if r.get("ci_low") is not None and r.get("ci_high") is not None
+               and abs(r["ci_high"] - r["ci_low"]) <= 1e-12)
+    text = _texts(at)
+    assert ("zero-width" in text) == (zero > 0)
+    if zero == len(rows):
+        assert "stay in the top" not in text
 
 
 def test_another_class_changes_the_view_and_the_url(app, small_study):
