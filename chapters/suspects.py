@@ -49,8 +49,7 @@ if not names:
     st.stop()
 subject = summary.get("subject") or names[0]
 model = ui.choice("Model", names, param="smodel", default=subject,
-                  format_func=lambda n: ui.model_label(n, facts=facts) +
-                  (" (under study)" if n == subject else ""))
+                  format_func=lambda n: ui.model_label(n, facts=facts))
 mine = [r for r in rows if r.get("model") == model and r.get("kind") == "candidate"]
 notes = [r for r in rows if r.get("model") == model and r.get("kind") == "note"]
 info = per_model.get(model) or {}
@@ -69,8 +68,10 @@ if others:
 if summary.get("rule"):
     st.caption(f"The rule: {ui.plain(summary['rule'], limit=1200)}. Layer of the experts: "
                f"{ui.plain(summary.get('layer') or 'the class logit')}.")
-for n in notes:
-    st.caption(f"Class {ui.plain(n.get('class') or '—')}: {ui.plain(n.get('reason'), 400)}.")
+if notes:  # classes (or the whole model) that could not be tested, each with its reason
+    st.caption("Not tested: " + "; ".join(
+        f"class {ui.plain(n.get('class') or '—')} — {ui.plain(n.get('reason'), 300)}"
+        for n in notes) + ".")
 if not mine:
     st.stop()
 
@@ -152,8 +153,9 @@ for r in order[:SHOWN]:
                           ).properties(width=90, height=180).facet(column=alt.Column("test:N",
                                                                                      title=None))
         st.altair_chart(chart)
-        st.caption("Bars: the share; lines: 95% Wilson intervals. The control is the same region "
-                   "rolled to a random place on the same images.")
+        st.caption("Bars: the share; lines: 95% Wilson intervals. The control is a region of the "
+                   "same size and shape at a random place on the same images: removed there "
+                   "(necessity), or the content found there pasted there (sufficiency).")
     case = study.config.name
     st.markdown(f"[Link to this candidate](suspects?case={case}&smodel={model}&suspect={rank})")
     with st.expander("Use as the case's region"):

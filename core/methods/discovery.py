@@ -23,8 +23,10 @@ For the model under study and each class c (DESIGN §10, issue 20):
    ``"blur"``) on the held-out images the model predicts as c: the share that lose c.
    *Sufficiency*: the region's content is pasted onto test images of other classes (label
    and prediction not c; topped up with such training images when the test split has too few):
-   the share that become c. Both are paired (region vs control on the same
-   images): one-sided exact McNemar tests; shares with Wilson intervals.
+   the share that become c; its control pastes what the same source image holds under the
+   control region instead (so a mark that works anywhere is not its own control). Both are
+   paired (region vs control on the same images): one-sided exact McNemar tests; shares with
+   Wilson intervals.
 5. **Verdict** "suspected" when, with α Bonferroni-corrected over the candidates tested, both
    effects beat their control at p < α / m, necessity by at least ``min_effect`` and sufficiency
    by at least ``min_sufficiency``, and the region is compact

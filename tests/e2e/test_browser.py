@@ -40,7 +40,8 @@ READY = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 # Pages that must draw images and Altair charts (the others only must not raise).
 DRAWS = {"case-study": ("stImage", "stVegaLiteChart"), "influence": ("stImage", "stVegaLiteChart"),
          "representations": ("stImage", "stVegaLiteChart"),
-         "corrections": ("stImage", "stVegaLiteChart"), "essence": ("stVegaLiteChart",)}
+         "corrections": ("stImage", "stVegaLiteChart"), "essence": ("stVegaLiteChart",),
+         "suspects": ("stVegaLiteChart",)}
 
 
 def _require_browser():
@@ -88,7 +89,7 @@ def study(request, tmp_path_factory):
         root = tmp_path_factory.mktemp("e2e-cache") / "cache"
         shutil.copytree(_cache_dir(small), root)
         full = CaseStudy.open(small.config.name, cache_dir=root, device="cpu")
-        full.build(stages=["representations", "corrections", "essence"])
+        full.build(stages=["discovery", "representations", "corrections", "essence"])
         return full
     from core.casestudy import CaseStudy
 
