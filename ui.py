@@ -579,7 +579,7 @@ def outlined(x, mask, scale: int = 4, color: tuple[int, int, int] = (230, 40, 40
 def masked(x, attr, scale: int = 4, q: float = 95.0, dim: float = 0.25) -> np.ndarray:
     """The paper's view of an interpretation: the image kept where its attribution is above the
     ``q``-th percentile (softly blurred, tinted red), dimmed elsewhere; colour kept."""
-    from core import imaging
+    from core.methods import imaging
 
     m = imaging.percentile_mask(attr, q)[..., None]
     rgb = _rgb01(x) * (dim + (1 - dim) * m)
@@ -589,14 +589,14 @@ def masked(x, attr, scale: int = 4, q: float = 95.0, dim: float = 0.25) -> np.nd
 
 def heatmap(attr, scale: int = 4) -> np.ndarray:
     """Signed heatmap (red raises, blue lowers, white neutral), scaled to its largest magnitude."""
-    from core import imaging
+    from core.methods import imaging
 
     return imaging.heatmap(attr, scale=int(scale))
 
 
 def overlay(x, attr, scale: int = 4, alpha: float = 0.55) -> np.ndarray:
     """The signed heatmap blended over the image (colour kept)."""
-    from core import imaging
+    from core.methods import imaging
 
     heat = imaging.heatmap(attr).astype(np.float64) / 255
     out = ((1 - alpha) * _rgb01(x) + alpha * heat) * 255
@@ -747,12 +747,12 @@ def download_png(make: Callable[[], Any] | Any, file_name: str, label: str = "Do
 
 
 def report_html_bytes(study) -> bytes:
-    """``core.export.html_report(study)`` as UTF-8 bytes; on failure, a page whose body is one
+    """``core.report.html.html_report(study)`` as UTF-8 bytes; on failure, a page whose body is one
     escaped line saying why (the download never raises in the reader's face)."""
     import html
 
     try:
-        from core.export import html_report
+        from core.report.html import html_report
 
         return html_report(study).encode()
     except Exception as exc:  # noqa: BLE001 - any failure becomes one readable line
@@ -811,8 +811,8 @@ def model_colors(names: Sequence[str], facts: dict | None = None) -> dict[str, s
 
 def heat_legend(width: int = 240, height: int = 12) -> np.ndarray:
     """The signed heatmap's colour ramp as an image (uint8 RGB, ``width`` × ``height``): blue at
-    −max on the left, white at 0, red at +max on the right (core.imaging.heatmap's colours)."""
-    from core import imaging
+    −max on the left, white at 0, red at +max on the right (core.methods.imaging.heatmap's colours)."""
+    from core.methods import imaging
 
     ramp = np.linspace(-1.0, 1.0, int(width))[None, :].repeat(int(height), 0)
     ramp[0, 0], ramp[0, -1] = -1.0, 1.0  # the ramp's own max is 1: no rescaling

@@ -48,11 +48,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from captum.attr import InternalInfluence  # noqa: E402
 
-from core.data import decoy_mnist  # noqa: E402
-from core.distributions import LinearDoI  # noqa: E402
-from core.influence import influence  # noqa: E402
-from core.models import build_model  # noqa: E402
-from core.quantities import ClassQoI  # noqa: E402
+from core.cases.decoy_mnist.data import decoy_mnist  # noqa: E402
+from core.cases.decoy_mnist.net import build_model  # noqa: E402
+from core.engine.distributions import LinearDoI  # noqa: E402
+from core.engine.influence import influence  # noqa: E402
+from core.engine.quantities import ClassQoI  # noqa: E402
 
 R, N, LAYER, CLASS = 50, 128, "conv2", 3
 

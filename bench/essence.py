@@ -1,4 +1,4 @@
-"""Time the essence stage (core.essence.build_stage) on the default case's sizes, on the CPU.
+"""Time the essence stage (core.stages.essence.build) on the default case's sizes, on the CPU.
 
 DecoyMNIST (3,600 training, 1,000 test images), DecoyCNN trained like the default case, layers
 conv1 / conv2 / fc1, 10 classes. The experts stage's rows are stood in for: each class's top-k
@@ -18,36 +18,12 @@ from pathlib import Path
 
 import torch
 
-import core.essence as E
-from core.data import decoy_mnist
-from core.influence import activations
-from core.models import DecoyCNN, set_seed, train_model
-
-
-class _Config:
-    def __init__(self, section: dict, experts: dict):
-        self._section, self.experts = section, experts
-
-    def section(self, name: str) -> dict:
-        return self._section if name == "essence" else {}
-
-
-class _Study:
-    """What build_stage reads from a CaseStudy: data, one model, the sections, the experts rows."""
-
-    def __init__(self, data, model, section: dict, experts: dict, rows: list[dict]):
-        self._data, self._model, self._rows = data, model, rows
-        self.subject, self.reference = "vanilla", None
-        self.config = _Config(section, experts)
-
-    def data(self):
-        return self._data
-
-    def model(self, name: str):
-        return self._model
-
-    def artifact(self, stage: str):
-        return {"rows": self._rows} if stage == "experts" else None
+import core.stages.essence as E
+from core.cases.decoy_mnist.data import decoy_mnist
+from core.cases.decoy_mnist.net import DecoyCNN
+from core.engine.influence import activations
+from core.methods.training import set_seed, train_model
+from core.stages.base import StageContext
 
 
 def proxy_rows(model, data, layers, k: int, n: int = 200) -> list[dict]:
@@ -93,7 +69,7 @@ def main() -> None:
     print(f"proxy experts rows in {time.perf_counter() - t:.1f}s "
           f"({sum(r['shortcut'] for r in rows)} shortcut flags)")
     section = {"pairs": [[4, 9], [3, 8]], "random_draws": args.draws}
-    study = _Study(data, model, section, {"layers": layers, "k": 5, "classes": list(range(10))}, rows)
+    experts = {"layers": layers, "k": 5, "classes": list(range(10))}
     last = [time.perf_counter()]
 
     def progress(done, total, msg):
@@ -110,7 +86,9 @@ def main() -> None:
 
     ref_before = reference()
     t = time.perf_counter()
-    out = E.build_stage(study, progress)
+    out = E.build(StageContext.standalone("essence", data, {"vanilla": model}, section=section,
+                                          experts=experts, artifacts={"experts": {"rows": rows}},
+                                          progress=progress))
     total = time.perf_counter() - t
     print(f"reference forward of 1000 test images: {ref_before:.3f}s before, {reference():.3f}s after "
           f"(machine load shows here)")

@@ -27,7 +27,7 @@ import torch
 
 from core.cases.faces.adapter import faces_data
 from core.cases.faces.onet import FACE, pretrained_detector
-from core.models import evaluate, predict_logits, train_model
+from core.methods.training import evaluate, predict_logits, train_model
 
 
 def auc(scores_pos, scores_neg) -> float:
@@ -63,20 +63,18 @@ def measure_shortcut(dataset: dict, epochs: int = 3, lr: float = 1e-3, batch_siz
 
 
 def measure_detection(section: dict, dataset: dict | None = None) -> dict:
-    """Run the detection stage on the pretrained O-Net with a stand-in study (no cache)."""
-    import types
-
-    from core.detection import build_stage
+    """Run the detection stage on the pretrained O-Net with a stand-in context (no cache)."""
+    from core.stages.base import StageContext
+    from core.stages.detection import build
 
     data = faces_data(dataset or {})
     model = pretrained_detector()
     layers = ["onet.conv1", "onet.conv2", "onet.conv3", "onet.conv4", "onet.dense5"]
-    study = types.SimpleNamespace(
-        data=lambda: data, subject="pretrained", reference=None, model=lambda name: model,
-        device=torch.device("cpu"),
-        config=types.SimpleNamespace(section=lambda s: dict(section), experts={"layers": layers}))
+    ctx = StageContext.standalone(
+        "detection", data, {"pretrained": model}, section=section, experts={"layers": layers},
+        device=torch.device("cpu"), progress=lambda d, t, m: print(f"[{d}/{t}] {m}", flush=True))
     t0 = time.perf_counter()
-    out = build_stage(study, progress=lambda d, t, m: print(f"[{d}/{t}] {m}", flush=True))
+    out = build(ctx)
     return {"seconds": round(time.perf_counter() - t0, 1), "rows": out["rows"],
             "features": out["features"], "attack": out["attack"], "masking": out["masking"],
             "adaptive": out["adaptive"], "fit": out["fit"]}

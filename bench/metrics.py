@@ -1,4 +1,4 @@
-"""Deletion curves: core.metrics against Quantus PixelFlipping, measured in one run.
+"""Deletion curves: core.methods.metrics against Quantus PixelFlipping, measured in one run.
 
     .venv/bin/python bench/metrics.py [--n 100] [--repeats 5] [--epochs 2] [--device cpu]
 
@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from core.devices import pick_device  # noqa: E402
-from core.metrics import deletion_curve, deletion_insertion  # noqa: E402
-from core.models import build_model, evaluate, train_model  # noqa: E402
+from core.cases.decoy_mnist.net import build_model  # noqa: E402
+from core.engine.devices import pick_device  # noqa: E402
+from core.methods.metrics import deletion_curve, deletion_insertion  # noqa: E402
+from core.methods.training import evaluate, train_model  # noqa: E402
 
 
 def grad_x_input(model, x, y):
@@ -124,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
           f"(a step that only blackens black pixels reuses the previous output); "
           f"Quantus {len(x) * 28}")
     print(f"timing (median of {args.repeats}, interleaved; 1-min load average before: {load:.1f}):")
-    print(f"  core.metrics.deletion_curve              {t_ours * 1e3:8.1f} ms")
+    print(f"  core.methods.metrics.deletion_curve              {t_ours * 1e3:8.1f} ms")
     print(f"  quantus.PixelFlipping batch_size=64      {t_q64 * 1e3:8.1f} ms "
           f"-> ours is {t_q64 / t_ours:5.1f}x faster")
     print(f"  quantus.PixelFlipping batch_size={args.n:<6d}  {t_qall * 1e3:8.1f} ms "
           f"-> ours is {t_qall / t_ours:5.1f}x faster")
-    print(f"  core.metrics.deletion_insertion (both)   {t_both * 1e3:8.1f} ms")
+    print(f"  core.methods.metrics.deletion_insertion (both)   {t_both * 1e3:8.1f} ms")
     ratio = min(t_q64, t_qall) / t_ours
     print(f"speed ratio vs Quantus' faster setting: {ratio:.1f}x (goal >= 3x)")
     return 0

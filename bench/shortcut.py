@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from core.data import decoy_mnist  # noqa: E402
-from core.models import build_model, evaluate, set_seed, train_model  # noqa: E402
+from core.cases.decoy_mnist.data import decoy_mnist  # noqa: E402
+from core.cases.decoy_mnist.net import build_model  # noqa: E402
+from core.methods.training import evaluate, set_seed, train_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

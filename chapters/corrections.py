@@ -1,4 +1,4 @@
-"""Chapter: correcting the shortcut, five methods head to head (reads ``core.corrections``' stage).
+"""Chapter: correcting the shortcut, five methods head to head (reads ``core.stages.corrections``' stage).
 
 Everything drawn here comes from the corrections payload (``ui.artifact("corrections")``), the
 report JSON and the experts views of the corrected models; the page computes nothing itself.

@@ -1,6 +1,6 @@
 """Chapter: attacks and their detection from influence alone.
 
-Drawn only from the ``detection`` stage (``core.detection.build_stage``): what the attacker knows,
+Drawn only from the ``detection`` stage (``core.stages.detection.build``): what the attacker knows,
 how often the attack succeeds, and for every detector its ROC curve, its true-positive rate at 1%,
 5% and 25% false positives and its AUC. This page computes nothing; when the stage is missing it
 offers to build it. A payload that lacks a part is drawn as far as it goes, and the page says what

@@ -1,6 +1,6 @@
 """Chapter: essence and causal check — do the experts really carry the class?
 
-Drawn only from the ``essence`` stage (``core.essence.build_stage``): for pairs of related classes,
+Drawn only from the ``essence`` stage (``core.stages.essence.build``): for pairs of related classes,
 the binary accuracy when a layer keeps only k units chosen by each rule (top experts, random units,
 bottom units), the smallest k per rule, and the ablation of every class's experts against random
 units and another class's experts; with a region, the ablation of the shortcut-carrying experts.

@@ -417,7 +417,7 @@ def _damp(key: tuple, case: str, model_: str, layer_: str, unit_: str, cls_: str
     (drawn 20 times). Keyed on strings only."""
     import torch
 
-    from core import essence
+    from core.stages import essence
 
     data = _study.data()
     split = data.evaluation_sets.get(data.headline, data.test)
@@ -607,7 +607,7 @@ st.markdown(
     "is written to disk.")
 upload = st.file_uploader("Your image (PNG or JPEG)", type=["png", "jpg", "jpeg"], key="own-image")
 if upload is not None:
-    from core.explain import ImageError, explain_image, read_image
+    from core.queries.explain import ImageError, explain_image, read_image
 
     try:
         own = read_image(upload.getvalue(), SIZE, CHANNELS)

@@ -6,7 +6,7 @@ the case has one), its label, the prediction and class probabilities of the side
 the reference, the Integrated Gradients of the predicted class at the input, and then, for every
 expert layer of the case, the predicted class's top experts and what each looks at on this image
 (with each expert's region mass when the case has a region). Everything is computed by
-``core.explain.trace_image`` / ``predict_split``; this page only draws what they return.
+``core.queries.explain.trace_image`` / ``predict_split``; this page only draws what they return.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def label_of(m: str) -> str:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _predictions(stamp: tuple, model: str, _study) -> dict:
-    from core.explain import predict_split
+    from core.queries.explain import predict_split
 
     got = predict_split(_study, model, "test")
     return {"n": int(len(got["label"])), "wrong": list(got["wrong"])}
@@ -59,7 +59,7 @@ def _predictions(stamp: tuple, model: str, _study) -> dict:
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _trace(stamp: tuple, model: str, index: int, layers: tuple[str, ...], k: int, _study) -> dict:
-    from core.explain import trace_image
+    from core.queries.explain import trace_image
 
     return trace_image(_study, model, int(index), layers=list(layers), k=k)
 

@@ -1,6 +1,7 @@
 """Chapter 3: the representations of influence compared, measured — which one exposes the shortcut?
 
-Everything drawn here is read from the ``representations`` stage (``core.representations.build_stage``):
+Everything drawn here is read from the ``representations`` stage
+(``core.stages.representations.build``):
 the maps, the metrics, the curves and the randomisation test; every case-specific word (models,
 region, classes) from ``study.case_facts()``. This page never trains or differentiates; when the
 stage is missing it offers to build it (inside ``st.status``, with a progress bar).

@@ -1,6 +1,6 @@
 """Chapter: shortcut suspects that no one marked (the ``discovery`` stage).
 
-Drawn only from ``core.discovery_stage.build_stage``: per model, the candidates the experts' maps
+Drawn only from ``core.stages.discovery.build``: per model, the candidates the experts' maps
 propose (a region per image, grouped SpRAy-like), each with its causal tests against a same-shape
 control at random places, its verdict and the rule beside it; per candidate a grid of held-out
 images with the region outlined, grouped by the model's prediction; and the TOML lines that make a

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             return _build(args, study, stages)
         rep = study.report()
         if args.markdown:
-            from core.reportmd import markdown
+            from core.report.markdown import markdown
 
             text = markdown(rep).rstrip("\n")
         else:
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cache_error():
     """The cache's own error class for an unusable cache directory (a ValueError subclass)."""
-    from core import cache
+    from core.storage import cache
 
     return getattr(cache, "CacheError", _Never)
 
@@ -270,7 +270,7 @@ def _readme(args, CaseStudy) -> int:
 def _export(args, CaseStudy, CaseError) -> int:
     from pathlib import Path
 
-    from core.export import html_report
+    from core.report.html import html_report
 
     study = CaseStudy.open(args.case, cache_dir=args.cache)
     if not study.status().get("data"):
@@ -295,7 +295,7 @@ def _discover(args, CaseStudy, CaseError) -> int:
     if args.model is not None and args.model not in study.model_names:
         raise CaseError(f"--model {args.model[:40]!r} is not one of the case's models "
                         f"({', '.join(study.model_names)})")
-    from core.discovery_stage import discover_to_folder
+    from core.queries.discovery import discover_to_folder
 
     rows = discover_to_folder(study, args.out, args.model, args.top)
     for r in rows:
@@ -310,7 +310,7 @@ def _discover(args, CaseStudy, CaseError) -> int:
 def _new_case(args, CaseError) -> int:
     from pathlib import Path
 
-    from core.newcase import write_example
+    from core.cases.newcase import write_example
 
     try:
         written = write_example(Path(args.dir))
@@ -354,8 +354,8 @@ def _build(args, study, stages: list[str] | None) -> int:
 
 
 def _list(args, CaseStudy, CaseError, list_cases) -> int:
-    from core.cache import Cache
     from core.casestudy.facts import FactsNotCached, no_user_code
+    from core.storage.cache import Cache
 
     cache = Cache(args.cache)
     names = list_cases()

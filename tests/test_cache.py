@@ -1,4 +1,4 @@
-"""core.cache: keys, hits and misses, corrupt entries recomputed, concurrent writers."""
+"""core.storage.cache: keys, hits and misses, corrupt entries recomputed, concurrent writers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.cache import MAGIC, Cache, canonical_json, default_root, key_of
+from core.storage.cache import MAGIC, Cache, canonical_json, default_root, key_of
 
 BASE = {"stage": "models", "version": "1:abc", "config": {"epochs": 10, "lr": 0.001},
         "data": "d" * 64, "models": {"vanilla": "a" * 64}, "seed": 0}
@@ -85,7 +85,7 @@ def test_meta_only_entries_are_read_by_meta_and_invisible_to_get(tmp_path, caplo
     key = key_of(stage="facts", arch="x")
     cache.put_meta(key, {"stage": "facts", "layers": ["conv1", "fc1"]})
     assert cache.meta(key)["layers"] == ["conv1", "fc1"] and cache.has(key)
-    with caplog.at_level(logging.WARNING, logger="core.cache"):
+    with caplog.at_level(logging.WARNING, logger="core.storage.cache"):
         assert cache.get(key, "none") == "none"
     assert caplog.text == ""
     _corrupt(cache.path(key), "flip-meta")
@@ -142,7 +142,7 @@ def test_a_corrupt_entry_is_missing_and_recomputed(tmp_path, caplog, how):
     good = {"w": torch.randn(64, 64)}
     cache.put(key, good)
     _corrupt(cache.path(key), how)
-    with caplog.at_level(logging.WARNING, logger="core.cache"):
+    with caplog.at_level(logging.WARNING, logger="core.storage.cache"):
         assert cache.get(key) is None
         assert not cache.has(key)
     assert "corrupt" in caplog.text or "could not" in caplog.text
@@ -170,7 +170,7 @@ def test_entries_are_ordinary_files(tmp_path):
 
 
 def _umask() -> int:
-    from core.cache import _UMASK
+    from core.storage.cache import _UMASK
 
     return _UMASK
 
@@ -185,7 +185,7 @@ def test_a_checksummed_entry_that_is_not_a_torch_file_is_missing(tmp_path, caplo
     path.parent.mkdir(parents=True)
     path.write_bytes(MAGIC + f" {hashlib.sha256(body).hexdigest()} {len(body)}\n".encode() + body)
     assert cache.meta(key) is not None  # the checksum holds ...
-    with caplog.at_level(logging.WARNING, logger="core.cache"):
+    with caplog.at_level(logging.WARNING, logger="core.storage.cache"):
         assert not cache.has(key)  # ... but it is missing (issue 23: a build recomputes it) ...
         assert cache.get(key, "missing") == "missing"  # ... and never returned
     assert "unpickled" in caplog.text

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import core.casestudy as cs
+import core.stages.experts
 from core.casestudy import CHANCE, STAGES, CaseError, CaseStudy, list_cases, load_config
 
 SMALL = cs.case_files()["decoy-mnist-small"]
@@ -114,9 +115,9 @@ def test_experts_view_has_maps_on_real_test_images(small_study):
 
 
 def test_rank_experts_equals_core_experts(small_study):
-    from core.distributions import LinearDoI, PointDoI
-    from core.experts import experts
-    from core.quantities import ClassQoI, ComparativeQoI
+    from core.engine.distributions import LinearDoI, PointDoI
+    from core.engine.experts import experts
+    from core.engine.quantities import ClassQoI, ComparativeQoI
 
     model = small_study.model("vanilla")
     data = small_study.data()
@@ -135,7 +136,7 @@ def test_rank_experts_equals_core_experts(small_study):
 
 
 def test_model_and_samples(small_study):
-    from core.models import evaluate
+    from core.methods.training import evaluate
 
     model = small_study.model("vanilla")
     assert not model.training
@@ -166,7 +167,8 @@ def test_experts_for_other_quantities_is_computed_once_and_cached(small_study, m
     assert small_study.has_experts_for("clean", "conv2", qoi, doi)
     # a fresh study on the same cache reads it back without computing
     again = CaseStudy.open("decoy-mnist-small", cache_dir=small_study.cache_dir, device="cpu")
-    monkeypatch.setattr(cs, "rank_experts", lambda *a, **k: pytest.fail("recomputed"))
+    for name in ("rank_experts", "rank_many", "interpret"):
+        monkeypatch.setattr(core.stages.experts, name, lambda *a, **k: pytest.fail("recomputed"))
     assert again.has_experts_for("clean", "conv2", qoi, doi)
     np.testing.assert_array_equal(again.experts_for("clean", "conv2", qoi, doi)["maps"],
                                   view["maps"])
@@ -187,15 +189,16 @@ def test_experts_for_other_quantities_is_computed_once_and_cached(small_study, m
 # ---------------------------------------------------------------------------------------- cache
 
 def test_a_second_build_is_a_cache_hit_without_training(small_study, monkeypatch):
-    import core.experts
-    import core.models
+    import core.engine.experts
+    import core.methods.training
 
     def boom(*a, **k):
         raise AssertionError("a cached build must not train or rank")
 
-    monkeypatch.setattr(core.models, "train_model", boom)
-    monkeypatch.setattr(cs, "rank_experts", boom)
-    monkeypatch.setattr(core.experts, "interpret", boom)
+    monkeypatch.setattr(core.methods.training, "train_model", boom)
+    for name in ("rank_experts", "rank_many", "interpret"):
+        monkeypatch.setattr(core.stages.experts, name, boom)
+    monkeypatch.setattr(core.engine.experts, "interpret", boom)
     calls = []
     again = CaseStudy.open("decoy-mnist-small", cache_dir=small_study.cache_dir, device="cpu")
     result = again.build(stages=["data", "models", "experts"],
@@ -287,15 +290,20 @@ def test_a_delegated_stage_is_cached_and_its_rows_reported(small_study, tmp_path
     study = CaseStudy.open("decoy-mnist-small", cache_dir=cache, device="cpu")
     calls = []
 
-    def build_stage(s, progress):
+    def build(ctx):
         calls.append(1)
-        progress("corrections", 0, 1, "start")
-        progress(1, 1, "done")  # the short form works too
-        state = {k: v + 0.0 for k, v in s.model("vanilla").state_dict().items()}
+        assert ctx.stage == "corrections" and ctx.reads == ("data", "models", "experts")
+        assert ctx.subject == "vanilla" and ctx.reference == "clean" and ctx.layers
+        with pytest.raises(KeyError, match="did not declare"):
+            ctx.artifact("essence")  # only what the stage declared it reads
+        assert ctx.artifact("experts")["rows"]
+        ctx.progress(0, 1, "start")
+        ctx.progress(1, 1, "done")
+        state = {k: v + 0.0 for k, v in ctx.model("vanilla").state_dict().items()}
         return {"rows": [{"method": "stub", "decoy_test_acc": 0.5, "gap_closed": float("nan")}],
                 "models": {"stub": state}}
 
-    fake = types.SimpleNamespace(build_stage=build_stage, STAGE_VERSION="t1")
+    fake = types.SimpleNamespace(build=build)
     _with_stage(study, monkeypatch, "corrections", fake)
     seen = []
     assert study.build(stages=["corrections"],
@@ -316,11 +324,10 @@ def test_a_failing_delegated_stage_does_not_stop_the_build(small_study, tmp_path
     cache = _copy_cache(small_study, tmp_path)
     study = CaseStudy.open("decoy-mnist-small", cache_dir=cache, device="cpu")
 
-    def build_stage(s, progress):
+    def build(ctx):
         raise RuntimeError("half-written module\nsecond line")
 
-    _with_stage(study, monkeypatch, "representations",
-                types.SimpleNamespace(build_stage=build_stage, STAGE_VERSION="x"))
+    _with_stage(study, monkeypatch, "representations", types.SimpleNamespace(build=build))
     result = study.build(stages=["representations"])
     assert result["representations"]["status"] == "failed"
     assert result["representations"]["message"] == "RuntimeError: half-written module"
@@ -425,8 +432,8 @@ def test_experts_interpreted_on_the_images_the_model_predicts_as_the_class(small
     assert [r["unit"] for r in view["rows"]] == [r["unit"] for r in stage["rows"]]
     assert view["maps"].shape == (len(stage["rows"]), len(want), 28, 28)
     # each map is that unit's interpretation on that image, and the region mass is over them
-    from core.experts import interpret
-    from core.metrics import decoy_mass
+    from core.engine.experts import interpret
+    from core.methods.metrics import decoy_mass
 
     unit = view["rows"][0]["unit"]
     a = interpret(small_study.model("vanilla"), data.test.x[want], layer, unit,

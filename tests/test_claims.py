@@ -103,13 +103,13 @@ def full_study(small_study, tmp_path_factory):
 def two_builds(full_study, tmp_path_factory):
     """The small case's report built twice: as is, and with tiny weight noise added to every
     trained model before the downstream stages (a stand-in for another CPU's float bits)."""
-    import core.models
+    import core.methods.training
     from core.casestudy import CaseStudy
 
     base = full_study.report()
     cache = tmp_path_factory.mktemp("perturbed-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(core.models, "train_model", _perturbing_train(core.models.train_model))
+        mp.setattr(core.methods.training, "train_model", _perturbing_train(core.methods.training.train_model))
         other = CaseStudy.open("decoy-mnist-small", cache_dir=cache, device="cpu")
         other.build()
         perturbed = other.report()

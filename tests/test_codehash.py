@@ -1,4 +1,4 @@
-"""core.codehash: stage code versions follow what a module actually imports (ast, never importing)."""
+"""core.storage.codehash: stage code versions follow what a module actually imports (ast, never importing)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from core.codehash import code_hash, module_closure
+from core.storage.codehash import code_hash, module_closure
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_a_new_import_grows_the_closure_and_changes_the_hash(tree):
 
 
 def test_fresh_rereads_what_the_per_process_memo_holds(tree):
-    import core.codehash as ch
+    import core.storage.codehash as ch
 
     path = (tree / "core" / "e.py").resolve()
     old = code_hash(["core.e"], root=tree)
@@ -138,12 +138,13 @@ def test_the_hash_is_names_and_bytes_not_where_the_tree_lives(tree, tmp_path):
 # ------------------------------------------------------------------------------ the real package
 
 def test_the_real_closure_of_corrections_follows_its_imports():
-    closure = module_closure(["core.corrections"])
-    assert {"core", "core.corrections", "core.representations", "core.influence", "core.experts",
-            "core.metrics", "core.models"} <= set(closure)
-    assert "core.cache" not in closure and "core.codehash" not in closure
-    assert module_closure(["core.cache"]) == ["core", "core.cache"]
-    assert code_hash(["core.corrections"]) != code_hash(["core.representations"])
+    closure = module_closure(["core.stages.corrections"])
+    assert {"core", "core.stages.corrections", "core.stages.representations",
+            "core.engine.influence", "core.engine.experts",
+            "core.methods.metrics", "core.methods.training"} <= set(closure)
+    assert "core.storage.cache" not in closure and "core.storage.codehash" not in closure
+    assert module_closure(["core.storage.cache"]) == ["core", "core.storage", "core.storage.cache"]
+    assert code_hash(["core.stages.corrections"]) != code_hash(["core.stages.representations"])
 
 
 def test_the_closure_holds_every_core_module_python_really_imports():
@@ -155,7 +156,7 @@ def test_the_closure_holds_every_core_module_python_really_imports():
         loaded = sorted(m for m in set(sys.modules) - before if m == "core" or m.startswith("core."))
         print(json.dumps({"loaded": loaded, "torch_before": "torch" in before}))
     """)
-    for name in ("core.corrections", "core.codehash"):
+    for name in ("core.stages.corrections", "core.storage.codehash"):
         run = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True,
                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
@@ -164,7 +165,8 @@ def test_the_closure_holds_every_core_module_python_really_imports():
 
 
 def test_codehash_imports_no_torch():
-    code = "import sys, core.codehash as c; c.code_hash(['core.corrections']); print('torch' in sys.modules)"
+    code = ("import sys, core.storage.codehash as c; c.code_hash(['core.stages.corrections']); "
+            "print('torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr[-2000:]

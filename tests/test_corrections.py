@@ -1,4 +1,4 @@
-"""core.corrections on a reduced DecoyMNIST (300 images, a model trained for a few epochs), and the
+"""core.stages.corrections on a reduced DecoyMNIST (300 images, a model trained for a few epochs), and the
 corrections page under AppTest on the small case study."""
 
 from __future__ import annotations
@@ -6,14 +6,15 @@ from __future__ import annotations
 import copy
 import io
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from core import corrections as C
-from core.data import decoy_mnist
-from core.models import build_model, set_seed, train_model
+from core.cases.decoy_mnist.data import decoy_mnist
+from core.cases.decoy_mnist.net import build_model
+from core.methods.training import set_seed, train_model
+from core.stages import corrections as C
+from core.stages.base import StageContext
 
 
 @pytest.fixture(scope="module")
@@ -243,35 +244,22 @@ def test_counterexample_copies_change_only_patch_pixels(data):
 
 # ---------------------------------------------------------------------------------- the stage
 
-class _FakeStudy:
-    """What build_stage reads from a CaseStudy: config.corrections, seeds, data(), model()."""
-
-    def __init__(self, data, models, corrections):
-        self.config = SimpleNamespace(corrections=corrections)
-        self.seeds = None
-        self._data, self._models = data, models
-        self.payload = None
-
-    def data(self):
-        return self._data
-
-    def model(self, name="vanilla", seed=0):
-        if name in self._models:
-            return self._models[name]
-        return C.load_model(self, name, self.payload["models"][name])
-
-    def artifact(self, stage):
-        return self.payload
+def _context(data, models, corrections, progress=None, seeds=1):
+    """The stage's context without a case: DecoyMNIST's layers, vanilla under study, clean as
+    the reference."""
+    return StageContext.standalone("corrections", data, models, section=corrections,
+                                   experts={"layers": ["conv1", "conv2", "fc1"]},
+                                   subject="vanilla", reference="clean", seeds=seeds,
+                                   progress=progress)
 
 
 @pytest.fixture(scope="module")
 def stage(data, vanilla, clean):
     cfg = {**{k: v for k, v in FAST.items()}, "n_explain": 20, "explain_resolution": 4}
-    study = _FakeStudy(data, {"vanilla": vanilla, "clean": clean}, cfg)
     events = []
-    payload = C.build_stage(study, lambda *a: events.append(a))
-    study.payload = payload
-    return study, payload, events
+    ctx = _context(data, {"vanilla": vanilla, "clean": clean}, cfg, lambda *a: events.append(a))
+    payload = C.build(ctx)
+    return ctx, payload, events
 
 
 def test_stage_rows_and_gap_closed_agree_with_the_accuracies(stage):
@@ -297,9 +285,9 @@ def test_stage_rows_and_gap_closed_agree_with_the_accuracies(stage):
     assert not rows[C.METHODS.index("suppression")]["uses_mask"]
     assert not rows[C.METHODS.index("influence_penalty")]["uses_mask"]
     assert rows[C.METHODS.index("rrr")]["uses_mask"]
-    assert events and events[-1][0] == "corrections" and events[-1][1] == events[-1][2]
+    assert events and events[-1][0] == events[-1][1]  # (done, total, message): all done
     assert payload["anchors"][0]["rrr_decoy_test_acc"] == pytest.approx(0.9607)
-    assert f"{_study.data().train.n:,} training images" in payload["anchors"][0]["differs"]
+    assert f"{_study.data.train.n:,} training images" in payload["anchors"][0]["differs"]
 
 
 def test_stage_payload_reads_back_with_weights_only_and_rebuilds_models(stage, data):
@@ -309,36 +297,31 @@ def test_stage_payload_reads_back_with_weights_only_and_rebuilds_models(stage, d
     buf.seek(0)
     back = torch.load(buf, weights_only=True)
     assert set(back["models"]) == set(C.METHODS)
-    study.payload = back
     x = data.test.x[:4]
     for name in C.METHODS:
-        m = C.load_model(study, name, back["models"][name])
+        m = C.load_model(back, name, study.model("vanilla"))
         with torch.no_grad():
             out = m(x)
         assert out.shape == (4, 10)
-    study.payload = payload
 
 
 def test_stage_rebuilt_models_reproduce_the_measured_accuracy(stage, data):
     study, payload, _ = stage
-    from core.models import evaluate
+    from core.methods.training import evaluate
 
     for row in payload["rows"]:
-        m = C.load_model(study, row["method"], payload["models"][row["method"]])
+        m = C.load_model(payload, row["method"], study.model("vanilla"))
         assert evaluate(m, data.test.x, data.test.y) == pytest.approx(row["decoy_test_acc"])
 
 
 def test_config_rejects_unknown_keys():
-    study = SimpleNamespace(config=SimpleNamespace(corrections={"lamdbas": [1]}))
     with pytest.raises(ValueError, match="unknown key"):
-        C.config_of(study)
-    study = SimpleNamespace(config=SimpleNamespace(corrections={"rrr": {"lamdbas": [1]}}))
+        C.config_of({"lamdbas": [1]})
     with pytest.raises(ValueError, match="unknown key"):
-        C.config_of(study)
-    study = SimpleNamespace(config=SimpleNamespace(corrections={"methods": ["rrr", "magic"]}))
+        C.config_of({"rrr": {"lamdbas": [1]}})
     with pytest.raises(ValueError, match="magic"):
-        C.config_of(study)
-    cfg = C.config_of(SimpleNamespace(config=SimpleNamespace(corrections={"rrr": {"lambdas": [2]}})))
+        C.config_of({"methods": ["rrr", "magic"]})
+    cfg = C.config_of({"rrr": {"lambdas": [2]}})
     assert cfg["rrr"]["lambdas"] == [2] and cfg["epochs"] == C.DEFAULTS["epochs"]
 
 
@@ -402,16 +385,10 @@ def test_stage_over_seeds_reports_mean_and_sd(data, vanilla, clean):
     other = build_model("decoy-cnn")
     train_model(other, data.train.x, data.train.y, epochs=2, lr=3e-3, batch_size=32, seed=1,
                 device="cpu")
-    models = {("vanilla", 0): vanilla, ("clean", 0): clean, ("vanilla", 1): other.eval(),
-              ("clean", 1): clean}
-
-    class Study(_FakeStudy):
-        def model(self, name="vanilla", seed=0):
-            return models[(name, seed)]
-
+    models = {"vanilla": {0: vanilla, 1: other.eval()}, "clean": {0: clean, 1: clean}}
     cfg = {"methods": ["pclarc", "suppression"], "seeds": 2, "n_explain": 10,
            "explain_resolution": 4, "pclarc": FAST["pclarc"], "suppression": FAST["suppression"]}
-    payload = C.build_stage(Study(data, {}, cfg))
+    payload = C.build(_context(data, models, cfg))
     assert payload["n_seeds"] == 2
     for row in payload["rows"]:
         per = row["decoy_test_acc_per_seed"]
@@ -478,7 +455,7 @@ def test_corrections_page_offers_the_build_and_draws_after_it(small_study, monke
 
 
 def test_paired_difference_by_hand():
-    from core.corrections import paired_difference
+    from core.stages.corrections import paired_difference
 
     before = torch.tensor([True, True, False, False, True, False, True, True, False, False])
     after = torch.tensor([True, False, True, True, True, True, True, True, True, False])

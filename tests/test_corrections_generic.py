@@ -1,4 +1,4 @@
-"""core.corrections on models that are not a plain conv/dense chain (issue 19's generic-model
+"""core.stages.corrections on models that are not a plain conv/dense chain (issue 19's generic-model
 defect): expert suppression on torchvision resnet18's ``layer3`` (a Sequential of BasicBlocks),
 on a conv followed by BatchNorm and an in-place ReLU, on a grouped conv, on a forward with a
 skip the children's order hides; the fold and the output scale agree on a plain chain; one
@@ -14,9 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from core import corrections as C
-from core.influence import activations
-from core.models import build_model, evaluate, set_seed
+from core.cases.decoy_mnist.net import build_model
+from core.engine.influence import activations
+from core.methods.training import evaluate, set_seed
+from core.stages import corrections as C
+from core.stages.base import StageContext
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -65,7 +67,8 @@ def _split(n: int, seed: int):
 
 @pytest.fixture(scope="module")
 def data():
-    return SimpleNamespace(train=_split(32, 0), val=_split(16, 1), test=_split(16, 2))
+    return SimpleNamespace(train=_split(32, 0), val=_split(16, 1), test=_split(16, 2),
+                           headline="decoy_test")
 
 
 @pytest.fixture(scope="module")
@@ -262,25 +265,6 @@ def test_border_region_takes_a_non_square_shape():
 
 # ---------------------------------------------------------------------- the stage, method alone
 
-class _FakeStudy:
-    def __init__(self, data, models, corrections, layers):
-        self.config = SimpleNamespace(corrections=corrections, experts={"layers": layers})
-        self.seeds = None
-        self._data, self._models = data, models
-        self.payload = None
-
-    def data(self):
-        return self._data
-
-    def model(self, name="vanilla", seed=0):
-        if name in self._models:
-            return self._models[name]
-        return C.load_model(self, name, self.payload["models"][name])
-
-    def artifact(self, stage):
-        return self.payload
-
-
 def test_stage_on_resnet18_keeps_suppression_and_reports_a_failing_method(resnet, data,
                                                                           monkeypatch):
     def broken(*_a, **_k):
@@ -293,9 +277,9 @@ def test_stage_on_resnet18_keeps_suppression_and_reports_a_failing_method(resnet
            "explain_resolution": 2, "epochs": 1, "batch_size": 16,
            "suppression": {"n_units": [1], "damping": [0.0], "candidates": 2, "n_images": 4,
                            "resolution": 2}}
-    study = _FakeStudy(data, {"vanilla": resnet, "clean": clean}, cfg, ["layer3"])
-    payload = C.build_stage(study)
-    study.payload = payload
+    ctx = StageContext.standalone("corrections", data, {"vanilla": resnet, "clean": clean},
+                                  section=cfg, experts={"layers": ["layer3"]}, reference="clean")
+    payload = C.build(ctx)
     assert [r["method"] for r in payload["rows"]] == ["suppression", "finetune"]
     (sk,) = [s for s in payload["skipped"] if s["method"] == "rrr"]
     assert sk["reason"].startswith("could not run: AttributeError: 'Sequential'")
@@ -307,18 +291,16 @@ def test_stage_on_resnet18_keeps_suppression_and_reports_a_failing_method(resnet
     buf = io.BytesIO()
     torch.save(payload, buf)
     buf.seek(0)
-    study.payload = torch.load(buf, weights_only=True)
-    m = C.load_model(study, "suppression", study.payload["models"]["suppression"])
+    m = C.load_model(torch.load(buf, weights_only=True), "suppression", resnet)
     assert isinstance(m.layer3, C.UnitScale)
     assert evaluate(m, data.test.x, data.test.y) == pytest.approx(sup_row["decoy_test_acc"])
 
 
 # ------------------------------------------------- P-ClArC: the activation "after" a layer
 
-def _facts_of(model: nn.Module) -> SimpleNamespace:
+def _facts_of(model: nn.Module) -> dict:
     named = [(n, type(m).__name__) for n, m in model.named_modules() if n]
-    return SimpleNamespace(model_facts=lambda: {"layers": [n for n, _ in named],
-                                                "kinds": dict(named)})
+    return {"layers": [n for n, _ in named], "kinds": dict(named)}
 
 
 def test_pclarc_projects_after_an_activation_only_when_it_reads_the_layer(resnet):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from core.distributions import GaussianDoI, LinearDoI, PointDoI
-from core.experts import experts, interpret
-from core.influence import influence
-from core.quantities import ClassQoI, ComparativeQoI
+from core.engine.distributions import GaussianDoI, LinearDoI, PointDoI
+from core.engine.experts import experts, interpret
+from core.engine.influence import influence
+from core.engine.quantities import ClassQoI, ComparativeQoI
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 

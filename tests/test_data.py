@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.data import (
+from core.cases.decoy_mnist.data import (
     DataUnavailable,
     DecoyData,
     Split,

@@ -1,8 +1,6 @@
-"""core.detection on the real pretrained O-Net and a handful of real LFW-subset images (seconds)."""
+"""core.stages.detection on the real pretrained O-Net and a handful of real LFW-subset images (seconds)."""
 
 from __future__ import annotations
-
-import types
 
 import pytest
 import torch
@@ -11,7 +9,9 @@ pytest.importorskip("skimage")
 
 from core.cases.faces.adapter import faces_data  # noqa: E402
 from core.cases.faces.onet import STD, FaceDetector, onet_weights_path  # noqa: E402
-from core.detection import (  # noqa: E402
+from core.cases.seam import SourceError  # noqa: E402
+from core.methods.training import predict_logits  # noqa: E402
+from core.stages.detection import (  # noqa: E402
     DEFAULTS,
     Detectors,
     check_config,
@@ -24,8 +24,6 @@ from core.detection import (  # noqa: E402
     roc,
     window_concentration,
 )
-from core.models import predict_logits  # noqa: E402
-from core.seam import SourceError  # noqa: E402
 
 try:
     onet_weights_path()
@@ -139,21 +137,21 @@ def test_masking_keeps_clean_images_and_returns_a_square(data, model):
 
 
 @needs_weights
-def test_build_stage_on_a_tiny_study(data, model):
-    from core.detection import build_stage
+def test_build_on_a_tiny_context(data, model):
+    from core.stages.base import StageContext
+    from core.stages.detection import build
 
     data_small = data
     section = {"model": "pretrained", "train_set": "clean", "eval_set": "clean_test",
                "layers": ["onet.conv4", "onet.dense5"], "steps": 10, "n_fit": 10,
                "n_attack_fit": 4, "n_eval": 4, "resolution": 2, "n_examples": 2,
                "adaptive_weight": 1.0}
-    study = types.SimpleNamespace(
-        data=lambda: data_small, subject="watermarked", reference=None,
-        model=lambda name: model, device=torch.device("cpu"),
-        config=types.SimpleNamespace(section=lambda s: dict(section),
-                                     experts={"layers": ["onet.dense5"]}))
     calls = []
-    out = build_stage(study, progress=lambda d, t, m: calls.append((d, t, m)))
+    ctx = StageContext.standalone(
+        "detection", data_small, {"watermarked": model, "pretrained": model}, section=section,
+        experts={"layers": ["onet.dense5"]}, device=torch.device("cpu"),
+        progress=lambda d, t, m: calls.append((d, t, m)))
+    out = build(ctx)
     names = [r["detector"] for r in out["rows"]]
     assert {"influence_combined", "max_softmax", "mahalanobis"} <= set(names)
     for r in out["rows"]:

@@ -21,9 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script by torchrun
     sys.path.insert(0, ROOT)
 
-from core.distributions import GaussianDoI, LinearDoI, PointDoI  # noqa: E402
-from core.influence import influence  # noqa: E402
-from core.quantities import ClassQoI, ComparativeQoI  # noqa: E402
+from core.engine.distributions import GaussianDoI, LinearDoI, PointDoI  # noqa: E402
+from core.engine.influence import influence  # noqa: E402
+from core.engine.quantities import ClassQoI, ComparativeQoI  # noqa: E402
 
 
 def model_and_data():

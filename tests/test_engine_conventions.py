@@ -20,10 +20,10 @@ from captum.attr import (
 )
 from torch import nn
 
-from core.distributions import QUADRATURES, GaussianDoI, LinearDoI, PointDoI
-from core.experts import experts
-from core.influence import influence, saliency
-from core.quantities import ClassQoI
+from core.engine.distributions import QUADRATURES, GaussianDoI, LinearDoI, PointDoI
+from core.engine.experts import experts
+from core.engine.influence import influence, saliency
+from core.engine.quantities import ClassQoI
 
 
 def all_hooks(model: nn.Module) -> int:

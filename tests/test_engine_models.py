@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from core.distributions import GaussianDoI, LinearDoI, PointDoI
-from core.experts import experts, experts_many
-from core.influence import Slice, influence
-from core.quantities import ClassQoI, ComparativeQoI, UnitQoI
+from core.engine.distributions import GaussianDoI, LinearDoI, PointDoI
+from core.engine.experts import experts, experts_many
+from core.engine.influence import Slice, influence
+from core.engine.quantities import ClassQoI, ComparativeQoI, UnitQoI
 
 
 def all_hooks(model: nn.Module) -> int:

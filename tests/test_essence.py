@@ -1,4 +1,4 @@
-"""Essence curves, ablations and the causal checks of experts (core.essence, issue 14)."""
+"""Essence curves, ablations and the causal checks of experts (core.stages.essence, issue 14)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-import core.essence as E
-from core.data import decoy_mnist
-from core.models import DecoyCNN, set_seed, train_model
+import core.stages.essence as E
+from core.cases.decoy_mnist.data import decoy_mnist
+from core.cases.decoy_mnist.net import DecoyCNN
+from core.methods.training import set_seed, train_model
+from core.stages.base import StageContext
 
 # ----------------------------------------------------------------------------- a hand-built model
 # x (N, W) → hidden = x (identity) → ReLU → logits, W = 32 units:
@@ -266,42 +268,22 @@ def test_region_check_on_decoy_data(decoy):
 
 # ----------------------------------------------------------------------------- the stage
 
-class _Config:
-    def __init__(self, section, experts):
-        self._section, self.experts = section, experts
-
-    def section(self, name):
-        return self._section if name == "essence" else {}
-
-
-class _Study:
-    """The few things build_stage reads from a CaseStudy."""
-
-    def __init__(self, model, data, section, rows):
-        self._model, self._data, self._rows = model, data, rows
-        self.subject, self.reference = "vanilla", None
-        self.config = _Config(section, {"layers": ["conv2", "fc1"], "k": 2, "classes": list(range(10)),
-                                        "reduce": "sum", "by": "value"})
-
-    def data(self):
-        return self._data
-
-    def model(self, name):
-        assert name == "vanilla"
-        return self._model
-
-    def artifact(self, stage):
-        return {"rows": self._rows} if stage == "experts" else None
+def _context(model, data, section, rows, progress=None):
+    """The essence stage's context without a case: vanilla under study, the experts rows."""
+    return StageContext.standalone(
+        "essence", data, {"vanilla": model}, section=section, subject="vanilla",
+        experts={"layers": ["conv2", "fc1"], "k": 2, "classes": list(range(10)), "reduce": "sum",
+                 "by": "value"},
+        artifacts={"experts": {"rows": rows}}, progress=progress)
 
 
-def test_build_stage_with_a_stand_in_study(decoy):
+def test_build_with_a_stand_in_context(decoy):
     model, data = decoy
     rows = [{"model": "vanilla", "class": c, "layer": "fc1", "unit": u, "rank": r + 1, "influence": 1.0,
              "shortcut": (c, r) == (3, 0)} for c in range(10) for r, u in enumerate((c, c + 10))]
     section = {"pairs": [[4, 9]], "n_confused": 1, "random_draws": 4, "n_rank": 8}  # top_k: experts k
     seen = []
-    study = _Study(model, data, section, rows)
-    out = E.build_stage(study, lambda d, t, m: seen.append((d, t)))
+    out = E.build(_context(model, data, section, rows, lambda d, t, m: seen.append((d, t))))
     json.dumps(out)
     assert seen[-1][0] == seen[-1][1]
     assert out["pairs"][0]["a"] == 4 and out["pairs"][0]["source"] == "case"
@@ -316,4 +298,4 @@ def test_build_stage_with_a_stand_in_study(decoy):
     assert all(r["units"] == [] for r in out["region"] if r["layer"] == "conv2")
     assert out["seeds"]["seed"] == 0 and all("seed" in c for c in out["curves"])
     assert out["config"]["top_k"] == 2 and all(r["k"] == 2 for r in out["ablation"])
-    assert out == E.build_stage(_Study(model, data, section, rows)) | {"provenance": out["provenance"]}
+    assert out == E.build(_context(model, data, section, rows)) | {"provenance": out["provenance"]}

@@ -8,11 +8,11 @@ import torch
 from captum.attr import NeuronIntegratedGradients
 from torch import nn
 
-from core.distributions import LinearDoI, PointDoI
-from core.experts import experts, interpret, rank_units, unit_scores
-from core.imaging import heatmap, masked_image, overlay, percentile_mask
-from core.influence import influence
-from core.quantities import ClassQoI, UnitQoI
+from core.engine.distributions import LinearDoI, PointDoI
+from core.engine.experts import experts, interpret, rank_units, unit_scores
+from core.engine.influence import influence
+from core.engine.quantities import ClassQoI, UnitQoI
+from core.methods.imaging import heatmap, masked_image, overlay, percentile_mask
 
 
 def cnn(seed=0):
@@ -116,7 +116,7 @@ def test_heatmap_colours_and_masks():
 
 @pytest.mark.parametrize("reduce", ["sum", "max"])
 def test_bootstrap_scores_equal_a_loop_over_resamples(reduce):
-    from core.experts import bootstrap_scores
+    from core.engine.experts import bootstrap_scores
 
     torch.manual_seed(0)
     per = torch.randn(15, 4, 3, 3)

@@ -1,4 +1,4 @@
-"""core.explain: a reader's own image read safely from memory, converted to the case's input, and
+"""core.queries.explain: a reader's own image read safely from memory, converted to the case's input, and
 explained (prediction, Integrated Gradients, the predicted class's experts)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.explain import MAX_BYTES, ImageError, explain_image, read_image, to_model_input
+from core.queries.explain import MAX_BYTES, ImageError, explain_image, read_image, to_model_input
 
 
 def _bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -119,7 +119,7 @@ def test_explain_image_on_the_small_case(small_study):
 def test_trace_image_follows_one_test_image_through_every_expert_layer(small_study):
     import torch
 
-    from core.explain import trace_image
+    from core.queries.explain import trace_image
 
     model, layers = small_study.subject, list(small_study.config.experts["layers"])
     res = trace_image(small_study, model, 5, k=2, resolution=4)
@@ -151,7 +151,7 @@ def test_trace_image_follows_one_test_image_through_every_expert_layer(small_stu
 
 
 def test_trace_image_experts_match_explain_image_layer_by_layer(small_study):
-    from core.explain import trace_image
+    from core.queries.explain import trace_image
 
     model = small_study.subject
     s = small_study.samples("test", 3)
@@ -167,7 +167,7 @@ def test_trace_image_experts_match_explain_image_layer_by_layer(small_study):
 
 
 def test_trace_image_of_a_picture_and_of_chosen_layers(small_study):
-    from core.explain import trace_image
+    from core.queries.explain import trace_image
 
     pic = small_study.samples("test", 1)["x"][0]
     res = trace_image(small_study, small_study.subject, pic, layers=["conv2"], k=1, resolution=4)
@@ -187,7 +187,7 @@ def test_trace_image_of_a_picture_and_of_chosen_layers(small_study):
     (2.0, TypeError, "integer"),
 ])
 def test_trace_image_refuses_a_bad_index_in_one_line(small_study, bad, error, words):
-    from core.explain import trace_image
+    from core.queries.explain import trace_image
 
     with pytest.raises(error, match=words) as info:
         trace_image(small_study, small_study.subject, bad, layers=[], resolution=4)
@@ -197,7 +197,7 @@ def test_trace_image_refuses_a_bad_index_in_one_line(small_study, bad, error, wo
 def test_predict_split_says_which_images_the_model_gets_wrong(small_study):
     import torch
 
-    from core.explain import predict_split
+    from core.queries.explain import predict_split
 
     got = predict_split(small_study, small_study.subject)
     data = small_study.data()
@@ -215,7 +215,7 @@ def test_layer_experts_read_the_stage_when_experts_classes_is_unset():
     import torch
     from torch import nn
 
-    from core.explain import _layer_experts
+    from core.queries.explain import _layer_experts
 
     class Net(nn.Module):
         def __init__(self):

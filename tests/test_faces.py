@@ -32,8 +32,8 @@ from core.cases.faces.onet import (  # noqa: E402
     pretrained_detector,
     pretrained_state,
 )
-from core.models import evaluate, predict_logits, train_model  # noqa: E402
-from core.seam import SourceError  # noqa: E402
+from core.cases.seam import SourceError  # noqa: E402
+from core.methods.training import evaluate, predict_logits, train_model  # noqa: E402
 
 try:
     onet_weights_path()

@@ -1,4 +1,4 @@
-"""core.factories: [models.<name>] checks, make_model next to the TOML, load_weights, model_facts."""
+"""core.cases.factories: [models.<name>] checks, make_model next to the TOML, load_weights, model_facts."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.factories import check_model, check_name, load_weights, make_model, model_facts
-from core.seam import SourceError
+from core.cases.factories import check_model, check_name, load_weights, make_model, model_facts
+from core.cases.seam import SourceError
 
 NETS = '''
 import torch
@@ -143,7 +143,7 @@ def test_local_module_reloads_when_changed(case_dir):
 
 
 def test_dotted_modules_import_normally(tmp_path):
-    model = make_model("core.models:DecoyCNN", {"n_classes": 4}, tmp_path)
+    model = make_model("core.cases.decoy_mnist.net:DecoyCNN", {"n_classes": 4}, tmp_path)
     assert model.fc2.out_features == 4
     resnet = make_model("torchvision.models:resnet18", {"num_classes": 3}, tmp_path)
     assert resnet.fc.out_features == 3

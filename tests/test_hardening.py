@@ -21,14 +21,14 @@ import pytest
 import torch
 from PIL import Image
 
-from core import factories
-from core.cache import MAGIC, Cache
+from core.cases import factories
+from core.cases.factories import check_checkpoint, checkpoint_digest, load_weights, make_model
+from core.cases.seam import SourceError
+from core.cases.sources import source_fingerprint
 from core.casestudy import CaseError, CaseStudy
 from core.casestudy import facts as case_facts
-from core.codehash import local_closure, user_code_hash
-from core.factories import check_checkpoint, checkpoint_digest, load_weights, make_model
-from core.seam import SourceError
-from core.sources import source_fingerprint
+from core.storage.cache import MAGIC, Cache
+from core.storage.codehash import local_closure, user_code_hash
 
 NETS = '''
 from torch import nn
@@ -271,7 +271,7 @@ def test_an_oversized_checkpoint_is_refused_by_its_size(tmp_path, monkeypatch):
     big = tmp_path / "big.pt"
     with open(big, "wb") as f:
         f.truncate(2 * 2**20)  # sparse: nothing to read
-    from core import safeio
+    from core.storage import safeio
 
     monkeypatch.setattr(safeio, "MAX_CHECKPOINT_BYTES", 2**20)
     with pytest.raises(SourceError) as info:
@@ -339,9 +339,9 @@ def test_dotted_modules_need_a_zoo_or_the_setting(tmp_path, monkeypatch):
         make_model("os:system", {"command": "true"}, tmp_path)
     # a zoo module cannot be used to reach the standard library through its attributes
     with pytest.raises(SourceError, match="refused"):
-        make_model("core.models:os.system", {"command": "true"}, tmp_path)
+        make_model("core.cases.factories:importlib.import_module", {"name": "os"}, tmp_path)
     with pytest.raises(SourceError, match="private"):
-        make_model("core.models:_private", {}, tmp_path)
+        make_model("core.cases.factories:_private", {}, tmp_path)
 
 
 def test_a_factory_module_that_exits_or_interrupts_at_import_is_one_line(tmp_path):

@@ -16,9 +16,9 @@ from captum.attr import (
 )
 from torch import nn
 
-from core.distributions import GaussianDoI, LinearDoI, PointDoI
-from core.influence import LayerNotFound, influence, layer_names
-from core.quantities import ClassQoI, ComparativeQoI, MaxClassQoI, UnitQoI
+from core.engine.distributions import GaussianDoI, LinearDoI, PointDoI
+from core.engine.influence import LayerNotFound, influence, layer_names
+from core.engine.quantities import ClassQoI, ComparativeQoI, MaxClassQoI, UnitQoI
 
 torch.set_default_dtype(torch.float32)
 

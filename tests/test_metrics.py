@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from core import metrics as M
+from core.methods import metrics as M
 
 quantus = pytest.importorskip("quantus")
 

@@ -8,14 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from core.data import decoy_mnist
-from core.models import (
-    ARCHITECTURES,
-    EXPERT_LAYERS,
-    DecoyCNN,
-    build_model,
+from core.cases.decoy_mnist.data import decoy_mnist
+from core.cases.decoy_mnist.net import ARCHITECTURES, EXPERT_LAYERS, DecoyCNN, build_model, load_checkpoint
+from core.methods.training import (
     evaluate,
-    load_checkpoint,
     predict_logits,
     recalibrate_batchnorm,
     save_checkpoint,

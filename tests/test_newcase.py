@@ -1,4 +1,4 @@
-"""core.newcase: the example case is written, refuses to overwrite, and works end to end."""
+"""core.cases.newcase: the example case is written, refuses to overwrite, and works end to end."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import tomllib
 import pytest
 import torch
 
-from core.factories import check_model, make_model, model_facts
-from core.newcase import EXAMPLE_FILES, write_example
-from core.seam import SourceError
-from core.sources import check_dataset, check_region, folder_data, source_fingerprint
+from core.cases.factories import check_model, make_model, model_facts
+from core.cases.newcase import EXAMPLE_FILES, write_example
+from core.cases.seam import SourceError
+from core.cases.sources import check_dataset, check_region, folder_data, source_fingerprint
 
 
 def test_write_example_writes_the_four_files(tmp_path):

@@ -222,7 +222,7 @@ def test_damp_this_unit_shows_the_class_before_and_after(app, small_study):
     # The numbers are core's: the same ablation computed directly.
     import torch
 
-    from core import essence
+    from core.stages import essence
 
     data = small_study.data()
     split = data.evaluation_sets[data.headline]
@@ -354,7 +354,7 @@ def test_missing_results_are_offered_and_built_from_the_page(app, tmp_path, monk
 
 
 # ---------------------------------------------------------------------------------------------- user cases
-# The same chapters for a user's case: the example folder case of core.newcase (3 RGB classes,
+# The same chapters for a user's case: the example folder case of core.cases.newcase (3 RGB classes,
 # 48×48, a "mark" region, a reference model), and a variant without region and reference.
 
 EXAMPLE_EXPERTS = """
@@ -385,7 +385,7 @@ def write_user_cases(root: Path) -> dict[str, Path]:
     import subprocess
     import sys
 
-    from core.newcase import write_example
+    from core.cases.newcase import write_example
 
     shapes = root / "shapes"
     write_example(shapes)
@@ -592,7 +592,7 @@ def test_the_app_opens_cases_by_name_only(monkeypatch, small_study):
 
 def test_essence_chapter_offers_the_build_then_draws_curves_and_tables(small_study, monkeypatch, tmp_path):
     if not ui.stage_exists("essence"):
-        pytest.skip("core.essence is not there")
+        pytest.skip("core.stages.essence is not there")
     import shutil
 
     cache = tmp_path / "cache"

@@ -45,7 +45,7 @@ def app(small_study, casebook_cache, monkeypatch):
 
 @pytest.fixture(scope="module")
 def wrong(small_study):
-    from core.explain import predict_split
+    from core.queries.explain import predict_split
 
     return predict_split(small_study, small_study.subject)
 

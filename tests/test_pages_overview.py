@@ -136,8 +136,8 @@ def test_without_the_experts_stage_the_page_says_so(small, tmp_path, monkeypatch
 
 @pytest.fixture
 def no_region_case(tmp_path, monkeypatch):
-    """The example user case (core.newcase) with its [region] and reference removed, tiny settings."""
-    from core.newcase import write_example
+    """The example user case (core.cases.newcase) with its [region] and reference removed, tiny settings."""
+    from core.cases.newcase import write_example
 
     cases = tmp_path / "cases"
     folder = cases / "bare-shapes"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.cache import MAGIC, Cache, CacheError, key_of
+from core.storage.cache import MAGIC, Cache, CacheError, key_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_a_tampered_payload_is_never_served_and_is_moved_aside(tmp_path, caplog)
     blob = bytearray(path.read_bytes())
     blob[-20] ^= 0xFF
     path.write_bytes(bytes(blob))
-    with caplog.at_level(logging.WARNING, logger="core.cache"):
+    with caplog.at_level(logging.WARNING, logger="core.storage.cache"):
         assert cache.get(key) is None
     assert "corrupt" in caplog.text and "moved aside" in caplog.text
     assert not path.exists()
@@ -82,7 +82,7 @@ def test_swapped_entries_are_misses_not_the_other_configs_numbers(tmp_path, capl
     os.rename(pa, swap)
     os.rename(pb, pa)
     os.rename(swap, pb)
-    with caplog.at_level(logging.WARNING, logger="core.cache"):
+    with caplog.at_level(logging.WARNING, logger="core.storage.cache"):
         assert not cache.has(ka) and cache.meta(kb) is None
         assert cache.get(ka, "miss") == "miss" and Cache(tmp_path).get(kb, "miss") == "miss"
     assert "another key" in caplog.text
@@ -115,7 +115,7 @@ def test_a_payload_that_does_not_load_is_recomputed_and_the_bad_file_moved_aside
     key = _key("unloadable")
     blob = _raw_entry(cache.path(key), {"key": key, "stage": "x"}, b"PK\x03\x04 not really a torch zip")
     assert cache.meta(key) is not None  # the checksum holds ...
-    with caplog.at_level(logging.WARNING, logger="core.cache"):
+    with caplog.at_level(logging.WARNING, logger="core.storage.cache"):
         assert not cache.has(key)  # ... but it will not load: missing at once (issue 23)
         assert cache.get(key, "miss") == "miss"
     assert caplog.text.count("could not be unpickled") == 1  # logged once
@@ -156,7 +156,7 @@ def test_a_payload_that_loads_as_another_type_than_was_stored_is_a_miss(tmp_path
 
 _WRITER = """
 import sys, torch
-from core.cache import Cache
+from core.storage.cache import Cache
 Cache(sys.argv[1]).put(sys.argv[2], {"w": torch.ones(int(sys.argv[3]))})
 """
 
@@ -279,7 +279,7 @@ def test_a_file_inside_the_cache_directory_is_named(tmp_path):
 
 _READ_ONLY = textwrap.dedent("""
     import json, os, sys
-    from core.cache import Cache, CacheError
+    from core.storage.cache import Cache, CacheError
     cache, kept, new, out = Cache(sys.argv[1]), sys.argv[2], sys.argv[3], {}
     out["writable"] = os.access(cache.root / "artifacts", os.W_OK)
     out["read"] = cache.get(kept)
@@ -332,7 +332,7 @@ def test_a_read_only_cache_directory_raises_one_clear_error(tmp_path):
 # without root on the host. Skipped where unprivileged namespaces are not allowed.
 _IN_NAMESPACE = textwrap.dedent("""
     import hashlib, json, os, subprocess, sys, torch
-    from core.cache import MAGIC, Cache, CacheError, key_of
+    from core.storage.cache import MAGIC, Cache, CacheError, key_of
     mnt = sys.argv[1]
     cache, out = Cache(os.path.join(mnt, "c")), {}
     k = lambda n: key_of(stage="ns", name=n)

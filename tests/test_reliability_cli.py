@@ -122,7 +122,7 @@ def test_case_files_that_are_not_regular_small_files_are_refused(tmp_path):
 
 def test_editing_a_module_rebuilds_exactly_the_stages_that_import_it(tmp_path):
     """Stage keys follow what each stage's module imports (issue 11: the corrections stage used
-    to ignore core/representations.py and served stale results after an edit)."""
+    to ignore core/stages/representations.py and served stale results after an edit)."""
     import json
     import shutil
     import subprocess

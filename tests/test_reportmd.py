@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.reportmd import drift, markdown, readme_blocks, stamped, update_readme
+from core.report.markdown import drift, markdown, readme_blocks, stamped, update_readme
 
 
 def _report(region: bool = True) -> dict:

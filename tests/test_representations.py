@@ -19,19 +19,20 @@ from captum.attr import (
 )
 from streamlit.testing.v1 import AppTest
 
-from core import metrics as M
-from core.distributions import GaussianDoI
-from core.experts import interpret
-from core.influence import influence
-from core.models import DecoyCNN
-from core.quantities import ClassQoI
-from core.representations import (
+from core.cases.decoy_mnist.net import DecoyCNN
+from core.engine.distributions import GaussianDoI
+from core.engine.experts import interpret
+from core.engine.influence import influence
+from core.engine.quantities import ClassQoI
+from core.methods import metrics as M
+from core.stages.base import StageContext
+from core.stages.representations import (
     METHODS,
     METRIC_KEYS,
     STAGE_VERSION,
     NoiseDoI,
     attribute,
-    build_stage,
+    build,
     layer_activation,
     method_table,
     smoothgrad_noise,
@@ -374,22 +375,21 @@ def test_page_in_the_app_on_the_small_case_study(stage, small_study, casebook_ca
         _clear_streamlit_caches()
 
 
-def test_build_stage_rejects_a_malformed_config_section():
-    def study(section):
-        return SimpleNamespace(config=SimpleNamespace(representations=section),
-                               data=lambda: pytest.fail("read data before checking the config"))
+def test_build_rejects_a_malformed_config_section():
+    def ctx(section):  # no data and no model: the section is checked before either is read
+        return StageContext.standalone("representations", None, {"vanilla": None}, section=section)
 
     with pytest.raises(ValueError, match="unknown method"):
-        build_stage(study({"methods": ["saliency", "lime"]}), None)
+        build(ctx({"methods": ["saliency", "lime"]}))
     with pytest.raises(ValueError, match="unknown key"):
-        build_stage(study({"n_image": 5}), None)
+        build(ctx({"n_image": 5}))
     with pytest.raises(ValueError, match="target"):
-        build_stage(study({"target": "logit"}), None)
+        build(ctx({"target": "logit"}))
 
 
 def test_internal_influence_with_the_path_doi_ranks_experts_in_attribution_space(batch):
-    from core.distributions import LinearDoI
-    from core.experts import experts
+    from core.engine.distributions import LinearDoI
+    from core.engine.experts import experts
 
     x, y = batch
     m = tiny_cnn()
@@ -408,9 +408,9 @@ def test_internal_influence_with_the_path_doi_ranks_experts_in_attribution_space
 def test_reindexed_doi_keeps_the_quadrature_weights_and_per_example_baselines():
     """A DoI seen through attribute()'s index map computes what the DoI itself does: the
     quadrature's weights and a per-example baseline follow along (found by the engine review)."""
-    from core.distributions import LinearDoI
-    from core.influence import influence
-    from core.representations import _Reindexed
+    from core.engine.distributions import LinearDoI
+    from core.engine.influence import influence
+    from core.stages.representations import _Reindexed
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))

@@ -1,4 +1,4 @@
-"""core.sources: table checks, the folder and tensors adapters, their errors, the fingerprint."""
+"""core.cases.sources: table checks, the folder and tensors adapters, their errors, the fingerprint."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core import sources
-from core.seam import CaseData, SourceError
-from core.sources import (
+from core.cases import sources
+from core.cases.seam import CaseData, SourceError
+from core.cases.sources import (
     DATASET_SCHEMA,
     REGION_SCHEMA,
     check_dataset,

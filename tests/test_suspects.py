@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.cases.newcase import write_example
 from core.casestudy import CaseStudy
-from core.newcase import write_example
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT = ("rank", "class", "verdict", "masks", "layer", "units", "n_images", "share_of_image",

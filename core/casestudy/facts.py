@@ -12,15 +12,15 @@ import contextvars
 from collections.abc import Iterator
 from pathlib import Path
 
-from core.cache import Cache, key_of
+from core.cases.decoy_mnist.priors import ARCH_NAMES
 from core.casestudy.config import CaseError
-from core.safeio import check_checkpoint, checkpoint_digest, open_checkpoint
+from core.storage.cache import Cache, key_of
+from core.storage.safeio import check_checkpoint, checkpoint_digest, open_checkpoint
 
 __all__ = ["ARCH_NAMES", "FactsNotCached", "build", "check_checkpoint", "checkpoint_digest",
            "default_layers", "facts_key", "model_facts", "n_outputs", "no_user_code",
            "open_checkpoint", "store_facts", "user_code"]
 
-ARCH_NAMES = ("decoy-cnn", "decoy-cnn-unpadded")  # core.models.ARCHITECTURES, without torch
 _NO_CODE = "e3b0c44298fc1c14"  # sha256(b"")[:16]: no user code (kept so built-in keys stay put)
 
 
@@ -48,7 +48,7 @@ class FactsNotCached(CaseError):
 def user_code(factory: str | None, base_dir: Path) -> str:
     """A short hash of the case's own code behind ``factory`` (``"module:callable"``): the factory
     module found next to the TOML — a ``nets.py`` or a package ``nets/__init__.py`` — and every
-    module of the case folder it imports, transitively (:func:`core.codehash.user_code_hash`).
+    module of the case folder it imports, transitively (:func:`core.storage.codehash.user_code_hash`).
     A fixed value for a dotted (library) module or none found there (the key built-in cases
     always had: the hash of no bytes); a file that cannot be read as source
     (not a regular file, too large, not parsing) keys as ``"<unreadable: ...>"`` so the build
@@ -58,7 +58,7 @@ def user_code(factory: str | None, base_dir: Path) -> str:
     module = factory.split(":", 1)[0]
     if "." in module:
         return _NO_CODE
-    from core.codehash import user_code_hash
+    from core.storage.codehash import user_code_hash
 
     try:
         return user_code_hash(module, base_dir) or _NO_CODE
@@ -68,12 +68,14 @@ def user_code(factory: str | None, base_dir: Path) -> str:
 
 def facts_key(spec, base_dir: Path) -> str:
     """The cache key of a model's facts: the factory (or architecture), its kwargs, the code of
-    ``core.models`` / ``core.factories`` and the case's own code behind the factory
+    ``core.methods.training`` / ``core.cases.decoy_mnist.net`` / ``core.cases.factories`` and the
+    case's own code behind the factory
     (:func:`user_code`). The models stage's key holds it, so editing a helper module the
     factory imports rebuilds the models."""
     from core.casestudy.registry import code_version
 
-    return key_of(stage="facts", version=code_version(("core.models", "core.factories")),
+    code = code_version(("core.methods.training", "core.cases.decoy_mnist.net", "core.cases.factories"))
+    return key_of(stage="facts", version=code,
                   arch=spec.arch, factory=spec.factory, kwargs=spec.kwargs,
                   user=user_code(spec.factory, Path(base_dir)) if spec.factory else _NO_CODE)
 
@@ -107,12 +109,12 @@ def store_facts(spec, base_dir: Path, cache: Cache, facts: dict) -> None:
 
 
 def build(spec, base_dir: Path, src: str):
-    """A fresh (untrained) module for ``spec``: ``core.models.build_model(arch, **kwargs)`` or the
-    user's factory (``core.factories.make_model``). One-line :class:`CaseError` on failure."""
+    """A fresh (untrained) module for ``spec``: ``core.methods.training.build_model(arch, **kwargs)`` or the
+    user's factory (``core.cases.factories.make_model``). One-line :class:`CaseError` on failure."""
     from core.casestudy.config import CaseError
 
     if spec.arch is not None:
-        from core.models import build_model
+        from core.cases.decoy_mnist.net import build_model
 
         try:
             return build_model(spec.arch, **spec.kwargs)
@@ -120,7 +122,7 @@ def build(spec, base_dir: Path, src: str):
             first = (str(exc).splitlines() or [""])[0]
             raise CaseError(f"{src}: model {spec.arch!r} cannot be built with kwargs "
                             f"{spec.kwargs}: {first}") from None
-    from core.factories import make_model
+    from core.cases.factories import make_model
 
     try:
         return make_model(spec.factory, spec.kwargs, base_dir)

@@ -2,7 +2,7 @@
 
 A stage's cache key follows from that declaration: its config sections, the keys (or digests) of
 the stages it reads, the device, and the code version — the stage's version number and a hash of
-the source of every ``core`` module its module imports, transitively (``core.codehash``), so an
+the source of every ``core`` module its module imports, transitively (``core.storage.codehash``), so an
 edit anywhere a stage reaches rebuilds it and nothing else.
 """
 
@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 @dataclass(frozen=True)
 class Stage:
     """``name`` reads ``reads`` (earlier stages); ``modules`` compute it; ``sections`` of the config
-    are in its key; a ``delegated`` stage is ``build_stage(study, progress)`` of that module."""
+    are in its key; a ``delegated`` stage is ``build(ctx)`` of that module, given a
+    :class:`core.stages.base.StageContext` that holds what ``reads`` names and nothing more."""
 
     name: str
     reads: tuple[str, ...]
@@ -32,22 +33,21 @@ class Stage:
 REGISTRY: tuple[Stage, ...] = (
     # (core.casestudy's own modules are not listed: its package imports the whole pipeline, so
     # its hash would rebuild every stage on any edit; what they compute is keyed by the version)
-    Stage("data", (), ("core.seam",), ("dataset", "region"), 2),
-    Stage("models", ("data",), ("core.models", "core.factories", "core.devices"),
+    Stage("data", (), ("core.cases.seam",), ("dataset", "region"), 2),
+    Stage("models", ("data",), ("core.methods.training", "core.cases.decoy_mnist.net",
+                                "core.cases.factories", "core.engine.devices"),
           ("models", "training"), 2),
-    Stage("experts", ("data", "models"), ("core.experts", "core.influence", "core.quantities",
-                                          "core.distributions", "core.metrics", "core.devices"),
-          ("experts",), 3),
-    Stage("discovery", ("data", "models"), ("core.discovery_stage",), ("discovery",),
-          delegated="core.discovery_stage"),
-    Stage("representations", ("data", "models", "experts"), ("core.representations",),
-          ("representations",), delegated="core.representations"),
-    Stage("corrections", ("data", "models", "experts"), ("core.corrections",), ("corrections",),
-          delegated="core.corrections"),
-    Stage("essence", ("data", "models", "experts"), ("core.essence",), ("essence",),
-          delegated="core.essence"),
-    Stage("detection", ("data", "models"), ("core.detection",), ("detection",),
-          delegated="core.detection"),
+    Stage("experts", ("data", "models"), ("core.stages.experts",), ("experts",), 3),
+    Stage("discovery", ("data", "models"), ("core.stages.discovery",), ("discovery",),
+          delegated="core.stages.discovery"),
+    Stage("representations", ("data", "models", "experts"), ("core.stages.representations",),
+          ("representations",), delegated="core.stages.representations"),
+    Stage("corrections", ("data", "models", "experts"), ("core.stages.corrections",),
+          ("corrections",), delegated="core.stages.corrections"),
+    Stage("essence", ("data", "models", "experts"), ("core.stages.essence",), ("essence",),
+          delegated="core.stages.essence"),
+    Stage("detection", ("data", "models"), ("core.stages.detection",), ("detection",),
+          delegated="core.stages.detection"),
 )
 BY_NAME = {s.name: s for s in REGISTRY}
 STAGES = tuple(s.name for s in REGISTRY)
@@ -89,7 +89,7 @@ def code_version(modules: tuple[str, ...] | list[str]) -> str:
 def _code_version(modules: tuple[str, ...]) -> str:
     modules = tuple(m for m in modules if module_exists(m))
     try:
-        from core.codehash import code_hash
+        from core.storage.codehash import code_hash
     except ImportError:  # pragma: no cover - the module ships with core
         return _fallback_hash(modules)
     return code_hash(modules)

@@ -5,8 +5,8 @@
     study.report()                               # DESIGN §2 JSON of what is built (never computes)
 
 Stages (``core.casestudy.registry``): ``data → models → experts → representations → corrections →
-essence → detection``. Every stage reads only the case seam (``core.seam``): the data adapter's
-:class:`~core.seam.CaseData`, the named models, the optional region and reference.
+essence → detection``. Every stage reads only the case seam (``core.cases.seam``): the data adapter's
+:class:`~core.cases.seam.CaseData`, the named models, the optional region and reference.
 
 - **data**: the adapter's CaseData (deterministic, rebuilt in memory); the cache keeps its digest
   and sizes, which key everything downstream. A source that reads files keys on their
@@ -22,8 +22,10 @@ essence → detection``. Every stage reads only the case seam (``core.seam``): t
   images of class c. With a region, its ``region_mass`` is the mean share of positive
   attribution on the region, and an expert *carries the shortcut* when that exceeds its layer's
   threshold (:func:`shortcut_rule`); without a region neither exists.
-- **representations**, **corrections**, **essence**, **detection**: ``build_stage(study,
-  progress) -> dict`` of their module; skipped while the module does not exist.
+- **discovery**, **representations**, **corrections**, **essence**, **detection**:
+  ``build(ctx) -> dict`` of their module (``core.stages``), given a
+  :class:`~core.stages.base.StageContext` (:meth:`CaseStudy.context`); skipped while the module
+  does not exist.
 
 Each stage's result is one cache entry whose key hashes the stage name, its code version, its
 config sections, what it reads (data digest, model digests, upstream keys), the device and the
@@ -37,18 +39,16 @@ import contextlib
 import importlib
 import json
 import logging
-import math
 import os
 import platform
-import statistics
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.cache import Cache, key_of
-from core.casestudy import facts as _facts
+import core.casestudy.facts as _facts
+import core.casestudy.summary as _summary
 from core.casestudy.config import (
     CaseConfig,
     CaseError,
@@ -57,43 +57,15 @@ from core.casestudy.config import (
     resolve,
 )
 from core.casestudy.registry import BY_NAME, DELEGATED, STAGES, stage_code
+from core.casestudy.summary import plain as _plain
+from core.casestudy.views import IMAGES, ExpertViews  # noqa: F401 — IMAGES: the study's names
+from core.methods import shortcut as _shortcut
+from core.storage.cache import Cache, key_of
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int, str], None]
 MAX_SEEDS = 64
-# The test images a view's experts are interpreted on: by label or by the model's prediction.
-IMAGES = ("label", "predicted")
-
-
-def shortcut_rule(factor: float, quantile: float = 0.95, *, chance: float | None = 16 / 784,
-                  region: str = "decoy patch", reference: str | None = "clean") -> str:
-    """The rule that flags an expert as carrying the shortcut, in words (it goes into the report)."""
-    chance = chance if chance is not None else float("nan")
-    floor = f"{factor:g} × chance ({chance:.4f}, the {region}'s share of the image), i.e. " \
-            f"{factor * chance:.3f}"
-    base = (f"an expert carries the shortcut when its region mass — the share of positive "
-            f"attribution its interpretation puts on the {region}, averaged over its class's test "
-            "images — exceeds its layer's threshold: ")
-    if quantile <= 0 or reference is None:
-        return base + floor
-    return base + (f"the larger of {floor} and the {quantile:.0%} quantile of the region mass of "
-                   f"the reference model's ({reference}) top experts in the same layer (a model "
-                   "that does not use the region shows how much of it a unit picks up anyway)")
-
-
-def rank_experts(model, inputs, layer: str, qoi, doi=None, *, k: int = 5, reduce: str = "sum",
-                 by: str = "value", bootstrap: int = 0, confidence: float = 0.9,
-                 seed: int = 0) -> dict:
-    """:func:`core.experts.experts` as a plain dict for the cache: ``{"experts": [{"unit",
-    "score", "rank", "frequency", "ci_low", "ci_high"}], "scores": (units,) CPU tensor,
-    "quantity", "distribution"}``."""
-    from core.experts import experts
-
-    ranking = experts(model, inputs, layer, qoi, doi, k=k, reduce=reduce, by=by,
-                      bootstrap=bootstrap, confidence=confidence, seed=seed)
-    return {"experts": ranking.to_records(), "scores": ranking.scores.detach().cpu(),
-            "quantity": ranking.quantity, "distribution": ranking.distribution}
 
 
 def _device_type_guess() -> str:
@@ -107,21 +79,6 @@ def _device_type_guess() -> str:
     return "cuda" if os.path.exists("/dev/nvidiactl") and not hidden else "cpu"
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolation quantile (NumPy's default) of an ascending list."""
-    if not sorted_values:
-        return float("nan")
-    pos = q * (len(sorted_values) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def _sd(values: list[float]) -> float:
-    """Sample standard deviation (n − 1); 0.0 for a single value."""
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def _provenance(seconds: float, device: Any) -> dict:
     import torch
 
@@ -130,91 +87,30 @@ def _provenance(seconds: float, device: Any) -> dict:
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-@contextlib.contextmanager
-def _threads(device: Any):
-    """Intra-op threads for a CPU build: ``$CASEBOOK_THREADS``, default 1, and torch's
-    deterministic algorithms (warn-only) for the build; both restored afterwards.
-
-    The models are small: a second thread buys little, and on a shared machine torch's spinning
-    workers make training many times slower (measured 1.7 s with one thread against 14.5 s with
-    two on a busy 2-core box).
-    """
-    import torch
-
-    if str(device).startswith("cuda"):
-        yield
-        return
-    try:
-        n = max(1, int(os.environ.get("CASEBOOK_THREADS", "1")))
-    except ValueError:
-        n = 1
-    before = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(n)
-    # as deterministic as torch allows: ops with a deterministic variant use it, the rest warn
-    # (measured: a 1- vs a 2-thread build of decoy-mnist still moves 181 of its 220 numeric README
-    # claims in their last digits, all within their tolerances; README.claims.json checks that)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-        torch.use_deterministic_algorithms(deterministic)
-
-
-def _torch_version() -> str:
-    """torch's version without importing it (when it is not imported yet)."""
-    import sys
-
-    if "torch" in sys.modules:
-        return str(sys.modules["torch"].__version__)
-    import importlib.util
-    import re
-
-    spec = importlib.util.find_spec("torch")  # finds the package without running it
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        try:  # torch/version.py holds the full version, with its local tag (e.g. +cu130)
-            text = (Path(folder) / "version.py").read_text()
-        except OSError:
-            continue
-        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
-        if found:
-            return found.group(1)
-    import torch
-
-    return str(torch.__version__)
-
-
 def _np(t):
     return t.detach().cpu().numpy()
 
 
 class _StageProgress:
-    """The progress callable a stage gets: accepts ``(done, total, message)`` or the study's
-    ``(stage, done, total, message)`` form."""
+    """The progress callable a stage gets, ``(done, total, message)``; it tells the build's sink
+    ``(stage, done, total, message)``."""
 
     def __init__(self, stage: str, sink: ProgressFn | None):
         self.stage, self.sink = stage, sink
 
-    def __call__(self, *args, **kwargs):
-        if self.sink is None:
-            return
-        if args and isinstance(args[0], str):
-            args = args[1:]
-        done = args[0] if len(args) > 0 else kwargs.get("done", 0)
-        total = args[1] if len(args) > 1 else kwargs.get("total", 0)
-        message = args[2] if len(args) > 2 else kwargs.get("message", "")
-        self.sink(self.stage, int(done), int(total), str(message))
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        if self.sink is not None:
+            self.sink(self.stage, int(done), int(total), str(message))
 
 
 
 
 # --------------------------------------------------------------------------------- the study
 
-class CaseStudy:
+class CaseStudy(ExpertViews):
     """One case study: its config, its cached stages, and the objects the report reads.
 
-    The seam the stages read: :meth:`data` (a :class:`core.seam.CaseData`), :attr:`subject` (the
+    The seam the stages read: :meth:`data` (a :class:`core.cases.seam.CaseData`), :attr:`subject` (the
     model under study), :attr:`reference` (the model to compare against, or None),
     :attr:`model_names`, :meth:`model`, :attr:`device`, ``config.section(name)`` and
     :meth:`artifact`.
@@ -307,7 +203,7 @@ class CaseStudy:
         """The ``torch.device`` stages compute on (resolved on first use: ``None`` → CUDA when
         available, else CPU)."""
         if self._device is None:
-            from core.devices import pick_device
+            from core.engine.devices import pick_device
 
             try:
                 self._device = pick_device(self._device_asked)
@@ -354,7 +250,7 @@ class CaseStudy:
 
     # ------------------------------------------------------------------------------- data
     def data(self):
-        """The case's :class:`core.seam.CaseData` (deterministic; built once per study)."""
+        """The case's :class:`core.cases.seam.CaseData` (deterministic; built once per study)."""
         with self._lock:
             if self._data is None:
                 cfg = self.config
@@ -406,9 +302,7 @@ class CaseStudy:
         (all of them for ten or fewer). The config is never rewritten, so the stage's key is the
         same whether or not this process has loaded the data."""
         given = self.config.experts.get("classes")
-        if given:
-            return list(given)
-        return list(range(min(self._n_classes(), 10)))
+        return list(given) if given else _shortcut.classes_of({}, self._n_classes())
 
     def case_facts(self) -> dict:
         """What the pages need to know about the case without loading data or models:
@@ -453,7 +347,7 @@ class CaseStudy:
         module = cfg.adapter.module
         if cfg.dataset["source"] in ("folder", "tensors"):
             # a source that reads files keys on them: replacing an image must rebuild
-            from core import sources
+            from core.cases import sources
 
             try:
                 fingerprint = sources.source_fingerprint(cfg.dataset, cfg.region, cfg.base_dir)
@@ -516,7 +410,7 @@ class CaseStudy:
                       device=self._device_type())
 
     def _delegate(self, stage: str):
-        """The stage's module when it defines ``build_stage``; else None (the stage is skipped)."""
+        """The stage's module when it defines ``build(ctx)``; else None (the stage is skipped)."""
         name = BY_NAME[stage].delegated
         try:
             module = importlib.import_module(name)
@@ -524,7 +418,7 @@ class CaseStudy:
             if getattr(exc, "name", None) not in (name, "core"):
                 log.warning("%s cannot be imported (%s); skipping the %s stage", name, exc, stage)
             return None
-        return module if callable(getattr(module, "build_stage", None)) else None
+        return module if callable(getattr(module, "build", None)) else None
 
     def _delegated_key(self, stage: str) -> str | None:
         from core.casestudy.registry import module_exists
@@ -682,7 +576,7 @@ class CaseStudy:
                     first = (str(exc).strip().splitlines() or [""])[0]
                     message = f"{type(exc).__name__}: {first}"[:300]
                 if status == "skipped":
-                    message = f"{BY_NAME[stage].delegated} has no build_stage yet"
+                    message = f"{BY_NAME[stage].delegated} has no build(ctx) yet"
                 results[stage] = {"status": status, "seconds": time.perf_counter() - t0,
                                   "message": message}
         return results
@@ -705,7 +599,9 @@ class CaseStudy:
             if not force and self.cache.has(key):
                 p(1, 1, "cached")
                 return "cached"
-            with _threads(self.device):
+            from core.engine.devices import build_threads
+
+            with build_threads(self.device):
                 payload = fn()
             self.cache.put(key, payload, meta_box)
         self._payloads[key] = payload
@@ -763,7 +659,7 @@ class CaseStudy:
         return _facts.build(self.config.models[name], self.config.base_dir, self._where())
 
     def _load_checkpoint(self, name: str, model):
-        from core.factories import load_weights
+        from core.cases.factories import load_weights
 
         spec = self.config.models[name]
         try:
@@ -773,7 +669,7 @@ class CaseStudy:
                             f"{(str(exc).splitlines() or [''])[0]}") from None
 
     def _train_seed(self, seed: int, p: _StageProgress, offset: list, total: int):
-        from core.models import evaluate, set_seed, state_digest, train_model
+        from core.methods.training import evaluate, set_seed, state_digest, train_model
 
         data = self.data()
         t0 = time.perf_counter()
@@ -871,6 +767,28 @@ class CaseStudy:
         model.load_state_dict(state)
         return model.to(self.device).eval()
 
+    def context(self, stage: str, progress: Callable[[int, int, str], None] | None = None):
+        """The :class:`~core.stages.base.StageContext` the pipeline hands ``stage``'s build: this
+        case's data, models, facts and seeds, the stage's section, ``[experts]``, and the
+        artifacts of the stages it reads (building them when missing)."""
+        from core.stages.base import StageContext
+
+        reads = BY_NAME[stage].reads
+
+        def load_artifact(name: str):
+            if not self.is_built(name):
+                self.build([name])
+            return self.artifact(name)
+
+        return StageContext(
+            stage=stage, data=self.data(), section=dict(self.config.section(stage) or {}),
+            experts=dict(self.config.experts), subject=self.subject, reference=self.reference,
+            model_names=tuple(self.model_names), seeds=int(self.seeds or 1), device=self.device,
+            reads=tuple(reads), load_model=lambda n, seed: self.model(n, seed=seed),
+            load_facts=self.model_facts, load_artifact=load_artifact,
+            predict=lambda m, split, seed: self.predictions(m, split, seed),
+            report_progress=progress or (lambda done, total, message="": None))
+
     def _correction_model(self, name: str):
         payload = self.artifact("corrections")
         module = self._delegate("corrections")
@@ -886,8 +804,8 @@ class CaseStudy:
             known = ", ".join([*self.model_names, *models]) or "none"
             raise CaseError(f"{self.name}: no model named {name!r}; available: {known}")
         loader = getattr(module, "load_model", None) if module is not None else None
-        if callable(loader):
-            model = loader(self, name, models[name])
+        if callable(loader):  # the stage's declared hook: rebuild the corrected model's shape
+            model = loader(payload, name, self.model(self.subject))
             return model.to(self.device).eval()
         return self._from_state(models[name])
 
@@ -898,30 +816,20 @@ class CaseStudy:
                 self.model(name)
                 digests = self._model_digests(0)
             return digests[name]
-        from core.models import state_digest
+        from core.methods.training import state_digest
 
         return state_digest(self.model(name))
 
     # ----------------------------------------------------------------------------- experts
-    def _class_images(self, c: int) -> tuple:
-        """(DoI images: class-c training images, interpretation images: the first n_images test
-        images of class c, their region masks or None, their test-split indices)."""
-        data = self.data()
-        m = self.config.experts["n_images"]
-        train_x = data.train.x[data.train.y == c]
-        idx = (data.test.y == c).nonzero().flatten()[:m]
-        masks = None if data.test.mask is None else data.test.mask[idx]
-        return train_x, data.test.x[idx], masks, idx
-
     def predictions(self, model: str, split: str = "test", seed: int = 0):
         """``model``'s predicted class (argmax of its logits) for every image of ``split``
         ("train", "val" or "test"): a (N,) long tensor on the CPU, from
-        :func:`core.models.predict_logits` (batched, no gradients) under the model's lock;
+        :func:`core.methods.training.predict_logits` (batched, no gradients) under the model's lock;
         memoised per process (the weights are fixed for a name and seed)."""
         import torch
 
-        from core.influence import model_lock
-        from core.models import predict_logits
+        from core.engine.influence import model_lock
+        from core.methods.training import predict_logits
 
         if split not in ("train", "val", "test"):
             raise CaseError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -934,90 +842,6 @@ class CaseStudy:
                 self._predictions[key] = (logits.argmax(1) if len(logits)
                                           else torch.zeros(0, dtype=torch.long))
             return self._predictions[key]
-
-    def _interpretation_indices(self, model: str, classes: list[int], images: str):
-        """Test-split indices of the images a view is interpreted on: for each class in
-        ``classes`` (one, or a comparative pair a, b), its first ``n_images`` test images by
-        label (``images="label"``) or by ``model``'s prediction (``"predicted"``), in that order."""
-        import torch
-
-        data = self.data()
-        m = self.config.experts["n_images"]
-        by = data.test.y if images == "label" else self.predictions(model)
-        parts = [(by == c).nonzero().flatten()[:m] for c in classes]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-
-    def _rank_many(self, model, layers: list[str], qoi, doi, c: int) -> dict[str, dict]:
-        """The rankings of every layer for ``qoi``/``doi`` over the class-c training images, from
-        one forward and one backward pass per chunk (:func:`core.experts.experts_many`); the same
-        dicts :func:`rank_experts` gives one layer at a time."""
-        from core.experts import experts_many
-
-        e = self.config.experts
-        train_x = self._class_images(c)[0]
-        if len(train_x) == 0:
-            raise CaseError(f"{self.name}: class {c} has no training image")
-        rankings = experts_many(model, train_x.to(self.device), list(layers), qoi, doi,
-                                k=e["k"], reduce=e["reduce"], by=e["by"],
-                                bootstrap=e["bootstrap"], confidence=e["confidence"], seed=0)
-        return {layer: {"experts": r.to_records(), "scores": r.scores.detach().cpu(),
-                        "quantity": r.quantity, "distribution": r.distribution}
-                for layer, r in rankings.items()}
-
-    def _rank_and_interpret(self, model, layer: str, qoi, doi, c: int,
-                            progress: Callable[[int, int, str], None] | None = None,
-                            ranking: dict | None = None, indices=None) -> dict:
-        """Top-k experts of ``layer`` for ``qoi``/``doi`` over class-c training images, each
-        interpreted on class-c test images (or on the test images ``indices``); tensors (CPU)
-        and plain values only. With a region the rows carry ``region_mass``; the ``shortcut``
-        flags are set by the caller."""
-        import torch
-
-        from core.experts import interpret
-        from core.metrics import decoy_mass as region_mass
-
-        e = self.config.experts
-        train_x, images, masks, idx = self._class_images(c)
-        if len(train_x) == 0:
-            raise CaseError(f"{self.name}: class {c} has no training image")
-        if indices is not None:
-            test = self.data().test
-            idx = indices
-            images = test.x[idx]
-            masks = None if test.mask is None else test.mask[idx]
-        dev = self.device
-        steps = 1 + int(e["k"])
-        if ranking is None:
-            if progress:
-                progress(0, steps, f"ranking the units of {layer}")
-            ranking = rank_experts(model, train_x.to(dev), layer, qoi, doi, k=e["k"],
-                                   reduce=e["reduce"], by=e["by"], bootstrap=e["bootstrap"],
-                                   confidence=e["confidence"], seed=0)
-        maps = []
-        for i, ex in enumerate(ranking["experts"]):
-            if progress:
-                progress(1 + i, steps, f"interpreting expert {ex['unit']} on {len(images)} images")
-            if not len(images):  # e.g. no test image is predicted as the class
-                maps.append(torch.zeros(0, *images.shape[2:]))
-                continue
-            a = interpret(model, images.to(dev), layer, ex["unit"], reduce=e["reduce"],
-                          resolution=e["resolution"])
-            maps.append(a.detach().cpu().sum(1).float())  # summed over channels
-        maps = torch.stack(maps) if maps else torch.zeros(0, images.shape[0], *images.shape[2:])
-        rows = []
-        for i, ex in enumerate(ranking["experts"]):
-            mass = None
-            if masks is not None and len(images):
-                dm = region_mass(maps[i], masks[:, 0]).double()
-                ok = torch.isfinite(dm)
-                mass = float(dm[ok].mean()) if ok.any() else None
-            rows.append({**ex, **self._mass_fields(mass)})
-        shown = torch.from_numpy(self.data().display(images)).float()  # [0, 1], for the pages
-        return {"rows": rows, "scores": ranking["scores"].float().clone(),
-                "images": shown,
-                "masks": None if masks is None else masks[:, 0].clone(),
-                "indices": idx.clone(), "maps": maps.clone(), "class": int(c),
-                "quantity": ranking["quantity"], "distribution": ranking["distribution"]}
 
     def _known_data_facts(self) -> dict:
         """The data facts (:meth:`_data_facts`): from the data when this process has loaded it
@@ -1032,40 +856,8 @@ class CaseStudy:
     def _alias(self) -> str | None:
         return self._known_data_facts().get("region_alias")
 
-    def _mass_fields(self, mass: float | None) -> dict:
-        """``{"region_mass": m}`` and the case's alias of it (``decoy_mass`` for DecoyMNIST)."""
-        out = {"region_mass": mass}
-        alias = self._alias()
-        if alias:
-            out[alias] = mass
-        return out
-
     def _chance(self) -> float | None:
         return self._known_data_facts().get("chance")
-
-    def _thresholds(self, rows: list[dict]) -> dict[str, float] | None:
-        """Per layer: the region mass above which an expert carries the shortcut (see
-        :func:`shortcut_rule`): max(factor × chance, quantile q of the reference model's experts
-        of that layer). None without a region."""
-        chance = self._chance()
-        if chance is None:
-            return None
-        e = self.config.experts
-        floor = e["shortcut_factor"] * chance
-        q = e["shortcut_quantile"]
-        out = {}
-        for layer in e["layers"]:
-            ref = sorted(r["region_mass"] for r in rows if r["model"] == self.reference
-                         and r["layer"] == layer and r["region_mass"] is not None)
-            out[layer] = max(floor, _quantile(ref, q)) if q > 0 and ref else floor
-        return out
-
-    @staticmethod
-    def _flag(row: dict, threshold: float | None) -> dict:
-        if threshold is None:
-            return dict(row)
-        dm = row.get("region_mass")
-        return {**row, "threshold": threshold, "shortcut": bool(dm is not None and dm > threshold)}
 
     def _build_experts(self, force: bool, p: _StageProgress) -> str:
         key = self._experts_key()
@@ -1073,77 +865,28 @@ class CaseStudy:
             raise CaseError(f"{self.name}: the experts stage needs the models stage")
 
         def compute():
-            from core.distributions import PointDoI
-            from core.quantities import ClassQoI
-
-            e = self.config.experts
-            self.data()  # validated before anything is ranked
             t0 = time.perf_counter()
-            models = {name: self.model(name) for name in self.model_names}
-            classes = self.expert_classes()
-            total = len(models) * len(e["layers"]) * len(classes)
-            done = 0
-            p(0, total, "ranking experts")
-            results, rows = {}, []
-            for mname, model in models.items():
-                # every layer's ranking of a class from one pass (the engine's many-layer slice)
-                ranked = {c: self._rank_many(model, e["layers"], ClassQoI(c), PointDoI(), c)
-                          for c in classes}
-                for layer in e["layers"]:
-                    for c in classes:
-                        r = self._rank_and_interpret(model, layer, ClassQoI(c), PointDoI(), c,
-                                                     ranking=ranked[c][layer])
-                        results[f"{mname}/{layer}/{c}"] = r
-                        for row in r["rows"]:
-                            rows.append({"model": mname, "class": int(c), "layer": layer,
-                                         "unit": row["unit"], "rank": row["rank"],
-                                         "influence": row["score"], "frequency": row["frequency"],
-                                         "ci_low": row["ci_low"], "ci_high": row["ci_high"],
-                                         **{k: v for k, v in row.items() if k.endswith("_mass")}})
-                        done += 1
-                        p(done, total, f"{mname} {layer} class {c}")
-            thresholds = self._thresholds(rows)
-            th = thresholds or {}
-            rows = [self._flag(r, th.get(r["layer"])) for r in rows]
-            for name, r in results.items():
-                layer = name.split("/")[1]
-                r["threshold"] = th.get(layer)
-                r["rows"] = [self._flag(x, th.get(layer)) for x in r["rows"]]
-            checks = self._expert_checks(results)
-            prov = _provenance(time.perf_counter() - t0, self.device)
-            chance = self._chance()
-            payload = {"rows": rows, "results": results, "layers": list(e["layers"]),
-                       "checks": checks,
-                       "classes": classes, "models": list(self.model_names),
-                       "chance": chance, "thresholds": thresholds,
-                       "shortcut_rule": self._rule(), "provenance": prov}
+            from core.stages import experts
+
+            payload = experts.build(self.context("experts", p))
+            payload.pop("seconds", None)
+            prov = payload["provenance"] = _provenance(time.perf_counter() - t0, self.device)
             # The report's rows ride in the meta line too: report() then needs no torch.load.
             return payload, {"stage": "experts", "case": self.name, "provenance": prov,
-                             "rows": _plain(rows), "thresholds": thresholds,
-                             "classes": classes, "checks": _plain(checks)}
+                             "rows": _plain(payload["rows"]), "thresholds": payload["thresholds"],
+                             "classes": payload["classes"], "checks": _plain(payload["checks"])}
 
         return self._run_stage(key, compute, force, p)
 
-    def _expert_checks(self, results: dict) -> dict | None:
-        """A case's own checks of every expert (``CaseData.extra["expert_checks"]``, a
-        ``module:function`` of core taking ``(study, results)`` and returning plain JSON), e.g.
-        the faces case's landmark mass; None when the case has none."""
-        spec = (self.data().extra or {}).get("expert_checks")
-        if not spec:
-            return None
-        module, _, fn = str(spec).partition(":")
-        if not module.startswith("core."):
-            raise CaseError(f"{self.name}: expert_checks must name a core module, got {spec!r}")
-        return getattr(importlib.import_module(module), fn)(self, results)
-
     def _rule(self) -> str | None:
-        chance = self._chance()
-        if chance is None:
-            return None
-        e = self.config.experts
-        facts = self.case_facts()
-        return shortcut_rule(e["shortcut_factor"], e["shortcut_quantile"], chance=chance,
-                             region=facts.get("region") or "region", reference=self.reference)
+        return _shortcut.rule_of(self.config.experts, self._chance(),
+                                self.case_facts().get("region"), self.reference)
+
+    def report(self) -> dict:
+        """DESIGN §2 JSON of what is built; computes nothing (reads the cache: the entries' meta
+        lines, which carry the report's numbers and rows, so no payload is unpickled). See
+        :func:`core.casestudy.summary.report`."""
+        return _summary.report(self)
 
     def _build_delegated(self, stage: str, force: bool, p: _StageProgress) -> str:
         key = self._delegated_key(stage)
@@ -1156,9 +899,9 @@ class CaseStudy:
 
         def compute():
             t0 = time.perf_counter()
-            payload = module.build_stage(self, p)
+            payload = module.build(self.context(stage, p))
             if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
-                raise TypeError(f"{BY_NAME[stage].delegated}.build_stage must return a dict "
+                raise TypeError(f"{BY_NAME[stage].delegated}.build must return a dict "
                                 "with a 'rows' list")
             prov = _provenance(time.perf_counter() - t0, self.device)
             try:
@@ -1187,86 +930,8 @@ class CaseStudy:
                 del self._predictions[k]
         return status
 
-    @staticmethod
-    def _as_numpy(r: dict) -> dict:
-        out = {}
-        for k, v in r.items():
-            out[k] = _np(v) if hasattr(v, "detach") else ([dict(x) for x in v] if k == "rows" else v)
-        return out
-
-    def experts(self, model: str, layer: str, cls: int) -> dict:
-        """The precomputed experts of ``model``'s ``layer`` for class ``cls`` (builds the experts
-        stage if missing; a layer or class outside the config goes through :meth:`experts_for`).
-
-        ``{"rows": [{"unit", "score", "rank", "frequency", "ci_low", "ci_high", "region_mass",
-        "threshold", "shortcut"}], "threshold", "scores": (units,), "images": (m, H, W) or
-        (m, H, W, 3) test images in [0, 1] (un-normalised for display), "masks": (m, H, W)
-        bool or None, "indices": (m,) test-split indices, "maps": (k, m, H, W)
-        interpretations (summed over channels), "class",
-        "quantity", "distribution"}`` with NumPy arrays. Without a region the rows carry
-        ``region_mass`` None and no ``shortcut``/``threshold``.
-        """
-        e = self.config.experts
-        if model in self.config.models and layer in e["layers"] and cls in self.expert_classes():
-            with self._lock:
-                payload = self.artifact("experts")
-                if payload is None:  # missing, or listed but unreadable (moved aside): build
-                    self.build(["experts"])
-                    payload = self.artifact("experts")
-                if payload is None:
-                    raise CaseError(f"{self.name}: the experts stage could not be built")
-            return self._as_numpy(payload["results"][f"{model}/{layer}/{int(cls)}"])
-        return self.experts_for(model, layer, {"kind": "class", "class": int(cls)},
-                                {"kind": "class-images"})
-
     def _n_classes(self) -> int:
         return len(self._known_data_facts()["classes"])
-
-    def _spec(self, model: str, layer: str, qoi: dict, doi: dict):
-        """Validate and normalise an experts_for request → (qoi, doi, class, Quantity, DoI)."""
-        from core.distributions import LinearDoI, PointDoI
-        from core.quantities import ClassQoI, ComparativeQoI
-
-        if not isinstance(qoi, dict) or not isinstance(doi, dict):
-            raise CaseError("qoi and doi are dicts, e.g. {'kind': 'class', 'class': 3} and "
-                            "{'kind': 'class-images'}")
-        n = self._n_classes()
-
-        def klass(v, what):
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n:
-                raise CaseError(f"{what} must be a class index 0–{n - 1}, got {v!r}")
-            return int(v)
-
-        kind = qoi.get("kind")
-        if kind == "class":
-            c = klass(qoi.get("class"), "qoi class")
-            q, quantity = {"kind": "class", "class": c}, ClassQoI(c)
-        elif kind == "comparative":
-            a, b = klass(qoi.get("a"), "qoi a"), klass(qoi.get("b"), "qoi b")
-            if a == b:
-                raise CaseError("a comparative quantity needs two different classes")
-            c, q, quantity = a, {"kind": "comparative", "a": a, "b": b}, ComparativeQoI(a, b)
-        else:
-            raise CaseError(f"qoi kind must be 'class' or 'comparative', got {kind!r}")
-        c = klass(doi.get("class", c), "doi class")
-        dkind = doi.get("kind")
-        if dkind == "class-images":
-            d, dist = {"kind": dkind, "class": c}, PointDoI()
-        elif dkind == "class-images-linear":
-            res = doi.get("resolution", 20)
-            if isinstance(res, bool) or not isinstance(res, int) or not 1 <= res <= 1000:
-                raise CaseError(f"doi resolution must be an integer in 1–1000, got {res!r}")
-            d, dist = {"kind": dkind, "class": c, "resolution": res}, LinearDoI(resolution=res)
-        else:
-            raise CaseError(f"doi kind must be 'class-images' or 'class-images-linear', got {dkind!r}")
-        if not isinstance(model, str) or not model:
-            raise CaseError(f"model must be a name such as {self.subject!r}, got {model!r}")
-        arch_of = model if model in self.config.models else self.subject
-        names = self.model_facts(arch_of)["layers"]
-        if layer not in names:
-            raise CaseError(f"unknown layer {layer!r}; model {arch_of!r} has: "
-                            f"{', '.join(names[:40])}")
-        return q, d, c, quantity, dist
 
     def _experts_for_key(self, model: str, layer: str, q: dict, d: dict,
                          images: str = "label") -> str | None:
@@ -1290,266 +955,3 @@ class CaseStudy:
         return key_of(stage="experts_for", version=stage_code("experts"), config=e,
                       data=digest, model=mdigest, layer=layer, qoi=q, doi=d, seed=0,
                       images=images, device=self._device_type())
-
-    def _corrections_has(self, name: str) -> bool:
-        payload = self.artifact("corrections")
-        return bool(payload) and name in (payload.get("models") or {})
-
-    def _in_stage(self, model: str, layer: str, q: dict, d: dict) -> bool:
-        e = self.config.experts
-        return (model in self.config.models and layer in e["layers"] and q["kind"] == "class"
-                and d == {"kind": "class-images", "class": q["class"]}
-                and q["class"] in self.expert_classes())
-
-    @staticmethod
-    def _images_kind(images: str) -> str:
-        if images not in IMAGES:
-            raise CaseError(f"images must be one of {', '.join(map(repr, IMAGES))}, got {images!r}")
-        return images
-
-    def has_experts_for(self, model: str, layer: str, qoi: dict, doi: dict,
-                        images: str = "label") -> bool:
-        """True when :meth:`experts_for` would answer from the cache (computes nothing)."""
-        q, d, _, _, _ = self._spec(model, layer, qoi, doi)
-        images = self._images_kind(images)
-        if images == "label" and self._in_stage(model, layer, q, d):
-            key = self._experts_key()
-            if key is not None and (key in self._payloads or self.cache.has(key)):
-                return True
-        key = self._experts_for_key(model, layer, q, d, images)
-        return key is not None and (key in self._payloads or self.cache.has(key))
-
-    def experts_for(self, model: str, layer: str, qoi: dict, doi: dict,
-                    progress: Callable[[int, int, str], None] | None = None,
-                    images: str = "label") -> dict:
-        """Experts for any quantity and distribution, computed and cached when missing.
-
-        ``qoi``: ``{"kind": "class", "class": 3}`` or ``{"kind": "comparative", "a": 3, "b": 8}``
-        (y_a − y_b). ``doi``: ``{"kind": "class-images"}`` (each image a point) or
-        ``{"kind": "class-images-linear", "resolution": 20}`` (a linear path from a black image
-        to each image); the images are the training images of the qoi's class (of ``a`` for
-        a comparative quantity), or of ``doi["class"]`` when given.
-
-        ``images`` says which test images each expert is interpreted on: ``"label"`` the first
-        ``n_images`` test images labelled with the class (of ``doi["class"]`` when given), or
-        ``"predicted"`` the first ``n_images`` the model *predicts* as that class (whatever their
-        label: the images a shortcut fools are among them). A comparative quantity is interpreted
-        on the images of both classes: ``n_images`` of ``a``, then ``n_images`` of ``b``.
-
-        Same dict as :meth:`experts`, plus ``"labels"`` and ``"predictions"`` (the model's
-        argmax) of the interpreted images, ``"images_by"`` (``images``) and
-        ``"image_classes"`` (the class each image was chosen for). The experts stage's views
-        (a class quantity over the class's images, label) are read from that stage.
-        ``progress(done, total, message)`` is called while computing (not on a cache hit).
-        """
-        q, d, c, quantity, dist = self._spec(model, layer, qoi, doi)
-        images = self._images_kind(images)
-        shown = [q["a"], q["b"]] if q["kind"] == "comparative" else [c]
-        if images == "label" and self._in_stage(model, layer, q, d):
-            return self._annotated(self.experts(model, layer, q["class"]), model, shown, images)
-        with self._lock:
-            net = self.model(model)
-            key = self._experts_for_key(model, layer, q, d, images)
-            if key is None:
-                raise CaseError(f"{self.name}: model {model!r} is not available")
-            if key not in self._payloads:
-                ranking = None
-                if self._in_stage(model, layer, q, d):  # reuse the stage's ranking of the units
-                    ranking = self._stage_ranking(model, layer, q["class"])
-                indices = self._interpretation_indices(model, shown, images)
-
-                def compute():
-                    with _threads(self.device):
-                        r = self._rank_and_interpret(net, layer, quantity, dist, c, progress,
-                                                     ranking=ranking, indices=indices)
-                    r.update({"model": model, "layer": layer, "qoi": q, "doi": d,
-                              "images_by": images})
-                    return r
-
-                payload, _ = self.cache.get_or_compute(
-                    key, compute, meta={"stage": "experts_for", "case": self.name,
-                                        "model": model, "layer": layer})
-                self._payloads[key] = payload
-            view = self._as_numpy(self._flagged(self._payloads[key], layer))
-            return self._annotated(view, model, shown, images)
-
-    def _stage_ranking(self, model: str, layer: str, cls: int) -> dict:
-        """The experts stage's ranking of ``layer`` for class ``cls`` (the rows' ranking fields,
-        the scores), as :func:`rank_experts` gives it: reused to interpret on other images."""
-        import torch
-
-        r = self.experts(model, layer, cls)
-        drop = ("threshold", "shortcut")
-        rows = [{k: v for k, v in row.items() if k not in drop and not k.endswith("_mass")}
-                for row in r["rows"]]
-        return {"experts": rows, "scores": torch.as_tensor(r["scores"]),
-                "quantity": r["quantity"], "distribution": r["distribution"]}
-
-    def _annotated(self, view: dict, model: str, shown: list[int], images: str) -> dict:
-        """``view`` with the labels and ``model``'s predictions of its interpreted test images,
-        ``images_by`` and ``image_classes`` (NumPy)."""
-        import numpy as np
-
-        idx = np.asarray(view.get("indices", []), dtype=np.int64).ravel()
-        test = self.data().test
-        labels = test.y[idx].numpy().astype(np.int64)
-        preds = self.predictions(model)[idx].numpy().astype(np.int64)
-        by = labels if images == "label" else preds
-        cls = np.array([c if c in shown else -1 for c in by.tolist()], dtype=np.int64)
-        return {**view, "labels": labels, "predictions": preds, "images_by": images,
-                "image_classes": cls}
-
-    def _flagged(self, result: dict, layer: str) -> dict:
-        """``result`` with shortcut flags: the layer's threshold from the experts stage when it is
-        built and covers the layer, else the floor (factor × chance); unchanged without a
-        region."""
-        chance = self._chance()
-        if chance is None:
-            return {**result, "threshold": None}
-        threshold = self.config.experts["shortcut_factor"] * chance
-        meta = self._meta(self._experts_key())  # the stage's meta line carries the thresholds
-        if meta is not None:
-            threshold = (meta.get("thresholds") or {}).get(layer, threshold)
-        return {**result, "threshold": threshold,
-                "rows": [self._flag(r, threshold) for r in result["rows"]]}
-
-    # ------------------------------------------------------------------------------ report
-    def report(self) -> dict:
-        """DESIGN §2 JSON of what is built; computes nothing (reads the cache: the entries' meta
-        lines, which carry the report's numbers and rows, so no payload is unpickled)."""
-        status = self.status()
-        rep: dict[str, Any] = {"case": self.name, "title": self.config.title,
-                               "description": self.config.description, "built": status,
-                               "subject": self.subject, "reference": self.reference}
-        prov: dict[str, Any] = {"torch": _torch_version(), "python": platform.python_version(),
-                                "stages": {}, "seconds": {}}
-        data_meta = self._meta(self._data_key())
-        if data_meta is not None:
-            rep["data"] = dict(data_meta.get("describe", {}))
-            rep["data"]["config"] = dict(self.config.dataset)
-            if data_meta.get("facts"):
-                rep["case_facts"] = dict(data_meta["facts"])
-            self._add_prov(prov, "data", data_meta.get("provenance"))
-        seeds = self._seeds_to_report()
-        metas = [self._meta(self._models_key(s)) for s in seeds]
-        if metas and all(m is not None for m in metas):
-            rep["models"] = self._aggregate(metas, self.model_names)
-            rep["seeds"] = seeds
-            rep["training"] = {n: s.plain() for n, s in self.config.models.items()}
-            for m in rep["training"].values():
-                if m.get("checkpoint"):
-                    m["checkpoint"] = Path(m["checkpoint"]).name  # never a server path
-            provs = [m.get("provenance") or {} for m in metas]
-            self._add_prov(prov, "models", {**provs[0], "seconds": round(sum(
-                float(pv.get("seconds", 0.0)) for pv in provs), 3), "seeds": len(provs)})
-            prov["device"] = provs[0].get("device")
-        if status["experts"]:
-            meta = self._meta(self._experts_key()) or {}
-            if meta.get("rows") is not None:
-                e = self.config.experts
-                chance = self._chance()
-                rep["experts"] = {
-                    "layer": e.get("primary_layer") or e["layers"][0],
-                    "layers": list(e["layers"]),
-                    "classes": list(meta.get("classes") or self.expert_classes()),
-                    "k": e["k"], "reduce": e["reduce"],
-                    "bootstrap": e["bootstrap"], "confidence": e["confidence"],
-                    "n_images": e["n_images"], "resolution": e["resolution"],
-                    "chance": chance, "shortcut_factor": e["shortcut_factor"],
-                    "shortcut_quantile": e["shortcut_quantile"],
-                    "shortcut_threshold": None if chance is None else
-                    e["shortcut_factor"] * chance,
-                    "shortcut_thresholds": dict(meta.get("thresholds") or {}),
-                    "shortcut_rule": self._rule(),
-                    "top": [dict(r) for r in meta["rows"]],
-                    "summary": self._experts_summary(meta["rows"]),
-                }
-                if meta.get("checks"):
-                    rep["experts"]["checks"] = meta["checks"]
-                control = e.get("control")
-                if control and chance is not None:
-                    rep["experts"]["false_alarms"] = {
-                        layer: {"model": control, "n": s["n"], "n_flagged": s["n_shortcut"],
-                                "rate": s["n_shortcut"] / s["n"] if s["n"] else None}
-                        for layer, s in rep["experts"]["summary"].get(control, {}).items()}
-                self._add_prov(prov, "experts", meta.get("provenance"))
-        for stage in DELEGATED:
-            if status[stage]:
-                meta = self._meta(self._key(stage)) or {}
-                rows = meta.get("rows")
-                if rows is None:
-                    rows = (self.artifact(stage) or {}).get("rows")
-                if rows is not None:
-                    rep[stage] = [_plain(r) for r in rows]
-                    if meta.get("report"):
-                        rep[f"{stage}_summary"] = meta["report"]
-                    self._add_prov(prov, stage, meta.get("provenance"))
-        rep["provenance"] = prov
-        return _plain(rep)
-
-    @staticmethod
-    def _add_prov(prov: dict, stage: str, info: dict | None) -> None:
-        if info:
-            prov["stages"][stage] = dict(info)
-            prov["seconds"][stage] = info.get("seconds")
-
-    @staticmethod
-    def _aggregate(metas: list[dict], names: list[str]) -> dict:
-        out = {}
-        for name in names:
-            per = [m["metrics"][name] for m in metas]
-            row: dict[str, Any] = {}
-            for metric in per[0]:
-                vals = [p[metric] for p in per]
-                if any(v is None for v in vals):
-                    row[metric] = None
-                    continue
-                row[metric] = sum(vals) / len(vals)
-                row[f"{metric}_sd"] = _sd(vals)
-                row[f"{metric}_per_seed"] = vals
-            row["n_seeds"] = len(per)
-            row["digest"] = metas[0]["digests"][name]
-            out[name] = row
-        return out
-
-    @staticmethod
-    def _experts_summary(rows: list[dict]) -> dict:
-        """Per model and layer: how many top experts carry the shortcut, their mean region mass
-        (and its alias); ``n_shortcut`` None without a region."""
-        out: dict = {}
-        for r in rows:
-            s = out.setdefault(r["model"], {}).setdefault(r["layer"], {"n": 0, "n_shortcut": 0,
-                                                                       "_dm": []})
-            s["n"] += 1
-            if "shortcut" in r:
-                s["n_shortcut"] += int(bool(r["shortcut"]))
-            else:
-                s["n_shortcut"] = None
-            if r.get("region_mass") is not None:
-                s["_dm"].append(r["region_mass"])
-            s["_alias"] = next((k for k in r if k.endswith("_mass") and k != "region_mass"), None)
-        for layers in out.values():
-            for s in layers.values():
-                dm = s.pop("_dm")
-                alias = s.pop("_alias")
-                s["share_shortcut"] = (s["n_shortcut"] / s["n"] if s["n"] else 0.0) \
-                    if s["n_shortcut"] is not None else None
-                s["mean_region_mass"] = sum(dm) / len(dm) if dm else None
-                if alias:
-                    s[f"mean_{alias}"] = s["mean_region_mass"]
-        return out
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: tensors/arrays → lists, NaN/inf → None."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if hasattr(value, "tolist"):
-        return _plain(value.tolist())
-    return value
-
-

@@ -4,7 +4,7 @@ For the model under study and each class c (DESIGN §10, issue 20):
 
 1. **Experts and maps.** The class's experts are the units of the expert layer with the largest
    distributional influence on the class logit over the class's training images (the paper's
-   internal influence, :func:`core.experts.experts`). Each image's map is the interpretation of
+   internal influence, :func:`core.engine.experts.experts`). Each image's map is the interpretation of
    those experts together: Integrated Gradients at the input of ``Σ_u w_u · a_u`` (``w_u`` the
    expert's influence, ``a_u`` its activation summed over space) from a blurred copy of the image
    (so dark marks on bright images get attribution too), positive part, channels summed.
@@ -50,12 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.devices import eval_mode, model_device
-from core.distributions import LinearDoI, PointDoI
-from core.experts import experts as rank_experts
-from core.influence import get_layer, influence, model_lock
-from core.metrics import gaussian_blur
-from core.quantities import ClassQoI, Quantity
+from core.engine.devices import eval_mode, model_device
+from core.engine.distributions import LinearDoI, PointDoI
+from core.engine.experts import experts as rank_experts
+from core.engine.influence import get_layer, influence, model_lock
+from core.engine.quantities import ClassQoI, Quantity
+from core.methods.metrics import gaussian_blur
 
 __all__ = ["DEFAULTS", "ExpertsQoI", "check_config", "discover", "wilson", "binom_tail",
            "mcnemar_exact", "remove_region", "paste_region", "roll_masks", "region_masks",

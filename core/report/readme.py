@@ -5,7 +5,7 @@
     python -m core readme --check --strict  # exit 1 when a block differs at all (same machine)
 
 Each ``<!-- report:CASE -->`` block is the Markdown of the case's report
-(:func:`core.reportmd.markdown`); beside the README, ``README.claims.json`` keeps, per case, the
+(:func:`core.report.markdown.markdown`); beside the README, ``README.claims.json`` keeps, per case, the
 block's code-and-config fingerprint, a hash of the block's text, and the block's claims with their
 tolerances (:mod:`core.report.claims`). ``--check`` fails when
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from core.report.claims import claims, compare
-from core.reportmd import BLOCK, markdown, readme_blocks, readme_path, stamped, update_readme
+from core.report.markdown import BLOCK, markdown, readme_blocks, readme_path, stamped, update_readme
 
 __all__ = ["check_readme", "claims_path", "write_readme"]
 

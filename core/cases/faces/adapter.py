@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.seam import CaseData, SourceError, Split
+from core.cases.seam import CaseData, SourceError, Split
 
 from .onet import CLASS_NAMES, FACE, INPUT_SIZE, MEAN, NON_FACE, STD
 
@@ -225,7 +225,7 @@ def _split(x01: torch.Tensor, y: torch.Tensor, on: torch.Tensor, mark: torch.Ten
 
 
 def faces_data(dataset: dict | None = None, base_dir: str | Path | None = None) -> CaseData:
-    """Build the faces case's :class:`~core.seam.CaseData` from a ``[dataset]`` table (checked
+    """Build the faces case's :class:`~core.cases.seam.CaseData` from a ``[dataset]`` table (checked
     with :func:`check_dataset`; ``base_dir`` is unused: the images ship with scikit-image).
 
     Deterministic in ``seed``. The splits are stratified by class and held out by image. See the

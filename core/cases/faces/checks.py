@@ -11,22 +11,23 @@ from .adapter import landmark_mass
 RADIUS = 4.0  # pixels of the 48×48 input around each landmark
 
 
-def expert_landmarks(study, results: dict) -> dict:
+def expert_landmarks(ctx, results: dict) -> dict:
     """Per expert of the experts stage: the share of its interpretation's positive attribution
     within ``RADIUS`` px of the landmarks (all five, eyes, nose, mouth) on its images, and the
     disks' share of the image (what a uniform map scores). The landmarks come from the model the
-    expert belongs to (``model.landmarks``), on the same test images.
+    expert belongs to (``model.landmarks``), on the same test images. ``ctx`` is the experts
+    stage's :class:`core.stages.base.StageContext`.
 
     Returns ``{"radius", "rows": [{"model", "layer", "class", "unit", "part", "mass", "chance",
     "ratio"}]}`` (plain JSON; ``ratio`` = mass / chance)."""
-    data = study.data()
+    data = ctx.data
     rows = []
     for name, r in results.items():
         model_name, layer, cls = name.split("/")
-        model = study.model(model_name)
+        model = ctx.model(model_name)
         if not hasattr(model, "landmarks") or len(r["indices"]) == 0:
             continue
-        x = data.test.x[r["indices"]].to(study.device)
+        x = data.test.x[r["indices"]].to(ctx.device)
         with torch.no_grad():
             marks = model.landmarks(x).cpu()
         for i, ex in enumerate(r["rows"]):

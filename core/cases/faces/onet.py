@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.seam import SourceError
+from core.cases.seam import SourceError
 
 __all__ = [
     "CLASS_NAMES",
@@ -136,7 +136,7 @@ def onet_weights_path() -> Path:
     """The path of ``onet.pt`` inside the installed facenet-pytorch wheel.
 
     Located with ``importlib.util.find_spec`` (which does not run the package). Raises a one-line
-    :class:`~core.seam.SourceError` naming the install command when the package or file is missing.
+    :class:`~core.cases.seam.SourceError` naming the install command when the package or file is missing.
     """
     try:
         spec = importlib.util.find_spec("facenet_pytorch")

@@ -27,20 +27,21 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from .devices import eval_mode, model_device
-from .distributions import PointDoI
-from .experts import unit_scores
-from .influence import activations, get_layer, influence, model_lock
-from .quantities import ClassQoI, ComparativeQoI
+from core.engine.devices import eval_mode, model_device
+from core.engine.distributions import PointDoI
+from core.engine.experts import unit_scores
+from core.engine.influence import activations, get_layer, influence, model_lock
+from core.engine.quantities import ClassQoI, ComparativeQoI
+from core.stages.base import StageContext
 
 try:  # the engine's torch.fx tail g (private): only a speed-up, every use is checked against the model
-    from .influence import _tail
+    from core.engine.influence import _tail
 except ImportError:  # pragma: no cover
     def _tail(model: nn.Module, layer: str) -> None:
         return None
@@ -52,7 +53,7 @@ __all__ = [
     "ablation",
     "ablation_table",
     "binary_accuracy",
-    "build_stage",
+    "build",
     "causal_check",
     "check_config",
     "class_scores",
@@ -914,44 +915,37 @@ def _partner(cm: Tensor, c: int) -> int:
     return int(both.argmax())
 
 
-def _experts_rows(study) -> list[dict]:
-    try:
-        payload = study.artifact("experts")
-    except Exception:  # the experts stage is optional for this stage's own rankings
-        return []
+def _experts_rows(ctx: StageContext) -> list[dict]:
+    payload = ctx.artifact("experts")
     rows = payload.get("rows") if isinstance(payload, dict) else None
     return [dict(r) for r in rows] if isinstance(rows, list) else []
 
 
-def build_stage(study, progress: Callable[[int, int, str], None] | None = None) -> dict:
+def build(ctx: StageContext) -> dict:
     """Essence curves, expert ablations and the region check for the case's models and layers.
 
-    Reads ``study.config.section("essence")`` (:func:`check_config`), the data, the models and (when
-    built) the experts stage's rows. For each model (default: the subject) and layer (default: the
-    experts layers): for each pair (the case's ``pairs`` + the subject's ``n_confused`` most
-    confused pairs on the validation split) and fill, an :func:`essence_curve` on the held-out
-    images of the two classes (rankings and mean fill over ``n_rank`` training images per class);
-    for each fill, an :func:`ablation_table` of every class's top-k experts (the experts stage's
-    when it has k of them, else ranked here by class influence over the class's training images)
-    against random units and the most-confused class's experts, on the evaluation set; with a
-    region, a :func:`region_check` of the experts the experts stage flags as shortcut carriers.
+    Reads its section (:func:`check_config`), the data, the models and the experts stage's rows. For
+    each model (default: the subject) and layer (default: the experts layers): for each pair (the
+    case's ``pairs`` + the subject's ``n_confused`` most confused pairs on the validation split) and
+    fill, an :func:`essence_curve` on the held-out images of the two classes (rankings and mean fill
+    over ``n_rank`` training images per class); for each fill, an :func:`ablation_table` of every
+    class's top-k experts (the experts stage's when it has k of them, else ranked here by class
+    influence over the class's training images) against random units and the most-confused class's
+    experts, on the evaluation set; with a region, a :func:`region_check` of the experts the experts
+    stage flags as shortcut carriers.
 
     Returns plain JSON only: {"rows": one summary per (model, pair, layer, fill) with the smallest
     k per rule, "curves", "ablation", "region", "summary" (per model, layer, fill), "pairs",
     "seeds", "config", "provenance"}.
     """
     t0 = time.perf_counter()
-    try:
-        section = study.config.section("essence")
-    except (AttributeError, KeyError):  # a case study that does not know the section yet
-        section = {}
-    cfg = check_config(section, "essence")
-    data = study.data()
+    cfg = check_config(ctx.section, "essence")
+    data = ctx.data
     names = _class_names(data, data.train.y)
     n_classes = len(names)
-    subject = getattr(study, "subject", None) or "vanilla"
+    subject = ctx.subject
     models = cfg["models"] or [subject]
-    experts_cfg = dict(getattr(study.config, "experts", None) or {})
+    experts_cfg = dict(ctx.experts)
     layers = cfg["layers"] or list(experts_cfg.get("layers") or [])
     if not layers:
         raise ValueError("essence: no layers (set essence.layers or experts.layers)")
@@ -965,7 +959,7 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
 
     # Pairs: the case's, then the subject's most confused (on the validation split).
     pick = data.val if data.val.n else ev  # no validation split: the evaluation set itself
-    cm = confusion(study.model(subject), pick.x, pick.y, n_classes)
+    cm = confusion(ctx.model(subject), pick.x, pick.y, n_classes)
     pairs, seen = [], set()
     for p in cfg["pairs"]:
         a, b = (_class_index(c, names, "essence.pairs") for c in p)
@@ -986,7 +980,7 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
     skipped = [p for p in pairs if "skipped" in p]
     pairs = [p for p in pairs if "skipped" not in p]
 
-    erows = _experts_rows(study)
+    erows = _experts_rows(ctx)
     region_sets = _region_sets(data, cfg["n_eval"]) if cfg["region"] else {}
     do_region = bool(region_sets) and any(r for _, _, r in region_sets.values())
     total = len(models) * len(layers) * (len(pairs) * len(cfg["fills"]) + len(cfg["fills"])
@@ -996,14 +990,12 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
     def tick(msg):
         nonlocal done
         done += 1
-        if progress is not None:
-            progress(done, total, msg)
+        ctx.progress(done, total, msg)
 
-    if progress is not None:
-        progress(0, total, "essence: ranking units")
+    ctx.progress(0, total, "essence: ranking units")
     curves, rows, ablations, regions, summary = [], [], [], [], []
     for mname in models:
-        model = study.model(mname)
+        model = ctx.model(mname)
         for layer in layers:
             cut = _Cut(model, layer)
             z_eval = cut.slice(x_eval)
@@ -1100,7 +1092,7 @@ def build_stage(study, progress: Callable[[int, int, str], None] | None = None) 
                               "each curve and ablation row records its own"},
             "config": {**cfg, "layers": layers, "models": models, "eval_set": eval_name, "top_k": top_k,
                        "n_eval": int(n), "classes": classes},
-            "provenance": {"seconds": round(seconds, 3), "device": str(model_device(study.model(subject)))}}
+            "provenance": {"seconds": round(seconds, 3), "device": str(model_device(ctx.model(subject)))}}
 
 
 def _mean(values) -> float | None:

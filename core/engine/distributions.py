@@ -1,6 +1,6 @@
 """Distributions of interest (DoI).
 
-The inputs handed to :func:`core.influence.influence` are the empirical distribution (e.g. every
+The inputs handed to :func:`core.engine.influence.influence` are the empirical distribution (e.g. every
 training image of class 3). A DoI acts on each of them, giving ``resolution`` points per input,
 either in input space (``at="input"``) or at the slice (``at="layer"``).
 

@@ -2,8 +2,8 @@
 
 Every method below is a row of DESIGN §1: a slice, a quantity (the logit of the example's target
 class, ``ClassQoI(y)``), a distribution of interest and a multiplier, then at most a small
-post-processing step. None re-implements a gradient: each calls :func:`core.influence.influence`
-(directly, or through :func:`core.experts.experts` / :func:`core.experts.interpret`).
+post-processing step. None re-implements a gradient: each calls :func:`core.engine.influence.influence`
+(directly, or through :func:`core.engine.experts.experts` / :func:`core.engine.experts.interpret`).
 
 ==========================  =========  ==================================  ================  =========
 method                      slice      DoI (per example x)                 multiplier        post
@@ -35,8 +35,8 @@ Exactly what the two post-processed methods compute (y the example's target clas
   ("class images × path", attribution space). A unit's score s_u is the sum of its channel's
   spatial map (a neuron's own value for a dense layer); the experts are the ``k`` units with the
   largest s_u
-  (:func:`core.experts.experts`, ``by="value"``). Each expert u is interpreted on the explained
-  image x by :func:`core.experts.interpret`: Integrated Gradients of the unit's summed activation
+  (:func:`core.engine.experts.experts`, ``by="value"``). Each expert u is interpreted on the explained
+  image x by :func:`core.engine.experts.interpret`: Integrated Gradients of the unit's summed activation
   (``UnitQoI(layer, u, "sum")``, linear DoI from black with ``resolution`` midpoints, × x). The map
   is the influence-weighted mean of the k interpretations, Σ_u max(s_u, 0)·I_u(x) / Σ_u max(s_u, 0)
   (the plain mean when no expert has a positive score). IG being linear in the quantity, this is
@@ -49,7 +49,7 @@ Exactly what the two post-processed methods compute (y the example's target clas
   models (0.07 vs 0.07). Any named layer can be chosen with ``layer=``.
 
 ``attribute(model, x, y, method, **options) -> (N, C, H, W)`` computes any of them; examples are
-grouped by target class so each engine call has one ``ClassQoI``. ``build_stage`` computes every
+grouped by target class so each engine call has one ``ClassQoI``. ``build`` computes every
 method's maps and metrics for the case study's models (see its docstring for the payload).
 """
 
@@ -63,12 +63,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import metrics as M
-from .distributions import Distribution, GaussianDoI, LinearDoI, PointDoI
-from .experts import experts as rank_experts
-from .experts import interpret
-from .influence import activations, eval_mode, influence, model_device
-from .quantities import ClassQoI
+from core.engine.distributions import Distribution, GaussianDoI, LinearDoI, PointDoI
+from core.engine.experts import experts as rank_experts
+from core.engine.experts import interpret
+from core.engine.influence import activations, eval_mode, influence, model_device
+from core.engine.quantities import ClassQoI
+from core.methods import metrics as M
+from core.stages.base import StageContext
 
 STAGE_VERSION = "1"
 
@@ -79,7 +80,7 @@ __all__ = [
     "NoiseDoI",
     "STAGE_VERSION",
     "attribute",
-    "build_stage",
+    "build",
     "layer_activation",
     "method_table",
     "smoothgrad_noise",
@@ -246,7 +247,7 @@ def method_table() -> list[dict]:
 
 
 def layer_activation(model: nn.Module, x: Tensor, layer: str) -> Tensor:
-    """The output of ``layer`` on ``x`` (eval mode, no graph): :func:`core.influence.activations`."""
+    """The output of ``layer`` on ``x`` (eval mode, no graph): :func:`core.engine.influence.activations`."""
     return activations(model, x, layer)
 
 
@@ -414,21 +415,13 @@ def check_config(section: dict, where: str = "config") -> dict:
     return out
 
 
-def _section(study) -> dict:
-    cfg = getattr(study, "config", None)
-    sec = getattr(cfg, "representations", None) if cfg is not None else None
-    if sec is None and isinstance(cfg, dict):
-        sec = cfg.get("representations")
-    return check_config(sec or {}, "config")
-
-
-def _case_layers(study) -> dict:
+def _case_layers(ctx: StageContext) -> dict:
     """Defaults that depend on the case's model: Grad-CAM at the activation after the last
     convolution (the last convolution itself when no activation follows it); internal influence
     at the case's headline experts layer (``experts.primary_layer``, else the last of
     ``experts.layers``)."""
     out = {}
-    facts = study.model_facts() if hasattr(study, "model_facts") else None
+    facts = ctx.model_facts()
     if facts:
         names, kinds = facts["layers"], facts["kinds"]
         convs = [i for i, n in enumerate(names) if kinds.get(n, "").startswith("Conv")]
@@ -438,17 +431,19 @@ def _case_layers(study) -> dict:
             act = nxt is not None and kinds.get(nxt, "") in (
                 "ReLU", "PReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh")
             out["gradcam"] = {"layer": nxt if act else names[last]}
-    e = getattr(getattr(study, "config", None), "experts", None) or {}
+    e = ctx.experts
     if e.get("layers"):
         out["internal_influence"] = {"layer": e.get("primary_layer") or e["layers"][-1]}
     return out
 
 
-def _corrected_models(study) -> list[str]:
-    try:
-        payload = study.artifact("corrections")
-    except Exception:  # the corrections stage is optional here
+def _corrected_models(ctx: StageContext) -> list[str]:
+    """The corrected models of the corrections artifact, when the context holds it (a script's
+    context may; the pipeline builds this stage before the corrections, so its key never
+    depends on them)."""
+    if "corrections" not in ctx.reads:
         return []
+    payload = ctx.artifact("corrections")
     if not isinstance(payload, dict):
         return []
     return [str(k) for k in (payload.get("models") or {})]
@@ -467,14 +462,14 @@ def metrics_info(region: str | None = None, chance: float | None = None,
     the pixels per deletion/insertion ``step``; ``region_mass`` is labelled with the region's
     name (``decoy_mass`` is DecoyMNIST's alias of it)."""
     impl = {
-        "decoy_mass": "core.metrics (batched torch); equals Quantus RelevanceMassAccuracy on "
+        "decoy_mass": "core.methods.metrics (batched torch); equals Quantus RelevanceMassAccuracy on "
                       "non-negative maps (tested)",
-        "wrong_reason": "core.metrics (own; Schramowski et al. 2020; no Quantus counterpart)",
-        "rank_accuracy": "core.metrics; equals Quantus RelevanceRankAccuracy (tested)",
-        "deletion_auc": "core.metrics; its curve equals Quantus PixelFlipping (tested)",
-        "insertion_auc": "core.metrics (own, RISE insertion; no Quantus counterpart)",
-        "mprt_spearman": "core.metrics; equals Quantus MPRT top-down (tested)",
-        "sparseness": "core.metrics; equals Quantus Sparseness (tested)",
+        "wrong_reason": "core.methods.metrics (own; Schramowski et al. 2020; no Quantus counterpart)",
+        "rank_accuracy": "core.methods.metrics; equals Quantus RelevanceRankAccuracy (tested)",
+        "deletion_auc": "core.methods.metrics; its curve equals Quantus PixelFlipping (tested)",
+        "insertion_auc": "core.methods.metrics (own, RISE insertion; no Quantus counterpart)",
+        "mprt_spearman": "core.methods.metrics; equals Quantus MPRT top-down (tested)",
+        "sparseness": "core.methods.metrics; equals Quantus Sparseness (tested)",
     }
     out = {}
     for key in METRIC_KEYS:
@@ -488,14 +483,15 @@ def metrics_info(region: str | None = None, chance: float | None = None,
     return out
 
 
-def build_stage(study, progress=None) -> dict:
+def build(ctx: StageContext) -> dict:
     """Every method's maps and metrics on a fixed set of test images, for each model.
 
-    Reads ``study.config.representations`` (keys of :data:`DEFAULTS`; missing keys take the
-    defaults). The images are the first ``n_images`` of the case's test split; the target of each
-    is its label (``target="label"``) or the model's prediction. For each model (the model under
-    study and its reference by default, and any corrected model the corrections stage already
-    holds) and each method: the maps, then the mean over images of each metric (NaNs skipped).
+    Reads its section (keys of :data:`DEFAULTS`; missing keys take the defaults). The images are
+    the first ``n_images`` of the case's test split; the target of each is its label
+    (``target="label"``) or the model's prediction. For each model (the model under study and its
+    reference by default, and with ``corrections = true`` the corrected models of a corrections
+    artifact the context holds) and each method: the maps, then the mean over images of each
+    metric (NaNs skipped).
     The localisation metrics (``region_mass`` — with the case's alias, ``decoy_mass`` for
     DecoyMNIST — ``wrong_reason``, ``rank_accuracy``) exist only when the case has a region.
     ``mprt_spearman`` is the Spearman similarity after *every* layer is re-initialised
@@ -516,12 +512,12 @@ def build_stage(study, progress=None) -> dict:
     ``experts``: {model: [{"class", "units", "scores", "weights"}]} (internal influence).
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    cfg = _section(study)
-    data = study.data()
+    cfg = check_config(dict(ctx.section), "config")
+    data = ctx.data
     test = data.test
     has_region = test.mask is not None
     alias = (getattr(data, "extra", None) or {}).get("region_alias")
-    defaults = _case_layers(study)
+    defaults = _case_layers(ctx)
     options = {m: {**defaults.get(m, {}), **o} for m, o in cfg["options"].items()}
     for m, o in defaults.items():
         options.setdefault(m, dict(o))
@@ -538,9 +534,9 @@ def build_stage(study, progress=None) -> dict:
                       for c in torch.unique(tr.y).tolist()])
     reference = (tr.x[keep].float(), tr.y[keep].long())
 
-    extra = _corrected_models(study) if cfg["corrections"] else []
-    subject = getattr(study, "subject", "vanilla")
-    ref_model = getattr(study, "reference", "clean" if subject == "vanilla" else None)
+    extra = _corrected_models(ctx) if cfg["corrections"] else []
+    subject = ctx.subject
+    ref_model = ctx.reference
     base = cfg["models"] if cfg["models"] is not None else [subject, ref_model]
     names = list(dict.fromkeys([m for m in base if m] + extra))
     methods = list(cfg["methods"])
@@ -548,8 +544,7 @@ def build_stage(study, progress=None) -> dict:
     done = 0
 
     def report(msg: str) -> None:
-        if progress is not None:
-            progress("representations", done, total, msg)
+        ctx.progress(done, total, msg)
 
     rows: list[dict] = []
     maps_out: dict = {}
@@ -564,7 +559,7 @@ def build_stage(study, progress=None) -> dict:
     report("starting")
     for name in names:
         t_model = time.perf_counter()
-        model = study.model(name)
+        model = ctx.model(name)
         dev = model_device(model)
         x = x_all.to(dev)
         with torch.no_grad(), eval_mode(model):
@@ -583,7 +578,7 @@ def build_stage(study, progress=None) -> dict:
             row = {"method": meth, "label": METHODS[meth].label, "model": name}
             if has_region:  # localisation metrics exist only where the case has a region
                 mask_dev = mask.to(dev)
-                row["region_mass"] = _nanmean(M.decoy_mass(attr, mask_dev))
+                row["region_mass"] = _nanmean(M.region_mass(attr, mask_dev))
                 if alias:
                     row[alias] = row["region_mass"]
                 row["wrong_reason"] = _nanmean(M.wrong_reason(attr, mask_dev))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.seam import SourceError
+from core.cases.seam import SourceError
 
 __all__ = ["EXAMPLE_FILES", "write_example"]
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .devices import eval_mode, model_device
-from .distributions import Distribution, PointDoI
-from .quantities import Quantity, as_quantity
+from core.engine.devices import eval_mode, model_device
+from core.engine.distributions import Distribution, PointDoI
+from core.engine.quantities import Quantity, as_quantity
 
 CPU_MEMORY_BUDGET = 512 * 2**20  # bytes of activations per chunk on the CPU
 CUDA_MEMORY_FRACTION = 0.4  # share of free GPU memory a chunk may use
@@ -406,10 +406,10 @@ def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str 
             of (N, ...) tensors for a model with several inputs, called as ``model(*inputs, ...)``.
             NaN or Inf values are refused.
         layer: a ``model.named_modules()`` name, a :class:`Slice`, or None for the input itself.
-        qoi: a :class:`~core.quantities.Quantity` (or a class index). Its ``element`` picks the
+        qoi: a :class:`~core.engine.quantities.Quantity` (or a class index). Its ``element`` picks the
             entry of a model output that is a tuple or dict. A list of quantities (reading the
             same source) shares each chunk's forward pass.
-        doi: a :class:`~core.distributions.Distribution` acting on each input (default a point).
+        doi: a :class:`~core.engine.distributions.Distribution` acting on each input (default a point).
         layers: several slices (names, None or :class:`Slice`) instead of ``layer``.
         per_input: return (N, *slice shape), each input's mean over its own DoI points, instead
             of the mean over everything (shaped like one example's slice).

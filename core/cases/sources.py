@@ -10,9 +10,9 @@ A user's ``[dataset]`` table names a ``source``:
   "train"/"val"/"test", ``classes``.
 
 ``check_dataset`` / ``check_region`` validate a table without reading data; ``folder_data`` /
-``tensors_data`` read it into a :class:`core.seam.CaseData`; ``source_fingerprint`` is a cheap key
+``tensors_data`` read it into a :class:`core.cases.seam.CaseData`; ``source_fingerprint`` is a cheap key
 (paths, sizes, mtimes) of every file they read. Every problem is a one-line
-:class:`core.seam.SourceError` naming the key or file and what to change. Nothing is ever written.
+:class:`core.cases.seam.SourceError` naming the key or file and what to change. Nothing is ever written.
 
 Conventions: images become float32 (N, C, H, W) in [0, 1], resized to ``size`` (bilinear; masks
 nearest), converted to ``channels`` (gray → RGB repeats the channel, RGB → gray is ITU-R 601
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.seam import CaseData, SourceError, Split
+from core.cases.seam import CaseData, SourceError, Split
 
 __all__ = [
     "DATASET_SCHEMA",
@@ -677,7 +677,7 @@ def _load_tensors_file(path: Path, base: Path) -> dict:
         except (OSError, zipfile.BadZipFile, EOFError) as exc:
             raise SourceError(f"[dataset] tensors file {shown!r} is not a readable .npz (truncated "
                               f"or corrupt?); {hint}") from exc
-    from core.models import load_weights_only
+    from core.methods.training import load_weights_only
 
     data = load_weights_only(path, f"[dataset] tensors file {shown!r}", hint, SourceError)
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):

@@ -1,6 +1,6 @@
 """Explain a reader's own image: read it safely, bring it to the case's input, predict, attribute.
 
-    from core.explain import read_image, explain_image, ImageError
+    from core.queries.explain import read_image, explain_image, ImageError
     image = read_image(uploaded_bytes, size=(48, 48), channels=3)    # (H, W, 3) in [0, 1]; nothing on disk
     result = explain_image(study, "vanilla", image, layer="conv1")
     trace = trace_image(study, "vanilla", 17)    # test image 17, followed through every expert layer
@@ -10,7 +10,7 @@ header declares more than ``MAX_PIXELS`` pixels before any pixel is decoded (a d
 raises, it does not warn), applies the EXIF orientation, flattens transparency onto black, converts
 the mode to the case's channels (grey ``L`` or ``RGB``) and resizes to the case's size. Every
 problem is an :class:`ImageError` with one readable line (no path, no traceback). This module
-imports no Streamlit; the model runs under its lock (``core.influence.model_lock``), so sessions
+imports no Streamlit; the model runs under its lock (``core.engine.influence.model_lock``), so sessions
 that share a cached model never interleave hooks.
 """
 
@@ -89,7 +89,7 @@ def read_image(data: bytes, size: Sequence[int], channels: int, *, max_bytes: in
 def to_model_input(image: np.ndarray, mean: Sequence[float] | None = None,
                    std: Sequence[float] | None = None):
     """A [0, 1] picture (H, W) or (H, W, C) → a (1, C, H, W) float tensor in the model's scale
-    (the inverse of :meth:`core.seam.CaseData.display`: ``(x − mean) / std``)."""
+    (the inverse of :meth:`core.cases.seam.CaseData.display`: ``(x − mean) / std``)."""
     import torch
 
     a = np.asarray(image, dtype=np.float32)
@@ -133,10 +133,10 @@ def _predict_and_attribute(net, x, resolution: int) -> tuple[list[float], int, n
     over channels (H, W)) for one input ``x`` (1, C, H, W) in the model's scale."""
     import torch
 
-    from core.devices import eval_mode, model_device
-    from core.distributions import LinearDoI
-    from core.influence import influence, model_lock
-    from core.quantities import ClassQoI
+    from core.engine.devices import eval_mode, model_device
+    from core.engine.distributions import LinearDoI
+    from core.engine.influence import influence, model_lock
+    from core.engine.quantities import ClassQoI
 
     x = x.to(model_device(net))
     with model_lock(net), eval_mode(net), torch.no_grad():
@@ -156,12 +156,12 @@ def _layer_experts(study, model: str, net, x, layer: str, cls: int, k: int, reso
     mask or when the map has no positive attribution."""
     import torch
 
-    from core.devices import model_device
-    from core.distributions import PointDoI
-    from core.experts import interpret, unit_scores
-    from core.influence import influence
-    from core.metrics import decoy_mass
-    from core.quantities import ClassQoI
+    from core.engine.devices import model_device
+    from core.engine.distributions import PointDoI
+    from core.engine.experts import interpret, unit_scores
+    from core.engine.influence import influence
+    from core.engine.quantities import ClassQoI
+    from core.methods.metrics import region_mass
 
     x = x.to(model_device(net))
     units, source = [], "this image"
@@ -187,7 +187,7 @@ def _layer_experts(study, model: str, net, x, layer: str, cls: int, k: int, reso
         if mask is not None:
             m = torch.as_tensor(np.asarray(mask, dtype=bool))[None, None]
             if amap.clamp(min=0).sum() > 0:
-                value = float(decoy_mass(amap[None, None].float(), m)[0])
+                value = float(region_mass(amap[None, None].float(), m)[0])
                 mass = value if np.isfinite(value) else None
         out.append({"unit": unit, "score": score, "map": amap.numpy(), "region_mass": mass})
     return out, source
@@ -241,7 +241,7 @@ def trace_image(study, model: str, image_or_index, *, layers: Sequence[str] | No
     and scores as :func:`explain_image` gives), else they are ranked by their influence on this
     image alone (``source`` says which). Each ``map`` is the expert's interpretation on this image
     (Integrated Gradients of the unit's activation, summed over channels); ``region_mass`` is the
-    share of its positive attribution inside the region (``core.metrics.decoy_mass``), None without
+    share of its positive attribution inside the region (``core.methods.metrics.region_mass``), None without
     a region or when the map has no positive attribution.
     """
     data = study.data()

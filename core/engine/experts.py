@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .distributions import Distribution, LinearDoI, PointDoI
-from .influence import influence
-from .quantities import Quantity, UnitQoI
+from core.engine.distributions import Distribution, LinearDoI, PointDoI
+from core.engine.influence import influence
+from core.engine.quantities import Quantity, UnitQoI
 
 
 def unit_scores(chi: Tensor, reduce: str = "sum") -> Tensor:
@@ -97,7 +97,7 @@ def experts(model: nn.Module, inputs: Tensor, layer: str, qoi: Quantity,
     resamples that keep it in the top k and a percentile interval of its score at ``confidence``.
     ``reduce`` ("sum" or "max") turns a channel's spatial influence map into its score.
     ``by="value"`` ranks by signed influence (units that raise the quantity); "abs" by magnitude.
-    Extra keyword arguments go to :func:`core.influence.influence`.
+    Extra keyword arguments go to :func:`core.engine.influence.influence`.
     """
     _check_ranking(k, reduce, by)
     doi = PointDoI() if doi is None else doi

@@ -442,4 +442,4 @@ def update_readme(text: str, blocks: dict[str, str]) -> str:
 
 
 def readme_path() -> Path:
-    return Path(__file__).resolve().parents[1] / "README.md"
+    return Path(__file__).resolve().parents[2] / "README.md"

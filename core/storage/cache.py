@@ -79,7 +79,7 @@ def _warn_once(path: Path, message: str, *args) -> None:
         log.warning(message, path, *args)
 
 MAGIC = b"CASEBOOK-ENTRY 1"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _MISSING = object()
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import eval_mode, model_device
+from core.engine.devices import eval_mode, model_device
 
 __all__ = [
     "METRICS",
@@ -51,6 +51,7 @@ __all__ = [
     "mprt",
     "randomisable_layers",
     "rank_accuracy",
+    "region_mass",
     "sparseness",
     "spearman",
     "wrong_reason",
@@ -151,14 +152,15 @@ def _to_mask(mask, like: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Localisation on the decoy patch
+# Localisation on the case's region
 
 
-def decoy_mass(attr, mask) -> torch.Tensor:
+def region_mass(attr, mask) -> torch.Tensor:
     """Share of the *positive* attribution that falls on the mask: Σ relu(a)·m / Σ relu(a).
 
     One value in [0, 1] per example; 0 when the map has no positive attribution. A uniform
-    positive map scores |mask| / (H·W) (16/784 ≈ 0.020 for the decoy patch). Lower is better for
+    positive map scores |mask| / (H·W) (16/784 ≈ 0.020 for DecoyMNIST's decoy patch, where it is
+    called ``decoy_mass``: :data:`decoy_mass` is the same function). Lower is better for
     a sound model (the explanation does not point at the shortcut); a faithful explanation of the
     vanilla model that *uses* the decoy should score high.
 
@@ -174,6 +176,9 @@ def decoy_mass(attr, mask) -> torch.Tensor:
     inside = (pos * m.flatten(1)).sum(1)
     out = torch.where(total > 0, inside / torch.where(total > 0, total, 1), 0.0)
     return torch.where(m.flatten(1).any(1), out, torch.nan)
+
+
+decoy_mass = region_mass  # DecoyMNIST's name for the region mass (DESIGN §2's report field)
 
 
 def wrong_reason(attr, mask) -> torch.Tensor:

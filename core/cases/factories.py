@@ -13,10 +13,11 @@ A module without a dot (``nets``) must lie next to the TOML (``base_dir/nets.py`
 so it never clobbers an importable ``nets`` from elsewhere, ``base_dir`` is not left on
 ``sys.path`` and the sibling modules it imports are not left in ``sys.modules``; it is never
 looked up in the current directory or on ``PYTHONPATH``. A dotted module must be a known model
-zoo (:data:`ZOO_MODULES`: ``torchvision.models``, the project's ``core.models`` and
-``core.cases``) or one named in ``$CASEBOOK_FACTORY_MODULES`` (comma-separated module names; a
-name allows its submodules); the standard library is refused even when named there. A refused
-factory is never imported or called. Every problem is a one-line :class:`core.seam.SourceError`.
+zoo (:data:`ZOO_MODULES`: ``torchvision.models`` and the project's
+``core.cases`` (``core.models``, its old name, too)) or one named in
+``$CASEBOOK_FACTORY_MODULES`` (comma-separated module names; a name allows its submodules); the
+standard library is refused even when named there. A refused factory is never imported or called.
+Every problem is a one-line :class:`core.cases.seam.SourceError`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.seam import SourceError
+from core.cases.seam import SourceError
 
 __all__ = [
     "MAX_CHECKPOINT_BYTES",
@@ -76,11 +77,11 @@ _LOCK = threading.Lock()
 _LOADED: dict[tuple, object] = {}  # (file, hash of the module and its local imports) -> module
 
 #: dotted modules a factory may come from without a setting (a name allows its submodules)
-ZOO_MODULES = ("torchvision.models", "core.models", "core.cases")
+ZOO_MODULES = ("torchvision.models", "core.cases", "core.models")  # core.models: the old name
 #: the environment variable naming more factory modules (comma-separated)
 ZOO_SETTING = "CASEBOOK_FACTORY_MODULES"
 #: a checkpoint larger than this is refused before it is read
-MAX_CHECKPOINT_BYTES = 16 * 2**30  # the same as core.safeio.MAX_CHECKPOINT_BYTES
+MAX_CHECKPOINT_BYTES = 16 * 2**30  # the same as core.storage.safeio.MAX_CHECKPOINT_BYTES
 _REFUSED_TOPS = frozenset(getattr(sys, "stdlib_module_names", ())) | {"builtins", "__main__"}
 
 
@@ -229,11 +230,11 @@ def _own_module(mod, base_dir: Path) -> bool:
         return True
 
 
-_CORE = Path(__file__).resolve().parent
+_CORE = Path(__file__).resolve().parents[1]
 
 
 def _import_local(module: str, file: Path, package: bool, base_dir: Path, factory: str):
-    from core.codehash import user_code_hash
+    from core.storage.codehash import user_code_hash
 
     try:  # the module and the helpers it imports from the folder: editing any reloads it
         key = (str(file.resolve()), user_code_hash(module, base_dir))
@@ -431,16 +432,16 @@ def check_checkpoint(path: str | Path, where: str) -> os.stat_result:
     """The ``stat`` of checkpoint ``path`` once it is known to be a regular file (symlinks
     followed) of at most :data:`MAX_CHECKPOINT_BYTES`, before a byte is read: ``/dev/zero``, a
     FIFO or a symlink to either is a one-line :class:`SourceError` prefixed with ``where``, never
-    a hang (:func:`core.safeio.check_checkpoint`, which needs no torch)."""
-    from core.safeio import check_checkpoint as check
+    a hang (:func:`core.storage.safeio.check_checkpoint`, which needs no torch)."""
+    from core.storage.safeio import check_checkpoint as check
 
     return check(path, where, SourceError)
 
 
 def checkpoint_digest(path: str | Path, where: str = "checkpoint") -> str:
     """``"<size>:<sha256 hex[:24]>"`` of the checkpoint's bytes after :func:`check_checkpoint`
-    (:func:`core.safeio.checkpoint_digest`); one-line :class:`SourceError`."""
-    from core.safeio import checkpoint_digest as digest
+    (:func:`core.storage.safeio.checkpoint_digest`); one-line :class:`SourceError`."""
+    from core.storage.safeio import checkpoint_digest as digest
 
     return digest(path, where, SourceError)
 
@@ -460,8 +461,8 @@ def load_weights(model: nn.Module, path: Path, name: str) -> nn.Module:
     hint = "save one with torch.save(model.state_dict(), path)"
     if not path.is_file() and not path.exists():
         raise SourceError(f"{where} does not exist or is not a file (paths are relative to the TOML)")
-    from core.models import load_state_into, load_weights_only
-    from core.safeio import open_checkpoint
+    from core.methods.training import load_state_into, load_weights_only
+    from core.storage.safeio import open_checkpoint
 
     f, _ = open_checkpoint(path, where, SourceError)  # checked before a byte is read; torch reads it
     with f:

@@ -41,16 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .devices import eval_mode, model_device
-from .distributions import LinearDoI, PointDoI
-from .influence import get_layer, influence, model_lock
-from .quantities import ClassQoI, ComparativeQoI
+from core.engine.devices import eval_mode, model_device
+from core.engine.distributions import LinearDoI, PointDoI
+from core.engine.influence import get_layer, influence, model_lock
+from core.engine.quantities import ClassQoI, ComparativeQoI
+from core.stages.base import StageContext
 
 __all__ = [
     "STAGE",
     "InfluenceFeatures",
     "adaptive_penalty",
-    "build_stage",
+    "build",
     "check_config",
     "expert_maps",
     "mahalanobis_scores",
@@ -228,7 +229,7 @@ def max_softmax_scores(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def _activations(model: nn.Module, x: Tensor, layer: str, pool: bool = False) -> Tensor:
-    from .influence import activations
+    from core.engine.influence import activations
     a = activations(model, x, layer)
     if pool and a.dim() > 2:
         a = a.flatten(2).mean(2)
@@ -663,8 +664,8 @@ DESCRIPTIONS = {
 INFLUENCE = {"influence_combined", "influence_max_z", "influence_naive", "expert_concentration"}
 
 
-def build_stage(study, progress=None) -> dict:
-    """Attack the study's model with adversarial patches and detect the attacks (DESIGN §9 stage).
+def build(ctx: StageContext) -> dict:
+    """Attack the model under study with adversarial patches and detect the attacks.
 
     Fits every detector on the training set (clean images, and attacks made on *other* training
     images for the combined detector), then reports on held-out images: per detector AUC and TPR
@@ -672,11 +673,13 @@ def build_stage(study, progress=None) -> dict:
     and one adaptive attack. Positives are the successful attacks on held-out images; negatives
     the same held-out images, clean. Returns a plain payload (dicts, lists, str, numbers, tensors).
     """
-    cfg = check_config(study.config.section("detection"))
-    data = study.data()
-    name = cfg["model"] or study.subject
-    model = study.model(name)
-    layers = cfg["layers"] or list(study.config.experts["layers"])
+    cfg = check_config(ctx.section)
+    data = ctx.data
+    name = cfg["model"] or ctx.subject
+    model = ctx.model(name)
+    layers = cfg["layers"] or ctx.layers
+    if not layers:
+        raise ValueError("[detection]: no layers (set detection.layers or experts.layers)")
     layer = cfg["layer"] or layers[-1]
     expert_layer = cfg["expert_layer"] or layer
     for lname in {*layers, layer, expert_layer}:
@@ -691,8 +694,7 @@ def build_stage(study, progress=None) -> dict:
     def step(msg: str):
         nonlocal done
         done += 1
-        if progress is not None:
-            progress(min(done, total), total, msg)
+        ctx.progress(min(done, total), total, msg)
 
     if cfg["train_set"] not in data.training_sets:
         raise ValueError(f"[detection]: train_set {cfg['train_set']!r} is not a training set "

@@ -34,11 +34,11 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["MAX_SOURCE_BYTES", "PACKAGE", "ROOT", "code_hash", "local_closure", "module_closure",
-           "user_code_hash"]
+__all__ = ["MAX_SOURCE_BYTES", "PACKAGE", "ROOT", "code_hash", "direct_imports", "local_closure",
+           "module_closure", "user_code_hash"]
 
 PACKAGE = "core"
-ROOT = Path(__file__).resolve().parents[1]  # the directory that holds the core package
+ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the core package
 
 MAX_SOURCE_BYTES = 16 * 2**20  # a source file larger than this is not source (a FIFO, a device…)
 
@@ -170,6 +170,19 @@ def module_closure(modules: Iterable[str], *, root: str | Path | None = None, pa
     runs on import). ``root`` is the directory holding the package (default: this repository).
     ValueError when a given module does not exist or a module in the closure does not parse."""
     return list(_closure_paths(modules, root, package, fresh))
+
+
+def direct_imports(name: str, *, root: str | Path | None = None, package: str = PACKAGE) -> set[str]:
+    """The modules of ``package`` that module ``name`` imports itself (anywhere in its source; not
+    the packages above them, not transitively): the edges of the import graph. ValueError when
+    ``name`` is not a module of ``package`` under ``root`` (default: this repository)."""
+    root = Path(root).resolve() if root is not None else ROOT
+    path = _source_path(root, package, name)
+    if path is None:
+        raise ValueError(f"no module {name!r} of the {package!r} package under {root}")
+    return {t for t in _imports(name, path, False)
+            if t != name and (t == package or t.startswith(package + "."))
+            and _source_path(root, package, t) is not None}
 
 
 def _digest(path: Path, fresh: bool) -> str:

@@ -51,15 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .devices import eval_mode
-from .distributions import PointDoI
-from .experts import experts as rank_experts
-from .experts import interpret
-from .influence import activations, get_layer, model_device
-from .metrics import decoy_mass
-from .models import evaluate, train_model
-from .quantities import ClassQoI
-from .representations import attribute
+from core.engine.devices import eval_mode
+from core.engine.distributions import PointDoI
+from core.engine.experts import experts as rank_experts
+from core.engine.experts import interpret
+from core.engine.influence import activations, get_layer, model_device
+from core.engine.quantities import ClassQoI
+from core.methods.metrics import region_mass as per_image_mass
+from core.methods.training import evaluate, train_model
+from core.stages.base import StageContext
+from core.stages.representations import attribute
 
 STAGE_VERSION = "1"
 
@@ -124,8 +125,8 @@ DEFAULTS: dict = {
     "batch_size": 128,
     "penalty_batch": None,  # examples per batch that enter a gradient penalty (None: all)
     "n_fit": None,  # training images used for fine-tuning and for finding directions (None: all)
-    "n_explain": 200,  # decoy test images whose explanations give decoy_mass
-    "explain_resolution": 16,  # Integrated Gradients points for decoy_mass
+    "n_explain": 200,  # headline test images whose explanations give region_mass
+    "explain_resolution": 16,  # Integrated Gradients points for region_mass
     "suppression": {"layers": None, "n_units": [1, 2, 4, 8],
                     "damping": [0.0, 0.5], "candidates": 3, "n_images": 30, "resolution": 6,
                     "border": 4},
@@ -204,10 +205,10 @@ def border_region(size: int | Sequence[int] = 28, width: int = 4) -> Tensor:
 
 
 def region_mass(attr: Tensor, region: Tensor) -> Tensor:
-    """Per map: share of positive attribution inside ``region`` (decoy_mass with a fixed mask)."""
+    """Per map: share of positive attribution inside ``region`` (region_mass with a fixed mask)."""
     a = attr if attr.dim() == 4 else attr.unsqueeze(1)
     m = region.to(a.device).expand(a.shape[0], 1, *region.shape[-2:])
-    return decoy_mass(a, m)
+    return per_image_mass(a, m)
 
 
 def _per_class(x: Tensor, y: Tensor, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -855,12 +856,14 @@ def build_corrected(name: str, vanilla_model: nn.Module, record: dict | None) ->
     return model
 
 
-def load_model(study, name: str, state: dict) -> nn.Module:
-    """``study.model(name)`` for a correction: rebuild from the vanilla model and the stored spec,
-    then load ``state`` (the corrected model's state dict from the payload)."""
-    payload = study.artifact("corrections") or {}
+def load_model(payload: dict, name: str, subject: nn.Module) -> nn.Module:
+    """The corrected model ``name`` of a corrections ``payload``: rebuilt from the model under
+    study (``subject``, which it copies) and the stored spec, then loaded with the stored state
+    dict; in eval mode. The pipeline serves corrected models by name through this hook.
+    KeyError when the payload holds no model ``name``."""
+    state = (payload.get("models") or {})[name]
     record = (payload.get("records") or {}).get(name) or {}
-    model = build_corrected(name, study.model(getattr(study, "subject", "vanilla")), record)
+    model = build_corrected(name, subject, record)
     model.load_state_dict(state)
     return model.eval()
 
@@ -898,7 +901,7 @@ def measure(model: nn.Module, data, *, n_explain: int = 200, resolution: int = 1
         x = data.test.x[:n].to(dev)
         y = data.test.y[:n].to(dev)
         maps = _ig_maps(model, x, y, resolution)
-        mass = decoy_mass(maps[:, None], data.test.mask[:n].to(dev))
+        mass = per_image_mass(maps[:, None], data.test.mask[:n].to(dev))
         ok = torch.isfinite(mass)
         dm = float(mass[ok].mean()) if ok.any() else float("nan")
     out["region_mass"] = dm
@@ -910,7 +913,7 @@ def measure(model: nn.Module, data, *, n_explain: int = 200, resolution: int = 1
 
 def correct_on(model: nn.Module, split) -> Tensor:
     """Per image of ``split``: whether ``model``'s prediction is the label (bool (N,), CPU)."""
-    from .models import predict_logits
+    from core.methods.training import predict_logits
 
     if split.n == 0:
         return torch.zeros(0, dtype=torch.bool)
@@ -953,11 +956,9 @@ def gap_closed(acc: float, vanilla: float, clean: float) -> float | None:
 # The case-study stage
 
 
-def config_of(study) -> dict:
-    """``study.config.corrections`` over :data:`DEFAULTS` (nested method sections merged)."""
-    cfg = getattr(study, "config", None)
-    sec = getattr(cfg, "corrections", None) if cfg is not None else None
-    sec = dict(sec or {})
+def config_of(section) -> dict:
+    """The ``[corrections]`` section over :data:`DEFAULTS` (nested method sections merged)."""
+    sec = dict(section or {})
     out = copy.deepcopy(DEFAULTS)
     for k, v in sec.items():
         if k not in out:
@@ -997,9 +998,8 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 def check_config(section: dict, where: str = "config") -> dict:
     """``[corrections]`` over :data:`DEFAULTS`; one-line ``ValueError`` for an unknown key or
     method, or a value out of bounds. Returns the merged settings."""
-    study = type("_S", (), {"config": type("_C", (), {"corrections": section})()})()
     try:
-        out = config_of(study)
+        out = config_of(section)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     if out["seeds"] is not None and (isinstance(out["seeds"], bool) or not isinstance(
@@ -1022,10 +1022,9 @@ def _could_not_run(method: str, exc: BaseException, seed: int) -> dict:
             f"could not run: {name}", "error": name, "seed": seed}
 
 
-def _activation_pairs(study, layers: list[str]) -> list[tuple[str, str]]:
+def _activation_pairs(facts: dict | None, layers: list[str]) -> list[tuple[str, str]]:
     """(layer, where P-ClArC projects) per layer: the activation module listed right after the
-    layer in the model's facts, else the layer itself."""
-    facts = study.model_facts() if hasattr(study, "model_facts") else None
+    layer in the model's ``facts``, else the layer itself."""
     if not facts:
         return [(layer, layer) for layer in layers]
     names, kinds = facts["layers"], facts["kinds"]
@@ -1038,9 +1037,9 @@ def _activation_pairs(study, layers: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _after_activation(study, layers: list[str]) -> list[str]:
+def _after_activation(facts: dict | None, layers: list[str]) -> list[str]:
     """The activation module right after each layer (where P-ClArC projects), else the layer."""
-    return list(dict.fromkeys(act for _layer, act in _activation_pairs(study, layers)))
+    return list(dict.fromkeys(act for _layer, act in _activation_pairs(facts, layers)))
 
 
 def _feeds(model: nn.Module, layer: str, act: str, x1: Tensor) -> bool:
@@ -1073,15 +1072,15 @@ def _checked_activations(model: nn.Module, pairs: list[tuple[str, str]], x1: Ten
     return list(dict.fromkeys(out))
 
 
-def build_stage(study, progress=None) -> dict:
-    """Run every configured correction on the study's model under study and measure them.
+def build(ctx: StageContext) -> dict:
+    """Run every configured correction on the case's model under study and measure them.
 
     Needs a region: without one there is no shortcut to correct and the stage returns no rows
     (``skipped`` says why). Methods that need what the case lacks (the per-image masks, or
     region-free twins for P-ClArC) are skipped with the reason; a method that raises (on any
     seed) is dropped with one ``skipped`` entry "could not run: <error>: <its first line>" and
     the stage goes on with the others. Per seed s (``corrections.seeds``,
-    else ``study.seeds``, else 1): the seed-s subject and reference models, each correction tuned
+    else the case's seeds): the seed-s subject and reference models, each correction tuned
     on the validation split and measured on every evaluation set (:func:`measure`). The corrected
     models of seed 0 are kept (``payload["models"]``). Rows carry the mean over seeds (``*_sd``
     and ``*_per_seed`` beside when there are several). ``gap_closed`` = (acc − subject) /
@@ -1096,20 +1095,19 @@ def build_stage(study, progress=None) -> dict:
     model)}, ``models`` {method: state_dict}, ``config``, ``seconds``, ``skipped``.
     """
     t_start = time.perf_counter()
-    cfg = config_of(study)
-    data = study.data()
-    subject = getattr(study, "subject", "vanilla")
-    reference = getattr(study, "reference", "clean" if subject == "vanilla" else None)
-    headline = getattr(data, "headline", "decoy_test")
+    cfg = config_of(ctx.section)
+    data = ctx.data
+    subject, reference = ctx.subject, ctx.reference
+    headline = data.headline
     hkey = f"{headline}_acc"
-    layers = list(getattr(getattr(study, "config", None), "experts", {}).get("layers") or
-                  ["conv1", "conv2", "fc1"])
+    layers = ctx.layers
+    facts = ctx.model_facts()
     if cfg["suppression"]["layers"] is None:
         cfg["suppression"]["layers"] = layers
     pclarc_pairs = None
     if cfg["pclarc"]["layers"] is None:
-        pclarc_pairs = _activation_pairs(study, layers)
-        cfg["pclarc"]["layers"] = _after_activation(study, layers)
+        pclarc_pairs = _activation_pairs(facts, layers)
+        cfg["pclarc"]["layers"] = _after_activation(facts, layers)
     skipped = []
     if data.train.mask is None:
         return {"rows": [], "skipped": [{"method": "all", "reason": "the case has no region: "
@@ -1123,21 +1121,20 @@ def build_stage(study, progress=None) -> dict:
                             "training images, which this case's data does not provide"})
         else:
             methods.append(method)
-    n_seeds = int(cfg["seeds"] or getattr(study, "seeds", None) or 1)
+    n_seeds = int(cfg["seeds"] or ctx.seeds or 1)
     names = [m for m in (subject, reference) if m]
     total = n_seeds * (len(methods) + len(names))
     done = 0
 
     def report(msg: str) -> None:
-        if progress is not None:
-            progress("corrections", done, total, msg)
+        ctx.progress(done, total, msg)
 
     per_seed: list[dict] = []
     records: dict = {}
     models: dict = {}
     for seed in range(n_seeds):
         report(f"seed {seed}: measuring {' and '.join(names)}")
-        nets = {n: (study.model(n, seed=seed) if seed else study.model(n)) for n in names}
+        nets = {n: ctx.model(n, seed) for n in names}
         if seed == 0 and pclarc_pairs is not None and data.train.n:
             # the listed activation must be what reads the layer (not a shared residual ReLU)
             cfg["pclarc"]["layers"] = _checked_activations(nets[subject], pclarc_pairs,
@@ -1302,7 +1299,7 @@ __all__ = [
     "anchors_for",
     "border_region",
     "build_corrected",
-    "build_stage",
+    "build",
     "check_config",
     "concept_direction",
     "config_of",

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from core.reportmd import markdown
+from core.report.markdown import markdown
 
 __all__ = ["html_report", "png_data_uri"]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#1b1b1b;line-height:1.45}
@@ -54,7 +54,7 @@ def _rgb(image: np.ndarray, scale: int) -> np.ndarray:
 def _overlay(image: np.ndarray, attr: np.ndarray, scale: int, alpha: float = 0.55) -> np.ndarray:
     """The signed heatmap (red positive, blue negative, normalised by this map's largest
     magnitude) blended over the image."""
-    from core.imaging import heatmap
+    from core.methods.imaging import heatmap
 
     base = _rgb(image, 1).astype(np.float64) / 255
     gray = base.mean(-1, keepdims=True).repeat(3, -1)
@@ -81,7 +81,7 @@ def _figure(rgb: np.ndarray, alt: str, caption: str) -> str:
 
 
 def _md_to_html(text: str) -> str:
-    """The few Markdown forms :func:`core.reportmd.markdown` writes: tables, bold, paragraphs."""
+    """The few Markdown forms :func:`core.report.markdown.markdown` writes: tables, bold, paragraphs."""
     out, table = [], []
 
     def inline(s: str) -> str:

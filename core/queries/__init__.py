@@ -1,0 +1,1 @@
+"""What pages ask on demand: explain one image, trace it through the experts."""
