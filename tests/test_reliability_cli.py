@@ -141,13 +141,13 @@ def test_editing_a_module_rebuilds_exactly_the_stages_that_import_it(tmp_path):
         return json.loads(out.stdout)
 
     before = versions()
-    with open(tmp_path / "core" / "representations.py", "a") as f:
+    with open(tmp_path / "core" / "stages" / "representations.py", "a") as f:
         f.write("\n# an edit\n")
     after = versions()
     changed = {s for s in before if before[s] != after[s]}
     assert {"representations", "corrections"} <= changed  # corrections runs representations code
     assert not changed & {"data", "models", "experts"}
-    with open(tmp_path / "core" / "influence.py", "a") as f:
+    with open(tmp_path / "core" / "engine" / "influence.py", "a") as f:
         f.write("\n# an edit of the engine\n")
     engine = versions()
     assert {"experts", "representations", "corrections"} <= {s for s in after

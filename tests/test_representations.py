@@ -20,6 +20,7 @@ from captum.attr import (
 from streamlit.testing.v1 import AppTest
 
 from core.cases.decoy_mnist.net import DecoyCNN
+from core.casestudy.registry import BY_NAME
 from core.engine.distributions import GaussianDoI
 from core.engine.experts import interpret
 from core.engine.influence import influence
@@ -29,7 +30,6 @@ from core.stages.base import StageContext
 from core.stages.representations import (
     METHODS,
     METRIC_KEYS,
-    STAGE_VERSION,
     NoiseDoI,
     attribute,
     build,
@@ -192,7 +192,7 @@ def stage(small_study):
 
 def test_stage_payload_shape_and_types(stage):
     payload, calls = stage
-    assert STAGE_VERSION == "1"
+    assert BY_NAME["representations"].version == 1  # the registry holds the version
     rows = payload["rows"]
     assert len(rows) == 2 * len(METHODS)
     for row in rows:

@@ -463,7 +463,9 @@ def test_tensors_bad_input(tmp_path):
     _terr(tmp_path, {"x": x, "y": y, "split": torch.full((30,), 7)}, "split must hold")
     _terr(tmp_path, {"x": x, "y": y, "split": ["train"] * 29 + ["dev"]}, "'dev'")
     _terr(tmp_path, {"x": x, "y": y}, "has no 'mask'", region={"name": "r"})
-    _terr(tmp_path, {"x": x, "y": y, "mask": mask}, "masks does not apply", region={"masks": "m"})
+    _terr(tmp_path, {"x": x, "y": y, "mask": mask}, "'m'", "does not exist", region={"masks": "m"})
+    (tmp_path / "m" / "test").mkdir(parents=True)
+    _terr(tmp_path, {"x": x, "y": y}, "no mask for any image", "test/0.png", region={"masks": "m"})
     _terr(tmp_path, {"x": x * float("nan"), "y": y}, "NaN")
     _terr(tmp_path, {"x": x.int(), "y": y}, "torch.int32")
 
@@ -552,3 +554,38 @@ def test_load_data_dispatches_on_source(tmp_path):
     assert load_data({"source": "tensors", "path": "d.pt"}, None, tmp_path).source == "tensors"
     with pytest.raises(SourceError, match="'hdf5'"):
         load_data({"source": "hdf5"}, None, tmp_path)
+
+
+def test_tensors_region_from_a_masks_folder_of_split_and_index(tmp_path):
+    """What ``discover --out`` writes for a tensors source (``<split>/<index>.png``, a missing file
+    = no region) is a valid ``[region] masks``: it replaces the file's mask, is resized to the
+    images, and is in the data's fingerprint."""
+    from PIL import Image
+
+    from core.cases.sources import source_fingerprint
+
+    x, y, mask = _tensors()
+    split = ["train"] * 18 + ["val"] * 6 + ["test"] * 6
+    torch.save({"x": x, "y": y, "mask": mask, "split": split}, tmp_path / "d.pt")
+    folder = tmp_path / "found" / "1"
+    for name, rows in (("train", (0, 5)), ("test", (2,))):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in rows:
+            m = np.zeros((24, 24), np.uint8)  # twice the images' size: resized (nearest)
+            m[-6:, -6:] = 255
+            Image.fromarray(m).save(folder / name / f"{i}.png")
+    dataset, region = {"source": "tensors", "path": "d.pt"}, {"masks": "found/1", "name": "found"}
+    data = tensors_data(dataset, region, tmp_path)
+    assert data.has_region and data.region_name == "found"
+    want = torch.zeros(12, 12, dtype=torch.bool)
+    want[-3:, -3:] = True
+    for sp, rows in ((data.train, (0, 5)), (data.val, ()), (data.test, (2,))):
+        for i in range(sp.n):
+            assert torch.equal(sp.mask[i, 0], want if i in rows else torch.zeros_like(want)), i
+    before = source_fingerprint(dataset, region, tmp_path)
+    assert before != source_fingerprint(dataset, None, tmp_path)
+    (folder / "val").mkdir()
+    Image.fromarray(np.full((24, 24), 255, np.uint8)).save(folder / "val" / "1.png")
+    assert source_fingerprint(dataset, region, tmp_path) != before  # a new mask file: rebuild
+    assert bool(tensors_data(dataset, region, tmp_path).val.mask[1].all())
+

@@ -80,8 +80,9 @@ DATASET_SCHEMA: dict[str, dict[str, tuple]] = {
     "folder": {**_COMMON, "root": (str, REQUIRED)},
     "tensors": {**_COMMON, "path": (str, REQUIRED)},
 }
-# ``masks`` is required for a folder source (a folder of masks, same relative paths as the images)
-# and not allowed for a tensors source (its masks are the file's ``mask`` array).
+# ``masks`` is required for a folder source (a folder of masks, same relative paths as the images);
+# for a tensors source it is optional: a folder of ``<split>/<index>.png`` (what ``discover --out``
+# writes) that replaces the file's ``mask`` array.
 REGION_SCHEMA: dict[str, tuple] = {"masks": (str, None), "name": (str, "region")}
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -220,8 +221,9 @@ def check_dataset(section: dict, where: str = "[dataset]") -> dict:
 def check_region(section: dict, where: str = "[region]") -> dict:
     """Validate a ``[region]`` table without reading data; return it with defaults filled in.
 
-    Keys: ``masks`` (str, a folder relative to the TOML file; needed by a folder source, refused
-    by ``tensors_data`` whose masks are the file's ``mask`` array) and ``name`` (str, how pages
+    Keys: ``masks`` (str, a folder relative to the TOML file; needed by a folder source; for a
+    tensors source a folder of ``<split>/<index>.png`` masks that replaces the file's ``mask``
+    array) and ``name`` (str, how pages
     call the region; default ``"region"``, at most 64 characters). One-line :class:`SourceError`
     on an unknown key (listing the valid ones) or a wrong type.
     """
@@ -715,17 +717,22 @@ def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData
     stratified ``[dataset] split``; val carved from train when the file's split has none) and
     ``classes`` (names; ``[dataset] classes`` wins). n_classes = len(classes), else max(y) + 1
     with names "0", "1", ... ``size``/``channels``/``mean``/``std`` act as for a folder. The
-    region exists when the file has ``mask``; ``[region]`` may only name it (``masks`` is refused).
+    region exists when the file has ``mask``, or when ``[region] masks`` names a folder of
+    ``<split>/<index>.png`` masks (index: the row in the split; a missing file is an empty region
+    on that image; what ``discover --out`` writes), which then replaces the file's ``mask``.
     ``extra = {"path": <file relative to base_dir>}``. One-line :class:`SourceError` on any bad
     input (missing keys, wrong shapes, labels out of range, pickled objects).
     """
     base_dir = Path(base_dir)
     dataset = check_dataset({**dataset, "source": "tensors"}, "[dataset]")
+    mask_root = None
     if region is not None:
         region = check_region(region, "[region]")
         if region["masks"] is not None:
-            raise SourceError("[region] masks does not apply to a tensors source: its masks are the "
-                              "file's 'mask' array; keep only [region] name")
+            mask_root = base_dir / region["masks"]
+            if not mask_root.is_dir():
+                raise SourceError(f"[region] masks folder {_rel(mask_root, base_dir)!r} does not "
+                                  "exist (relative to the TOML file)")
     path = base_dir / dataset["path"]
     shown = _rel(path, base_dir)
     data = _load_tensors_file(path, base_dir)
@@ -790,9 +797,9 @@ def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData
             raise SourceError(f"[dataset] tensors file {shown!r}: mask has shape {tuple(mask.shape)}"
                               f"; give ({n}, {h}, {w}) or ({n}, 1, {h}, {w}) like x")
         mask = mask != 0
-    elif region is not None:
+    elif region is not None and mask_root is None:
         raise SourceError(f"[region] is set but tensors file {shown!r} has no 'mask' array; add "
-                          "mask (N, H, W) or remove [region]")
+                          "mask (N, H, W), name a masks folder, or remove [region]")
     tags = None
     if "split" in data:
         raw = data["split"]
@@ -828,12 +835,54 @@ def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData
             mask = F.interpolate(mask.float(), size=size, mode="nearest") > 0.5
     x = _normalise(x.contiguous(), dataset["mean"], dataset["std"])
     train, val, test = _make_splits(x, y, mask, tags, dataset["split"], classes)
+    if mask_root is not None:
+        train, val, test = _split_masks({"train": train, "val": val, "test": test}, mask_root,
+                                        base_dir)
+        mask = train.mask
     return CaseData(train=train, val=val, test=test, class_names=tuple(classes), source="tensors",
                     seed=dataset["split"]["seed"],
                     region_name=(region["name"] if region is not None else "region")
                     if mask is not None else None,
                     mean=_tuple(dataset["mean"]), std=_tuple(dataset["std"]),
                     extra={"path": shown})
+
+
+def _split_mask_files(mask_root: Path, split: str, n: int) -> list[Path | None]:
+    """Row i of ``split``'s mask file ``<mask_root>/<split>/<i>.<ext>``, or None (no region)."""
+    folder = mask_root / split
+    out: list[Path | None] = []
+    for i in range(n):
+        found = None
+        for ext in IMAGE_EXTENSIONS:
+            cand = folder / f"{i}{ext}"
+            if cand.exists() or cand.is_symlink():
+                found = cand
+                break
+        out.append(found)
+    return out
+
+
+def _split_masks(splits: dict, mask_root: Path, base_dir: Path) -> tuple:
+    """The splits with their masks read from ``<mask_root>/<split>/<index>.png`` (resized to the
+    images, nearest; non-zero = region; a missing file = an empty region). One-line
+    :class:`SourceError` when no split has a single mask file (a wrong folder)."""
+    import dataclasses
+
+    out, found = [], 0
+    for name in ("train", "val", "test"):
+        sp = splits[name]
+        h, w = sp.x.shape[-2:]
+        masks = np.zeros((sp.n, 1, h, w), dtype=bool)
+        for i, mpath in enumerate(_split_mask_files(mask_root, name, sp.n)):
+            if mpath is not None:
+                masks[i, 0] = _mask_array(_decode(mpath, mask_root, base_dir, "mask"), (h, w))
+                found += 1
+        out.append(dataclasses.replace(sp, mask=torch.from_numpy(masks)))
+    if not found:
+        raise SourceError(f"[region] no mask for any image in {_rel(mask_root, base_dir)!r}: "
+                          "expected <split>/<index>.png files (e.g. test/0.png), as "
+                          "discover --out writes them; a missing file = no region there")
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -901,6 +950,17 @@ def source_fingerprint(dataset: dict, region: dict | None, base_dir: Path) -> st
         if not os.path.lexists(path):
             raise SourceError(f"[dataset] tensors file {_rel(path, base_dir)!r} does not exist")
         add(path, None, MAX_TENSORS_FILE_BYTES)
+        if region is not None and region["masks"]:
+            mask_root = base_dir / region["masks"]
+            if not mask_root.is_dir():
+                raise SourceError(f"[region] masks folder {_rel(mask_root, base_dir)!r} does not "
+                                  "exist")
+            for split in SPLIT_NAMES:  # every mask file the adapter could read, in its order
+                folder = mask_root / split
+                names = sorted(e.name for e in os.scandir(folder)) if folder.is_dir() else []
+                for name in names:
+                    if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                        add(folder / name, mask_root)
         return h.hexdigest()
     listing = _list_folder(dataset, base_dir)
     root = listing["root"]

@@ -436,6 +436,8 @@ class CaseStudy(ExpertViews):
                       config=self.config.section(stage), data=self._data_digest(),
                       models=models["0"], seeds=seeds,
                       seed_models=models if seeds > 1 else None, experts=experts,
+                      # every stage's context carries [experts] whole: its primary layer too
+                      experts_section=self.config.experts,
                       subject=self.subject, reference=self.reference,
                       device=self._device_type())
 

@@ -16,6 +16,7 @@ Gauss–Legendre quadratures of :class:`LinearDoI`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -81,8 +82,17 @@ def _quadrature(method: str, resolution: int) -> tuple[Tensor, Tensor | None]:
         w = torch.full((resolution,), 1.0 / (resolution - 1), dtype=torch.float64)
         w[0] = w[-1] = 0.5 / (resolution - 1)
         return r / (resolution - 1), w
-    nodes, weights = np.polynomial.legendre.leggauss(resolution)
+    nodes, weights = _gauss_legendre(resolution)
     return torch.from_numpy(0.5 * (nodes + 1)), torch.from_numpy(0.5 * weights)
+
+
+@functools.lru_cache(maxsize=64)
+def _gauss_legendre(resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy's Gauss–Legendre nodes and weights on [−1, 1], remembered per resolution (computing
+    them takes about a second at R = 500); read-only, so the cached arrays cannot be changed."""
+    nodes, weights = np.polynomial.legendre.leggauss(resolution)
+    nodes.flags.writeable = weights.flags.writeable = False
+    return nodes, weights
 
 
 class LinearDoI(Distribution):

@@ -62,7 +62,6 @@ from core.methods.training import evaluate, train_model
 from core.stages.base import StageContext
 from core.stages.representations import attribute
 
-STAGE_VERSION = "1"
 
 @dataclass(frozen=True)
 class CorrectionMethod:
@@ -1293,7 +1292,6 @@ __all__ = [
     "LABELS",
     "METHODS",
     "RECORDS",
-    "STAGE_VERSION",
     "USES_MASK",
     "UnitScale",
     "anchors_for",

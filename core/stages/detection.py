@@ -48,7 +48,6 @@ from core.engine.quantities import ClassQoI, ComparativeQoI
 from core.stages.base import StageContext
 
 __all__ = [
-    "STAGE",
     "InfluenceFeatures",
     "adaptive_penalty",
     "build",
@@ -61,8 +60,6 @@ __all__ = [
     "roc",
     "window_concentration",
 ]
-
-STAGE = {"name": "detection", "section": "detection", "reads": ("data", "models"), "version": 1}
 
 FPR_POINTS = (0.01, 0.05, 0.25)
 

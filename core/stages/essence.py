@@ -49,7 +49,6 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "DEFAULTS",
     "FILLS",
-    "STAGE",
     "ablation",
     "ablation_table",
     "binary_accuracy",
@@ -754,8 +753,6 @@ def region_check(model: nn.Module, layer: str, units: Sequence[int], eval_sets: 
 
 # ------------------------------------------------------------------------------------- the stage
 
-STAGE = {"name": "essence", "section": "essence", "reads": ("data", "models", "experts"), "version": 1}
-STAGE_VERSION = STAGE["version"]
 
 DEFAULTS: dict = {
     "pairs": [],  # extra [a, b] class pairs the case names (indices or class names), e.g. [[4, 9], [3, 8]]

@@ -71,14 +71,11 @@ from core.engine.quantities import ClassQoI
 from core.methods import metrics as M
 from core.stages.base import StageContext
 
-STAGE_VERSION = "1"
-
 __all__ = [
     "METHODS",
     "METRIC_KEYS",
     "Method",
     "NoiseDoI",
-    "STAGE_VERSION",
     "attribute",
     "build",
     "layer_activation",
