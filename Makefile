@@ -25,8 +25,11 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/pip install -q --no-deps facenet-pytorch==2.6.0
 	touch $(VENV)/.runtime $@
 
+# Serve at once, build behind: the data first (the first chapter draws from it), then the rest in
+# one background worker (its progress is in the sidebar; the chapters fill in as stages land).
 run: $(VENV)/.runtime
-	$(BIN)/python -m core build $(CASE)
+	$(BIN)/python -m core build $(CASE) --stages data
+	$(BIN)/python -m core build $(CASE) --background
 	CASEBOOK_CASE=$(CASE) $(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true
 
 test: $(VENV)/.dev

@@ -1,6 +1,7 @@
 """Influence Casebook: the report's entrypoint (page config, navigation, the shared sidebar).
 
-Run with ``streamlit run app.py`` (``make run`` builds the default case study first). The chapters
+Run with ``streamlit run app.py`` (``make run`` builds the default case's data first; the rest is
+built behind the report by one background worker per cache, whose progress the sidebar shows). The chapters
 in ``chapters/`` only read what ``core`` computed; the sidebar picks the case (every built-in case
 and every case under ``$CASEBOOK_CASES``, by name: never a path), the model and the device, and
 shows which stages of the case are built. A chapter whose stage module does not exist yet is left
@@ -97,8 +98,12 @@ with st.sidebar:
         st.markdown("**Cache**")
         done, todo = ":green[:material/check_circle:]", ":gray[:material/radio_button_unchecked:]"
         st.markdown("  \n".join(f"{done if built.get(s) else todo} {s}" for s in ui.STAGES))
-        st.caption(f"{sum(map(bool, built.values()))}/{len(ui.STAGES)} stages built · chapters offer "
-                   "to build what they need.")
+        # What is not built is built behind the report (one background worker per cache); the
+        # panel shows its live progress and the page fills in as stages land.
+        if ui.progress_panel(study) is None:
+            st.caption(f"{sum(map(bool, built.values()))}/{len(ui.STAGES)} stages built"
+                       + (" · chapters offer to build what they need."
+                          if not all(built.values()) else "."))
         if any(built.values()):
             ui.download_report(study)
 

@@ -680,14 +680,155 @@ def compute_experts_for(model: str, layer: str, qoi: dict, doi: dict, study=None
     return _experts_dict(result) if ok else None
 
 
+# ----------------------------------------------------------------------------------------------
+# Building behind the report: one background worker per cache (core.casestudy.worker). The pages
+# open at once, draw what is built, and poll the worker's progress file while it runs; when a
+# stage lands, the whole page reruns and fills in. CASEBOOK_BACKGROUND=0 turns it off (the pages
+# then offer an in-page build, as before).
+
+
+def background_enabled() -> bool:
+    return os.environ.get("CASEBOOK_BACKGROUND", "1") != "0"
+
+
+def _worker_where(study) -> tuple[str, Any, str]:
+    case, _, device = study_key(study)
+    return case, study.cache.root, device
+
+
+def background_state(study) -> dict | None:
+    """The background build's state for ``study`` (``core.casestudy.worker.state``), or None when
+    background builds are off or the cache has no readable worker record."""
+    if not background_enabled():
+        return None
+    from core.casestudy import worker
+
+    case, root, _ = _worker_where(study)
+    try:
+        return worker.state(case, root)
+    except OSError:
+        return None
+
+
+def ensure_background_build(study) -> dict | None:
+    """Start (or join) the background build when stages of ``study`` are missing; returns the
+    worker's state, or None when nothing is to be built here (all built, background builds off,
+    or a read-only cache). A build that ended on an error, or whose missing stages failed or
+    were skipped, is not restarted by itself (the chapter shows why and offers the build)."""
+    if not background_enabled():
+        return None
+    todo = [s for s, built in study.status().items() if not built]
+    if not todo:
+        return None
+    from core.casestudy import worker
+
+    case, root, device = _worker_where(study)
+    current = worker.state(case, root)
+    if current["running"] or current["waiting_for"]:
+        if current["waiting_for"]:  # another case held the cache: try again (it may be done)
+            return _start(worker, case, root, device, current)
+        return current
+    ended = current["finished"] and (current["error"] or all(
+        (current["stages"].get(s) or {}).get("status") in ("failed", "skipped") for s in todo))
+    if ended:
+        return current
+    return _start(worker, case, root, device, current)
+
+
+def _start(worker, case: str, root, device: str, current: dict) -> dict | None:
+    try:
+        return worker.start(case, root, device=device)
+    except OSError:  # a read-only (shipped) cache: nothing can be built here
+        return None if not current["running"] else current
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "estimating the time left"
+    if seconds < 60:
+        return f"about {max(1, round(seconds))} s left in this stage"
+    return f"about {round(seconds / 60)} min left in this stage"
+
+
+def _draw_progress(state: dict, built: dict[str, bool], compact: bool) -> None:
+    n_built, n_all = sum(map(bool, built.values())), len(built)
+    if state.get("waiting_for"):
+        st.caption(f"Waiting for the background build of {plain(state['waiting_for'])} "
+                   "(one build per cache at a time).")
+        return
+    stage, done, total = state.get("stage"), state.get("done"), state.get("total")
+    head = f"Building in the background · {n_built}/{n_all} stages built"
+    if compact:
+        st.caption(head)
+    else:
+        st.markdown(f"**{head}**")
+    if stage and total:
+        st.progress(min(max(done / total, 0.0), 1.0), text=f"{plain(stage)}: step {done}/{total}")
+    elif stage:
+        st.progress(0.0, text=plain(stage))
+    rate = state.get("rate")
+    bits = [f"{rate:.2g} steps/s" if rate else None, _eta(state.get("eta_s")) if stage else None,
+            plain(state.get("message"), limit=80) if state.get("message") else None]
+    st.caption(" · ".join(b for b in bits if b) or "starting …")
+
+
+def progress_panel(study, *, compact: bool = True) -> dict | None:
+    """Draw the background build's live progress (stage, step, rate, ETA) and keep it fresh: a
+    fragment re-drawn every 2 s while the worker runs, which reruns the whole page when a stage
+    lands so the chapter fills in without a reload. Returns the worker's state, or None when no
+    background build concerns this study (all built, or background builds off)."""
+    try:
+        state = ensure_background_build(study)
+    except Exception:  # noqa: BLE001 — an unreadable worker record must not take the page down
+        return None
+    if state is None:
+        return None
+    key = "bg-built-" + "|".join(map(str, study_key(study)))
+
+    def panel() -> None:
+        now = ensure_background_build(study) or {}
+        fresh = study.status()
+        built = tuple(sorted(k for k, v in fresh.items() if v))
+        seen = st.session_state.get(key)
+        st.session_state[key] = built
+        if seen is not None and seen != built:
+            invalidate(study)  # a stage landed: redraw the chapter with it
+            st.rerun(scope="app")
+        if now.get("running") or now.get("waiting_for"):
+            _draw_progress(now, fresh, compact)
+        elif now.get("error"):
+            st.caption(f"The background build stopped: {plain(now['error'], limit=200)}")
+
+    active = state.get("running") or state.get("waiting_for")
+    if active:
+        st.fragment(panel, run_every=2.0)()
+    else:
+        panel()
+    return state
+
+
 def require(study, stages: Iterable[str], what: str, *, key: str | None = None) -> bool:
-    """True when ``stages`` are built; else explain what is missing and offer to build it.
+    """True when ``stages`` are built; else say what is missing: while the background build runs,
+    its live progress (the chapter fills in by itself when the stages land); otherwise an offer
+    to build them here.
 
     After a successful build the script reruns, so the page draws the fresh results.
     """
     todo = missing(study, stages)
+    if todo and all(study.status().get(s) for s in todo):
+        invalidate(study)  # the background build landed them since the cached read
+        todo = missing(study, stages)
     if not todo:
         return True
+    bg = background_state(study)
+    if bg and (bg.get("running") or bg.get("waiting_for")):
+        st.info(f"{what} needs the stage(s) **{', '.join(todo)}**: they are being built in the "
+                "background and this page fills in by itself when they land (the cache keeps "
+                "them for every later visit).", icon=":material/hourglass_top:")
+        progress_panel(study, compact=False)
+        return False
+    if bg and bg.get("error"):
+        st.warning(f"The background build stopped: {plain(bg['error'], limit=300)}")
     st.info(f"{what} needs the stage(s) **{', '.join(todo)}**, not built yet for this case study. "
             "Building runs on this machine and is cached on disk for every later visit.")
     if st.button(f"Build {', '.join(todo)}", key=key or f"build-{'-'.join(todo)}", type="primary"):

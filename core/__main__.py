@@ -1,7 +1,7 @@
 """Command line: build a case study, print its report, list the cases, start a new case.
 
     python -m core build decoy-mnist [--force] [--device cpu|cuda] [--seeds N] [--stages a,b]
-                                     [--cache DIR]
+                                     [--cache DIR] [--background]
     python -m core report decoy-mnist [--json] [--seeds N] [--cache DIR]
     python -m core list [--cache DIR]
     python -m core new-case DIR       # a working example of your own case to start from
@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--stages", default=None, metavar="A,B",
                    help="only these stages (and what they read): data, models, experts, "
                         "representations, corrections, essence, detection")
+    b.add_argument("--background", action="store_true",
+                   help="start the build as a background worker and return at once (or join the "
+                        "one that runs for this cache and case); the app shows its progress")
+    b.add_argument("--progress-file", default=None, metavar="PATH", help=argparse.SUPPRESS)
     common(b)
 
     r = sub.add_parser("report", help="print a case study's results (never computes)")
@@ -316,6 +320,9 @@ def _new_case(args, CaseError) -> int:
         written = write_example(Path(args.dir))
     except ValueError as exc:
         raise CaseError(str(exc).splitlines()[0]) from None
+    except OSError as exc:  # /proc/x, a read-only folder, a full disk: one line, exit 2
+        raise CaseError(f"cannot write the example case into {args.dir[:80]!r}: "
+                        f"{exc.strerror or type(exc).__name__}") from None
     for p in written:
         print(p)
     print(f"next: python {Path(args.dir) / 'make_images.py'} && python -m core build "
@@ -336,13 +343,50 @@ def _stages(args, CaseError) -> list[str] | None:
     return stages
 
 
+def _background(args, study) -> int:
+    from core.casestudy import CaseError, worker
+
+    if args.stages or args.force or args.seeds is not None:
+        raise CaseError("--background builds every stage of the case as configured: it takes "
+                        "no --stages, --force or --seeds")
+    try:
+        st = worker.start(args.case, study.cache.root, device=args.device)
+    except OSError as exc:
+        raise CaseError(f"cannot start a background build in {study.cache.root}: "
+                        f"{exc.strerror or exc}") from None
+    what = "joined the running" if st["joined"] else "started a"
+    log = worker.paths(args.case, study.cache.root)["log"]
+    print(f"{study.name}: {what} background build (pid {st['pid']}); log {log}", file=sys.stderr)
+    return 0
+
+
 def _build(args, study, stages: list[str] | None) -> int:
+    if args.background:
+        return _background(args, study)
     bars = _Bars()
+    sink = bars
+    if args.progress_file:  # a background worker: the app reads this file (core.casestudy.worker)
+        from core.casestudy.worker import ProgressFile
+
+        live = ProgressFile(args.progress_file)
+
+        def sink(stage, done, total, message=""):
+            bars(stage, done, total, message)
+            live(stage, done, total, message)
     t0 = time.perf_counter()
     try:
-        results = study.build(stages=stages, force=args.force, progress=bars, seeds=args.seeds)
+        results = study.build(stages=stages, force=args.force, progress=sink, seeds=args.seeds)
+    except BaseException as exc:
+        if args.progress_file:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            live.finish(error=f"{type(exc).__name__}: {first}"[:300])
+        raise
     finally:
         bars.close()
+    if args.progress_file:
+        for stage, r in results.items():
+            live.stage_done(stage, r)
+        live.finish()
     failed = 0
     for stage, r in results.items():
         note = f" ({r['message']})" if r["message"] else ""

@@ -13,10 +13,13 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def casebook_cache(tmp_path_factory):
-    """A session-wide temporary cache directory, exported as ``CASEBOOK_CACHE``."""
+    """A session-wide temporary cache directory, exported as ``CASEBOOK_CACHE``. Background builds
+    are off (``CASEBOOK_BACKGROUND=0``): a page test must not start a worker that builds stages
+    other tests expect unbuilt; tests/test_worker.py turns them on for its own caches."""
     root = tmp_path_factory.mktemp("casebook-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CASEBOOK_CACHE", str(root))
+        mp.setenv("CASEBOOK_BACKGROUND", "0")
         yield root
 
 
