@@ -194,13 +194,15 @@ def reliance(model, case: dict) -> dict:
 
 def score(result: dict, case: dict, target: int = TARGET, top: int = 3) -> dict:
     """Score one discovery result against the planted masks: ``{"found_at": rank or None,
-    "iou": median IoU of the best-matching candidate, "suspected": n, "suspects": [...]}``.
+    "iou": median IoU of the best-matching candidate of ``target``, "consistency" and
+    "reason": that candidate's, "suspected": n, "suspects": [...]}`` (None where ``target`` has
+    no candidate).
 
     A candidate matches when its class is ``target``, its verdict "suspected" and the median IoU
     of its regions with the planted masks, over its held-out images, is ≥ 0.5."""
     tx, _, tm = case["test"]
     trm = case["train"][2]
-    found_at, best = None, None
+    found_at, best, best_row = None, None, None
     suspects = []
     for row in result["candidates"]:
         held = row["_heldout"]
@@ -214,15 +216,19 @@ def score(result: dict, case: dict, target: int = TARGET, top: int = 3) -> dict:
             suspects.append({"rank": row["rank"], "class": row["class_index"], "iou": med,
                              "mode": row["mode"], "group": row["group"]})
         if row["class_index"] == target:
-            best = med if best is None else max(best, med)
+            if best is None or med > best:
+                best, best_row = med, row
             if found_at is None and row["verdict"] == "suspected" and med >= 0.5:
                 found_at = row["rank"]
-    return {"found_at": found_at, "iou": best, "suspected": len(suspects), "suspects": suspects}
+    return {"found_at": found_at, "iou": best,
+            "consistency": None if best_row is None else best_row["consistency"],
+            "reason": None if best_row is None else best_row["reason"],
+            "suspected": len(suspects), "suspects": suspects}
 
 
 def run_suite(seeds=(0,), kinds=KINDS, *, variants=("shortcut", "absent", "independent"),
               epochs: int = 8, config: dict | None = None, layer: str = "head.1",
-              check_reliance: bool = True) -> dict:
+              check_reliance: bool = True, on_model=None) -> dict:
     """Train and discover on every kind × variant × seed; return the figures.
 
     ``{"found@1", "found@3", "false_alarms", "false_alarm_rate", "n_shortcut", "n_twins",
@@ -230,7 +236,8 @@ def run_suite(seeds=(0,), kinds=KINDS, *, variants=("shortcut", "absent", "indep
     "rule": str}``. found@k: share of shortcut models whose target candidate is suspected,
     localised (IoU ≥ 0.5) and ranked ≤ k; false alarms: twins with any suspected candidate.
     With ``check_reliance``, a shortcut model whose accuracy drops by less than 15 points when the
-    mark's correlation is broken raises ``AssertionError`` (the suite would measure nothing)."""
+    mark's correlation is broken raises ``AssertionError`` (the suite would measure nothing).
+    ``on_model(row)``, when given, is called with each model's row as soon as it is scored."""
     per, rule = [], None
     for seed in seeds:
         for kind in kinds:
@@ -253,6 +260,8 @@ def run_suite(seeds=(0,), kinds=KINDS, *, variants=("shortcut", "absent", "indep
                 per.append({"kind": kind, "variant": variant, "seed": seed, **s,
                             "drop": rel["drop"], "test_acc": rel["test_acc"],
                             "seconds": time.perf_counter() - t0})
+                if on_model is not None:
+                    on_model(per[-1])
     short = [p for p in per if p["variant"] == "shortcut"]
     twins = [p for p in per if p["variant"] != "shortcut"]
     alarms = [p for p in twins if p["suspected"] > 0]
