@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -62,14 +63,42 @@ _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>$:~])")
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/,;]+){2,}")
 
 
+_WJ = "\u2060"  # WORD JOINER: invisible; between two characters it keeps them from forming markup
+# what Markdown (GitHub-flavoured, as Streamlit draws it) turns into a live link or image even
+# with its punctuation escaped: bare web addresses and e-mail addresses, found in the text after
+# the escapes are resolved; and, for inert(), a ] that closes a link's text, an image's !, a <
+_AUTOLINK = re.compile(r"(?i)(?<=www)(?=\.)|(?<=[@:])(?=\S)")
+_INERT = re.compile(r"(?i)(?<=www)(?=\.)|(?<=[@:<$])(?=\S)|(?<=!)(?=\[)|(?<=\])(?=[(\[:])")
+
+
+def _one_line(text: Any) -> str:
+    """``text`` on one line, without Unicode format (Cf) or control (Cc) characters: a
+    right-to-left override cannot reorder what follows it."""
+    return "".join(ch for ch in " ".join(str(text).split())
+                   if unicodedata.category(ch) not in ("Cf", "Cc"))
+
+
 def plain(text: Any, limit: int = 300) -> str:
-    """``text`` as one line that Markdown shows literally: no links, emphasis, directives or LaTeX;
-    file paths shortened to their last part; at most ``limit`` characters."""
-    s = " ".join(str(text).split())
+    """``text`` as one line that Markdown shows literally: no links (not even a bare web or e-mail
+    address), images, emphasis, directives or LaTeX; no format or control characters; file paths
+    shortened to their last part; at most ``limit`` characters. For a Markdown element (markdown,
+    caption, title, alerts, metric, tab and expander labels)."""
+    s = _one_line(text)
     s = _PATH.sub(lambda m: "…/" + re.split(r"[\\/]", m.group(0))[-1], s)
     if len(s) > limit:
         s = s[:limit - 1] + "…"
-    return _MD_SPECIAL.sub(r"\\\1", s)
+    return _AUTOLINK.sub(_WJ, _MD_SPECIAL.sub(r"\\\1", s))
+
+
+def inert(text: Any) -> str:
+    """``text`` as it reads, on one line and without format or control characters, with an
+    invisible word joiner inside ``](``, ``][``, ``]:``, ``![`` and ``www.``, and after a ``<``,
+    ``:``, ``@`` or ``$`` that a space does not follow (plain prose is left as it is):
+    the same string in a Markdown element cannot become a link, an image, an address, HTML, a
+    directive or math, and it reads unchanged where text is drawn as it is (selectbox options,
+    table cells, chart labels). For a case's names in helpers that serve both (class and model
+    names, the region's name)."""
+    return _INERT.sub(_WJ, _one_line(text))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1039,27 +1068,31 @@ def model_label(name: str, labels: dict[str, str] | None = None, facts: dict | N
     f = facts if facts is not None else _LAST_FACTS
     subject, reference = f.get("subject"), f.get("reference")
     if name == subject:
-        return f"{name} (under study)"
+        return f"{inert(name)} (under study)"
     if name == reference:
-        return str(name) if "reference" in str(name).lower() else f"{name} (reference)"
+        return inert(name) if "reference" in str(name).lower() else f"{inert(name)} (reference)"
     if name in (f.get("models") or []):
-        return str(name)
-    return f"{(labels or {}).get(name, name)} (correction of {subject or 'the model under study'})"
+        return inert(name)
+    return (f"{inert((labels or {}).get(name, name))} (correction of "
+            f"{inert(subject) if subject else 'the model under study'})")
 
 
 def class_name(c: Any, facts: dict | None = None) -> str:
-    """Class index → its name from the case (the index itself when the case names none)."""
+    """Class index → its name from the case (the index itself when the case names none), as
+    :func:`inert` text (safe in Markdown and in plain widgets alike)."""
     f = facts if facts is not None else _LAST_FACTS
     names = f.get("classes") or []
     try:
-        return str(names[int(c)])
+        return inert(names[int(c)])
     except (IndexError, TypeError, ValueError):
-        return str(c)
+        return inert(c)
 
 
 def region_name(facts: dict | None = None) -> str | None:
+    """The case's region name as :func:`inert` text, or None when the case has no region."""
     f = facts if facts is not None else _LAST_FACTS
-    return f.get("region")
+    region = f.get("region")
+    return None if region is None else inert(region)
 
 
 def set_label(name: str) -> str:

@@ -18,12 +18,12 @@ N_SAMPLES = 8
 study = ui.current_study()
 facts = ui.facts(study)
 title = facts.get("title") or getattr(study.config, "title", None) or study.config.name
-st.title(title)
+st.title(ui.inert(title))
 ui.model_warnings(study)  # a model at chance is said before anything is read
 ui.draw_findings(study)  # what the study found, each with a link to the chapter that shows it
 
 classes = facts.get("classes") or []
-region = facts.get("region")
+region = ui.region_name(facts)  # inert text: a case string drawn as it reads
 subject, reference = facts.get("subject"), facts.get("reference")
 headline = facts.get("headline")
 SCALE = ui.scale_for(facts.get("size"))
@@ -32,7 +32,7 @@ intro = ["A classifier can be right for the wrong reason: it may lean on somethi
          "that happens to go with the answer (a *shortcut*) instead of the thing itself."]
 shape = facts.get("size")
 if classes:
-    intro.append(f"This case has **{len(classes)} classes** ({', '.join(map(str, classes[:12]))}"
+    intro.append(f"This case has **{len(classes)} classes** ({', '.join(map(ui.inert, classes[:12]))}"
                  f"{' …' if len(classes) > 12 else ''})"
                  + (f", {shape[0]}×{shape[1]} {'colour' if facts.get('channels') == 3 else 'grey'} "
                     "images" if shape else "") + ".")
@@ -42,13 +42,13 @@ if region:
 else:
     intro.append("It names no region (no suspected shortcut marked in the images).")
 if subject:
-    intro.append(f"The model under study is **{subject}**"
-                 + (f"; **{reference}** is the reference it is compared with." if reference
+    intro.append(f"The model under study is **{ui.inert(subject)}**"
+                 + (f"; **{ui.inert(reference)}** is the reference it is compared with." if reference
                     else "; there is no reference model to compare it with."))
 st.markdown(" ".join(intro))
 description = facts.get("description") or getattr(study.config, "description", None)
 if description:
-    st.caption(description)
+    st.caption(ui.inert(description))
 
 if not ui.require(study, ["data"], "This page"):
     st.stop()
@@ -116,12 +116,12 @@ table = pd.DataFrame(
     [{"model": name, **{label: m.get(key) for key, label in SPLITS}} for name, m in models.items()])
 roles = []
 if subject in models:
-    roles.append(f"**{subject}** is the model under study")
+    roles.append(f"**{ui.inert(subject)}** is the model under study")
 if reference in models:
-    roles.append(f"**{reference}** the reference it is compared with")
+    roles.append(f"**{ui.inert(reference)}** the reference it is compared with")
 others = [m for m in models if m not in (subject, reference)]
 if others:
-    roles.append(f"also in the case: {', '.join(f'**{m}**' for m in others)}")
+    roles.append(f"also in the case: {', '.join(f'**{ui.inert(m)}**' for m in others)}")
 sets = [ui.set_label(s) for s in facts.get("evaluation_sets") or []]
 st.markdown(
     (("; ".join(roles) + ". ") if roles else "")
@@ -186,12 +186,12 @@ if reference is None or r_head is None:
         st.info("The report holds no headline accuracy for the model under study yet.")
     else:
         m1, m2 = st.columns(2)
-        m1.metric(f"{subject}, {hname}", ui.pct(s_head),
+        m1.metric(f"{ui.inert(subject)}, {hname}", ui.pct(s_head),
                   ui.pp(s_head - s_train) if s_train is not None else None,
                   help="Change against its own training accuracy.")
         if s_train is not None:
-            m2.metric(f"{subject}, training images", ui.pct(s_train))
-        lines = [f"- **{subject}** is right on **{ui.pct(s_train)}** of its training images and "
+            m2.metric(f"{ui.inert(subject)}, training images", ui.pct(s_train))
+        lines = [f"- **{ui.inert(subject)}** is right on **{ui.pct(s_train)}** of its training images and "
                  f"**{ui.pct(s_head)}** of the {hname} images."]
         for s in other_sets:
             lines.append(f"- On {ui.set_label(s)}: **{ui.pct(sub.get(f'{s}_acc'))}**.")
@@ -202,30 +202,32 @@ else:
     st.header("What the gap means")
     gap = r_head - s_head if s_head is not None else None
     m1, m2, m3 = st.columns(3)
-    m1.metric(f"{subject}, {hname}", ui.pct(s_head),
+    m1.metric(f"{ui.inert(subject)}, {hname}", ui.pct(s_head),
               ui.pp(s_head - s_train) if None not in (s_head, s_train) else None,
               delta_color="normal", help="Change against its own training accuracy.")
-    m2.metric(f"{reference}, {hname}", ui.pct(r_head))
+    m2.metric(f"{ui.inert(reference)}, {hname}", ui.pct(r_head))
     m3.metric("the gap", ui.pp(gap),
-              help=f"{reference} minus {subject}, on the {hname} set (the headline evaluation set).")
+              help=f"{ui.inert(reference)} minus {ui.inert(subject)}, on the {hname} set (the headline "
+                   f"evaluation set).")
     lines = []
     if s_head is not None:
-        lines.append(f"- **{subject}** is right on **{ui.pct(s_train)}** of its training images and "
+        lines.append(f"- **{ui.inert(subject)}** is right on **{ui.pct(s_train)}** of its training "
+                     f"images and "
                      f"**{ui.pct(s_head)}** of the {hname} images.")
-    lines.append(f"- **{reference}** reaches **{ui.pct(r_head)}** on the same {hname} set.")
+    lines.append(f"- **{ui.inert(reference)}** reaches **{ui.pct(r_head)}** on the same {hname} set.")
     if gap is not None and gap > 0.02:
         lines.append(
             f"- The difference, **{ui.pp(gap)}**, is what relying on the "
             f"{region or 'shortcut'} may cost. It is the gap the corrections chapter tries to close "
-            f"(a correction that reaches {reference} closes 100% of it).")
+            f"(a correction that reaches {ui.inert(reference)} closes 100% of it).")
     elif gap is not None:
         lines.append(
-            f"- The difference is small (**{ui.pp(gap)}**): in this build {subject} barely trails "
-            f"{reference}, so there is little shortcut cost to find or remove.")
+            f"- The difference is small (**{ui.pp(gap)}**): in this build {ui.inert(subject)} barely trails "
+            f"{ui.inert(reference)}, so there is little shortcut cost to find or remove.")
     for s in other_sets:
         sv, rv = sub.get(f"{s}_acc"), ref.get(f"{s}_acc")
-        lines.append(f"- On {ui.set_label(s)}: {subject} **{ui.pct(sv)}**"
-                     + (f", {reference} **{ui.pct(rv)}**." if rv is not None else "."))
+        lines.append(f"- On {ui.set_label(s)}: {ui.inert(subject)} **{ui.pct(sv)}**"
+                     + (f", {ui.inert(reference)} **{ui.pct(rv)}**." if rv is not None else "."))
     st.markdown("\n".join(lines))
 
 if not region:

@@ -23,7 +23,7 @@ COLORS = {"under study": ui.PALETTE[0], "reference": ui.PALETTE[1], "uses the ma
 study = ui.current_study()
 facts = ui.facts(study)
 SUBJECT, REFERENCE = facts.get("subject") or "the model", facts.get("reference")
-REGION = facts.get("region")
+REGION = ui.region_name(facts)
 HEAD = facts.get("headline")
 HKEY = f"{HEAD}_acc" if HEAD else None
 HNAME = ui.set_label(HEAD) if HEAD else "headline set"
@@ -67,13 +67,14 @@ HELP = {
 st.title("Corrections")
 ui.model_warnings(study)  # a model at chance is said before anything is read
 st.markdown(
-    f"**{SUBJECT}** may have learned to read the {REGION or 'shortcut'}. Can we make it read the "
+    f"**{ui.inert(SUBJECT)}** may have learned to read the {REGION or 'shortcut'}. Can we make it read the "
     "object instead? Every correction starts from the **same model**: some remove the shortcut after "
     "training without retraining (*expert suppression*, *P-ClArC*), others fine-tune it "
     "(*RRR*, an *influence penalty*, *counterexamples*); a control fine-tunes with no penalty at "
     "all. Each one's strength is tuned on the **validation split**, never on the test set. "
-    + (f"**Gap closed** = (accuracy − {SUBJECT}) / ({REFERENCE} − {SUBJECT}) on the {HNAME} set: "
-       f"0 is no better than {SUBJECT}, 1 matches {REFERENCE}." if REFERENCE else
+    + (f"**Gap closed** = (accuracy − {ui.inert(SUBJECT)}) / ({ui.inert(REFERENCE)} − "
+       f"{ui.inert(SUBJECT)}) on the {HNAME} set: "
+       f"0 is no better than {ui.inert(SUBJECT)}, 1 matches {ui.inert(REFERENCE)}." if REFERENCE else
        "This case has no reference model, so there is no gap to close: read the accuracies."))
 
 if not REGION:
@@ -151,8 +152,8 @@ table = pd.DataFrame([{
     "uses mask": "yes" if r.get("uses_mask") else "no",
     **{ui.set_label(x): _f(r.get(f"{x}_acc")) for x in SHOW},
     "gap closed": _f(r.get("gap_closed")),
-    f"Δ vs {SUBJECT}": _paired(r, "paired"),
-    **({f"Δ vs {REFERENCE}": _paired(r, "paired_reference")} if REFERENCE else {}),
+    f"Δ vs {ui.inert(SUBJECT)}": _paired(r, "paired"),
+    **({f"Δ vs {ui.inert(REFERENCE)}": _paired(r, "paired_reference")} if REFERENCE else {}),
     MASS_LABEL: _mass(r),
     "tuned on validation": _strength(r),
     "validation acc": _f(r.get("val_acc")),
@@ -172,9 +173,9 @@ st.dataframe(table, hide_index=True, column_config={
     "method": st.column_config.TextColumn("method", width="medium", help=HELP["method"]),
     "uses mask": st.column_config.TextColumn("uses mask", help=HELP["uses mask"]),
     "gap closed": st.column_config.NumberColumn("gap closed", format="%.2f", help=HELP["gap closed"]),
-    f"Δ vs {SUBJECT}": st.column_config.TextColumn(f"Δ vs {SUBJECT}", width="large",
+    f"Δ vs {ui.inert(SUBJECT)}": st.column_config.TextColumn(f"Δ vs {ui.inert(SUBJECT)}", width="large",
                                                    help=HELP["vs subject"]),
-    f"Δ vs {REFERENCE}": st.column_config.TextColumn(f"Δ vs {REFERENCE}", width="large",
+    f"Δ vs {ui.inert(REFERENCE)}": st.column_config.TextColumn(f"Δ vs {ui.inert(REFERENCE)}", width="large",
                                                      help=HELP["vs reference"]),
     "tuned on validation": st.column_config.TextColumn("tuned on validation", width="large",
                                                        help=HELP["tuned on validation"]),
@@ -231,8 +232,10 @@ st.altair_chart(alt.layer(*layers).properties(height=22 * len(order) * max(1, le
 st.caption(f"Solid bars: {set_order[0] if set_order else 'the first set'}; paler bars: "
            f"{', '.join(set_order[1:]) or '—'}"
            + (" (lines: ± one standard deviation over seeds)" if n_seeds > 1 else "")
-           + (f". Dashed line: {REFERENCE}'s {HNAME} accuracy (gap closed = 1)" if REFERENCE else "")
-           + f". Colours: {SUBJECT} and {REFERENCE or 'its reference'} as on every page; green: "
+           + (f". Dashed line: {ui.inert(REFERENCE)}'s {HNAME} accuracy (gap closed = 1)"
+              if REFERENCE else "")
+           + f". Colours: {ui.inert(SUBJECT)} and {ui.inert(REFERENCE or 'its reference')} as on "
+           "every page; green: "
            f"corrections that need no pixel mask; orange: corrections that use the {REGION}'s masks; "
            "grey: the fine-tuning control.")
 
@@ -241,12 +244,13 @@ st.header("Reading the numbers")
 van_acc, cln_acc = _f(van.get(HKEY)), _f(cln.get(HKEY))
 gap = cln_acc - van_acc
 other_txt = "".join(f" and **{ui.pct(_f(van.get(f'{x}_acc')))}** on {ui.set_label(x)}" for x in OTHER[:1])
-lines = [f"- **{SUBJECT}** reaches **{ui.pct(van_acc)}** on the {HNAME} set{other_txt}"
-         + (f"; **{REFERENCE}** **{ui.pct(cln_acc)}**: a gap of **{ui.pp(gap)}** to close."
+lines = [f"- **{ui.inert(SUBJECT)}** reaches **{ui.pct(van_acc)}** on the {HNAME} set{other_txt}"
+         + (f"; **{ui.inert(REFERENCE)}** **{ui.pct(cln_acc)}**: a gap of **{ui.pp(gap)}** to close."
             if REFERENCE else ".")]
 has_gap = math.isfinite(gap) and gap > 0
 if REFERENCE and not has_gap:
-    lines.append(f"- Here {REFERENCE} is **not** better than {SUBJECT} on the {HNAME} set, so there "
+    lines.append(f"- Here {ui.inert(REFERENCE)} is **not** better than {ui.inert(SUBJECT)} on the "
+                 f"{HNAME} set, so there "
                  "is no gap to close (gap closed is left empty): the shortcut did not cost this model "
                  "accuracy. Read the accuracies themselves.")
 elif has_gap and gap < 0.03:
@@ -280,7 +284,7 @@ if summary.get("best") == best.get("method") and pair.get("delta") is not None:
         f" ({summary.get('rule')}).")
 if REFERENCE and best.get("paired_reference_verdict"):
     v = best["paired_reference_verdict"]
-    lines.append(f"- Against **{REFERENCE}**: {_paired(best, 'paired_reference')} — "
+    lines.append(f"- Against **{ui.inert(REFERENCE)}**: {_paired(best, 'paired_reference')} — "
                  + ("it cannot be told from the reference on these images." if v == "tie" else
                     f"it is {v} than the reference."))
 free = [r for r in ranked if not r.get("uses_mask")]
@@ -302,7 +306,7 @@ if removal:
     lines.append(
         f"- {' and '.join(r.get('label') for r in removal)} only remove: "
         f"{'they change' if len(removal) > 1 else 'it changes'} no weight that would teach the "
-        f"classes. Removing what carries the shortcut cannot add the knowledge {SUBJECT} never "
+        f"classes. Removing what carries the shortcut cannot add the knowledge {ui.inert(SUBJECT)} never "
         "learned"
         + "".join(f": on {ui.set_label(x)} it reaches only {ui.pct(_f(van.get(f'{x}_acc')))}"
                   for x in OTHER[:1]) + ".")
@@ -328,7 +332,8 @@ fine = [r for r in corrections if r["method"] in ("rrr", "influence_penalty", "c
 if n_test and any(_f(r.get("gap_closed")) > 1.0 for r in fine):
     p = float(np.mean([_f(r.get(HKEY)) for r in fine]))
     se = math.sqrt(p * (1 - p) / n_test)
-    lines.append(f"- A ratio above 1 means the corrected model beat {REFERENCE} on the {HNAME} set. "
+    lines.append(f"- A ratio above 1 means the corrected model beat {ui.inert(REFERENCE)} on the "
+                 f"{HNAME} set. "
                  "The fine-tuned models train for more epochs in total than the reference (the "
                  "first training plus fine-tuning); differences of a point or so are "
                  f"within the noise of the test set (one standard error of an accuracy near "
@@ -336,8 +341,8 @@ if n_test and any(_f(r.get("gap_closed")) > 1.0 for r in fine):
 lines.append(f"- {MASS_LABEL.capitalize()} after correction tells whether the explanations moved off "
              f"the {REGION} (looking at the right thing: lower is better): "
              + ", ".join(f"{r.get('label')} {ui.pct(_mass(r))}" for r in rows)
-             + f" ({SUBJECT} {ui.pct(_mass(van))}"
-             + (f", {REFERENCE} {ui.pct(_mass(cln))}" if REFERENCE else "") + ").")
+             + f" ({ui.inert(SUBJECT)} {ui.pct(_mass(van))}"
+             + (f", {ui.inert(REFERENCE)} {ui.pct(_mass(cln))}" if REFERENCE else "") + ").")
 st.markdown("\n".join(lines))
 
 st.subheader("What each method needs")
@@ -361,8 +366,8 @@ if anchors:
                                                        help=HELP["gap closed"])})
     rrr = next((r for r in rows if r["method"] == "rrr"), None)
     for a in anchors:
-        mine = (f" Here RRR reaches {ui.pct(_f(rrr.get(HKEY)))} against {SUBJECT} "
-                f"{ui.pct(van_acc)} and {REFERENCE} {ui.pct(cln_acc)} (gap closed "
+        mine = (f" Here RRR reaches {ui.pct(_f(rrr.get(HKEY)))} against {ui.inert(SUBJECT)} "
+                f"{ui.pct(van_acc)} and {ui.inert(REFERENCE)} {ui.pct(cln_acc)} (gap closed "
                 f"{'—' if rrr.get('gap_closed') is None else format(_f(rrr['gap_closed']), '.2f')}"
                 ")." if rrr else "")
         st.markdown(f"**Their setup:** {a.get('setup', '')}.  \n"
@@ -384,7 +389,7 @@ for r in rows:
             region = np.asarray(rec.get("region"), dtype=bool)
             st.image([ui.heatmap(heat, SCALE),
                       ui.heatmap(region.astype(float), SCALE)],
-                     caption=[f"{SUBJECT}'s influence (mean IG, training images)",
+                     caption=[f"{ui.inert(SUBJECT)}'s influence (mean IG, training images)",
                               f"penalised region ({int(region.sum())} pixels, found without "
                               "the mask)"])
             if rec.get("region_precision") is not None:
@@ -438,7 +443,7 @@ before, after, ref_view = _view(SUBJECT), _view(chosen), _view(REFERENCE)
 if after is None:
     offer = st.empty()
     with offer.container():
-        st.info(f"The experts of **{layer}** for class **{ui.class_name(cls, facts)}** of the "
+        st.info(f"The experts of **{ui.inert(layer)}** for class **{ui.class_name(cls, facts)}** of the "
                 f"**{labels[chosen]}** model are not computed yet (a few seconds; cached on disk).")
         clicked = st.button("Compute", type="primary", key="compute-corrected-experts")
     if clicked:
@@ -453,9 +458,9 @@ def _experts_mass(view: dict | None) -> float:
     return float(np.mean(dm)) if dm else float("nan")
 
 
-panels = [(f"{SUBJECT} (before)", before), (f"{labels[chosen]} (after)", after)]
+panels = [(f"{ui.inert(SUBJECT)} (before)", before), (f"{labels[chosen]} (after)", after)]
 if REFERENCE:
-    panels.append((f"{REFERENCE} (reference)", ref_view))
+    panels.append((f"{ui.inert(REFERENCE)} (reference)", ref_view))
 cols = st.columns(len(panels))
 for col, (title, view) in zip(cols, panels, strict=True):
     with col:
@@ -489,11 +494,11 @@ if all(math.isfinite(v) for v in (mb, ma)):
     moved = ("fell" if ma < mb - 0.02 else "rose" if ma > mb + 0.02 else "barely moved")
     st.markdown(
         f"The experts' mean {MASS_LABEL} {moved}: {mb:.0%} before, {ma:.0%} after"
-        + (f", {mc:.0%} for {REFERENCE}" if math.isfinite(mc) else "")
+        + (f", {mc:.0%} for {ui.inert(REFERENCE)}" if math.isfinite(mc) else "")
         + ". An expert's interpretation shows what drives *that unit* (Integrated "
         "Gradients of its activation), not whether the class still depends on it: units near the "
         f"input keep seeing the {REGION} even in a model whose output ignores it"
-        + (f" ({REFERENCE}'s experts are the baseline for that)" if REFERENCE else "")
+        + (f" ({ui.inert(REFERENCE)}'s experts are the baseline for that)" if REFERENCE else "")
         + f". The class-level {MASS_LABEL} in the results table (attribution of the class logit) is "
         "the direct test of the correction.")
 ui.next_chapter("chapters/essence.py" if ui.stage_exists("essence") else "chapters/method.py",

@@ -93,7 +93,8 @@ if not mine_curves:
     st.info("No essence curve for this model, layer and fill.")
 else:
     def _pair(c: dict) -> str:
-        return f"{c.get('a_name', _name(c.get('a')))} vs {c.get('b_name', _name(c.get('b')))}"
+        return (f"{ui.inert(c.get('a_name', _name(c.get('a'))))} vs "
+                f"{ui.inert(c.get('b_name', _name(c.get('b'))))}")
 
     pairs = list(dict.fromkeys(_pair(c) for c in mine_curves))
     pair = ui.choice("Pair of classes", pairs, param="epair",
@@ -134,7 +135,7 @@ else:
     st.caption(
         f"Binary accuracy of {pair} on {curve.get('n_eval', '?')} held-out images of the two classes "
         f"({ui.set_label(curve.get('eval_set') or cfg.get('eval_set') or 'evaluation set')}) when "
-        f"{layer} keeps only k of its {curve.get('width', '?')} units. Band: the "
+        f"{ui.inert(layer)} keeps only k of its {curve.get('width', '?')} units. Band: the "
         f"{_f(curve.get('confidence', cfg.get('confidence', 0.9))):.0%} interval of "
         f"{curve.get('random_draws', cfg.get('random_draws', '?'))} random draws; dashed: the whole layer.")
 
@@ -166,12 +167,14 @@ else:
         st.caption(f"The smallest k whose binary accuracy reaches {share:.0%} of the whole layer's, for "
                    "each way of choosing the units (the lucky draw: the upper end of the random "
                    "interval). Empty: never reached before the whole layer.")
-        ui.download_csv(table, f"essence_{model}_{layer}_{fill}.csv", "Download the table (CSV)",
+        ui.download_csv(table, f"essence_{model}_{layer}_{fill}.csv", "Download the "
+                                                                                          "table (CSV)",
                         key="dl-essence")
         wins = [(r.get("k_top"), r.get("k_random")) for r in _mine(rows)]
         beat = sum(1 for t, rnd in wins if t is not None and rnd is not None and t < rnd)
         if wins and beat == 0:
-            st.warning(f"On {layer}, the top experts do **not** beat random units: for no pair do fewer "
+            st.warning(f"On {ui.inert(layer)}, the top experts do **not** beat random units: for no "
+                       f"pair do fewer "
                        "top experts than random units reach the target accuracy. Here the layer's "
                        "essence is not concentrated in its most influential units.")
         elif wins:
@@ -219,7 +222,8 @@ else:
                "as many random units (median [interval] over the draws) and for another class's "
                "experts. *Beats random*: the experts' logit drop is above the random interval and "
                "their accuracy drop at least the random median.")
-    ui.download_csv(atable, f"ablation_{model}_{layer}_{fill}.csv", "Download the ablation (CSV)",
+    ui.download_csv(atable, f"ablation_{model}_{layer}_{fill}.csv", "Download the "
+                                                                                        "ablation (CSV)",
                     key="dl-ablation")
     beats = [r.get("beats_random") for r in mine_abl if r.get("beats_random") is not None]
     n_beat = sum(bool(b) for b in beats)
@@ -234,14 +238,15 @@ else:
 # ------------------------------------------------------------------------------------ region check
 mine_reg = _mine(regions)
 if facts.get("region") and mine_reg:
-    st.header(f"Removing the experts that carry the {facts['region']}")
+    st.header(f"Removing the experts that carry the {ui.region_name(facts)}")
     for rc in mine_reg:
         if not rc.get("units"):
             st.caption(ui.plain(rc.get("note") or "No expert of this layer carries the shortcut."))
             continue
-        st.markdown(f"Units removed on **{layer}**: {', '.join(str(u) for u in rc['units'])}.")
+        st.markdown(f"Units removed on **{ui.inert(layer)}**: {', '.join(str(u) for u in rc['units'])}.")
         rtable = pd.DataFrame([{
-            "evaluation set": ui.set_label(s.get("name")), f"has the {facts['region']}": s.get("region"),
+            "evaluation set": ui.set_label(s.get("name")),
+            f"has the {ui.region_name(facts)}": s.get("region"),
             "images": s.get("n"), "accuracy before": _f(s.get("acc_before")),
             "accuracy after": _f(s.get("acc_after")), "drop": _f(s.get("acc_drop")),
             "random drop (median)": _f((s.get("random_acc_drop") or {}).get("median")),
@@ -251,7 +256,8 @@ if facts.get("region") and mine_reg:
             for c in ("accuracy before", "accuracy after", "drop", "random drop (median)")})
         diff = rc.get("region_minus_clean")
         if diff is not None and math.isfinite(_f(diff)):
-            st.markdown(f"The drop is **{ui.pp(diff)}** larger on the sets with the {facts['region']} than "
+            st.markdown(f"The drop is **{ui.pp(diff)}** larger on the sets with the "
+                        f"{ui.region_name(facts)} than "
                         "on those without it: "
                         + ("those experts carry the shortcut." if _f(diff) > 0.02 else
                            "removing them does not specifically hurt the shortcut."))

@@ -41,7 +41,7 @@ if not ui.require(study, ["models", "experts"], "This page"):
 facts = ui.facts(study)
 CLASSES = list(range(len(facts.get("classes") or []))) or list(range(10))
 SCALE = ui.scale_for(facts.get("size"))
-REGION = facts.get("region")
+REGION = ui.region_name(facts)
 CHANCE = facts.get("chance")
 MASS_KEY = facts.get("region_alias") or "region_mass"
 MASS_LABEL = (facts.get("region_alias") or f"{REGION} mass").replace("_", " ") if REGION else None
@@ -127,7 +127,7 @@ if view is None and target == "predicted" and _in_stage(model, layer, qoi, doi):
     # the stage's ranking is reused: only the interpretations on other images are computed
     view = ui.compute_experts_for(model, layer, qoi, doi, study, images=target)
 if view is None:
-    st.info(f"The experts of **{layer}** for **{what}** on the model "
+    st.info(f"The experts of **{ui.inert(layer)}** for **{what}** on the model "
             f"**{ui.model_label(model, ui.correction_labels(study))}** over "
             f"*{DOIS[doi_kind]}* are not computed yet. Computing them takes a few seconds to a minute "
             "and is cached on disk.")
@@ -144,6 +144,7 @@ THRESHOLD = view.get("threshold")  # core flags each row against it; None withou
 THRESHOLD = None if THRESHOLD is None or not REGION else float(THRESHOLD)
 RULE = rep_experts.get("shortcut_rule") or (
     f"{MASS_LABEL} > {THRESHOLD:.3f}" if THRESHOLD is not None else None)
+RULE = ui.plain(RULE, limit=2000) if RULE else None  # it names the case's region: drawn as text
 HAS_MASS = REGION is not None and any(r.get(MASS_KEY, r.get("region_mass")) is not None for r in rows)
 table = pd.DataFrame(rows).sort_values("rank").reset_index(drop=True)
 if HAS_MASS:
@@ -168,7 +169,7 @@ def _verdict_reason(mass: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------ ranking
-st.header(f"Experts of {layer} for {what}")
+st.header(f"Experts of {ui.inert(layer)} for {what}")
 st.caption(f"Model **{ui.model_label(model, labels_, facts)}** · "
            f"distribution: {DOIS[doi_kind]} · "
            f"{len(units)} experts of {len(view.get('scores', [])) or '?'} units.")
@@ -320,7 +321,7 @@ if SHOW_PRED:
     if only_wrong:
         shown_idx = wrong
         if not wrong:
-            st.info(f"**{model}** gets all {n_all} of these images right: no tile to show.")
+            st.info(f"**{ui.inert(model)}** gets all {n_all} of these images right: no tile to show.")
 else:
     ui.qp_set(wrong=None)
 
@@ -383,7 +384,8 @@ if shown_idx:
         under = [f"{name(int(LABELS[i]))}>{name(int(PREDS[i]))}" for i in shown_idx] if SHOW_PRED else []
         legend = {"mask": "mask: pixels above the 95th percentile of the unit's attribution, tinted red.",
                   "heatmap": ui.HEAT_SCALE_NOTE, "overlay": ui.HEAT_SCALE_NOTE}[style]
-        title = (f"{model_name_} | experts of {layer} for {what} | distribution: {DOIS[doi_kind]} | "
+        title = (f"{model_name_} | experts of {ui.inert(layer)} for {what} | distribution: "
+                 f"{DOIS[doi_kind]} | "
                  f"test images {by_what} the class")
         footer = legend + (f" Columns, label>predicted: {', '.join(under)}." if under else "")
         return ui.labelled_grid([[ui.picture(images[i], SCALE) for i in shown_idx],
@@ -443,14 +445,15 @@ dcol1, dcol2 = st.columns([1, 3])
 damp_key = (ui.current_case(), model, layer, str(unit), str(cls), "mean")
 with dcol1:
     damp_clicked = st.button("Damp this unit", key="damp-unit", icon=":material/filter_alt_off:",
-                             help=f"Set unit {unit} of {layer} to its mean activation over training "
+                             help=f"Set unit {unit} of {ui.inert(layer)} to its mean activation over "
+                                  f"training "
                                   f"images of {name(cls)} and measure {name(cls)} before and after.")
 if damp_clicked:
     st.session_state["damp-shown"] = damp_key
 if st.session_state.get("damp-shown") == damp_key:
     ok, damp = ui.run_with_status(
-        f"Damping unit {unit} of {layer} …",
-        lambda: _damp(ui.stamp(study), *damp_key, study), done=f"Damped unit {unit} of {layer}")
+        f"Damping unit {unit} of {ui.inert(layer)} …",
+        lambda: _damp(ui.stamp(study), *damp_key, study), done=f"Damped unit {unit} of {ui.inert(layer)}")
     if ok and damp:
         with dcol2:
             dm = st.columns(2)
@@ -497,8 +500,9 @@ if other and other != model:
         twin = _load(other, layer, qoi, doi, target)
     except Exception as exc:  # the comparison is a bonus: never let it break the page
         st.caption(f"Not available: {ui.plain(exc)}")
-    if twin is None and st.button(f"Compute it for {other}", key="compute-twin",
-                                  help=f"The experts of {layer} for {what} in {other}, interpreted on "
+    if twin is None and st.button(f"Compute it for {ui.inert(other)}", key="compute-twin",
+                                  help=f"The experts of {ui.inert(layer)} for {what} in "
+                                       f"{ui.inert(other)}, interpreted on "
                                        f"test images {'labelled' if target == 'label' else 'predicted as'} "
                                        "the class; cached on disk."):
         twin = ui.compute_experts_for(other, layer, qoi, doi, study, images=target)
@@ -530,12 +534,13 @@ if other and other != model:
             both = len(t_labels) == len(t_images) == len(t_preds)
             for j, row in enumerate(t_rows[:len(t_grid)]):
                 st.image(t_grid[j], caption=[
-                    f"{other}: unit {int(row['unit'])} on image {i + 1}"
+                    f"{ui.inert(other)}: unit {int(row['unit'])} on image {i + 1}"
                     + (f" · {name(int(t_labels[i]))} → {name(int(t_preds[i]))}" if both else "")
                     for i in range(len(t_images))])
             st.caption(f"Masks (95th percentile) of {other_label}'s experts, on the test images "
-                       f"{'labelled' if target == 'label' else f'{other} predicts as'} "
-                       f"{' and '.join(name(c) for c in shown_for)}; label → {other}'s prediction under "
+                       f"{'labelled' if target == 'label' else f'{ui.inert(other)} predicts as'} "
+                       f"{' and '.join(name(c) for c in shown_for)}; label → {ui.inert(other)}'s "
+                       f"prediction under "
                        "each tile.")
 
 # ------------------------------------------------------------------------------------------ reading
@@ -545,7 +550,7 @@ if HAS_VERDICT:
     n_short = int(table["carries shortcut"].sum())
     mean_mass = float(table[MASS_KEY].mean())
     lines.append(
-        f"- Of the {len(table)} experts of **{layer}** for **{what}**, **{n_short}** carr"
+        f"- Of the {len(table)} experts of **{ui.inert(layer)}** for **{what}**, **{n_short}** carr"
         f"{'ies' if n_short == 1 else 'y'} the shortcut: more than {THRESHOLD:.0%} of the positive "
         f"attribution of its interpretation falls on the {REGION}. The experts' mean {MASS_LABEL} is "
         f"**{mean_mass:.0%}**"
@@ -556,7 +561,8 @@ if HAS_VERDICT:
     if alarm and alarm.get("n"):
         lines.append(
             f"- How often the rule cries wolf: **{alarm.get('model')}**, a model that does not use the "
-            f"{REGION}, has **{alarm.get('n_flagged')} of {alarm['n']}** top experts of {layer} flagged "
+            f"{REGION}, has **{alarm.get('n_flagged')} of {alarm['n']}** top experts of "
+            f"{ui.inert(layer)} flagged "
             f"({ui.pct(alarm.get('rate'))}): read the verdicts against that rate.")
 elif HAS_MASS:
     lines.append(f"- The experts' mean {MASS_LABEL} is **{float(table[MASS_KEY].mean()):.0%}**.")
@@ -572,7 +578,7 @@ if HAS_MASS and twin and twin.get("rows"):
         lines.append(
             f"- The same view of **{ui.model_label(other, labels_, facts)}**: mean {MASS_LABEL} "
             f"**{twin_mass:.0%}**, {twin_short} of {len(twin['rows'])} experts carrying the shortcut. "
-            + (f"The difference is the shortcut {model} learned."
+            + (f"The difference is the shortcut {ui.inert(model)} learned."
                if model == SUBJECT and mean_mass > twin_mass
                else "Compare the two to see what the region changed."))
 _width = (table["ci_high"].astype(float) - table["ci_low"].astype(float)).abs()
@@ -602,8 +608,10 @@ SIZE = facts.get("size") or list(np.asarray(images).shape[1:3])
 CHANNELS = int(facts.get("channels") or (3 if images.ndim == 4 else 1))
 st.markdown(
     f"Upload a PNG or JPEG: it is converted to the case's input ({SIZE[0]}×{SIZE[1]}, "
-    f"{'colour' if CHANNELS == 3 else 'grey'}), and **{model}** says what it sees, which pixels drive that "
-    f"answer and what its top experts of **{layer}** look at in it. The file stays in memory; nothing "
+    f"{'colour' if CHANNELS == 3 else 'grey'}), and **{ui.inert(model)}** says what it sees, which "
+    f"pixels drive that "
+    f"answer and what its top experts of **{ui.inert(layer)}** look at in it. The file stays in memory; "
+    f"nothing "
     "is written to disk.")
 upload = st.file_uploader("Your image (PNG or JPEG)", type=["png", "jpg", "jpeg"], key="own-image")
 if upload is not None:
@@ -627,7 +635,7 @@ if upload is not None:
             res = result[1]
             probs = res["probs"]
             pred = int(res["pred"])
-            st.markdown(f"**{model}** answers **{name(pred)}** ({probs[pred]:.0%}).")
+            st.markdown(f"**{ui.inert(model)}** answers **{name(pred)}** ({probs[pred]:.0%}).")
             pics = [ui.picture(own, SCALE), ui.heatmap(res["attribution"], SCALE),
                     ui.overlay(own, res["attribution"], SCALE)]
             caps = ["your image, as the model sees it",
@@ -635,10 +643,11 @@ if upload is not None:
                     "the same over your image"]
             for ex in res["experts"]:
                 pics.append(ui.masked(own, ex["map"], SCALE))
-                caps.append(f"expert unit {ex['unit']} of {layer}: where it looks (95th percentile)")
+                caps.append(f"expert unit {ex['unit']} of {ui.inert(layer)}: where it looks (95th "
+                            f"percentile)")
             st.image(pics, caption=caps)
             if res["experts"]:
-                st.caption(f"The experts are the top units of {layer} for {name(pred)} "
+                st.caption(f"The experts are the top units of {ui.inert(layer)} for {name(pred)} "
                            + ("from the experts stage." if res.get("source") == "experts stage"
                               else "ranked on your image alone (the experts stage does not cover this "
                                    "model, layer and class)."))

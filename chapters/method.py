@@ -18,7 +18,7 @@ def _facts() -> dict:
 
 
 facts = _facts()
-REGION = facts.get("region")
+REGION = ui.region_name(facts)
 SUBJECT, REFERENCE = facts.get("subject") or "subject", facts.get("reference") or "reference"
 st.title("Method")
 st.markdown(

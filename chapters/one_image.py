@@ -64,7 +64,7 @@ def _trace(stamp: tuple, model: str, index: int, layers: tuple[str, ...], k: int
     return trace_image(_study, model, int(index), layers=list(layers), k=k)
 
 
-ok, preds = ui.run_with_status(f"Predicting the test images with {MODEL} …",
+ok, preds = ui.run_with_status(f"Predicting the test images with {ui.inert(MODEL)} …",
                                lambda: _predictions(ui.stamp(study), MODEL, study),
                                done="Predicted the test images")
 if not ok or not preds or preds["n"] == 0:
@@ -111,16 +111,16 @@ st.caption(f"{label_of(MODEL)} gets **{len(WRONG)} of {N}** test images wrong"
            + (f"; the first is image {WRONG[0]}." if WRONG else "."))
 
 ok, trace = ui.run_with_status(
-    f"Following test image {INDEX} through {MODEL} …",
+    f"Following test image {INDEX} through {ui.inert(MODEL)} …",
     lambda: _trace(ui.stamp(study), MODEL, INDEX, LAYERS, K, study),
     done=f"Followed test image {INDEX} through {len(LAYERS)} layer(s)")
 if not ok or trace is None:
     st.stop()
 ref = None
 if REFERENCE and REFERENCE != MODEL:
-    ok_ref, ref = ui.run_with_status(f"Asking the reference {REFERENCE} …",
+    ok_ref, ref = ui.run_with_status(f"Asking the reference {ui.inert(REFERENCE)} …",
                                      lambda: _trace(ui.stamp(study), REFERENCE, INDEX, (), K, study),
-                                     done=f"Asked the reference {REFERENCE}")
+                                     done=f"Asked the reference {ui.inert(REFERENCE)}")
 
 image, mask = trace["image"], trace["mask"]
 st.header(f"Test image {INDEX}: labelled {name(trace['label'])}")
@@ -131,7 +131,8 @@ with c1:
                                                         and REGION else ""))
 with c2:
     st.image(ui.heatmap(trace["attribution"], SCALE),
-             caption=f"what {MODEL}'s answer rests on (Integrated Gradients of {name(trace['pred'])})")
+             caption=f"what {ui.inert(MODEL)}'s answer rests on (Integrated Gradients of "
+                     f"{name(trace['pred'])})")
 with c3:
     verdict = "right" if trace["correct"] else "wrong"
     st.markdown(f"**{ui.plain(label_of(MODEL))}** predicts **{ui.plain(name(trace['pred']))}** "

@@ -52,8 +52,8 @@ if not top:
     st.stop()
 
 cf = rep.get("case_facts") or {}
-CLASS_NAMES = [str(c) for c in cf.get("classes") or []]
-REGION = cf.get("region")
+CLASS_NAMES = [ui.inert(c) for c in cf.get("classes") or []]
+REGION = ui.region_name(cf)
 CHANCE = cf.get("chance")
 SUBJECT, REFERENCE = rep.get("subject"), rep.get("reference")
 LAYERS = [str(x) for x in E.get("layers") or []]
@@ -79,7 +79,7 @@ def cname(c: int) -> str:
 def role(m: str) -> str:
     roles = [w for w, name in (("under study", SUBJECT), ("reference", REFERENCE), ("control", CONTROL))
              if m == name]
-    return f"{m} ({', '.join(roles)})" if roles else m
+    return f"{ui.inert(m)} ({', '.join(roles)})" if roles else ui.inert(m)
 
 
 def link(model: str, cls: int, layer: str) -> str:
@@ -215,8 +215,9 @@ with right:
         th["flagged"] = [f"{a.get('n_flagged', '—')}/{a.get('n', '—')}"
                          for a in (ALARMS.get(x) or {} for x in LAYERS)]
         cfg["false alarms"] = st.column_config.NumberColumn(
-            f"{CONTROL} flagged", format="percent",
-            help=f"{CONTROL}, a model that does not use the {REGION}: the share of its top experts the "
+            f"{ui.inert(CONTROL)} flagged", format="percent",
+            help=f"{ui.inert(CONTROL)}, a model that does not use the {REGION}: the share of its top "
+                 f"experts the "
                  "rule flags anyway (how often the rule cries wolf).")
     st.dataframe(th, hide_index=True, column_config=cfg)
     if RULE:

@@ -45,7 +45,7 @@ st.markdown(
     "they explain the same test images for each model of the case, and each explanation is "
     "measured: is it faithful to the model (deletion / insertion), does it depend on the learned "
     "weights at all (randomisation test)"
-    + (f", and does it point at the {facts['region']}?" if facts.get("region") else "?"))
+    + (f", and does it point at the {ui.region_name(facts)}?" if facts.get("region") else "?"))
 
 if not ui.require(study, ["representations"], "This page", key="build-representations"):
     st.stop()
@@ -62,7 +62,7 @@ labels = {m: methods_meta.get(m, {}).get("label", m) for m in rows["method"].uni
 models = list(dict.fromkeys(rows["model"]))
 methods = list(dict.fromkeys(rows["method"]))
 cfg = payload.get("config", {})
-REGION = facts.get("region")
+REGION = ui.region_name(facts)
 if "region_mass" in rows.columns and "region_mass" not in info:  # the generic key, described like its alias
     base = dict(info.get(facts.get("region_alias") or "decoy_mass") or {"arrow": "↓", "description":
                 "share of positive attribution on the region"})
@@ -94,7 +94,7 @@ def _value(model: str | None, method: str, key: str) -> float | None:
 
 def _head(key: str) -> str:
     meta = info.get(key, {})
-    return f"{meta.get('label', key)} {meta.get('arrow', '')}".strip()
+    return ui.inert(f"{meta.get('label', key)} {meta.get('arrow', '')}".strip())  # names the region
 
 
 # ------------------------------------------------------------------------------------ the methods
@@ -138,8 +138,8 @@ if subject in accs:
     if parts:
         ref_parts = ([f"**{ui.pct(accs[reference].get(k))}**" for k, _ in shown_sets
                       if accs[reference].get(k) is not None] if reference in accs else [])
-        lines.append(f"**{subject}** scores {', '.join(parts)}"
-                     + (f"; **{reference}** {' / '.join(ref_parts)}." if ref_parts else "."))
+        lines.append(f"**{ui.inert(subject)}** scores {', '.join(parts)}"
+                     + (f"; **{ui.inert(reference)}** {' / '.join(ref_parts)}." if ref_parts else "."))
 if MASS:
     vm = {m: _value(subject, m, MASS) for m in methods}
     cm = {m: _value(reference, m, MASS) for m in methods} if reference else {}
@@ -147,18 +147,19 @@ if MASS:
     known = [m for m in vm if vm[m] is not None]
     best = max(gap, key=gap.get) if gap else max(known, key=vm.get, default=None)
     if best is not None:
-        tail = (f", against **{ui.pct(cm[best])}** on {reference}" if best in cm and cm[best] is not None
-                else "")
+        tail = (f", against **{ui.pct(cm[best])}** on {ui.inert(reference)}"
+                if best in cm and cm[best] is not None else "")
         chance_txt = f" (chance {ui.pct(chance)})" if chance is not None else ""
         lines.append(
-            f"**{labels[best]}** exposes the shortcut best: on {subject} it puts "
+            f"**{labels[best]}** exposes the shortcut best: on {ui.inert(subject)} it puts "
             f"**{ui.pct(vm[best])}** of its positive attribution on the {REGION}{tail}{chance_txt}, "
-            + (f"the largest {subject}-minus-{reference} gap of the {len(methods)} methods."
+            + (f"the largest {ui.inert(subject)}-minus-{ui.inert(reference)} gap of the {len(methods)} "
+               f"methods."
                if gap else f"the largest of the {len(methods)} methods."))
         if chance is not None:
             below = [labels[m] for m in methods if vm.get(m) is not None and vm[m] <= 2 * chance]
             if below:
-                lines.append(f"At most twice chance on {subject} — the shortcut barely shows: "
+                lines.append(f"At most twice chance on {ui.inert(subject)} — the shortcut barely shows: "
                              f"{', '.join(below)}.")
 if "mprt_spearman" in metric_keys:
     sim = {m: _value(subject, m, "mprt_spearman") for m in methods}
@@ -168,7 +169,8 @@ if "mprt_spearman" in metric_keys:
         bestm = min(sim, key=lambda m: abs(sim[m]))
         lines.append(
             f"Sanity check (every layer re-initialised, top first): **{labels[worst]}** stays the most "
-            f"similar to its explanation of the trained {subject} (Spearman **{sim[worst]:.2f}**), so "
+            f"similar to its explanation of the trained {ui.inert(subject)} (Spearman "
+            f"**{sim[worst]:.2f}**), so "
             f"it depends least on what the model learned; **{labels[bestm]}** changes most "
             f"(**{sim[bestm]:+.2f}**).")
 if {"deletion_auc", "insertion_auc"} <= set(metric_keys):
@@ -178,7 +180,7 @@ if {"deletion_auc", "insertion_auc"} <= set(metric_keys):
     ins = {m: v for m, v in ins.items() if v is not None}
     if de and ins:
         d, i = min(de, key=de.get), max(ins, key=ins.get)
-        lines.append(f"Faithfulness on {subject}: deleting pixels in **{labels[d]}**'s order "
+        lines.append(f"Faithfulness on {ui.inert(subject)}: deleting pixels in **{labels[d]}**'s order "
                      f"destroys the prediction fastest (deletion AUC **{de[d]:.3f}**); inserting them in "
                      f"**{labels[i]}**'s order restores it fastest (insertion AUC **{ins[i]:.3f}**).")
 st.subheader("What the measurements say")
@@ -186,9 +188,9 @@ st.markdown("\n".join(f"- {line}" for line in lines) or "No measurements to read
 if MASS:
     st.caption(
         f"Two questions, two directions. *Is the explanation faithful to a flawed model?* On "
-        f"{subject}, which may use the {REGION}, a faithful explanation **should** point at it "
-        f"({_head(MASS).rsplit(' ', 1)[0]} ↑ on {subject})"
-        + (f", and should not on {reference} (↓)" if reference else "")
+        f"{ui.inert(subject)}, which may use the {REGION}, a faithful explanation **should** point at it "
+        f"({_head(MASS).rsplit(' ', 1)[0]} ↑ on {ui.inert(subject)})"
+        + (f", and should not on {ui.inert(reference)} (↓)" if reference else "")
         + f". *Does the model look at the right thing?* The less attribution on the {REGION}, the "
         "better (↓) — for any model. The table's arrows answer the second question.")
 else:
@@ -203,7 +205,7 @@ masks = None if masks is None else np.asarray(masks)
 ys = np.asarray(images.get("y", np.zeros(len(xs), int)))
 preds = images.get("pred", {}) or {}
 maps = payload.get("maps", {})
-pair_label = f"{subject} and {reference}" if reference else subject
+pair_label = f"{ui.inert(subject)} and {ui.inert(reference)}" if reference else subject
 c1, c2, c3 = st.columns([1.2, 1.2, 2])
 with c1:
     view = ui.choice("Show maps as", list(VIEWS), param="rview", widget="radio", format_func=VIEWS.get,
@@ -233,7 +235,7 @@ for j, m in enumerate(methods):
     header[j + 1].markdown(f"**{labels[m]}**")
 for i in range(min(n_show, len(xs))):
     cells = st.columns(1 + len(methods))
-    pred_txt = ", ".join(f"{m}: {ui.class_name(int(np.asarray(preds[m])[i]), facts)}"
+    pred_txt = ", ".join(f"{ui.inert(m)}: {ui.class_name(int(np.asarray(preds[m])[i]), facts)}"
                          for m in cols_models if m in preds)
     cells[0].image(ui.tinted(xs[i], None if masks is None else masks[i], SCALE),
                    caption=f"label {ui.class_name(int(ys[i]), facts)}; predicted {pred_txt}")
@@ -241,7 +243,8 @@ for i in range(min(n_show, len(xs))):
         shown = [(_render(xs[i], np.asarray(maps[mod][m])[i]), mod) for mod in cols_models if m in maps[mod]]
         if shown:
             cells[j + 1].image([s for s, _ in shown],
-                               caption=[f"{labels[m]} of {mod} on image {i + 1}" for _, mod in shown])
+                               caption=[f"{labels[m]} of {ui.inert(mod)} on image {i + 1}"
+                                        for _, mod in shown])
 TARGET = cfg.get("target", "label")
 st.caption("Red: positive attribution (evidence for the explained class), blue: negative; each map is "
            "scaled to its own largest magnitude. Grad-CAM and internal influence are "
@@ -256,7 +259,7 @@ table = rows[["label", "model", *metric_keys]].rename(columns={"label": "method"
                                                                                      metric_keys}})
 st.dataframe(table, hide_index=True, width="stretch",
              column_config={_head(k): st.column_config.NumberColumn(_head(k), format="%.3f",
-                                                                    help=info[k].get("description"))
+                                                                    help=ui.inert(info[k].get("description")))
                             for k in metric_keys})
 st.caption(f"Means over {cfg.get('n_images', '?')} test images (randomisation test: the first "
            f"{payload.get('mprt', {}).get('n_images', '?')}). ↑ higher is better, ↓ lower is better"
@@ -268,7 +271,7 @@ ui.download_csv(csv, f"representations_{ui.current_case()}.csv", "Download the m
                 key="dl-representations-csv")
 with st.expander("What each metric measures, and whose implementation it is"):
     # a list, not a table: the descriptions are paragraphs, and table cells would clip them
-    st.markdown("\n".join(f"- **{_head(k)}** — {info[k].get('description')} "
+    st.markdown("\n".join(f"- **{_head(k)}** — {ui.inert(info[k].get('description'))} "
                           f"*Implementation:* {info[k].get('implementation')}." for k in metric_keys))
 
 # ------------------------------------------------------------------------------------ charts

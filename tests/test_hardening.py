@@ -389,3 +389,213 @@ def test_python_m_core_list_runs_no_factory(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "mine" in proc.stdout
     assert not marker.exists(), proc.stdout
+
+
+# ------------------------------------------------------- 5. a factory that never returns
+
+def test_listing_never_waits_on_a_factory_that_sleeps_forever(tmp_path):
+    """``python -m core list`` and the app's case discovery read the TOML and cached facts only:
+    a case whose factory module sleeps forever at import is listed, as not built, at once."""
+    import subprocess
+
+    from core.casestudy import config as case_config
+
+    cases = tmp_path / "cases"
+    d = _user_dir(cases / "sleeper")
+    (d / "nets.py").write_text("import time\ntime.sleep(10 ** 6)\n" + NETS)
+    _case(d, model='factory = "nets:Net"\ntraining = { epochs = 1 }\n')
+    env = {**os.environ, "CASEBOOK_CASES": str(cases), "CASEBOOK_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "core", "list"], cwd=Path(__file__).parents[1],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("sleeper"))
+    assert "not built" in line, proc.stdout
+    with no_hang(20):  # the app's case choice: ui.list_cases() → core's case_files()
+        os.environ["CASEBOOK_CASES"] = str(cases)
+        try:
+            assert "sleeper" in case_config.list_cases()
+        finally:
+            del os.environ["CASEBOOK_CASES"]
+
+
+# ------------------------------------------------------- 11. format characters in names
+
+@pytest.mark.parametrize("where, text", [
+    ("title", 'title = "a\u202eb"\n'),
+    ("dataset.classes", None),
+    ("region.name", None),
+])
+def test_a_format_character_in_a_case_string_is_refused_at_open(tmp_path, where, text):
+    d = _user_dir(tmp_path / "case")
+    toml = _case(d)
+    body = toml.read_text()
+    if where == "title":
+        body = body.replace('title = "tiny"\n', text)
+    elif where == "dataset.classes":
+        body = body.replace('path = "data.pt"\n', 'path = "data.pt"\nclasses = ["cat\u202e", "dog"]\n')
+    else:
+        body += '\n[region]\nname = "pa\u200btch"\n'
+    toml.write_text(body)
+    with pytest.raises(CaseError) as info:
+        CaseStudy.open(toml, cache_dir=tmp_path / "cache", device="cpu")
+    msg = _one_line(info)
+    assert where in msg and ("U+202E" in msg or "U+200B" in msg), msg
+
+
+def test_a_class_folder_named_with_a_right_to_left_override_is_refused(tmp_path):
+    root = tmp_path / "case" / "images"
+    for c in ("cat\u202egod", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(root / c / f"{i}.png")
+    d = _user_dir(tmp_path / "case")
+    toml = d / "case.toml"
+    toml.write_text('[dataset]\nsource = "folder"\nroot = "images"\n[experts]\nlayers = ["conv1"]\n'
+                    '[models.vanilla]\nfactory = "nets:Net"\ntraining = { epochs = 1 }\n')
+    study = CaseStudy.open(toml, cache_dir=tmp_path / "cache", device="cpu")
+    with pytest.raises(CaseError) as info:
+        study.build(["data"])
+    assert "U+202E" in _one_line(info) and "RIGHT-TO-LEFT OVERRIDE" in str(info.value)
+    assert not Cache(tmp_path / "cache").entries()  # refused before anything was written
+
+
+# ------------------------------------------------------- 13. the model's input shape at open
+
+RGB_NETS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, in_channels=3, n_classes=2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4 * 8 * 8, n_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(torch.relu(self.conv1(x))))
+
+
+class NoMeta(Net):
+    """A forward the meta device cannot run (it reads a value): checked on the CPU instead."""
+
+    def forward(self, x):
+        if float(x.abs().sum().item()) < 0:
+            raise AssertionError
+        return super().forward(x)
+'''
+
+
+def _rgb_case(folder: Path, model: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x": torch.rand(60, 3, 8, 8, generator=g), "y": torch.arange(60) % 2},
+               folder / "data.pt")
+    (folder / "nets.py").write_text(RGB_NETS)
+    toml = folder / "case.toml"
+    toml.write_text('[dataset]\nsource = "tensors"\npath = "data.pt"\n[experts]\nlayers = ["conv1"]\n'
+                    "[models.vanilla]\n" + model)
+    return toml
+
+
+def test_a_model_built_for_grey_images_on_rgb_data_is_one_line_before_training(tmp_path):
+    toml = _rgb_case(tmp_path / "case", 'factory = "nets:Net"\nkwargs = { in_channels = 1 }\n'
+                                        "training = { epochs = 1 }\n")
+    study = CaseStudy.open(toml, cache_dir=tmp_path / "cache", device="cpu")
+    with pytest.raises(CaseError) as info:
+        study.build()
+    msg = _one_line(info)
+    assert "model 'vanilla' cannot run on the data's 3×8×8" in msg, msg
+    assert not Cache(tmp_path / "cache").entries()  # nothing trained, nothing written
+
+
+def test_a_forward_without_a_meta_kernel_is_checked_on_the_cpu(tmp_path):
+    toml = _rgb_case(tmp_path / "case", 'factory = "nets:NoMeta"\nkwargs = { n_classes = 3 }\n'
+                                        "training = { epochs = 1 }\n")
+    study = CaseStudy.open(toml, cache_dir=tmp_path / "cache", device="cpu")
+    state = torch.random.get_rng_state()
+    with pytest.raises(CaseError) as info:  # its width, found on the CPU, disagrees with the data
+        study.data()
+    assert "gives 3 outputs" in _one_line(info)
+    assert torch.equal(state, torch.random.get_rng_state())  # the check drew nothing
+    toml = _rgb_case(tmp_path / "ok", 'factory = "nets:NoMeta"\ntraining = { epochs = 1 }\n')
+    assert CaseStudy.open(toml, cache_dir=tmp_path / "cache", device="cpu").data().n_classes == 2
+
+
+# ------------------------------------------------------- 14. names in the stages' sections
+
+@pytest.mark.parametrize("section, where", [
+    ('[essence]\nlayers = ["nosuch"]\n', "essence.layers"),
+    ('[essence]\nmodels = ["nosuch"]\n', "essence.models"),
+    ('[representations]\nmodels = ["nosuch"]\n', "representations.models"),
+    ('[representations.options.gradcam]\nlayer = "nosuch"\n', "representations.options.gradcam.layer"),
+    ('[detection]\nlayer = "nosuch"\n', "detection.layer"),
+    ('[detection]\nmodel = "nosuch"\n', "detection.model"),
+    ('[corrections.suppression]\nlayers = ["nosuch"]\n', "corrections.suppression.layers"),
+    ('[corrections.influence_penalty]\nlayer = "nosuch"\n', "corrections.influence_penalty.layer"),
+    ('[discovery]\nlayer = "nosuch"\n', "discovery.layer"),
+    ('[discovery]\nmodels = ["nosuch"]\n', "discovery.models"),
+])
+def test_an_unknown_layer_or_model_in_a_stage_section_is_refused_at_open(tmp_path, section, where):
+    d = _user_dir(tmp_path / "case")
+    toml = _case(d, extra="\n" + section)
+    with pytest.raises(CaseError) as info:
+        CaseStudy.open(toml, cache_dir=tmp_path / "cache", device="cpu")
+    msg = _one_line(info)
+    assert where in msg and "'nosuch'" in msg, msg
+
+
+def test_known_names_in_the_stage_sections_open(tmp_path):
+    d = _user_dir(tmp_path / "case")
+    toml = _case(d, extra='\n[essence]\nlayers = ["conv1", "fc"]\nmodels = ["vanilla"]\n'
+                          '[detection]\nmodel = "pclarc"\nlayer = "act"\n'  # a correction's name
+                          '[discovery]\nlayer = "act"\n')
+    study = CaseStudy.open(toml, cache_dir=tmp_path / "cache", device="cpu")
+    assert study.config.essence["layers"] == ["conv1", "fc"]
+
+
+# ------------------------------------------------------- 15. bounds, scales, paths
+
+def test_an_absurd_weight_decay_is_one_line(tmp_path):
+    d = _user_dir(tmp_path / "case")
+    toml = _case(d, model='factory = "nets:Net"\ntraining = { epochs = 1, weight_decay = 1e308 }\n')
+    with pytest.raises(CaseError) as info:
+        CaseStudy.open(toml, cache_dir=tmp_path / "cache", device="cpu")
+    assert "weight_decay must lie in 0–1" in _one_line(info)
+
+
+def _tensors_case(folder: Path, data: dict) -> Path:
+    d = _user_dir(folder)
+    torch.save(data, d / "data.pt")
+    return _case(d)
+
+
+@pytest.mark.parametrize("kind", ["classes", "pixels", "scale"])
+def test_what_the_tensors_file_holds_is_checked_when_the_data_loads(tmp_path, kind):
+    g = torch.Generator().manual_seed(0)
+    if kind == "classes":  # 1,001 classes derived from y (the bound is 1,000), 3 images each
+        y = torch.arange(1001).repeat_interleave(3)
+        data = {"x": torch.rand(len(y), 1, 8, 8, generator=g), "y": y,
+                "split": torch.tensor([0, 1, 2]).repeat(1001)}
+        expect = "1001 classes; at most 1000"
+    elif kind == "pixels":
+        data = {"x": torch.rand(60, 1, 1, 1, generator=g), "y": torch.arange(60) % 2}
+        expect = "1×1 pixels"
+    else:
+        data = {"x": torch.rand(60, 1, 8, 8, generator=g) * 255, "y": torch.arange(60) % 2}
+        expect = "give float images in [0, 1]"
+    toml = _tensors_case(tmp_path / "case", data)
+    study = CaseStudy.open(toml, cache_dir=tmp_path / "cache", device="cpu")
+    with pytest.raises(CaseError) as info:
+        study.build(["data"])
+    assert expect in _one_line(info)
+    assert not Cache(tmp_path / "cache").entries()
+
+
+def test_new_case_into_a_folder_that_cannot_be_made_is_one_line(capsys):
+    from core.__main__ import main
+
+    assert main(["new-case", "/proc/casebook-x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the example case" in err, err

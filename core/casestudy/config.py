@@ -4,6 +4,13 @@ A case is a data adapter (``[dataset] source``), named models (``[models.<name>]
 region (``[region]``) and an optional reference model (``reference``); see DESIGN §9 and the
 README's "Bring your own model". Every problem is a one-line :class:`CaseError` raised before
 anything is trained or written.
+
+A case is code, like a ``setup.py``: opening or building it imports its factory module and calls
+its factory (only from the case's own folder or a known model zoo), and a factory that never
+returns hangs ``build`` as any program would. Listing cases (``python -m core list``, the app's case
+choice) reads only the TOML files and cached facts, never a case's code. Every string a case
+brings (title, description, region, class and model names) is checked here for Unicode format and
+control characters (:func:`check_text`) and is drawn escaped by the pages.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import math
 import os
 import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +127,7 @@ TOP_LEVEL = ("title", "description", "reference", "dataset", "region", "model", 
              "training", "experts", *DELEGATED_SECTIONS)
 BOUNDS = {  # (low, high) inclusive; the error says them
     "training.epochs": (1, 1000), "training.batch_size": (1, 65536), "experts.k": (1, 1000),
+    "training.weight_decay": (0, 1),
     "experts.bootstrap": (0, 10000), "experts.n_images": (1, 256), "experts.resolution": (1, 1000),
 }
 
@@ -225,6 +234,33 @@ def _typed(value: Any, types: tuple[type, ...], where: str) -> Any:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+MAX_CLASSES = 1000  # what [dataset] classes allows; derived classes (folders, y) are held to it
+
+
+def check_text(text: str, where: str, *, lines: bool = False) -> str:
+    """``text`` unchanged when it holds no Unicode format character (category Cf: a right-to-left
+    override U+202E, a zero-width joiner, …) and no control character (Cc; with ``lines``, a
+    newline and a tab are allowed); else a one-line :class:`CaseError` naming ``where`` and the
+    character. Such characters reorder or hide what a page shows next to the name."""
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat == "Cf" or (cat == "Cc" and not (lines and ch in "\n\t")):
+            what = unicodedata.name(ch, "a control character")
+            raise CaseError(f"{where} holds U+{ord(ch):04X} ({what}), a Unicode "
+                            f"{'format' if cat == 'Cf' else 'control'} character; remove it")
+    return text
+
+
+def check_class_names(names, where: str) -> None:
+    """A one-line :class:`CaseError` when the class names are more than :data:`MAX_CLASSES` or one
+    of them holds a format or control character (:func:`check_text`); returns None."""
+    names = list(names)
+    if len(names) > MAX_CLASSES:
+        raise CaseError(f"{where}: the data has {len(names)} classes; at most {MAX_CLASSES}")
+    for c in names:
+        check_text(str(c), f"{where}: class name {_short(str(c))}")
 
 
 def _section(raw: dict, name: str, schema: dict, src: str, given: Any = None) -> dict:
@@ -439,6 +475,77 @@ def _delegated(raw: dict, name: str, src: str) -> dict:
     return dict(given)
 
 
+def _names(value) -> list[str]:
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, list | tuple):
+        return [v for v in value if isinstance(v, str) and v]
+    return []
+
+
+def section_names(sections: dict, subject: str, reference: str | None,
+                  model_names: list[str]) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """What the delegated stages' sections name, to be checked when the case opens:
+    ``(where, kind, name, models)`` with ``kind`` "model" (a model name) or "layer" (a
+    ``named_modules()`` name that each of ``models`` must have). A stage without its section's
+    names falls back to the subject (and the reference, for representations), as the stages do."""
+    out: list[tuple[str, str, str, tuple[str, ...]]] = []
+
+    def models(where: str, value) -> list[str]:
+        given = _names(value)
+        out.extend((where, "model", m, ()) for m in given)
+        return given
+
+    def layers(where: str, value, on: list[str]) -> None:
+        on = [m for m in on if m in model_names] or [subject]
+        out.extend((where, "layer", x, tuple(on)) for x in _names(value))
+
+    sec = sections.get("essence") or {}
+    layers("essence.layers", sec.get("layers"), models("essence.models", sec.get("models"))
+           or [subject])
+    sec = sections.get("representations") or {}
+    on = models("representations.models", sec.get("models")) or [subject, reference or subject]
+    for meth, opts in (sec.get("options") or {}).items():
+        if isinstance(opts, dict):
+            layers(f"representations.options.{meth}.layer", opts.get("layer"), on)
+    sec = sections.get("detection") or {}
+    on = models("detection.model", sec.get("model")) or [subject]
+    for key in ("layers", "layer", "expert_layer"):
+        layers(f"detection.{key}", sec.get(key), on)
+    sec = sections.get("corrections") or {}
+    for meth, key in (("suppression", "layers"), ("pclarc", "layers"),
+                      ("influence_penalty", "layer")):
+        opts = sec.get(meth)
+        if isinstance(opts, dict):
+            layers(f"corrections.{meth}.{key}", opts.get(key), [subject])
+    sec = sections.get("discovery") or {}
+    on = models("discovery.models", sec.get("models")) or list(model_names)
+    layers("discovery.layer", sec.get("layer"), on)
+    return out
+
+
+def _check_section_models(sections: dict, models: dict, reference: str | None,
+                          src: str) -> None:
+    """A one-line :class:`CaseError` for a model the delegated sections name that is neither one
+    of the case's models nor (outside ``[discovery]``) a correction of the model under study."""
+    names = list(models)
+    corrections = None
+    for where, kind, name, _ in section_names(sections, names[0], reference, names):
+        if kind != "model" or name in names:
+            continue
+        if not where.startswith("discovery"):
+            if corrections is None:
+                from core.casestudy.registry import BY_NAME
+
+                module = importlib.import_module(BY_NAME["corrections"].delegated)
+                corrections = tuple(getattr(module, "METHODS", ()))
+            if name in corrections:
+                continue
+        also = "" if where.startswith("discovery") else " or a correction's name"
+        raise CaseError(f"{src}: {where} names {_short(name)}, not one of the case's models "
+                        f"({', '.join(names)}){also}")
+
+
 def _one_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
 
@@ -481,8 +588,14 @@ def parse_config(raw: dict, path: Path, name: str) -> CaseConfig:
             raise CaseError(f"{src}: {key} must be a string")
         if key in raw and len(raw[key]) > limit:
             raise CaseError(f"{src}: {key} is {len(raw[key])} characters long; at most {limit}")
+        if key in raw:
+            check_text(raw[key], f"{src}: {key}", lines=key == "description")
     dataset, adapter = _dataset(raw, src)
+    if dataset.get("classes"):
+        check_class_names(dataset["classes"], f"{src}: dataset.classes")
     region = _region(raw, adapter, src)
+    if region and isinstance(region.get("name"), str):
+        check_text(region["name"], f"{src}: region.name")
     model = _section(raw, "model", SCHEMA["model"], src)
     if adapter.default_factory and not (model.get("arch") or model.get("factory")):
         model = {**adapter.default_factory, **{k: v for k, v in model.items() if v}}
@@ -519,11 +632,13 @@ def parse_config(raw: dict, path: Path, name: str) -> CaseConfig:
             if spec.arch not in ARCH_NAMES:
                 raise CaseError(f"{src}: model.arch {spec.arch!r} is unknown; valid: "
                                 f"{', '.join(ARCH_NAMES)} (or factory = \"module:callable\")")
+    sections = {s: _delegated(raw, s, src) for s in DELEGATED_SECTIONS}
+    _check_section_models(sections, models, reference, src)
     return CaseConfig(
         name=name, path=path.resolve(), title=raw.get("title", name),
         description=raw.get("description", ""), dataset=dataset, region=region, model=model,
         models=models, reference=reference, training=training, experts=experts,
-        sections={s: _delegated(raw, s, src) for s in DELEGATED_SECTIONS})
+        sections=sections)
 
 
 # ------------------------------------------------------------------------------------ finding cases

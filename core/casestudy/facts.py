@@ -149,8 +149,11 @@ def default_layers(facts: dict) -> list[str]:
 
 def n_outputs(spec, base_dir: Path, src: str, input_shape: tuple[int, ...]) -> int | None:
     """The width of the model's output on one input of ``input_shape`` (C, H, W), found by a
-    forward pass on the meta device (no memory, no weights); None when the forward pass cannot
-    run there or the output is not one (N, K) tensor."""
+    forward pass on the meta device (no memory, no weights); when that pass fails (a shape that
+    does not fit, or an op without a meta kernel) by a pass on a zero batch of two on the CPU in
+    eval mode, the global RNG state kept. None when the output is not one (N, K) tensor. A model
+    that cannot run on such an input at all (e.g. ``kwargs = { in_channels = 1 }`` for RGB data)
+    is a one-line :class:`CaseError` naming the model and the shape, before anything trains."""
     import warnings
 
     import torch
@@ -160,9 +163,32 @@ def n_outputs(spec, base_dir: Path, src: str, input_shape: tuple[int, ...]) -> i
             warnings.simplefilter("ignore", UserWarning)
             model = build(spec, base_dir, src)
             out = model(torch.empty(1, *input_shape))
-    except Exception:  # e.g. an op without a meta kernel: the count is checked when it runs
-        return None
+    except CaseError:
+        raise
+    except Exception:  # noqa: BLE001 - e.g. an op without a meta kernel: try it for real
+        out = _cpu_forward(spec, base_dir, src, input_shape)
     if isinstance(out, torch.Tensor) and out.dim() == 2:
         return int(out.shape[1])
     return None
 
+
+def _cpu_forward(spec, base_dir: Path, src: str, input_shape: tuple[int, ...]):
+    """The model's output on ``torch.zeros(2, *input_shape)`` on the CPU (eval mode, no gradient,
+    the global RNG state restored afterwards); a one-line :class:`CaseError` when it raises."""
+    import warnings
+
+    import torch
+
+    shown = "×".join(map(str, input_shape))
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", UserWarning)
+            model = build(spec, base_dir, src)
+            model.eval()
+            return model(torch.zeros(2, *input_shape))
+    except CaseError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's forward: any error is theirs, said once
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CaseError(f"{src}: model {spec.name!r} cannot run on the data's {shown} (C×H×W) "
+                        f"images: {type(exc).__name__}: {first}") from None

@@ -187,6 +187,17 @@ class CaseStudy(ExpertViews):
                 shown = ", ".join(names[:40]) + (" …" if len(names) > 40 else "")
                 raise CaseError(f"{src}: unknown layer {unknown[0]!r} in experts.layers; model "
                                 f"{name!r} has: {shown}")
+        from core.casestudy.config import section_names
+
+        # the layers the delegated sections name ([essence], [detection], …), on their models
+        for where, kind, layer, models in section_names(
+                self.config.sections, self.subject, self.reference, self.model_names):
+            for name in models if kind == "layer" else ():
+                names = self.model_facts(name)["layers"]
+                if layer not in names:
+                    shown = ", ".join(names[:40]) + (" …" if len(names) > 40 else "")
+                    raise CaseError(f"{src}: unknown layer {layer!r} in {where}; model "
+                                    f"{name!r} has: {shown}")
 
     def _store_facts(self) -> None:
         """Keep the model facts this open computed (done by the first build, so that opening alone
@@ -277,8 +288,16 @@ class CaseStudy(ExpertViews):
             return self._data
 
     def _check_data(self, data) -> None:
+        from core.casestudy.config import check_class_names
+
         e = self.config.experts
         n = data.n_classes
+        check_class_names(data.class_names, self.name)
+        h, w = data.size
+        if not (8 <= h <= 4096 and 8 <= w <= 4096):
+            raise CaseError(f"{self.name}: the images are {h}×{w} pixels; each side must be 8 to "
+                            "4096 (set [dataset] size = [H, W] to resize them)")
+        self._check_scale(data)
         bad = [c for c in (e.get("classes") or []) if c >= n]
         if bad:
             raise CaseError(f"{self.name}: experts.classes names class {bad[0]}, but the data "
@@ -296,6 +315,25 @@ class CaseStudy(ExpertViews):
             if spec.train_on is not None and spec.train_on not in data.training_sets:
                 raise CaseError(f"{self.name}: models.{name}.train_on {spec.train_on!r} is not "
                                 f"a training set of the data ({', '.join(data.training_sets)})")
+
+    def _check_scale(self, data) -> None:
+        """A tensors case's float images must lie in [0, 1] before its mean/std (uint8 is divided
+        by 255 on load): floats in 0–255 are a one-line :class:`CaseError`, not images that every
+        model sees as saturated white."""
+        if self.config.dataset.get("source") != "tensors":
+            return
+        import torch
+
+        x = data.train.x
+        if data.std is not None:
+            x = x * torch.tensor(data.std, dtype=x.dtype).view(1, -1, 1, 1)
+        if data.mean is not None:
+            x = x + torch.tensor(data.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -0.01 or hi > 1.01:
+            raise CaseError(f"{self.name}: the tensors file's x holds values in [{lo:.3g}, "
+                            f"{hi:.3g}]; give float images in [0, 1] or uint8 in [0, 255] "
+                            "(divide float 0–255 images by 255)")
 
     def expert_classes(self) -> list[int]:
         """The classes the experts stage ranks: ``[experts] classes``, else the first ten classes

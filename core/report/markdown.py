@@ -53,9 +53,36 @@ def _ci(v: float | None, lo: float, hi: float, integer: bool = False) -> str:
     return f"{v:.{d}f} ({lo:.{d}f}–{hi:.{d}f})"
 
 
+_INLINE = re.compile(r"([\\`*_\[\]<>$!~|])")
+_PIPE = re.compile(r"(?<!\\)((?:\\\\)*)\|")
+
+
+_ADDRESS = re.compile(r"(?i)(?<=www)(?=\.)|(?<=[@:])")  # where a bare address would autolink
+
+
+def _inline(text) -> str:
+    """A case-supplied string (a class, region, model or layer name) as inert Markdown on one
+    line: whitespace, a newline too, collapsed to one space; every character that could open a
+    link, an image, emphasis, code, HTML or math, or end a table cell, escaped with a backslash;
+    an invisible word joiner (U+2060) after ``:`` and ``@`` and inside ``www.``, so that no web or
+    e-mail address in it autolinks."""
+    return _ADDRESS.sub("\u2060", _INLINE.sub(r"\\\1", " ".join(str(text).split())))
+
+
+def _with_region(text: str, rep: dict) -> str:
+    """``text`` (a rule the pipeline wrote) with the case's region name in it made inert."""
+    region = (rep.get("case_facts") or {}).get("region")
+    return text.replace(region, _inline(region)) if isinstance(region, str) and region else text
+
+
+def _cell(text: str) -> str:
+    """One table cell: on one line, and a ``|`` not already escaped escaped (so no cell splits)."""
+    return _PIPE.sub(lambda m: m.group(1) + "\\|", " ".join(str(text).split()))
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
     return out
 
 
@@ -68,14 +95,14 @@ def _data(rep: dict) -> list[str]:
     if not d:
         return []
     classes = facts.get("classes") or []
-    shown = ", ".join(classes[:10]) + (", …" if len(classes) > 10 else "")
+    shown = ", ".join(map(_inline, classes[:10])) + (", …" if len(classes) > 10 else "")
     line = (f"**Data** ({d.get('source')}): {d.get('n_train')} training, {d.get('n_val')} "
             f"validation and {d.get('n_test')} test images")
     if facts:
         line += (f" of {facts.get('channels')}×{facts['size'][0]}×{facts['size'][1]}, "
                  f"{len(classes)} classes ({shown})")
     if facts.get("region"):
-        line += (f"; region: the {facts['region']} (chance share of the image "
+        line += (f"; region: the {_inline(facts['region'])} (chance share of the image "
                  f"{_f(facts.get('chance'), 4)})")
     elif facts:
         line += "; no region (no localisation metrics or shortcut verdicts)"
@@ -94,7 +121,7 @@ def _models(rep: dict) -> list[str]:
     keys = sorted((k for k in first if k.endswith("_acc")), key=lambda k: (rank.get(k, 99), k))
     n = len(rep.get("seeds") or [0])
     roles = {rep.get("subject"): "under study", rep.get("reference"): "reference"}
-    rows = [[f"{name}" + (f" ({roles[name]})" if name in roles and name else "")]
+    rows = [[_inline(name) + (f" ({roles[name]})" if name in roles and name else "")]
             + [_pm({**m, "n_seeds": n}, k) for k in keys] for name, m in models.items()]
     note = f" (mean ± sd over {n} seeds)" if n > 1 else " (one seed)"
     out = [f"**Models**{note}, accuracy:", ""] + _table(["model", *map(_label, keys)], rows)
@@ -107,7 +134,8 @@ def _models(rep: dict) -> list[str]:
                 continue
             lo, hi = wilson(m[hkey], _split_size(data, hkey))
             sd = m.get(f"{hkey}_sd") or 0.0
-            cells.append(f"{name} {_ci(m[hkey], min(lo, m[hkey] - 2 * sd), max(hi, m[hkey] + 2 * sd))}")
+            cells.append(f"{_inline(name)} "
+                         f"{_ci(m[hkey], min(lo, m[hkey] - 2 * sd), max(hi, m[hkey] + 2 * sd))}")
         out += ["", f"Headline ({_label(hkey)}, {_split_size(data, hkey)} images) with its 95% "
                 "interval (Wilson, widened to ±2 sd where the seeds spread more): "
                 + "; ".join(cells) + "."]
@@ -126,7 +154,7 @@ def _experts(rep: dict) -> list[str]:
         return []
     out = [f"**Experts**: top {e['k']} units per class by distributional influence (class logit, "
            f"DoI = the class's training images), {e['bootstrap']} bootstrap resamples, at "
-           f"{', '.join(e['layers'])}."]
+           f"{', '.join(map(_inline, e['layers']))}."]
     top = e.get("top") or []
     iv = expert_intervals(e, rep.get("reference"))
     rows = []
@@ -147,10 +175,11 @@ def _experts(rep: dict) -> list[str]:
             mm = s.get("mean_region_mass")
             mm_cell = _ci(mm, *iv["means"][(model, layer)]) if mm is not None and \
                 (model, layer) in iv["means"] else _f(mm)
-            rows.append([layer, model, count, th_cell, mm_cell, f"{flat}/{s['n']}"])
+            rows.append([_inline(layer), _inline(model), count, th_cell, mm_cell,
+                         f"{flat}/{s['n']}"])
     if e.get("shortcut_rule"):
         out.append("")
-        out.append(f"Rule: {e['shortcut_rule']}.")
+        out.append(f"Rule: {_with_region(e['shortcut_rule'], rep)}.")
     out.append("")
     out += _table(["layer", "model", "experts carrying the shortcut (95% interval)",
                    "threshold (95% interval)", "mean region mass (95% interval)",
@@ -160,17 +189,19 @@ def _experts(rep: dict) -> list[str]:
                 if hi - lo > 0.5 * max((e.get("shortcut_thresholds") or {}).get(layer) or 0, 1e-9)]
         out += ["", "Intervals: bootstrap over the experts (2000 resamples; the threshold's "
                 "resamples the reference's experts, the counts resample both)."
-                + (f" The threshold is unstable at {', '.join(wide)} (its interval is wider than "
+                + (f" The threshold is unstable at {', '.join(map(_inline, wide))} (its "
+                   "interval is wider than "
                    "half its value): a count there depends on a cut the evidence does not fix."
                    if wide else " Every layer's threshold is stable to within half its value.")]
     fa = e.get("false_alarms")
     if fa:
         model = next(iter(fa.values()))["model"]
         out.append("")
+        model = " ".join(str(model).replace("`", "'").split())  # inside a code span
         out.append(f"False alarms of the rule: `{model}` is a model that does not use the region "
                    "(see its accuracies above); the share of its experts the rule flags, per "
                    "layer (95% bootstrap interval): " + ", ".join(
-                       f"{layer} {v['n_flagged']}/{v['n']}" + (
+                       f"{_inline(layer)} {v['n_flagged']}/{v['n']}" + (
                            " ({}–{})".format(*map(round, iv["counts"][(model, layer)]))
                            if (model, layer) in iv["counts"] else "")
                        for layer, v in fa.items()) + ".")
@@ -199,7 +230,8 @@ def _representations(rep: dict) -> list[str]:
     out = ["**Representations compared** (what each column asks: " + "; ".join(
         f"{k.replace('_', ' ')} {_DIRECTION[k]}" for k in metrics) + "):", ""]
     out += _table(["model", "method", *[k.replace("_", " ") for k in metrics]],
-                  [[r["model"], r.get("label", r["method"]), *[_f(r.get(k)) for k in metrics]]
+                  [[_inline(r["model"]), r.get("label", r["method"]),
+                    *[_f(r.get(k)) for k in metrics]]
                    for r in rows])
     if not any(f"{k}_se" in rows[0] for k in metrics):
         out += ["", "These means carry no interval of their own (one pass over the images, no "
@@ -282,6 +314,9 @@ COLUMNS = {
 }
 
 
+_CASE_KEYS = {"model", "layer", "a_name", "b_name"}  # cells that hold a case's own names
+
+
 def _summary_section(rep: dict, stage: str, title: str) -> list[str]:
     rows = rep.get(stage) or []
     if not rows:
@@ -291,7 +326,8 @@ def _summary_section(rep: dict, stage: str, title: str) -> list[str]:
         [k for k in rows[0] if not isinstance(rows[0][k], dict | list)][:9]
     head = f"**{title}** ({what}):" if what else f"**{title}**:"
     out = [head, ""] + _table([k.replace("_", " ") for k in keys],
-                              [[_f(r.get(k)) for k in keys] for r in rows[:48]])
+                              [[_inline(r.get(k)) if k in _CASE_KEYS and isinstance(r.get(k), str)
+                                else _f(r.get(k)) for k in keys] for r in rows[:48]])
     notes = _DEGENERATE.get(stage, lambda rows: [])(rows)
     return out + (["", *notes] if notes else [])
 
@@ -363,7 +399,8 @@ def _discovery(rep: dict) -> list[str]:
     for name in models:
         mine = [r for r in rows if r.get("model") == name][:3]
         for r in mine:
-            cells = [name, str(r.get("rank")), str(r.get("class")), str(r.get("verdict"))]
+            cells = [_inline(name), str(r.get("rank")), _inline(r.get("class")),
+                     str(r.get("verdict"))]
             for key in ("necessity", "control_necessity", "sufficiency", "control_sufficiency"):
                 lo, hi = (r.get(f"{key}_ci") or [None, None])[:2]
                 cells.append(_ci(r.get(key), lo, hi) if lo is not None else _f(r.get(key), 2))
@@ -372,9 +409,9 @@ def _discovery(rep: dict) -> list[str]:
                 cells.append(_f(r.get("region_iou"), 2))
             table.append(cells)
         if not mine:
-            table.append([name, "–", "–", "no candidate"] + ["–"] * (len(header) - 4))
+            table.append([_inline(name), "–", "–", "no candidate"] + ["–"] * (len(header) - 4))
     out += _table(header, table)
-    heads = "; ".join(f"{n}: {i.get('headline')} ({i.get('n_suspected', 0)} suspected of "
+    heads = "; ".join(f"{_inline(n)}: {i.get('headline')} ({i.get('n_suspected', 0)} suspected of "
                       f"{i.get('n_candidates', 0)})" for n, i in models.items())
     alarms = summary.get("false_alarms") or {}
     out += ["", f"Per model: {heads}."]
@@ -382,7 +419,7 @@ def _discovery(rep: dict) -> list[str]:
         out += [f"False alarms: {alarms.get('n_flagged', 0)} of {len(alarms['models'])} models "
                 f"other than the one under study have a suspect."]
     if summary.get("rule"):
-        out += [f"Rule: {summary['rule']}."]
+        out += [f"Rule: {_with_region(summary['rule'], rep)}."]
     return out
 
 
