@@ -322,7 +322,27 @@ def model_warnings(study=None) -> list[dict]:
         return []
     for w in found:
         st.warning(plain(w["text"], limit=1000), icon=":material/warning:")
+    budget_note(study)
     return found
+
+
+def budget_note(study=None) -> dict | None:
+    """Under a chapter's title: say that the results come from the quick budget, and what it
+    set (``core.casestudy.budget``); nothing for a full build. Returns the study's budget."""
+    study = study or current_study()
+    budget = getattr(study, "budget", None) or {}
+    if budget.get("preset") != "quick":
+        return budget or None
+    applied = budget.get("applied") or {}
+    settings = "; ".join(
+        f"[{plain(section)}] " + ", ".join(f"{plain(k)} = {plain(json.dumps(v))}"
+                                           for k, v in values.items())
+        for section, values in applied.items()) or "nothing: the case sets every value itself"
+    st.info("**Quick build**: every stage ran with fewer images, draws, steps and seeds than a "
+            "full build (its methods and questions unchanged), so intervals are wider and some "
+            "tests have less power. The budget set " + settings + ". A full build: "
+            "`python -m core build CASE` without `--quick`.", icon=":material/speed:")
+    return budget
 
 
 def draw_findings(study=None) -> dict | None:

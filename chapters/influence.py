@@ -154,6 +154,12 @@ if HAS_MASS:
 HAS_VERDICT = HAS_MASS and THRESHOLD is not None and "shortcut" in table
 if HAS_VERDICT:
     table["carries shortcut"] = table["shortcut"].astype(bool)
+    # a verdict whose region-mass interval over the images holds the threshold is undecided
+    words = {"carries": "carries the shortcut", "does not": "does not", "undecided": "undecided"}
+    fallback = table["carries shortcut"].map({True: "carries", False: "does not"})
+    table["verdict"] = (table["verdict"].fillna(fallback) if "verdict" in table
+                        else fallback).map(words)
+HAS_INTERVAL = HAS_VERDICT and {"mass_low", "mass_high"} <= set(table)
 table["unit"] = table["unit"].astype(int)
 units = table["unit"].tolist()
 labels_ = ui.correction_labels(study)
@@ -174,15 +180,14 @@ st.caption(f"Model **{ui.model_label(model, labels_, facts)}** · "
            f"distribution: {DOIS[doi_kind]} · "
            f"{len(units)} experts of {len(view.get('scores', [])) or '?'} units.")
 chart_df = table.assign(label=table["unit"].map(lambda u: f"unit {u}"))
-if HAS_VERDICT:
-    chart_df["verdict"] = chart_df["carries shortcut"].map({True: "carries the shortcut", False: "does not"})
 order = chart_df["label"].tolist()
 tooltip = ["unit", alt.Tooltip("score:Q", format=".4g"), alt.Tooltip("ci_low:Q", format=".4g"),
            alt.Tooltip("ci_high:Q", format=".4g"), alt.Tooltip("frequency:Q", format=".0%")]
 if HAS_MASS:
     tooltip.append(alt.Tooltip(f"{MASS_KEY}:Q", format=".1%", title=MASS_LABEL))
 color = (alt.Color("verdict:N", title=f"{MASS_LABEL} > {THRESHOLD:.0%}",
-                   scale=alt.Scale(domain=["carries the shortcut", "does not"], range=["#B4412E", "#6C8EAD"]))
+                   scale=alt.Scale(domain=["carries the shortcut", "undecided", "does not"],
+                                   range=["#B4412E", "#8A8F98", "#6C8EAD"]))
          if HAS_VERDICT else alt.value("#6C8EAD"))
 bars = alt.Chart(chart_df).mark_bar().encode(
     x=alt.X("label:N", sort=order, title="expert (by rank)", axis=alt.Axis(labelAngle=0)),
@@ -225,7 +230,7 @@ if HAS_MASS:
     cols.append(MASS_KEY)
 if HAS_VERDICT:
     table["threshold"] = THRESHOLD
-    cols += ["threshold", "carries shortcut"]
+    cols += (["mass_low", "mass_high"] if HAS_INTERVAL else []) + ["threshold", "verdict"]
 shown = table[cols]
 st.dataframe(shown, hide_index=True, column_config={
     "ci_low": st.column_config.NumberColumn("interval low", format="%.4g"),
@@ -244,6 +249,11 @@ st.dataframe(shown, hide_index=True, column_config={
              f"falls on the {REGION}, averaged over the images below"
              + (f"; an evenly spread map scores the chance level {CHANCE:.1%}." if CHANCE is not None
                 else ".")),
+    "mass_low": st.column_config.NumberColumn(
+        "mass low", format="percent", help="Bootstrap interval of the region mass over the images "
+        "(resampled with replacement, the experts' confidence); a verdict whose interval holds "
+        "the threshold is undecided."),
+    "mass_high": st.column_config.NumberColumn("mass high", format="percent"),
     "threshold": st.column_config.NumberColumn("threshold", format="percent",
                                                help=RULE or "the region mass above which a unit "
                                                "carries the shortcut"),
@@ -361,8 +371,14 @@ for k in range(n_maps):
     r = table.iloc[k]
     if HAS_VERDICT:
         mass = float(r[MASS_KEY])
-        verdict = (f":red[**carries the shortcut**] ({_verdict_reason(mass)})" if r["carries shortcut"]
-                   else f"does not carry it ({_verdict_reason(mass)})")
+        if r["verdict"] == "undecided":
+            verdict = (f"**undecided** ({_verdict_reason(mass)}; its interval over the images, "
+                       f"{float(r['mass_low']):.0%}–{float(r['mass_high']):.0%}, holds the "
+                       "threshold)")
+        elif r["carries shortcut"]:
+            verdict = f":red[**carries the shortcut**] ({_verdict_reason(mass)})"
+        else:
+            verdict = f"does not carry it ({_verdict_reason(mass)})"
     elif HAS_MASS:
         mass = float(r[MASS_KEY])
         verdict = f"{MASS_LABEL} {'—' if np.isnan(mass) else f'{mass:.0%}'}"

@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--cache", metavar="DIR", default=None,
                        help="cache directory (default $CASEBOOK_CACHE or <repo>/.cache)")
 
+    def quick(p):
+        p.add_argument("--quick", action="store_true",
+                       help="the quick budget: every stage with fewer images, draws, steps and "
+                            "seeds (a first look at a real model); keyed apart from a full build")
+
     b = sub.add_parser("build", help="train and compute every stage of a case study (cached)")
     b.add_argument("case", help="a built-in case name or a path to a .toml file")
     b.add_argument("--force", action="store_true", help="recompute the stages even if cached")
@@ -57,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                         "one that runs for this cache and case); the app shows its progress")
     b.add_argument("--progress-file", default=None, metavar="PATH", help=argparse.SUPPRESS)
     common(b)
+    quick(b)
 
     r = sub.add_parser("report", help="print a case study's results (never computes)")
     r.add_argument("case")
@@ -66,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="report seeds 0..N-1 (default: every seed built)")
     common(r)
+    quick(r)
 
     ls = sub.add_parser("list", help="list the known cases and which stages are built")
     common(ls)
@@ -77,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("case")
     ex.add_argument("--html", required=True, metavar="FILE", help="where to write it")
     common(ex)
+    quick(ex)
 
     dc = sub.add_parser("discover", help="mask-free shortcut suspects of a model: DIR/candidates"
                         ".json and DIR/<masks>/ PNG masks at the images' relative paths")
@@ -88,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--out", required=True, metavar="DIR", help="where to write them")
     dc.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     common(dc)
+    quick(dc)
 
     rd = sub.add_parser("readme", help="rewrite README.md's generated blocks from the built cases")
     rd.add_argument("--check", action="store_true",
@@ -224,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if device is not None and not _valid_device(device):
             raise CaseError(f"--device must be cpu, cuda or cuda:N, got {device[:40]!r}")
         stages = _stages(args, CaseError) if args.command == "build" else None
-        study = CaseStudy.open(args.case, cache_dir=args.cache, device=device, seeds=args.seeds)
+        study = CaseStudy.open(args.case, cache_dir=args.cache, device=device, seeds=args.seeds,
+                               budget="quick" if args.quick else None)
         if args.command == "build":
             return _build(args, study, stages)
         rep = study.report()
@@ -276,7 +286,7 @@ def _export(args, CaseStudy, CaseError) -> int:
 
     from core.report.html import html_report
 
-    study = CaseStudy.open(args.case, cache_dir=args.cache)
+    study = CaseStudy.open(args.case, cache_dir=args.cache, budget="quick" if args.quick else None)
     if not study.status().get("data"):
         raise CaseError(f"{study.name} is not built; run python -m core build {args.case}")
     text = html_report(study)
@@ -295,7 +305,8 @@ def _discover(args, CaseStudy, CaseError) -> int:
         raise CaseError(f"--top must be between 0 and 1000, got {args.top}")
     if args.device is not None and not _valid_device(args.device):
         raise CaseError(f"--device must be cpu, cuda or cuda:N, got {args.device[:40]!r}")
-    study = CaseStudy.open(args.case, cache_dir=args.cache, device=args.device)
+    study = CaseStudy.open(args.case, cache_dir=args.cache, device=args.device,
+                           budget="quick" if args.quick else None)
     if args.model is not None and args.model not in study.model_names:
         raise CaseError(f"--model {args.model[:40]!r} is not one of the case's models "
                         f"({', '.join(study.model_names)})")
@@ -350,7 +361,8 @@ def _background(args, study) -> int:
         raise CaseError("--background builds every stage of the case as configured: it takes "
                         "no --stages, --force or --seeds")
     try:
-        st = worker.start(args.case, study.cache.root, device=args.device)
+        st = worker.start(args.case, study.cache.root, device=args.device,
+                          quick=study.budget["preset"] == "quick")
     except OSError as exc:
         raise CaseError(f"cannot start a background build in {study.cache.root}: "
                         f"{exc.strerror or exc}") from None

@@ -239,7 +239,7 @@ def test_force_recomputes_only_the_asked_stage(small_study, tmp_path):
 def test_a_corrupt_models_entry_is_retrained(small_study, tmp_path, caplog):
     cache = _copy_cache(small_study, tmp_path)
     study = CaseStudy.open("decoy-mnist-small", cache_dir=cache, device="cpu")
-    path = study.cache.path(study._models_key(0))
+    path = study.cache.path(study._key("models", 0))
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     path.write_bytes(bytes(blob))

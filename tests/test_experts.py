@@ -125,3 +125,47 @@ def test_bootstrap_scores_equal_a_loop_over_resamples(reduce):
     draws = torch.randint(15, (30, 15), generator=g)
     slow = torch.stack([unit_scores(per[d].mean(0), reduce) for d in draws])
     assert torch.allclose(fast, slow, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- knife edges
+
+
+def test_region_mass_interval_by_hand():
+    from core.stages.experts import mass_interval
+
+    assert mass_interval(torch.tensor([0.3])) == (None, None)  # one image: no interval
+    lo, hi = mass_interval(torch.full((20,), 0.25, dtype=torch.float64))
+    assert lo == hi == 0.25  # every image the same: zero width
+    half = torch.tensor([0.0, 1.0] * 50, dtype=torch.float64)  # mean 0.5, sd of the mean 0.05
+    lo, hi = mass_interval(half)
+    assert 0.38 < lo < 0.45 and 0.55 < hi < 0.62
+    assert mass_interval(half) == (lo, hi)  # seeded: the same interval every time
+    wider = mass_interval(half, confidence=0.99)
+    assert wider[0] < lo and wider[1] > hi
+
+
+def test_a_verdict_whose_interval_holds_the_threshold_is_undecided():
+    from core.methods.shortcut import flag
+
+    row = {"region_mass": 0.11, "mass_low": 0.07, "mass_high": 0.15}
+    knife = flag(row, 0.10)
+    assert knife["shortcut"] is True and knife["verdict"] == "undecided"  # 11% vs 10%: a tie
+    assert flag({**row, "region_mass": 0.09}, 0.10)["verdict"] == "undecided"
+    assert flag({**row, "mass_low": 0.105}, 0.10)["verdict"] == "carries"
+    assert flag({"region_mass": 0.05, "mass_low": 0.03, "mass_high": 0.08}, 0.10)["verdict"] \
+        == "does not"
+    assert flag({"region_mass": 0.2}, 0.10)["verdict"] == "carries"  # no interval: the mean
+    assert flag({"region_mass": None}, 0.10)["verdict"] is None
+    assert "verdict" not in flag(row, None)  # no region: no rule
+
+
+def test_a_bootstrap_or_confidence_out_of_bounds_is_one_line():
+    from core.engine.experts import experts_many
+
+    net, x = nn.Sequential(nn.Linear(2, 2)), torch.zeros(3, 2)
+    for kwargs, word in (({"bootstrap": -3}, "bootstrap"), ({"bootstrap": 1.5}, "bootstrap"),
+                         ({"confidence": 2}, "confidence"), ({"confidence": 0}, "confidence")):
+        for fn, layer in ((experts, "0"), (experts_many, ["0"])):
+            with pytest.raises(ValueError, match=word) as err:
+                fn(net, x, layer, ClassQoI(0), **kwargs)
+            assert len(str(err.value).splitlines()) == 1

@@ -219,7 +219,7 @@ def test_a_stage_whose_entry_will_not_load_is_rebuilt_in_the_same_build(tmp_path
     cache_dir = tmp_path / "cache"
     study = CaseStudy.open(_case(d), cache_dir=cache_dir, device="cpu")
     assert study.build(["data"])["data"]["status"] == "built"
-    key = study._data_key()
+    key = study._key("data")
     meta = Cache(cache_dir).meta(key)
     buf = io.BytesIO()
     torch.save({"x": np.zeros(3)}, buf)  # a numpy array: refused by weights_only

@@ -150,3 +150,63 @@ def test_every_stage_builds_on_the_tiny_case_and_its_rows_validate(keyed, stage)
     rows = study.report()[stage]
     assert isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)
     assert _plain_json(rows)
+
+
+# ---------------------------------------------------------------------------------------------- declarations
+
+
+def test_every_stage_module_owns_its_declaration_and_the_registry_reads_it_without_importing():
+    import subprocess
+    import sys
+
+    from core.casestudy.registry import MODULES, declared
+
+    assert STAGES == tuple(declared(m).name for m in MODULES)
+    for s in REGISTRY:
+        assert s.module in MODULES and s.declaration == declared(s.module)
+        for r in s.reads:  # a stage reads only stages built before it
+            assert STAGES.index(r) < STAGES.index(s.name)
+    # listing the stages (what `python -m core list` and the app's sidebar do) imports no stage
+    # module and no torch
+    probe = ("import sys, core.casestudy.registry as r; "
+             "print(sorted(m for m in sys.modules if m.startswith('core.stages.') or m == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "['core.stages.base']", out
+
+
+def test_a_declaration_must_be_literal_and_present(tmp_path, monkeypatch):
+    import core.casestudy.registry as registry
+    from core.stages.base import Stage
+
+    pkg = tmp_path / "core" / "stages"
+    pkg.mkdir(parents=True)
+    (pkg / "lit.py").write_text('from core.stages.base import Stage\n'
+                                'STAGE = Stage("lit", reads=["data"], sections=("lit",))\n')
+    (pkg / "computed.py").write_text('NAME = "x"\nSTAGE = Stage(NAME)\n')
+    (pkg / "none.py").write_text("X = 1\n")
+    monkeypatch.setattr(registry, "REPO", tmp_path)
+    assert registry.declared("core.stages.lit") == Stage("lit", reads=("data",), sections=("lit",))
+    with pytest.raises(ValueError, match="literal arguments only"):
+        registry.declared("core.stages.computed")
+    with pytest.raises(ValueError, match="no STAGE"):
+        registry.declared("core.stages.none")
+    with pytest.raises(ValueError, match="unknown input"):
+        Stage("bad", inputs=("weather",))
+
+
+@pytest.mark.parametrize("stage", [s.name for s in REGISTRY if "roles" in s.inputs])
+def test_a_declared_input_changes_the_key_of_exactly_the_stages_that_declare_it(keyed, stage):
+    """The reference model is an input ("roles") of the stages that declare it: naming none
+    changes their keys, and the keys of the stages that do not declare it stay."""
+    tmp, cache, before = keyed
+    path = tmp / "no-reference.toml"
+    text = SMALL.read_text()
+    assert "\nreference =" not in text and "\ntitle = " in text  # the default: the second model
+    path.write_text(text.replace("\ntitle = ", '\nreference = ""\ntitle = ', 1))
+    study = CaseStudy.open(path, cache_dir=cache, device="cpu")
+    assert study._key(stage) != before[stage]
+    for s in REGISTRY:
+        if "roles" not in s.inputs and not set(s.reads) & {r.name for r in REGISTRY
+                                                          if "roles" in r.inputs}:
+            assert study._key(s.name) == before[s.name], s.name

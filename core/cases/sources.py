@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from core.cases.seam import CaseData, SourceError, Split
+from core.storage.safeio import sha256_of
 
 __all__ = [
     "DATASET_SCHEMA",
@@ -133,16 +134,11 @@ def _check_classes(classes, where: str) -> list[str]:
     return list(classes)
 
 
-def check_dataset(section: dict, where: str = "[dataset]") -> dict:
-    """Validate a ``[dataset]`` table without reading any data; return it with defaults filled in.
+def _typed_table(section: dict, where: str) -> dict:
+    """The table's keys checked against ``DATASET_SCHEMA[source]`` (unknown, missing, wrong type).
 
-    ``where`` prefixes every message (e.g. ``"case.toml [dataset]"``). The result has every key of
-    ``DATASET_SCHEMA[source]``; ``size`` becomes ``[H, W]`` or None, ``split`` a full
-    ``{"val", "test", "seed"}`` table, ``channels`` is inferred from ``mean``/``std`` when not
-    given. Raises a one-line :class:`SourceError` naming the key: unknown key (listing the valid
-    ones), wrong type, size outside 8–1024 per side, channels not 1 or 3, mean/std not one value
-    per channel or std ≤ 0, split fractions outside [0, 0.9] or val + test ≥ 1, classes not 2–1000
-    distinct non-empty names of at most 100 characters.
+    Returns a new dict with every schema key: the given value, or a copy of the default (a dict
+    default is copied so the schema is never shared). Values are not yet normalised.
     """
     if not isinstance(section, dict):
         raise SourceError(f"{where}: expected a table with source = \"folder\" or \"tensors\"")
@@ -169,20 +165,27 @@ def check_dataset(section: dict, where: str = "[dataset]") -> dict:
         if not _is(value, types):
             raise SourceError(f"{where}: {key} must be {_tname(types)}, got {type(value).__name__}")
         out[key] = value
-    for key in ("root", "path"):
-        if key in out and not out[key].strip():
-            raise SourceError(f"{where}: {key} is empty; give a path relative to the TOML file")
-    if out["classes"] is not None:
-        out["classes"] = _check_classes(out["classes"], where)
-    size = out["size"]
-    if size is not None:
-        if isinstance(size, int):
-            size = [size, size]
-        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size) \
-                or not all(8 <= s <= 1024 for s in size):
-            raise SourceError(f"{where}: size = {section['size']!r}; give [H, W] with each side an "
-                              "integer from 8 to 1024")
-        out["size"] = list(size)
+    return out
+
+
+def _check_size(size, given, where: str) -> list[int] | None:
+    """``size`` as ``[H, W]`` (an int means a square), or None; ``given`` is the table's own value,
+    quoted in the error. Each side must be an integer from 8 to 1024."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        size = [size, size]
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size) \
+            or not all(8 <= s <= 1024 for s in size):
+        raise SourceError(f"{where}: size = {given!r}; give [H, W] with each side an "
+                          "integer from 8 to 1024")
+    return list(size)
+
+
+def _check_stats(out: dict, where: str) -> None:
+    """Check ``channels``, ``mean`` and ``std`` of ``out`` in place: channels 1 or 3 (inferred from
+    the first of mean/std given, when absent), one finite value per channel, std > 0; the values
+    become floats."""
     if out["channels"] is not None and out["channels"] not in (1, 3):
         raise SourceError(f"{where}: channels = {out['channels']!r}; use 1 (gray) or 3 (RGB)")
     for key in ("mean", "std"):
@@ -201,7 +204,11 @@ def check_dataset(section: dict, where: str = "[dataset]") -> dict:
         if key == "std" and any(v <= 0 for v in vals):
             raise SourceError(f"{where}: std values must be > 0, got {vals!r}")
         out[key] = [float(v) for v in vals]
-    split = out["split"]
+
+
+def _check_split(split: dict, where: str) -> dict:
+    """The full ``{"val", "test", "seed"}`` split table (defaults from ``_SPLIT_DEFAULT``):
+    fractions in [0, 0.9] as floats with val + test < 1, seed a non-negative integer."""
     for key in split:
         if key not in _SPLIT_DEFAULT:
             raise SourceError(f"{where}: unknown key {key!r} in split; valid keys: val, test, seed")
@@ -214,7 +221,30 @@ def check_dataset(section: dict, where: str = "[dataset]") -> dict:
                           "keep it below 1 so training images remain")
     if not isinstance(split["seed"], int) or isinstance(split["seed"], bool) or split["seed"] < 0:
         raise SourceError(f"{where}: split.seed = {split['seed']!r}; give a non-negative integer")
-    out["split"] = {"val": float(split["val"]), "test": float(split["test"]), "seed": split["seed"]}
+    return {"val": float(split["val"]), "test": float(split["test"]), "seed": split["seed"]}
+
+
+def check_dataset(section: dict, where: str = "[dataset]") -> dict:
+    """Validate a ``[dataset]`` table without reading any data; return it with defaults filled in.
+
+    ``where`` prefixes every message (e.g. ``"case.toml [dataset]"``). The result has every key of
+    ``DATASET_SCHEMA[source]``; ``size`` becomes ``[H, W]`` or None, ``split`` a full
+    ``{"val", "test", "seed"}`` table, ``channels`` is inferred from ``mean``/``std`` when not
+    given. Raises a one-line :class:`SourceError` naming the key: unknown key (listing the valid
+    ones), wrong type, size outside 8–1024 per side, channels not 1 or 3, mean/std not one value
+    per channel or std ≤ 0, split fractions outside [0, 0.9] or val + test ≥ 1, classes not 2–1000
+    distinct non-empty names of at most 100 characters.
+    """
+    out = _typed_table(section, where)
+    for key in ("root", "path"):
+        if key in out and not out[key].strip():
+            raise SourceError(f"{where}: {key} is empty; give a path relative to the TOML file")
+    if out["classes"] is not None:
+        out["classes"] = _check_classes(out["classes"], where)
+    if out["size"] is not None:
+        out["size"] = _check_size(out["size"], section["size"], where)
+    _check_stats(out, where)
+    out["split"] = _check_split(out["split"], where)
     return out
 
 
@@ -544,34 +574,16 @@ def _make_splits(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
 # Folder source
 
 
-def folder_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
-    """Read an image folder into a :class:`CaseData` (``source="folder"``).
+def _decode_folder(files: list, root: Path, mask_root: Path | None, base_dir: Path,
+                   size: tuple | None, dataset: dict) -> tuple:
+    """Decode every listed image (and its mask, with a ``mask_root``) in file order.
 
-    ``dataset`` is a ``[dataset]`` table (checked again with :func:`check_dataset`), ``region`` a
-    ``[region]`` table or None, ``base_dir`` the TOML file's folder (all paths are relative to it).
-    Layouts: ``root/<class>/**/<image>`` (a stratified split per class with ``split``: test and val
-    take ``round(fraction × n)`` images each, the seed's permutation, rows sorted by file order) or
-    ``root/{train,val,test}/<class>/...`` (val carved from train with ``split.val`` when there is
-    no ``val`` folder; ``split.test`` then does not apply). Images: float32 (N, C, H, W) in [0, 1]
-    resized to ``size`` (default: the images' own size, which must then agree), converted to
-    ``channels``, normalised with ``mean``/``std``. Region masks: ``[region] masks`` holds one mask
-    per image at the same relative path (any image extension); non-zero pixels are the region;
-    ``Split.mask`` is (N, 1, H, W) bool (nearest resize), ``x_clean`` None. ``extra`` holds
-    ``{"root": <root relative to base_dir>, "layout": "flat" | "split", "n_files": int}``.
-    Raises a one-line :class:`SourceError` naming the file or key on any bad input.
+    Returns ``(arrays, masks, missing, size)``: one (H, W, C) float32 array in [0, 1] per image
+    (C as :func:`_image_array` gives it), one (H, W) bool mask per image or None without a
+    ``mask_root`` (all False where the mask file is absent), the images without a mask file, and
+    the (H, W) size used: ``size`` or the first image's own. The memory cap is checked on the
+    first image, before the rest are decoded.
     """
-    base_dir = Path(base_dir)
-    dataset = check_dataset({**dataset, "source": "folder"}, "[dataset]")
-    region = _folder_region(region)
-    listing = _list_folder(dataset, base_dir)
-    root, classes, files = listing["root"], listing["classes"], listing["files"]
-    mask_root = None
-    if region is not None:
-        mask_root = base_dir / region["masks"]
-        if not mask_root.is_dir():
-            raise SourceError(f"[region] masks folder {_rel(mask_root, base_dir)!r} does not exist "
-                              "(paths are relative to the TOML file)")
-    size = tuple(dataset["size"]) if dataset["size"] else None
     n = len(files)
     arrays: list[np.ndarray] = []
     masks: list[np.ndarray] | None = [] if mask_root is not None else None
@@ -605,13 +617,55 @@ def folder_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
                                       f"{img.size[1]} (W×H); masks must match their images")
                 masks.append(_mask_array(mimg, size))
         arrays.append(_image_array(img, size, dataset["channels"]))
-    channels = dataset["channels"] or max(a.shape[-1] for a in arrays)
-    x = torch.empty((n, channels, *size), dtype=torch.float32)
+    return arrays, masks, missing_masks, size
+
+
+def _stack_images(arrays: list, channels: int, size: tuple) -> torch.Tensor:
+    """The (N, channels, H, W) float32 tensor of the (H, W, C) ``arrays``; gray arrays among RGB
+    ones are repeated to ``channels``. Frees each array as it is copied (``arrays`` is emptied
+    to Nones) so peak memory stays near one copy."""
+    x = torch.empty((len(arrays), channels, *size), dtype=torch.float32)
     for i, arr in enumerate(arrays):
         if arr.shape[-1] != channels:  # inferred channels: gray images among RGB ones
             arr = np.repeat(arr, channels, axis=-1)
         x[i] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
         arrays[i] = None
+    return x
+
+
+def folder_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
+    """Read an image folder into a :class:`CaseData` (``source="folder"``).
+
+    ``dataset`` is a ``[dataset]`` table (checked again with :func:`check_dataset`), ``region`` a
+    ``[region]`` table or None, ``base_dir`` the TOML file's folder (all paths are relative to it).
+    Layouts: ``root/<class>/**/<image>`` (a stratified split per class with ``split``: test and val
+    take ``round(fraction × n)`` images each, the seed's permutation, rows sorted by file order) or
+    ``root/{train,val,test}/<class>/...`` (val carved from train with ``split.val`` when there is
+    no ``val`` folder; ``split.test`` then does not apply). Images: float32 (N, C, H, W) in [0, 1]
+    resized to ``size`` (default: the images' own size, which must then agree), converted to
+    ``channels``, normalised with ``mean``/``std``. Region masks: ``[region] masks`` holds one mask
+    per image at the same relative path (any image extension); non-zero pixels are the region;
+    ``Split.mask`` is (N, 1, H, W) bool (nearest resize), ``x_clean`` None. ``extra`` holds
+    ``{"root": <root relative to base_dir>, "layout": "flat" | "split", "n_files": int}``.
+    Raises a one-line :class:`SourceError` naming the file or key on any bad input.
+    """
+    base_dir = Path(base_dir)
+    dataset = check_dataset({**dataset, "source": "folder"}, "[dataset]")
+    region = _folder_region(region)
+    listing = _list_folder(dataset, base_dir)
+    root, classes, files = listing["root"], listing["classes"], listing["files"]
+    mask_root = None
+    if region is not None:
+        mask_root = base_dir / region["masks"]
+        if not mask_root.is_dir():
+            raise SourceError(f"[region] masks folder {_rel(mask_root, base_dir)!r} does not exist "
+                              "(paths are relative to the TOML file)")
+    size = tuple(dataset["size"]) if dataset["size"] else None
+    n = len(files)
+    arrays, masks, missing_masks, size = _decode_folder(files, root, mask_root, base_dir, size,
+                                                        dataset)
+    channels = dataset["channels"] or max(a.shape[-1] for a in arrays)
+    x = _stack_images(arrays, channels, size)
     if masks is not None and n and len(missing_masks) == n:
         # not one image has a mask: a wrong folder, not a region that is absent everywhere
         raise SourceError(f"[region] no mask for any image in {_rel(mask_root, base_dir)!r}: "
@@ -706,25 +760,8 @@ def _strings(value, key: str, shown: str) -> list[str] | None:
     return None
 
 
-def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
-    """Read a tensors file into a :class:`CaseData` (``source="tensors"``).
-
-    ``dataset["path"]`` (relative to ``base_dir``) is a ``.pt``/``.pth`` dict loaded with
-    ``torch.load(weights_only=True)`` or an ``.npz`` loaded with ``allow_pickle=False``. Keys: ``x``
-    (N, C, H, W) with C 1 or 3, or (N, H, W); uint8 (divided by 255) or float (taken as [0, 1],
-    must be finite); ``y`` (N,) integers in [0, n_classes); optional ``mask`` (N, H, W) or
-    (N, 1, H, W) (non-zero = region), ``split`` (N,) of 0/1/2 or "train"/"val"/"test" (else the
-    stratified ``[dataset] split``; val carved from train when the file's split has none) and
-    ``classes`` (names; ``[dataset] classes`` wins). n_classes = len(classes), else max(y) + 1
-    with names "0", "1", ... ``size``/``channels``/``mean``/``std`` act as for a folder. The
-    region exists when the file has ``mask``, or when ``[region] masks`` names a folder of
-    ``<split>/<index>.png`` masks (index: the row in the split; a missing file is an empty region
-    on that image; what ``discover --out`` writes), which then replaces the file's ``mask``.
-    ``extra = {"path": <file relative to base_dir>}``. One-line :class:`SourceError` on any bad
-    input (missing keys, wrong shapes, labels out of range, pickled objects).
-    """
-    base_dir = Path(base_dir)
-    dataset = check_dataset({**dataset, "source": "tensors"}, "[dataset]")
+def _tensors_region(region: dict | None, base_dir: Path) -> tuple[dict | None, Path | None]:
+    """The checked ``[region]`` table (or None) and its masks folder (None when it names none)."""
     mask_root = None
     if region is not None:
         region = check_region(region, "[region]")
@@ -733,9 +770,13 @@ def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData
             if not mask_root.is_dir():
                 raise SourceError(f"[region] masks folder {_rel(mask_root, base_dir)!r} does not "
                                   "exist (relative to the TOML file)")
-    path = base_dir / dataset["path"]
-    shown = _rel(path, base_dir)
-    data = _load_tensors_file(path, base_dir)
+    return region, mask_root
+
+
+def _tensor_images(data: dict, shown: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The file's images and labels checked: ``x`` float32 (N, C, H, W) with C 1 or 3 (uint8 is
+    divided by 255, float must be finite; (N, H, W) gains C = 1) and ``y`` int64 (N,). Checks the
+    file's keys first (unknown ones, missing x or y)."""
     for key in data:
         if key not in _TENSOR_KEYS:
             raise SourceError(f"[dataset] tensors file {shown!r} has an unknown key {key!r}; valid "
@@ -769,8 +810,12 @@ def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData
     if y.dim() != 1 or y.shape[0] != n or y.is_floating_point() or y.dtype == torch.bool:
         raise SourceError(f"[dataset] tensors file {shown!r}: y has shape {tuple(y.shape)} and dtype "
                           f"{y.dtype}; give (N,) = ({n},) integer class indices")
-    y = y.long()
-    classes = dataset["classes"]
+    return x, y.long()
+
+
+def _tensor_classes(data: dict, classes: list[str] | None, y: torch.Tensor, shown: str) -> list[str]:
+    """The class names: ``[dataset] classes`` (given as ``classes``), else the file's ``classes``,
+    else "0" … str(max(y)). Every label must lie in range; at least 2 classes."""
     if classes is None and "classes" in data:
         classes = _strings(data["classes"], "classes", shown)
         if classes is None:
@@ -788,7 +833,14 @@ def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData
             raise SourceError(f"[dataset] tensors file {shown!r}: y has {n_classes} class; a case "
                               "needs at least 2")
         classes = [str(i) for i in range(n_classes)]
-    mask = None
+    return classes
+
+
+def _tensor_mask(data: dict, shape: tuple, needed: bool, shown: str) -> torch.Tensor | None:
+    """The file's ``mask`` as (N, 1, H, W) bool (non-zero = region) for images of ``shape`` (N, C,
+    H, W), or None without one; ``needed``: a ``[region]`` without a masks folder, which then
+    requires the file's mask."""
+    n, _, h, w = shape
     if "mask" in data:
         mask = _as_tensor(data["mask"], "mask", shown)
         if mask.dim() == 3:
@@ -796,29 +848,43 @@ def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData
         if mask.dim() != 4 or tuple(mask.shape) != (n, 1, h, w):
             raise SourceError(f"[dataset] tensors file {shown!r}: mask has shape {tuple(mask.shape)}"
                               f"; give ({n}, {h}, {w}) or ({n}, 1, {h}, {w}) like x")
-        mask = mask != 0
-    elif region is not None and mask_root is None:
+        return mask != 0
+    if needed:
         raise SourceError(f"[region] is set but tensors file {shown!r} has no 'mask' array; add "
                           "mask (N, H, W), name a masks folder, or remove [region]")
-    tags = None
-    if "split" in data:
-        raw = data["split"]
-        names = _strings(raw, "split", shown)
-        if names is not None:
-            unknown = sorted(set(names) - set(SPLIT_NAMES))
-            if unknown:
-                raise SourceError(f"[dataset] tensors file {shown!r}: split value {unknown[0]!r} is "
-                                  "not train / val / test")
-            tags = np.asarray([SPLIT_NAMES.index(s) for s in names], dtype=np.int64)
-        else:
-            t = _as_tensor(raw, "split", shown)
-            if t.is_floating_point() or not set(t.unique().tolist()) <= {0, 1, 2}:
-                raise SourceError(f"[dataset] tensors file {shown!r}: split must hold 0 (train), "
-                                  "1 (val), 2 (test) or the strings train / val / test")
-            tags = t.long().numpy().reshape(-1)
-        if tags.shape != (n,):
-            raise SourceError(f"[dataset] tensors file {shown!r}: split has {tags.size} values for "
-                              f"{n} images")
+    return None
+
+
+def _tensor_tags(data: dict, n: int, shown: str) -> np.ndarray | None:
+    """The file's own split as (N,) int64 of 0 (train) / 1 (val) / 2 (test), from numbers or the
+    names train / val / test; None when the file has no ``split``."""
+    if "split" not in data:
+        return None
+    raw = data["split"]
+    names = _strings(raw, "split", shown)
+    if names is not None:
+        unknown = sorted(set(names) - set(SPLIT_NAMES))
+        if unknown:
+            raise SourceError(f"[dataset] tensors file {shown!r}: split value {unknown[0]!r} is "
+                              "not train / val / test")
+        tags = np.asarray([SPLIT_NAMES.index(s) for s in names], dtype=np.int64)
+    else:
+        t = _as_tensor(raw, "split", shown)
+        if t.is_floating_point() or not set(t.unique().tolist()) <= {0, 1, 2}:
+            raise SourceError(f"[dataset] tensors file {shown!r}: split must hold 0 (train), "
+                              "1 (val), 2 (test) or the strings train / val / test")
+        tags = t.long().numpy().reshape(-1)
+    if tags.shape != (n,):
+        raise SourceError(f"[dataset] tensors file {shown!r}: split has {tags.size} values for "
+                          f"{n} images")
+    return tags
+
+
+def _fit_tensors(x: torch.Tensor, mask: torch.Tensor | None, dataset: dict) -> tuple:
+    """``(x, mask)`` converted to ``[dataset] channels`` (gray → RGB repeats, RGB → gray by luma),
+    resized to ``size`` (bilinear, antialiased when shrinking; masks nearest) and normalised with
+    ``mean``/``std``. The memory cap is checked before any conversion."""
+    n, c, h, w = x.shape
     size = tuple(dataset["size"]) if dataset["size"] else (h, w)
     channels = dataset["channels"] or c
     need = n * channels * size[0] * size[1] * 4
@@ -833,7 +899,37 @@ def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData
                           antialias=size[0] < h or size[1] < w)
         if mask is not None:
             mask = F.interpolate(mask.float(), size=size, mode="nearest") > 0.5
-    x = _normalise(x.contiguous(), dataset["mean"], dataset["std"])
+    return _normalise(x.contiguous(), dataset["mean"], dataset["std"]), mask
+
+
+def tensors_data(dataset: dict, region: dict | None, base_dir: Path) -> CaseData:
+    """Read a tensors file into a :class:`CaseData` (``source="tensors"``).
+
+    ``dataset["path"]`` (relative to ``base_dir``) is a ``.pt``/``.pth`` dict loaded with
+    ``torch.load(weights_only=True)`` or an ``.npz`` loaded with ``allow_pickle=False``. Keys: ``x``
+    (N, C, H, W) with C 1 or 3, or (N, H, W); uint8 (divided by 255) or float (taken as [0, 1],
+    must be finite); ``y`` (N,) integers in [0, n_classes); optional ``mask`` (N, H, W) or
+    (N, 1, H, W) (non-zero = region), ``split`` (N,) of 0/1/2 or "train"/"val"/"test" (else the
+    stratified ``[dataset] split``; val carved from train when the file's split has none) and
+    ``classes`` (names; ``[dataset] classes`` wins). n_classes = len(classes), else max(y) + 1
+    with names "0", "1", ... ``size``/``channels``/``mean``/``std`` act as for a folder. The
+    region exists when the file has ``mask``, or when ``[region] masks`` names a folder of
+    ``<split>/<index>.png`` masks (index: the row in the split; a missing file is an empty region
+    on that image; what ``discover --out`` writes), which then replaces the file's ``mask``.
+    ``extra = {"path": <file relative to base_dir>}``. One-line :class:`SourceError` on any bad
+    input (missing keys, wrong shapes, labels out of range, pickled objects).
+    """
+    base_dir = Path(base_dir)
+    dataset = check_dataset({**dataset, "source": "tensors"}, "[dataset]")
+    region, mask_root = _tensors_region(region, base_dir)
+    path = base_dir / dataset["path"]
+    shown = _rel(path, base_dir)
+    data = _load_tensors_file(path, base_dir)
+    x, y = _tensor_images(data, shown)
+    classes = _tensor_classes(data, dataset["classes"], y, shown)
+    mask = _tensor_mask(data, tuple(x.shape), region is not None and mask_root is None, shown)
+    tags = _tensor_tags(data, x.shape[0], shown)
+    x, mask = _fit_tensors(x, mask, dataset)
     train, val, test = _make_splits(x, y, mask, tags, dataset["split"], classes)
     if mask_root is not None:
         train, val, test = _split_masks({"train": train, "val": val, "test": test}, mask_root,
@@ -902,25 +998,17 @@ def _file_digest(path: Path, st: os.stat_result, cap: int, base: Path) -> str:
     if st.st_size > cap:
         raise SourceError(f"file {_rel(path, base)!r} is {st.st_size / 2**20:.0f} MB, over the "
                           f"{cap / 2**20:.0f} MB limit; shrink it or leave it out")
-    h = hashlib.sha256()
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise SourceError(f"file {_rel(path, base)!r} is not a regular file")
-            left = cap + 1
-            while left > 0:
-                block = f.read(min(1 << 20, left))
-                if not block:
-                    break
-                h.update(block)
-                left -= len(block)
+            digest, read = sha256_of(f, cap + 1)  # one byte past the cap: the file grew
     except OSError as exc:
         raise SourceError(f"file {_rel(path, base)!r} cannot be read ({exc.strerror or exc})") \
             from exc
-    if left <= 0:
+    if read > cap:
         raise SourceError(f"file {_rel(path, base)!r} is over the {cap / 2**20:.0f} MB limit")
-    digest = h.hexdigest()
     if len(_DIGESTS) > 4 * MAX_IMAGES:
         _DIGESTS.clear()
     _DIGESTS[ident] = digest

@@ -4,13 +4,16 @@
     study.build(progress=lambda stage, done, total, message: ...)
     study.report()                               # DESIGN §2 JSON of what is built (never computes)
 
-Stages (``core.casestudy.registry``): ``data → models → experts → representations → corrections →
-essence → detection``. Every stage reads only the case seam (``core.cases.seam``): the data adapter's
-:class:`~core.cases.seam.CaseData`, the named models, the optional region and reference.
+Stages (``core.casestudy.registry``, each declared in its module under ``core/stages``): ``data →
+models → experts → discovery → representations → corrections → essence → detection``. Every stage
+reads only the case seam (``core.cases.seam``): the data adapter's
+:class:`~core.cases.seam.CaseData`, the named models, the optional region and reference. The keys
+are ``core.casestudy.keys`` (one function), the build loop ``core.casestudy.building``, the views
+of experts on demand ``core.casestudy.views``, the report ``core.casestudy.summary``.
 
 - **data**: the adapter's CaseData (deterministic, rebuilt in memory); the cache keeps its digest
   and sizes, which key everything downstream. A source that reads files keys on their
-  fingerprint (paths, sizes, modification times), so replacing an image rebuilds.
+  bytes, so replacing an image rebuilds.
 - **models**: per seed s = 0 … N−1, every ``[models.<name>]`` in order: built by its factory,
   loaded from its checkpoint (``weights_only=True``) and/or trained on its ``train_on`` training
   set (starting from ``init``'s weights when given); with its accuracy on its own training set and
@@ -27,28 +30,25 @@ essence → detection``. Every stage reads only the case seam (``core.cases.seam
   :class:`~core.stages.base.StageContext` (:meth:`CaseStudy.context`); skipped while the module
   does not exist.
 
-Each stage's result is one cache entry whose key hashes the stage name, its code version, its
-config sections, what it reads (data digest, model digests, upstream keys), the device and the
-seed. The case's *name* is not part of any key. A build with everything cached imports no torch
-when the case's model facts are cached and its delegated sections are empty.
+Each stage's result is one cache entry whose key follows from the stage's declaration: its code
+version, its config sections, the digests of what it reads and its declared inputs (the device,
+the seed, …). The case's *name* is not part of any key. A build with everything cached imports no
+torch when the case's model facts are cached and its delegated sections are empty.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import os
-import platform
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import core.casestudy.facts as _facts
 import core.casestudy.summary as _summary
+from core.casestudy.building import MAX_SEEDS, StageBuilds
 from core.casestudy.config import (
     CaseConfig,
     CaseError,
@@ -56,16 +56,14 @@ from core.casestudy.config import (
     read_toml,
     resolve,
 )
-from core.casestudy.registry import BY_NAME, DELEGATED, STAGES, stage_code
-from core.casestudy.summary import plain as _plain
+from core.casestudy.keys import StageKeys
+from core.casestudy.registry import stage_code
 from core.casestudy.views import IMAGES, ExpertViews  # noqa: F401 — IMAGES: the study's names
 from core.methods import shortcut as _shortcut
 from core.storage.cache import Cache, key_of
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, int, int, str], None]
-MAX_SEEDS = 64
 
 
 def _device_type_guess() -> str:
@@ -79,35 +77,13 @@ def _device_type_guess() -> str:
     return "cuda" if os.path.exists("/dev/nvidiactl") and not hidden else "cpu"
 
 
-def _provenance(seconds: float, device: Any) -> dict:
-    import torch
-
-    return {"seconds": round(float(seconds), 3), "device": str(device),
-            "torch": str(torch.__version__), "python": platform.python_version(),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
 def _np(t):
     return t.detach().cpu().numpy()
 
 
-class _StageProgress:
-    """The progress callable a stage gets, ``(done, total, message)``; it tells the build's sink
-    ``(stage, done, total, message)``."""
-
-    def __init__(self, stage: str, sink: ProgressFn | None):
-        self.stage, self.sink = stage, sink
-
-    def __call__(self, done: int, total: int, message: str = "") -> None:
-        if self.sink is not None:
-            self.sink(self.stage, int(done), int(total), str(message))
-
-
-
-
 # --------------------------------------------------------------------------------- the study
 
-class CaseStudy(ExpertViews):
+class CaseStudy(StageBuilds, StageKeys, ExpertViews):
     """One case study: its config, its cached stages, and the objects the report reads.
 
     The seam the stages read: :meth:`data` (a :class:`core.cases.seam.CaseData`), :attr:`subject` (the
@@ -135,20 +111,31 @@ class CaseStudy(ExpertViews):
         self._predictions: dict[tuple[str, int, str], Any] = {}  # (model, seed, split) → classes
         self._facts: dict[str, dict] = {}
         self._facts_to_store: list[str] = []
+        # the build budget's preset and the values it filled in (CaseStudy.open sets them)
+        self.budget: dict = {"preset": "full", "applied": {}}
 
     @classmethod
     def open(cls, case: str | Path, cache_dir: str | Path | None = None, device: Any = None,
-             seeds: int | None = None, *, allow_path: bool = True) -> CaseStudy:
+             seeds: int | None = None, *, allow_path: bool = True,
+             budget: str | None = None) -> CaseStudy:
         """Open a known case by name (or, with ``allow_path``, a TOML file by path); validates the
         whole config — every section, the models' layers — before anything is trained or written.
+        ``budget`` ("full" or "quick"; default ``$CASEBOOK_BUDGET``, else the case's ``[budget]
+        preset``, else full) fills in the quick budget's values (``core.casestudy.budget``);
+        :attr:`budget` says which preset and what it set.
 
         Opening writes nothing to the cache; the first :meth:`build` also stores the model facts
         validation needed, so the next open need not import torch.
         """
+        import core.casestudy.budget as _budget
+
         path, name = resolve(case, allow_path=allow_path)
         raw = read_toml(path)
+        preset = _budget.preset_of(raw, budget)
+        raw, applied = _budget.apply(raw, preset)
         config = parse_config(raw, path, name)
         study = cls(config, cache_dir=cache_dir, device=device, seeds=seeds)
+        study.budget = {"preset": preset, "applied": applied}
         study._check_models()
         return study
 
@@ -375,127 +362,12 @@ class CaseStudy(ExpertViews):
                 "mask": None if s.mask is None else _np(s.mask[:n, 0]).astype(bool),
                 "y": _np(s.y[:n]).astype("int64")}
 
-    # ------------------------------------------------------------------------------- keys
-    def _meta(self, key: str | None) -> dict | None:
-        return None if key is None else self.cache.meta(key)
-
-    def _data_key(self) -> str:
-        cfg = self.config
-        fingerprint = None
-        module = cfg.adapter.module
-        if cfg.dataset["source"] in ("folder", "tensors"):
-            # a source that reads files keys on them: replacing an image must rebuild
-            from core.cases import sources
-
-            try:
-                fingerprint = sources.source_fingerprint(cfg.dataset, cfg.region, cfg.base_dir)
-            except ValueError as exc:
-                raise CaseError(f"{self.name}: {(str(exc).splitlines() or [''])[0]}") from None
-        return key_of(stage="data", version=stage_code("data", (module,)),
-                      config={"dataset": cfg.dataset, "region": cfg.region},
-                      files=fingerprint)
-
-    def _data_digest(self) -> str | None:
-        if self._data is not None:
-            return self._data.digest()
-        meta = self._meta(self._data_key())
-        return None if meta is None else meta.get("digest")
-
-    def _checkpoint_digests(self) -> dict:
-        out = {}
-        for name, spec in self.config.models.items():
-            if spec.checkpoint is None:
-                continue
-            if not os.path.lexists(spec.checkpoint):
-                out[name] = "<missing>"
-                continue
-            try:  # a regular file within the size bound, or one line before a byte is read
-                out[name] = _facts.checkpoint_digest(spec.checkpoint, f"model {name!r}: checkpoint")
-            except ValueError as exc:
-                raise CaseError(f"{self.name}: {(str(exc).splitlines() or [''])[0]}") from None
-        return out
-
-    def _models_key(self, seed: int) -> str | None:
-        digest = self._data_digest()
-        if digest is None:
-            return None
-        models = {n: s.plain() for n, s in self.config.models.items()}
-        for m in models.values():  # the checkpoint's content, not where it lies
-            if m["checkpoint"] is not None:
-                m["checkpoint"] = "file"
-        user = [s.factory for s in self.config.models.values() if s.factory]
-        built_in = tuple(sorted({s.factory.split(":")[0] for s in self.config.models.values()
-                                 if s.factory and s.factory.startswith("core.")}))
-        return key_of(stage="models", version=stage_code("models", built_in),
-                      config={"models": models, "facts": [_facts.facts_key(
-                          s, self.config.base_dir) for s in self.config.models.values()
-                          if s.factory] if user else None},
-                      checkpoints=self._checkpoint_digests() or None,
-                      data=digest, seed=int(seed), device=self._device_type())
-
-    def _model_digests(self, seed: int = 0) -> dict | None:
-        meta = self._meta(self._models_key(seed))
-        return None if meta is None else meta.get("digests")
-
-    def _experts_key(self) -> str | None:
-        digest, models = self._data_digest(), self._model_digests(0)
-        if digest is None or models is None:
-            return None
-        config = {k: v for k, v in self.config.experts.items() if k != "primary_layer"}
-        return key_of(stage="experts", version=stage_code("experts", (self.config.adapter.module,)),
-                      config=config,
-                      data=digest, models=models, reference=self.reference, seed=0,
-                      device=self._device_type())
-
-    def _delegate(self, stage: str):
-        """The stage's module when it defines ``build(ctx)``; else None (the stage is skipped)."""
-        name = BY_NAME[stage].delegated
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            if getattr(exc, "name", None) not in (name, "core"):
-                log.warning("%s cannot be imported (%s); skipping the %s stage", name, exc, stage)
-            return None
-        return module if callable(getattr(module, "build", None)) else None
-
-    def _delegated_key(self, stage: str) -> str | None:
-        from core.casestudy.registry import module_exists
-
-        s = BY_NAME[stage]
-        if not module_exists(s.delegated):
-            return None
-        experts = self._experts_key()
-        if experts is None:
-            return None
-        # The stage may read every seed's models (study.seeds): key on all of them.
-        seeds = self.seeds or 1
-        models = {str(k): self._model_digests(k) for k in range(seeds)}
-        return key_of(stage=stage, version=stage_code(stage),
-                      config=self.config.section(stage), data=self._data_digest(),
-                      models=models["0"], seeds=seeds,
-                      seed_models=models if seeds > 1 else None, experts=experts,
-                      # every stage's context carries [experts] whole: its primary layer too
-                      experts_section=self.config.experts,
-                      subject=self.subject, reference=self.reference,
-                      device=self._device_type())
-
-    def _key(self, stage: str, seed: int = 0) -> str | None:
-        if stage == "data":
-            return self._data_key()
-        if stage == "models":
-            return self._models_key(seed)
-        if stage == "experts":
-            return self._experts_key()
-        if stage in DELEGATED:
-            return self._delegated_key(stage)
-        raise CaseError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-
     # ------------------------------------------------------------------------------ status
     def built_seeds(self, limit: int = MAX_SEEDS) -> list[int]:
         """Seeds 0, 1, … whose models are in the cache (stops at the first missing one)."""
         out = []
         for s in range(limit):
-            key = self._models_key(s)
+            key = self._key("models", s)
             if key is None or not self.cache.has(key):
                 break
             out.append(s)
@@ -506,264 +378,7 @@ class CaseStudy(ExpertViews):
             return list(range(self.seeds))
         return self.built_seeds() or [0]
 
-    def status(self) -> dict[str, bool]:
-        """Which stages are in the cache (computes nothing; reads entry headers and checksums)."""
-        out = {}
-        for stage in STAGES:
-            if stage == "models":
-                keys = [self._models_key(s) for s in range(self.seeds or 1)]
-                out[stage] = all(k is not None and self.cache.has(k) for k in keys)
-            else:
-                key = self._key(stage)
-                out[stage] = key is not None and self.cache.has(key)
-        return out
-
-    def code_fingerprint(self) -> str:
-        """A short hash of what the report's numbers follow from apart from floating point: every
-        stage's code version and the case's whole config (no weights, no device). The README's
-        generated blocks carry it, so a code or config change without regenerating them is
-        caught exactly, while tiny float differences between machines are not."""
-        cfg = self.config
-        sections = {s: cfg.section(s) for s in ("dataset", "region", "experts", *DELEGATED)}
-        models = {n: m.plain() for n, m in cfg.models.items()}
-        for m in models.values():
-            if m["checkpoint"]:
-                m["checkpoint"] = Path(m["checkpoint"]).name
-        code = {s: stage_code(s, (cfg.adapter.module,) if s == "data" else ())
-                for s in STAGES if s not in DELEGATED or BY_NAME[s].delegated}
-        return key_of(code=code, config=sections, models=models,
-                      reference=cfg.reference)[:16]
-
-    def is_built(self, stage: str) -> bool:
-        """The one "is this view precomputed?" rule the pages ask: the stage's entry is in the
-        cache (or was computed in this process)."""
-        key = self._key(stage)
-        return key is not None and (key in self._payloads or self.cache.has(key))
-
-    def artifact(self, stage: str, seed: int = 0) -> dict | None:
-        """The cached payload of a built stage, or None (never computes). For "models": the
-        payload of ``seed``."""
-        key = self._key(stage, seed)
-        if key is None:
-            return None
-        if key in self._payloads:
-            return self._payloads[key]
-        payload = self.cache.get(key)
-        if payload is not None:
-            self._payloads[key] = payload
-        return payload
-
     # ------------------------------------------------------------------------------- build
-    def build(self, stages: list[str] | str | None = None, force: bool = False,
-              progress: ProgressFn | None = None, seeds: int | None = None) -> dict:
-        """Build ``stages`` (default all) and whatever they read, through the cache.
-
-        ``force`` recomputes the asked-for stages (not their upstream ones). ``seeds``: models for
-        seeds 0 … seeds−1 (default: the study's ``seeds``, else 1); a given value becomes the
-        study's ``seeds``. Returns, per stage, ``{"status": "cached" | "built" | "skipped" |
-        "failed", "seconds": float, "message": str}``. A delegated stage that fails is reported
-        as "failed" and the build goes on.
-        """
-        if isinstance(stages, str):
-            stages = [s.strip() for s in stages.split(",") if s.strip()]
-        wanted = list(STAGES) if not stages else list(stages)
-        unknown = [s for s in wanted if s not in STAGES]
-        if unknown:
-            raise CaseError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
-        if seeds is not None and (not isinstance(seeds, int) or isinstance(seeds, bool)
-                                  or not 1 <= seeds <= MAX_SEEDS):
-            raise CaseError(f"seeds must be an integer in 1–{MAX_SEEDS}, got {seeds!r}")
-        if seeds is not None:
-            self.seeds = seeds
-        seeds = self.seeds or 1
-        needed = set(wanted)
-        changed = True
-        while changed:  # close over what the stages read
-            before = len(needed)
-            for s in list(needed):
-                needed |= set(BY_NAME[s].reads)
-            changed = len(needed) != before
-        results = {}
-        with self._lock:
-            clean = getattr(self.cache, "clean_orphans", None)
-            if clean is not None and self.cache.root.is_dir():
-                with contextlib.suppress(OSError):
-                    clean()  # temp files a killed writer left behind
-            for stage in STAGES:
-                if stage not in needed:
-                    continue
-                t0 = time.perf_counter()
-                p = _StageProgress(stage, progress)
-                stage_force = force and stage in wanted
-                try:
-                    if stage == "data":
-                        status = self._build_data(stage_force, p)
-                        self._store_facts()  # the case is valid: keep what validating it took
-                    elif stage == "models":
-                        status = self._build_models(range(seeds), stage_force, p)
-                    elif stage == "experts":
-                        status = self._build_experts(stage_force, p)
-                    else:
-                        status = self._build_delegated(stage, stage_force, p)
-                    message = ""
-                except CaseError:
-                    raise
-                except Exception as exc:
-                    if stage not in DELEGATED:
-                        raise
-                    log.debug("stage %s failed", stage, exc_info=True)
-                    status = "failed"
-                    first = (str(exc).strip().splitlines() or [""])[0]
-                    message = f"{type(exc).__name__}: {first}"[:300]
-                if status == "skipped":
-                    message = f"{BY_NAME[stage].delegated} has no build(ctx) yet"
-                results[stage] = {"status": status, "seconds": time.perf_counter() - t0,
-                                  "message": message}
-        return results
-
-    def _run_stage(self, key: str, compute: Callable[[], tuple[Any, dict]], force: bool,
-                   p: _StageProgress) -> str:
-        """get_or_compute with meta; returns "cached" or "built"."""
-        meta_box = {}
-
-        def fn():
-            payload, meta = compute()
-            meta_box.update(meta)
-            return payload
-
-        if not force and (key in self._payloads or self.cache.has(key)):
-            p(1, 1, "cached")
-            return "cached"
-        # The meta must be known before put: compute inside the lock, then store with meta.
-        with self.cache.lock(key):
-            if not force and self.cache.has(key):
-                p(1, 1, "cached")
-                return "cached"
-            from core.engine.devices import build_threads
-
-            with build_threads(self.device):
-                payload = fn()
-            self.cache.put(key, payload, meta_box)
-        self._payloads[key] = payload
-        return "built"
-
-    def _build_data(self, force: bool, p: _StageProgress) -> str:
-        key = self._data_key()
-        if force or not (key in self._payloads or self.cache.has(key)):
-            self.data()  # bad data is a CaseError before anything is written
-
-        def compute():
-            p(0, 1, f"building the data ({self.config.dataset['source']})")
-            t0 = time.perf_counter()
-            data = self.data()
-            digest = data.digest()
-            info = {**data.describe(), "seed": data.seed, "digest": digest}
-            facts = self._data_facts(data)
-            prov = _provenance(time.perf_counter() - t0, "cpu")
-            p(1, 1, "done")
-            return ({**info, "provenance": prov},
-                    {"stage": "data", "case": self.name, "digest": digest, "describe": info,
-                     "facts": facts, "provenance": prov})
-
-        return self._run_stage(key, compute, force, p)
-
-    def _build_models(self, seeds, force: bool, p: _StageProgress) -> str:
-        seeds = list(seeds)
-        keys = {s: self._models_key(s) for s in seeds}
-        todo = [s for s in seeds if force or not self.cache.has(keys[s])]
-        if not todo:
-            p(1, 1, "cached")
-            return "cached"
-        data = self.data()
-        total = 0
-        for spec in self.config.models.values():
-            if spec.trained:
-                t = spec.training
-                total += -(-data.training_sets[spec.train_on].n // t["batch_size"]) * t["epochs"]
-        total = max(total, 1) * len(todo)
-        offset = [0]
-        statuses = []
-        for seed in todo:
-            for name in self.model_names:
-                self._models.pop((name, seed), None)
-
-            def compute(seed=seed):
-                return self._train_seed(seed, p, offset, total)
-
-            # "cached" when another process trained it while this one waited on the key's lock
-            statuses.append(self._run_stage(keys[seed], compute, force, p))
-        p(total, total, "done")
-        return "built" if "built" in statuses else "cached"
-
-    def _fresh_model(self, name: str):
-        return _facts.build(self.config.models[name], self.config.base_dir, self._where())
-
-    def _load_checkpoint(self, name: str, model):
-        from core.cases.factories import load_weights
-
-        spec = self.config.models[name]
-        try:
-            return load_weights(model, Path(spec.checkpoint), name)
-        except ValueError as exc:
-            raise CaseError(f"{self.name}: models.{name}: "
-                            f"{(str(exc).splitlines() or [''])[0]}") from None
-
-    def _train_seed(self, seed: int, p: _StageProgress, offset: list, total: int):
-        from core.methods.training import evaluate, set_seed, state_digest, train_model
-
-        data = self.data()
-        t0 = time.perf_counter()
-        out, metrics, digests = {}, {}, {}
-        built: dict[str, Any] = {}
-        from core.casestudy.config import build_order
-
-        for name in build_order(self.config.models):
-            spec = self.config.models[name]
-            set_seed(seed)
-            model = self._fresh_model(name)
-            if spec.checkpoint is not None:
-                model = self._load_checkpoint(name, model)
-            if spec.init is not None:
-                model.load_state_dict(built[spec.init].state_dict())
-            hist = None
-            if spec.trained:
-                train = data.training_sets[spec.train_on]
-                t = spec.training
-                base = offset[0]
-
-                def step(done, _total, info, name=name, base=base, t=t):
-                    p(base + done, total, f"seed {seed} {name}: epoch {info['epoch'] + 1}/"
-                      f"{t['epochs']} loss {info['loss']:.3f}")
-
-                hist = train_model(model, train.x, train.y, epochs=t["epochs"], lr=t["lr"],
-                                   batch_size=t["batch_size"], seed=seed, device=self.device,
-                                   progress=step, weight_decay=t["weight_decay"])
-                offset[0] = base + hist["steps"]
-                acc = {"train_acc": evaluate(model, train.x, train.y)}
-            else:
-                model = model.to(self.device)
-                acc = {"train_acc": evaluate(model, data.train.x, data.train.y)}
-            for set_name, split in data.evaluation_sets.items():
-                acc[f"{set_name}_acc"] = evaluate(model, split.x, split.y)
-            acc = {k: (None if v != v else round(float(v), 6)) for k, v in acc.items()}
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            digests[name] = state_digest(model)
-            metrics[name] = {**acc, "train_seconds": round(hist["seconds"], 3) if hist else 0.0}
-            out[name] = {"state_dict": state, "digest": digests[name], "metrics": metrics[name],
-                         "history": {"loss": [float(v) for v in hist["loss"]] if hist else [],
-                                     "acc": [float(v) for v in hist["acc"]] if hist else []}}
-            built[name] = model.eval()
-            self._models[(name, seed)] = built[name]
-        order = list(self.config.models)  # the report lists them in config order
-        out = {n: out[n] for n in order}
-        metrics = {n: metrics[n] for n in order}
-        digests = {n: digests[n] for n in order}
-        prov = _provenance(time.perf_counter() - t0, self.device)
-        payload = {"seed": seed, "models": out, "provenance": prov}
-        meta = {"stage": "models", "case": self.name, "seed": seed, "digests": digests,
-                "metrics": metrics, "provenance": prov}
-        return payload, meta
-
     # ------------------------------------------------------------------------------ models
     def model(self, name: str | None = None, seed: int = 0):
         """A model in eval mode on the study's device: one of :attr:`model_names` (for
@@ -773,7 +388,7 @@ class CaseStudy(ExpertViews):
             if (name, seed) in self._models:
                 return self._models[(name, seed)]
             if name in self.config.models:
-                key = self._models_key(seed)
+                key = self._key("models", seed)
                 if key is None or not self.cache.has(key):
                     self._build_seed_models(seed)
                     if (name, seed) in self._models:
@@ -792,42 +407,10 @@ class CaseStudy(ExpertViews):
             self._models[(name, seed)] = model
             return model
 
-    def _build_seed_models(self, seed: int) -> None:
-        """Build the models of seeds 0 … ``seed`` on demand (a stage asked for seed ``seed``)
-        without changing :attr:`seeds`: the keys of the stages built later in this process
-        must be those a fresh process computes."""
-        saved = self.seeds
-        try:
-            self.build(["models"], seeds=max(seed + 1, self.seeds or 1))
-        finally:
-            self.seeds = saved
-
     def _from_state(self, state: dict, name: str | None = None):
         model = self._fresh_model(name or self.subject)
         model.load_state_dict(state)
         return model.to(self.device).eval()
-
-    def context(self, stage: str, progress: Callable[[int, int, str], None] | None = None):
-        """The :class:`~core.stages.base.StageContext` the pipeline hands ``stage``'s build: this
-        case's data, models, facts and seeds, the stage's section, ``[experts]``, and the
-        artifacts of the stages it reads (building them when missing)."""
-        from core.stages.base import StageContext
-
-        reads = BY_NAME[stage].reads
-
-        def load_artifact(name: str):
-            if not self.is_built(name):
-                self.build([name])
-            return self.artifact(name)
-
-        return StageContext(
-            stage=stage, data=self.data(), section=dict(self.config.section(stage) or {}),
-            experts=dict(self.config.experts), subject=self.subject, reference=self.reference,
-            model_names=tuple(self.model_names), seeds=int(self.seeds or 1), device=self.device,
-            reads=tuple(reads), load_model=lambda n, seed: self.model(n, seed=seed),
-            load_facts=self.model_facts, load_artifact=load_artifact,
-            predict=lambda m, split, seed: self.predictions(m, split, seed),
-            report_progress=progress or (lambda done, total, message="": None))
 
     def _correction_model(self, name: str):
         payload = self.artifact("corrections")
@@ -888,7 +471,7 @@ class CaseStudy(ExpertViews):
         (no I/O: the experts stage asks once per expert row), else from the data stage's meta
         line, else by loading the data."""
         if self._data is None:
-            facts = (self._meta(self._data_key()) or {}).get("facts")
+            facts = (self._meta(self._key("data")) or {}).get("facts")
             if facts is not None:
                 return facts
         return self._data_facts(self.data())
@@ -899,25 +482,6 @@ class CaseStudy(ExpertViews):
     def _chance(self) -> float | None:
         return self._known_data_facts().get("chance")
 
-    def _build_experts(self, force: bool, p: _StageProgress) -> str:
-        key = self._experts_key()
-        if key is None:
-            raise CaseError(f"{self.name}: the experts stage needs the models stage")
-
-        def compute():
-            t0 = time.perf_counter()
-            from core.stages import experts
-
-            payload = experts.build(self.context("experts", p))
-            payload.pop("seconds", None)
-            prov = payload["provenance"] = _provenance(time.perf_counter() - t0, self.device)
-            # The report's rows ride in the meta line too: report() then needs no torch.load.
-            return payload, {"stage": "experts", "case": self.name, "provenance": prov,
-                             "rows": _plain(payload["rows"]), "thresholds": payload["thresholds"],
-                             "classes": payload["classes"], "checks": _plain(payload["checks"])}
-
-        return self._run_stage(key, compute, force, p)
-
     def _rule(self) -> str | None:
         return _shortcut.rule_of(self.config.experts, self._chance(),
                                 self.case_facts().get("region"), self.reference)
@@ -927,48 +491,6 @@ class CaseStudy(ExpertViews):
         lines, which carry the report's numbers and rows, so no payload is unpickled). See
         :func:`core.casestudy.summary.report`."""
         return _summary.report(self)
-
-    def _build_delegated(self, stage: str, force: bool, p: _StageProgress) -> str:
-        key = self._delegated_key(stage)
-        if key is not None and not force and (key in self._payloads or self.cache.has(key)):
-            p(1, 1, "cached")  # without importing the module (and torch with it)
-            return "cached"
-        module = self._delegate(stage)
-        if module is None or key is None:
-            return "skipped"
-
-        def compute():
-            t0 = time.perf_counter()
-            payload = module.build(self.context(stage, p))
-            if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
-                raise TypeError(f"{BY_NAME[stage].delegated}.build must return a dict "
-                                "with a 'rows' list")
-            prov = _provenance(time.perf_counter() - t0, self.device)
-            try:
-                rows = _plain(payload["rows"])
-                json.dumps(rows, allow_nan=False)
-            except (TypeError, ValueError):
-                rows = None  # not plain JSON: the report reads them from the payload
-            summary = None
-            if isinstance(payload.get("report"), dict):
-                summary = _plain(payload["report"])
-            elif stage not in ("representations", "corrections"):
-                # a stage whose payload is plain JSON reports all of it (curves, tables, seeds)
-                try:
-                    summary = _plain({k: v for k, v in payload.items() if k != "rows"})
-                    json.dumps(summary, allow_nan=False)
-                except (TypeError, ValueError):
-                    summary = None
-            return payload, {"stage": stage, "case": self.name, "provenance": prov, "rows": rows,
-                             "report": summary}
-
-        status = self._run_stage(key, compute, force, p)
-        if stage == "corrections":  # corrected models may have changed
-            for k in [k for k in self._models if k[0] not in self.config.models]:
-                del self._models[k]
-            for k in [k for k in self._predictions if k[0] not in self.config.models]:
-                del self._predictions[k]
-        return status
 
     def _n_classes(self) -> int:
         return len(self._known_data_facts()["classes"])

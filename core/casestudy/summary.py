@@ -24,10 +24,13 @@ def report(study) -> dict:
     status = study.status()
     rep: dict[str, Any] = {"case": study.name, "title": study.config.title,
                            "description": study.config.description, "built": status,
-                           "subject": study.subject, "reference": study.reference}
+                           "subject": study.subject, "reference": study.reference,
+                           # which build budget's sections these results follow from
+                           "budget": getattr(study, "budget", None) or {"preset": "full",
+                                                                         "applied": {}}}
     prov: dict[str, Any] = {"torch": _torch_version(), "python": platform.python_version(),
                             "stages": {}, "seconds": {}}
-    data_meta = study._meta(study._data_key())
+    data_meta = study._meta(study._key("data"))
     if data_meta is not None:
         rep["data"] = dict(data_meta.get("describe", {}))
         rep["data"]["config"] = dict(study.config.dataset)
@@ -35,7 +38,7 @@ def report(study) -> dict:
             rep["case_facts"] = dict(data_meta["facts"])
         _add_prov(prov, "data", data_meta.get("provenance"))
     seeds = study._seeds_to_report()
-    metas = [study._meta(study._models_key(s)) for s in seeds]
+    metas = [study._meta(study._key("models", s)) for s in seeds]
     if metas and all(m is not None for m in metas):
         rep["models"] = _aggregate(metas, study.model_names)
         rep["seeds"] = seeds
@@ -48,7 +51,7 @@ def report(study) -> dict:
             float(pv.get("seconds", 0.0)) for pv in provs), 3), "seeds": len(provs)})
         prov["device"] = provs[0].get("device")
     if status["experts"]:
-        meta = study._meta(study._experts_key()) or {}
+        meta = study._meta(study._key("experts")) or {}
         if meta.get("rows") is not None:
             e = study.config.experts
             chance = study._chance()
@@ -118,8 +121,10 @@ def _aggregate(metas: list[dict], names: list[str]) -> dict:
 
 
 def _experts_summary(rows: list[dict]) -> dict:
-    """Per model and layer: how many top experts carry the shortcut, their mean region mass
-    (and its alias); ``n_shortcut`` None without a region."""
+    """Per model and layer: how many top experts carry the shortcut (``n_shortcut``, by the mean
+    region mass) and how many of all are undecided (``n_undecided``: their mass's interval over
+    the images holds the threshold), their mean region mass (and its alias); ``n_shortcut`` and
+    ``n_undecided`` None without a region."""
     out: dict = {}
     for r in rows:
         s = out.setdefault(r["model"], {}).setdefault(r["layer"], {"n": 0, "n_shortcut": 0,
@@ -127,8 +132,9 @@ def _experts_summary(rows: list[dict]) -> dict:
         s["n"] += 1
         if "shortcut" in r:
             s["n_shortcut"] += int(bool(r["shortcut"]))
+            s["n_undecided"] = s.get("n_undecided", 0) + int(r.get("verdict") == "undecided")
         else:
-            s["n_shortcut"] = None
+            s["n_shortcut"] = s["n_undecided"] = None
         if r.get("region_mass") is not None:
             s["_dm"].append(r["region_mass"])
         s["_alias"] = next((k for k in r if k.endswith("_mass") and k != "region_mass"), None)

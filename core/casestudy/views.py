@@ -157,7 +157,7 @@ class ExpertViews:
         q, d, _, _, _ = self._spec(model, layer, qoi, doi)
         images = self._images_kind(images)
         if images == "label" and self._in_stage(model, layer, q, d):
-            key = self._experts_key()
+            key = self._key("experts")
             if key is not None and (key in self._payloads or self.cache.has(key)):
                 return True
         key = self._experts_for_key(model, layer, q, d, images)
@@ -253,7 +253,7 @@ class ExpertViews:
         if chance is None:
             return {**result, "threshold": None}
         threshold = self.config.experts["shortcut_factor"] * chance
-        meta = self._meta(self._experts_key())  # the stage's meta line carries the thresholds
+        meta = self._meta(self._key("experts"))  # the stage's meta line carries the thresholds
         if meta is not None:
             threshold = (meta.get("thresholds") or {}).get(layer, threshold)
         return {**result, "threshold": threshold,

@@ -146,12 +146,13 @@ def state(case: str, cache_root: str | Path) -> dict:
     return out
 
 
-def _command(case: str, cache_root: Path, progress: Path, device: str | None) -> list[str]:
+def _command(case: str, cache_root: Path, progress: Path, device: str | None,
+             quick: bool = False) -> list[str]:
     # A case given as a file path is made absolute: the worker runs from the repository root.
     target = str(Path(case).resolve()) if case.endswith(".toml") and Path(case).is_file() else case
     cmd = [sys.executable, "-m", "core", "build", target, "--cache", str(cache_root),
            "--progress-file", str(progress)]
-    return cmd + (["--device", device] if device else [])
+    return cmd + (["--device", device] if device else []) + (["--quick"] if quick else [])
 
 
 @contextlib.contextmanager
@@ -180,12 +181,14 @@ def _start_lock(lock: Path):
     yield False
 
 
-def start(case: str, cache_root: str | Path, device: str | None = None) -> dict:
+def start(case: str, cache_root: str | Path, device: str | None = None,
+          quick: bool = False) -> dict:
     """Start the background build of ``case`` in the cache at ``cache_root``, or join the one
     that runs. Returns :func:`state` plus ``joined`` (True: a worker was already running, or
     another caller is starting one right now; nothing new was started). While another case's
     worker holds the cache, nothing starts: the state's ``waiting_for`` names that case (call
-    again later).
+    again later). ``quick``: the worker builds with the quick budget; otherwise with the case's
+    own budget or ``$CASEBOOK_BUDGET``, which the worker inherits.
 
     Raises OSError when the cache cannot be written (a read-only shipped cache): the caller
     says so and builds nothing."""
@@ -201,7 +204,7 @@ def start(case: str, cache_root: str | Path, device: str | None = None) -> dict:
             return {**state(case, cache_root), "joined": True}
         with contextlib.suppress(FileNotFoundError):
             p["progress"].unlink()
-        cmd = _command(case, cache_root, p["progress"], device)
+        cmd = _command(case, cache_root, p["progress"], device, quick)
         with open(p["log"], "wb") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)

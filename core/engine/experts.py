@@ -87,6 +87,17 @@ def _check_ranking(k: int, reduce: str, by: str) -> None:
         raise ValueError(f"by must be 'value' or 'abs', not {by!r}")
 
 
+def _check_bootstrap(bootstrap, confidence) -> None:
+    """A one-line ValueError for a bootstrap count or confidence out of bounds; returns None."""
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) \
+            or not 0 <= bootstrap <= 100_000:
+        raise ValueError("bootstrap must be an integer in 0–100000 (resamples; 0: none), "
+                         f"got {bootstrap!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
+            or not 0 < confidence < 1:
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+
+
 def experts(model: nn.Module, inputs: Tensor, layer: str, qoi: Quantity,
             doi: Distribution | None = None, *, k: int = 5, reduce: str = "sum", by: str = "value",
             bootstrap: int = 0, confidence: float = 0.9, seed: int = 0, **engine) -> ExpertRanking:
@@ -100,6 +111,7 @@ def experts(model: nn.Module, inputs: Tensor, layer: str, qoi: Quantity,
     Extra keyword arguments go to :func:`core.engine.influence.influence`.
     """
     _check_ranking(k, reduce, by)
+    _check_bootstrap(bootstrap, confidence)
     doi = PointDoI() if doi is None else doi
     per = influence(model, inputs, layer, qoi, doi, per_input=True, **engine)
     return _ranking(per, layer, qoi, doi, k=k, reduce=reduce, by=by, bootstrap=bootstrap,
@@ -119,6 +131,7 @@ def experts_many(model: nn.Module, inputs: Tensor, layers: list[str], qoi: Quant
     passes (one backward per quantity).
     """
     _check_ranking(k, reduce, by)
+    _check_bootstrap(bootstrap, confidence)
     doi = PointDoI() if doi is None else doi
     listed = isinstance(qoi, list | tuple)
     qois = list(qoi) if listed else [qoi]

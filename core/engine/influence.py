@@ -432,6 +432,31 @@ def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str 
             ``torch.distributed`` process group and all-reduce the sums: every rank passes the same
             inputs and gets the full result (launch with ``torchrun``).
     """
+    listed, qois = _check_quantities(qoi)
+    doi = _check_distribution(doi, cut)
+    several, parts, doi_on = _check_inputs(inputs, doi_on)
+    items = _slice_items(layer, layers)
+    slices = [_as_slice(item, cut, element) for item in items]
+    if distributed:
+        _check_distributed()
+
+    home = model_device(model)
+    dev = home if device is None else torch.device(device)
+    if dev != home:  # compute on a copy; its layers are the ones to hook
+        model = copy.deepcopy(model).to(dev)
+    specs, source = _resolve(model, items, slices, qois[0])
+    common = dict(per_input=per_input, multiply=multiply, batch_size=batch_size,
+                  memory_budget=memory_budget, distributed=distributed)
+    per_qoi = _compute(model, parts, several, doi_on, items, specs, qois, source, doi, dev,
+                       (forward_args, forward_kwargs), progress, common)
+    out = [r if layers is not None else r[items[0]] for r in per_qoi]
+    return out if listed else out[0]
+
+
+def _check_quantities(qoi) -> tuple[bool, list[Quantity]]:
+    """``(listed, qois)``: whether ``qoi`` was a list or tuple, and its quantities (a bare class
+    index becomes a ``ClassQoI``). Every quantity must read the same source (the output or one
+    layer), since they share the forward passes."""
     if qoi is None:
         raise ValueError("qoi is required, e.g. qoi=ClassQoI(3)")
     listed = isinstance(qoi, list | tuple)
@@ -441,12 +466,24 @@ def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str 
     if len({q.source for q in qois}) > 1:
         raise ValueError(f"the quantities read different layers {sorted({str(q.source) for q in qois})}; "
                          "pass quantities that read the same output or layer")
-    qoi = qois[0]
+    return listed, qois
+
+
+def _check_distribution(doi, cut: str) -> Distribution:
+    """The distribution of interest (a point when None), after checking it and ``cut``."""
     doi = PointDoI() if doi is None else doi
     if not isinstance(doi, Distribution):
         raise TypeError(f"doi must be a Distribution (e.g. PointDoI()), not {doi!r}")
     if cut not in ("output", "input"):
         raise ValueError(f"cut must be 'output' or 'input', not {cut!r}")
+    return doi
+
+
+def _check_inputs(inputs, doi_on) -> tuple[bool, list[Tensor], list[int]]:
+    """``(several, parts, doi_on)``: whether the model takes several inputs, the input tensors as a
+    list (one for a single input), and the indices of those the distribution acts on (default
+    every floating-point input; for one input, that input even when it is not floating point, so
+    the dtype error below names it). Those must be floating point and finite."""
     several = isinstance(inputs, tuple | list)
     parts = list(inputs) if several else [inputs]
     if not parts:
@@ -472,39 +509,56 @@ def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str 
                              "scale images to floats, e.g. x.float() / 255")
         if not bool(torch.isfinite(parts[j]).all()):
             raise ValueError("inputs contain NaN or Inf: influence needs finite inputs")
-    if layers is not None:
-        if layer is not None:
-            raise ValueError("pass either layer or layers, not both")
-        items = list(layers)
-        if not items:
-            raise ValueError("layers is empty: name at least one layer (None for the input)")
-        if len(set(items)) != len(items):
-            raise ValueError(f"layers has repeated entries: {items}")
-    else:
-        items = [layer]
-    slices = [_as_slice(item, cut, element) for item in items]
-    if distributed:
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("distributed=True needs an initialised torch.distributed process "
-                             "group (launch with torchrun and call init_process_group)")
+    return several, parts, doi_on
 
-    home = model_device(model)
-    dev = home if device is None else torch.device(device)
-    if dev != home:  # compute on a copy; its layers are the ones to hook
-        model = copy.deepcopy(model).to(dev)
 
-    def resolve(m):
-        specs = [_Spec(item, sl, None if sl.layer is None else get_layer(m, sl.layer))
-                 for item, sl in zip(items, slices, strict=True)]
-        source = None if qoi.source is None else get_layer(m, qoi.source)
-        for s in specs:
-            if s.module is not None and s.module is source:
-                raise ValueError(f"the quantity reads layer {qoi.source!r} itself; slice at an "
-                                 "earlier layer or at the input (layer=None)")
-        return specs, source
+def _slice_items(layer, layers) -> list:
+    """The slices asked for, as given (names, None for the input, or :class:`Slice`): ``layers``
+    when given (non-empty, no repeats, and not together with ``layer``), else ``[layer]``."""
+    if layers is None:
+        return [layer]
+    if layer is not None:
+        raise ValueError("pass either layer or layers, not both")
+    items = list(layers)
+    if not items:
+        raise ValueError("layers is empty: name at least one layer (None for the input)")
+    if len(set(items)) != len(items):
+        raise ValueError(f"layers has repeated entries: {items}")
+    return items
 
-    specs, source = resolve(model)
+
+def _check_distributed() -> None:
+    """Refuse ``distributed=True`` without an initialised ``torch.distributed`` process group."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs an initialised torch.distributed process "
+                         "group (launch with torchrun and call init_process_group)")
+
+
+def _resolve(model: nn.Module, items: list, slices: list[Slice], qoi: Quantity):
+    """``(specs, source)``: one :class:`_Spec` per slice item with its module in ``model`` (None
+    for the input), and the module the quantity reads (None for the model's output). A slice may
+    not be the very layer the quantity reads."""
+    specs = [_Spec(item, sl, None if sl.layer is None else get_layer(model, sl.layer))
+             for item, sl in zip(items, slices, strict=True)]
+    source = None if qoi.source is None else get_layer(model, qoi.source)
+    for s in specs:
+        if s.module is not None and s.module is source:
+            raise ValueError(f"the quantity reads layer {qoi.source!r} itself; slice at an "
+                             "earlier layer or at the input (layer=None)")
+    return specs, source
+
+
+def _compute(model, parts, several, doi_on, items, specs, qois, source, doi, dev, extra, progress,
+             common) -> list[dict]:
+    """The influence of every slice on every quantity: one ``{item: result}`` dict per quantity.
+
+    Runs under the model's lock, in eval mode, with gradients on. The inputs are detached (an
+    inference tensor is cloned) and moved to ``dev``; ``extra`` is ``(forward_args,
+    forward_kwargs)``. A path at the slice with several slices runs one engine per slice (each
+    interpolates its own activation), with ``progress`` counted over all of them; otherwise one
+    engine computes every slice from the same passes.
+    """
     with model_lock(model), eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         xs = []
         for p in parts:
@@ -512,9 +566,7 @@ def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str 
             if p.is_inference():
                 p = p.clone()
             xs.append(p.to(dev))
-        forward = _Forward(model, forward_args, forward_kwargs)
-        common = dict(per_input=per_input, multiply=multiply, batch_size=batch_size,
-                      memory_budget=memory_budget, distributed=distributed)
+        forward = _Forward(model, *extra)
         if doi.at == "layer" and len(specs) > 1:  # a path at the slice: one pass per slice
             results = {}
             one = len(xs[0]) * doi.resolution
@@ -524,13 +576,10 @@ def influence(model: nn.Module, inputs: Tensor | tuple[Tensor, ...], layer: str 
                 engine = _Engine(forward, xs, several, doi_on, [s], qois, source, doi, dev)
                 for i_q, got in enumerate(engine.run(progress=report, **common)):
                     results.setdefault(i_q, {})[s.key] = got[0]
-            per_qoi = [results[i] for i in range(len(qois))]
-        else:
-            engine = _Engine(forward, xs, several, doi_on, specs, qois, source, doi, dev)
-            per_qoi = [dict(zip(items, got, strict=True))
-                       for got in engine.run(progress=progress, **common)]
-    out = [r if layers is not None else r[items[0]] for r in per_qoi]
-    return out if listed else out[0]
+            return [results[i] for i in range(len(qois))]
+        engine = _Engine(forward, xs, several, doi_on, specs, qois, source, doi, dev)
+        return [dict(zip(items, got, strict=True))
+                for got in engine.run(progress=progress, **common)]
 
 
 class _Engine:
@@ -719,13 +768,16 @@ class _Engine:
     # ------------------------------------------------------------------ the loop
     def run(self, *, per_input, multiply, batch_size, memory_budget, progress,
             distributed=False) -> list:
-        n_inputs, resolution = self.n_inputs, self.doi.resolution
-        total = n_inputs * resolution
-        weights = self.doi.weights()
-        if weights is not None:
-            weights = weights.to(self.device)
-            if len(weights) != resolution:
-                raise ValueError(f"{self.doi!r} gives {len(weights)} weights for {resolution} points")
+        """Every target's influence: one row per quantity, one entry per slice (a tuple, one per
+        DoI input, for the input slice of a model with several inputs).
+
+        Each entry is the mean of ∂q/∂z over inputs and DoI points (shaped like one example's
+        slice), (N, *slice shape) with ``per_input``, × (z − z') with ``multiply``. With
+        ``distributed`` this rank does its share of the (input, point) pairs and the sums are
+        all-reduced.
+        """
+        total = self.n_inputs * self.doi.resolution
+        weights = self._point_weights()
         lo, hi = 0, total
         if distributed:
             import torch.distributed as dist
@@ -734,10 +786,41 @@ class _Engine:
         if batch_size is None:
             batch_size = self._guard(lambda: _chunk_size(self.forward, [x[:1] for x in self.xs], total,
                                                          self.device, memory_budget))
-        chunk = max(1, int(batch_size))
+        keep = per_input or multiply
+        acc = self._accumulate(lo, hi, int(batch_size), weights, keep, progress)
+        if distributed:
+            acc = self._all_reduce(acc, keep)
+        results = self._finish(acc, weights, keep, per_input=per_input, multiply=multiply)
+        return self._arrange(results)
+
+    def _point_weights(self) -> Tensor | None:
+        """The DoI's quadrature weights on the engine's device (one per point), or None for equal
+        weights (then sums are divided by the number of points instead)."""
+        weights = self.doi.weights()
+        if weights is not None:
+            weights = weights.to(self.device)
+            if len(weights) != self.doi.resolution:
+                raise ValueError(f"{self.doi!r} gives {len(weights)} weights for "
+                                 f"{self.doi.resolution} points")
+        return weights
+
+    def _zeros_like_targets(self, grads: list[Tensor], keep: bool) -> list[Tensor]:
+        """One zero accumulator per target: (N, *slice shape) when ``keep``, else the slice shape."""
+        return [torch.zeros((self.n_inputs, *g.shape[1:]) if keep else g.shape[1:], dtype=g.dtype,
+                            device=g.device) for g in grads]
+
+    def _accumulate(self, lo: int, hi: int, batch_size: int, weights, keep: bool,
+                    progress) -> list[Tensor] | None:
+        """The (weighted) sums of the gradients over the (input, point) pairs ``lo`` … ``hi`` − 1
+        (pair k is input k // R, point k % R), per input when ``keep``; None when there are none.
+
+        Chunks hold ``batch_size`` pairs, rounded down to whole inputs when larger than R so each
+        input's points sum in one reshape; a CUDA out-of-memory halves the chunk and retries it.
+        """
+        resolution = self.doi.resolution
+        chunk = max(1, batch_size)
         if chunk > resolution:  # whole inputs per chunk: each input's points sum in one reshape
             chunk -= chunk % resolution
-        keep = per_input or multiply
         acc: list[Tensor] | None = None
         done = lo
         while done < hi:
@@ -752,8 +835,7 @@ class _Engine:
                 torch.cuda.empty_cache()
                 continue
             if acc is None:
-                acc = [torch.zeros((n_inputs, *g.shape[1:]) if keep else g.shape[1:], dtype=g.dtype,
-                                   device=g.device) for g in grads]
+                acc = self._zeros_like_targets(grads, keep)
             for a, g in zip(acc, grads, strict=True):
                 if weights is not None:
                     g = g * weights[r].to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
@@ -768,13 +850,25 @@ class _Engine:
             done += len(k)
             if progress is not None:
                 progress(done - lo, hi - lo)
-        if distributed:
-            if acc is None:  # this rank had no pairs: learn the shapes from one pair's gradients
-                zero = torch.zeros(1, dtype=torch.long, device=self.device)
-                acc = [torch.zeros((n_inputs, *g.shape[1:]) if keep else g.shape[1:], dtype=g.dtype,
-                                   device=g.device) for g in self.gradients(zero, zero)]
-            for a in acc:
-                dist.all_reduce(a, op=dist.ReduceOp.SUM)
+        return acc
+
+    def _all_reduce(self, acc: list[Tensor] | None, keep: bool) -> list[Tensor]:
+        """The sums of every rank, in place on ``acc``; a rank that had no pairs contributes zeros
+        shaped from one pair's gradients."""
+        import torch.distributed as dist
+        if acc is None:  # this rank had no pairs: learn the shapes from one pair's gradients
+            zero = torch.zeros(1, dtype=torch.long, device=self.device)
+            acc = self._zeros_like_targets(self.gradients(zero, zero), keep)
+        for a in acc:
+            dist.all_reduce(a, op=dist.ReduceOp.SUM)
+        return acc
+
+    def _finish(self, acc: list[Tensor], weights, keep: bool, *, per_input: bool,
+                multiply: bool) -> list[Tensor]:
+        """The sums turned into expectations over the DoI points (÷ R for equal weights; weights
+        already sum to 1) and over inputs, × (z − z') with ``multiply``, one per target (quantity
+        by quantity, then slice); each must be finite."""
+        resolution, total = self.doi.resolution, self.n_inputs * self.doi.resolution
         results = []
         mults = self.multipliers() * len(self.qois) if multiply else [None] * len(acc)
         for a, m in zip(acc, mults, strict=True):
@@ -785,7 +879,7 @@ class _Engine:
                 if not per_input:
                     result = result.mean(0)
             else:
-                result = a / total if weights is None else a / n_inputs
+                result = a / total if weights is None else a / self.n_inputs
             results.append(result)
         owners = [(s, qoi) for qoi in self.qois for s in self.specs
                   for _ in range(len(self.doi_on) if (s.layer is None and self.several) else 1)]
@@ -793,6 +887,11 @@ class _Engine:
             if not torch.isfinite(res).all():
                 raise FloatingPointError(f"influence at {s.where} for {qoi!r} is not finite "
                                          "(NaN or Inf): check the model's output and the inputs' scale")
+        return results
+
+    def _arrange(self, results: list[Tensor]) -> list:
+        """The flat per-target ``results`` as rows per quantity of entries per slice; the input
+        slice of a model with several inputs is a tuple over the DoI inputs."""
         out, it = [], iter(results)
         for _ in self.qois:
             row = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["classes_of", "flag", "rule_of", "shortcut_rule", "thresholds"]
+__all__ = ["classes_of", "flag", "quantile", "rule_of", "shortcut_rule", "thresholds"]
 
 
 def shortcut_rule(factor: float, quantile: float = 0.95, *, chance: float | None = 16 / 784,
@@ -37,8 +37,9 @@ def classes_of(section: dict, n_classes: int) -> list[int]:
     return list(given) if given else list(range(min(n_classes, 10)))
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolation quantile (NumPy's default) of an ascending list."""
+def quantile(sorted_values: list[float], q: float) -> float:
+    """The linear-interpolation quantile ``q`` in [0, 1] (NumPy's default) of an ascending
+    list; NaN for an empty one. The shortcut rule's thresholds and the README's claims use it."""
     if not sorted_values:
         return float("nan")
     pos = q * (len(sorted_values) - 1)
@@ -61,17 +62,27 @@ def thresholds(rows: list[dict], section: dict, chance: float | None,
     for layer in e["layers"]:
         ref = sorted(r["region_mass"] for r in rows if r["model"] == reference
                      and r["layer"] == layer and r["region_mass"] is not None)
-        out[layer] = max(floor, _quantile(ref, q)) if q > 0 and ref else floor
+        out[layer] = max(floor, quantile(ref, q)) if q > 0 and ref else floor
     return out
 
 
 def flag(row: dict, threshold: float | None) -> dict:
-    """``row`` with ``threshold`` and ``shortcut`` (region mass above it); unchanged when the
-    threshold is None (no region)."""
+    """``row`` with ``threshold``, ``shortcut`` (its mean region mass above the threshold) and
+    ``verdict``: "carries" or "does not" as ``shortcut`` says, but "undecided" when the mass's
+    interval over the images (``mass_low`` … ``mass_high``, when the row has it) holds the
+    threshold — a verdict on a knife edge is not a finding. Unchanged when the threshold is None
+    (no region); verdict None without a mass."""
     if threshold is None:
         return dict(row)
-    dm = row.get("region_mass")
-    return {**row, "threshold": threshold, "shortcut": bool(dm is not None and dm > threshold)}
+    dm, lo, hi = row.get("region_mass"), row.get("mass_low"), row.get("mass_high")
+    shortcut = bool(dm is not None and dm > threshold)
+    if dm is None:
+        verdict = None
+    elif lo is not None and hi is not None and lo <= threshold < hi:
+        verdict = "undecided"
+    else:
+        verdict = "carries" if shortcut else "does not"
+    return {**row, "threshold": threshold, "shortcut": shortcut, "verdict": verdict}
 
 
 def rule_of(section: dict, chance: float | None, region: str | None,

@@ -32,6 +32,8 @@ import random
 import zlib
 from collections.abc import Iterable
 
+from core.methods.shortcut import quantile
+
 __all__ = ["FRAGILE_FACTOR", "claims", "compare", "wilson"]
 
 Z = 1.959963984540054  # two-sided 95%
@@ -85,16 +87,6 @@ def _verdict(key: str, word, fragile: str | None = None) -> dict:
     return {"key": key, "kind": "verdict", "value": word, "fragile": fragile}
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolation quantile of sorted values (the experts stage's own rule)."""
-    if not sorted_values:
-        return float("nan")
-    pos = q * (len(sorted_values) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def _split_size(data: dict, set_name: str) -> int:
     """The number of images behind an accuracy named after an evaluation set."""
     name = set_name.removesuffix("_acc")
@@ -134,7 +126,7 @@ def threshold_boot(ref: list[float], floor: float, q: float, seed: int = 0,
     out = []
     for _ in range(n_boot):
         s = sorted(rng.choice(ref) for _ in ref)
-        out.append(max(floor, _quantile(s, q)) if q > 0 else floor)
+        out.append(max(floor, quantile(s, q)) if q > 0 else floor)
     return out
 
 

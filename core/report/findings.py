@@ -92,7 +92,9 @@ def _shortcut(rep: dict, case: str) -> tuple[list[dict], list[str]]:
         if k is None or not n:
             continue
         lo, hi = wilson(int(k), int(n))
-        parts.append(f"{layer} {k}/{n} ({_pct(lo)}–{_pct(hi)})")
+        undecided = s.get("n_undecided") or 0
+        parts.append(f"{layer} {k}/{n} ({_pct(lo)}–{_pct(hi)}"
+                     + (f"; {undecided} undecided" if undecided else "") + ")")
         if best is None or k / n > best[1] / best[2]:
             best = (layer, k, n)
     if best is None:
@@ -105,6 +107,9 @@ def _shortcut(rep: dict, case: str) -> tuple[list[dict], list[str]]:
         text = (f"The shortcut lives mostly in {layer}: {k} of {n} top experts of {subject} put "
                 f"more of their attribution on the {region} than the rule allows. Per layer: "
                 + ", ".join(parts) + f" ({CONFIDENCE:.0%} Wilson intervals).")
+    if any((s.get("n_undecided") or 0) for s in summary.values()):
+        text += (" An expert is undecided when the bootstrap interval of its region mass over "
+                 "the images holds its layer's threshold: its verdict is on a knife edge.")
     reference = rep.get("reference")
     ref = (e.get("summary") or {}).get(reference, {}).get(layer) if reference else None
     if ref and ref.get("n") and ref.get("n_shortcut") is not None:

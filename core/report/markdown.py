@@ -175,14 +175,16 @@ def _experts(rep: dict) -> list[str]:
             mm = s.get("mean_region_mass")
             mm_cell = _ci(mm, *iv["means"][(model, layer)]) if mm is not None and \
                 (model, layer) in iv["means"] else _f(mm)
-            rows.append([_inline(layer), _inline(model), count, th_cell, mm_cell,
+            undecided = "–" if s.get("n_undecided") is None else f"{s['n_undecided']}/{s['n']}"
+            rows.append([_inline(layer), _inline(model), count, undecided, th_cell, mm_cell,
                          f"{flat}/{s['n']}"])
     if e.get("shortcut_rule"):
         out.append("")
         out.append(f"Rule: {_with_region(e['shortcut_rule'], rep)}.")
     out.append("")
     out += _table(["layer", "model", "experts carrying the shortcut (95% interval)",
-                   "threshold (95% interval)", "mean region mass (95% interval)",
+                   "undecided (mass interval holds the threshold)", "threshold (95% interval)",
+                   "mean region mass (95% interval)",
                    "zero-width intervals"], rows)
     if iv["thresholds"]:
         wide = [layer for layer, (lo, hi) in iv["thresholds"].items()

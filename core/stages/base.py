@@ -18,7 +18,56 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["StageContext", "UndeclaredRead"]
+__all__ = ["INPUTS", "Stage", "StageContext", "UndeclaredRead"]
+
+# What a stage's result may follow from besides its config sections and the stages it reads; the
+# pipeline's one key function (core.casestudy.keys) keys a stage on exactly the ones it declares.
+INPUTS = {
+    "files": "the bytes of the files a folder or tensors source reads (and their masks)",
+    "adapter": "the code of the case's data adapter module",
+    "factories": "the code of the built-in model factories the case names",
+    "factory_facts": "the facts of each user factory (its module's code, the model's shape)",
+    "checkpoints": "the digest of every model's checkpoint file",
+    "seed": "the seed of the models entry (one entry per seed)",
+    "seeds": "the digests of every seed's models (a stage that reads all seeds)",
+    "roles": "which model is the subject and which the reference",
+    "device": "the device type the stage ran on",
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration, owned by its module as ``STAGE = Stage(...)`` with literal
+    arguments only: the registry (``core.casestudy.registry``) reads it from the module's source
+    without importing the module (and torch with it).
+
+    ``reads`` are the earlier stages whose results it reads; ``sections`` the config sections in
+    its key (``omit`` lists ``"section.key"`` entries it never reads, left out of the key);
+    ``inputs`` the other things its result follows from (names of :data:`INPUTS`); ``version``
+    is bumped by hand when its payload's meaning changes without its code changing; ``code``
+    names modules whose code its result follows from beyond its own module's imports;
+    ``delegated`` stages are ``build(ctx)`` of their module, the others (data, models) are the
+    pipeline's own; ``plain_payload`` says the payload is plain JSON the report may carry whole
+    (False where it holds tensors or weights); ``quick`` holds the values of its first section
+    that the quick budget sets where the case does not (``core.casestudy.budget``: fewer images,
+    draws, steps and seeds; the same methods and the same questions)."""
+
+    name: str
+    reads: tuple[str, ...] = ()
+    sections: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    omit: tuple[str, ...] = ()
+    version: int = 1
+    code: tuple[str, ...] = ()
+    delegated: bool = True
+    plain_payload: bool = True
+    quick: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = [i for i in self.inputs if i not in INPUTS]
+        if unknown:
+            raise ValueError(f"stage {self.name!r}: unknown input {unknown[0]!r}; "
+                             f"inputs: {', '.join(INPUTS)}")
 
 ProgressFn = Callable[[int, int, str], None]
 

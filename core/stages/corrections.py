@@ -59,8 +59,17 @@ from core.engine.influence import activations, get_layer, model_device
 from core.engine.quantities import ClassQoI
 from core.methods.metrics import region_mass as per_image_mass
 from core.methods.training import evaluate, train_model
-from core.stages.base import StageContext
+from core.stages.base import Stage, StageContext
 from core.stages.representations import attribute
+
+STAGE = Stage("corrections", reads=("data", "models", "experts"),
+              sections=("corrections", "experts"), inputs=("seeds", "roles", "device"),
+              plain_payload=False,
+              quick={"seeds": 1, "epochs": 1, "n_explain": 64, "explain_resolution": 8,
+                     "suppression": {"n_units": [1, 4], "candidates": 2, "n_images": 16},
+                     "rrr": {"lambdas": [0.01]},
+                     "influence_penalty": {"lambdas": [0.01], "n_images": 128},
+                     "counterexamples": {"fractions": [1.0]}})
 
 
 @dataclass(frozen=True)
@@ -1071,6 +1080,198 @@ def _checked_activations(model: nn.Module, pairs: list[tuple[str, str]], x1: Ten
     return list(dict.fromkeys(out))
 
 
+class _Tally:
+    """The stage's progress count: ``done`` of ``total`` steps (a reference model or a
+    correction, per seed); calling it reports a message with the current count. ``total``
+    shrinks when a method is dropped."""
+
+    def __init__(self, ctx: StageContext, total: int):
+        self.ctx, self.done, self.total = ctx, 0, total
+
+    def __call__(self, msg: str) -> None:
+        self.ctx.progress(self.done, self.total, msg)
+
+
+def _runnable_methods(cfg: dict, data) -> tuple[list[str], list[dict]]:
+    """``(methods, skipped)``: the configured methods this case's data can take, in order, and a
+    ``skipped`` entry for each it cannot (P-ClArC without region-free twins)."""
+    methods, skipped = [], []
+    for method in cfg["methods"]:
+        if method == "pclarc" and data.train.x_clean is None:
+            skipped.append({"method": method, "reason": "needs region-free twins of the "
+                            "training images, which this case's data does not provide"})
+        else:
+            methods.append(method)
+    return methods, skipped
+
+
+def _measure_references(ctx: StageContext, cfg: dict, seed: int, names: list[str],
+                        pclarc_pairs) -> tuple:
+    """The seed's subject and reference models measured: ``(nets, ref, head_split,
+    subject_correct, reference_correct)`` — the models by name, :func:`measure` of each, the
+    headline evaluation split, and per-image correctness on it (None without a reference). On
+    seed 0 it also settles P-ClArC's layers (``cfg`` is updated in place)."""
+    data, subject, reference = ctx.data, ctx.subject, ctx.reference
+    headline = data.headline
+    nets = {n: ctx.model(n, seed) for n in names}
+    if seed == 0 and pclarc_pairs is not None and data.train.n:
+        # the listed activation must be what reads the layer (not a shared residual ReLU)
+        cfg["pclarc"]["layers"] = _checked_activations(nets[subject], pclarc_pairs,
+                                                       data.train.x[:1])
+    ref = {n: measure(m, data, n_explain=cfg["n_explain"],
+                      resolution=cfg["explain_resolution"]) for n, m in nets.items()}
+    head_split = data.evaluation_sets[headline] if hasattr(data, "evaluation_sets") \
+        else data.test
+    subject_correct = correct_on(nets[subject], head_split)
+    reference_correct = correct_on(nets[reference], head_split) if reference else None
+    return nets, ref, head_split, subject_correct, reference_correct
+
+
+def _correct_and_measure(method: str, opts: dict, cfg: dict, net: nn.Module, data, seed: int,
+                         head_split, report) -> tuple:
+    """Run one correction of ``net`` and measure it: ``(corr, meas, method_correct, wall,
+    cpu)`` — the :class:`Correction`, :func:`measure` of its model, its per-image correctness
+    on the headline split, and the correction's wall and CPU seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    corr = correct(method, net, data, seed=seed, progress=report, **opts)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    meas = measure(corr.model, data, n_explain=cfg["n_explain"],
+                   resolution=cfg["explain_resolution"])
+    method_correct = correct_on(corr.model, head_split)
+    return corr, meas, method_correct, wall, cpu
+
+
+class _Runs:
+    """Every seed's corrections and what they leave behind: ``methods`` still running,
+    ``skipped`` entries, ``per_seed`` measurements, seed 0's ``records`` and corrected
+    ``models``, and the progress ``tally``."""
+
+    def __init__(self, ctx: StageContext, cfg: dict, methods: list[str], skipped: list[dict],
+                 names: list[str], n_seeds: int):
+        self.ctx, self.cfg, self.methods, self.skipped = ctx, cfg, methods, skipped
+        self.names, self.n_seeds = names, n_seeds
+        self.tally = _Tally(ctx, n_seeds * (len(methods) + len(names)))
+        self.per_seed: list[dict] = []
+        self.records: dict = {}
+        self.models: dict = {}
+
+    def drop(self, method: str) -> None:
+        """Forget ``method``: it is not run again, what earlier seeds measured of it is
+        removed (every row averages the same seeds), and its steps leave the tally."""
+        self.methods.remove(method)
+        for earlier in self.per_seed:
+            earlier["methods"].pop(method, None)
+            earlier["correct"].pop(method, None)
+        self.records.pop(method, None)
+        self.models.pop(method, None)
+        self.tally.total -= self.n_seeds
+
+    def run_seed(self, seed: int, pclarc_pairs) -> None:
+        """Measure seed ``seed`` and append ``{"reference": {model: measure}, "methods":
+        {method: measure + seconds, cpu_seconds, paired, paired_reference, strength,
+        gap_closed}, "correct": {method: per-image correctness}}`` to ``per_seed``. A method
+        that raises is dropped with one ``skipped`` entry."""
+        ctx, cfg, tally = self.ctx, self.cfg, self.tally
+        data, subject, reference = ctx.data, ctx.subject, ctx.reference
+        hkey = f"{data.headline}_acc"
+        tally(f"seed {seed}: measuring {' and '.join(self.names)}")
+        nets, ref, head_split, subject_correct, reference_correct = _measure_references(
+            ctx, cfg, seed, self.names, pclarc_pairs)
+        tally.done += len(self.names)
+        out = {"reference": ref, "methods": {}, "correct": {}}
+        for method in list(self.methods):
+            tally(f"seed {seed}: {LABELS[method]}")
+            opts = _method_options(cfg, method)
+            try:
+                corr, meas, method_correct, wall, cpu = _correct_and_measure(
+                    method, opts, cfg, nets[subject], data, seed, head_split, tally)
+            except Exception as exc:  # noqa: BLE001 — every method fails alone
+                # a method this case's model cannot take: one "could not run" entry with the
+                # reason, the method dropped for every seed, the stage goes on with the others
+                self.skipped.append(_could_not_run(method, exc, seed))
+                self.drop(method)
+                continue
+            out["correct"][method] = method_correct  # per image, for the best-vs-runner-up test
+            paired = paired_difference(method_correct, subject_correct)
+            out["methods"][method] = {**meas, "seconds": wall, "cpu_seconds": cpu,
+                                      "paired": paired,
+                                      "paired_reference": paired_difference(
+                                          method_correct, reference_correct)
+                                      if reference_correct is not None else None,
+                                      "strength": corr.record.get("strength"),
+                                      "gap_closed": gap_closed(
+                                          meas[hkey], ref[subject][hkey],
+                                          ref[reference][hkey]) if reference else None}
+            if seed == 0:
+                self.records[method] = corr.record
+                self.models[method] = {k: v.detach().cpu().clone()
+                                       for k, v in corr.model.state_dict().items()}
+            tally.done += 1
+            tally(f"seed {seed}: {LABELS[method]} done ({data.headline} {meas[hkey]:.3f})")
+        self.per_seed.append(out)
+
+
+def _reference_rows(per_seed: list[dict], names: list[str], measured: list[str],
+                    n_seeds: int) -> dict:
+    """{model: {measurement: mean over seeds}} for the subject and reference models, with
+    ``<k>_sd`` and ``<k>_per_seed`` beside each when there are several seeds."""
+    ref_rows = {}
+    for name in names:
+        r = {}
+        for k in measured:
+            vals = [s["reference"][name][k] for s in per_seed]
+            r[k], sd = _mean_sd(vals)
+            if n_seeds > 1:
+                r[f"{k}_sd"], r[f"{k}_per_seed"] = sd, vals
+        ref_rows[name] = r
+    return ref_rows
+
+
+def _method_row(method: str, runs: _Runs, keys: tuple, ref_rows: dict) -> dict:
+    """One correction's row: its facts (label, mask use, the record's strength, layer, units,
+    epochs), each measurement in ``keys`` averaged over seeds (``_sd``/``_per_seed`` beside with
+    several), the subject's and reference's headline accuracy, ``gap_closed``, and the paired
+    comparison of seed 0 against the subject (``paired_*``) and the reference
+    (``paired_reference_*``)."""
+    ctx, per_seed, n_seeds = runs.ctx, runs.per_seed, runs.n_seeds
+    subject, reference, headline = ctx.subject, ctx.reference, ctx.data.headline
+    hkey = f"{headline}_acc"
+    rec = runs.records[method]
+    row = {"method": method, "label": LABELS[method], "model": method,
+           "uses_mask": USES_MASK[method], "mask_note": MASK_NOTES[method],
+           "strength": rec.get("strength"), "strength_name": rec.get("strength_name"),
+           "layer": rec.get("layer"), "units": rec.get("units"),
+           "epochs": rec.get("epochs"), "n_seeds": n_seeds, "control": method in CONTROLS,
+           "headline": headline}
+    for k in keys:
+        vals = [s["methods"][method][k] for s in per_seed]
+        row[k], sd = _mean_sd(vals)
+        if n_seeds > 1:
+            row[f"{k}_sd"], row[f"{k}_per_seed"] = sd, vals
+    row[f"{subject}_{hkey}"] = row["subject_acc"] = ref_rows[subject][hkey]
+    if reference:
+        row[f"{reference}_ref_{hkey}"] = row["reference_acc"] = ref_rows[reference][hkey]
+        row["gap_closed"] = gap_closed(row[hkey], row["subject_acc"], row["reference_acc"])
+    else:
+        row["reference_acc"] = row["gap_closed"] = None
+    # paired against the model under study (and the reference) on the headline set, seed 0
+    # (the kept model); with several seeds, every seed's difference and verdict beside it
+    paired = per_seed[0]["methods"][method]["paired"]
+    row.update({f"paired_{k}": v for k, v in paired.items()})
+    paired_ref = per_seed[0]["methods"][method].get("paired_reference")
+    if paired_ref is not None:
+        row.update({f"paired_reference_{k}": v for k, v in paired_ref.items()})
+    if n_seeds > 1:
+        seeds_paired = [s["methods"][method]["paired"] for s in per_seed]
+        row["paired_delta_per_seed"] = [x["delta"] for x in seeds_paired]
+        row["paired_verdict_per_seed"] = [x["verdict"] for x in seeds_paired]
+        gaps = [s["methods"][method]["gap_closed"] for s in per_seed]
+        row["gap_closed_per_seed"] = gaps
+        row["gap_closed_sd"] = _mean_sd(gaps)[1]
+        row["strength_per_seed"] = [s["methods"][method]["strength"] for s in per_seed]
+    return row
+
+
 def build(ctx: StageContext) -> dict:
     """Run every configured correction on the case's model under study and measure them.
 
@@ -1107,142 +1308,32 @@ def build(ctx: StageContext) -> dict:
     if cfg["pclarc"]["layers"] is None:
         pclarc_pairs = _activation_pairs(facts, layers)
         cfg["pclarc"]["layers"] = _after_activation(facts, layers)
-    skipped = []
     if data.train.mask is None:
         return {"rows": [], "skipped": [{"method": "all", "reason": "the case has no region: "
                                          "there is no shortcut to correct"}],
                 "config": copy.deepcopy(cfg), "seconds": 0.0, "models": {}, "records": {},
                 "reference": {}, "anchors": []}
-    methods = []
-    for method in cfg["methods"]:
-        if method == "pclarc" and data.train.x_clean is None:
-            skipped.append({"method": method, "reason": "needs region-free twins of the "
-                            "training images, which this case's data does not provide"})
-        else:
-            methods.append(method)
+    methods, skipped = _runnable_methods(cfg, data)
     n_seeds = int(cfg["seeds"] or ctx.seeds or 1)
     names = [m for m in (subject, reference) if m]
-    total = n_seeds * (len(methods) + len(names))
-    done = 0
-
-    def report(msg: str) -> None:
-        ctx.progress(done, total, msg)
-
-    per_seed: list[dict] = []
-    records: dict = {}
-    models: dict = {}
+    runs = _Runs(ctx, cfg, methods, skipped, names, n_seeds)
     for seed in range(n_seeds):
-        report(f"seed {seed}: measuring {' and '.join(names)}")
-        nets = {n: ctx.model(n, seed) for n in names}
-        if seed == 0 and pclarc_pairs is not None and data.train.n:
-            # the listed activation must be what reads the layer (not a shared residual ReLU)
-            cfg["pclarc"]["layers"] = _checked_activations(nets[subject], pclarc_pairs,
-                                                           data.train.x[:1])
-        ref = {n: measure(m, data, n_explain=cfg["n_explain"],
-                          resolution=cfg["explain_resolution"]) for n, m in nets.items()}
-        head_split = data.evaluation_sets[headline] if hasattr(data, "evaluation_sets") \
-            else data.test
-        subject_correct = correct_on(nets[subject], head_split)
-        reference_correct = correct_on(nets[reference], head_split) if reference else None
-        done += len(names)
-        out = {"reference": ref, "methods": {}, "correct": {}}
-        for method in list(methods):
-            report(f"seed {seed}: {LABELS[method]}")
-            opts = _method_options(cfg, method)
-            wall, cpu = time.perf_counter(), time.process_time()
-            try:
-                corr = correct(method, nets[subject], data, seed=seed, progress=report, **opts)
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                meas = measure(corr.model, data, n_explain=cfg["n_explain"],
-                               resolution=cfg["explain_resolution"])
-                method_correct = correct_on(corr.model, head_split)
-            except Exception as exc:  # noqa: BLE001 — every method fails alone
-                # a method this case's model cannot take: one "could not run" entry with the
-                # reason, the method dropped for every seed, the stage goes on with the others
-                skipped.append(_could_not_run(method, exc, seed))
-                methods.remove(method)
-                for earlier in per_seed:
-                    earlier["methods"].pop(method, None)
-                    earlier["correct"].pop(method, None)
-                records.pop(method, None)
-                models.pop(method, None)
-                total -= n_seeds
-                continue
-            out["correct"][method] = method_correct  # per image, for the best-vs-runner-up test
-            paired = paired_difference(method_correct, subject_correct)
-            out["methods"][method] = {**meas, "seconds": wall, "cpu_seconds": cpu,
-                                      "paired": paired,
-                                      "paired_reference": paired_difference(
-                                          method_correct, reference_correct)
-                                      if reference_correct is not None else None,
-                                      "strength": corr.record.get("strength"),
-                                      "gap_closed": gap_closed(
-                                          meas[hkey], ref[subject][hkey],
-                                          ref[reference][hkey]) if reference else None}
-            if seed == 0:
-                records[method] = corr.record
-                models[method] = {k: v.detach().cpu().clone()
-                                  for k, v in corr.model.state_dict().items()}
-            done += 1
-            report(f"seed {seed}: {LABELS[method]} done ({headline} {meas[hkey]:.3f})")
-        per_seed.append(out)
+        runs.run_seed(seed, pclarc_pairs)
 
-    rows = []
+    per_seed = runs.per_seed
     measured = list(per_seed[0]["reference"][subject]) if per_seed else []
     keys = (*measured, "seconds", "cpu_seconds")
-    ref_rows = {}
-    for name in names:
-        r = {}
-        for k in measured:
-            vals = [s["reference"][name][k] for s in per_seed]
-            r[k], sd = _mean_sd(vals)
-            if n_seeds > 1:
-                r[f"{k}_sd"], r[f"{k}_per_seed"] = sd, vals
-        ref_rows[name] = r
-    for method in methods:
-        rec = records[method]
-        row = {"method": method, "label": LABELS[method], "model": method,
-               "uses_mask": USES_MASK[method], "mask_note": MASK_NOTES[method],
-               "strength": rec.get("strength"), "strength_name": rec.get("strength_name"),
-               "layer": rec.get("layer"), "units": rec.get("units"),
-               "epochs": rec.get("epochs"), "n_seeds": n_seeds, "control": method in CONTROLS,
-               "headline": headline}
-        for k in keys:
-            vals = [s["methods"][method][k] for s in per_seed]
-            row[k], sd = _mean_sd(vals)
-            if n_seeds > 1:
-                row[f"{k}_sd"], row[f"{k}_per_seed"] = sd, vals
-        row[f"{subject}_{hkey}"] = row["subject_acc"] = ref_rows[subject][hkey]
-        if reference:
-            row[f"{reference}_ref_{hkey}"] = row["reference_acc"] = ref_rows[reference][hkey]
-            row["gap_closed"] = gap_closed(row[hkey], row["subject_acc"], row["reference_acc"])
-        else:
-            row["reference_acc"] = row["gap_closed"] = None
-        # paired against the model under study (and the reference) on the headline set, seed 0
-        # (the kept model); with several seeds, every seed's difference and verdict beside it
-        paired = per_seed[0]["methods"][method]["paired"]
-        row.update({f"paired_{k}": v for k, v in paired.items()})
-        paired_ref = per_seed[0]["methods"][method].get("paired_reference")
-        if paired_ref is not None:
-            row.update({f"paired_reference_{k}": v for k, v in paired_ref.items()})
-        if n_seeds > 1:
-            seeds_paired = [s["methods"][method]["paired"] for s in per_seed]
-            row["paired_delta_per_seed"] = [x["delta"] for x in seeds_paired]
-            row["paired_verdict_per_seed"] = [x["verdict"] for x in seeds_paired]
-            gaps = [s["methods"][method]["gap_closed"] for s in per_seed]
-            row["gap_closed_per_seed"] = gaps
-            row["gap_closed_sd"] = _mean_sd(gaps)[1]
-            row["strength_per_seed"] = [s["methods"][method]["strength"] for s in per_seed]
-        rows.append(row)
-    done = total
-    report("done")
+    ref_rows = _reference_rows(per_seed, names, measured, n_seeds)
+    rows = [_method_row(method, runs, keys, ref_rows) for method in methods]
+    runs.tally.done = runs.tally.total
+    runs.tally("done")
     return {
         "rows": rows,
         "report": _ranking_summary(rows, per_seed, hkey, headline, n_seeds),
         "reference": ref_rows,
         "anchors": anchors_for(data),
-        "records": {m: _record_payload(r) for m, r in records.items()},
-        "models": models,
+        "records": {m: _record_payload(r) for m, r in runs.records.items()},
+        "models": runs.models,
         "config": copy.deepcopy(cfg),
         "n_seeds": n_seeds,
         "skipped": skipped,

@@ -45,7 +45,12 @@ from core.engine.devices import eval_mode, model_device
 from core.engine.distributions import LinearDoI, PointDoI
 from core.engine.influence import get_layer, influence, model_lock
 from core.engine.quantities import ClassQoI, ComparativeQoI
-from core.stages.base import StageContext
+from core.stages.base import Stage, StageContext
+
+STAGE = Stage("detection", reads=("data", "models"), sections=("detection", "experts"),
+              inputs=("seeds", "roles", "device"),
+              quick={"steps": 20, "n_fit": 64, "n_attack_fit": 32, "n_eval": 128, "resolution": 4,
+                     "adaptive": False})
 
 __all__ = [
     "InfluenceFeatures",
@@ -661,19 +666,10 @@ DESCRIPTIONS = {
 INFLUENCE = {"influence_combined", "influence_max_z", "influence_naive", "expert_concentration"}
 
 
-def build(ctx: StageContext) -> dict:
-    """Attack the model under study with adversarial patches and detect the attacks.
-
-    Fits every detector on the training set (clean images, and attacks made on *other* training
-    images for the combined detector), then reports on held-out images: per detector AUC and TPR
-    at 1/5/25% FPR (``rows``), the ROC curves, the attack's success, masking the experts' region,
-    and one adaptive attack. Positives are the successful attacks on held-out images; negatives
-    the same held-out images, clean. Returns a plain payload (dicts, lists, str, numbers, tensors).
-    """
-    cfg = check_config(ctx.section)
-    data = ctx.data
-    name = cfg["model"] or ctx.subject
-    model = ctx.model(name)
+def _detection_layers(cfg: dict, ctx: StageContext, model: nn.Module) -> tuple[list[str], str, str]:
+    """``(layers, layer, expert_layer)``: the slices the profile features read (default the
+    experts layers), the one the single-layer detectors read (default the last of them) and the
+    one whose experts are interpreted (default ``layer``); each must be a layer of ``model``."""
     layers = cfg["layers"] or ctx.layers
     if not layers:
         raise ValueError("[detection]: no layers (set detection.layers or experts.layers)")
@@ -681,18 +677,15 @@ def build(ctx: StageContext) -> dict:
     expert_layer = cfg["expert_layer"] or layer
     for lname in {*layers, layer, expert_layer}:
         get_layer(model, lname)
-    h, w = data.size
-    size = cfg["patch_size"] or max(1, round(min(h, w) / 4))
-    window = cfg["window"] or size
-    bounds = input_bounds(data)
-    seed = cfg["seed"]
-    total, done = 7 + int(cfg["adaptive"]), 0
+    return layers, layer, expert_layer
 
-    def step(msg: str):
-        nonlocal done
-        done += 1
-        ctx.progress(min(done, total), total, msg)
 
+def _draw_images(cfg: dict, data, seed: int) -> tuple:
+    """``(train, held, fit_idx, lr_idx, n_fit)``: the training set, the held-out images (a
+    random ``n_eval`` of the evaluation set when that is smaller), and two disjoint random parts
+    of the training set: ``n_fit`` (at most half) clean images to fit the profiles on, and the
+    first ``n_attack_fit`` of the rest to attack for the combined detector's regression. One
+    CPU generator seeded with ``seed`` draws the training order, then the held-out subset."""
     if cfg["train_set"] not in data.training_sets:
         raise ValueError(f"[detection]: train_set {cfg['train_set']!r} is not a training set "
                          f"({', '.join(data.training_sets)})")
@@ -706,6 +699,132 @@ def build(ctx: StageContext) -> dict:
     lr_idx = rest[:cfg["n_attack_fit"]]
     if cfg["n_eval"] is not None and cfg["n_eval"] < held.n:
         held = held.subset(torch.randperm(held.n, generator=g)[:cfg["n_eval"]])
+    return train, held, fit_idx, lr_idx, n_fit
+
+
+def _detector_layer(det: str, layers: list[str], layer: str, expert_layer: str) -> str | None:
+    """The slice(s) detector ``det`` reads, as shown in its row (None for max softmax)."""
+    if det == "max_softmax":
+        return None
+    if det == "expert_concentration":
+        return expert_layer
+    if det in ("influence_combined", "influence_max_z", "mahalanobis_layers"):
+        return ", ".join(layers)
+    return layer
+
+
+def _detector_rows(dets: Detectors, clean_scores: dict, att_scores: dict, layers: list[str],
+                   layer: str, expert_layer: str) -> tuple[list[dict], dict, list[dict]]:
+    """``(rows, curves, feature_rows)``: per detector its ROC summary row and ROC curve (clean
+    negatives vs attacked positives), and per feature of the combined detector its own AUC and
+    its logistic-regression weight."""
+    rows, curves = [], {}
+    for det in DESCRIPTIONS:
+        r = roc(clean_scores[det], att_scores[det])
+        rows.append(_row(det, r, det in INFLUENCE, _detector_layer(det, layers, layer, expert_layer),
+                         DESCRIPTIONS[det]))
+        curves[det] = {"fpr": r["fpr"], "tpr": r["tpr"]}
+    feature_rows = [{"feature": n, "auc": roc(clean_scores["features"][:, j],
+                                              att_scores["features"][:, j])["auc"],
+                     "weight": float(dets.w[j])} for j, n in enumerate(dets.names)]
+    return rows, curves, feature_rows
+
+
+def _success_rates(ok: Tensor, held, class_names) -> dict:
+    """The attack's success rate overall and per class of the held-out images (classes with
+    none left out)."""
+    success = {"overall": float(ok.float().mean())}
+    for c, cname in enumerate(class_names):
+        sel = held.y == c
+        if sel.any():
+            success[cname] = float(ok[sel].float().mean())
+    return success
+
+
+def _masking(model: nn.Module, adv: Tensor, held, ok: Tensor, patch: Tensor, cfg: dict,
+             expert_layer: str, window: int) -> dict:
+    """Masking the experts' region of the successful attacks: the share recovered, what the
+    same masking does to the clean images, and how often the mask hits the patch; {} when no
+    attack succeeded."""
+    if not ok.any():
+        return {}
+    res = mask_experts_region(model, adv[ok], held.y[ok], expert_layer, k=cfg["k"],
+                              resolution=cfg["resolution"], window=window)
+    kept = mask_experts_region(model, held.x, held.y, expert_layer, k=cfg["k"],
+                               resolution=cfg["resolution"], window=window)
+    hit = (res["mask"] & patch[ok]).flatten(1).any(1).float().mean()
+    return {"recovered": res["recovered"], "clean_still_correct": kept["recovered"],
+            "clean_correct_before": kept["before"], "window": window,
+            "hits_patch": float(hit), "n_attacked": int(ok.sum())}
+
+
+def _adaptive(model: nn.Module, dets: Detectors, held, target: Tensor, clean_scores: dict,
+              attack: dict, bounds, cfg: dict, layer: str) -> dict:
+    """One adaptive attack: the held-out patch attack again (same targets and seed) with
+    :func:`adaptive_penalty` pushing the slice's gradient × activation profile toward the
+    target class's clean mean, and every detector's ROC summary against its successful attacks
+    (clean negatives as before)."""
+    seed = attack["seed"]
+    means = dets.features.means[(layer, "point")]
+    pen = adaptive_penalty(model, layer, means)
+    adv2, _ = patch_attack(model, held.x, target, bounds=bounds, penalty=pen,
+                           penalty_weight=cfg["adaptive_weight"],
+                           **{**attack, "seed": seed + 1})
+    ok2 = _logits(model, adv2).argmax(1) != held.y
+    adaptive = {"success": float(ok2.float().mean()), "weight": cfg["adaptive_weight"],
+                "layer": layer, "rows": []}
+    if ok2.any():
+        s2 = dets.scores(adv2[ok2])
+        for det in DESCRIPTIONS:
+            r = roc(clean_scores[det], s2[det])
+            adaptive["rows"].append(_row(det, r, det in INFLUENCE, None, DESCRIPTIONS[det]))
+    return adaptive
+
+
+def _examples(model: nn.Module, data, held, adv: Tensor, patch: Tensor, pred_adv: Tensor,
+              ok: Tensor, cfg: dict, expert_layer: str) -> dict:
+    """The first ``n_examples`` successful attacks for display: attacked and clean images
+    un-normalised to [0, 1] ((n, H, W) or (n, H, W, 3)), the patch masks, labels, predictions
+    and, when there are any, the experts' maps of the attacked images."""
+    n_ex = min(cfg["n_examples"], int(ok.sum()))
+    idx = ok.nonzero().flatten()[:n_ex]
+    show = (lambda t: torch.from_numpy(data.display(t.detach().cpu())).float()) \
+        if hasattr(data, "display") else (lambda t: t.detach().cpu().float())
+    examples = {"x": show(adv[idx]), "x_clean": show(held.x[idx]), "patch": patch[idx],
+                "y": held.y[idx], "pred": pred_adv[idx]}
+    if n_ex:
+        examples["expert_map"] = expert_maps(model, adv[idx], expert_layer, pred_adv[idx],
+                                             k=cfg["k"], resolution=cfg["resolution"])
+    return examples
+
+
+def build(ctx: StageContext) -> dict:
+    """Attack the model under study with adversarial patches and detect the attacks.
+
+    Fits every detector on the training set (clean images, and attacks made on *other* training
+    images for the combined detector), then reports on held-out images: per detector AUC and TPR
+    at 1/5/25% FPR (``rows``), the ROC curves, the attack's success, masking the experts' region,
+    and one adaptive attack. Positives are the successful attacks on held-out images; negatives
+    the same held-out images, clean. Returns a plain payload (dicts, lists, str, numbers, tensors).
+    """
+    cfg = check_config(ctx.section)
+    data = ctx.data
+    name = cfg["model"] or ctx.subject
+    model = ctx.model(name)
+    layers, layer, expert_layer = _detection_layers(cfg, ctx, model)
+    h, w = data.size
+    size = cfg["patch_size"] or max(1, round(min(h, w) / 4))
+    window = cfg["window"] or size
+    bounds = input_bounds(data)
+    seed = cfg["seed"]
+    total, done = 7 + int(cfg["adaptive"]), 0
+
+    def step(msg: str):
+        nonlocal done
+        done += 1
+        ctx.progress(min(done, total), total, msg)
+
+    train, held, fit_idx, lr_idx, n_fit = _draw_images(cfg, data, seed)
     n_classes = data.n_classes
     attack = {"size": size, "steps": cfg["steps"], "step_size": cfg["step_size"], "seed": seed}
 
@@ -728,68 +847,21 @@ def build(ctx: StageContext) -> dict:
     ok = pred_adv != held.y
     step("scoring held-out images")
     clean_scores = dets.scores(held.x)
-    rows, curves = [], {}
+    rows, curves, feature_rows = [], {}, []
     if ok.any():
-        att_scores = dets.scores(adv[ok])
-        for det in DESCRIPTIONS:
-            r = roc(clean_scores[det], att_scores[det])
-            rows.append(_row(det, r, det in INFLUENCE, None if det == "max_softmax" else
-                             (expert_layer if det == "expert_concentration" else
-                              (", ".join(layers) if det in ("influence_combined", "influence_max_z",
-                                                            "mahalanobis_layers") else layer)),
-                             DESCRIPTIONS[det]))
-            curves[det] = {"fpr": r["fpr"], "tpr": r["tpr"]}
-        feature_rows = [{"feature": n, "auc": roc(clean_scores["features"][:, j],
-                                                  att_scores["features"][:, j])["auc"],
-                         "weight": float(dets.w[j])} for j, n in enumerate(dets.names)]
-    else:
-        feature_rows = []
-    success = {"overall": float(ok.float().mean())}
-    for c, cname in enumerate(data.class_names):
-        sel = held.y == c
-        if sel.any():
-            success[cname] = float(ok[sel].float().mean())
+        rows, curves, feature_rows = _detector_rows(dets, clean_scores, dets.scores(adv[ok]),
+                                                    layers, layer, expert_layer)
+    success = _success_rates(ok, held, data.class_names)
 
     step("masking the experts' region")
-    masking = {}
-    if ok.any():
-        res = mask_experts_region(model, adv[ok], held.y[ok], expert_layer, k=cfg["k"],
-                                  resolution=cfg["resolution"], window=window)
-        kept = mask_experts_region(model, held.x, held.y, expert_layer, k=cfg["k"],
-                                   resolution=cfg["resolution"], window=window)
-        hit = (res["mask"] & patch[ok]).flatten(1).any(1).float().mean()
-        masking = {"recovered": res["recovered"], "clean_still_correct": kept["recovered"],
-                   "clean_correct_before": kept["before"], "window": window,
-                   "hits_patch": float(hit), "n_attacked": int(ok.sum())}
-
+    masking = _masking(model, adv, held, ok, patch, cfg, expert_layer, window)
     adaptive: dict = {}
     if cfg["adaptive"]:
         step("adaptive attack")
-        means = dets.features.means[(layer, "point")]
-        pen = adaptive_penalty(model, layer, means)
-        adv2, _ = patch_attack(model, held.x, target, bounds=bounds, penalty=pen,
-                               penalty_weight=cfg["adaptive_weight"],
-                               **{**attack, "seed": seed + 1})
-        ok2 = _logits(model, adv2).argmax(1) != held.y
-        adaptive = {"success": float(ok2.float().mean()), "weight": cfg["adaptive_weight"],
-                    "layer": layer, "rows": []}
-        if ok2.any():
-            s2 = dets.scores(adv2[ok2])
-            for det in DESCRIPTIONS:
-                r = roc(clean_scores[det], s2[det])
-                adaptive["rows"].append(_row(det, r, det in INFLUENCE, None, DESCRIPTIONS[det]))
+        adaptive = _adaptive(model, dets, held, target, clean_scores, attack, bounds, cfg, layer)
     step("done")
 
-    n_ex = min(cfg["n_examples"], int(ok.sum()))
-    idx = ok.nonzero().flatten()[:n_ex]
-    # for display: un-normalised images in [0, 1] ((n, H, W) or (n, H, W, 3)), as the pages draw
-    show = (lambda t: torch.from_numpy(data.display(t.detach().cpu())).float()) \
-        if hasattr(data, "display") else (lambda t: t.detach().cpu().float())
-    examples = {"x": show(adv[idx]), "x_clean": show(held.x[idx]), "patch": patch[idx],
-                "y": held.y[idx], "pred": pred_adv[idx]}
-    if n_ex:
-        examples["expert_map"] = expert_maps(model, adv[idx], expert_layer, pred_adv[idx],
-                                             k=cfg["k"], resolution=cfg["resolution"])
+    examples = _examples(model, data, held, adv, patch, pred_adv, ok, cfg, expert_layer)
     return {"rows": rows, "roc": curves, "features": feature_rows,
             "attack": {**attack, "success": success, "n_held_out": held.n, "model": name,
                        "knows": "white box: the model's weights and gradients; not the detector",

@@ -23,7 +23,11 @@ import numpy as np
 from core.methods.discovery import DEFAULTS as METHOD_DEFAULTS
 from core.methods.discovery import check_config as check_method
 from core.methods.discovery import discover, iou, public_row, rule_text
-from core.stages.base import StageContext
+from core.stages.base import Stage, StageContext
+
+STAGE = Stage("discovery", reads=("data", "models"), sections=("discovery", "experts"),
+              inputs=("seeds", "roles", "device"),
+              quick={"max_fit": 48, "max_heldout": 64, "max_targets": 64, "resolution": 6})
 
 __all__ = ["DEFAULTS", "CONTRACT", "SPLITS", "check_config", "build", "layer_of", "run"]
 

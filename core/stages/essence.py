@@ -38,7 +38,11 @@ from core.engine.distributions import PointDoI
 from core.engine.experts import unit_scores
 from core.engine.influence import activations, get_layer, influence, model_lock
 from core.engine.quantities import ClassQoI, ComparativeQoI
-from core.stages.base import StageContext
+from core.stages.base import Stage, StageContext
+
+STAGE = Stage("essence", reads=("data", "models", "experts"), sections=("essence", "experts"),
+              inputs=("seeds", "roles", "device"),
+              quick={"random_draws": 5, "n_rank": 64, "n_eval": 300})
 
 try:  # the engine's torch.fx tail g (private): only a speed-up, every use is checked against the model
     from core.engine.influence import _tail
@@ -918,6 +922,170 @@ def _experts_rows(ctx: StageContext) -> list[dict]:
     return [dict(r) for r in rows] if isinstance(rows, list) else []
 
 
+def _essence_pairs(cfg: dict, names: list[str], cm: Tensor, y_eval: Tensor,
+                   eval_name: str) -> tuple[list[dict], list[dict]]:
+    """``(pairs, skipped)``: the class pairs to measure — the case's ``pairs`` first, then the
+    ``n_confused`` most confused pairs of the confusion matrix ``cm`` (each unordered pair once)
+    — as ``{"a", "b", "source": "case" | "confused", "confusions", "a_name", "b_name"}``; a pair
+    with no held-out image of one of its classes in ``y_eval`` goes to ``skipped`` with a
+    ``"skipped"`` reason instead."""
+    pairs, seen = [], set()
+    for p in cfg["pairs"]:
+        a, b = (_class_index(c, names, "essence.pairs") for c in p)
+        if frozenset((a, b)) not in seen:
+            seen.add(frozenset((a, b)))
+            pairs.append({"a": a, "b": b, "source": "case", "confusions": int(cm[a, b] + cm[b, a])})
+    for p in most_confused_pairs(None, None, None, len(seen) + cfg["n_confused"], matrix=cm):
+        if len([q for q in pairs if q["source"] == "confused"]) >= cfg["n_confused"]:
+            break
+        if frozenset((p["a"], p["b"])) not in seen:
+            seen.add(frozenset((p["a"], p["b"])))
+            pairs.append({"a": p["a"], "b": p["b"], "source": "confused", "confusions": p["confusions"]})
+    for p in pairs:
+        p.update(a_name=names[p["a"]], b_name=names[p["b"]])
+        missing = [names[c] for c in (p["a"], p["b"]) if not bool((y_eval == c).any())]
+        if missing:
+            p["skipped"] = f"no held-out images of {', '.join(missing)} in {eval_name}"
+    skipped = [p for p in pairs if "skipped" in p]
+    return [p for p in pairs if "skipped" not in p], skipped
+
+
+class _Run:
+    """What every (model, layer) of one essence build shares: the settings, the evaluation
+    images, the pairs, the experts stage's rows, the region sets, the results so far and the
+    progress count."""
+
+    def __init__(self, ctx: StageContext, cfg: dict, **shared):
+        self.ctx, self.cfg, self.data = ctx, cfg, ctx.data
+        self.__dict__.update(shared)
+        self.curves, self.rows, self.ablations, self.regions, self.summary = [], [], [], [], []
+        self.done, self.total = 0, 0
+
+    def tick(self, msg: str) -> None:
+        self.done += 1
+        self.ctx.progress(self.done, self.total, msg)
+
+    def measure(self, mname: str, model: nn.Module, layer: str) -> None:
+        """Every measurement of ``model`` at ``layer``, in the order that fixes the random draws:
+        the essence curves of every pair, then per fill the expert ablations and the region
+        check."""
+        cfg = self.cfg
+        cut = _Cut(model, layer)
+        z_eval = cut.slice(self.x_eval)
+        # ablation fills: "mean" over n_rank training images per class
+        fills = {f: unit_fill(model, layer, f, self.x_fill) if f == "mean"
+                 else unit_fill(model, layer, f, z=z_eval) for f in cfg["fills"]}
+        region_slices: dict = {}  # filled by region_check, reused across the fills
+        for p in self.pairs:
+            self.pair_curves(mname, model, layer, p, cut, z_eval)
+        class_units, source = self.class_experts(mname, model, layer)
+        other = {c: _partner(self.cm, c) for c in self.classes}
+        other = {c: o for c, o in other.items() if o in class_units}
+        for fill in cfg["fills"]:
+            self.ablate(mname, model, layer, fill, fills, class_units, source, other, cut, z_eval)
+            self.tick(f"{mname} {layer}: ablations ({fill})")
+            if self.do_region:
+                rc = self.region(mname, model, layer, fill, fills, cut, region_slices)
+                rc["model"] = mname
+                self.regions.append(rc)
+                self.tick(f"{mname} {layer}: region check ({fill})")
+
+    def pair_curves(self, mname: str, model: nn.Module, layer: str, p: dict, cut: _Cut,
+                    z_eval: Tensor) -> None:
+        """The essence curve of pair ``p`` for every fill (units ranked once, by comparative
+        influence over ``n_rank`` training images per class), each with its summary row."""
+        cfg, data, eval_name = self.cfg, self.data, self.eval_name
+        a, b = p["a"], p["b"]
+        xa = data.train.x[data.train.y == a][:cfg["n_rank"]]
+        xb = data.train.x[data.train.y == b][:cfg["n_rank"]]
+        scores = comparative_scores(model, layer, torch.cat([xa, xb]), a, b, reduce=cfg["reduce"])
+        pseed = _seed_for(self.seed, mname, layer, a, b)
+        for fill in cfg["fills"]:
+            c = essence_curve(model, layer, xa, xb, self.x_eval, self.y_eval, a, b, ks=cfg["ks"],
+                              fill=fill, random_draws=self.draws, seed=pseed, by=cfg["by"],
+                              reduce=cfg["reduce"], confidence=self.conf, scores=scores, _cut=cut,
+                              _z_eval=z_eval)
+            c.update(model=mname, a_name=p["a_name"], b_name=p["b_name"], pair_source=p["source"],
+                     eval_set=eval_name)
+            self.curves.append(c)
+            sk = smallest_k(c, cfg["share"])
+            self.rows.append({"model": mname, "layer": layer, "a": a, "b": b, "a_name": p["a_name"],
+                              "b_name": p["b_name"], "pair_source": p["source"], "fill": fill,
+                              "width": c["width"], "full_acc": c["full"], "share": cfg["share"],
+                              "k_top": sk["top"], "k_random": sk["random"], "k_bottom": sk["bottom"],
+                              "k_random_high": sk["random_high"], "top1_acc": c["top"][0],
+                              "random1_acc": c["random"]["median"][0], "n_eval": c["n_eval"],
+                              "seed": pseed, "eval_set": eval_name})
+            self.tick(f"{mname} {layer}: {p['a_name']} vs {p['b_name']} ({fill})")
+
+    def class_experts(self, mname: str, model: nn.Module, layer: str) -> tuple[dict, dict]:
+        """``(class_units, source)``: each class's top-k expert units at ``layer`` — the experts
+        stage's when it ranked k of them ("experts stage"), else ranked here by class influence
+        over ``n_rank`` training images of the class ("computed")."""
+        cfg, data, experts_cfg, top_k = self.cfg, self.data, self.experts_cfg, self.top_k
+        own = {c: sorted((r for r in self.erows if r.get("model") == mname and r.get("layer") == layer
+                          and int(r.get("class", -1)) == c), key=lambda r: r.get("rank", 0))
+               for c in self.classes}
+        class_units, source = {}, {}
+        for c in self.classes:
+            if len(own[c]) >= top_k:
+                class_units[c] = [int(r["unit"]) for r in own[c][:top_k]]
+                source[c] = "experts stage"
+            else:
+                xc = data.train.x[data.train.y == c][:cfg["n_rank"]]
+                s = class_scores(model, layer, xc, c, reduce=experts_cfg.get("reduce", cfg["reduce"]))
+                by = experts_cfg.get("by", "value")
+                class_units[c] = _order(s, by)[:min(top_k, len(s))].tolist()
+                source[c] = "computed"
+        return class_units, source
+
+    def ablate(self, mname: str, model: nn.Module, layer: str, fill: str, fills: dict,
+               class_units: dict, source: dict, other: dict, cut: _Cut, z_eval: Tensor) -> None:
+        """The :func:`ablation_table` of every class's experts with ``fill`` (against random
+        units and the most-confused class's experts), and the (model, layer, fill) summary."""
+        names, eval_name, rows = self.names, self.eval_name, self.rows
+        table = ablation_table(model, layer, self.x_eval, self.y_eval, class_units, fill=fills[fill],
+                               other=other, random_draws=self.draws, seed=_seed_for(self.seed, mname),
+                               confidence=self.conf, _cut=cut, _z=z_eval)
+        for r in table:
+            r.update(model=mname, class_name=names[r["class"]], ranking_source=source[r["class"]],
+                     fill=fill, eval_set=eval_name)
+        self.ablations += table
+        beats = [r["beats_random"] for r in table if r["beats_random"] is not None]
+        mine = [r for r in rows if r["model"] == mname and r["layer"] == layer and r["fill"] == fill]
+        self.summary.append({"model": mname, "layer": layer, "fill": fill, "n_classes": len(table),
+                             "classes_beating_random": int(sum(beats)),
+                             "experts_beat_random": bool(beats) and sum(beats) > len(beats) / 2,
+                             "mean_acc_drop": _mean([r["experts"]["acc_drop"] for r in table]),
+                             "mean_random_acc_drop": _mean([r["random"]["acc_drop"]["median"]
+                                                            for r in table if r["random"]["acc_drop"]]),
+                             "pairs": len(mine),
+                             "k_top": [r["k_top"] for r in mine],
+                             "k_random": [r["k_random"] for r in mine]})
+
+    def region(self, mname: str, model: nn.Module, layer: str, fill: str, fills: dict, cut: _Cut,
+               region_slices: dict) -> dict:
+        """The :func:`region_check` of the layer's experts that the experts stage flags as
+        shortcut carriers (each unit once, by rank then class), or an empty entry with a note
+        when there are none."""
+        draws = self.draws
+        units = []
+        for r in sorted((r for r in self.erows if r.get("model") == mname and r.get("layer") == layer
+                         and r.get("shortcut")), key=lambda r: (r.get("rank", 0), r["class"])):
+            if int(r["unit"]) not in units:
+                units.append(int(r["unit"]))
+        if units:
+            rc = region_check(model, layer, units, self.region_sets, fill=fills[fill],
+                              random_draws=draws, seed=_seed_for(self.seed, mname),
+                              confidence=self.conf, _cut=cut, _slices=region_slices)
+            rc["fill"] = fill
+            return rc
+        return {"layer": layer, "units": [], "fill": fill, "sets": [], "region_drop": None,
+                "clean_drop": None, "region_minus_clean": None, "region_moves_more": None,
+                "random_draws": draws,
+                "seed": None, "note": "no expert of this layer carries the shortcut"}
+
+
 def build(ctx: StageContext) -> dict:
     """Essence curves, expert ablations and the region check for the case's models and layers.
 
@@ -957,131 +1125,25 @@ def build(ctx: StageContext) -> dict:
     # Pairs: the case's, then the subject's most confused (on the validation split).
     pick = data.val if data.val.n else ev  # no validation split: the evaluation set itself
     cm = confusion(ctx.model(subject), pick.x, pick.y, n_classes)
-    pairs, seen = [], set()
-    for p in cfg["pairs"]:
-        a, b = (_class_index(c, names, "essence.pairs") for c in p)
-        if frozenset((a, b)) not in seen:
-            seen.add(frozenset((a, b)))
-            pairs.append({"a": a, "b": b, "source": "case", "confusions": int(cm[a, b] + cm[b, a])})
-    for p in most_confused_pairs(None, None, None, len(seen) + cfg["n_confused"], matrix=cm):
-        if len([q for q in pairs if q["source"] == "confused"]) >= cfg["n_confused"]:
-            break
-        if frozenset((p["a"], p["b"])) not in seen:
-            seen.add(frozenset((p["a"], p["b"])))
-            pairs.append({"a": p["a"], "b": p["b"], "source": "confused", "confusions": p["confusions"]})
-    for p in pairs:
-        p.update(a_name=names[p["a"]], b_name=names[p["b"]])
-        missing = [names[c] for c in (p["a"], p["b"]) if not bool((y_eval == c).any())]
-        if missing:
-            p["skipped"] = f"no held-out images of {', '.join(missing)} in {eval_name}"
-    skipped = [p for p in pairs if "skipped" in p]
-    pairs = [p for p in pairs if "skipped" not in p]
+    pairs, skipped = _essence_pairs(cfg, names, cm, y_eval, eval_name)
 
     erows = _experts_rows(ctx)
     region_sets = _region_sets(data, cfg["n_eval"]) if cfg["region"] else {}
     do_region = bool(region_sets) and any(r for _, _, r in region_sets.values())
-    total = len(models) * len(layers) * (len(pairs) * len(cfg["fills"]) + len(cfg["fills"])
-                                         * (2 if do_region else 1))
-    done = 0
-
-    def tick(msg):
-        nonlocal done
-        done += 1
-        ctx.progress(done, total, msg)
-
-    ctx.progress(0, total, "essence: ranking units")
-    curves, rows, ablations, regions, summary = [], [], [], [], []
+    run = _Run(ctx, cfg, names=names, classes=classes, top_k=top_k, experts_cfg=experts_cfg,
+               eval_name=eval_name, x_eval=x_eval, y_eval=y_eval, x_fill=x_fill, draws=draws,
+               seed=seed, conf=conf, cm=cm, pairs=pairs, erows=erows, region_sets=region_sets,
+               do_region=do_region)
+    run.total = len(models) * len(layers) * (len(pairs) * len(cfg["fills"]) + len(cfg["fills"])
+                                             * (2 if do_region else 1))
+    ctx.progress(0, run.total, "essence: ranking units")
     for mname in models:
         model = ctx.model(mname)
         for layer in layers:
-            cut = _Cut(model, layer)
-            z_eval = cut.slice(x_eval)
-            # ablation fills: "mean" over n_rank training images per class
-            fills = {f: unit_fill(model, layer, f, x_fill) if f == "mean"
-                     else unit_fill(model, layer, f, z=z_eval) for f in cfg["fills"]}
-            region_slices: dict = {}
-            # ---- essence curves
-            for p in pairs:
-                a, b = p["a"], p["b"]
-                xa = data.train.x[data.train.y == a][:cfg["n_rank"]]
-                xb = data.train.x[data.train.y == b][:cfg["n_rank"]]
-                scores = comparative_scores(model, layer, torch.cat([xa, xb]), a, b, reduce=cfg["reduce"])
-                pseed = _seed_for(seed, mname, layer, a, b)
-                for fill in cfg["fills"]:
-                    c = essence_curve(model, layer, xa, xb, x_eval, y_eval, a, b, ks=cfg["ks"], fill=fill,
-                                      random_draws=draws, seed=pseed, by=cfg["by"], reduce=cfg["reduce"],
-                                      confidence=conf, scores=scores, _cut=cut, _z_eval=z_eval)
-                    c.update(model=mname, a_name=p["a_name"], b_name=p["b_name"], pair_source=p["source"],
-                             eval_set=eval_name)
-                    curves.append(c)
-                    sk = smallest_k(c, cfg["share"])
-                    rows.append({"model": mname, "layer": layer, "a": a, "b": b, "a_name": p["a_name"],
-                                 "b_name": p["b_name"], "pair_source": p["source"], "fill": fill,
-                                 "width": c["width"], "full_acc": c["full"], "share": cfg["share"],
-                                 "k_top": sk["top"], "k_random": sk["random"], "k_bottom": sk["bottom"],
-                                 "k_random_high": sk["random_high"], "top1_acc": c["top"][0],
-                                 "random1_acc": c["random"]["median"][0], "n_eval": c["n_eval"],
-                                 "seed": pseed, "eval_set": eval_name})
-                    tick(f"{mname} {layer}: {p['a_name']} vs {p['b_name']} ({fill})")
-            # ---- the class experts and their ablation
-            own = {c: sorted((r for r in erows if r.get("model") == mname and r.get("layer") == layer
-                              and int(r.get("class", -1)) == c), key=lambda r: r.get("rank", 0))
-                   for c in classes}
-            class_units, source = {}, {}
-            for c in classes:
-                if len(own[c]) >= top_k:
-                    class_units[c] = [int(r["unit"]) for r in own[c][:top_k]]
-                    source[c] = "experts stage"
-                else:
-                    xc = data.train.x[data.train.y == c][:cfg["n_rank"]]
-                    s = class_scores(model, layer, xc, c, reduce=experts_cfg.get("reduce", cfg["reduce"]))
-                    by = experts_cfg.get("by", "value")
-                    class_units[c] = _order(s, by)[:min(top_k, len(s))].tolist()
-                    source[c] = "computed"
-            other = {c: _partner(cm, c) for c in classes}
-            other = {c: o for c, o in other.items() if o in class_units}
-            for fill in cfg["fills"]:
-                table = ablation_table(model, layer, x_eval, y_eval, class_units, fill=fills[fill],
-                                       other=other, random_draws=draws, seed=_seed_for(seed, mname),
-                                       confidence=conf, _cut=cut, _z=z_eval)
-                for r in table:
-                    r.update(model=mname, class_name=names[r["class"]], ranking_source=source[r["class"]],
-                             fill=fill, eval_set=eval_name)
-                ablations += table
-                beats = [r["beats_random"] for r in table if r["beats_random"] is not None]
-                mine = [r for r in rows if r["model"] == mname and r["layer"] == layer and r["fill"] == fill]
-                summary.append({"model": mname, "layer": layer, "fill": fill, "n_classes": len(table),
-                                "classes_beating_random": int(sum(beats)),
-                                "experts_beat_random": bool(beats) and sum(beats) > len(beats) / 2,
-                                "mean_acc_drop": _mean([r["experts"]["acc_drop"] for r in table]),
-                                "mean_random_acc_drop": _mean([r["random"]["acc_drop"]["median"]
-                                                               for r in table if r["random"]["acc_drop"]]),
-                                "pairs": len(mine),
-                                "k_top": [r["k_top"] for r in mine],
-                                "k_random": [r["k_random"] for r in mine]})
-                tick(f"{mname} {layer}: ablations ({fill})")
-                # ---- the region check
-                if do_region:
-                    units = []
-                    for r in sorted((r for r in erows if r.get("model") == mname and r.get("layer") == layer
-                                     and r.get("shortcut")), key=lambda r: (r.get("rank", 0), r["class"])):
-                        if int(r["unit"]) not in units:
-                            units.append(int(r["unit"]))
-                    if units:
-                        rc = region_check(model, layer, units, region_sets, fill=fills[fill],
-                                          random_draws=draws, seed=_seed_for(seed, mname), confidence=conf,
-                                          _cut=cut, _slices=region_slices)
-                        rc["fill"] = fill
-                    else:
-                        rc = {"layer": layer, "units": [], "fill": fill, "sets": [], "region_drop": None,
-                              "clean_drop": None, "region_minus_clean": None, "region_moves_more": None,
-                              "random_draws": draws,
-                              "seed": None, "note": "no expert of this layer carries the shortcut"}
-                    rc["model"] = mname
-                    regions.append(rc)
-                    tick(f"{mname} {layer}: region check ({fill})")
+            run.measure(mname, model, layer)
     seconds = time.perf_counter() - t0
-    return {"rows": rows, "curves": curves, "ablation": ablations, "region": regions, "summary": summary,
+    return {"rows": run.rows, "curves": run.curves, "ablation": run.ablations, "region": run.regions,
+            "summary": run.summary,
             "pairs": pairs, "skipped_pairs": skipped, "confusion": cm.tolist(),
             "seeds": {"seed": seed, "random_draws": draws,
                       "rule": "torch.Generator(CPU) seeded per measurement: seed·1000003 + "

@@ -26,7 +26,12 @@ from core.engine.experts import experts, experts_many, interpret
 from core.engine.quantities import ClassQoI
 from core.methods.metrics import region_mass
 from core.methods.shortcut import classes_of, flag, rule_of, shortcut_rule, thresholds
-from core.stages.base import StageContext
+from core.stages.base import Stage, StageContext
+
+STAGE = Stage("experts", reads=("data", "models"), sections=("experts",),
+              omit=("experts.primary_layer",), inputs=("adapter", "roles", "device"), version=3,
+              delegated=False, plain_payload=False,
+              quick={"bootstrap": 20, "resolution": 8})
 
 __all__ = ["build", "class_images", "classes_of", "flag", "mass_fields", "rank_and_interpret",
            "rank_experts", "rank_many", "rule_of", "shortcut_rule", "thresholds"]
@@ -74,6 +79,25 @@ def mass_fields(mass: float | None, alias: str | None) -> dict:
     return out
 
 
+MASS_DRAWS = 1000
+
+
+def mass_interval(per_image: torch.Tensor, confidence: float = 0.95,
+                  draws: int = MASS_DRAWS) -> tuple[float | None, float | None]:
+    """The percentile bootstrap interval (``confidence``, ``draws`` resamples of the images with
+    replacement, a fixed seed) of the mean of ``per_image`` region masses; ``(None, None)`` for
+    fewer than two images. A verdict whose interval holds the threshold is undecided
+    (:func:`core.methods.shortcut.flag`)."""
+    n = len(per_image)
+    if n < 2:
+        return None, None
+    gen = torch.Generator().manual_seed(0)  # its own stream: no global RNG state is touched
+    means = per_image[torch.randint(n, (draws, n), generator=gen)].mean(1)
+    alpha = (1.0 - float(confidence)) / 2
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=means.dtype))
+    return float(lo), float(hi)
+
+
 def rank_and_interpret(model, layer: str, qoi, doi, train_x, images, masks, idx, *,
                        section: dict, device, display: Callable, alias: str | None = None,
                        cls: int, progress: Callable[[int, int, str], None] | None = None,
@@ -104,12 +128,15 @@ def rank_and_interpret(model, layer: str, qoi, doi, train_x, images, masks, idx,
     maps = torch.stack(maps) if maps else torch.zeros(0, images.shape[0], *images.shape[2:])
     rows = []
     for i, ex in enumerate(ranking["experts"]):
-        mass = None
+        mass, interval = None, {}
         if masks is not None and len(images):
             dm = region_mass(maps[i], masks[:, 0]).double()
             ok = torch.isfinite(dm)
             mass = float(dm[ok].mean()) if ok.any() else None
-        rows.append({**ex, **mass_fields(mass, alias)})
+            if mass is not None:
+                lo, hi = mass_interval(dm[ok], e.get("confidence", 0.95))
+                interval = {"mass_low": lo, "mass_high": hi}
+        rows.append({**ex, **mass_fields(mass, alias), **interval})
     shown = torch.from_numpy(display(images)).float()  # [0, 1], for the pages
     return {"rows": rows, "scores": ranking["scores"].float().clone(),
             "images": shown,
@@ -135,7 +162,8 @@ def build(ctx: StageContext) -> dict:
     """Rank and interpret the experts of every model, layer and class (module docstring).
 
     Payload: ``rows`` [{"model", "class", "layer", "unit", "rank", "influence", "frequency",
-    "ci_low", "ci_high", "region_mass" (+ alias), "threshold", "shortcut"}], ``results``
+    "ci_low", "ci_high", "region_mass" (+ alias), "mass_low", "mass_high" (its bootstrap interval
+    over the images), "threshold", "shortcut", "verdict"}], ``results``
     {"<model>/<layer>/<class>": :func:`rank_and_interpret`'s dict, flagged}, ``layers``,
     ``checks`` (the case's own, or None), ``classes``, ``models``, ``chance``, ``thresholds``
     (per layer, None without a region), ``shortcut_rule``, ``seconds``."""
@@ -167,7 +195,8 @@ def build(ctx: StageContext) -> dict:
                                  "unit": row["unit"], "rank": row["rank"],
                                  "influence": row["score"], "frequency": row["frequency"],
                                  "ci_low": row["ci_low"], "ci_high": row["ci_high"],
-                                 **{k: v for k, v in row.items() if k.endswith("_mass")}})
+                                 **{k: v for k, v in row.items()
+                                    if k.endswith("_mass") or k in ("mass_low", "mass_high")}})
                 done += 1
                 ctx.progress(done, total, f"{mname} {layer} class {c}")
     th = thresholds(rows, e, data.chance, ctx.reference)

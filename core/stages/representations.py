@@ -69,7 +69,11 @@ from core.engine.experts import interpret
 from core.engine.influence import activations, eval_mode, influence, model_device
 from core.engine.quantities import ClassQoI
 from core.methods import metrics as M
-from core.stages.base import StageContext
+from core.stages.base import Stage, StageContext
+
+STAGE = Stage("representations", reads=("data", "models", "experts"),
+              sections=("representations", "experts"), inputs=("seeds", "roles", "device"),
+              plain_payload=False, quick={"n_images": 32, "n_mprt": 8, "n_reference": 16})
 
 __all__ = [
     "METHODS",
@@ -480,6 +484,127 @@ def metrics_info(region: str | None = None, chance: float | None = None,
     return out
 
 
+def _options_of(cfg: dict, defaults: dict) -> dict:
+    """Every method's options: the case's per-method layer defaults under the section's
+    ``options`` (the section wins key by key; a method only the defaults name keeps a copy)."""
+    options = {m: {**defaults.get(m, {}), **o} for m, o in cfg["options"].items()}
+    for m, o in defaults.items():
+        options.setdefault(m, dict(o))
+    return options
+
+
+def _class_reference(train, per_class: int) -> tuple[Tensor, Tensor]:
+    """Internal influence's class-conditional distribution: ``(x, y)`` of the first
+    ``per_class`` training images of every class, in class order then split order."""
+    keep = torch.cat([(train.y == c).nonzero().flatten()[:per_class]
+                      for c in torch.unique(train.y).tolist()])
+    return train.x[keep].float(), train.y[keep].long()
+
+
+def _model_names(ctx: StageContext, cfg: dict) -> list[str]:
+    """The models to explain, each once in order: ``models`` (default the model under study and
+    its reference), then with ``corrections = true`` the corrected models the context holds."""
+    extra = _corrected_models(ctx) if cfg["corrections"] else []
+    base = cfg["models"] if cfg["models"] is not None else [ctx.subject, ctx.reference]
+    return list(dict.fromkeys([m for m in base if m] + extra))
+
+
+class _Explained:
+    """One representations build: the fixed test images and settings, and per model what each
+    method gives (rows, maps, curves, MPRT curves, predictions, internal-influence experts,
+    seconds), with the progress count."""
+
+    def __init__(self, ctx: StageContext, cfg: dict, total: int, **fixed):
+        self.ctx, self.cfg, self.total, self.done = ctx, cfg, total, 0
+        self.__dict__.update(fixed)
+        self.rows: list[dict] = []
+        self.maps: dict = {}
+        self.deletion: dict = {}
+        self.insertion: dict = {}
+        self.mprt_curves: dict = {}
+        self.preds: dict = {}
+        self.expert_info: dict = {}
+        self.seconds: dict = {}
+        self.layers: list[str] = []  # MPRT's layers (the last method's)
+        self.fraction: list[float] = []  # pixels removed per deletion step (the last method's)
+
+    def report(self, msg: str) -> None:
+        self.ctx.progress(self.done, self.total, msg)
+
+    def model(self, name: str, methods: list[str]) -> None:
+        """Every method's maps and metrics for model ``name``, and its predictions and time."""
+        t_model = time.perf_counter()
+        model = self.ctx.model(name)
+        dev = model_device(model)
+        x = self.x_all.to(dev)
+        with torch.no_grad(), eval_mode(model):
+            pred = model(x).argmax(1).cpu()
+        self.preds[name] = pred[:self.n_display].clone()
+        y = (self.labels if self.cfg["target"] == "label" else pred).to(dev)
+        self.maps[name], self.deletion[name], self.insertion[name] = {}, {}, {}
+        self.mprt_curves[name] = {}
+        for meth in methods:
+            self.report(f"{name}: {METHODS[meth].label}")
+            self.method(name, model, dev, x, y, meth)
+            self.done += 1
+            self.report(f"{name}: {METHODS[meth].label} done")
+        self.seconds[name] = time.perf_counter() - t_model
+
+    def method(self, name: str, model: nn.Module, dev, x: Tensor, y: Tensor, meth: str) -> None:
+        """Method ``meth``'s maps of ``x`` (for targets ``y``, both on ``dev``) and its row: the
+        mean over images (NaNs skipped) of the localisation metrics (with a region),
+        deletion/insertion AUC, MPRT's last-layer Spearman similarity and sparseness; the curves
+        and displayed maps beside."""
+        cfg, mask, step, n_mprt = self.cfg, self.mask, self.step, self.n_mprt
+        opts = {"batch_size": int(cfg["batch_size"]), **self.options.get(meth, {})}
+        ref = self.reference if meth == "internal_influence" else None
+        attr, info = attribute(model, x, y, meth, reference=ref, return_info=True, **opts)
+        if meth == "internal_influence":
+            self.expert_info[name] = info["classes"]
+        attr = attr.detach()
+        row = {"method": meth, "label": METHODS[meth].label, "model": name}
+        if mask is not None:  # localisation metrics exist only where the case has a region
+            mask_dev = mask.to(dev)
+            row["region_mass"] = _nanmean(M.region_mass(attr, mask_dev))
+            if self.alias:
+                row[self.alias] = row["region_mass"]
+            row["wrong_reason"] = _nanmean(M.wrong_reason(attr, mask_dev))
+            row["rank_accuracy"] = _nanmean(M.rank_accuracy(attr, mask_dev))
+        di = M.deletion_insertion(model, x, y, attr, step=step)
+        row["deletion_auc"] = _nanmean(di["deletion_auc"])
+        row["insertion_auc"] = _nanmean(di["insertion_auc"])
+        self.deletion[name][meth] = di["deletion_curve"].double().mean(0).tolist()
+        self.insertion[name][meth] = di["insertion_curve"].double().mean(0).tolist()
+        steps = di["deletion_curve"].shape[1] - 1
+        hw = x.shape[-2] * x.shape[-1]
+        self.fraction = [min(s * step, hw) / hw for s in range(steps + 1)]
+
+        def explain(m, xx, yy, meth=meth, opts=opts, ref=ref):
+            return attribute(m, xx, yy, meth, reference=ref, **opts)
+
+        # the unrandomised maps of these images are attr[:n_mprt]: not computed again
+        res = M.mprt(model, x[:n_mprt], y[:n_mprt], explain, seed=int(cfg["seed"]),
+                     reference=attr[:n_mprt])
+        self.layers = list(res["layers"])
+        row["mprt_spearman"] = _nanmean(res["last"])
+        self.mprt_curves[name][meth] = [_nanmean(s) for s in res["scores"]]
+        row["sparseness"] = _nanmean(M.sparseness(attr))
+        self.rows.append(row)
+        self.maps[name][meth] = attr[:self.n_display].sum(1).float().cpu().clone()
+
+
+def _config_out(cfg: dict, options: dict, names: list[str], step: int, n: int, n_display: int,
+                n_mprt: int) -> dict:
+    """The settings used, as plain JSON: the section with only the scalar options, the models
+    explained and the resolved step and image counts."""
+    cfg_out = {k: v for k, v in cfg.items() if k != "options"}
+    cfg_out["options"] = {k: {kk: vv for kk, vv in v.items() if isinstance(vv, int | float | str)}
+                          for k, v in options.items()}
+    cfg_out["models"], cfg_out["step"] = names, step
+    cfg_out["n_images"], cfg_out["n_display"], cfg_out["n_mprt"] = n, n_display, n_mprt
+    return cfg_out
+
+
 def build(ctx: StageContext) -> dict:
     """Every method's maps and metrics on a fixed set of test images, for each model.
 
@@ -513,11 +638,7 @@ def build(ctx: StageContext) -> dict:
     data = ctx.data
     test = data.test
     has_region = test.mask is not None
-    alias = (getattr(data, "extra", None) or {}).get("region_alias")
-    defaults = _case_layers(ctx)
-    options = {m: {**defaults.get(m, {}), **o} for m, o in cfg["options"].items()}
-    for m, o in defaults.items():
-        options.setdefault(m, dict(o))
+    options = _options_of(cfg, _case_layers(ctx))
     step = int(cfg["step"] or test.x.shape[-1])
     n = min(int(cfg["n_images"]), test.n)
     n_display = min(int(cfg["n_display"]), n)
@@ -526,105 +647,32 @@ def build(ctx: StageContext) -> dict:
     mask = test.mask[:n].bool() if has_region else None
     labels = test.y[:n].long()
     # internal influence's class-conditional DoI: the first n_reference training images per class
-    tr = data.train
-    keep = torch.cat([(tr.y == c).nonzero().flatten()[:int(cfg["n_reference"])]
-                      for c in torch.unique(tr.y).tolist()])
-    reference = (tr.x[keep].float(), tr.y[keep].long())
-
-    extra = _corrected_models(ctx) if cfg["corrections"] else []
-    subject = ctx.subject
-    ref_model = ctx.reference
-    base = cfg["models"] if cfg["models"] is not None else [subject, ref_model]
-    names = list(dict.fromkeys([m for m in base if m] + extra))
+    reference = _class_reference(data.train, int(cfg["n_reference"]))
+    names = _model_names(ctx, cfg)
     methods = list(cfg["methods"])
-    total = len(names) * len(methods)
-    done = 0
-
-    def report(msg: str) -> None:
-        ctx.progress(done, total, msg)
-
-    rows: list[dict] = []
-    maps_out: dict = {}
-    deletion: dict = {}
-    insertion: dict = {}
-    mprt_curves: dict = {}
-    preds: dict = {}
-    expert_info: dict = {}
-    seconds: dict = {}
-    layers: list[str] = []
-    fraction: list[float] = []
-    report("starting")
+    run = _Explained(ctx, cfg, len(names) * len(methods), x_all=x_all, mask=mask, labels=labels,
+                     reference=reference, alias=(getattr(data, "extra", None) or {}).get("region_alias"),
+                     options=options, step=step, n_display=n_display, n_mprt=n_mprt)
+    run.report("starting")
     for name in names:
-        t_model = time.perf_counter()
-        model = ctx.model(name)
-        dev = model_device(model)
-        x = x_all.to(dev)
-        with torch.no_grad(), eval_mode(model):
-            pred = model(x).argmax(1).cpu()
-        preds[name] = pred[:n_display].clone()
-        y = (labels if cfg["target"] == "label" else pred).to(dev)
-        maps_out[name], deletion[name], insertion[name], mprt_curves[name] = {}, {}, {}, {}
-        for meth in methods:
-            report(f"{name}: {METHODS[meth].label}")
-            opts = {"batch_size": int(cfg["batch_size"]), **options.get(meth, {})}
-            ref = reference if meth == "internal_influence" else None
-            attr, info = attribute(model, x, y, meth, reference=ref, return_info=True, **opts)
-            if meth == "internal_influence":
-                expert_info[name] = info["classes"]
-            attr = attr.detach()
-            row = {"method": meth, "label": METHODS[meth].label, "model": name}
-            if has_region:  # localisation metrics exist only where the case has a region
-                mask_dev = mask.to(dev)
-                row["region_mass"] = _nanmean(M.region_mass(attr, mask_dev))
-                if alias:
-                    row[alias] = row["region_mass"]
-                row["wrong_reason"] = _nanmean(M.wrong_reason(attr, mask_dev))
-                row["rank_accuracy"] = _nanmean(M.rank_accuracy(attr, mask_dev))
-            di = M.deletion_insertion(model, x, y, attr, step=step)
-            row["deletion_auc"] = _nanmean(di["deletion_auc"])
-            row["insertion_auc"] = _nanmean(di["insertion_auc"])
-            deletion[name][meth] = di["deletion_curve"].double().mean(0).tolist()
-            insertion[name][meth] = di["insertion_curve"].double().mean(0).tolist()
-            steps = di["deletion_curve"].shape[1] - 1
-            hw = x.shape[-2] * x.shape[-1]
-            fraction = [min(s * step, hw) / hw for s in range(steps + 1)]
-
-            def explain(m, xx, yy, meth=meth, opts=opts, ref=ref):
-                return attribute(m, xx, yy, meth, reference=ref, **opts)
-
-            # the unrandomised maps of these images are attr[:n_mprt]: not computed again
-            res = M.mprt(model, x[:n_mprt], y[:n_mprt], explain, seed=int(cfg["seed"]),
-                         reference=attr[:n_mprt])
-            layers = list(res["layers"])
-            row["mprt_spearman"] = _nanmean(res["last"])
-            mprt_curves[name][meth] = [_nanmean(s) for s in res["scores"]]
-            row["sparseness"] = _nanmean(M.sparseness(attr))
-            rows.append(row)
-            maps_out[name][meth] = attr[:n_display].sum(1).float().cpu().clone()
-            done += 1
-            report(f"{name}: {METHODS[meth].label} done")
-        seconds[name] = time.perf_counter() - t_model
+        run.model(name, methods)
+    seconds = run.seconds
     seconds["total"] = time.perf_counter() - t_start
     seconds["cpu"] = time.process_time() - cpu_start  # this process's CPU time, all threads
-    cfg_out = {k: v for k, v in cfg.items() if k != "options"}
-    cfg_out["options"] = {k: {kk: vv for kk, vv in v.items() if isinstance(vv, int | float | str)}
-                          for k, v in options.items()}
-    cfg_out["models"], cfg_out["step"] = names, step
-    cfg_out["n_images"], cfg_out["n_display"], cfg_out["n_mprt"] = n, n_display, n_mprt
     return {
-        "rows": rows,
-        "maps": maps_out,
+        "rows": run.rows,
+        "maps": run.maps,
         "images": {"x": torch.from_numpy(data.display(x_all[:n_display])).float(),
                    "mask": mask[:n_display, 0].clone() if has_region else None,
-                   "y": labels[:n_display].clone(), "pred": preds,
+                   "y": labels[:n_display].clone(), "pred": run.preds,
                    "index": list(range(n_display))},
-        "curves": {"fraction": fraction, "deletion": deletion, "insertion": insertion},
-        "mprt": {"layers": layers, "row": "last", "n_images": n_mprt, "curves": mprt_curves},
+        "curves": {"fraction": run.fraction, "deletion": run.deletion, "insertion": run.insertion},
+        "mprt": {"layers": run.layers, "row": "last", "n_images": n_mprt, "curves": run.mprt_curves},
         "metrics_info": metrics_info(data.region_name if has_region else None,
                                      data.chance if has_region else None, step),
         "methods": [METHODS[m].row() for m in methods],
-        "experts": expert_info,
-        "config": cfg_out,
+        "experts": run.expert_info,
+        "config": _config_out(cfg, options, names, step, n, n_display, n_mprt),
         "chance": data.chance if has_region else None,
         "region": data.region_name if has_region else None,
         "chance_decoy_mass": data.chance if has_region else None,

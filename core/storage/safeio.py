@@ -12,7 +12,8 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["MAX_CHECKPOINT_BYTES", "check_checkpoint", "checkpoint_digest", "open_checkpoint"]
+__all__ = ["MAX_CHECKPOINT_BYTES", "check_checkpoint", "checkpoint_digest", "open_checkpoint",
+           "sha256_of"]
 
 MAX_CHECKPOINT_BYTES = 16 * 2**30  # a checkpoint larger than this is refused before it is read
 
@@ -61,14 +62,20 @@ def checkpoint_digest(path: str | Path, where: str = "checkpoint", error: type =
     after :func:`check_checkpoint`; reads no more than the size it found. One-line
     ``error`` for a missing, non-regular, oversized or unreadable file."""
     f, st = open_checkpoint(path, f"{where} {str(path)!r}", error)
-    h = hashlib.sha256()
-    left = st.st_size
     with f:
-        while left > 0:
-            block = f.read(min(1 << 20, left))
-            if not block:
-                break
-            h.update(block)
-            left -= len(block)
-    return f"{st.st_size}:{h.hexdigest()[:24]}"
+        return f"{st.st_size}:{sha256_of(f, st.st_size)[0][:24]}"
+
+
+def sha256_of(f, limit: int) -> tuple[str, int]:
+    """``(sha256 hex, bytes read)`` of an open binary file's content from its position, reading
+    at most ``limit`` bytes in 1 MiB blocks (a file that grows while it is read, or never ends,
+    costs no more than that)."""
+    h, left = hashlib.sha256(), limit
+    while left > 0:
+        block = f.read(min(1 << 20, left))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest(), limit - left
 
