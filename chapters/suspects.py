@@ -10,6 +10,8 @@ build it.
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -157,7 +159,9 @@ for r in order[:SHOWN]:
                    "same size and shape at a random place on the same images: removed there "
                    "(necessity), or the content found there pasted there (sufficiency).")
     case = study.config.name
-    st.markdown(f"[Link to this candidate](suspects?case={case}&smodel={model}&suspect={rank})")
+    # the names are URL-encoded: a case or model name cannot close the link or add markup
+    query = urlencode({"case": case, "smodel": model, "suspect": rank})
+    st.markdown(f"[Link to this candidate](suspects?{query})")
     with st.expander("Use as the case's region"):
         st.markdown("Write this candidate's masks (PNG, same relative paths as the images; no file "
                     "= no region on that image), then point the case's `[region]` at them. The "
@@ -165,7 +169,8 @@ for r in order[:SHOWN]:
                     "is written into your folders from here.")
         st.code(f"python -m core discover {case} --model {model} --top {rank} --out suspects\n",
                 language="sh")
-        st.code(f'[region]\nmasks = "suspects/{rank}"\nname = "suspect {rank} (class {cls})"\n',
+        raw_cls = str(r.get("class")).replace('"', "'")  # a code block draws no markup
+        st.code(f'[region]\nmasks = "suspects/{rank}"\nname = "suspect {rank} (class {raw_cls})"\n',
                 language="toml")
 
 ui.next_chapter("chapters/one_image.py", "One image, end to end",

@@ -99,62 +99,6 @@ def test_check_config():
         D.check_config({"fill": "zeros"})
 
 
-def checker_images(n, side=20, tex=6, seed=0):
-    """``n`` images of uniform noise, each with a tex × tex checkerboard at a random place, and
-    its footprints (n, side, side) bool."""
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(rng.random((n, 1, side, side)).astype(np.float32))
-    masks = np.zeros((n, side, side), bool)
-    board = torch.from_numpy((np.indices((tex, tex)).sum(0) % 2).astype(np.float32))
-    for i in range(n):
-        top, left = rng.integers(0, side - tex + 1, 2)
-        x[i, 0, top:top + tex, left:left + tex] = board
-        masks[i, top:top + tex, left:left + tex] = True
-    return x, masks
-
-
-def test_consistency_follows_a_mark_that_moves():
-    # the same checkerboard at a random place on noise: its regions recur wherever they are;
-    # the same boxes on noise alone (no mark) vary as much as the control does
-    x, masks = checker_images(40)
-    ref = torch.from_numpy(np.random.default_rng(1).random((64, 1, 20, 20)).astype(np.float32))
-    assert D.content_consistency(x, masks, ref, np.random.default_rng(0)) >= 0.95
-    assert abs(D.content_consistency(ref[:40], masks, ref[40:], np.random.default_rng(0))) <= 0.2
-    assert D.content_consistency(x[:1], masks[:1], ref, np.random.default_rng(0)) == 0.0
-
-
-def test_pattern_matched_past_the_border():
-    # a 3 × 3 "X" in a corner and at the bottom edge; the template carries a 1-pixel margin, so
-    # its best window reaches past the border: the mask lands on the mark, clipped to the image
-    x = torch.zeros(2, 1, 12, 12)
-    mark = torch.tensor([[1., 0, 1], [0, 1, 0], [1, 0, 1]])
-    x[0, 0, :3, :3] = mark
-    x[1, 0, 9:, 5:8] = mark
-    template = torch.zeros(1, 5, 5)
-    template[0, 1:4, 1:4] = mark
-    shape = np.zeros((5, 5), bool)
-    shape[1:4, 1:4] = True
-    masks, _ = D._match(x, {"template": template.tolist(), "shape": shape.tolist()})
-    truth = np.zeros((2, 12, 12), bool)
-    truth[0, :3, :3] = truth[1, 9:, 5:8] = True
-    assert np.array_equal(masks, truth)
-
-
-def test_pattern_rule_finds_a_texture_at_a_random_place():
-    # attribution blobs overshoot a mark by a pixel: the pattern rule aligns what recurs in them
-    # and its matches are the planted checkerboard, whose content then recurs
-    from core.methods import planted as P
-
-    x, y, m = P.make_case("texture", "shortcut", 0)["train"]
-    idx = torch.as_tensor(np.flatnonzero(y.numpy() == P.TARGET)[:64])
-    xg, mg = x[idx], m[idx].numpy()
-    blobs = D._dilate(torch.as_tensor(mg), 1).numpy()
-    rule = D._pattern_rule(xg, blobs, x, np.random.default_rng(0))
-    found, _ = D._match(xg, rule)
-    assert np.median([D.iou(a, b) for a, b in zip(found, mg, strict=True)]) >= 0.9
-    assert D.content_consistency(xg, found, x, np.random.default_rng(0)) >= 0.9
-
-
 # ----------------------------------------------------------------------------------- a hand-built model
 
 SIDE = 8

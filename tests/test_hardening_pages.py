@@ -27,7 +27,8 @@ NAME = "hostile-strings"
 # every chapter but the Suspects one (its own tests cover it)
 CHAPTERS = ["chapters/case_study.py", "chapters/influence.py", "chapters/overview.py",
             "chapters/one_image.py", "chapters/representations.py", "chapters/corrections.py",
-            "chapters/essence.py", "chapters/detection.py", "chapters/method.py"]
+            "chapters/essence.py", "chapters/detection.py", "chapters/method.py",
+            "chapters/suspects.py"]
 
 NETS = '''
 from torch import nn
@@ -179,7 +180,7 @@ def test_plain_and_inert_drop_format_characters():
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     """The hostile case in its own folder (listed through $CASEBOOK_CASES) with every stage its
-    pages read built in its own cache, on small settings (discovery's page is tested elsewhere)."""
+    pages read built in its own cache, on small settings."""
     folder = tmp_path_factory.mktemp("hostile-cases") / NAME
     folder.mkdir()
     g = torch.Generator().manual_seed(0)
@@ -194,8 +195,8 @@ def hostile(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CASEBOOK_CASES", str(folder.parent))
         study = CaseStudy.open(NAME, cache_dir=cache, device="cpu", allow_path=False)
-        results = study.build(stages=["data", "models", "experts", "representations",
-                                      "essence", "corrections", "detection"])
+        results = study.build(stages=["data", "models", "experts", "discovery",
+                                      "representations", "essence", "corrections", "detection"])
         assert all(r["status"] in ("built", "cached") for r in results.values()), results
     return folder.parent, cache, study
 

@@ -13,13 +13,10 @@ For the model under study and each class c (DESIGN §10, issue 20):
    cosine affinity, spectral clustering with k chosen by the largest eigengap of the normalised
    Laplacian. The whole class is always a group too. Held-out images (the other training half and
    the test images predicted as c) join the group whose centroid their map is closest to.
-3. **Regions.** Per group three rules: ``fixed`` — one region where the group's mean map is at
-   least ``threshold`` × its maximum, grown to the recurring pixels it touches (marks at one
-   place); ``moving`` — per image, the connected blob of its own map above ``threshold`` × that
-   map's maximum holding the most attribution (marks whose place varies); ``pattern`` — what
-   recurs in the blobs' windows once aligned (normalised cross-correlation, windows may reach past
-   the border), matched on each image wherever it is (a mark at a random place). Regions are
-   closed (3 × 3) and their holes filled.
+3. **Regions.** Per group two rules: ``fixed`` — one region where the group's mean map is at least
+   ``threshold`` × its maximum (marks at one place); ``moving`` — per image, the connected blob of
+   its own map above ``threshold`` × that map's maximum holding the most attribution (marks whose
+   place varies). Regions are closed (3 × 3) and their holes filled.
 4. **Causal tests** on the group's held-out images, each against a control: the same region rolled
    to a random place (same size, same shape). *Necessity*: the region is removed (filled with the
    mean of a 2-pixel ring around it, per channel: ``fill = "local_mean"``; or a blurred copy:
@@ -32,10 +29,8 @@ For the model under study and each class c (DESIGN §10, issue 20):
    Wilson intervals.
 5. **Verdict** "suspected" when, with α Bonferroni-corrected over the candidates tested, both
    effects beat their control at p < α / m, necessity by at least ``min_effect`` and sufficiency
-   by at least ``min_sufficiency``, the region is compact
-   (mean share of the image ≤ ``max_share``, median ≤ ``max_components`` connected pieces) and
-   its content recurs wherever it is (:func:`content_consistency` ≥ ``min_consistency``: each
-   region read in its own box, at its best small shift, against the group's medoid region);
+   by at least ``min_sufficiency``, and the region is compact
+   (mean share of the image ≤ ``max_share``, median ≤ ``max_components`` connected pieces);
    otherwise "not suspected" with the first condition that failed. The rule and thresholds are in
    every row. Candidates are ranked by evidence (suspected first, then the smaller of the two
    effects over control, then the p-value).
@@ -83,9 +78,8 @@ DEFAULTS: dict = {
                             # necessity, 0.12 sufficiency, both against a 0.00 control)
     "max_share": 0.25,      # compact: mean share of the image the region covers
     "max_components": 3,    # compact: median connected pieces of a region
-    "min_consistency": 0.75,  # a mark: its regions' content, each read in its own box (so a
-                            # mark that moves is compared with itself), differs from the group's
-                            # medoid ≤ ¼ as much as the same boxes on random images do
+    "min_consistency": 0.75,  # a mark: its content varies across the group ≤ ¼ as much as the
+                            # same place does across all training images
     "min_test": 10,         # test images the model must predict as a class to test it
     "min_tested": 8,        # held-out images a candidate needs for each test
     "seed": 0,
@@ -101,8 +95,6 @@ _BOUNDS = {"max_fit": (8, 100000), "max_heldout": (4, 100000), "max_targets": (4
            "batch_size": (1, 1 << 20)}
 FILLS = ("local_mean", "blur")
 MIN_NCC = 0.6  # a pattern is present where its template correlates at least this well
-REFINE_PASSES = 2  # a pattern is re-matched with its refined template once more
-SHIFT, MAX_SHIFT = 0.15, 3  # consistency: regions compared at their best shift (share of side)
 
 
 def check_config(section: dict | None, where: str = "[discovery]") -> dict:
@@ -467,27 +459,9 @@ def _blob_regions(maps: Tensor, threshold: float) -> np.ndarray:
     return out
 
 
-def _margin(template_shape) -> tuple[int, int]:
-    """How far a template may reach past the image's border: half its height and width (a mark
-    at the border is matched with at least half the template inside)."""
-    return template_shape[-2] // 2, template_shape[-1] // 2
-
-
-def _padded(x: Tensor, ph: int, pw: int) -> Tensor:
-    """``x`` (N, C, H, W) padded with zeros by ``ph`` rows and ``pw`` columns on each side, so
-    windows may reach past the border (zeros, not repeated edges: a mark at the border is not
-    smeared outwards)."""
-    if ph == 0 and pw == 0:
-        return x
-    return F.pad(x, (pw, pw, ph, ph))
-
-
-def _ncc(x: Tensor, template: Tensor, margin: tuple[int, int] = (0, 0)) -> Tensor:
-    """Normalised cross-correlation (N, H − h + 1 + 2·mh, W − w + 1 + 2·mw) of a template
-    (C, h, w) with every window of the images ``x`` (N, C, H, W), windows reaching ``margin``
-    = (mh, mw) pixels past the border (:func:`_padded`); entry (i, j) is the window whose top-left
-    corner is (i − mh, j − mw). 0 where a window or the template is flat."""
-    x = _padded(x, *margin)
+def _ncc(x: Tensor, template: Tensor) -> Tensor:
+    """Normalised cross-correlation (N, H − h + 1, W − w + 1) of a template (C, h, w) with every
+    window of the images ``x`` (N, C, H, W) (0 where a window or the template is flat)."""
     t = template - template.mean()
     tn = t.norm()
     c, h, w = template.shape
@@ -502,67 +476,32 @@ def _ncc(x: Tensor, template: Tensor, margin: tuple[int, int] = (0, 0)) -> Tenso
     return torch.where(den > 1e-6, num / den.clamp(min=1e-6), torch.zeros_like(num))
 
 
-def _best_windows(x: Tensor, template: Tensor) -> tuple[list, Tensor, Tensor]:
-    """Where ``template`` (C, h, w) correlates best with each image of ``x`` (N, C, H, W), windows
-    reaching up to :func:`_margin` past the border: (top-left corners [(top, left)] in image
-    coordinates, may be negative; the windows (N, C, h, w) cut from the padded images; the best
-    correlations (N,))."""
-    mh, mw = _margin(template.shape)
-    ncc = _ncc(x, template, (mh, mw))
-    best, pos = ncc.flatten(1).max(1)
-    width = ncc.shape[-1]
-    xp = _padded(x, mh, mw)
-    h, w = template.shape[-2:]
-    corners, windows = [], []
-    for i in range(len(x)):
-        top, left = divmod(int(pos[i]), width)
-        windows.append(xp[i, :, top:top + h, left:left + w])
-        corners.append((top - mh, left - mw))
-    return corners, torch.stack(windows) if windows else x[:, :, :h, :w], best
-
-
-def _place(shape: np.ndarray, corners: list, size: tuple[int, int]) -> np.ndarray:
-    """Masks (N, H, W) bool: ``shape`` (h, w) with its top-left corner at each corner (clipped
-    to the image)."""
-    masks = np.zeros((len(corners), *size), dtype=bool)
-    sh, sw = shape.shape
-    for i, (top, left) in enumerate(corners):
-        t0, l0 = max(0, top), max(0, left)
-        t1, l1 = min(size[0], top + sh), min(size[1], left + sw)
-        if t1 > t0 and l1 > l0:
-            masks[i, t0:t1, l0:l1] = shape[t0 - top:t1 - top, l0 - left:l1 - left]
-    return masks
-
-
 def _pattern_rule(x: Tensor, blobs: np.ndarray, x_ref: Tensor,
                   rng: np.random.Generator) -> dict | None:
     """A recurring pattern from the group's attribution blobs, or None.
 
-    A window (the median blob box plus a 1-pixel margin) around each blob's centre (reaching past
-    the border where the blob is near it); the medoid window (highest mean correlation with the
-    others) is the first template. It is matched on every image of the group (best normalised
-    cross-correlation, :func:`_best_windows`); of the aligned windows, the pixels that recur
-    connected to the most attributed ones are the pattern (:func:`_refine`, ``REFINE_PASSES``
-    times, each matching the last template): the template becomes their box (plus a 1-pixel
-    margin) and its recurring pixels the region's shape. Without recurring pixels (or fewer than
-    a quarter of the blob's) the last template and shape stay. Returns ``{"template",
-    "shape"}`` as nested lists."""
+    A window (the median blob box plus a 1-pixel margin) around each blob's centre; the medoid
+    window (highest mean correlation with the others) is the first template. It is matched on
+    every image of the group (best normalised cross-correlation); of the aligned windows, the
+    pixels that recur (:func:`_recurring` against same-size windows of ``x_ref`` at random places)
+    connected to the most attributed ones are the pattern: the template becomes their box (plus
+    a 1-pixel margin) and its recurring pixels the region's shape. Without recurring pixels (or
+    fewer than a quarter of the blob's) the medoid's own window and blob stay."""
     keep = [i for i in range(len(blobs)) if blobs[i].any()]
     if len(keep) < 2:
         return None
     h, w = blobs.shape[-2:]
     boxes = [_bbox(blobs[i]) for i in keep]
-    wh = min(h, int(np.median([b[1] - b[0] for b in boxes])) + 2)
-    ww = min(w, int(np.median([b[3] - b[2] for b in boxes])) + 2)
-    xp = _padded(x, wh, ww)
-    bp = np.pad(blobs, ((0, 0), (wh, wh), (ww, ww)))
+    bh = int(np.median([b[1] - b[0] for b in boxes]))
+    bw = int(np.median([b[3] - b[2] for b in boxes]))
+    wh, ww = min(h, bh + 2), min(w, bw + 2)
     crops, shapes = [], []
     for i in keep:
         rows, cols = np.nonzero(blobs[i])
-        top = int(round(rows.mean() - (wh - 1) / 2)) + wh
-        left = int(round(cols.mean() - (ww - 1) / 2)) + ww
-        crops.append(xp[i, :, top:top + wh, left:left + ww])
-        shapes.append(bp[i, top:top + wh, left:left + ww])
+        top = int(np.clip(round(rows.mean() - (wh - 1) / 2), 0, h - wh))
+        left = int(np.clip(round(cols.mean() - (ww - 1) / 2), 0, w - ww))
+        crops.append(x[i, :, top:top + wh, left:left + ww])
+        shapes.append(blobs[i][top:top + wh, left:left + ww])
     flat = torch.stack(crops).flatten(1).double()
     flat = flat - flat.mean(1, keepdim=True)
     flat = flat / flat.norm(dim=1, keepdim=True).clamp(min=1e-8)
@@ -570,57 +509,48 @@ def _pattern_rule(x: Tensor, blobs: np.ndarray, x_ref: Tensor,
     np.fill_diagonal(sim, np.nan)
     medoid = int(np.nanargmax(np.nanmean(sim, axis=1)))
     template, shape = crops[medoid], _tidy(shapes[medoid])
-    for _ in range(REFINE_PASSES):
-        refined = _refine(x, template, shape, x_ref, rng)
-        if refined is None:
-            break
-        template, shape = refined
+    # refine: what recurs in the aligned windows is the pattern
+    ncc = _ncc(x, template)
+    pos = ncc.flatten(1).argmax(1)
+    width = ncc.shape[-1]
+    aligned = []
+    for i in range(len(x)):
+        top, left = divmod(int(pos[i]), width)
+        aligned.append(x[i, :, top:top + wh, left:left + ww])
+    aligned = torch.stack(aligned)
+    ref = []
+    for j in rng.integers(0, len(x_ref), min(len(x_ref), max(32, len(x)))):
+        top, left = int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1))
+        ref.append(x_ref[int(j), :, top:top + wh, left:left + ww])
+    rec = _recurring(aligned, torch.stack(ref))
+    grown = _grow(shape, rec) if (shape & rec).any() else rec
+    if grown.any() and (grown & rec).any() and grown.sum() >= 0.25 * shape.sum():
+        t, b, left, r = _bbox(grown)
+        t0, b0 = max(0, t - 1), min(wh, b + 1)
+        l0, r0 = max(0, left - 1), min(ww, r + 1)
+        template = aligned.mean(0)[:, t0:b0, l0:r0]
+        shape = grown[t0:b0, l0:r0]
     if not shape.any():
         return None
     return {"template": template.tolist(), "shape": shape.tolist()}
 
 
-def _refine(x: Tensor, template: Tensor, shape: np.ndarray, x_ref: Tensor,
-            rng: np.random.Generator, grow: int = 2) -> tuple[Tensor, np.ndarray] | None:
-    """One refinement of a pattern: ``template`` (C, h, w) is matched on every image of ``x``
-    (:func:`_best_windows`); the aligned windows, ``grow`` pixels larger on each side, are
-    compared with the same windows on random images of ``x_ref``, and the pixels that recur
-    there (:func:`_recurring`; inside the image in at least half the windows) connected to
-    ``shape`` (h, w) are the new shape; the new template
-    is the aligned windows' mean over its box plus a 1-pixel margin. Returns (template, shape),
-    or None when nothing recurs (or less than a quarter of ``shape``)."""
-    corners, _, _ = _best_windows(x, template)
-    h, w = template.shape[-2:]
-    wh, ww = h + 2 * grow, w + 2 * grow
-    xp = _padded(x, wh, ww)
-    inside_p = _padded(torch.ones(1, 1, *x.shape[-2:]), wh, ww)[0, 0]
-    cuts = [(slice(top + wh - grow, top + 2 * wh - grow), slice(left + ww - grow, left + 2 * ww - grow))
-            for top, left in corners]
-    aligned = torch.stack([xp[i, :, r, c] for i, (r, c) in enumerate(cuts)])
-    inside = torch.stack([inside_p[r, c] for r, c in cuts]).mean(0).numpy() >= 0.5
-    # the control: the same windows on random images (a background every image shares there,
-    # such as a margin, does not count as the pattern)
-    rp = _padded(x_ref[torch.as_tensor(rng.integers(0, len(x_ref), len(cuts)))], wh, ww)
-    ref = torch.stack([rp[i, :, r, c] for i, (r, c) in enumerate(cuts)])
-    rec = _recurring(aligned, ref) & inside  # what lies past the border cannot recur
-    seed = np.pad(shape, grow)
-    grown = _grow(seed, rec) if (seed & rec).any() else rec
-    if not (grown.any() and (grown & rec).any() and grown.sum() >= 0.25 * shape.sum()):
-        return None
-    t, b, left, r = _bbox(grown)
-    t0, b0 = max(0, t - 1), min(wh, b + 1)
-    l0, r0 = max(0, left - 1), min(ww, r + 1)
-    return aligned.mean(0)[:, t0:b0, l0:r0], grown[t0:b0, l0:r0]
-
-
 def _match(x: Tensor, rule: dict) -> tuple[np.ndarray, np.ndarray]:
     """(masks (N, H, W) bool, best correlation (N,)) of a pattern rule: its shape placed where the
-    template correlates best with each image (the template may reach past the border by
-    :func:`_margin`; the mask is clipped to the image)."""
+    template correlates best with each image."""
     template = torch.as_tensor(rule["template"], dtype=x.dtype)
     shape = np.asarray(rule["shape"], dtype=bool)
-    corners, _, best = _best_windows(x, template)
-    return _place(shape, corners, tuple(x.shape[-2:])), best.numpy()
+    ncc = _ncc(x, template)
+    n, _, h, w = x.shape
+    flat = ncc.flatten(1)
+    best, pos = flat.max(1)
+    width = ncc.shape[-1]
+    masks = np.zeros((n, h, w), dtype=bool)
+    sh, sw = shape.shape
+    for i in range(n):
+        top, left = divmod(int(pos[i]), width)
+        masks[i, top:top + sh, left:left + sw] = shape
+    return masks, best.numpy()
 
 
 def _mass_share(maps: Tensor, masks: np.ndarray) -> np.ndarray:
@@ -654,85 +584,51 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _boxes_at(x: Tensor, masks: np.ndarray, corners: list, size: tuple[int, int],
-              shift: int) -> tuple[Tensor, Tensor]:
-    """Windows (n, C, h + 2·shift, w + 2·shift) of the images ``x`` (n, C, H, W) whose central
-    h × w box has its top-left corner at ``corners`` [(top, left)] (zero outside the image), and
-    the masks (n, h, w) bool of ``masks`` (n, H, W) in those central boxes."""
-    h, w = size
-    p = shift + max(h, w)
-    xp = F.pad(x, (p, p, p, p))
-    mp = np.pad(np.asarray(masks, dtype=bool), ((0, 0), (p, p), (p, p)))
-    wins, cores = [], []
-    for i, (top, left) in enumerate(corners):
-        wins.append(xp[i, :, top + p - shift:top + p + h + shift,
-                       left + p - shift:left + p + w + shift])
-        cores.append(mp[i, top + p:top + p + h, left + p:left + p + w])
-    return torch.stack(wins), torch.as_tensor(np.stack(cores))
+def _crops(x: Tensor, masks: np.ndarray, boxes: list, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Each image's box resized (nearest) to ``size``: contents (n, C, h, w) and masks (n, h, w)."""
+    cs, ms = [], []
+    for i, (t, b, left, r) in enumerate(boxes):
+        crop = x[i:i + 1, :, t:b, left:r]
+        m = torch.as_tensor(masks[i][t:b, left:r], dtype=torch.float32)[None, None]
+        cs.append(F.interpolate(crop, size=size, mode="nearest")[0])
+        ms.append(F.interpolate(m, size=size, mode="nearest")[0, 0] > 0.5)
+    return torch.stack(cs), torch.stack(ms)
 
 
-def _shifted_distance(windows: Tensor, template: Tensor, weight: Tensor, shift: int) -> Tensor:
-    """(n,) each window's smallest mean squared difference to ``template`` (C, h, w) over the
-    pixels of ``weight`` (h, w), its central box moved by up to ``shift`` pixels each way."""
-    h, w = template.shape[-2:]
-    total = weight.sum().clamp(min=1)
-    best = None
-    for dy in range(2 * shift + 1):
-        for dx in range(2 * shift + 1):
-            d = ((windows[:, :, dy:dy + h, dx:dx + w] - template) ** 2).mean(1)
-            d = (d * weight).sum((1, 2)) / total
-            best = d if best is None else torch.minimum(best, d)
-    return best
+def _box3(x: Tensor) -> Tensor:
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
 
 
 def content_consistency(x: Tensor, masks: np.ndarray, x_ref: Tensor,
-                        rng: np.random.Generator, max_medoids: int = 24) -> float:
-    """How much a region's content recurs, wherever it is: 1 − √(D_group / D_control).
+                        rng: np.random.Generator) -> float:
+    """How much a region's content recurs: 1 − (its pixels' spread across the images ``x`` (n, C,
+    H, W) with regions ``masks`` (n, H, W)) / (the spread of the same boxes at the same places
+    across random images of ``x_ref``, e.g. every class's training images).
 
-    Each region of ``masks`` (n, H, W) on the images ``x`` (n, C, H, W) is read in a box of the
-    median box size centred on its own box, so a mark that moves is compared with itself. The
-    regions are split at random in halves: the template is the medoid of the first half (of up
-    to ``max_medoids`` tried, the one with the smallest median distance to the others in it);
-    D_group is the median over the second half (so the choice of template does not flatter
-    it) of the mean squared difference to it over the template's region pixels (all regions
-    when there are fewer than 4), each box moved to its best
-    shift of up to ``SHIFT`` × its larger side (1–``MAX_SHIFT`` pixels; a mark found a pixel
-    off, or a texture at another phase, is still the same). D_control: the same boxes on random
-    images of ``x_ref`` (e.g. every class's training images), given the same shifts. 1: the same
-    content every time (a mark); ≤ 0: it varies as much as any image does there (an object
-    part). 0 for fewer than 2 regions, and when most random images hold the template's content
-    there too (D_control = 0: a background every image shares is not a mark)."""
+    The images are first smoothed with a 3 × 3 mean (a pattern found one pixel off, or a
+    checkerboard at another phase, still counts as the same); each region's bounding box is
+    resized (nearest) to the median box size; the spread is the
+    standard deviation across images, averaged over the positions inside at least half the
+    regions and over channels. 1: the same pattern every time (a mark); ≤ 0: it varies as much as
+    any image does there (an object part). 0 for fewer than 2 regions."""
     keep = [i for i in range(len(masks)) if masks[i].any()]
     if len(keep) < 2 or len(x_ref) < 2:
         return 0.0
-    masks = np.asarray(masks, dtype=bool)[keep]
-    boxes = [_bbox(m) for m in masks]
-    h = max(1, int(np.median([b[1] - b[0] for b in boxes])))
-    w = max(1, int(np.median([b[3] - b[2] for b in boxes])))
-    shift = int(np.clip(round(SHIFT * max(h, w)), 1, MAX_SHIFT))
-    corners = [((b[0] + b[1] - h) // 2, (b[2] + b[3] - w) // 2) for b in boxes]
-    wins, cores = _boxes_at(x[torch.as_tensor(keep)], masks, corners, (h, w), shift)
+    boxes = [_bbox(masks[i]) for i in keep]
+    size = (max(1, int(np.median([b[1] - b[0] for b in boxes]))),
+            max(1, int(np.median([b[3] - b[2] for b in boxes]))))
+    xs = _box3(x[torch.as_tensor(keep)])
+    crops, cm = _crops(xs, masks[keep], boxes, size)
     ref_i = torch.as_tensor(rng.integers(0, len(x_ref), len(keep)))
-    ref_wins, _ = _boxes_at(x_ref[ref_i], masks, corners, (h, w), shift)
-    order = rng.permutation(len(keep))
-    fit, held = (order[:len(order) // 2], order[len(order) // 2:]) if len(order) >= 4 \
-        else (order, order)
-    best = None
-    for i in fit[:max_medoids]:
-        template = wins[i, :, shift:shift + h, shift:shift + w]
-        d = _shifted_distance(wins[torch.as_tensor(fit)], template, cores[i].float(), shift)
-        score = float(np.median(d.numpy()[fit != i])) if len(fit) > 1 else 0.0
-        if best is None or score < best[0]:
-            best = (score, int(i))
-    i = best[1]
-    template, weight = wins[i, :, shift:shift + h, shift:shift + w], cores[i].float()
-    others = held[held != i]
-    within = float(_shifted_distance(wins[torch.as_tensor(others)], template, weight,
-                                     shift).mean())
-    control = float(np.median(_shifted_distance(ref_wins, template, weight, shift).numpy()))
-    if control <= 1e-12:  # most images hold the same there (a shared background): no mark
+    ref, _ = _crops(_box3(x_ref[ref_i]), masks[keep], boxes, size)
+    inside = cm.float().mean(0) >= 0.5
+    if not bool(inside.any()):
         return 0.0
-    return float(1 - math.sqrt(within / control))
+    within = crops.std(0)[:, inside].mean()
+    spread = ref.std(0)[:, inside].mean()
+    if float(spread) <= 1e-8:
+        return 1.0 if float(within) <= 1e-8 else 0.0
+    return float(1 - within / spread)
 
 
 # ----------------------------------------------------------------------------------- tests
@@ -791,11 +687,9 @@ def rule_text(cfg: dict) -> str:
             f"(α = {cfg['alpha']:g}, m = candidates tested, Bonferroni), each on ≥ "
             f"{cfg['min_tested']} held-out images, and the region is compact (mean share of the "
             f"image ≤ {cfg['max_share']:g}, median ≤ {cfg['max_components']} connected pieces) "
-            f"and its content recurs wherever it is (consistency ≥ {cfg['min_consistency']:g}: "
-            f"1 − √(D_group / D_control), D_group the median over the group's regions of the "
-            f"mean squared difference to the group's medoid region, each region read in its own "
-            f"box at its best shift of ≤ {SHIFT:.0%} of the box (≤ {MAX_SHIFT} px); D_control "
-            f"the same for those boxes on random training images); "
+            f"and its content recurs (consistency ≥ {cfg['min_consistency']:g}: 1 − its spread "
+            f"across the group's images / the spread of the same place across all training "
+            f"images); "
             f"necessity removes the region ({cfg['fill'].replace('_', ' ')} fill)")
 
 
