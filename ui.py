@@ -759,36 +759,31 @@ def background_state(study) -> dict | None:
         return None
 
 
-def ensure_background_build(study) -> dict | None:
-    """Start (or join) the background build when stages of ``study`` are missing; returns the
-    worker's state, or None when nothing is to be built here (all built, background builds off,
-    or a read-only cache). A build that ended on an error, or whose missing stages failed or
-    were skipped, is not restarted by itself (the chapter shows why and offers the build)."""
+def ensure_background_build(study, built: dict[str, bool] | None = None) -> dict | None:
+    """Start (or join) the background build when stages of ``study`` are missing (``built``: its
+    ``status()`` when the caller has just read it); returns the worker's state, or None when
+    nothing is to be built here (all built, background builds off, or a read-only cache). A
+    build that ended on an error, or whose missing stages failed or were skipped, is not
+    restarted by itself (the chapter shows why and offers the build)."""
     if not background_enabled():
         return None
-    todo = [s for s, built in study.status().items() if not built]
+    todo = [s for s, done in (built or study.status()).items() if not done]
     if not todo:
         return None
     from core.casestudy import worker
 
     case, root, device = _worker_where(study)
     current = worker.state(case, root)
-    if current["running"] or current["waiting_for"]:
-        if current["waiting_for"]:  # another case held the cache: try again (it may be done)
-            return _start(worker, case, root, device, current)
+    if current["running"]:
         return current
     ended = current["finished"] and (current["error"] or all(
         (current["stages"].get(s) or {}).get("status") in ("failed", "skipped") for s in todo))
-    if ended:
+    if ended and not current["waiting_for"]:
         return current
-    return _start(worker, case, root, device, current)
-
-
-def _start(worker, case: str, root, device: str, current: dict) -> dict | None:
-    try:
+    try:  # (waiting for another case's worker: start returns at once while that one runs)
         return worker.start(case, root, device=device)
     except OSError:  # a read-only (shipped) cache: nothing can be built here
-        return None if not current["running"] else current
+        return None
 
 
 def _eta(seconds: float | None) -> str:
@@ -835,8 +830,8 @@ def progress_panel(study, *, compact: bool = True) -> dict | None:
     key = "bg-built-" + "|".join(map(str, study_key(study)))
 
     def panel() -> None:
-        now = ensure_background_build(study) or {}
         fresh = study.status()
+        now = ensure_background_build(study, fresh) or {}
         built = tuple(sorted(k for k, v in fresh.items() if v))
         seen = st.session_state.get(key)
         st.session_state[key] = built
