@@ -22,8 +22,18 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
+from pathlib import Path
+
+from core.casestudy import DELEGATED, STAGES, CaseError, CaseStudy, list_cases, worker
+from core.casestudy.facts import FactsNotCached, no_user_code
+from core.casestudy.worker import ProgressFile
+from core.report.markdown import markdown
+from core.report.readme import check_readme, write_readme
+from core.storage import cache
+from core.storage.cache import Cache
 
 EXIT_BAD_INPUT = 2
 
@@ -180,7 +190,6 @@ def _summary(rep: dict) -> str:
             else:
                 lines.append(f"  {model:8} experts: " + ", ".join(
                     f"{layer} {s['n']}" for layer, s in layers.items()))
-    from core.casestudy import DELEGATED
 
     for stage in DELEGATED:
         if stage in rep:
@@ -212,7 +221,6 @@ def _summary(rep: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
-    from core.casestudy import CaseError, CaseStudy, list_cases
 
     try:
         if args.command == "list":
@@ -239,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
             return _build(args, study, stages)
         rep = study.report()
         if args.markdown:
-            from core.report.markdown import markdown
-
             text = markdown(rep).rstrip("\n")
         else:
             text = json.dumps(rep, indent=1, allow_nan=False) if args.json else _summary(rep)
@@ -258,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cache_error():
     """The cache's own error class for an unusable cache directory (a ValueError subclass)."""
-    from core.storage import cache
-
     return getattr(cache, "CacheError", _Never)
 
 
@@ -268,22 +272,16 @@ class _Never(Exception):
 
 
 def _valid_device(text: str) -> bool:
-    import re
-
     return bool(re.fullmatch(r"cpu|cuda(:\d{1,2})?", text))
 
 
 def _readme(args, CaseStudy) -> int:
-    from core.report.readme import check_readme, write_readme
-
     if args.check:
         return check_readme(CaseStudy, args.cache, strict=args.strict)
     return write_readme(CaseStudy, args.cache)
 
 
 def _export(args, CaseStudy, CaseError) -> int:
-    from pathlib import Path
-
     from core.report.html import html_report
 
     study = CaseStudy.open(args.case, cache_dir=args.cache, budget="quick" if args.quick else None)
@@ -323,8 +321,6 @@ def _discover(args, CaseStudy, CaseError) -> int:
 
 
 def _new_case(args, CaseError) -> int:
-    from pathlib import Path
-
     from core.cases.newcase import write_example
 
     try:
@@ -342,8 +338,6 @@ def _new_case(args, CaseError) -> int:
 
 
 def _stages(args, CaseError) -> list[str] | None:
-    from core.casestudy import STAGES
-
     if args.stages is None:
         return None
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -355,8 +349,6 @@ def _stages(args, CaseError) -> list[str] | None:
 
 
 def _background(args, study) -> int:
-    from core.casestudy import CaseError, worker
-
     if args.stages or args.force or args.seeds is not None:
         raise CaseError("--background builds every stage of the case as configured: it takes "
                         "no --stages, --force or --seeds")
@@ -378,8 +370,6 @@ def _build(args, study, stages: list[str] | None) -> int:
     bars = _Bars()
     sink = bars
     if args.progress_file:  # a background worker: the app reads this file (core.casestudy.worker)
-        from core.casestudy.worker import ProgressFile
-
         live = ProgressFile(args.progress_file)
 
         def sink(stage, done, total, message=""):
@@ -410,9 +400,6 @@ def _build(args, study, stages: list[str] | None) -> int:
 
 
 def _list(args, CaseStudy, CaseError, list_cases) -> int:
-    from core.casestudy.facts import FactsNotCached, no_user_code
-    from core.storage.cache import Cache
-
     cache = Cache(args.cache)
     names = list_cases()
     width = max([len(n) for n in names] + [4])

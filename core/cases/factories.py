@@ -37,6 +37,9 @@ import torch
 from torch import nn
 
 from core.cases.seam import SourceError
+from core.methods.training import load_state_into, load_weights_only
+from core.storage import safeio
+from core.storage.codehash import user_code_hash
 
 __all__ = [
     "MAX_CHECKPOINT_BYTES",
@@ -234,8 +237,6 @@ _CORE = Path(__file__).resolve().parents[1]
 
 
 def _import_local(module: str, file: Path, package: bool, base_dir: Path, factory: str):
-    from core.storage.codehash import user_code_hash
-
     try:  # the module and the helpers it imports from the folder: editing any reloads it
         key = (str(file.resolve()), user_code_hash(module, base_dir))
     except (OSError, ValueError):
@@ -433,17 +434,13 @@ def check_checkpoint(path: str | Path, where: str) -> os.stat_result:
     followed) of at most :data:`MAX_CHECKPOINT_BYTES`, before a byte is read: ``/dev/zero``, a
     FIFO or a symlink to either is a one-line :class:`SourceError` prefixed with ``where``, never
     a hang (:func:`core.storage.safeio.check_checkpoint`, which needs no torch)."""
-    from core.storage.safeio import check_checkpoint as check
-
-    return check(path, where, SourceError)
+    return safeio.check_checkpoint(path, where, SourceError)
 
 
 def checkpoint_digest(path: str | Path, where: str = "checkpoint") -> str:
     """``"<size>:<sha256 hex[:24]>"`` of the checkpoint's bytes after :func:`check_checkpoint`
     (:func:`core.storage.safeio.checkpoint_digest`); one-line :class:`SourceError`."""
-    from core.storage.safeio import checkpoint_digest as digest
-
-    return digest(path, where, SourceError)
+    return safeio.checkpoint_digest(path, where, SourceError)
 
 
 def load_weights(model: nn.Module, path: Path, name: str) -> nn.Module:
@@ -461,10 +458,8 @@ def load_weights(model: nn.Module, path: Path, name: str) -> nn.Module:
     hint = "save one with torch.save(model.state_dict(), path)"
     if not path.is_file() and not path.exists():
         raise SourceError(f"{where} does not exist or is not a file (paths are relative to the TOML)")
-    from core.methods.training import load_state_into, load_weights_only
-    from core.storage.safeio import open_checkpoint
 
-    f, _ = open_checkpoint(path, where, SourceError)  # checked before a byte is read; torch reads it
+    f, _ = safeio.open_checkpoint(path, where, SourceError)  # checked before a byte is read; torch reads it
     with f:
         obj = load_weights_only(f, where, hint, SourceError)
     return load_state_into(model, obj, where, "the factory's model", hint, SourceError)

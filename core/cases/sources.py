@@ -22,6 +22,7 @@ index ``classes`` (default: the sorted class folder names, torchvision's ImageFo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from core.cases.seam import CaseData, SourceError, Split
+from core.methods.training import load_weights_only
 from core.storage.safeio import sha256_of
 
 __all__ = [
@@ -733,7 +735,6 @@ def _load_tensors_file(path: Path, base: Path) -> dict:
         except (OSError, zipfile.BadZipFile, EOFError) as exc:
             raise SourceError(f"[dataset] tensors file {shown!r} is not a readable .npz (truncated "
                               f"or corrupt?); {hint}") from exc
-    from core.methods.training import load_weights_only
 
     data = load_weights_only(path, f"[dataset] tensors file {shown!r}", hint, SourceError)
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
@@ -962,8 +963,6 @@ def _split_masks(splits: dict, mask_root: Path, base_dir: Path) -> tuple:
     """The splits with their masks read from ``<mask_root>/<split>/<index>.png`` (resized to the
     images, nearest; non-zero = region; a missing file = an empty region). One-line
     :class:`SourceError` when no split has a single mask file (a wrong folder)."""
-    import dataclasses
-
     out, found = [], 0
     for name in ("train", "val", "test"):
         sp = splits[name]

@@ -5,6 +5,8 @@ that builds a case through the cache (``study``). See ``study``'s docstring for 
     study = CaseStudy.open("decoy-mnist")
 """
 
+from pathlib import Path
+
 from core.casestudy.config import (
     CASES_DIR,
     CaseConfig,
@@ -14,6 +16,8 @@ from core.casestudy.config import (
     case_files,
     default_case,
     list_cases,
+    parse_config,
+    read_toml,
 )
 from core.casestudy.registry import DELEGATED, REGISTRY, STAGES
 from core.casestudy.study import CaseStudy
@@ -34,10 +38,6 @@ def __getattr__(name: str):
 def load_config(path, name=None, *, cache=None) -> CaseConfig:
     """Read and validate a case TOML (every section; model layers need :meth:`CaseStudy.open`).
     Any problem is a one-line :class:`CaseError`."""
-    from pathlib import Path
-
-    from core.casestudy.config import parse_config, read_toml
-
     path = Path(path)
     name = name or (path.parent.name if path.name == "case.toml" else path.stem)
     return parse_config(read_toml(path), path, name)

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import core.casestudy.facts as _facts
-from core.casestudy.config import CaseError
+from core.casestudy.config import CaseError, build_order
 from core.casestudy.registry import BY_NAME, DELEGATED, STAGES
 from core.casestudy.summary import plain as _plain
+from core.stages.base import StageContext
 
 log = logging.getLogger("core.casestudy.study")
 
@@ -166,7 +167,7 @@ class StageBuilds:
             self.data()  # bad data is a CaseError before anything is written
 
         def compute():
-            from core.stages import data as data_stage
+            from core.stages import data as data_stage  # a stage module only when it builds
 
             p(0, 1, f"building the data ({self.config.dataset['source']})")
             t0 = time.perf_counter()
@@ -217,7 +218,6 @@ class StageBuilds:
                             f"{(str(exc).splitlines() or [''])[0]}") from None
 
     def _train_seed(self, seed: int, p: _StageProgress, offset: list, total: int):
-        from core.casestudy.config import build_order
         from core.stages import models as models_stage
 
         def make_model(name: str):
@@ -248,8 +248,6 @@ class StageBuilds:
         """The :class:`~core.stages.base.StageContext` the pipeline hands ``stage``'s build: this
         case's data, models, facts and seeds, the stage's section, ``[experts]``, and the
         artifacts of the stages it reads (building them when missing)."""
-        from core.stages.base import StageContext
-
         reads = BY_NAME[stage].reads
 
         def load_artifact(name: str):

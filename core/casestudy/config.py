@@ -19,13 +19,16 @@ import importlib
 import math
 import os
 import re
+import stat
 import tomllib
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.casestudy.registry import REGISTRY
+from core.cases import decoy_mnist
+from core.cases.decoy_mnist.priors import ARCH_NAMES
+from core.casestudy.registry import BY_NAME, REGISTRY
 
 REPO = Path(__file__).resolve().parents[2]
 CASES_DIR = REPO / "core" / "cases"
@@ -56,10 +59,9 @@ _DECOY = "core.cases.decoy_mnist"
 
 
 def _decoy_adapter() -> Adapter:
-    from core.cases import decoy_mnist as d  # imports no torch
-
-    return Adapter(_DECOY, "load", default_models=d.DEFAULT_MODELS,
-                   default_factory=d.DEFAULT_FACTORY, default_layers=tuple(d.DEFAULT_LAYERS),
+    return Adapter(_DECOY, "load", default_models=decoy_mnist.DEFAULT_MODELS,
+                   default_factory=decoy_mnist.DEFAULT_FACTORY,
+                   default_layers=tuple(decoy_mnist.DEFAULT_LAYERS),
                    builtin_region=True)
 
 
@@ -422,8 +424,6 @@ def _dataset(raw: dict, src: str) -> tuple[dict, Adapter]:
     adapter = adapter_for(source, src)
     mod = _import_checker(adapter.module, adapter.checker, src) if adapter.module != _DECOY else None
     if adapter.module == _DECOY:
-        from core.cases import decoy_mnist
-
         d = _section(raw, "dataset", decoy_mnist.DATASET_SCHEMA, src)
         try:
             decoy_mnist.check_dataset(d, src)
@@ -535,8 +535,6 @@ def _check_section_models(sections: dict, models: dict, reference: str | None,
             continue
         if not where.startswith("discovery"):
             if corrections is None:
-                from core.casestudy.registry import BY_NAME
-
                 module = importlib.import_module(BY_NAME["corrections"].delegated)
                 corrections = tuple(getattr(module, "METHODS", ()))
             if name in corrections:
@@ -559,7 +557,6 @@ def read_toml(path: Path) -> dict:
         raise CaseError(f"case file {src!r} does not exist") from None
     except OSError as exc:
         raise CaseError(f"case file {src!r} cannot be read: {exc.strerror}") from None
-    import stat
 
     if not stat.S_ISREG(st.st_mode):
         raise CaseError(f"case file {src!r} is not a regular file")
@@ -627,8 +624,6 @@ def parse_config(raw: dict, path: Path, name: str) -> CaseConfig:
                         f"than the one under study ({', '.join(list(models)[1:]) or 'none'})")
     for spec in models.values():
         if spec.arch is not None:
-            from core.cases.decoy_mnist.priors import ARCH_NAMES
-
             if spec.arch not in ARCH_NAMES:
                 raise CaseError(f"{src}: model.arch {spec.arch!r} is unknown; valid: "
                                 f"{', '.join(ARCH_NAMES)} (or factory = \"module:callable\")")

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from core.cases.decoy_mnist.priors import ARCH_NAMES
 from core.casestudy.config import CaseError
+from core.casestudy.registry import code_version
 from core.storage.cache import Cache, key_of
+from core.storage.codehash import user_code_hash
 from core.storage.safeio import check_checkpoint, checkpoint_digest, open_checkpoint
 
 __all__ = ["ARCH_NAMES", "FactsNotCached", "build", "check_checkpoint", "checkpoint_digest",
@@ -58,7 +61,6 @@ def user_code(factory: str | None, base_dir: Path) -> str:
     module = factory.split(":", 1)[0]
     if "." in module:
         return _NO_CODE
-    from core.storage.codehash import user_code_hash
 
     try:
         return user_code_hash(module, base_dir) or _NO_CODE
@@ -72,8 +74,6 @@ def facts_key(spec, base_dir: Path) -> str:
     case's own code behind the factory
     (:func:`user_code`). The models stage's key holds it, so editing a helper module the
     factory imports rebuilds the models."""
-    from core.casestudy.registry import code_version
-
     code = code_version(("core.methods.training", "core.cases.decoy_mnist.net", "core.cases.factories"))
     return key_of(stage="facts", version=code,
                   arch=spec.arch, factory=spec.factory, kwargs=spec.kwargs,
@@ -91,7 +91,6 @@ def model_facts(spec, base_dir: Path, src: str, cache: Cache | None = None) -> d
     if _NO_USER_CODE.get() and spec.factory:
         raise FactsNotCached(f"{src}: not built yet (model {spec.name!r}'s facts are not cached; "
                              "listing runs no factory: build the case once)")
-    import warnings
 
     import torch
 
@@ -111,8 +110,6 @@ def store_facts(spec, base_dir: Path, cache: Cache, facts: dict) -> None:
 def build(spec, base_dir: Path, src: str):
     """A fresh (untrained) module for ``spec``: ``core.methods.training.build_model(arch, **kwargs)`` or the
     user's factory (``core.cases.factories.make_model``). One-line :class:`CaseError` on failure."""
-    from core.casestudy.config import CaseError
-
     if spec.arch is not None:
         from core.cases.decoy_mnist.net import build_model
 
@@ -154,8 +151,6 @@ def n_outputs(spec, base_dir: Path, src: str, input_shape: tuple[int, ...]) -> i
     eval mode, the global RNG state kept. None when the output is not one (N, K) tensor. A model
     that cannot run on such an input at all (e.g. ``kwargs = { in_channels = 1 }`` for RGB data)
     is a one-line :class:`CaseError` naming the model and the shape, before anything trains."""
-    import warnings
-
     import torch
 
     try:
@@ -175,8 +170,6 @@ def n_outputs(spec, base_dir: Path, src: str, input_shape: tuple[int, ...]) -> i
 def _cpu_forward(spec, base_dir: Path, src: str, input_shape: tuple[int, ...]):
     """The model's output on ``torch.zeros(2, *input_shape)`` on the CPU (eval mode, no gradient,
     the global RNG state restored afterwards); a one-line :class:`CaseError` when it raises."""
-    import warnings
-
     import torch
 
     shown = "×".join(map(str, input_shape))

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import ast
 import functools
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.stages.base import Stage
+from core.storage.codehash import code_hash
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,14 +114,6 @@ DELEGATED = tuple(s.name for s in REGISTRY if s.delegated)
 
 
 @functools.cache
-def _fallback_hash(modules: tuple[str, ...]) -> str:
-    h = hashlib.sha256()
-    for name in modules:
-        path = _module_file(name)
-        h.update(name.encode() + b"\0")
-        h.update(path.read_bytes() if path is not None else b"<missing>")
-    return h.hexdigest()[:16]
-
 
 def code_version(modules: tuple[str, ...] | list[str]) -> str:
     """A short hash of the source of ``modules`` and every core module they import (transitively,
@@ -135,10 +127,6 @@ def code_version(modules: tuple[str, ...] | list[str]) -> str:
 @functools.cache
 def _code_version(modules: tuple[str, ...]) -> str:
     modules = tuple(m for m in modules if module_exists(m))
-    try:
-        from core.storage.codehash import code_hash
-    except ImportError:  # pragma: no cover - the module ships with core
-        return _fallback_hash(modules)
     return code_hash(modules)
 
 

@@ -40,21 +40,27 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+import core.casestudy.budget as _budget
 import core.casestudy.facts as _facts
 import core.casestudy.summary as _summary
 from core.casestudy.building import MAX_SEEDS, StageBuilds
 from core.casestudy.config import (
     CaseConfig,
     CaseError,
+    _where,
+    check_class_names,
     parse_config,
     read_toml,
     resolve,
+    section_names,
 )
 from core.casestudy.keys import StageKeys
 from core.casestudy.registry import stage_code
@@ -69,8 +75,6 @@ log = logging.getLogger(__name__)
 def _device_type_guess() -> str:
     """The device type ``device=None`` resolves to, without importing torch when it is not
     imported yet (a warm build): CUDA when the NVIDIA driver is there and not hidden."""
-    import sys
-
     if "torch" in sys.modules:
         return "cuda" if sys.modules["torch"].cuda.is_available() else "cpu"
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
@@ -127,8 +131,6 @@ class CaseStudy(StageBuilds, StageKeys, ExpertViews):
         Opening writes nothing to the cache; the first :meth:`build` also stores the model facts
         validation needed, so the next open need not import torch.
         """
-        import core.casestudy.budget as _budget
-
         path, name = resolve(case, allow_path=allow_path)
         raw = read_toml(path)
         preset = _budget.preset_of(raw, budget)
@@ -141,8 +143,6 @@ class CaseStudy(StageBuilds, StageKeys, ExpertViews):
 
     # ------------------------------------------------------------------------------ validation
     def _where(self) -> str:
-        from core.casestudy.config import _where
-
         return _where(self.config.path)
 
     def model_facts(self, name: str | None = None) -> dict:
@@ -174,7 +174,6 @@ class CaseStudy(StageBuilds, StageKeys, ExpertViews):
                 shown = ", ".join(names[:40]) + (" …" if len(names) > 40 else "")
                 raise CaseError(f"{src}: unknown layer {unknown[0]!r} in experts.layers; model "
                                 f"{name!r} has: {shown}")
-        from core.casestudy.config import section_names
 
         # the layers the delegated sections name ([essence], [detection], …), on their models
         for where, kind, layer, models in section_names(
@@ -259,7 +258,6 @@ class CaseStudy(StageBuilds, StageKeys, ExpertViews):
                     raise CaseError(f"{self.name}: {adapter.module} cannot be imported: "
                                     f"{exc}") from None
                 loader = getattr(module, adapter.loader)
-                import inspect
 
                 takes_region = len(inspect.signature(loader).parameters) >= 3
                 try:
@@ -275,8 +273,6 @@ class CaseStudy(StageBuilds, StageKeys, ExpertViews):
             return self._data
 
     def _check_data(self, data) -> None:
-        from core.casestudy.config import check_class_names
-
         e = self.config.experts
         n = data.n_classes
         check_class_names(data.class_names, self.name)

@@ -6,9 +6,12 @@ report rows; the models' metrics are aggregated over the seeds built (mean, samp
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import platform
+import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -157,12 +160,8 @@ def _sd(values: list[float]) -> float:
 
 def _torch_version() -> str:
     """torch's version without importing it (when it is not imported yet)."""
-    import sys
-
     if "torch" in sys.modules:
         return str(sys.modules["torch"].__version__)
-    import importlib.util
-    import re
 
     spec = importlib.util.find_spec("torch")  # finds the package without running it
     for folder in (spec.submodule_search_locations or []) if spec else []:
