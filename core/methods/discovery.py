@@ -752,38 +752,16 @@ def discover(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor,
     names = [str(c) for c in class_names]
     out = {"candidates": [], "notes": [], "rule": rule_text(cfg), "config": cfg,
            "layer": layer, "n_tested": 0, "k_per_class": {}}
-    if len(names) < 2:
-        out["notes"].append(_note(None, names[0] if names else None,
-                                  "the case has one class: there is no other class to test a "
-                                  "shortcut against"))
-        return out
     if device is not None and torch.device(device) != model_device(model):
         import copy
 
         model = copy.deepcopy(model).to(device)
-    train_x, test_x = train_x.detach().cpu().float(), test_x.detach().cpu().float()
-    train_y, test_y = train_y.detach().cpu().long(), test_y.detach().cpu().long()
-    try:
-        pred_test = _predict(model, test_x, cfg["batch_size"])
-        pred_train = _predict(model, train_x, cfg["batch_size"])
-    except Exception as exc:  # the model cannot run on these images
-        out["notes"].append(_note(None, None, f"could not run: the model fails on the images "
-                                  f"({_first_line(exc)})"))
+    data = (train_x.detach().cpu().float(), train_y.detach().cpu().long(),
+            test_x.detach().cpu().float(), test_y.detach().cpu().long())
+    ready = _ready(model, data, names, layer, cfg, out)
+    if ready is None:
         return out
-    if len(pred_test) and bool((pred_test == pred_test[0]).all()):
-        out["notes"].append(_note(None, names[int(pred_test[0])] if int(pred_test[0]) < len(names)
-                                  else str(int(pred_test[0])),
-                                  f"the model predicts one class for every test image "
-                                  f"({len(pred_test)} images): a constant model has no shortcut "
-                                  "to test"))
-        return out
-    if layer is not None:
-        try:
-            get_layer(model, layer)
-        except ValueError as exc:
-            out["notes"].append(_note(None, None, f"layer {layer!r} cannot be read "
-                                      f"({_first_line(exc)}); maps of the class logit instead"))
-            layer = None
+    pred_train, pred_test, layer = ready
     out["layer"] = layer
     rng = np.random.default_rng(cfg["seed"])
     raw: list[dict] = []
@@ -797,8 +775,8 @@ def discover(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor,
                                       n_images=n_pred))
             continue
         try:
-            found, k = _class_candidates(model, c, name, train_x, train_y, pred_train, test_x,
-                                         test_y, pred_test, layer, cfg, rng)
+            found, k = _class_candidates(model, c, name, data[0], data[1], pred_train, data[2],
+                                         data[3], pred_test, layer, cfg, rng)
         except Exception as exc:  # a method that cannot run on this model: a row, go on
             out["notes"].append(_note(c, name, f"could not run: {_first_line(exc)}"))
             continue
@@ -806,11 +784,55 @@ def discover(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor,
         raw.extend(found)
     if progress is not None:
         progress(len(names), len(names), "verdicts")
+    out["n_tested"] = len(raw)
+    out["candidates"] = _judge_and_rank(raw, cfg, out["rule"])
+    return out
+
+
+def _ready(model, data: tuple, names: list[str], layer: str | None, cfg: dict,
+           out: dict) -> tuple[Tensor, Tensor, str | None] | None:
+    """The checks before any class is tested: (training predictions, test predictions, the layer
+    to read — None when ``layer`` cannot be read, with a note), or None when nothing can be
+    tested (one class, a model that fails on the images or predicts one class; a note in
+    ``out["notes"]`` says why)."""
+    train_x, _, test_x, _ = data
+    if len(names) < 2:
+        out["notes"].append(_note(None, names[0] if names else None,
+                                  "the case has one class: there is no other class to test a "
+                                  "shortcut against"))
+        return None
+    try:
+        pred_test = _predict(model, test_x, cfg["batch_size"])
+        pred_train = _predict(model, train_x, cfg["batch_size"])
+    except Exception as exc:  # the model cannot run on these images
+        out["notes"].append(_note(None, None, f"could not run: the model fails on the images "
+                                  f"({_first_line(exc)})"))
+        return None
+    if len(pred_test) and bool((pred_test == pred_test[0]).all()):
+        out["notes"].append(_note(None, names[int(pred_test[0])] if int(pred_test[0]) < len(names)
+                                  else str(int(pred_test[0])),
+                                  f"the model predicts one class for every test image "
+                                  f"({len(pred_test)} images): a constant model has no shortcut "
+                                  "to test"))
+        return None
+    if layer is not None:
+        try:
+            get_layer(model, layer)
+        except ValueError as exc:
+            out["notes"].append(_note(None, None, f"layer {layer!r} cannot be read "
+                                      f"({_first_line(exc)}); maps of the class logit instead"))
+            layer = None
+    return pred_train, pred_test, layer
+
+
+def _judge_and_rank(raw: list[dict], cfg: dict, rule: str) -> list[dict]:
+    """The tested candidates ``raw`` with their verdicts (Bonferroni over all of them), the rule
+    and thresholds, ranked by evidence, a candidate whose region repeats a better one's dropped;
+    ``rank`` and ``masks`` from 1. Returns the kept rows, best first."""
     m = len(raw)
-    out["n_tested"] = m
     for row in raw:
         row["verdict"], row["reason"] = verdict(row, cfg, m)
-        row["rule"] = out["rule"]
+        row["rule"] = rule
         row["thresholds"] = {k: cfg[k] for k in ("alpha", "min_effect", "min_sufficiency",
                                                  "max_share",
                                                  "max_components", "min_consistency",
@@ -825,8 +847,7 @@ def discover(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor,
     for i, row in enumerate(kept):
         row["rank"] = i + 1
         row["masks"] = str(i + 1)
-    out["candidates"] = kept
-    return out
+    return kept
 
 
 def _first_line(exc: BaseException) -> str:
@@ -858,16 +879,16 @@ def _take(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.permutation(idx)[:n]) if len(idx) > n else np.sort(idx)
 
 
-def _class_candidates(model, c, name, train_x, train_y, pred_train, test_x, test_y, pred_test,
-                      layer, cfg, rng) -> tuple[list[dict], int]:
-    """Every tested candidate of class ``c`` (before verdicts) and the eigengap's k."""
+def _class_split(c: int, name: str, train_y: Tensor, pred_test: Tensor, n_test: int, cfg: dict,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(fit indices into the training images — half of class ``c``'s, at most ``max_fit`` —,
+    held-out indices into a pool that stacks test then train images: test i → i, train j →
+    ``n_test`` + j; the test images predicted as ``c`` and the other training half, at most
+    ``max_heldout``). Raises ``ValueError`` when the class has too few training images."""
     own = np.flatnonzero(train_y.numpy() == c)
     own = rng.permutation(own)
     half = len(own) // 2
     fit_i = np.sort(own[:half])[:cfg["max_fit"]]
-    # held out: test images predicted as c, then the other training half (indices into a pool
-    # that stacks test then train: test i → i, train j → n_test + j)
-    n_test = len(test_x)
     held_test = np.flatnonzero(pred_test.numpy() == c)
     held_train = np.sort(own[half:])
     held = np.concatenate([held_test, n_test + held_train])
@@ -875,6 +896,45 @@ def _class_candidates(model, c, name, train_x, train_y, pred_train, test_x, test
     if len(fit_i) < 2:
         raise ValueError(f"class {name!r} has {len(own)} training images; discovery needs at "
                          "least 4")
+    return fit_i, held
+
+
+def _groups(maps_fit: Tensor, maps_held: Tensor, cfg: dict) -> tuple[list[tuple], int]:
+    """The groups of a class: ``[(name, in fit (N_fit,) bool, in held-out (N_held,) bool)]`` —
+    the whole class, then each spectral cluster with at least ``min_group`` fit images (held-out
+    images join the nearest centroid) — and the eigengap's k."""
+    feat_fit, feat_held = _features(maps_fit), _features(maps_held)
+    labels, k, _ = _cluster(feat_fit, cfg)
+    groups = [("all", np.ones(len(maps_fit), bool), np.ones(len(maps_held), bool))]
+    if k > 1:
+        cents = np.stack([feat_fit[labels == g].mean(0) for g in range(k)])
+        assign = np.argmax(feat_held @ cents.T, axis=1)
+        for g in range(k):
+            if (labels == g).sum() >= cfg["min_group"]:
+                groups.append((f"cluster {g + 1} of {k}", labels == g, assign == g))
+    return groups, k
+
+
+def _targets(c: int, train_x: Tensor, train_y: Tensor, pred_train: Tensor, test_x: Tensor,
+             test_y: Tensor, pred_test: Tensor, cfg: dict, rng: np.random.Generator) -> Tensor:
+    """Other classes' images for sufficiency (M, C, H, W): test images whose label and prediction
+    are not ``c``, topped up with such training images when the test split has too few (a model
+    that gives almost every test image the class leaves few to paste onto)."""
+    tgt = np.flatnonzero((test_y.numpy() != c) & (pred_test.numpy() != c))
+    tgt = _take(tgt, cfg["max_targets"], rng)
+    x_tgt = test_x[torch.as_tensor(tgt, dtype=torch.long)]
+    if len(tgt) < cfg["max_targets"]:
+        more = np.flatnonzero((train_y.numpy() != c) & (pred_train.numpy() != c))
+        more = _take(more, cfg["max_targets"] - len(tgt), rng)
+        x_tgt = torch.cat([x_tgt, train_x[torch.as_tensor(more, dtype=torch.long)]])
+    return x_tgt
+
+
+def _class_candidates(model, c, name, train_x, train_y, pred_train, test_x, test_y, pred_test,
+                      layer, cfg, rng) -> tuple[list[dict], int]:
+    """Every tested candidate of class ``c`` (before verdicts) and the eigengap's k."""
+    n_test = len(test_x)
+    fit_i, held = _class_split(c, name, train_y, pred_test, n_test, cfg, rng)
     pool_x = torch.cat([test_x, train_x])
     pool_pred = torch.cat([pred_test, pred_train])
     x_fit = train_x[torch.as_tensor(fit_i)]
@@ -883,93 +943,104 @@ def _class_candidates(model, c, name, train_x, train_y, pred_train, test_x, test
     maps_all = expert_maps(model, torch.cat([x_fit, x_held]), layer, c, units, weights,
                            resolution=cfg["resolution"])
     maps_fit, maps_held = maps_all[:len(fit_i)], maps_all[len(fit_i):]
-    feat_fit, feat_held = _features(maps_fit), _features(maps_held)
-    labels, k, _ = _cluster(feat_fit, cfg)
-    groups = [("all", np.ones(len(fit_i), bool), np.ones(len(held), bool))]
-    if k > 1:
-        cents = np.stack([feat_fit[labels == g].mean(0) for g in range(k)])
-        assign = np.argmax(feat_held @ cents.T, axis=1)
-        for g in range(k):
-            if (labels == g).sum() >= cfg["min_group"]:
-                groups.append((f"cluster {g + 1} of {k}", labels == g, assign == g))
-    # other classes' images for sufficiency: test images whose label and prediction are not c,
-    # topped up with such training images when the test split has too few (a model that gives
-    # almost every test image the class leaves few to paste onto)
-    tgt = np.flatnonzero((test_y.numpy() != c) & (pred_test.numpy() != c))
-    tgt = _take(tgt, cfg["max_targets"], rng)
-    x_tgt = test_x[torch.as_tensor(tgt, dtype=torch.long)]
-    if len(tgt) < cfg["max_targets"]:
-        more = np.flatnonzero((train_y.numpy() != c) & (pred_train.numpy() != c))
-        more = _take(more, cfg["max_targets"] - len(tgt), rng)
-        x_tgt = torch.cat([x_tgt, train_x[torch.as_tensor(more, dtype=torch.long)]])
+    groups, k = _groups(maps_fit, maps_held, cfg)
+    x_tgt = _targets(c, train_x, train_y, pred_train, test_x, test_y, pred_test, cfg, rng)
     x_ref = train_x[torch.as_tensor(_take(np.arange(len(train_x)), 512, rng))]
+    ctx = {"model": model, "c": c, "name": name, "layer": layer, "units": units,
+           "weights": weights, "cfg": cfg, "rng": rng, "pool_x": pool_x, "pool_pred": pool_pred,
+           "x_tgt": x_tgt, "x_ref": x_ref, "train_x": train_x, "n_test": n_test}
     found = []
     for gname, in_fit, in_held in groups:
-        mf = maps_fit[torch.as_tensor(in_fit)]
         hidx = held[in_held]
         if len(hidx) == 0:
             continue
-        mh = maps_held[torch.as_tensor(in_held)]
-        x_group = x_fit[torch.as_tensor(in_fit)]
+        group = {"name": gname, "maps_fit": maps_fit[torch.as_tensor(in_fit)],
+                 "maps_held": maps_held[torch.as_tensor(in_held)], "hidx": hidx,
+                 "x_fit": x_fit[torch.as_tensor(in_fit)], "n_fit": int(in_fit.sum())}
         blobs = None
         for mode in ("fixed", "moving", "pattern"):
-            pattern = None
-            if mode == "pattern":
-                pattern = _pattern_rule(x_group, blobs, x_ref, rng)
-                if pattern is None:
-                    continue
-                region = None
-                fit_masks, fit_ncc = _match(x_group, pattern)
-            elif mode == "fixed":
-                region = _fixed_region(mf, cfg["threshold"])
-                if not region.any():
-                    continue
-                region = _grow(region, _recurring(x_fit[torch.as_tensor(in_fit)], x_ref))
-                fit_masks = np.broadcast_to(region, mf.shape)
-            else:
-                region = None
-                fit_masks = blobs = _blob_regions(mf, cfg["threshold"])
-            rule = {"class": c, "layer": layer, "units": list(units), "weights": list(weights),
-                    "mode": mode, "threshold": cfg["threshold"], "resolution": cfg["resolution"],
-                    "region": None if region is None else region.tolist(),
-                    "median_mass": float(np.median(_mass_share(mf, fit_masks)))}
-            if pattern is not None:
-                rule.update(pattern, min_ncc=MIN_NCC)
-            masks, present = _apply_rule(rule, mh, pool_x[torch.as_tensor(hidx)])
-            use = present & (pool_pred[torch.as_tensor(hidx, dtype=torch.long)].numpy() == c) \
-                if len(hidx) else np.zeros(0, bool)
-            if use.sum() == 0:
+            region_rule = _region_rule(mode, group, blobs, ctx)
+            if region_rule is None:
                 continue
-            if mode == "pattern":
-                fit_present = fit_ncc >= MIN_NCC
-            else:
-                fit_present = _mass_share(mf, fit_masks) >= 0.5 * rule["median_mass"]
-            consistency = content_consistency(x_group[fit_present],
-                                              np.asarray(fit_masks)[fit_present], train_x, rng)
-            xs = pool_x[torch.as_tensor(hidx[use])]
-            tests = causal_tests(model, c, xs, masks[use], x_tgt, fill=cfg["fill"],
-                                 seed=int(rng.integers(2**31)), batch_size=cfg["batch_size"])
-            pm = masks[present]
-            share = float(pm.reshape(len(pm), -1).mean(1).mean()) if len(pm) else 0.0
-            comps = float(np.median([_components(q) for q in pm])) if len(pm) else 0.0
-            row = {"kind": "candidate", "class": name, "class_index": c, "group": gname,
-                   "source": "experts' maps", "mode": mode, "layer": layer,
-                   "units": [int(u) for u in units], "n_images": int(use.sum()),
-                   "n_fit": int(in_fit.sum()), "n_present": int(present.sum()),
-                   "share_of_image": share, "components": comps,
-                   "consistency": consistency, **tests}
-            row["p_value"] = max(row["necessity_p"], row["sufficiency_p"])
-            if row["necessity"] is None or row["sufficiency"] is None:
-                row["necessity"] = row["necessity"] or 0.0
-                row["sufficiency"] = row["sufficiency"] or 0.0
-                row["control_necessity"] = row["control_necessity"] or 0.0
-                row["control_sufficiency"] = row["control_sufficiency"] or 0.0
-            row["_rule"] = rule
-            # pool indices: < n_test are test rows, the rest training rows
-            row["_heldout"] = {"index": hidx[present], "masks": masks[present],
-                               "n_test": n_test}
-            found.append(row)
+            rule, fit_masks, fit_present = region_rule
+            if mode == "moving":
+                blobs = fit_masks
+            row = _test_candidate(rule, fit_masks, fit_present, group, ctx)
+            if row is not None:
+                found.append(row)
     return found, k
+
+
+def _region_rule(mode: str, group: dict, blobs: np.ndarray | None,
+                 ctx: dict) -> tuple[dict, np.ndarray, np.ndarray] | None:
+    """One region rule of a group: (the rule :func:`_apply_rule` reads, the fit images' masks
+    (N, H, W) bool, which fit images hold the region (N,) bool), or None when the mode finds no
+    region. ``blobs``: the ``moving`` rule's fit masks (the ``pattern`` rule starts from them)."""
+    cfg, mf, x_group = ctx["cfg"], group["maps_fit"], group["x_fit"]
+    pattern = None
+    if mode == "pattern":
+        pattern = _pattern_rule(x_group, blobs, ctx["x_ref"], ctx["rng"])
+        if pattern is None:
+            return None
+        region = None
+        fit_masks, fit_ncc = _match(x_group, pattern)
+    elif mode == "fixed":
+        region = _fixed_region(mf, cfg["threshold"])
+        if not region.any():
+            return None
+        region = _grow(region, _recurring(x_group, ctx["x_ref"]))
+        fit_masks = np.broadcast_to(region, mf.shape)
+    else:
+        region = None
+        fit_masks = _blob_regions(mf, cfg["threshold"])
+    rule = {"class": ctx["c"], "layer": ctx["layer"], "units": list(ctx["units"]),
+            "weights": list(ctx["weights"]), "mode": mode, "threshold": cfg["threshold"],
+            "resolution": cfg["resolution"],
+            "region": None if region is None else region.tolist(),
+            "median_mass": float(np.median(_mass_share(mf, fit_masks)))}
+    if pattern is not None:
+        rule.update(pattern, min_ncc=MIN_NCC)
+        fit_present = fit_ncc >= MIN_NCC
+    else:
+        fit_present = _mass_share(mf, fit_masks) >= 0.5 * rule["median_mass"]
+    return rule, fit_masks, fit_present
+
+
+def _test_candidate(rule: dict, fit_masks: np.ndarray, fit_present: np.ndarray, group: dict,
+                    ctx: dict) -> dict | None:
+    """One candidate's row before its verdict: its region on the group's held-out images, the
+    content consistency on the fit images, the causal tests on the held-out images the model
+    predicts as the class; None when no such image holds the region."""
+    cfg, c, hidx, pool_x = ctx["cfg"], ctx["c"], group["hidx"], ctx["pool_x"]
+    masks, present = _apply_rule(rule, group["maps_held"], pool_x[torch.as_tensor(hidx)])
+    use = present & (ctx["pool_pred"][torch.as_tensor(hidx, dtype=torch.long)].numpy() == c)
+    if use.sum() == 0:
+        return None
+    consistency = content_consistency(group["x_fit"][fit_present],
+                                      np.asarray(fit_masks)[fit_present], ctx["train_x"],
+                                      ctx["rng"])
+    xs = pool_x[torch.as_tensor(hidx[use])]
+    tests = causal_tests(ctx["model"], c, xs, masks[use], ctx["x_tgt"], fill=cfg["fill"],
+                         seed=int(ctx["rng"].integers(2**31)), batch_size=cfg["batch_size"])
+    pm = masks[present]
+    share = float(pm.reshape(len(pm), -1).mean(1).mean()) if len(pm) else 0.0
+    comps = float(np.median([_components(q) for q in pm])) if len(pm) else 0.0
+    row = {"kind": "candidate", "class": ctx["name"], "class_index": c, "group": group["name"],
+           "source": "experts' maps", "mode": rule["mode"], "layer": ctx["layer"],
+           "units": [int(u) for u in ctx["units"]], "n_images": int(use.sum()),
+           "n_fit": group["n_fit"], "n_present": int(present.sum()),
+           "share_of_image": share, "components": comps,
+           "consistency": consistency, **tests}
+    row["p_value"] = max(row["necessity_p"], row["sufficiency_p"])
+    if row["necessity"] is None or row["sufficiency"] is None:
+        row["necessity"] = row["necessity"] or 0.0
+        row["sufficiency"] = row["sufficiency"] or 0.0
+        row["control_necessity"] = row["control_necessity"] or 0.0
+        row["control_sufficiency"] = row["control_sufficiency"] or 0.0
+    row["_rule"] = rule
+    # pool indices: < n_test are test rows, the rest training rows
+    row["_heldout"] = {"index": hidx[present], "masks": masks[present], "n_test": ctx["n_test"]}
+    return row
 
 
 # ----------------------------------------------------------------------------------- masks
