@@ -18,9 +18,6 @@ N_SAMPLES = 8
 study = ui.current_study()
 facts = ui.facts(study)
 title = facts.get("title") or getattr(study.config, "title", None) or study.config.name
-st.title(ui.inert(title))
-ui.model_warnings(study)  # a model at chance is said before anything is read
-ui.draw_findings(study)  # what the study found, each with a link to the chapter that shows it
 
 classes = facts.get("classes") or []
 region = ui.region_name(facts)  # inert text: a case string drawn as it reads
@@ -45,13 +42,16 @@ if subject:
     intro.append(f"The model under study is **{ui.inert(subject)}**"
                  + (f"; **{ui.inert(reference)}** is the reference it is compared with." if reference
                     else "; there is no reference model to compare it with."))
-st.markdown(" ".join(intro))
 description = facts.get("description") or getattr(study.config, "description", None)
-if description:
-    st.caption(ui.inert(description))
 
-if not ui.require(study, ["data"], "This page"):
-    st.stop()
+
+def _intro() -> None:
+    st.markdown(" ".join(intro))
+    if description:
+        st.caption(ui.inert(description))
+
+
+ui.chapter("data", ui.inert(title), _intro, study=study, what="This page", findings=True)
 facts = ui.facts(study)
 rep = ui.report(study)
 data = rep.get("data") or {}

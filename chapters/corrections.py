@@ -64,9 +64,9 @@ HELP = {
                  "gradient of the class's score with respect to the unit, over the class's training "
                  "images).",
 }
-st.title("Corrections")
-ui.model_warnings(study)  # a model at chance is said before anything is read
-st.markdown(
+ui.chapter(
+    # without a region there is nothing to correct: no gate, the chapter says so below
+    ["corrections"] if REGION else None, "Corrections",
     f"**{ui.inert(SUBJECT)}** may have learned to read the {REGION or 'shortcut'}. Can we make it read the "
     "object instead? Every correction starts from the **same model**: some remove the shortcut after "
     "training without retraining (*expert suppression*, *P-ClArC*), others fine-tune it "
@@ -75,14 +75,13 @@ st.markdown(
     + (f"**Gap closed** = (accuracy − {ui.inert(SUBJECT)}) / ({ui.inert(REFERENCE)} − "
        f"{ui.inert(SUBJECT)}) on the {HNAME} set: "
        f"0 is no better than {ui.inert(SUBJECT)}, 1 matches {ui.inert(REFERENCE)}." if REFERENCE else
-       "This case has no reference model, so there is no gap to close: read the accuracies."))
+       "This case has no reference model, so there is no gap to close: read the accuracies."),
+    study=study, what="The corrections chapter")
 
 if not REGION:
     st.info(ui.no_region_note(facts) + " Without a region there is no shortcut to correct, so this "
             "chapter has nothing to show for this case.")
     ui.next_chapter("chapters/method.py", "Method")
-    st.stop()
-if not ui.require(study, ["corrections"], "The corrections chapter"):
     st.stop()
 
 payload = ui.artifact("corrections", study) or {}

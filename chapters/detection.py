@@ -26,16 +26,13 @@ KNOWS = ("The attacker works in the white box: it knows the classifier's weights
 
 study = ui.current_study()
 facts = ui.facts(study)
-st.title("Attacks & detection")
-ui.model_warnings(study)  # a model at chance is said before anything is read
-st.markdown(
+ui.chapter(
+    ["detection"], "Attacks & detection",
     "An adversarial patch makes the model answer what the attacker wants. Can the model's own "
     "**influence** — which units and pixels drive the answer — tell an attacked image from a clean "
     "one? Each detector gives every image a score (higher: more likely attacked), fit on clean "
-    "training images only, and is judged on held-out images by its ROC curve.")
-
-if not ui.require(study, ["detection"], "This chapter", key="build-detection"):
-    st.stop()
+    "training images only, and is judged on held-out images by its ROC curve.",
+    study=study, what="This chapter", key="build-detection")
 payload = ui.artifact("detection", study) or {}
 rows = payload.get("rows") or []
 said_missing: list[str] = []

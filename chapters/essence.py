@@ -22,17 +22,14 @@ COLORS = {"top experts": "#B4412E", "random units (median)": "#6C8EAD", "bottom 
 
 study = ui.current_study()
 facts = ui.facts(study)
-st.title("Essence & causal check")
-ui.model_warnings(study)  # a model at chance is said before anything is read
-st.markdown(
+ui.chapter(
+    ["essence"], "Essence & causal check",
     "Two claims of the influence paper, measured. **Essence**: for two related classes, keep only "
     "the k units of a layer with the largest comparative influence (every other unit set to its mean "
     "activation, or to zero) — does the network still tell the two classes apart? Compared with k "
     "random units and with the k *least* influential ones. **Causality**: remove a class's top "
-    "experts — does that class's accuracy fall more than when as many random units are removed?")
-
-if not ui.require(study, ["essence"], "This chapter", key="build-essence"):
-    st.stop()
+    "experts — does that class's accuracy fall more than when as many random units are removed?",
+    study=study, what="This chapter", key="build-essence")
 payload = ui.artifact("essence", study) or {}
 rows = payload.get("rows") or []
 curves = payload.get("curves") or []

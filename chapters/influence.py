@@ -27,17 +27,14 @@ TARGETS = {"label": "label", "predicted": "predicted class"}
 
 study = ui.current_study()
 facts = ui.facts(study)
-st.title("Influence & experts")
-ui.model_warnings(study)  # a model at chance is said before anything is read
-st.markdown(
+ui.chapter(
+    ["models", "experts"], "Influence & experts",
     "Which internal units does the network rely on for a class? For a **layer**, a **quantity** (the "
     "class's logit, or the difference between two classes) and a **distribution** of inputs, each "
     "unit's *distributional influence* is the average gradient of the quantity with respect to that "
     "unit. The units with the largest influence are the class's **experts**. Each expert is then "
-    "interpreted on real images: which pixels drive that unit?")
-
-if not ui.require(study, ["models", "experts"], "This page"):
-    st.stop()
+    "interpreted on real images: which pixels drive that unit?",
+    study=study, what="This page")
 facts = ui.facts(study)
 CLASSES = list(range(len(facts.get("classes") or []))) or list(range(10))
 SCALE = ui.scale_for(facts.get("size"))

@@ -9,25 +9,34 @@ import streamlit as st
 import ui
 
 
-def _facts() -> dict:
-    """The open case's facts when a case opens (the method chapter also works without one)."""
+def _study():
+    """The open case study, or None when none opens (the method chapter also works without one)."""
     try:
-        return ui.facts(ui.open_study())
+        return ui.open_study()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _facts(study) -> dict:
+    try:
+        return ui.facts(study) if study is not None else {}
     except Exception:  # noqa: BLE001
         return {}
 
 
-facts = _facts()
+study = _study()
+facts = _facts(study)
 REGION = ui.region_name(facts)
 SUBJECT, REFERENCE = facts.get("subject") or "subject", facts.get("reference") or "reference"
-st.title("Method")
-st.markdown(
+ui.chapter(
+    None, "Method",
     "Every picture in this report comes from one measurement: **distributional influence** "
     "(Leino, Sen, Datta, Fredrikson & Li, *Influence-Directed Explanations for Deep Convolutional "
     "Networks*, ITC 2018). It is fixed by three choices — *where* to look inside the network (the "
     "**slice**), *what* output to explain (the **quantity of interest**), and *for which inputs* "
     "(the **distribution of interest**). Popular attribution methods are particular settings of "
-    "these choices; the paper's **experts** are the internal units with the largest influence.")
+    "these choices; the paper's **experts** are the internal units with the largest influence.",
+    study=study, optional=True)
 
 st.header("1. Slice")
 st.markdown(

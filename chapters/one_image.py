@@ -21,16 +21,13 @@ K = 3  # experts shown per layer
 KEY = "one-image-index"
 
 study = ui.current_study()
-st.title("One image, end to end")
-ui.model_warnings(study)  # a model at chance is said before anything is read
-st.markdown(
+ui.chapter(
+    ["data", "models"], "One image, end to end",
     "The other chapters summarise many images. Here one test image is followed the whole way: what the "
     "model answers, which input pixels that answer rests on, and — layer after layer — which "
     "**experts** (the internal units with the most influence on the predicted class) carry it and what "
-    "each of them looks at in this very image.")
-
-if not ui.require(study, ["data", "models"], "Following an image through the model", key="one-image-build"):
-    st.stop()
+    "each of them looks at in this very image.",
+    study=study, what="Following an image through the model", key="one-image-build")
 
 facts = ui.facts(study)
 MODEL = ui.current_model(study)

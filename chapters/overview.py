@@ -23,27 +23,27 @@ import ui
 INFLUENCE = "influence"  # the influence chapter's url_path (app.py)
 
 study = ui.current_study()
-st.title("Where the shortcut lives")
-ui.model_warnings(study)  # a model at chance is said before anything is read
-st.markdown(
-    "The headline finding in one view: for each class and each layer, how many of the class's top "
-    "**experts** (the units with the largest distributional influence on the class) carry the "
-    "shortcut — most of their interpretation falls on the suspected region — in the model under study "
-    "and in the reference. Click a cell to open those experts in the influence chapter.")
-FOUND = ui.discovery_headline(study)  # what discovery found with no mask at all
-if FOUND:
-    st.info(FOUND, icon=":material/search:")
-    try:
-        st.page_link("chapters/suspects.py", label="The suspects, tested by cause",
-                     icon=":material/arrow_forward:")
-    except Exception:  # noqa: BLE001 - a chapter run on its own (no navigation)
-        pass
 
-if not ui.status(study).get("experts"):
-    st.info("The experts stage is not built for this case study yet, so there is nothing to summarise "
-            "here. The **Influence & experts** chapter offers to build it.")
-    st.stop()
 
+def _intro() -> None:
+    st.markdown(
+        "The headline finding in one view: for each class and each layer, how many of the class's top "
+        "**experts** (the units with the largest distributional influence on the class) carry the "
+        "shortcut — most of their interpretation falls on the suspected region — in the model under "
+        "study and in the reference. Click a cell to open those experts in the influence chapter.")
+    found = ui.discovery_headline(study)  # what discovery found with no mask at all
+    if found:
+        st.info(found, icon=":material/search:")
+        try:
+            st.page_link("chapters/suspects.py", label="The suspects, tested by cause",
+                         icon=":material/arrow_forward:")
+        except Exception:  # noqa: BLE001 - a chapter run on its own (no navigation)
+            pass
+
+
+# Without the experts stage there is nothing to summarise: the gate offers it (or shows its build).
+ui.chapter(["experts"], "Where the shortcut lives", _intro, study=study,
+           what="This summary of the experts")
 rep = ui.report(study)
 E = rep.get("experts") or {}
 top = [dict(r) for r in E.get("top") or []]

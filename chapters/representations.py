@@ -36,19 +36,16 @@ TERMS = {
 
 study = ui.current_study()
 facts = ui.facts(study)
-st.title("Representations compared")
-ui.model_warnings(study)  # a model at chance is said before anything is read
-st.markdown(
+ui.chapter(
+    ["representations"], "Representations compared",
     "Saliency, gradient × input, Integrated Gradients, SmoothGrad, Grad-CAM and the paper's "
     "internal influence are **one engine in six configurations**: a slice of the network, a quantity "
     "(the logit of the image's class), a distribution of interest and an optional multiplier. Here "
     "they explain the same test images for each model of the case, and each explanation is "
     "measured: is it faithful to the model (deletion / insertion), does it depend on the learned "
     "weights at all (randomisation test)"
-    + (f", and does it point at the {ui.region_name(facts)}?" if facts.get("region") else "?"))
-
-if not ui.require(study, ["representations"], "This page", key="build-representations"):
-    st.stop()
+    + (f", and does it point at the {ui.region_name(facts)}?" if facts.get("region") else "?"),
+    study=study, what="This page", key="build-representations")
 payload = ui.artifact("representations", study)
 if not payload or not payload.get("rows"):
     st.warning("The representations stage is built but holds no rows; rebuild it from the command "
