@@ -169,3 +169,39 @@ def test_build_on_a_tiny_context(data, model):
         return v is None or isinstance(v, str | int | float | bool | torch.Tensor)
 
     assert plain(out)
+
+
+def _attack_reference(model, x, target, *, size, steps, seed, bounds, step_size=None):
+    """The attack written straight from its definition: every image takes all ``steps`` steps."""
+    import torch.nn.functional as F
+    lo, hi = (torch.tensor(b, dtype=x.dtype) for b in bounds)
+    step_size = float(hi - lo) / 16 if step_size is None else step_size
+    masks = patch_masks(len(x), size, tuple(x.shape[-2:]), seed).expand_as(x)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+    patch = lo + noise * (hi - lo)
+    model.eval()
+    for _ in range(steps):
+        patch = patch.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(torch.where(masks, patch, x)), target, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, patch)
+        patch = torch.clamp(patch.detach() - step_size * grad.sign(), lo, hi)
+    return torch.where(masks, patch, x)
+
+
+def test_patch_attack_leaving_cycles_early_gives_the_full_run():
+    """Images whose patch has reached a fixed point or a two-cycle leave the batch early; their
+    patches after all the steps equal a plain run of every step (and some did leave early)."""
+    from core.cases.decoy_mnist.net import DecoyCNN
+    torch.manual_seed(0)
+    net = DecoyCNN().eval()                     # random weights: sign steps settle quickly
+    x = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    target = torch.arange(10)
+    for steps in (60, 61):                       # an even and an odd number of steps left
+        stats = {}
+        adv, _ = patch_attack(net, x, target, size=7, steps=steps, seed=3, bounds=(0.0, 1.0),
+                              batch_size=4, stats=stats)
+        ref = _attack_reference(net, x, target, size=7, steps=steps, seed=3, bounds=(0.0, 1.0))
+        assert stats["full"] == len(x) * steps
+        assert stats["image_steps"] < stats["full"]     # the early exit did happen
+        assert torch.allclose(adv, ref, atol=1e-6)

@@ -100,7 +100,8 @@ def patch_masks(n: int, size: int, image: tuple[int, int], seed: int = 0) -> Ten
 def patch_attack(model: nn.Module, x: Tensor, target: Tensor, *, size: int = 12, steps: int = 80,
                  step_size: float | None = None, seed: int = 0, bounds=(0.0, 1.0),
                  penalty: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
-                 penalty_weight: float = 1.0, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+                 penalty_weight: float = 1.0, batch_size: int = 256,
+                 stats: dict | None = None) -> tuple[Tensor, Tensor]:
     """Targeted adversarial patches by projected sign-gradient descent.
 
     Each image gets a ``size``×``size`` square at a random place (seeded by ``seed``); the pixels
@@ -110,6 +111,13 @@ def patch_attack(model: nn.Module, x: Tensor, target: Tensor, *, size: int = 12,
     ``target`` (N,) plus ``penalty_weight · penalty(model, x_adv, target)`` (a per-image tensor;
     used by the adaptive attack). Pixels outside the patch never change. ``step_size`` defaults to
     1/16 of the range. The model runs in eval mode; its parameters get no gradients.
+
+    An image's step is a deterministic function of its own patch alone, so once a patch repeats
+    the one of one or two steps before (sign steps pinned at the bounds, or flipping back and
+    forth), every later step repeats that cycle: the image leaves the batch and its patch after
+    ``steps`` steps is read off the cycle (the same patch the full run gives; batches are refilled
+    with images still moving). ``stats``, when given, receives ``{"image_steps": evaluated,
+    "full": N · steps}``.
 
     Returns ``(x_adv, patch_mask)``: (N, C, H, W) attacked images (on the CPU) and (N, 1, H, W)
     bool masks of the patch.
@@ -125,32 +133,66 @@ def patch_attack(model: nn.Module, x: Tensor, target: Tensor, *, size: int = 12,
     masks = patch_masks(len(x), size, tuple(x.shape[-2:]), seed).to(dev)
     g = torch.Generator().manual_seed(int(seed) + 1)
     noise = torch.rand(x.shape, generator=g).to(dev, x.dtype)
-    out = []
+    patch = (lo + noise * (hi - lo)).expand_as(x).clone()
     params = [p for p in model.parameters() if p.requires_grad]
     with model_lock(model), eval_mode(model):
         try:
             for p in params:
                 p.requires_grad_(False)
-            for i in range(0, len(x), batch_size):
-                xb, mb, tb = x[i:i + batch_size], masks[i:i + batch_size], target[i:i + batch_size]
-                patch = (lo + noise[i:i + batch_size] * (hi - lo)).expand_as(xb).clone()
-                m = mb.expand_as(xb)
-                for _ in range(steps):
-                    patch.requires_grad_(True)
-                    adv = torch.where(m, patch, xb)
-                    with torch.enable_grad():
-                        loss = F.cross_entropy(model(adv), tb, reduction="sum")
-                        if penalty is not None:
-                            loss = loss + penalty_weight * penalty(model, adv, tb).sum()
-                        (grad,) = torch.autograd.grad(loss, patch)
-                    patch = torch.maximum(torch.minimum(patch.detach() - step_size * grad.sign(),
-                                                        hi), lo)
-                out.append(torch.where(m, patch.detach(), xb).cpu())
+            evaluated = _pgd_steps(model, x, masks, target, patch, lo, hi, float(step_size),
+                                   steps, penalty, penalty_weight, batch_size)
         finally:
             for p in params:
                 p.requires_grad_(True)
-    x_adv = torch.cat(out) if out else x.cpu()
+    if stats is not None:
+        stats.update(image_steps=evaluated, full=len(x) * steps)
+    x_adv = torch.where(masks.expand_as(x), patch, x).cpu()
     return x_adv, masks.cpu()
+
+
+def _pgd_steps(model: nn.Module, x: Tensor, masks: Tensor, target: Tensor, patch: Tensor,
+               lo: Tensor, hi: Tensor, step_size: float, steps: int, penalty, penalty_weight: float,
+               batch_size: int) -> int:
+    """:func:`patch_attack`'s steps, in place on ``patch`` (N, C, H, W): every image's patch
+    after ``steps`` steps. Runs the images still moving in batches of ``batch_size``; an image
+    whose patch equals the one of one step before (a fixed point) or two steps before (a cycle
+    of two) leaves with the patch that cycle has after ``steps`` steps. Returns the number of
+    (image, step) pairs evaluated."""
+    n = len(x)
+    done_steps = torch.zeros(n, dtype=torch.long, device=x.device)
+    prev = patch.clone()  # each image's patch one step before its current one
+    todo = torch.arange(n, device=x.device) if steps > 0 else torch.zeros(0, dtype=torch.long)
+    evaluated = 0
+    while len(todo):
+        idx = todo[:batch_size]
+        xb, tb, m = x[idx], target[idx], masks[idx].expand(len(idx), *x.shape[1:])
+        cur = patch[idx].requires_grad_(True)
+        adv = torch.where(m, cur, xb)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(adv), tb, reduction="sum")
+            if penalty is not None:
+                loss = loss + penalty_weight * penalty(model, adv, tb).sum()
+            (grad,) = torch.autograd.grad(loss, cur)
+        cur = cur.detach()
+        new = torch.maximum(torch.minimum(cur - step_size * grad.sign(), hi), lo)
+        evaluated += len(idx)
+        t = done_steps[idx] + 1
+        done_steps[idx] = t
+        fixed = (new == cur).flatten(1).all(1)
+        flip = ~fixed & (new == prev[idx]).flatten(1).all(1)
+        left = steps - t
+        # a cycle of two from here: the patch after `steps` is `new` when an even number of
+        # steps is left, else `cur`
+        final = torch.where((flip & (left % 2 == 1)).view(-1, *([1] * (x.dim() - 1))), cur, new)
+        prev[idx] = cur
+        patch[idx] = final
+        finished = (left == 0) | fixed | flip
+        if finished.any():
+            keep = torch.ones(len(todo), dtype=torch.bool, device=x.device)
+            keep[:len(idx)] = ~finished
+            todo = todo[keep]
+        # the images that go on keep their current patch `new` (final == new for them)
+    return evaluated
 
 
 def adaptive_penalty(model: nn.Module, layer: str, means: Tensor) -> Callable:
@@ -307,18 +349,40 @@ def _per_class_influence(model: nn.Module, x: Tensor, pred: Tensor, layer: str |
     return out
 
 
+def _per_class_point(model: nn.Module, x: Tensor, pred: Tensor, layers: Sequence[str],
+                     n_classes: int) -> dict[str, Tensor]:
+    """``{layer: (N, *slice shape)}``: each input's gradient × activation at every layer of
+    ``layers`` for its own predicted class (as :func:`_per_class_influence` with a point DoI),
+    every layer from one forward and one backward pass per class and chunk."""
+    names = list(dict.fromkeys(layers))
+    out: dict[str, Tensor] = {}
+    for c in pred.unique().tolist():
+        idx = (pred == c).nonzero().flatten()
+        per = influence(model, x[idx], layers=names, qoi=_quantity(n_classes, c), doi=PointDoI(),
+                        per_input=True, multiply=True)
+        for name in names:
+            t = per[name].detach().cpu()
+            if name not in out:
+                out[name] = torch.zeros(len(x), *t.shape[1:], dtype=t.dtype)
+            out[name][idx] = t
+    return out
+
+
 def expert_maps(model: nn.Module, x: Tensor, layer: str, pred: Tensor, *, k: int = 5,
-                resolution: int = 8, n_classes: int | None = None) -> Tensor:
+                resolution: int = 8, n_classes: int | None = None,
+                per: Tensor | None = None) -> Tensor:
     """The interpretation of each input's own top-``k`` experts of ``layer``: (N, H, W).
 
     The experts are the units (channels, or neurons of a flat layer) with the largest gradient ×
     activation for the input's predicted class ``pred``; their summed activation (channels
     summed over space) is attributed to the input over a linear path from zeros (``resolution``
     midpoints), times the input, summed over channels: Integrated Gradients of the experts.
+    ``per``: that gradient × activation (N, *slice shape) when the caller already has it.
     """
     n_classes = n_classes or int(_logits(model, x[:1]).shape[1])
     dev = model_device(model)
-    per = _per_class_influence(model, x, pred, layer, PointDoI(), n_classes)  # (N, F)
+    if per is None:
+        per = _per_class_influence(model, x, pred, layer, PointDoI(), n_classes)  # (N, F)
     module = get_layer(model, layer)
     store: dict = {}
     maps = []
@@ -394,9 +458,9 @@ class InfluenceFeatures:
 
     def _profiles(self, x: Tensor, pred: Tensor) -> dict:
         out = {}
+        point = _per_class_point(self.model, x, pred, self.layers, self.n_classes)
         for layer in self.layers:
-            out[(layer, "point")] = _per_class_influence(self.model, x, pred, layer, PointDoI(),
-                                                         self.n_classes)
+            out[(layer, "point")] = point[layer]
             out[(layer, "path")] = _per_class_influence(
                 self.model, x, pred, layer, LinearDoI(self.resolution, at="layer"), self.n_classes)
         return out
@@ -412,11 +476,12 @@ class InfluenceFeatures:
             self.means[key] = torch.stack([flat[pred == c].mean(0) if (pred == c).any()
                                            else flat.mean(0) for c in range(self.n_classes)])
             self.gauss[key] = Gaussian(_units(prof), pred, self.n_classes, self.shrink)
-        feats, _ = self._features(x, pred, profiles)
+        feats, _, _ = self._features(x, pred, profiles)
         self.mu, self.sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
         return self
 
-    def _features(self, x: Tensor, pred: Tensor, profiles: dict) -> tuple[Tensor, list[str]]:
+    def _features(self, x: Tensor, pred: Tensor,
+                  profiles: dict) -> tuple[Tensor, list[str], Tensor]:
         cols, names = [], []
         for (layer, kind), prof in profiles.items():
             cols.append(_cosine_distance(prof.flatten(1), self.means[(layer, kind)][pred]))
@@ -424,18 +489,22 @@ class InfluenceFeatures:
             cols.append(self.gauss[(layer, kind)].distance(_units(prof), pred))
             names.append(f"units-{kind}:{layer}")
         maps = expert_maps(self.model, x, self.expert_layer, pred, k=self.k,
-                           resolution=self.resolution, n_classes=self.n_classes)
+                           resolution=self.resolution, n_classes=self.n_classes,
+                           per=profiles.get((self.expert_layer, "point")))
         share, _ = window_concentration(maps, self.window)
         cols.append(share)
         names.append(f"concentration:{self.expert_layer}")
-        return torch.stack(cols, 1), names
+        return torch.stack(cols, 1), names, maps
 
-    def features(self, x: Tensor) -> tuple[Tensor, list[str]]:
-        """(N, F) raw features and their names (see the class docstring)."""
+    def features(self, x: Tensor, return_maps: bool = False):
+        """``(features (N, F), names)``: the raw features and their names (see the class
+        docstring); with ``return_maps`` also the experts' maps (N, H, W) the concentration
+        feature reads (:func:`expert_maps` of the predicted classes)."""
         if self.mu is None:
             raise ValueError("call fit(clean_images) first")
         pred = _logits(self.model, x).argmax(1)
-        return self._features(x, pred, self._profiles(x, pred))
+        feats, names, maps = self._features(x, pred, self._profiles(x, pred))
+        return (feats, names, maps) if return_maps else (feats, names)
 
     def zscores(self, feats: Tensor) -> Tensor:
         """Features standardised by their clean training mean and spread."""
@@ -469,15 +538,19 @@ def fit_logistic(pos: Tensor, neg: Tensor, l2: float = 1e-2, steps: int = 200) -
 
 
 def mask_experts_region(model: nn.Module, x: Tensor, y: Tensor, layer: str, *, k: int = 5,
-                        resolution: int = 8, window: int = 12, fill: float = 0.0) -> dict:
+                        resolution: int = 8, window: int = 12, fill: float = 0.0,
+                        maps: Tensor | None = None) -> dict:
     """Mask the ``window``×``window`` square where each input's own top experts' interpretation
     concentrates (see :func:`expert_maps`), filled with ``fill`` in the model's input scale.
+    ``maps``: those interpretations (N, H, W) for the predicted classes when the caller already
+    has them (e.g. from :meth:`InfluenceFeatures.features` with the same ``k`` and resolution).
 
     Returns ``{"recovered": share of inputs whose prediction equals ``y`` after masking,
     "before": share equal to ``y`` before, "pred": (N,) predictions after, "mask": (N, 1, H, W)}``.
     """
     pred = _logits(model, x).argmax(1)
-    maps = expert_maps(model, x, layer, pred, k=k, resolution=resolution)
+    if maps is None:
+        maps = expert_maps(model, x, layer, pred, k=k, resolution=resolution)
     _, corner = window_concentration(maps, window)
     h, w = x.shape[-2:]
     r = torch.arange(h).view(1, h, 1)
@@ -635,8 +708,9 @@ class Detectors:
         return self
 
     def scores(self, x: Tensor) -> dict[str, Tensor]:
-        """{detector: (N,) scores, higher = more likely attacked} and the raw ``features``."""
-        feats, names = self.features.features(x)
+        """{detector: (N,) scores, higher = more likely attacked}, the raw ``features`` and the
+        ``expert_maps`` (N, H, W) the concentration feature read."""
+        feats, names, maps = self.features.features(x, return_maps=True)
         z = self.features.zscores(feats)
         naive = names.index(f"point:{self.layer}")
         return {"influence_combined": z @ self.w + self.b,
@@ -647,7 +721,7 @@ class Detectors:
                 "mahalanobis": self.mahalanobis.score(x),
                 "mahalanobis_layers": ((torch.stack([m.score(x) for m in self.pooled.values()], 1)
                                         - self.pooled_mu) / self.pooled_sd).max(1).values,
-                "features": feats}
+                "features": feats, "expert_maps": maps}
 
 
 DESCRIPTIONS = {
@@ -742,16 +816,18 @@ def _success_rates(ok: Tensor, held, class_names) -> dict:
 
 
 def _masking(model: nn.Module, adv: Tensor, held, ok: Tensor, patch: Tensor, cfg: dict,
-             expert_layer: str, window: int) -> dict:
+             expert_layer: str, window: int, maps_attacked: Tensor | None = None,
+             maps_clean: Tensor | None = None) -> dict:
     """Masking the experts' region of the successful attacks: the share recovered, what the
     same masking does to the clean images, and how often the mask hits the patch; {} when no
-    attack succeeded."""
+    attack succeeded. ``maps_attacked``/``maps_clean``: the experts' maps of ``adv[ok]`` and of
+    ``held.x`` when the scores already computed them."""
     if not ok.any():
         return {}
     res = mask_experts_region(model, adv[ok], held.y[ok], expert_layer, k=cfg["k"],
-                              resolution=cfg["resolution"], window=window)
+                              resolution=cfg["resolution"], window=window, maps=maps_attacked)
     kept = mask_experts_region(model, held.x, held.y, expert_layer, k=cfg["k"],
-                               resolution=cfg["resolution"], window=window)
+                               resolution=cfg["resolution"], window=window, maps=maps_clean)
     hit = (res["mask"] & patch[ok]).flatten(1).any(1).float().mean()
     return {"recovered": res["recovered"], "clean_still_correct": kept["recovered"],
             "clean_correct_before": kept["before"], "window": window,
@@ -847,14 +923,16 @@ def build(ctx: StageContext) -> dict:
     ok = pred_adv != held.y
     step("scoring held-out images")
     clean_scores = dets.scores(held.x)
-    rows, curves, feature_rows = [], {}, []
+    rows, curves, feature_rows, att_scores = [], {}, [], {}
     if ok.any():
-        rows, curves, feature_rows = _detector_rows(dets, clean_scores, dets.scores(adv[ok]),
+        att_scores = dets.scores(adv[ok])
+        rows, curves, feature_rows = _detector_rows(dets, clean_scores, att_scores,
                                                     layers, layer, expert_layer)
     success = _success_rates(ok, held, data.class_names)
 
     step("masking the experts' region")
-    masking = _masking(model, adv, held, ok, patch, cfg, expert_layer, window)
+    masking = _masking(model, adv, held, ok, patch, cfg, expert_layer, window,
+                       att_scores.get("expert_maps"), clean_scores["expert_maps"])
     adaptive: dict = {}
     if cfg["adaptive"]:
         step("adaptive attack")
