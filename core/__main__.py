@@ -152,6 +152,23 @@ def _fmt(v, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+# The numbers a stage's row is read by, first (the rest of its floats fill up to four).
+_ROW_KEYS = {
+    "discovery": ("necessity", "control_necessity", "sufficiency", "control_sufficiency",
+                  "p_value"),
+    "corrections": ("{headline}_acc", "paired_delta", "gap_closed"),
+}
+
+
+def _row_keys(stage: str, row: dict) -> list[str]:
+    """The (at most five) float fields of ``row`` the CLI summary shows: the stage's own reading
+    keys (:data:`_ROW_KEYS`) when present, then its other floats in the row's order."""
+    first = [k.format(headline=row.get("headline", "")) for k in _ROW_KEYS.get(stage, ())]
+    first = [k for k in first if isinstance(row.get(k), float)]
+    rest = [k for k in row if isinstance(row[k], float) and k not in first]
+    return (first + rest)[: max(len(first), 4)]
+
+
 def _summary(rep: dict) -> str:
     lines = [f"{rep['case']}: {rep.get('title', '')}"]
     built = rep.get("built", {})
@@ -195,7 +212,7 @@ def _summary(rep: dict) -> str:
         if stage in rep:
             lines.append(f"{stage}: {len(rep[stage])} rows")
             for row in rep[stage][:12]:
-                keys = [k for k in row if isinstance(row[k], float)][:4]
+                keys = _row_keys(stage, row)
                 # what names a row: a method (representations, corrections), a detector, or for
                 # essence the layer, the class pair and the fill
                 name = row.get("method") or row.get("detector") or row.get("label")

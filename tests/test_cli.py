@@ -143,3 +143,15 @@ def test_cuda_without_cuda_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "CUDA is not available" in err and err.count("\n") == 1
     assert not (tmp_path / "c").exists()
+
+
+def test_summary_rows_show_what_each_stage_is_read_by():
+    from core.__main__ import _row_keys
+
+    cand = {"alpha_corrected": 0.001, "components": 1.0, "necessity": 0.6, "control_necessity": 0.0,
+            "sufficiency": 0.8, "control_sufficiency": 0.02, "p_value": 0.004}
+    assert _row_keys("discovery", cand) == ["necessity", "control_necessity", "sufficiency",
+                                            "control_sufficiency", "p_value"]
+    corr = {"cpu_seconds": 1.5, "headline": "decoy", "decoy_acc": 0.7, "paired_delta": 0.1}
+    assert _row_keys("corrections", corr)[:2] == ["decoy_acc", "paired_delta"]
+    assert _row_keys("essence", {"a": 1, "x": 0.1, "y": 0.2}) == ["x", "y"]  # the row's own floats
