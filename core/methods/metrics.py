@@ -352,6 +352,10 @@ def _perturbation_curve(model: nn.Module, start: torch.Tensor, end: torch.Tensor
         ni, si = sel[lo:lo + batch_size].unbind(1)
         keep = (rank[ni] < (si * step)[:, None])[:, None, :]             # (b, 1, P)
         imgs = torch.where(keep, end_f[ni], start_f[ni]).view(-1, c, h, w)
+        if dev.type == "cpu":
+            # channels-last runs the CPU's convolutions and max pooling 1.4-3× faster (measured
+            # on the faces O-Net, one thread); the values agree to float rounding (~1e-6)
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
         out = model(imgs)
         if softmax:
             out = torch.softmax(out, dim=-1)
