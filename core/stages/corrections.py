@@ -58,7 +58,7 @@ from core.engine.experts import interpret
 from core.engine.influence import activations, get_layer, model_device
 from core.engine.quantities import ClassQoI
 from core.methods.metrics import region_mass as per_image_mass
-from core.methods.training import evaluate, train_model
+from core.methods.training import evaluate, recalibrate_batchnorm, set_seed, train_model
 from core.stages.base import Stage, StageContext
 from core.stages.representations import attribute
 
@@ -619,9 +619,71 @@ def influence_penalty(model: nn.Module, x: Tensor, selector: Tensor, layer: str 
 def _fine_tune(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float,
                batch_size: int, seed: int, extra_loss=None, progress=None) -> tuple[nn.Module, dict]:
     m = _copy(model)
-    hist = train_model(m, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                       device=model_device(model), extra_loss=extra_loss, progress=progress)
+    if isinstance(extra_loss, _SharedPenalty):
+        hist = _train_penalised(m, x, y, extra_loss, epochs=epochs, lr=lr,
+                                batch_size=batch_size, seed=seed)
+    else:
+        hist = train_model(m, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                           device=model_device(model), extra_loss=extra_loss, progress=progress)
     return m.eval(), hist
+
+
+@dataclass(frozen=True)
+class _SharedPenalty:
+    """A gradient penalty λ · weigh(∂Σ_k log p_k/∂z, idx) over the whole batch, z the slice
+    ``layer`` (None: the input): the loss :func:`_train_penalised` adds to the cross-entropy."""
+
+    lam: float
+    layer: str | None
+    weigh: Callable[[Tensor, Tensor], Tensor]
+
+
+def _train_penalised(m: nn.Module, x: Tensor, y: Tensor, penalty: _SharedPenalty, *,
+                     epochs: int, lr: float, batch_size: int, seed: int) -> dict:
+    """:func:`~core.methods.training.train_model`'s loop (same seeding, batch order, Adam, and
+    BatchNorm recalibration) with one forward per step: the penalty's forward (the input, or
+    the hooked slice, kept for the double backprop) also gives the logits of the
+    cross-entropy, where ``train_model`` with an ``extra_loss`` runs the batch through the
+    model twice. The same loss, so the same gradients up to float rounding. Returns
+    ``{"loss": [per epoch], "acc": [per epoch], "epochs", "steps", "seconds"}``; ``m`` is
+    trained in place and ends in eval mode."""
+    dev = model_device(m)
+    set_seed(seed)
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    n = int(x.shape[0])
+    x_dev, y_dev = x.to(dev), y.to(dev).long()
+    hist: dict = {"loss": [], "acc": [], "epochs": epochs,
+                  "steps": (n + batch_size - 1) // batch_size * epochs}
+    t0 = time.perf_counter()
+    m.train()
+    try:
+        for _epoch in range(epochs):
+            perm = torch.randperm(n, generator=gen).to(dev)
+            loss_sum, correct = 0.0, 0
+            for start in range(0, n, batch_size):
+                idx = perm[start:start + batch_size]
+                xb, yb = x_dev[idx], y_dev[idx]
+                g, logits = _slice_gradient(m, xb, penalty.layer)
+                loss = F.cross_entropy(logits, yb) + penalty.lam * penalty.weigh(g, idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((logits.detach().argmax(1) == yb).sum())
+            hist["loss"].append(loss_sum / max(n, 1))
+            hist["acc"].append(correct / max(n, 1))
+        hist["batchnorm_recalibrated"] = (
+            recalibrate_batchnorm(m, x_dev, batch_size=batch_size) if epochs > 0 else 0)
+    finally:
+        m.eval()
+        hist["seconds"] = time.perf_counter() - t0
+    return hist
+
+
+def _shares_forward(penalty_batch: int | None, batch_size: int) -> bool:
+    """Whether the penalty covers the whole batch (then one forward serves both losses)."""
+    return penalty_batch is None or int(penalty_batch) >= int(batch_size)
 
 
 def _tuned_fine_tune(name: str, model: nn.Module, data, make_loss, values: Sequence[float], *,
@@ -653,7 +715,13 @@ def correct_rrr(model: nn.Module, data, *, lambdas=(0.01, 0.1, 1.0), epochs: int
     dev = model_device(model)
     mask_dev = mask.to(dev).float()
 
+    def weigh(g, idx):
+        return (mask_dev[idx].to(g.dtype) * g).pow(2).flatten(1).sum(1).mean()
+
     def make_loss(lam):
+        if _shares_forward(penalty_batch, batch_size):
+            return _SharedPenalty(float(lam), None, weigh)
+
         def extra(m, xb, yb, logits, idx):
             k = len(xb) if penalty_batch is None else int(penalty_batch)
             return lam * rrr_penalty(m, xb[:k], mask_dev[idx[:k]])
@@ -725,7 +793,13 @@ def correct_influence_penalty(model: nn.Module, data, *, lambdas=(0.01, 0.1, 1.0
         r = F.interpolate(region[None, None].float(), size=shape[-2:], mode="nearest")[0]
         selector = r.expand(shape).to(dev)
 
+    def weigh(g, idx):
+        return (selector.to(g) * g).pow(2).flatten(1).sum(1).mean()
+
     def make_loss(lam):
+        if _shares_forward(penalty_batch, batch_size):
+            return _SharedPenalty(float(lam), layer, weigh)
+
         def extra(m, xb, yb, logits, idx):
             k = len(xb) if penalty_batch is None else int(penalty_batch)
             return lam * influence_penalty(m, xb[:k], selector, layer)
