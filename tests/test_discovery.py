@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.methods import discovery as D
@@ -99,6 +100,62 @@ def test_check_config():
         D.check_config({"fill": "zeros"})
 
 
+def checker_images(n, side=20, tex=6, seed=0):
+    """``n`` images of uniform noise, each with a tex × tex checkerboard at a random place, and
+    its footprints (n, side, side) bool."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.random((n, 1, side, side)).astype(np.float32))
+    masks = np.zeros((n, side, side), bool)
+    board = torch.from_numpy((np.indices((tex, tex)).sum(0) % 2).astype(np.float32))
+    for i in range(n):
+        top, left = rng.integers(0, side - tex + 1, 2)
+        x[i, 0, top:top + tex, left:left + tex] = board
+        masks[i, top:top + tex, left:left + tex] = True
+    return x, masks
+
+
+def test_consistency_follows_a_mark_that_moves():
+    # the same checkerboard at a random place on noise: its regions recur wherever they are;
+    # the same boxes on noise alone (no mark) vary as much as the control does
+    x, masks = checker_images(40)
+    ref = torch.from_numpy(np.random.default_rng(1).random((64, 1, 20, 20)).astype(np.float32))
+    assert D.aligned_consistency(x, masks, ref, np.random.default_rng(0)) >= 0.95
+    assert abs(D.aligned_consistency(ref[:40], masks, ref[40:], np.random.default_rng(0))) <= 0.2
+    assert D.aligned_consistency(x[:1], masks[:1], ref, np.random.default_rng(0)) == 0.0
+
+
+def test_pattern_matched_past_the_border():
+    # a 3 × 3 "X" in a corner and at the bottom edge; the template carries a 1-pixel margin, so
+    # its best window reaches past the border: the mask lands on the mark, clipped to the image
+    x = torch.zeros(2, 1, 12, 12)
+    mark = torch.tensor([[1., 0, 1], [0, 1, 0], [1, 0, 1]])
+    x[0, 0, :3, :3] = mark
+    x[1, 0, 9:, 5:8] = mark
+    template = torch.zeros(1, 5, 5)
+    template[0, 1:4, 1:4] = mark
+    shape = np.zeros((5, 5), bool)
+    shape[1:4, 1:4] = True
+    masks, _ = D._match(x, {"template": template.tolist(), "shape": shape.tolist()})
+    truth = np.zeros((2, 12, 12), bool)
+    truth[0, :3, :3] = truth[1, 9:, 5:8] = True
+    assert np.array_equal(masks, truth)
+
+
+def test_pattern_rule_finds_a_texture_at_a_random_place():
+    # attribution blobs overshoot a mark by a pixel: the pattern rule aligns what recurs in them
+    # and its matches are the planted checkerboard, whose content then recurs
+    from core.methods import planted as P
+
+    x, y, m = P.make_case("texture", "shortcut", 0)["train"]
+    idx = torch.as_tensor(np.flatnonzero(y.numpy() == P.TARGET)[:64])
+    xg, mg = x[idx], m[idx].numpy()
+    blobs = D._dilate(torch.as_tensor(mg), 1).numpy()
+    rule = D._pattern_rule(xg, blobs, x, np.random.default_rng(0))
+    found, _ = D._match(xg, rule)
+    assert np.median([D.iou(a, b) for a, b in zip(found, mg, strict=True)]) >= 0.9
+    assert D.aligned_consistency(xg, found, x, np.random.default_rng(0)) >= 0.9
+
+
 # ----------------------------------------------------------------------------------- a hand-built model
 
 SIDE = 8
@@ -149,6 +206,56 @@ def test_hand_model_causal_tests_by_hand():
     assert t["sufficiency"] == 1.0 and t["control_sufficiency"] <= 0.1
     lo, hi = t["necessity_ci"]
     assert lo == pytest.approx(D.wilson(20, 20)[0]) and hi == 1.0
+
+
+class AnyPlace(nn.Module):
+    """Class 0 when a bright 2 × 2 block (sum ≥ 3.2) is anywhere on the image; else class 1."""
+
+    def forward(self, x):
+        s = F.avg_pool2d(x, 2, 1) * 4
+        mark = (s.flatten(1).max(1).values - 3.2).clamp(min=0) * 10
+        return torch.stack([mark, torch.full_like(mark, 1.0)], 1)
+
+
+def _blocks(places, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(len(places), 1, SIDE, SIDE, generator=g) * 0.1
+    masks = np.zeros((len(places), SIDE, SIDE), bool)
+    for i, (top, left) in enumerate(places):
+        x[i, :, top:top + 2, left:left + 2] = 1.0
+        masks[i, top:top + 2, left:left + 2] = True
+    return x, masks
+
+
+def test_same_place_control_tells_a_moving_mark_from_what_the_class_holds_there():
+    """The content-specificity control pastes what another image of the class holds under the
+    same region. A mark at a different place on every image: that content is background, the
+    control never makes class 0, and the verdict passes it. The same mark at one place on every
+    image (what an object part the class's images share looks like to this control): the
+    control works exactly as well as the region and the verdict names it."""
+    model = AnyPlace().eval()
+    targets = torch.rand(24, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(9)) * 0.1
+    assert (D._predict(model, targets) == 1).all()
+    moving, m_moving = _blocks([(r, c) for r in range(0, 7, 3) for c in range(0, 7, 3)], 1)
+    fixed, m_fixed = _blocks([(3, 3)] * 9, 2)
+    cfg = D.check_config({"min_tested": 4})
+    rows = {}
+    for name, (x, m) in {"moving": (moving, m_moving), "fixed": (fixed, m_fixed)}.items():
+        assert (D._predict(model, x) == 0).all()
+        t = D.causal_tests(model, 0, x, m, targets, same_place=True)
+        assert t["sufficiency"] == 1.0 and t["necessity"] == 1.0
+        rows[name] = {**t, "share_of_image": 4 / SIDE ** 2, "components": 1, "consistency": 1.0}
+    # blocks 3 apart never overlap: another image's content there is background
+    assert rows["moving"]["control_same_place"] == 0.0
+    assert rows["moving"]["same_place_pairs"] == [24, 0] and rows["moving"]["same_place_p"] < 1e-6
+    assert D.verdict(rows["moving"], cfg, 1)[0] == "suspected"
+    assert rows["fixed"]["control_same_place"] == 1.0 and rows["fixed"]["same_place_p"] == 1.0
+    word, why = D.verdict(rows["fixed"], cfg, 1)
+    assert word == "not suspected" and "another image of the class" in why
+    # without the control (a region at one place) the same row passes: the control is the cause
+    plain = D.causal_tests(model, 0, fixed, m_fixed, targets)
+    assert plain["control_same_place"] is None and plain["same_place_p"] is None
+    assert D.verdict({**rows["fixed"], **plain}, cfg, 1)[0] == "suspected"
 
 
 def test_discover_finds_the_hand_built_shortcut():

@@ -13,10 +13,13 @@ For the model under study and each class c (DESIGN §10, issue 20):
    cosine affinity, spectral clustering with k chosen by the largest eigengap of the normalised
    Laplacian. The whole class is always a group too. Held-out images (the other training half and
    the test images predicted as c) join the group whose centroid their map is closest to.
-3. **Regions.** Per group two rules: ``fixed`` — one region where the group's mean map is at least
-   ``threshold`` × its maximum (marks at one place); ``moving`` — per image, the connected blob of
-   its own map above ``threshold`` × that map's maximum holding the most attribution (marks whose
-   place varies). Regions are closed (3 × 3) and their holes filled.
+3. **Regions.** Per group three rules: ``fixed`` — one region where the group's mean map is at
+   least ``threshold`` × its maximum, grown to the recurring pixels it touches (marks at one
+   place); ``moving`` — per image, the connected blob of its own map above ``threshold`` × that
+   map's maximum holding the most attribution (marks whose place varies); ``pattern`` — what
+   recurs in the blobs' windows once aligned (normalised cross-correlation, windows may reach past
+   the border), matched on each image wherever it is (a mark at a random place). Regions are
+   closed (3 × 3) and their holes filled.
 4. **Causal tests** on the group's held-out images, each against a control: the same region rolled
    to a random place (same size, same shape). *Necessity*: the region is removed (filled with the
    mean of a 2-pixel ring around it, per channel: ``fill = "local_mean"``; or a blurred copy:
@@ -24,16 +27,24 @@ For the model under study and each class c (DESIGN §10, issue 20):
    *Sufficiency*: the region's content is pasted onto test images of other classes (label
    and prediction not c; topped up with such training images when the test split has too few):
    the share that become c; its control pastes what the same source image holds under the
-   control region instead (so a mark that works anywhere is not its own control). Both are
-   paired (region vs control on the same images): one-sided exact McNemar tests; shares with
-   Wilson intervals.
+   control region instead (so a mark that works anywhere is not its own control). A region
+   whose place varies (``moving``, ``pattern``) has a second sufficiency control, its content's
+   specificity: what another image of the group holds under the same region, pasted at the same
+   place (a mark that moves is elsewhere on that image; an object part the class's images share
+   at that place is there too). All are paired (region vs control on the same images):
+   one-sided exact McNemar tests; shares with Wilson intervals.
 5. **Verdict** "suspected" when, with α Bonferroni-corrected over the candidates tested, both
    effects beat their control at p < α / m, necessity by at least ``min_effect`` and sufficiency
-   by at least ``min_sufficiency``, and the region is compact
-   (mean share of the image ≤ ``max_share``, median ≤ ``max_components`` connected pieces);
+   by at least ``min_sufficiency`` (a region whose place varies: sufficiency also beats the
+   specificity control by ``min_sufficiency``), the region is compact
+   (mean share of the image ≤ ``max_share``, median ≤ ``max_components`` connected pieces) and
+   its content recurs (consistency ≥ ``min_consistency``; a region at one place:
+   :func:`content_consistency`, its spread across the group against the same place's spread
+   across all images; a region whose place varies: :func:`aligned_consistency`, each region read
+   in its own box, at its best small shift, against the group's medoid region);
    otherwise "not suspected" with the first condition that failed. The rule and thresholds are in
-   every row. Candidates are ranked by evidence (suspected first, then the smaller of the two
-   effects over control, then the p-value).
+   every row. Candidates are ranked by evidence (suspected first, then the smallest effect over
+   its controls, then the p-value).
 
 Everything reads the model, image tensors (N, C, H, W), labels and class names; nothing knows a
 case, a size or a layer name. Bad input gives a row with a reason, never an exception.
@@ -79,7 +90,9 @@ DEFAULTS: dict = {
     "max_share": 0.25,      # compact: mean share of the image the region covers
     "max_components": 3,    # compact: median connected pieces of a region
     "min_consistency": 0.75,  # a mark: its content varies across the group ≤ ¼ as much as the
-                            # same place does across all training images
+                            # same place does across all training images (a region that moves:
+                            # read in its own box, its distance to the group's medoid ≤ 1/16 of
+                            # the same boxes' on random images, 1 − √ ≥ 0.75)
     "min_test": 10,         # test images the model must predict as a class to test it
     "min_tested": 8,        # held-out images a candidate needs for each test
     "seed": 0,
@@ -95,6 +108,9 @@ _BOUNDS = {"max_fit": (8, 100000), "max_heldout": (4, 100000), "max_targets": (4
            "batch_size": (1, 1 << 20)}
 FILLS = ("local_mean", "blur")
 MIN_NCC = 0.6  # a pattern is present where its template correlates at least this well
+MOVING = ("moving", "pattern")  # region rules whose place varies from image to image
+REFINE_PASSES = 2  # a pattern is re-matched with its refined template once more
+SHIFT, MAX_SHIFT = 0.15, 3  # consistency: regions compared at their best shift (share of side)
 
 
 def check_config(section: dict | None, where: str = "[discovery]") -> dict:
@@ -459,9 +475,27 @@ def _blob_regions(maps: Tensor, threshold: float) -> np.ndarray:
     return out
 
 
-def _ncc(x: Tensor, template: Tensor) -> Tensor:
-    """Normalised cross-correlation (N, H − h + 1, W − w + 1) of a template (C, h, w) with every
-    window of the images ``x`` (N, C, H, W) (0 where a window or the template is flat)."""
+def _margin(template_shape) -> tuple[int, int]:
+    """How far a template may reach past the image's border: half its height and width (a mark
+    at the border is matched with at least half the template inside)."""
+    return template_shape[-2] // 2, template_shape[-1] // 2
+
+
+def _padded(x: Tensor, ph: int, pw: int) -> Tensor:
+    """``x`` (N, C, H, W) padded with zeros by ``ph`` rows and ``pw`` columns on each side, so
+    windows may reach past the border (zeros, not repeated edges: a mark at the border is not
+    smeared outwards)."""
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (pw, pw, ph, ph))
+
+
+def _ncc(x: Tensor, template: Tensor, margin: tuple[int, int] = (0, 0)) -> Tensor:
+    """Normalised cross-correlation (N, H − h + 1 + 2·mh, W − w + 1 + 2·mw) of a template
+    (C, h, w) with every window of the images ``x`` (N, C, H, W), windows reaching ``margin``
+    = (mh, mw) pixels past the border (:func:`_padded`); entry (i, j) is the window whose top-left
+    corner is (i − mh, j − mw). 0 where a window or the template is flat."""
+    x = _padded(x, *margin)
     t = template - template.mean()
     tn = t.norm()
     c, h, w = template.shape
@@ -476,32 +510,67 @@ def _ncc(x: Tensor, template: Tensor) -> Tensor:
     return torch.where(den > 1e-6, num / den.clamp(min=1e-6), torch.zeros_like(num))
 
 
+def _best_windows(x: Tensor, template: Tensor) -> tuple[list, Tensor, Tensor]:
+    """Where ``template`` (C, h, w) correlates best with each image of ``x`` (N, C, H, W), windows
+    reaching up to :func:`_margin` past the border: (top-left corners [(top, left)] in image
+    coordinates, may be negative; the windows (N, C, h, w) cut from the padded images; the best
+    correlations (N,))."""
+    mh, mw = _margin(template.shape)
+    ncc = _ncc(x, template, (mh, mw))
+    best, pos = ncc.flatten(1).max(1)
+    width = ncc.shape[-1]
+    xp = _padded(x, mh, mw)
+    h, w = template.shape[-2:]
+    corners, windows = [], []
+    for i in range(len(x)):
+        top, left = divmod(int(pos[i]), width)
+        windows.append(xp[i, :, top:top + h, left:left + w])
+        corners.append((top - mh, left - mw))
+    return corners, torch.stack(windows) if windows else x[:, :, :h, :w], best
+
+
+def _place(shape: np.ndarray, corners: list, size: tuple[int, int]) -> np.ndarray:
+    """Masks (N, H, W) bool: ``shape`` (h, w) with its top-left corner at each corner (clipped
+    to the image)."""
+    masks = np.zeros((len(corners), *size), dtype=bool)
+    sh, sw = shape.shape
+    for i, (top, left) in enumerate(corners):
+        t0, l0 = max(0, top), max(0, left)
+        t1, l1 = min(size[0], top + sh), min(size[1], left + sw)
+        if t1 > t0 and l1 > l0:
+            masks[i, t0:t1, l0:l1] = shape[t0 - top:t1 - top, l0 - left:l1 - left]
+    return masks
+
+
 def _pattern_rule(x: Tensor, blobs: np.ndarray, x_ref: Tensor,
                   rng: np.random.Generator) -> dict | None:
     """A recurring pattern from the group's attribution blobs, or None.
 
-    A window (the median blob box plus a 1-pixel margin) around each blob's centre; the medoid
-    window (highest mean correlation with the others) is the first template. It is matched on
-    every image of the group (best normalised cross-correlation); of the aligned windows, the
-    pixels that recur (:func:`_recurring` against same-size windows of ``x_ref`` at random places)
-    connected to the most attributed ones are the pattern: the template becomes their box (plus
-    a 1-pixel margin) and its recurring pixels the region's shape. Without recurring pixels (or
-    fewer than a quarter of the blob's) the medoid's own window and blob stay."""
+    A window (the median blob box plus a 1-pixel margin) around each blob's centre (reaching past
+    the border where the blob is near it); the medoid window (highest mean correlation with the
+    others) is the first template. It is matched on every image of the group (best normalised
+    cross-correlation, :func:`_best_windows`); of the aligned windows, the pixels that recur
+    connected to the most attributed ones are the pattern (:func:`_refine`, ``REFINE_PASSES``
+    times, each matching the last template): the template becomes their box (plus a 1-pixel
+    margin) and its recurring pixels the region's shape. Without recurring pixels (or fewer than
+    a quarter of the blob's) the last template and shape stay. Returns ``{"template",
+    "shape"}`` as nested lists."""
     keep = [i for i in range(len(blobs)) if blobs[i].any()]
     if len(keep) < 2:
         return None
     h, w = blobs.shape[-2:]
     boxes = [_bbox(blobs[i]) for i in keep]
-    bh = int(np.median([b[1] - b[0] for b in boxes]))
-    bw = int(np.median([b[3] - b[2] for b in boxes]))
-    wh, ww = min(h, bh + 2), min(w, bw + 2)
+    wh = min(h, int(np.median([b[1] - b[0] for b in boxes])) + 2)
+    ww = min(w, int(np.median([b[3] - b[2] for b in boxes])) + 2)
+    xp = _padded(x, wh, ww)
+    bp = np.pad(blobs, ((0, 0), (wh, wh), (ww, ww)))
     crops, shapes = [], []
     for i in keep:
         rows, cols = np.nonzero(blobs[i])
-        top = int(np.clip(round(rows.mean() - (wh - 1) / 2), 0, h - wh))
-        left = int(np.clip(round(cols.mean() - (ww - 1) / 2), 0, w - ww))
-        crops.append(x[i, :, top:top + wh, left:left + ww])
-        shapes.append(blobs[i][top:top + wh, left:left + ww])
+        top = int(round(rows.mean() - (wh - 1) / 2)) + wh
+        left = int(round(cols.mean() - (ww - 1) / 2)) + ww
+        crops.append(xp[i, :, top:top + wh, left:left + ww])
+        shapes.append(bp[i, top:top + wh, left:left + ww])
     flat = torch.stack(crops).flatten(1).double()
     flat = flat - flat.mean(1, keepdim=True)
     flat = flat / flat.norm(dim=1, keepdim=True).clamp(min=1e-8)
@@ -509,48 +578,57 @@ def _pattern_rule(x: Tensor, blobs: np.ndarray, x_ref: Tensor,
     np.fill_diagonal(sim, np.nan)
     medoid = int(np.nanargmax(np.nanmean(sim, axis=1)))
     template, shape = crops[medoid], _tidy(shapes[medoid])
-    # refine: what recurs in the aligned windows is the pattern
-    ncc = _ncc(x, template)
-    pos = ncc.flatten(1).argmax(1)
-    width = ncc.shape[-1]
-    aligned = []
-    for i in range(len(x)):
-        top, left = divmod(int(pos[i]), width)
-        aligned.append(x[i, :, top:top + wh, left:left + ww])
-    aligned = torch.stack(aligned)
-    ref = []
-    for j in rng.integers(0, len(x_ref), min(len(x_ref), max(32, len(x)))):
-        top, left = int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1))
-        ref.append(x_ref[int(j), :, top:top + wh, left:left + ww])
-    rec = _recurring(aligned, torch.stack(ref))
-    grown = _grow(shape, rec) if (shape & rec).any() else rec
-    if grown.any() and (grown & rec).any() and grown.sum() >= 0.25 * shape.sum():
-        t, b, left, r = _bbox(grown)
-        t0, b0 = max(0, t - 1), min(wh, b + 1)
-        l0, r0 = max(0, left - 1), min(ww, r + 1)
-        template = aligned.mean(0)[:, t0:b0, l0:r0]
-        shape = grown[t0:b0, l0:r0]
+    for _ in range(REFINE_PASSES):
+        refined = _refine(x, template, shape, x_ref, rng)
+        if refined is None:
+            break
+        template, shape = refined
     if not shape.any():
         return None
     return {"template": template.tolist(), "shape": shape.tolist()}
 
 
+def _refine(x: Tensor, template: Tensor, shape: np.ndarray, x_ref: Tensor,
+            rng: np.random.Generator, grow: int = 2) -> tuple[Tensor, np.ndarray] | None:
+    """One refinement of a pattern: ``template`` (C, h, w) is matched on every image of ``x``
+    (:func:`_best_windows`); the aligned windows, ``grow`` pixels larger on each side, are
+    compared with the same windows on random images of ``x_ref``, and the pixels that recur
+    there (:func:`_recurring`; inside the image in at least half the windows) connected to
+    ``shape`` (h, w) are the new shape; the new template
+    is the aligned windows' mean over its box plus a 1-pixel margin. Returns (template, shape),
+    or None when nothing recurs (or less than a quarter of ``shape``)."""
+    corners, _, _ = _best_windows(x, template)
+    h, w = template.shape[-2:]
+    wh, ww = h + 2 * grow, w + 2 * grow
+    xp = _padded(x, wh, ww)
+    inside_p = _padded(torch.ones(1, 1, *x.shape[-2:]), wh, ww)[0, 0]
+    cuts = [(slice(top + wh - grow, top + 2 * wh - grow), slice(left + ww - grow, left + 2 * ww - grow))
+            for top, left in corners]
+    aligned = torch.stack([xp[i, :, r, c] for i, (r, c) in enumerate(cuts)])
+    inside = torch.stack([inside_p[r, c] for r, c in cuts]).mean(0).numpy() >= 0.5
+    # the control: the same windows on random images (a background every image shares there,
+    # such as a margin, does not count as the pattern)
+    rp = _padded(x_ref[torch.as_tensor(rng.integers(0, len(x_ref), len(cuts)))], wh, ww)
+    ref = torch.stack([rp[i, :, r, c] for i, (r, c) in enumerate(cuts)])
+    rec = _recurring(aligned, ref) & inside  # what lies past the border cannot recur
+    seed = np.pad(shape, grow)
+    grown = _grow(seed, rec) if (seed & rec).any() else rec
+    if not (grown.any() and (grown & rec).any() and grown.sum() >= 0.25 * shape.sum()):
+        return None
+    t, b, left, r = _bbox(grown)
+    t0, b0 = max(0, t - 1), min(wh, b + 1)
+    l0, r0 = max(0, left - 1), min(ww, r + 1)
+    return aligned.mean(0)[:, t0:b0, l0:r0], grown[t0:b0, l0:r0]
+
+
 def _match(x: Tensor, rule: dict) -> tuple[np.ndarray, np.ndarray]:
     """(masks (N, H, W) bool, best correlation (N,)) of a pattern rule: its shape placed where the
-    template correlates best with each image."""
+    template correlates best with each image (the template may reach past the border by
+    :func:`_margin`; the mask is clipped to the image)."""
     template = torch.as_tensor(rule["template"], dtype=x.dtype)
     shape = np.asarray(rule["shape"], dtype=bool)
-    ncc = _ncc(x, template)
-    n, _, h, w = x.shape
-    flat = ncc.flatten(1)
-    best, pos = flat.max(1)
-    width = ncc.shape[-1]
-    masks = np.zeros((n, h, w), dtype=bool)
-    sh, sw = shape.shape
-    for i in range(n):
-        top, left = divmod(int(pos[i]), width)
-        masks[i, top:top + sh, left:left + sw] = shape
-    return masks, best.numpy()
+    corners, _, best = _best_windows(x, template)
+    return _place(shape, corners, tuple(x.shape[-2:])), best.numpy()
 
 
 def _mass_share(maps: Tensor, masks: np.ndarray) -> np.ndarray:
@@ -582,6 +660,87 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     if len(rows) == 0:
         return None
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _boxes_at(x: Tensor, masks: np.ndarray, corners: list, size: tuple[int, int],
+              shift: int) -> tuple[Tensor, Tensor]:
+    """Windows (n, C, h + 2·shift, w + 2·shift) of the images ``x`` (n, C, H, W) whose central
+    h × w box has its top-left corner at ``corners`` [(top, left)] (zero outside the image), and
+    the masks (n, h, w) bool of ``masks`` (n, H, W) in those central boxes."""
+    h, w = size
+    p = shift + max(h, w)
+    xp = F.pad(x, (p, p, p, p))
+    mp = np.pad(np.asarray(masks, dtype=bool), ((0, 0), (p, p), (p, p)))
+    wins, cores = [], []
+    for i, (top, left) in enumerate(corners):
+        wins.append(xp[i, :, top + p - shift:top + p + h + shift,
+                       left + p - shift:left + p + w + shift])
+        cores.append(mp[i, top + p:top + p + h, left + p:left + p + w])
+    return torch.stack(wins), torch.as_tensor(np.stack(cores))
+
+
+def _shifted_distance(windows: Tensor, template: Tensor, weight: Tensor, shift: int) -> Tensor:
+    """(n,) each window's smallest mean squared difference to ``template`` (C, h, w) over the
+    pixels of ``weight`` (h, w), its central box moved by up to ``shift`` pixels each way."""
+    h, w = template.shape[-2:]
+    total = weight.sum().clamp(min=1)
+    best = None
+    for dy in range(2 * shift + 1):
+        for dx in range(2 * shift + 1):
+            d = ((windows[:, :, dy:dy + h, dx:dx + w] - template) ** 2).mean(1)
+            d = (d * weight).sum((1, 2)) / total
+            best = d if best is None else torch.minimum(best, d)
+    return best
+
+
+def aligned_consistency(x: Tensor, masks: np.ndarray, x_ref: Tensor,
+                        rng: np.random.Generator, max_medoids: int = 24) -> float:
+    """How much a region's content recurs, wherever it is: 1 − √(D_group / D_control).
+
+    Each region of ``masks`` (n, H, W) on the images ``x`` (n, C, H, W) is read in a box of the
+    median box size centred on its own box, so a mark that moves is compared with itself. The
+    regions are split at random in halves: the template is the medoid of the first half (of up
+    to ``max_medoids`` tried, the one with the smallest median distance to the others in it);
+    D_group is the median over the second half (so the choice of template does not flatter
+    it) of the mean squared difference to it over the template's region pixels (all regions
+    when there are fewer than 4), each box moved to its best
+    shift of up to ``SHIFT`` × its larger side (1–``MAX_SHIFT`` pixels; a mark found a pixel
+    off, or a texture at another phase, is still the same). D_control: the same boxes on random
+    images of ``x_ref`` (e.g. every class's training images), given the same shifts. 1: the same
+    content every time (a mark); ≤ 0: it varies as much as any image does there (an object
+    part). 0 for fewer than 2 regions, and when most random images hold the template's content
+    there too (D_control = 0: a background every image shares is not a mark)."""
+    keep = [i for i in range(len(masks)) if masks[i].any()]
+    if len(keep) < 2 or len(x_ref) < 2:
+        return 0.0
+    masks = np.asarray(masks, dtype=bool)[keep]
+    boxes = [_bbox(m) for m in masks]
+    h = max(1, int(np.median([b[1] - b[0] for b in boxes])))
+    w = max(1, int(np.median([b[3] - b[2] for b in boxes])))
+    shift = int(np.clip(round(SHIFT * max(h, w)), 1, MAX_SHIFT))
+    corners = [((b[0] + b[1] - h) // 2, (b[2] + b[3] - w) // 2) for b in boxes]
+    wins, cores = _boxes_at(x[torch.as_tensor(keep)], masks, corners, (h, w), shift)
+    ref_i = torch.as_tensor(rng.integers(0, len(x_ref), len(keep)))
+    ref_wins, _ = _boxes_at(x_ref[ref_i], masks, corners, (h, w), shift)
+    order = rng.permutation(len(keep))
+    fit, held = (order[:len(order) // 2], order[len(order) // 2:]) if len(order) >= 4 \
+        else (order, order)
+    best = None
+    for i in fit[:max_medoids]:
+        template = wins[i, :, shift:shift + h, shift:shift + w]
+        d = _shifted_distance(wins[torch.as_tensor(fit)], template, cores[i].float(), shift)
+        score = float(np.median(d.numpy()[fit != i])) if len(fit) > 1 else 0.0
+        if best is None or score < best[0]:
+            best = (score, int(i))
+    i = best[1]
+    template, weight = wins[i, :, shift:shift + h, shift:shift + w], cores[i].float()
+    others = held[held != i]
+    within = float(_shifted_distance(wins[torch.as_tensor(others)], template, weight,
+                                     shift).mean())
+    control = float(np.median(_shifted_distance(ref_wins, template, weight, shift).numpy()))
+    if control <= 1e-12:  # most images hold the same there (a shared background): no mark
+        return 0.0
+    return float(1 - math.sqrt(within / control))
 
 
 def _crops(x: Tensor, masks: np.ndarray, boxes: list, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -634,7 +793,8 @@ def content_consistency(x: Tensor, masks: np.ndarray, x_ref: Tensor,
 # ----------------------------------------------------------------------------------- tests
 
 def causal_tests(model: nn.Module, cls: int, x_group: Tensor, masks: np.ndarray, x_targets: Tensor,
-                 *, fill: str = "local_mean", seed: int = 0, batch_size: int = 256) -> dict:
+                 *, fill: str = "local_mean", seed: int = 0, batch_size: int = 256,
+                 same_place: bool = False) -> dict:
     """Necessity and sufficiency of the regions ``masks`` (N, H, W) bool on ``x_group`` (images the
     model predicts as ``cls``), each against a rolled control of the same shape.
 
@@ -643,7 +803,15 @@ def causal_tests(model: nn.Module, cls: int, x_group: Tensor, masks: np.ndarray,
     content of a group image (taken in turn) is pasted onto them at the same place; its control
     pastes the same image's content under the control region instead. Returns the
     shares, their Wilson intervals, the controls' and the McNemar tests (one-sided: region > control).
-    """
+
+    ``same_place`` (for regions whose place varies from image to image): a second sufficiency
+    control, the content specificity — what *another* image of the group (at random, never the
+    same one) holds under the same region, pasted at the same place. A mark that moves is
+    somewhere else on that image, so its content there is not the mark; an object part the
+    class's images hold at the same place (a digit's stroke) is there too and works as well.
+    Adds ``control_same_place`` (share, ``_ci``), ``same_place_p`` and ``same_place_pairs``
+    (paired with the region's sufficiency on the same targets); None/1.0 when not run or when
+    the group has one image."""
     rng = np.random.default_rng(seed)
     m = torch.as_tensor(np.asarray(masks, dtype=bool))
     ctrl, _ = roll_masks(m, rng)
@@ -662,9 +830,27 @@ def causal_tests(model: nn.Module, cls: int, x_group: Tensor, masks: np.ndarray,
         became = _predict(model, pasted, batch_size) == cls
         became_c = _predict(model, pasted_c, batch_size) == cls
         out.update(_effect("sufficiency", became.numpy(), became_c.numpy()))
+        if same_place and len(x_group) > 1:
+            other = (j + torch.as_tensor(rng.integers(1, len(x_group), len(j)))) % len(x_group)
+            became_o = _predict(model, paste_region(x_targets, x_group[other], sm),
+                                batch_size) == cls
+            out.update(_same_place(became.numpy(), became_o.numpy()))
     else:
         out.update(_effect("sufficiency", np.zeros(0, bool), np.zeros(0, bool)))
+    out.setdefault("control_same_place", None)
+    out.setdefault("control_same_place_ci", [None, None])
+    out.setdefault("same_place_p", 1.0 if same_place else None)
+    out.setdefault("same_place_pairs", [0, 0])
     return out
+
+
+def _same_place(region: np.ndarray, control: np.ndarray) -> dict:
+    """The content-specificity control's fields (see :func:`causal_tests`)."""
+    test = mcnemar_exact(region, control)
+    n, kc = int(control.size), int(control.sum())
+    return {"control_same_place": kc / n if n else None,
+            "control_same_place_ci": list(wilson(kc, n)), "same_place_p": test["p_value"],
+            "same_place_pairs": [test["region_only"], test["control_only"]]}
 
 
 def _effect(name: str, region: np.ndarray, control: np.ndarray) -> dict:
@@ -687,10 +873,18 @@ def rule_text(cfg: dict) -> str:
             f"(α = {cfg['alpha']:g}, m = candidates tested, Bonferroni), each on ≥ "
             f"{cfg['min_tested']} held-out images, and the region is compact (mean share of the "
             f"image ≤ {cfg['max_share']:g}, median ≤ {cfg['max_components']} connected pieces) "
-            f"and its content recurs (consistency ≥ {cfg['min_consistency']:g}: 1 − its spread "
-            f"across the group's images / the spread of the same place across all training "
-            f"images); "
-            f"necessity removes the region ({cfg['fill'].replace('_', ' ')} fill)")
+            f"and its content recurs (consistency ≥ {cfg['min_consistency']:g}). A region at one "
+            f"place: consistency = 1 − its spread across the group's images / the spread of the "
+            f"same place across all training images. A region whose place varies (moving, "
+            f"pattern) is compared with itself wherever it is: 1 − √(D_group / D_control), "
+            f"D_group the median over the group's regions of the mean squared difference to the "
+            f"group's medoid region, each region read in its own box at its best shift of "
+            f"≤ {SHIFT:.0%} of the box (≤ {MAX_SHIFT} px), D_control the same for those boxes on "
+            f"random training images; and its content is specific: pasted onto other classes' "
+            f"images it makes them the class more often, by ≥ {cfg['min_sufficiency']:g} with "
+            f"p < α/m, than what another image of the class holds at the same place does (an "
+            f"object part the class's images share there works as well; a mark that moves does "
+            f"not); necessity removes the region ({cfg['fill'].replace('_', ' ')} fill)")
 
 
 def verdict(row: dict, cfg: dict, m: int) -> tuple[str, str]:
@@ -710,6 +904,10 @@ def verdict(row: dict, cfg: dict, m: int) -> tuple[str, str]:
         if row[f"{name}_p"] >= level:
             return "not suspected", (f"{name} beats its control by {gain:.2f} but p = "
                                      f"{row[f'{name}_p']:.2g} ≥ {level:.2g}")
+    if row.get("same_place_p") is not None:  # a region whose place varies
+        why = _specificity_failure(row, cfg["min_sufficiency"], level)
+        if why is not None:
+            return "not suspected", why
     if row["share_of_image"] > cfg["max_share"]:
         return "not suspected", (f"the region is not compact: it covers {row['share_of_image']:.0%}"
                                  f" of the image (> {cfg['max_share']:.0%})")
@@ -722,6 +920,23 @@ def verdict(row: dict, cfg: dict, m: int) -> tuple[str, str]:
                                  f"{cfg['min_consistency']:g}): an object part, not a mark")
     return "suspected", ("both effects beat the control, the region is compact and its content "
                          "recurs")
+
+
+def _specificity_failure(row: dict, margin: float, level: float) -> str | None:
+    """Why a moving region fails the content-specificity control, or None when it passes."""
+    ctrl = row.get("control_same_place")
+    if ctrl is None:
+        return ("its content's specificity could not be tested (one image in the group, or no "
+                "other class's image to paste onto)")
+    gain = row["sufficiency"] - ctrl
+    if gain < margin:
+        return (f"sufficiency {row['sufficiency']:.2f} does not beat {ctrl:.2f} by {margin:g}, "
+                f"what another image of the class holds at the same place: the class's own "
+                f"content there, not a mark that moves")
+    if row["same_place_p"] >= level:
+        return (f"sufficiency beats what another image of the class holds at the same place by "
+                f"{gain:.2f} but p = {row['same_place_p']:.2g} ≥ {level:.2g}")
+    return None
 
 
 # ----------------------------------------------------------------------------------- discovery
@@ -856,7 +1071,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _evidence(row: dict) -> tuple:
     gain = min(row["necessity"] - row["control_necessity"],
-               row["sufficiency"] - row["control_sufficiency"])
+               row["sufficiency"] - row["control_sufficiency"],
+               row["sufficiency"] - (row.get("control_same_place") or 0.0))
     return (row["verdict"] == "suspected", round(gain, 2), row["consistency"], -row["p_value"])
 
 
@@ -1016,12 +1232,15 @@ def _test_candidate(rule: dict, fit_masks: np.ndarray, fit_present: np.ndarray, 
     use = present & (ctx["pool_pred"][torch.as_tensor(hidx, dtype=torch.long)].numpy() == c)
     if use.sum() == 0:
         return None
-    consistency = content_consistency(group["x_fit"][fit_present],
-                                      np.asarray(fit_masks)[fit_present], ctx["train_x"],
-                                      ctx["rng"])
+    moves = rule["mode"] in MOVING
+    # a region at one place is compared at that place; one that moves, with itself wherever it is
+    recurs = aligned_consistency if moves else content_consistency
+    consistency = recurs(group["x_fit"][fit_present], np.asarray(fit_masks)[fit_present],
+                         ctx["train_x"], ctx["rng"])
     xs = pool_x[torch.as_tensor(hidx[use])]
     tests = causal_tests(ctx["model"], c, xs, masks[use], ctx["x_tgt"], fill=cfg["fill"],
-                         seed=int(ctx["rng"].integers(2**31)), batch_size=cfg["batch_size"])
+                         seed=int(ctx["rng"].integers(2**31)), batch_size=cfg["batch_size"],
+                         same_place=moves)
     pm = masks[present]
     share = float(pm.reshape(len(pm), -1).mean(1).mean()) if len(pm) else 0.0
     comps = float(np.median([_components(q) for q in pm])) if len(pm) else 0.0
