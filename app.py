@@ -18,7 +18,10 @@ import ui
 
 ROOT = Path(__file__).resolve().parent
 
-st.set_page_config(page_title="Influence Casebook", page_icon=":material/biotech:", layout="wide")
+# The favicon ships with the app (a Material or emoji icon is fetched from a font CDN, and the app
+# runs offline).
+FAVICON = str(ROOT / ".streamlit" / "favicon.png")
+st.set_page_config(page_title="Influence Casebook", page_icon=FAVICON, layout="wide")
 
 
 def _page(file: str, title: str, icon: str, url_path: str, default: bool = False):
@@ -27,7 +30,7 @@ def _page(file: str, title: str, icon: str, url_path: str, default: bool = False
 
 sections: dict[str, list] = {
     "Case study": [
-        _page("case_study.py", "The shortcut", ":material/science:", "case-study", default=True),
+        _page("case_study.py", "The shortcut", ":material/science:", ui.HOME_PAGE, default=True),
         _page("influence.py", "Influence & experts", ":material/hub:", "influence"),
         _page("overview.py", "Where the shortcut lives", ":material/grid_on:", "overview"),
         _page("one_image.py", "One image, end to end", ":material/timeline:", "one-image"),
@@ -88,7 +91,7 @@ with st.sidebar:
             # The choice drives only the chapters that explain one model; elsewhere it is greyed
             # out (every model is shown there) but kept, so it is still set on the way back.
             explains_one = page.url_path in MODEL_PAGES
-            ui.choice("Model", models, param="model", default=facts.get("subject"),
+            ui.choice("Model to explain", models, param="model", default=facts.get("subject"),
                       format_func=lambda m: ui.model_label(m, labels, facts),
                       disabled=not explains_one,
                       help="The model the influence views explain: one of the case's models or a "

@@ -90,17 +90,17 @@ for split, what in [("train", "Training images"), ("test", "Test images")]:
     st.subheader(f"{split.capitalize()} split")
     names = [ui.class_name(int(c), facts) for c in y]
     st.caption(f"{what}, with their class." + (f" The {region} is part of the image." if region else ""))
-    st.image([ui.picture(x[i], SCALE) for i in range(len(y))],
+    ui.image([ui.picture(x[i], SCALE) for i in range(len(y))], about=f"{what}, class",
              caption=[f"{split} image {i + 1}: {names[i]}" for i in range(len(y))])
     grid = [[ui.picture(a, SCALE) for a in x]]
     if mask is not None:
         st.caption(f"The same images with the {region} tinted red (its mask):")
-        st.image([ui.tinted(x[i], mask[i], SCALE) for i in range(len(y))],
+        ui.image([ui.tinted(x[i], mask[i], SCALE) for i in range(len(y))], about=f"{split} image",
                  caption=[f"{names[i]}: {region} tinted red" for i in range(len(y))])
         grid.append([ui.tinted(a, m, SCALE) for a, m in zip(x, mask, strict=True)])
     if x_clean is not None:
         st.caption(f"The same images without the {region or 'region'}:")
-        st.image([ui.picture(x_clean[i], SCALE) for i in range(len(y))],
+        ui.image([ui.picture(x_clean[i], SCALE) for i in range(len(y))], about=f"{split} image",
                  caption=[f"{names[i]}: without the {region or 'region'}" for i in range(len(y))])
         grid.append([ui.picture(a, SCALE) for a in x_clean])
     ui.download_png(lambda grid=grid: ui.image_grid(grid), f"samples_{split}.png",
@@ -162,7 +162,7 @@ if n_seeds > 1:
     chart += alt.Chart(long).mark_rule(color="#1F2328").encode(
         x=alt.X("split:N", sort=order), xOffset=alt.XOffset("model:N", sort=list(models)),
         y="low:Q", y2="high:Q")
-st.altair_chart(chart.properties(height=320), width="stretch")
+ui.chart(chart.properties(height=320), "Accuracy of every model on each set", long, width="stretch")
 st.caption("Accuracy of every model on its training images and on each evaluation set (bars), "
            "read from the report.")
 c1, c2 = st.columns(2)

@@ -226,8 +226,8 @@ target = _f(cln.get(HKEY)) if HKEY else float("nan")
 if math.isfinite(target):
     layers.append(alt.Chart(pd.DataFrame({"x": [target]})).mark_rule(
         strokeDash=[4, 4], color="#1F2328").encode(x="x:Q"))
-st.altair_chart(alt.layer(*layers).properties(height=22 * len(order) * max(1, len(SHOW)) + 40),
-                width="stretch")
+ui.chart(alt.layer(*layers).properties(height=22 * len(order) * max(1, len(SHOW)) + 40),
+         "Accuracy of every corrected model on the held-out sets", chart_df, width="stretch")
 st.caption(f"Solid bars: {set_order[0] if set_order else 'the first set'}; paler bars: "
            f"{', '.join(set_order[1:]) or '—'}"
            + (" (lines: ± one standard deviation over seeds)" if n_seeds > 1 else "")
@@ -386,11 +386,11 @@ for r in rows:
         if r["method"] == "influence_penalty" and rec.get("heatmap") is not None:
             heat = np.asarray(rec["heatmap"], dtype=float)
             region = np.asarray(rec.get("region"), dtype=bool)
-            st.image([ui.heatmap(heat, SCALE),
+            ui.image([ui.heatmap(heat, SCALE),
                       ui.heatmap(region.astype(float), SCALE)],
                      caption=[f"{ui.inert(SUBJECT)}'s influence (mean IG, training images)",
                               f"penalised region ({int(region.sum())} pixels, found without "
-                              "the mask)"])
+                              "the mask)"], about="influence penalty, heatmap")
             if rec.get("region_precision") is not None:
                 st.caption(
                     f"Checked afterwards against the {REGION} positions (not used by the "
@@ -482,7 +482,8 @@ for col, (title, view) in zip(cols, panels, strict=True):
             n_img = min(4, images.shape[0])
             grid = [[ui.masked(images[i], maps[k, i], SCALE)
                      for i in range(n_img)] for k in range(min(3, maps.shape[0]))]
-            st.image(ui.image_grid(grid), caption=f"{title}: top experts (rows) on the same test images, "
+            ui.image(ui.image_grid(grid), about="grid of expert masks",
+                     caption=f"{title}: top experts (rows) on the same test images, "
                      "pixels above the 95th percentile of each interpretation")
         m = _experts_mass(view)
         if math.isfinite(m):

@@ -178,16 +178,28 @@ if not ok.empty:
     st.markdown(line)
 
 # ------------------------------------------------------------------------------------ ROC curves
-st.header("ROC curves")
+ADAPTIVE = chosen_attack == "adaptive attack"
+
+
+def _own_roc(r: dict) -> dict | None:
+    """An adaptive row's own curve (its ``roc`` or ``fpr``/``tpr``), never the patch attack's."""
+    if isinstance(r.get("roc"), dict):
+        return r["roc"]
+    if r.get("fpr") is not None and r.get("tpr") is not None:
+        return {"fpr": r["fpr"], "tpr": r["tpr"]}
+    return None
+
+
 recs = []
 for r in mine:
-    roc = _roc(r) if chosen_attack != "adaptive attack" else (r.get("roc") or None)
+    roc = _own_roc(r) if ADAPTIVE else _roc(r)
     if not roc:
         continue
     for x, y in zip(roc.get("fpr") or [], roc.get("tpr") or [], strict=False):
         if math.isfinite(_f(x)) and math.isfinite(_f(y)):
             recs.append({"detector": _label(r), "false-positive rate": _f(x), "true-positive rate": _f(y)})
 if recs:
+    st.header("ROC curves")
     df = pd.DataFrame(recs)
     diag = alt.Chart(pd.DataFrame({"x": [0, 1], "y": [0, 1]})).mark_line(
         strokeDash=[4, 4], color="#9C9C9C").encode(x="x:Q", y="y:Q")
@@ -199,15 +211,23 @@ if recs:
                  alt.Tooltip("true-positive rate:Q", format=".3f")])
     rules = alt.Chart(pd.DataFrame({"x": list(FPR_POINTS)})).mark_rule(
         color="#C9C3B8", strokeDash=[2, 2]).encode(x="x:Q")
-    st.altair_chart(alt.layer(diag, rules, curves).properties(height=380), width="stretch")
+    ui.chart(alt.layer(diag, rules, curves).properties(height=380),
+             "ROC curve of every detector: true-positive against false-positive rate", df, width="stretch")
     st.caption("One curve per detector over every threshold; dotted verticals at 1%, 5% and 25% false "
                "positives; dashed diagonal: a detector that guesses.")
+elif ADAPTIVE:  # nothing of the patch attack stands in for the adaptive one's curves
+    said_missing.append("the adaptive attack's ROC curves (its rows carry the summary above only)")
 else:
+    st.header("ROC curves")
     said_missing.append("the ROC curves (fpr/tpr per detector)")
     st.info("The payload carries no ROC curves to draw.")
+if ADAPTIVE:
+    # masking, the features and the attacked images below all come from the patch attack
+    st.caption("The masking test, the influence features and the attacked images are the patch "
+               "attack's: choose it above to see them.")
 
 # ------------------------------------------------------------------------------------ masking
-masking = payload.get("masking") or payload.get("mask_experts_region")
+masking = None if ADAPTIVE else (payload.get("masking") or payload.get("mask_experts_region"))
 if isinstance(masking, dict) and masking:
     st.header("Masking where the experts point")
     parts = [f"The {masking.get('window', '')}×{masking.get('window', '')} square the predicted class's "
@@ -222,7 +242,7 @@ if isinstance(masking, dict) and masking:
                      f"correct (from {ui.pct(masking.get('clean_correct_before'))} unmasked).")
     st.markdown(" ".join(parts))
 
-features = payload.get("features") or []
+features = [] if ADAPTIVE else (payload.get("features") or [])
 if features:
     with st.expander("Each influence feature alone (AUC) and its weight in the combined detector"):
         st.dataframe(pd.DataFrame(features), hide_index=True,
@@ -234,7 +254,7 @@ if features:
                                         format="%.3g", help="Its coefficient in the combined detector's "
                                                             "logistic regression.")})
 
-examples = payload.get("examples") or {}
+examples = {} if ADAPTIVE else (payload.get("examples") or {})
 ex_x = examples.get("x")
 if ex_x is not None and len(ex_x):
     import numpy as np
@@ -262,7 +282,7 @@ if ex_x is not None and len(ex_x):
             if emap is not None:
                 pics.append(ui.overlay(xs[i], np.asarray(emap, dtype=float)[i], SCALE))
                 caps.append("where the experts of the predicted class look")
-        st.image(pics, caption=caps)
+        ui.image(pics, caption=caps, about="attacked examples")
     else:
         said_missing.append("display-ready attacked examples (examples are in the model's input scale)")
 

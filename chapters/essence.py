@@ -62,11 +62,11 @@ layers = list(dict.fromkeys([r.get("layer") for r in rows + curves + ablation if
 fills = list(dict.fromkeys([r.get("fill") for r in rows + curves + ablation if r.get("fill") is not None]))
 c1, c2, c3 = st.columns(3)
 with c1:
-    model = (ui.choice("Model", models, param="emodel", default=facts.get("subject"),
+    model = (ui.choice("Model tested", models, param="emodel", default=facts.get("subject"),
                        format_func=lambda m: ui.model_label(m, facts=facts)) if len(models) > 1
              else (models[0] if models else None))
     if len(models) == 1:
-        st.caption(f"Model: **{ui.model_label(model, facts=facts)}**")
+        st.caption(f"Model tested: **{ui.model_label(model, facts=facts)}**")
 with c2:
     layer = ui.choice("Layer", layers, param="elayer",
                       help="The layer whose units are kept or removed.") if layers else None
@@ -128,7 +128,8 @@ else:
     if curve.get("full") is not None:
         layers_.append(alt.Chart(pd.DataFrame({"y": [_f(curve["full"])]})).mark_rule(
             strokeDash=[4, 4], color="#1F2328").encode(y="y:Q"))
-    st.altair_chart(alt.layer(*layers_).properties(height=320), width="stretch")
+    ui.chart(alt.layer(*layers_).properties(height=320),
+             f"Binary accuracy ({pair}) against the number of units kept, per rule", df, width="stretch")
     st.caption(
         f"Binary accuracy of {pair} on {curve.get('n_eval', '?')} held-out images of the two classes "
         f"({ui.set_label(curve.get('eval_set') or cfg.get('eval_set') or 'evaluation set')}) when "

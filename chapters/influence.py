@@ -197,11 +197,19 @@ if table["frequency"].notna().all():
     layers_.append(alt.Chart(chart_df).mark_text(dy=-8, fontSize=11, color="#1F2328").encode(
         x=alt.X("label:N", sort=order), y=alt.Y("ci_high:Q" if len(layers_) > 1 else "score:Q"),
         text=alt.Text("frequency:Q", format=".0%")))
+_width = (table["ci_high"].astype(float) - table["ci_low"].astype(float)).abs()
+ZERO_WIDTH = int((_width <= 1e-12).sum()) if table["ci_low"].notna().all() and \
+    table["ci_high"].notna().all() else 0  # rows whose every resample gave the same score
 left, right = st.columns([3, 2])
 with left:
-    st.altair_chart(alt.layer(*layers_).properties(height=300), width="stretch")
+    ui.chart(alt.layer(*layers_).properties(height=300),
+             f"Influence score of the top experts of {ui.inert(layer)}", chart_df, width="stretch")
     st.caption("Bars: influence score; lines: bootstrap interval; numbers: how often the unit stays in "
                "the top k when the images are resampled (top-k frequency).")
+    if ZERO_WIDTH:  # said where the intervals and frequencies are drawn, not only further down
+        st.caption(f"{ZERO_WIDTH} of {len(table)} experts have a **zero-width** bootstrap interval: every "
+                   "resample gave the same score. That is degenerate evidence (the resampling could not "
+                   "vary it), not stability; their top-k frequency says nothing about other images.")
 scores = np.asarray(view.get("scores", []), dtype=float).ravel()
 with right:
     if scores.size:
@@ -209,14 +217,15 @@ with right:
         all_df["expert"] = all_df["unit"].isin(units).map({True: "expert", False: "other unit"})
         all_df = all_df.sort_values("score", ascending=False).reset_index(drop=True)
         all_df["position"] = np.arange(len(all_df)) + 1
-        st.altair_chart(alt.Chart(all_df).mark_bar().encode(
+        ui.chart(alt.Chart(all_df).mark_bar().encode(
             x=alt.X("position:O", title="every unit of the layer, by score", axis=alt.Axis(labels=False,
                                                                                          ticks=False)),
             y=alt.Y("score:Q", title="influence score"),
             color=alt.Color("expert:N", title=None, scale=alt.Scale(domain=["expert", "other unit"],
                                                                     range=["#B4412E", "#C9C3B8"])),
             tooltip=["unit", alt.Tooltip("score:Q", format=".4g")],
-        ).properties(height=300), width="stretch")
+        ).properties(height=300), f"Influence score of every unit of {ui.inert(layer)}, by score",
+            all_df[["position", "unit", "score", "expert"]], width="stretch")
         pos = np.clip(scores, 0, None)
         top_share = pos[units].sum() / pos.sum() if pos.sum() > 0 else float("nan")
         st.caption(f"The {len(units)} experts hold {top_share:.0%} of the layer's positive influence."
@@ -359,7 +368,8 @@ st.markdown(
     + (f" If an expert's marks sit on the {REGION} rather than on the object, it reads the shortcut."
        if REGION else ""))
 if style != "mask":
-    st.image(ui.heat_legend(), caption=ui.HEAT_SCALE_NOTE, width=240)
+    ui.image(ui.heat_legend(), caption=ui.HEAT_SCALE_NOTE, width=240,
+             alt=ui.HEAT_LEGEND_ALT)
 view_key = ui.stamp(study) + (model, layer, repr(sorted(qoi.items())), repr(sorted(doi.items())),
                              target)
 grid = _render(view_key, style, SCALE, images, maps)
@@ -383,7 +393,8 @@ for k in range(n_maps):
         verdict = "no region to judge it against"
     st.markdown(f"**#{int(r['rank'])} · unit {int(r['unit'])}** — {verdict}")
     if shown_idx:
-        st.image([grid[k][i] for i in shown_idx],
+        ui.image([grid[k][i] for i in shown_idx],
+                 about=f"{ui.inert(model)}, {ui.inert(layer)}, expert #{k + 1}",
                  caption=[_tile(i, f"unit {int(r['unit'])} on {_image_name(i)} ({VIEWS[style]})")
                           for i in shown_idx])
 if shown_idx:
@@ -494,13 +505,13 @@ close = (_render(view_key, "mask", SCALE, images, maps)[k],
 if shown_idx:
     MASKS = view.get("masks")
     MASKS = None if MASKS is None or len(np.asarray(MASKS)) != n_all else np.asarray(MASKS)
-    st.image([ui.tinted(images[i], MASKS[i], SCALE) if MASKS is not None else ui.picture(images[i], SCALE)
+    ui.image([ui.tinted(images[i], MASKS[i], SCALE) if MASKS is not None else ui.picture(images[i], SCALE)
               for i in shown_idx],
              caption=[_tile(i, _image_name(i) + (f" ({REGION} shaded red)" if MASKS is not None else ""))
                       for i in shown_idx])
-    st.image([close[0][i] for i in shown_idx],
+    ui.image([close[0][i] for i in shown_idx], about=f"{ui.inert(model)}, {ui.inert(layer)}",
              caption=[_tile(i, f"unit {unit}: mask on {_image_name(i)}") for i in shown_idx])
-    st.image([close[1][i] for i in shown_idx],
+    ui.image([close[1][i] for i in shown_idx], about=f"{ui.inert(model)}, {ui.inert(layer)}",
              caption=[_tile(i, f"unit {unit}: heatmap on {_image_name(i)}") for i in shown_idx])
 
 # ------------------------------------------------------------------------------------------ the other model
@@ -546,7 +557,7 @@ if other and other != model:
             t_grid = _render(t_key, "mask", SCALE, t_images, t_maps)
             both = len(t_labels) == len(t_images) == len(t_preds)
             for j, row in enumerate(t_rows[:len(t_grid)]):
-                st.image(t_grid[j], caption=[
+                ui.image(t_grid[j], about=f"{ui.inert(layer)}, mask view", caption=[
                     f"{ui.inert(other)}: unit {int(row['unit'])} on image {i + 1}"
                     + (f" · {name(int(t_labels[i]))} → {name(int(t_preds[i]))}" if both else "")
                     for i in range(len(t_images))])
@@ -594,9 +605,6 @@ if HAS_MASS and twin and twin.get("rows"):
             + (f"The difference is the shortcut {ui.inert(model)} learned."
                if model == SUBJECT and mean_mass > twin_mass
                else "Compare the two to see what the region changed."))
-_width = (table["ci_high"].astype(float) - table["ci_low"].astype(float)).abs()
-ZERO_WIDTH = int((_width <= 1e-12).sum()) if table["ci_low"].notna().all() and \
-    table["ci_high"].notna().all() else 0  # rows whose every resample gave the same score
 if ZERO_WIDTH:
     # the bootstrap could not vary those scores (a unit silent on every image, or a distribution
     # the resampling does not touch): degenerate evidence, not stability
@@ -658,7 +666,7 @@ if upload is not None:
                 pics.append(ui.masked(own, ex["map"], SCALE))
                 caps.append(f"expert unit {ex['unit']} of {ui.inert(layer)}: where it looks (95th "
                             f"percentile)")
-            st.image(pics, caption=caps)
+            ui.image(pics, caption=caps, about="your image")
             if res["experts"]:
                 st.caption(f"The experts are the top units of {ui.inert(layer)} for {name(pred)} "
                            + ("from the experts stage." if res.get("source") == "experts stage"

@@ -1,12 +1,13 @@
 """One image, end to end: one test image followed from the input to the experts of every layer.
 
-The reader picks a test image (``?image=`` is its index in the test split; by default the first one
-the model under study gets wrong, else the first). The page shows the image (its region shaded when
-the case has one), its label, the prediction and class probabilities of the sidebar's model and of
-the reference, the Integrated Gradients of the predicted class at the input, and then, for every
-expert layer of the case, the predicted class's top experts and what each looks at on this image
-(with each expert's region mass when the case has a region). Everything is computed by
-``core.queries.explain.trace_image`` / ``predict_split``; this page only draws what they return.
+The reader picks a test image (``?image=`` is its number in the test split, counted from 1 as in
+every chapter; by default the first one the model under study gets wrong, else the first). The page
+shows the image (its region shaded when the case has one), its label, the prediction and class
+probabilities of the sidebar's model and of the reference, the Integrated Gradients of the predicted
+class at the input, and then, for every expert layer of the case, the predicted class's top experts
+and what each looks at on this image (with each expert's region mass when the case has a region).
+Everything is computed by ``core.queries.explain.trace_image`` / ``predict_split``; this page only
+draws what they return.
 """
 
 from __future__ import annotations
@@ -73,44 +74,45 @@ DEFAULT = WRONG[0] if WRONG else 0
 # -------------------------------------------------------------------------------------- the image
 asked = ui.qp_get("image")
 if KEY not in st.session_state:
-    start = DEFAULT
+    start = DEFAULT + 1  # the widget holds the image's number (1-based, as readers count)
     if asked is not None:
         try:
             wanted = int(asked.strip())
-            if not 0 <= wanted < N:
+            if not 1 <= wanted <= N:
                 raise IndexError
             start = wanted
         except (ValueError, IndexError):
-            st.error(f"No test image {ui.plain(repr(asked[:40]))}: the image is an index from 0 to {N - 1}; "
-                     f"showing image {DEFAULT}.")
+            st.error(f"No test image {ui.plain(repr(asked[:40]))}: the image is a number from 1 to {N}; "
+                     f"showing image {DEFAULT + 1}.")
     st.session_state[KEY] = start
 
 
 def _next_wrong() -> None:
-    current = int(st.session_state.get(KEY, 0))
+    current = int(st.session_state.get(KEY, 1)) - 1
     later = [i for i in WRONG if i > current] or WRONG
     if later:
-        st.session_state[KEY] = int(later[0])
+        st.session_state[KEY] = int(later[0]) + 1
 
 
 left, right = st.columns([2, 3], vertical_alignment="bottom")
 with left:
-    INDEX = int(st.number_input(
-        "Test image", min_value=0, max_value=N - 1, step=1, key=KEY,
-        help=f"The image's index in the test split (0 to {N - 1}). The URL keeps it (?image=), so a "
+    NUMBER = int(st.number_input(
+        "Test image", min_value=1, max_value=N, step=1, key=KEY,
+        help=f"The image's number in the test split (1 to {N}). The URL keeps it (?image=), so a "
              "copied link reopens this image."))
+    INDEX = NUMBER - 1  # its index in the split (what core is asked for)
 with right:
     st.button("Next wrong image", icon=":material/skip_next:", on_click=_next_wrong, disabled=not WRONG,
               help=f"The next test image (after this one, wrapping round) that {label_of(MODEL)} "
                    "classifies wrongly.")
-ui.qp_set(image=INDEX)
+ui.qp_set(image=NUMBER)
 st.caption(f"{label_of(MODEL)} gets **{len(WRONG)} of {N}** test images wrong"
-           + (f"; the first is image {WRONG[0]}." if WRONG else "."))
+           + (f"; the first is image {WRONG[0] + 1}." if WRONG else "."))
 
 ok, trace = ui.run_with_status(
-    f"Following test image {INDEX} through {ui.inert(MODEL)} …",
+    f"Following test image {NUMBER} through {ui.inert(MODEL)} …",
     lambda: _trace(ui.stamp(study), MODEL, INDEX, LAYERS, K, study),
-    done=f"Followed test image {INDEX} through {len(LAYERS)} layer(s)")
+    done=f"Followed test image {NUMBER} through {len(LAYERS)} layer(s)")
 if not ok or trace is None:
     st.stop()
 ref = None
@@ -120,14 +122,15 @@ if REFERENCE and REFERENCE != MODEL:
                                      done=f"Asked the reference {ui.inert(REFERENCE)}")
 
 image, mask = trace["image"], trace["mask"]
-st.header(f"Test image {INDEX}: labelled {name(trace['label'])}")
+st.header(f"Test image {NUMBER}: labelled {name(trace['label'])}")
 c1, c2, c3 = st.columns([1, 1, 2])
 with c1:
-    st.image(ui.tinted(image, mask, SCALE) if mask is not None else ui.picture(image, SCALE),
+    ui.image(ui.tinted(image, mask, SCALE) if mask is not None else ui.picture(image, SCALE),
              caption=f"label {name(trace['label'])}" + (f" · the {REGION} shaded red" if mask is not None
-                                                        and REGION else ""))
+                                                        and REGION else ""),
+             about=f"test image {NUMBER}")
 with c2:
-    st.image(ui.heatmap(trace["attribution"], SCALE),
+    ui.image(ui.heatmap(trace["attribution"], SCALE), about=f"test image {NUMBER}, heatmap",
              caption=f"what {ui.inert(MODEL)}'s answer rests on (Integrated Gradients of "
                      f"{name(trace['pred'])})")
 with c3:
@@ -145,8 +148,10 @@ with c3:
         m, min_value=0.0, max_value=1.0, format="percent",
         help=f"{label_of(m)}: its probability for each class (softmax of its outputs; they sum to 100%).")
         for m in table if m != "class"}
-    st.dataframe(pd.DataFrame(table), hide_index=True, column_config=cfg, height=220)
-st.image(ui.heat_legend(), caption=ui.HEAT_SCALE_NOTE, width=240)
+    # every class in view (the box grows with the rows; a fixed height scrolled after five)
+    st.dataframe(pd.DataFrame(table), hide_index=True, column_config=cfg, height="content")
+ui.image(ui.heat_legend(), caption=ui.HEAT_SCALE_NOTE, width=240,
+         alt=ui.HEAT_LEGEND_ALT)
 
 # -------------------------------------------------------------------------------------- the layers
 st.header(f"Layer by layer: the experts for {name(trace['pred'])}")
@@ -174,7 +179,8 @@ for ly in trace["layers"]:
             words = f"unit {e['unit']} · influence {e['score']:.3g}"
             if mask is not None and REGION:
                 words += f" · {REGION} mass {ui.pct(e['region_mass'])}"
-            st.image(both, caption=words)
+            ui.image(both, caption=words, about=f"{ly['layer']}, class {name(ly['class'])}, test image "
+                                                f"{NUMBER}, mask and heatmap")
 if not trace["layers"]:
     st.info("This case names no expert layers.")
 

@@ -199,7 +199,8 @@ chart = alt.layer(rect, text, data=chart_df).properties(
 
 left, right = st.columns([3, 1.3])
 with left:
-    st.altair_chart(chart, width="content")
+    ui.chart(chart, f"Experts that carry the shortcut, per class and layer ({MASS})", chart_df,
+             width="content")
     st.caption(f"Each cell: how many of the class's top experts at that layer carry the shortcut "
                f"(n/k); colour: that share; hover for the experts' mean {MASS} and the layer's threshold.")
 with right:

@@ -234,12 +234,13 @@ for i in range(min(n_show, len(xs))):
     cells = st.columns(1 + len(methods))
     pred_txt = ", ".join(f"{ui.inert(m)}: {ui.class_name(int(np.asarray(preds[m])[i]), facts)}"
                          for m in cols_models if m in preds)
-    cells[0].image(ui.tinted(xs[i], None if masks is None else masks[i], SCALE),
+    ui.image(ui.tinted(xs[i], None if masks is None else masks[i], SCALE), where=cells[0],
+                   about=f"image {i + 1}",
                    caption=f"label {ui.class_name(int(ys[i]), facts)}; predicted {pred_txt}")
     for j, m in enumerate(methods):
         shown = [(_render(xs[i], np.asarray(maps[mod][m])[i]), mod) for mod in cols_models if m in maps[mod]]
         if shown:
-            cells[j + 1].image([s for s, _ in shown],
+            ui.image([s for s, _ in shown], where=cells[j + 1], about=VIEWS[view],
                                caption=[f"{labels[m]} of {ui.inert(mod)} on image {i + 1}"
                                         for _, mod in shown])
 TARGET = cfg.get("target", "label")
@@ -287,7 +288,7 @@ bars = alt.Chart(long).mark_bar().encode(
 ).properties(width=210, height=190).facet(facet=alt.Facet("metric:N", title=None,
                                                           sort=[_head(k) for k in metric_keys]), columns=3
                                           ).resolve_scale(x="independent")
-st.altair_chart(bars)
+ui.chart(bars, "Every metric of every method, per model", long)
 
 st.subheader("Deletion and insertion curves")
 curves = payload.get("curves", {})
@@ -301,7 +302,8 @@ for kind in ("deletion", "insertion"):
                              "fraction of pixels": f, "probability of the class": v})
 if recs:
     cdf = pd.DataFrame(recs)
-    curve_model = ui.choice("Model", [m for m in models if m in set(cdf["model"])], param="rcurves",
+    curve_model = ui.choice("Model (curves)", [m for m in models if m in set(cdf["model"])],
+                            param="rcurves",
                             format_func=lambda m: ui.model_label(m, facts=facts),
                             help="Deletion AUC: area under the class probability as the most-attributed "
                                  "pixels are blacked out first (lower: a more faithful map). Insertion AUC: "
@@ -315,7 +317,7 @@ if recs:
                  alt.Tooltip("probability of the class:Q", format=".3f")],
     ).properties(width=320, height=260).facet(column=alt.Column("curve:N", title=None,
                                                                 sort=["deletion", "insertion"]))
-    st.altair_chart(line)
+    ui.chart(line, "Deletion and insertion curves of every method", sub)
     st.caption("Deletion: the most-attributed pixels are set to black first (a faithful map makes the curve "
                "fall fast: low area ↓). Insertion: they are put back first into a blurred image (a faithful "
                "map makes it rise fast: high area ↑). Mean over the images.")
@@ -342,7 +344,8 @@ if mrecs:
         color=alt.Color("method:N", sort=[labels[m] for m in methods]),
         tooltip=["model", "method", "randomised up to", alt.Tooltip("Spearman:Q", format=".3f")],
     ).properties(width=320, height=260).facet(column=alt.Column("model:N", sort=models, title=None))
-    st.altair_chart(chart)
+    ui.chart(chart, "Randomisation test: Spearman with the trained model's map as layers are re-initialised",
+             mdf)
     st.caption("Adebayo et al. (2018): the layers are re-initialised one after another from the output down; "
                "after each, the map is compared with the trained model's map (Spearman rank correlation). "
                "An explanation that stays similar does not depend on what the model learned — it fails the "

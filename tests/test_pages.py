@@ -162,6 +162,8 @@ def test_influence_page_shows_experts_interpretations_and_reading(app, small_stu
                and abs(r["ci_high"] - r["ci_low"]) <= 1e-12)
     text = _texts(at)
     assert ("zero-width" in text) == (zero > 0)
+    # ... and said where the intervals are drawn (under the chart), not only in "How to read this"
+    assert any("zero-width" in c.value and "degenerate" in c.value for c in at.caption) == (zero > 0)
     if zero == len(rows):
         assert "stay in the top" not in text
 
@@ -783,6 +785,19 @@ def test_detection_chapter_reads_the_stage_payload_as_core_writes_it(stub):
     table = next(d.value for d in at.dataframe if "AUC" in d.value.columns)
     assert table["AUC"].tolist() == pytest.approx([0.7])
     assert "50.0%" in _texts(at)
+    # issue 22: the adaptive view shows nothing of the patch attack (its curves, masking,
+    # features or images) and no "no ROC" box; with its own curves it draws them
+    assert not at.get("vega_lite_chart") and not at.image
+    heads = [h.value for h in at.header]
+    assert "Masking where the experts point" not in heads and "Attacked images" not in heads
+    assert not any("carries no ROC" in i.value for i in at.info)
+    payload["adaptive"]["rows"][0]["roc"] = {"fpr": [0, 0.3, 1], "tpr": [0, 0.7, 1]}
+    stub(payload)
+    at = AppTest.from_file(str(ROOT / "chapters" / "detection.py"), default_timeout=TIMEOUT)
+    at.query_params["attack"] = "adaptive attack"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.get("vega_lite_chart")) == 1 and "ROC curves" in [h.value for h in at.header]
 
 
 # ------------------------------------------------------------------------------------ the HTML report
@@ -923,3 +938,17 @@ def test_the_model_choice_is_live_only_on_the_chapters_it_drives(app, small_stud
     assert at.sidebar.selectbox(key="qp-model").value == "clean"  # kept while greyed out
     at.switch_page("chapters/influence.py").run()
     assert at.sidebar.selectbox(key="qp-model").value == "clean"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS + ["chapters/overview.py", "chapters/one_image.py"])
+def test_no_heading_says_none_or_is_empty_without_a_reference(user_app, chapter):
+    # issue 22: a case with no reference model drew "None" and empty headings
+    make, studies = user_app
+    assert studies["plain"].reference is None
+    at = make("plain", chapter)
+    heads = [h.value for kind in ("title", "header", "subheader") for h in at.get(kind)]
+    heads += [e.label for e in at.expander] + [t.label for t in at.tabs]
+    assert all(h and h.strip() for h in heads), heads
+    assert not [h for h in heads if "None" in h], heads
+    bold = [m.value for m in at.markdown if m.value.startswith("**") and m.value.endswith("**")]
+    assert not [b for b in bold if "None" in b or not b.strip("* ")], bold

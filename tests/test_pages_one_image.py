@@ -61,7 +61,7 @@ def _headers(at: AppTest) -> list[str]:
 
 def test_the_page_follows_the_first_wrong_image_through_every_layer(app, small_study, wrong):
     at = app()
-    default = wrong["wrong"][0] if wrong["wrong"] else 0
+    default = (wrong["wrong"][0] if wrong["wrong"] else 0) + 1  # images are numbered from 1
     assert at.number_input(key="one-image-index").value == default
     assert _param(at) == str(default)
     assert any(h.startswith(f"Test image {default}:") for h in _headers(at))
@@ -72,8 +72,8 @@ def test_the_page_follows_the_first_wrong_image_through_every_layer(app, small_s
 
 
 def test_a_bad_image_param_is_one_error_line_and_the_default_image(app, wrong):
-    default = wrong["wrong"][0] if wrong["wrong"] else 0
-    for bad in ("99999", "-3", "abc", "1.5"):
+    default = (wrong["wrong"][0] if wrong["wrong"] else 0) + 1
+    for bad in ("99999", "0", "-3", "abc", "1.5"):
         at = app(image=bad)
         assert len(at.error) == 1, bad
         assert "No test image" in at.error[0].value and "\n" not in at.error[0].value
@@ -85,7 +85,7 @@ def test_the_deep_link_reopens_the_chosen_image_and_next_wrong_moves_on(app, wro
     assert at.number_input(key="one-image-index").value == 7
     assert any(h.startswith("Test image 7:") for h in _headers(at))
     assert not at.error
-    later = [i for i in wrong["wrong"] if i > 7] or wrong["wrong"]
+    later = [i + 1 for i in wrong["wrong"] if i + 1 > 7] or [i + 1 for i in wrong["wrong"]]
     buttons = [b for b in at.button if b.label == "Next wrong image"]
     assert len(buttons) == 1
     if later:
@@ -94,6 +94,38 @@ def test_the_deep_link_reopens_the_chosen_image_and_next_wrong_moves_on(app, wro
         assert at.number_input(key="one-image-index").value == later[0]
         assert any(h.startswith(f"Test image {later[0]}:") for h in _headers(at))
         assert _param(at) == str(later[0])
+
+
+def test_images_are_numbered_from_one_as_in_every_chapter(app, small_study, wrong):
+    # issue 22: the one-image chapter counted from 0 where the others count from 1
+    n = len(wrong["label"])
+    at = app(image=n)  # the last image
+    assert not at.error, [e.value for e in at.error]
+    assert at.number_input(key="one-image-index").value == n
+    last = ui.class_name(int(wrong["label"][n - 1]), small_study.case_facts())
+    assert any(h == f"Test image {n}: labelled {last}" for h in _headers(at)), _headers(at)
+
+
+def test_the_probability_table_shows_every_class_without_scrolling(app, small_study, monkeypatch):
+    # issue 22: a fixed 220 px box showed five of the classes and scrolled the rest
+    import streamlit as st
+
+    calls = []
+    original = st.dataframe
+
+    def recording(data=None, *args, **kwargs):
+        calls.append((data, kwargs))
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(st, "dataframe", recording)
+    app()
+    n = len(small_study.case_facts()["classes"])
+    probs = [kw for data, kw in calls if hasattr(data, "columns") and "class" in data.columns]
+    assert probs and all(len(data) == n for data, _ in calls if hasattr(data, "columns")
+                         and "class" in data.columns)
+    for kw in probs:
+        height = kw.get("height", "auto")
+        assert height == "content" or (isinstance(height, int) and height >= 35 * (n + 1)), height
 
 
 def test_a_colour_case_and_a_case_without_region_or_reference_draw(tmp_path_factory, casebook_cache,

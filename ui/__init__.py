@@ -25,6 +25,8 @@ does). Chapters ``import ui`` and use the names below; each lives in one module:
   background build's live progress (``progress_panel``).
 - ``ui.figures``: pictures for any case (``picture``, ``tinted``, ``outlined``, ``masked``,
   ``overlay``, ``heatmap``), grids with row labels, one colour per model.
+- ``ui.drawing``: ``image`` (``st.image`` with an alt text on every image) and ``chart`` (an Altair
+  chart with an accessible title, text at ≥ 4.5:1 contrast and a table alternative).
 - ``ui.downloads``: ``download_csv``, ``download_json``, ``download_png``, ``download_report`` (the
   HTML report); deferred: the bytes are made only when the reader clicks.
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 from .downloads import (
     _to_json,
+    case_file_name,
     download_csv,
     download_json,
     download_png,
@@ -43,7 +46,9 @@ from .downloads import (
     png_bytes,
     report_html_bytes,
 )
+from .drawing import CHART_INK, accessible, alt_text, chart, contrast, image
 from .figures import (
+    HEAT_LEGEND_ALT,
     HEAT_SCALE_NOTE,
     PALETTE,
     heat_legend,
@@ -98,6 +103,7 @@ from .readers import (
 )
 from .state import (
     DEFAULT_CASE,
+    HOME_PAGE,
     STAGES,
     _open_study,
     asked_case,
@@ -110,6 +116,7 @@ from .state import (
     default_case,
     list_cases,
     open_study,
+    page_url,
     qp_get,
     qp_set,
     stage_exists,

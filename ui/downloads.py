@@ -30,17 +30,30 @@ def _to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=default)
 
 
+def case_file_name(file_name: str, case: str | None = None) -> str:
+    """``file_name`` prefixed with the case's name (default: the sidebar's case), in the characters a
+    file name keeps everywhere (``A-Za-z0-9_.-``): ``decoy-mnist-experts.csv``. A name that already
+    starts with it is returned as it is."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(case if case is not None else current_case())).strip("-.")
+    safe = safe or "case"
+    return file_name if file_name.startswith(f"{safe}-") else f"{safe}-{file_name}"
+
+
 def download_csv(df, file_name: str, label: str = "Download CSV", key: str | None = None, where=None):
+    """A CSV download of ``df`` (made on click) named ``<case>-<file_name>``."""
     where = where if where is not None else st
-    return where.download_button(label, data=lambda: df.to_csv(index=False).encode(), file_name=file_name,
+    return where.download_button(label, data=lambda: df.to_csv(index=False).encode(),
+                                 file_name=case_file_name(file_name),
                                  mime="text/csv", key=key or f"dl-{file_name}", on_click="ignore",
                                  icon=":material/download:")
 
 
 def download_json(obj: Any, file_name: str, label: str = "Download JSON", key: str | None = None,
                   where=None):
+    """A JSON download of ``obj`` (made on click) named ``<case>-<file_name>``."""
     where = where if where is not None else st
-    return where.download_button(label, data=lambda: _to_json(obj).encode(), file_name=file_name,
+    return where.download_button(label, data=lambda: _to_json(obj).encode(),
+                                 file_name=case_file_name(file_name),
                                  mime="application/json", key=key or f"dl-{file_name}",
                                  on_click="ignore", icon=":material/download:")
 
@@ -57,10 +70,11 @@ def png_bytes(image) -> bytes:
 
 def download_png(make: Callable[[], Any] | Any, file_name: str, label: str = "Download PNG",
                  key: str | None = None, where=None):
-    """``make`` is an RGB array / PIL image or a callable returning one (called on click)."""
+    """A PNG download named ``<case>-<file_name>``: ``make`` is an RGB array / PIL image or a
+    callable returning one (called on click)."""
     where = where if where is not None else st
     data = (lambda: png_bytes(make())) if callable(make) else png_bytes(make)
-    return where.download_button(label, data=data, file_name=file_name, mime="image/png",
+    return where.download_button(label, data=data, file_name=case_file_name(file_name), mime="image/png",
                                  key=key or f"dl-{file_name}", on_click="ignore",
                                  icon=":material/download:")
 
@@ -88,9 +102,9 @@ def download_report(study, label: str = "Download the report (HTML)", key: str =
     """The case's self-contained HTML report (tables, figures, provenance), made only on click, as
     ``<case>-report.html``."""
     where = where if where is not None else st
-    case = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(getattr(study, "name", None) or current_case())) or "case"
-    return where.download_button(label, data=lambda: report_html_bytes(study),
-                                 file_name=f"{case}-report.html", mime="text/html", key=key,
+    name = case_file_name("report.html", getattr(study, "name", None) or None)
+    return where.download_button(label, data=lambda: report_html_bytes(study), file_name=name,
+                                 mime="text/html", key=key,
                                  on_click="ignore", icon=":material/description:",
                                  help="One HTML file with every built table and figure (embedded) "
                                       "and the provenance; it opens offline.")

@@ -138,6 +138,9 @@ def heat_legend(width: int = 240, height: int = 12) -> np.ndarray:
     return imaging.heatmap(ramp)
 
 
+# The ramp's alt text (what heat_legend draws, in words).
+HEAT_LEGEND_ALT = ("Colour scale: blue on the left (lowers the score), white in the middle (0), red on "
+                   "the right (raises it)")
 HEAT_SCALE_NOTE = ("Colour scale: blue lowers, white is 0, red raises; each tile is scaled to its own "
                    "largest |attribution| (full red = +max, full blue = −max of that tile).")
 

@@ -11,6 +11,7 @@ import streamlit as st
 
 from .progress import require
 from .readers import current, report
+from .state import page_url
 from .text import plain
 
 
@@ -68,7 +69,7 @@ def draw_findings(study=None) -> dict | None:
         lines = []
         for item in found["items"]:
             link = item.get("link") or {}
-            url = f"{link.get('page', '')}?{urlencode(link.get('params') or {})}"
+            url = f"{page_url(link.get('page', ''))}?{urlencode(link.get('params') or {})}"
             lines.append(f"- {plain(item['text'], limit=1200)} [→ open]({url})")
         if lines:
             st.markdown("\n".join(lines))

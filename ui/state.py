@@ -29,6 +29,18 @@ def _stages() -> tuple[str, ...]:
 STAGES = _stages()
 
 
+# The first chapter's url_path (app.py): as the default page it is served at the app's root URL, and
+# Streamlit answers its own path with "Page not found", so a link to it points at the root.
+HOME_PAGE = "case-study"
+
+
+def page_url(url_path: str) -> str:
+    """The relative URL of the chapter whose ``url_path`` is given: the root (``./``) for the first
+    chapter (:data:`HOME_PAGE`), else the path itself."""
+    path = str(url_path or "").strip("/")
+    return "./" if path in ("", HOME_PAGE) else path
+
+
 def stage_exists(stage: str) -> bool:
     return stage in STAGES
 
