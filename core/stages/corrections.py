@@ -644,12 +644,13 @@ def _train_penalised(m: nn.Module, x: Tensor, y: Tensor, penalty: _SharedPenalty
     BatchNorm recalibration) with one forward per step: the penalty's forward (the input, or
     the hooked slice, kept for the double backprop) also gives the logits of the
     cross-entropy, where ``train_model`` with an ``extra_loss`` runs the batch through the
-    model twice. The same loss, so the same gradients up to float rounding. Returns
+    model twice; Adam's update runs over all parameters at once (``foreach``, the same
+    arithmetic). The same loss, so the same gradients up to float rounding. Returns
     ``{"loss": [per epoch], "acc": [per epoch], "epochs", "steps", "seconds"}``; ``m`` is
     trained in place and ends in eval mode."""
     dev = model_device(m)
     set_seed(seed)
-    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    opt = torch.optim.Adam(m.parameters(), lr=lr, foreach=True)  # train_model's Adam, vectorised
     gen = torch.Generator().manual_seed(seed)
     n = int(x.shape[0])
     x_dev, y_dev = x.to(dev), y.to(dev).long()
