@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.report.findings import findings
 from core.report.markdown import markdown
 
 __all__ = ["html_report", "png_data_uri"]
@@ -179,8 +180,6 @@ def _figures(study, rep: dict, scale: int) -> list[str]:
 def _findings_html(rep: dict) -> list[str]:
     """The findings box (``core.report.findings``): one item per finding, then what the study
     cannot tell; every text escaped. Empty when there is nothing to say."""
-    from core.report.findings import findings
-
     found = findings(rep)
     if not found["items"] and not found["cannot_tell"]:
         return []
