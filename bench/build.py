@@ -1,7 +1,7 @@
 """Time a case-study build: cold (empty temp cache), then warm (everything cached), as the CLI runs it.
 
     .venv/bin/python bench/build.py [--case decoy-mnist] [--stages data,models,experts] [--seeds 1]
-                                    [--device cpu] [--keep DIR]
+                                    [--device cpu] [--keep DIR] [--profile K]
 
 Each build runs as its own ``python -m core build`` subprocess (so the warm figure includes the
 interpreter start and any import, as a user sees it) and the per-stage seconds come from the
@@ -27,10 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+def _run(args: list[str], env: dict, profile_to: str | None = None
+         ) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-m", "core", *args], cwd=REPO, env=env,
+    prefix = ["-m", "cProfile", "-o", profile_to] if profile_to else []
+    proc = subprocess.run([sys.executable, *prefix, "-m", "core", *args], cwd=REPO, env=env,
                           capture_output=True, text=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc.cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--keep", default=None, help="use (and keep) this cache dir instead of a temp one")
     ap.add_argument("--warm-runs", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="run the cold build under cProfile and print its top K functions by "
+                         "cumulative time (the profile's overhead inflates the cold figure)")
     args = ap.parse_args(argv)
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="casebook-bench-"))
@@ -55,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     build = ["build", args.case, "--stages", args.stages, "--seeds", str(args.seeds),
              "--device", args.device, "--cache", str(root)]
     try:
-        cold, proc = _run(build, env)
+        prof_path = (tempfile.mkstemp(prefix="casebook-build-", suffix=".prof")[1]
+                     if args.profile else None)
+        cold, proc = _run(build, env, prof_path)
+        if prof_path:
+            import pstats
+
+            pstats.Stats(prof_path).sort_stats("cumulative").print_stats(args.profile)
         cold_cpu = proc.cpu_seconds
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
