@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from core.engine.devices import eval_mode, model_device
 from core.engine.distributions import LinearDoI, PointDoI
-from core.engine.influence import get_layer, influence, model_lock
+from core.engine.influence import activations, get_layer, influence, model_lock
 from core.engine.quantities import ClassQoI, ComparativeQoI
 from core.stages.base import Stage, StageContext
 
@@ -273,7 +273,6 @@ def max_softmax_scores(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def _activations(model: nn.Module, x: Tensor, layer: str, pool: bool = False) -> Tensor:
-    from core.engine.influence import activations
     a = activations(model, x, layer)
     if pool and a.dim() > 2:
         a = a.flatten(2).mean(2)
