@@ -52,7 +52,9 @@ case, a size or a layer name. Bad input gives a row with a reason, never an exce
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -398,8 +400,6 @@ def _cluster(feat: np.ndarray, cfg: dict) -> tuple[np.ndarray, int, list[float]]
     from sklearn.cluster import SpectralClustering
 
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             labels = SpectralClustering(n_clusters=k, affinity="precomputed",
@@ -968,8 +968,6 @@ def discover(model: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor,
     out = {"candidates": [], "notes": [], "rule": rule_text(cfg), "config": cfg,
            "layer": layer, "n_tested": 0, "k_per_class": {}}
     if device is not None and torch.device(device) != model_device(model):
-        import copy
-
         model = copy.deepcopy(model).to(device)
     data = (train_x.detach().cpu().float(), train_y.detach().cpu().long(),
             test_x.detach().cpu().float(), test_y.detach().cpu().long())

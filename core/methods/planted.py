@@ -25,6 +25,7 @@ images, among the top 1 / 3) and false alarms (a twin with any suspected candida
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -283,8 +284,6 @@ def run_suite(seeds=(0,), kinds=KINDS, *, variants=("shortcut", "absent", "indep
 def _digest(case: dict, seed: int, epochs: int) -> str:
     """A digest of what a model and its discovery depend on: the training and test images and
     labels, the seed and the epochs."""
-    import hashlib
-
     h = hashlib.sha256(f"{seed}/{epochs}".encode())
     for part in (*case["train"][:2], *case["test"][:2]):
         h.update(part.numpy().tobytes())

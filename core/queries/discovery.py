@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from core.cases import sources
 from core.methods.discovery import public_row, region_masks, write_masks
 from core.stages.discovery import SPLITS, check_config, layer_of, run
 
@@ -37,10 +39,6 @@ def image_relpaths(study) -> dict[str, list[str]]:
 def _folder_relpaths(study) -> dict[str, list[str]]:
     """Reproduce the folder adapter's listing and split on the file indices (its own functions,
     run on an index tensor instead of the images), so row i of a split is file ``files[idx[i]]``."""
-    import torch
-
-    from core.cases import sources
-
     dataset = sources.check_dataset({**study.config.dataset, "source": "folder"}, "[dataset]")
     listing = sources._list_folder(dataset, Path(study.config.base_dir))
     root, files = listing["root"], listing["files"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from core.methods.discovery import DEFAULTS as METHOD_DEFAULTS
 from core.methods.discovery import check_config as check_method
@@ -158,8 +159,6 @@ def _gallery(ctx: StageContext, model_name: str, row: dict) -> dict:
     display: ``{"split": [...], "index": [...] (row in the split), "label", "pred" (class
     indices), "image": uint8 tensor (n, H, W) or (n, H, W, 3), "mask": bool tensor (n, H, W)}``;
     the images are evenly spread over the held-out set (test images first)."""
-    import torch
-
     held = row["_heldout"]
     n_test, index, masks = held["n_test"], np.asarray(held["index"]), held["masks"]
     pick = np.unique(np.linspace(0, len(index) - 1, min(GALLERY, len(index))).round().astype(int)) \
