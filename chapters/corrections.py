@@ -17,8 +17,8 @@ import ui
 
 # ui's colour-blind-safe palette: the model under study and its reference keep their colours
 # from every other page; the corrections are coloured by what they need.
-COLORS = {"under study": ui.PALETTE[0], "reference": ui.PALETTE[1], "uses the mask": ui.PALETTE[4],
-          "mask-free": ui.PALETTE[2], "control": "#999999"}
+COLORS = {"under study": ui.PALETTE[0], "reference": ui.PALETTE[1], "uses pixel mask": ui.PALETTE[4],
+          "uses location prior": ui.PALETTE[2], "uses nothing": ui.PALETTE[3], "control": "#999999"}
 
 study = ui.current_study()
 facts = ui.facts(study)
@@ -42,8 +42,9 @@ HELP = {
               "of the layer's mean activation with and without it — from one layer's output; neither "
               "retrains. RRR, the influence penalty and counterexamples fine-tune the model; the control "
               "fine-tunes with no penalty.",
-    "uses mask": "Whether the correction needs the region's mask (or clean twins of the images) to work; "
-                 "a correction that does not finds the shortcut from the model alone.",
+    "uses": "What the correction uses to know where the shortcut is: a pixel mask (the region's masks, "
+            "or clean twins of the images made with them), a location prior (a fixed guess of where the "
+            "object is not, such as the image border; no per-image mask), or nothing.",
     "gap closed": "(accuracy − the model under study's) / (the reference's − the model under study's) on "
                   "the headline set: 0 is no better than the model under study, 1 matches the reference. "
                   "Empty when the reference does not beat the model under study.",
@@ -144,11 +145,17 @@ def _paired(row: dict, prefix: str) -> str:
     return text
 
 
+def _uses(r: dict) -> str:
+    """What a method uses to know where the shortcut is: "pixel mask", "location prior" (a fixed
+    guess of where the object is not) or "nothing" (rows cached before the field: from uses_mask)."""
+    return r.get("uses") or ("pixel mask" if r.get("uses_mask") else "nothing")
+
+
 # ------------------------------------------------------------------------------------ the table
 st.header("Results")
 table = pd.DataFrame([{
     "method": r.get("label") or r["method"],
-    "uses mask": "yes" if r.get("uses_mask") else "no",
+    "uses": _uses(r),
     **{ui.set_label(x): _f(r.get(f"{x}_acc")) for x in SHOW},
     "gap closed": _f(r.get("gap_closed")),
     f"Δ vs {ui.inert(SUBJECT)}": _paired(r, "paired"),
@@ -170,7 +177,7 @@ pct_cols["validation acc"] = st.column_config.NumberColumn("validation acc", for
 st.dataframe(table, hide_index=True, column_config={
     **pct_cols,
     "method": st.column_config.TextColumn("method", width="medium", help=HELP["method"]),
-    "uses mask": st.column_config.TextColumn("uses mask", help=HELP["uses mask"]),
+    "uses": st.column_config.TextColumn("uses", help=HELP["uses"]),
     "gap closed": st.column_config.NumberColumn("gap closed", format="%.2f", help=HELP["gap closed"]),
     f"Δ vs {ui.inert(SUBJECT)}": st.column_config.TextColumn(f"Δ vs {ui.inert(SUBJECT)}", width="large",
                                                    help=HELP["vs subject"]),
@@ -198,7 +205,7 @@ set_order = [ui.set_label(x) for x in SHOW]
 for name, r, kind in ([(SUBJECT, van, "under study")]
                       + ([(REFERENCE, cln, "reference")] if REFERENCE else [])
                       + [(r.get("label") or r["method"], r, "control" if r.get("control")
-                          else "uses the mask" if r.get("uses_mask") else "mask-free") for r in rows]):
+                          else f"uses {_uses(r)}") for r in rows]):
     for x in SHOW:
         key = f"{x}_acc"
         v = _f(r.get(key))
@@ -268,7 +275,8 @@ def _closed(r: dict) -> str:
 
 lines.append(f"- Highest: **{best.get('label')}** {_closed(best)} "
              f"({ui.pct(_f(best.get(HKEY)))} {HNAME}{_sd(best, HKEY)}"
-             f"), {'using' if best.get('uses_mask') else 'without'} the {REGION}'s masks.")
+             f"), using {_uses(best)}"
+             + (f" (the {REGION}'s masks)." if _uses(best) == "pixel mask" else "."))
 summary = payload.get("report") or {}
 pair = summary.get("best_vs_runner_up") or {}
 if summary.get("best") == best.get("method") and pair.get("delta") is not None:
@@ -286,10 +294,11 @@ if REFERENCE and best.get("paired_reference_verdict"):
     lines.append(f"- Against **{ui.inert(REFERENCE)}**: {_paired(best, 'paired_reference')} — "
                  + ("it cannot be told from the reference on these images." if v == "tie" else
                     f"it is {v} than the reference."))
-free = [r for r in ranked if not r.get("uses_mask")]
+free = [r for r in ranked if _uses(r) != "pixel mask"]
 if free:
     fb = free[0]
-    lines.append(f"- Best without any pixel mask: **{fb.get('label')}**, {_closed(fb)} "
+    lines.append(f"- Best without a pixel mask (using {_uses(fb)}): **{fb.get('label')}**, "
+                 f"{_closed(fb)} "
                  f"({ui.pct(_f(fb.get(HKEY)))}{_sd(fb, HKEY)}).")
 failed = [r for r in corrections if has_gap and (r.get("gap_closed") is None
                                                  or _f(r["gap_closed"]) < 0.5)]
@@ -346,7 +355,7 @@ st.markdown("\n".join(lines))
 
 st.subheader("What each method needs")
 st.markdown("\n".join(
-    f"- **{r.get('label')}** — uses the mask: **{'yes' if r.get('uses_mask') else 'no'}**. "
+    f"- **{r.get('label')}** — uses: **{_uses(r)}**. "
     f"{str(r.get('mask_note', ''))[:1].upper()}{str(r.get('mask_note', ''))[1:]}." for r in rows))
 
 # ------------------------------------------------------------------------------------ anchors

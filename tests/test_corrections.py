@@ -285,6 +285,12 @@ def test_stage_rows_and_gap_closed_agree_with_the_accuracies(stage):
     assert not rows[C.METHODS.index("suppression")]["uses_mask"]
     assert not rows[C.METHODS.index("influence_penalty")]["uses_mask"]
     assert rows[C.METHODS.index("rrr")]["uses_mask"]
+    # a border prior is a prior, never "no mask": each method says what it uses
+    assert rows[C.METHODS.index("suppression")]["uses"] == "location prior"
+    assert rows[C.METHODS.index("influence_penalty")]["uses"] == "location prior"
+    assert rows[C.METHODS.index("rrr")]["uses"] == "pixel mask"
+    assert all(r["uses"] == C.USES_OF[r["method"]] for r in rows)
+    assert not any(C.MASK_NOTES[m].startswith("no mask") for m in C.METHODS)
     assert events and events[-1][0] == events[-1][1]  # (done, total, message): all done
     assert payload["anchors"][0]["rrr_decoy_test_acc"] == pytest.approx(0.9607)
     assert f"{_study.data.train.n:,} training images" in payload["anchors"][0]["differs"]

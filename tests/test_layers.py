@@ -138,3 +138,97 @@ def test_architecture_names_match_the_networks():
 def test_unknown_core_module_still_fails_to_import():
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("core.no_such_module")
+
+
+# Packages a module may import inside a function when its own top level does not import them: they
+# are heavy to import (seconds: torch and what sits on it) or optional for most callers.
+HEAVY_PACKAGES = {"torch", "torchvision", "numpy", "PIL", "scipy", "sklearn", "skimage", "mlxtend",
+                  "tqdm", "captum", "quantus"}
+
+
+def _top_imports(path: Path) -> set[str]:
+    """The modules ``path`` imports at its top level (inside ``if``/``try`` blocks too), by name."""
+    import ast
+
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        for n in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
+            out |= _names(n, path)
+    return out
+
+
+def _names(n, path: Path) -> set[str]:
+    import ast
+
+    if isinstance(n, ast.Import):
+        return {a.name for a in n.names}
+    if not isinstance(n, ast.ImportFrom):
+        return set()
+    base = n.module or ""
+    if n.level:
+        pkg = list(path.relative_to(ROOT).with_suffix("").parts)[: -n.level]
+        base = ".".join([*pkg, base] if base else pkg)
+    return {base} | {f"{base}.{a.name}" for a in n.names if _file(f"{base}.{a.name}")}
+
+
+def _file(name: str) -> Path | None:
+    p = ROOT.joinpath(*name.split("."))
+    return next((f for f in (p.with_suffix(".py"), p / "__init__.py") if f.is_file()), None)
+
+
+def _pulled(name: str, seen: set | None = None) -> set[str]:
+    """The heavy packages importing ``name`` imports at import time (through core modules' top
+    levels, parents included)."""
+    seen = set() if seen is None else seen
+    if name.split(".")[0] in HEAVY_PACKAGES:
+        return {name.split(".")[0]}
+    parts, out = name.split("."), set()
+    for m in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):  # parents are imported too
+        f = _file(m)
+        if f is None or m in seen:
+            continue
+        seen.add(m)
+        for t in _top_imports(f):
+            out |= _pulled(t, seen)
+    return out
+
+
+def test_imports_inside_functions_only_for_a_heavy_dependency():
+    """An import sits at the top of its module unless it is deferred for a reason CONTRIBUTING
+    names: it brings in a heavy package (torch and what sits on it, scipy, scikit-learn, PIL …)
+    that the module's top level does not, or it is a stage module that the pipeline imports only
+    when it builds that stage."""
+    import ast
+
+    bad = []
+    for m in _modules():
+        path = _file(m)
+        has = set().union(*(_pulled(t) for t in _top_imports(path)))
+        for f in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for n in ast.walk(f):
+                names = _names(n, path)
+                if not names:
+                    continue
+                target = max(names, key=len)
+                package = target.split(".")[0]
+                if package in HEAVY_PACKAGES and (package not in has or (
+                        "." in target and target not in _top_imports(path))):
+                    continue  # e.g. torch.distributed in a torch module: optional, loaded on use
+                if target.startswith("core.") and _pulled(target) - has:
+                    continue
+                if target.startswith("core.stages.") and m.startswith("core.casestudy"):
+                    continue
+                bad.append(f"{m}:{n.lineno} imports {target}")
+    assert bad == [], "imports inside functions without a heavy dependency:\n" + "\n".join(bad)
+
+
+def test_no_function_in_core_over_80_lines():
+    import ast
+
+    long = [f"{_file(m).relative_to(ROOT)}:{f.lineno} {f.name} ({f.end_lineno - f.lineno + 1})"
+            for m in _modules() for f in ast.walk(ast.parse(_file(m).read_text()))
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and f.end_lineno - f.lineno + 1 > 80]
+    assert long == []

@@ -238,6 +238,7 @@ def _correction_claims(rep: dict) -> list[dict]:
     for r in rows:
         base = f"corrections.{r['method']}"
         out.append({"key": f"{base}.uses_mask", "kind": "exact", "value": r.get("uses_mask")})
+        out.append({"key": f"{base}.uses", "kind": "exact", "value": r.get("uses")})
         if r.get("error"):
             out.append({"key": f"{base}.error", "kind": "exact", "value": bool(r["error"])})
             continue

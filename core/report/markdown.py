@@ -270,11 +270,11 @@ def _corrections(rep: dict) -> list[str]:
         ref = "–" if r.get("paired_reference_delta") is None else \
             f"{r['paired_reference_delta']:+.3f} ± {r['paired_reference_delta_se']:.3f} " \
             f"{r.get('paired_reference_verdict')} (p {r['paired_reference_p_value']:.2g})"
-        table.append([r.get("label", r["method"]), _f(r.get("uses_mask")),
+        table.append([r.get("label", r["method"]), r.get("uses") or _f(r.get("uses_mask")),
                       f"{r.get('strength_name') or ''} {_f(r.get('strength'), 3)}".strip(),
                       _pm(r, hkey), delta, verdict, ref, *[_pm(r, k) for k in others],
                       _f(r.get("gap_closed"), 2), _f(r.get("region_mass"))])
-    out += _table(["method", "uses mask", "strength", _label(hkey), "Δ vs under study",
+    out += _table(["method", "uses", "strength", _label(hkey), "Δ vs under study",
                    "verdict", "Δ vs reference", *map(_label, others), "gap closed",
                    "region mass after"], table)
     n_eval = int(rows[0].get("paired_n") or _split_size(rep.get("data") or {}, hkey))

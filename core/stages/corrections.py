@@ -58,7 +58,7 @@ from core.engine.experts import interpret
 from core.engine.influence import activations, get_layer, model_device
 from core.engine.quantities import ClassQoI
 from core.methods.metrics import region_mass as per_image_mass
-from core.methods.training import evaluate, recalibrate_batchnorm, set_seed, train_model
+from core.methods.training import evaluate, predict_logits, recalibrate_batchnorm, set_seed, train_model
 from core.stages.base import Stage, StageContext
 from core.stages.representations import attribute
 
@@ -75,34 +75,44 @@ STAGE = Stage("corrections", reads=("data", "models", "experts"),
 @dataclass(frozen=True)
 class CorrectionMethod:
     """One correction method as one record: its name, label, whether it needs the region's
-    per-image masks (and why), the function that runs it, and whether it is a control."""
+    per-image masks (and why), what it uses to know where the shortcut is (``uses``: "pixel
+    mask", "location prior" — a fixed guess of where the object is not, e.g. the image border —
+    or "nothing"), and whether it is a control."""
 
     name: str
     label: str
     uses_mask: bool
     mask_note: str
+    uses: str
     control: bool = False
 
+    def __post_init__(self):
+        if self.uses not in USES:
+            raise ValueError(f"{self.name}: uses must be one of {USES}, got {self.uses!r}")
 
+
+USES = ("pixel mask", "location prior", "nothing")
 RECORDS: dict[str, CorrectionMethod] = {r.name: r for r in [
     CorrectionMethod("suppression", "Expert suppression", False,
-                     "no mask: experts chosen by influence and by where their interpretation "
-                     "falls (the image border, a prior on where the object is not; DecoyMNIST: "
-                     "outside the central 20×20 digit box)"),
+                     "a location prior, no pixel mask: experts chosen by influence and by where "
+                     "their interpretation falls (the image border, a prior on where the object "
+                     "is not; DecoyMNIST: outside the central 20×20 digit box)", "location prior"),
     CorrectionMethod("pclarc", "P-ClArC", True,
                      "needs region-free twins of the training images to build the concept "
                      "direction; making them requires knowing where the region is, so it counts "
-                     "as using the mask"),
-    CorrectionMethod("rrr", "RRR", True, "the exact per-image region mask in the penalty"),
+                     "as using the mask", "pixel mask"),
+    CorrectionMethod("rrr", "RRR", True, "the exact per-image region mask in the penalty",
+                     "pixel mask"),
     CorrectionMethod("influence_penalty", "Influence penalty", False,
-                     "no mask: the penalised region is found from the model's distributional "
-                     "influence on the image border (a prior on where the object is not), the "
-                     "same region for every image"),
+                     "a location prior, no pixel mask: the penalised region is found from the "
+                     "model's distributional influence on the image border (a prior on where the "
+                     "object is not), the same region for every image", "location prior"),
     CorrectionMethod("counterexamples", "Counterexamples", True,
-                     "the region of every training image (its pixels are randomised)"),
+                     "the region of every training image (its pixels are randomised)",
+                     "pixel mask"),
     CorrectionMethod("finetune", "Fine-tuning only (control)", False,
                      "nothing: the same fine-tuning as RRR with λ = 0 (a control, not a "
-                     "correction)", control=True),
+                     "correction)", "nothing", control=True),
 ]}
 # Views of the records (kept for the pages and tests that read them by name).
 METHODS = tuple(RECORDS)
@@ -110,6 +120,7 @@ CONTROLS = tuple(n for n, r in RECORDS.items() if r.control)
 LABELS = {n: r.label for n, r in RECORDS.items()}
 USES_MASK = {n: r.uses_mask for n, r in RECORDS.items()}
 MASK_NOTES = {n: r.mask_note for n, r in RECORDS.items()}
+USES_OF = {n: r.uses for n, r in RECORDS.items()}
 
 
 def anchors_for(data) -> list[dict]:
@@ -996,8 +1007,6 @@ def measure(model: nn.Module, data, *, n_explain: int = 200, resolution: int = 1
 
 def correct_on(model: nn.Module, split) -> Tensor:
     """Per image of ``split``: whether ``model``'s prediction is the label (bool (N,), CPU)."""
-    from core.methods.training import predict_logits
-
     if split.n == 0:
         return torch.zeros(0, dtype=torch.bool)
     return predict_logits(model, split.x).argmax(1) == split.y.cpu()
@@ -1314,6 +1323,7 @@ def _method_row(method: str, runs: _Runs, keys: tuple, ref_rows: dict) -> dict:
     rec = runs.records[method]
     row = {"method": method, "label": LABELS[method], "model": method,
            "uses_mask": USES_MASK[method], "mask_note": MASK_NOTES[method],
+           "uses": USES_OF[method],
            "strength": rec.get("strength"), "strength_name": rec.get("strength_name"),
            "layer": rec.get("layer"), "units": rec.get("units"),
            "epochs": rec.get("epochs"), "n_seeds": n_seeds, "control": method in CONTROLS,
@@ -1362,7 +1372,7 @@ def build(ctx: StageContext) -> dict:
     (reference − subject) on the headline evaluation set (DecoyMNIST: the decoy test).
 
     Payload: ``rows`` [{"method", "label", "model", "<set>_acc" per evaluation set, "val_acc",
-    "gap_closed", "uses_mask", "mask_note", "region_mass" (+ alias), "seconds", "strength",
+    "gap_closed", "uses_mask", "uses", "mask_note", "region_mass" (+ alias), "seconds", "strength",
     "strength_name", "layer", "units", "<subject>_<headline>_acc",
     "<reference>_ref_<headline>_acc", "headline", "n_seeds", ...}], ``reference`` {model:
     {...}} (same measurements), ``anchors`` (published numbers with their setup, DecoyMNIST
