@@ -198,6 +198,16 @@ def _count(page, testid: str) -> int:
     return page.locator(f'[data-testid="{testid}"]').count()
 
 
+def _drawn(page, testid: str, timeout_ms: int = 30_000) -> bool:
+    """Whether an element ``testid`` appears within ``timeout_ms``: a chapter that writes its view
+    into the URL reruns once more, and on a loaded machine that rerun can outlast :func:`_settle`."""
+    try:
+        page.wait_for_selector(f'[data-testid="{testid}"]', state="attached", timeout=timeout_ms)
+    except Exception:  # playwright's TimeoutError
+        return False
+    return _count(page, testid) > 0
+
+
 def _nav_pages(page, base: str) -> dict[str, str]:
     links = page.locator('[data-testid="stSidebarNav"] a')
     hrefs = [links.nth(i).get_attribute("href") for i in range(links.count())]
@@ -270,7 +280,7 @@ def test_every_page_draws_without_exceptions(server, page):
         errors = page.locator('[data-testid="stException"]')
         assert errors.count() == 0, f"{name}: {errors.first.inner_text()}"
         for testid in DRAWS.get(name, ()):
-            assert _count(page, testid) > 0, f"{name} draws no {testid}"
+            assert _drawn(page, testid), f"{name} draws no {testid}"
         if name in DRAWS:
             assert page.locator('[data-testid="stVegaLiteChart"] canvas, '
                                 '[data-testid="stVegaLiteChart"] svg').count() > 0
