@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from core.casestudy import DELEGATED, STAGES, CaseError, CaseStudy, list_cases, worker
+from core.casestudy import estimate as est
 from core.casestudy.facts import FactsNotCached, no_user_code
 from core.casestudy.worker import ProgressFile
 from core.report.markdown import markdown
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="start the build as a background worker and return at once (or join the "
                         "one that runs for this cache and case); the app shows its progress")
     b.add_argument("--progress-file", default=None, metavar="PATH", help=argparse.SUPPRESS)
+    b.add_argument("--no-estimate", action="store_true",
+                   help="skip the estimate per stage printed before a build (a timed probe of "
+                        "the model; printed only when a stage is to be computed)")
     common(b)
     quick(b)
 
@@ -392,6 +396,8 @@ def _build(args, study, stages: list[str] | None) -> int:
         def sink(stage, done, total, message=""):
             bars(stage, done, total, message)
             live(stage, done, total, message)
+    if not args.no_estimate and not args.progress_file:  # a background worker starts at once
+        _print_estimate(study, stages, args.force)
     t0 = time.perf_counter()
     try:
         results = study.build(stages=stages, force=args.force, progress=sink, seeds=args.seeds)
@@ -414,6 +420,22 @@ def _build(args, study, stages: list[str] | None) -> int:
     print(f"{study.name}: built in {time.perf_counter() - t0:.2f} s; cache {study.cache.root}",
           file=sys.stderr)
     return 1 if failed else 0
+
+
+def _print_estimate(study, stages: list[str] | None, force: bool) -> None:
+    """Print (stderr) the estimate per stage of what this build computes
+    (``core.casestudy.estimate``); nothing when everything is cached. An estimate that cannot be
+    made says why in one line and the build goes on."""
+    todo = est.to_build(study, stages, force)
+    if not todo:
+        return
+    try:
+        rows, probe = est.estimate(study, todo)
+    except Exception as exc:  # noqa: BLE001 — an estimate never stops a build
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"estimate unavailable: {type(exc).__name__}: {first}"[:300], file=sys.stderr)
+        return
+    print(est.format_estimate(rows, probe), file=sys.stderr)
 
 
 def _list(args, CaseStudy, CaseError, list_cases) -> int:

@@ -1,0 +1,311 @@
+"""An estimate of each stage's seconds before a build starts: a timed probe and a count of passes.
+
+The probe (:func:`probe`) times the case's model under study, freshly built (its weights do not
+change the cost), on a few batches of random inputs at the case's size on the build's device: one
+forward pass per image (``f``, no graph) and one forward + backward per image (``fb``, gradients
+of the inputs and the parameters). Each stage's cost is then a count of such passes that its
+settings imply (:func:`counts`): images × DoI resolution × layers × classes for the influence
+stages, steps × images for the curves, epochs × training images for the training, and so on —
+a list of terms, each named by the setting that scales it. The estimate is the count times the
+probe's seconds; the term with the largest count names the setting to lower.
+
+What it is and is not: the counts of ``models``, ``experts`` and ``representations`` follow their
+code's loops; those of ``discovery``, ``detection``, ``corrections`` and ``essence`` are coarser
+(their main loops, not every check) — ``bench/estimate.py`` prints the estimate beside a real
+build's seconds, stage by stage. Nothing here is fitted to a run: the only measured numbers are
+the probe's. Data loading, bootstraps and the metrics' arithmetic are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["StageEstimate", "counts", "estimate", "format_estimate", "probe", "sizes"]
+
+
+@dataclass
+class StageEstimate:
+    """One stage's estimate: ``seconds`` (None: not modelled), ``terms`` [(setting, passes)] in
+    forward+backward-equivalents (a forward-only pass counts as the probe's f / fb), and the
+    setting of the largest term (``lower``)."""
+
+    stage: str
+    seconds: float | None
+    terms: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def lower(self) -> str | None:
+        return max(self.terms, key=lambda t: t[1])[0] if self.terms else None
+
+
+def probe(model, shape: tuple[int, ...], device=None, batch: int | None = None,
+          repeats: int = 2, target_s: float = 0.25, max_batch: int = 256) -> dict:
+    """Seconds per image of ``model`` on random inputs shaped ``(batch, *shape)`` on ``device``
+    (default: the model's), under the build's thread setting
+    (:func:`core.engine.devices.build_threads`): ``{"f": forward only, "fb": forward + backward
+    (inputs and parameters), "batch": batch}``, each the fastest of ``repeats`` timed batches
+    after one warm-up. ``batch`` None: doubled from 4 until one forward + backward batch takes
+    ``target_s`` or ``max_batch`` is reached (the stages run large batches: a small model's
+    per-image cost at batch 4 is mostly the per-call overhead). The model's mode is restored."""
+    import torch
+
+    from core.engine.devices import build_threads, eval_mode, model_device
+
+    dev = torch.device(device) if device is not None else model_device(model)
+    model = model.to(dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def once(fn, x) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn(x)
+        sync()
+        return time.perf_counter() - t0
+
+    def forward(x):
+        with torch.no_grad():
+            model(x)
+
+    def backward(x):
+        model(x.clone().requires_grad_(True))[:, 0].sum().backward()
+
+    with build_threads(dev), eval_mode(model):
+        b = batch or 4
+        once(backward, torch.rand(b, *shape, device=dev))  # warm-up
+        while batch is None and b < max_batch and once(
+                backward, torch.rand(b, *shape, device=dev)) < target_s:
+            b *= 2
+        x = torch.rand(b, *shape, device=dev)
+        best = {name: min(once(fn, x) for _ in range(repeats)) / b
+                for name, fn in (("f", forward), ("fb", backward))}
+    model.zero_grad(set_to_none=True)
+    return {**best, "batch": b}
+
+
+def _n_classes_of(e: dict, n_classes: int) -> int:
+    return len(e.get("classes") or range(min(n_classes, 10)))
+
+
+def _models(study, n: dict) -> dict:
+    """Training: per trained model, epochs × training images (fb), and the splits' evaluation."""
+    t = study.config.training
+    trained = [m for m, spec in study.config.models.items() if spec.checkpoint is None]
+    epochs, seeds = int(t.get("epochs", 10)), int(study.seeds or 1)
+    return {"training.epochs × train images": seeds * len(trained) * epochs * n["train"],
+            "evaluation (forward)": seeds * len(study.config.models) * n["all"] * n["f"]}
+
+
+def _experts(study, n: dict) -> dict:
+    e = study.config.experts
+    models, layers = len(study.config.models), len(e.get("layers") or [])
+    classes = _n_classes_of(e, n["classes"])
+    per_class_test = n["test"] / max(n["classes"], 1)
+    images = min(int(e.get("n_images", 8)), per_class_test)
+    return {"ranking: class training images": models * n["train"] * classes / n["classes"],
+            "experts.resolution × k × n_images × layers × classes":
+                models * layers * classes * int(e.get("k", 5)) * int(e.get("resolution", 20))
+                * images}
+
+
+def _method_cost(meth: str, o: dict, n: float, n_ref: float, classes: int) -> float:
+    """Forward+backward passes of one representation method on ``n`` images."""
+    if meth == "integrated_gradients":
+        return n * int(o.get("steps", 32))
+    if meth == "smoothgrad":
+        return n * int(o.get("samples", 32))
+    if meth == "internal_influence":
+        path = max(1, int(o.get("path_resolution") or 0))
+        return n_ref * path + int(o.get("k", 3)) * int(o.get("resolution", 8)) * n
+    return n * (1.0 if meth != "gradcam" else 1.5)  # Grad-CAM: one more forward for activations
+
+
+def _representations(study, n: dict) -> dict:
+    from core.methods.attribution import METHODS
+    from core.methods.metrics import cut_points
+    from core.stages import representations as R
+
+    cfg = R.check_config(dict(study.config.section("representations")), "estimate")
+    models = len(cfg["models"] or [m for m in (study.subject, study.reference) if m])
+    n_img = min(int(cfg["n_images"]), n["test"])
+    n_mprt = min(int(cfg["n_mprt"]), n_img)
+    classes = n["classes"]
+    n_ref = min(int(cfg["n_reference"]), n["train"] / classes) * classes
+    step = R.curve_step(cfg, n["hw"])
+    steps = math.ceil(n["hw"][0] * n["hw"][1] / step)
+    points = len(cut_points(n["layers"], cfg["mprt_points"]))
+    maps = mprt = curves = 0.0
+    for meth in cfg["methods"]:
+        o = {**METHODS[meth].defaults, **cfg["options"].get(meth, {})}
+        maps += _method_cost(meth, o, n_img, n_ref, classes)
+        mprt += points * _method_cost(meth, o, n_mprt, n_ref, classes)
+        curves += 2 * (steps + 1) * n_img * n["f"]
+    return {"n_images (maps)": models * maps,
+            "n_steps × n_images (deletion/insertion curves)": models * curves,
+            "mprt_points × n_mprt (randomisation test)": models * mprt}
+
+
+def _discovery(study, n: dict) -> dict:
+    from core.stages import discovery as D
+
+    cfg = D.check_config(dict(study.config.section("discovery")))
+    per_class = n["train"] / n["classes"]
+    fit = min(int(cfg["max_fit"]), per_class) * n["classes"]
+    tests = (min(int(cfg["max_heldout"]), per_class) + min(int(cfg["max_targets"]), n["train"]))
+    return {"max_fit × k_experts × resolution (maps)":
+                fit * (1 + int(cfg["k_experts"]) * int(cfg["resolution"])),
+            "max_heldout + max_targets (tests, forward)":
+                n["classes"] * int(cfg["max_clusters"]) * 2 * tests * n["f"]}
+
+
+def _detection(study, n: dict) -> dict:
+    from core.stages import detection as T
+
+    cfg = T.check_config(dict(study.config.section("detection")))
+    n_eval = min(int(cfg["n_eval"] or n["test"]), n["test"])
+    layers = len(cfg["layers"] or study.config.experts.get("layers") or [1])
+    attacked = int(cfg["n_attack_fit"]) + n_eval
+    prof = (int(cfg["n_fit"]) + 2 * attacked) * int(cfg["resolution"]) * (layers + int(cfg["k"]))
+    out = {"steps × (n_attack_fit + n_eval) (PGD)": int(cfg["steps"]) * attacked,
+           "resolution × images × (layers + k) (profiles)": prof}
+    if cfg["adaptive"]:
+        out["adaptive: steps × n_eval × resolution"] = int(cfg["steps"]) * n_eval * int(
+            cfg["resolution"])
+    return out
+
+
+def _corrections(study, n: dict) -> dict:
+    from core.stages import corrections as C
+
+    cfg = C.check_config(dict(study.config.section("corrections")))
+    seeds = int(cfg["seeds"] or study.seeds or 1)
+    n_fit = min(int(cfg["n_fit"] or n["train"]), n["train"])
+    grid = 0
+    for meth in cfg["methods"]:
+        lambdas = (cfg.get(meth) or {}).get("lambdas") or [None]
+        double = 3.0 if meth in ("rrr", "influence_penalty") else 1.0  # a gradient penalty
+        grid += len(lambdas) * double if meth in ("rrr", "influence_penalty",
+                                                   "counterexamples") else 0
+    fine = seeds * int(cfg["epochs"]) * n_fit * grid
+    models = seeds * (len(cfg["methods"]) + 2)
+    explain = models * int(cfg["n_explain"]) * int(cfg["explain_resolution"])
+    return {"seeds × epochs × n_fit × strengths (fine-tunes)": fine,
+            "n_explain × explain_resolution (region mass)": explain,
+            "evaluation (forward)": models * n["all"] * n["f"]}
+
+
+def _essence(study, n: dict) -> dict:
+    from core.stages import essence as S
+
+    cfg = S.check_config(dict(study.config.section("essence")))
+    layers = len(cfg["layers"] or study.config.experts.get("layers") or [1])
+    pairs = len(cfg["pairs"]) + int(cfg["n_confused"])
+    n_eval = min(int(cfg["n_eval"] or n["test"]), n["test"])
+    ks = len(cfg["ks"] or []) or 1 + math.ceil(math.log2(max(n["width"], 2)))  # 1, 2, 4, …, width
+    rank = layers * pairs * 2 * min(int(cfg["n_rank"]), n["train"] / n["classes"])
+    evals = layers * pairs * ks * (1 + int(cfg["random_draws"])) * len(cfg["fills"]) * n_eval
+    return {"n_rank (rankings)": rank,
+            "random_draws × ks × n_eval (ablations, forward)": evals * n["f"]}
+
+
+COUNTS = {"models": _models, "experts": _experts, "discovery": _discovery,
+          "representations": _representations, "detection": _detection,
+          "corrections": _corrections, "essence": _essence}
+
+
+def counts(study, stage: str, sizes: dict) -> dict[str, float] | None:
+    """The terms of ``stage``'s cost for ``study``'s settings, in forward+backward passes of one
+    image, given the case's ``sizes`` (:func:`sizes`); None for a stage without a count
+    (``data``: reading is not modelled)."""
+    fn = COUNTS.get(stage)
+    return None if fn is None else {k: float(v) for k, v in fn(study, sizes).items()}
+
+
+def sizes(study, model, ratio: float) -> dict:
+    """What the counts read of the case: images per split (``train``, ``val``, ``test``,
+    ``all``), ``classes``, ``hw`` (H, W), ``layers`` (the subject's randomisable layers, MPRT's
+    cascade), ``width`` (the widest experts layer's channels, from one forward of one image of
+    ``model``) and ``f`` (forward / forward+backward seconds, from the probe)."""
+    import torch
+
+    from core.engine.influence import activations, model_device
+    from core.methods.metrics import randomisable_layers
+
+    data = study.data()
+    n = {s: int(getattr(data, s).n) for s in ("train", "val", "test")}
+    x = data.test.x[:1].float().to(model_device(model))
+    width = 2
+    with torch.no_grad():
+        for layer in study.config.experts.get("layers") or []:
+            width = max(width, int(activations(model, x, layer).shape[1]))
+    return {**n, "all": sum(n.values()), "classes": len(data.class_names),
+            "hw": tuple(int(v) for v in data.test.x.shape[-2:]), "width": width,
+            "layers": max(len(randomisable_layers(model)), 1), "f": ratio}
+
+
+def estimate(study, stages: list[str] | None = None, batch: int | None = None
+             ) -> tuple[list, dict]:
+    """Per stage of ``stages`` (default every stage of the case), a :class:`StageEstimate` from
+    one timed probe of the subject (:func:`probe`) and the stage's :func:`counts`; and the probe
+    (``{"f", "fb", "batch", "seconds"}``: seconds the estimate itself took)."""
+    from core.casestudy.registry import REGISTRY
+
+    t0 = time.perf_counter()
+    data = study.data()
+    model = study._fresh_model(study.subject)
+    p = probe(model, tuple(data.test.x.shape[1:]), study.device, batch=batch)
+    n = sizes(study, model, p["f"] / p["fb"])
+    names = stages or [s.name for s in REGISTRY]
+    out = []
+    for name in names:
+        terms = counts(study, name, n)
+        if terms is None:
+            out.append(StageEstimate(name, None))
+            continue
+        out.append(StageEstimate(name, sum(terms.values()) * p["fb"], sorted(
+            terms.items(), key=lambda t: -t[1])))
+    p["seconds"] = time.perf_counter() - t0
+    return out, p
+
+
+def format_estimate(rows: list, p: dict) -> str:
+    """The estimate as lines: per stage its seconds and the setting that dominates its count."""
+    lines = [f"estimate (probe: {p['fb'] * 1e3:.1f} ms per image forward+backward, "
+             f"{p['f'] * 1e3:.1f} ms forward, batch {p['batch']}; {p['seconds']:.1f} s):"]
+    total = 0.0
+    for r in rows:
+        if r.seconds is None:
+            lines.append(f"{r.stage:>15}: not estimated")
+            continue
+        total += r.seconds
+        share = max(t[1] for t in r.terms) / max(sum(t[1] for t in r.terms), 1e-12)
+        lines.append(f"{r.stage:>15}: ~{_dur(r.seconds):>8}  (lower: {r.lower}, "
+                     f"{share:.0%} of it)")
+    lines.append(f"{'total':>15}: ~{_dur(total):>8}  (the counted passes only; the machine's "
+                 "other load is not foreseen)")
+    return "\n".join(lines)
+
+
+def _dur(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def to_build(study, stages: list[str] | None, force: bool = False) -> list[str]:
+    """The stages a ``build(stages, force)`` of ``study`` computes, in build order: those asked
+    for (default all) and what they read, less those already in the cache (``force``: the asked
+    ones count as not built). Reads the cache's entry headers only (no torch)."""
+    from core.casestudy.registry import BY_NAME, STAGES
+
+    needed = set(stages or STAGES)
+    while True:
+        more = needed | {r for s in needed for r in BY_NAME[s].reads}
+        if more == needed:
+            break
+        needed = more
+    built = study.status()
+    return [s for s in STAGES if s in needed and (not built.get(s) or (force and (
+        not stages or s in stages)))]
