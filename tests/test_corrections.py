@@ -12,6 +12,7 @@ import torch
 
 from core.cases.decoy_mnist.data import decoy_mnist
 from core.cases.decoy_mnist.net import build_model
+from core.methods.corrections import common, pclarc
 from core.methods.training import set_seed, train_model
 from core.stages import corrections as C
 from core.stages.base import StageContext
@@ -73,7 +74,7 @@ def test_each_correction_runs_records_and_leaves_vanilla_alone(method, vanilla, 
         assert 0.0 <= g["val_acc"] <= 1.0
     # the chosen value is the grid's best validation accuracy
     assert max(g["val_acc"] for g in rec["grid"]) == pytest.approx(
-        C._val_acc(corr.model, data), abs=1e-6)
+        common.val_acc(corr.model, data), abs=1e-6)
     after = _state(vanilla)
     assert all(torch.equal(before[k], after[k]) for k in before), "the vanilla model was mutated"
 
@@ -171,8 +172,8 @@ def test_pclarc_wraps_the_layer_and_leaves_weights_untouched(vanilla, data):
         assert torch.equal(cs[k], w), k
     assert set(cs) - set(before) == {"relu2.v", "relu2.z_bar"}
     # the projection: a' = a − v (vᵀa − vᵀz̄); every a' has the same component along v
-    acts = C._activations(corrected, data.test.x[:10], "relu2")
-    raw = C._activations(vanilla, data.test.x[:10], "relu2")
+    acts = pclarc._activations(corrected, data.test.x[:10], "relu2")
+    raw = pclarc._activations(vanilla, data.test.x[:10], "relu2")
     vv = corrected.relu2.v.cpu()
     expected = raw - (raw @ vv - vv @ z_bar)[:, None] * vv[None]
     assert torch.allclose(acts, expected, atol=1e-5)
@@ -217,7 +218,7 @@ def test_rrr_penalty_is_zero_on_an_empty_mask_and_positive_otherwise(vanilla, da
 @pytest.mark.parametrize("layer", [None, "conv1"])
 def test_influence_penalty_zero_selector_and_positive_region(vanilla, data, layer):
     x = data.train.x[:8]
-    shape = (1, 28, 28) if layer is None else C._slice_shape(vanilla, x[:1], layer)
+    shape = (1, 28, 28) if layer is None else common.slice_shape(vanilla, x[:1], layer)
     assert float(C.influence_penalty(vanilla, x, torch.zeros(shape), layer).detach()) == 0.0
     sel = torch.zeros(shape)
     sel[..., :4, :4] = 1

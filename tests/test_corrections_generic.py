@@ -16,6 +16,7 @@ from torch import nn
 
 from core.cases.decoy_mnist.net import build_model
 from core.engine.influence import activations
+from core.methods.corrections import pclarc, suppression
 from core.methods.training import evaluate, set_seed
 from core.stages import corrections as C
 from core.stages.base import StageContext
@@ -86,7 +87,7 @@ def test_fold_and_output_scale_agree_on_a_plain_chain(layer, units, damping):
     model = build_model("decoy-cnn").eval()
     x = torch.rand(8, 1, 28, 28)
     folded = C.suppress(model, layer, units, damping)
-    scaled = C._scaled(model, layer, units, damping)
+    scaled = suppression._scaled(model, layer, units, damping)
     checked = C.suppress(model, layer, units, damping, probe=x)
     # the plain chain keeps the fold: same architecture, same state dict keys, no wrapper
     assert not isinstance(folded.get_submodule(layer), C.UnitScale)
@@ -127,7 +128,7 @@ def test_resnet18_layer3_is_suppressed_by_an_output_scale(resnet):
 def test_resnet18_suppressed_model_survives_state_dict_and_deepcopy(resnet):
     units, x = [1, 2], torch.rand(4, 3, SIZE, SIZE)
     sup = C.suppress(resnet, "layer3", units, 0.5)
-    spec = C._suppression_spec(sup, "layer3", units, 0.5)
+    spec = suppression.suppression_spec(sup, "layer3", units, 0.5)
     assert spec == {"wrap": "scale", "layer": "layer3", "units": [1, 2], "damping": 0.5}
     buf = io.BytesIO()
     torch.save({"state": sup.state_dict(), "record": {"spec": spec}}, buf)
@@ -138,7 +139,7 @@ def test_resnet18_suppressed_model_survives_state_dict_and_deepcopy(resnet):
     expected = _logits(sup, x)
     assert torch.allclose(_logits(shell, x), expected, atol=1e-6)
     assert torch.allclose(_logits(copy.deepcopy(sup), x), expected, atol=1e-6)
-    assert C._suppression_spec(C.suppress(build_model("decoy-cnn"), "conv1", [0], 0.0),
+    assert suppression.suppression_spec(C.suppress(build_model("decoy-cnn"), "conv1", [0], 0.0),
                                "conv1", [0], 0.0) is None
 
 
@@ -239,7 +240,7 @@ def test_grouped_conv_after_the_layer_is_not_folded():
     set_seed(0)
     net = _GroupedNet().eval()
     units, x = [0, 6], torch.rand(4, 3, 8, 8)
-    assert isinstance(C._fold_plan(net, "conv1"), str)
+    assert isinstance(suppression._fold_plan(net, "conv1"), str)
     sup = C.suppress(net, "conv1", units, 0.0)
     assert isinstance(sup.conv1, C.UnitScale)
     assert torch.allclose(_logits(sup, x), _reference(net, "conv1", units, 0.0, x), atol=1e-5)
@@ -306,20 +307,20 @@ def _facts_of(model: nn.Module) -> dict:
 def test_pclarc_projects_after_an_activation_only_when_it_reads_the_layer(resnet):
     set_seed(0)
     decoy = build_model("decoy-cnn").eval()
-    pairs = C._activation_pairs(_facts_of(decoy), ["conv1", "conv2", "fc1"])
-    assert C._checked_activations(decoy, pairs, torch.rand(1, 1, 28, 28)) == \
-        ["relu1", "relu2", "relu3"] == C._after_activation(_facts_of(decoy),
+    pairs = pclarc.activation_pairs(_facts_of(decoy), ["conv1", "conv2", "fc1"])
+    assert pclarc.checked_activations(decoy, pairs, torch.rand(1, 1, 28, 28)) == \
+        ["relu1", "relu2", "relu3"] == pclarc.after_activation(_facts_of(decoy),
                                                            ["conv1", "conv2", "fc1"])
     # a BasicBlock's ReLU is listed after bn1 but is one module called twice (also on the sum
     # with the skip): P-ClArC stays at bn1; a block has no activation listed after it
     layers = ["layer3.0.bn1", "layer3"]
-    pairs = C._activation_pairs(_facts_of(resnet), layers)
+    pairs = pclarc.activation_pairs(_facts_of(resnet), layers)
     assert pairs == [("layer3.0.bn1", "layer3.0.relu"), ("layer3", "layer3")]
-    assert C._checked_activations(resnet, pairs, torch.rand(1, 3, SIZE, SIZE)) == layers
+    assert pclarc.checked_activations(resnet, pairs, torch.rand(1, 3, SIZE, SIZE)) == layers
     # an in-place ReLU that does read the BatchNorm's output is kept
     net = _trained_bn(_BNNet())
-    pairs = C._activation_pairs(_facts_of(net), ["bn1", "conv2"])
-    assert C._checked_activations(net, pairs, torch.rand(1, 3, SIZE, SIZE)) == ["relu1", "relu2"]
+    pairs = pclarc.activation_pairs(_facts_of(net), ["bn1", "conv2"])
+    assert pclarc.checked_activations(net, pairs, torch.rand(1, 3, SIZE, SIZE)) == ["relu1", "relu2"]
 
 
 def test_pclarc_runs_on_resnet18_layer3(resnet, data):

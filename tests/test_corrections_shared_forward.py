@@ -1,5 +1,6 @@
-"""The penalised fine-tune's one-forward loop (corrections._train_penalised) trains the same model
-as train_model with the penalty as an extra loss (two forwards per step), within float rounding."""
+"""The penalised fine-tune's one-forward step (train_model with a ``forward`` hook: a
+:class:`~core.methods.corrections.common.SharedPenalty`) trains the same model as train_model with
+the penalty as an extra loss (two forwards per step), within float rounding."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from core.cases.decoy_mnist.data import decoy_mnist
 from core.cases.decoy_mnist.net import build_model
+from core.methods.corrections import common
 from core.methods.training import set_seed, train_model
 from core.stages import corrections as C
 
@@ -27,7 +29,7 @@ def setup():
 def _selector(model, x, layer, region):
     if layer is None:
         return region.float()[None]
-    shape = C._slice_shape(model, x[:1], layer)
+    shape = common.slice_shape(model, x[:1], layer)
     r = torch.nn.functional.interpolate(region[None, None].float(), size=shape[-2:])[0]
     return r.expand(shape)
 
@@ -56,8 +58,8 @@ def test_one_forward_loop_matches_train_model(setup, kind, layer):
     old = copy.deepcopy(vanilla)
     h_old = train_model(old, x, y, epochs=2, lr=2e-3, batch_size=64, seed=3, device="cpu",
                         extra_loss=extra)
-    new, h_new = C._fine_tune(vanilla, x, y, epochs=2, lr=2e-3, batch_size=64, seed=3,
-                              extra_loss=C._SharedPenalty(lam, layer, weigh))
+    new, h_new = common.fine_tune(vanilla, x, y, epochs=2, lr=2e-3, batch_size=64, seed=3,
+                              extra_loss=common.SharedPenalty(lam, layer, weigh))
     # the penalty moved the weights (a loop that ignored it would differ from train_model)
     plain = copy.deepcopy(vanilla)
     train_model(plain, x, y, epochs=2, lr=2e-3, batch_size=64, seed=3, device="cpu")
@@ -73,6 +75,6 @@ def test_one_forward_loop_matches_train_model(setup, kind, layer):
 
 
 def test_a_partial_penalty_batch_keeps_the_two_forward_path():
-    assert C._shares_forward(None, 128)
-    assert C._shares_forward(128, 128)
-    assert not C._shares_forward(32, 128)
+    assert common.shares_forward(None, 128)
+    assert common.shares_forward(128, 128)
+    assert not common.shares_forward(32, 128)

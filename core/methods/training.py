@@ -39,6 +39,8 @@ __all__ = [
 ProgressFn = Callable[[int, int, dict], None]
 ExtraLossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                        torch.Tensor]
+ForwardFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor],
+                     tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def set_seed(seed: int) -> None:
@@ -63,13 +65,19 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
 def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10,
                 lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
                 device: str | torch.device | None = None, progress: ProgressFn | None = None,
-                extra_loss: ExtraLossFn | None = None, weight_decay: float = 0.0) -> dict:
+                extra_loss: ExtraLossFn | None = None, forward: ForwardFn | None = None,
+                weight_decay: float = 0.0, foreach: bool | None = None) -> dict:
     """Train ``model`` in place with Adam on cross-entropy (+ ``extra_loss``); return the history.
 
     ``progress(done_steps, total_steps, info)`` is called after every batch (``info`` has epoch,
     loss of that batch). ``extra_loss(model, xb, yb, logits, idx)`` is added to the mean
     cross-entropy, where ``idx`` (int64, on the device) are the batch's indices into ``x`` so the
-    caller can fetch per-example data such as masks. Shuffling uses a ``torch.Generator`` seeded
+    caller can fetch per-example data such as masks. ``forward(model, xb, yb, idx) -> (logits,
+    extra)`` replaces the plain ``model(xb)`` when the extra loss needs the forward itself (a
+    gradient penalty keeps the forward's graph for a double backward: one forward serves both
+    losses); ``extra`` (None: nothing) is added to the cross-entropy. ``foreach`` is Adam's
+    (None: torch's default; True: one vectorised update over all parameters, the same
+    arithmetic). Shuffling uses a ``torch.Generator`` seeded
     with ``seed``; the global RNGs are also reseeded with ``set_seed(seed)`` (for any stochastic
     layer). The parameters' initial values are whatever ``model`` holds: call ``set_seed`` before
     building it for a reproducible run. The model ends in eval mode on ``device``.
@@ -89,7 +97,7 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     dev = pick_device(device)
     set_seed(seed)
     model.to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=foreach)
     gen = torch.Generator().manual_seed(seed)
     n = int(x.shape[0])
     steps_per_epoch = (n + batch_size - 1) // batch_size
@@ -108,8 +116,11 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
             for start in range(0, n, batch_size):
                 idx = perm[start:start + batch_size]
                 xb, yb = x_dev[idx], y_dev[idx]
-                logits = model(xb)
+                logits, extra = (model(xb), None) if forward is None else forward(
+                    model, xb, yb, idx)
                 loss = F.cross_entropy(logits, yb)
+                if extra is not None:
+                    loss = loss + extra
                 if extra_loss is not None:
                     loss = loss + extra_loss(model, xb, yb, logits, idx)
                 opt.zero_grad(set_to_none=True)
