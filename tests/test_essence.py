@@ -299,3 +299,53 @@ def test_build_with_a_stand_in_context(decoy):
     assert out["seeds"]["seed"] == 0 and all("seed" in c for c in out["curves"])
     assert out["config"]["top_k"] == 2 and all(r["k"] == 2 for r in out["ablation"])
     assert out == E.build(_context(model, data, section, rows)) | {"provenance": out["provenance"]}
+
+
+# ----------------------------------------------------------------------------- degenerate results
+
+
+def test_degenerate_names_k1_everywhere_and_a_layer_at_chance():
+    from core.methods.essence import degenerate, near_chance
+
+    ok = {"k_top": 1, "k_random": 4, "k_bottom": 16, "full_acc": 0.97, "n_eval": 200}
+    assert degenerate(ok) is None
+    flat = {**ok, "k_random": 1, "k_bottom": 1}  # a good layer where any one unit suffices
+    assert degenerate(flat) == "k = 1 for every rule"
+    # the faces case: the whole layer at 52% on 40 images: every rule at k = 1 *because* the
+    # target (95% of 52%) is chance
+    faces = {**flat, "full_acc": 0.52, "n_eval": 40}
+    why = degenerate(faces)
+    assert why.startswith("k = 1 for every rule; ") and "52%" in why and "near chance" in why
+    assert degenerate({**ok, "full_acc": 0.54, "n_eval": 1000}) is not None  # under 0.5 + 0.05
+    assert degenerate({**ok, "full_acc": 0.60, "n_eval": 1000}) is None
+    # two binomial SEs at 20 images: 0.5 + 2·0.5/√20 = 0.724
+    assert near_chance(0.70, 20) and not near_chance(0.75, 20)
+
+
+def test_build_flags_degenerate_rows_from_its_own_numbers(decoy):
+    model, data = decoy
+    rows = [{"model": "vanilla", "class": c, "layer": "fc1", "unit": u, "rank": r + 1, "influence": 1.0,
+             "shortcut": False} for c in range(10) for r, u in enumerate((c, c + 10))]
+    section = {"pairs": [[4, 9]], "n_confused": 1, "random_draws": 4, "n_rank": 8, "layers": ["fc1"]}
+    out = E.build(_context(model, data, section, rows))
+    for r in out["rows"]:
+        assert r["degenerate"] == E.degenerate(r)  # the stage's flag is its own rows' verdict
+    for s in out["summary"]:
+        mine = [r for r in out["rows"] if (r["model"], r["layer"], r["fill"]) ==
+                (s["model"], s["layer"], s["fill"])]
+        assert s["n_degenerate"] == sum(bool(r["degenerate"]) for r in mine)
+        assert (s["degenerate"] is None) == (s["n_degenerate"] < len(mine))
+    assert out["degenerate"]["n_rows"] == len(out["rows"])
+    # a model whose output ignores the layer (its last layer zeroed: every logit ties, so A vs B
+    # is the share of A among the images): the test cannot tell, and the flag says so
+    import copy
+
+    blank = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        blank.fc2.weight.zero_()
+        blank.fc2.bias.zero_()
+    out = E.build(_context(blank, data, section, rows))
+    assert out["rows"] and all(r["full_acc"] < 0.7 for r in out["rows"])
+    assert all("near chance" in r["degenerate"] for r in out["rows"])
+    assert out["degenerate"]["n_degenerate"] == len(out["rows"])
+    assert all(s["degenerate"] for s in out["summary"])
