@@ -410,7 +410,7 @@ def test_reindexed_doi_keeps_the_quadrature_weights_and_per_example_baselines():
     quadrature's weights and a per-example baseline follow along (found by the engine review)."""
     from core.engine.distributions import LinearDoI
     from core.engine.influence import influence
-    from core.stages.representations import _Reindexed
+    from core.methods.attribution import _Reindexed
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))

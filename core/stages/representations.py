@@ -56,24 +56,32 @@ method's maps and metrics for the case study's models (see its docstring for the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.engine.distributions import Distribution, GaussianDoI, LinearDoI, PointDoI
-from core.engine.experts import experts as rank_experts
-from core.engine.experts import interpret
-from core.engine.influence import activations, eval_mode, influence, model_device
-from core.engine.quantities import ClassQoI
+from core.engine.influence import eval_mode, model_device
 from core.methods import metrics as M
+from core.methods.attribution import (
+    METHODS,
+    METRIC_KEYS,
+    Method,
+    NoiseDoI,
+    attribute,
+    layer_activation,
+    method_table,
+    smoothgrad_noise,
+)
 from core.stages.base import Stage, StageContext
 
 STAGE = Stage("representations", reads=("data", "models", "experts"),
               sections=("representations", "experts"), inputs=("seeds", "roles", "device"),
-              plain_payload=False, quick={"n_images": 32, "n_mprt": 8, "n_reference": 16})
+              plain_payload=False,
+              quick={"n_images": 16, "n_mprt": 4, "n_reference": 16, "n_steps": 12,
+                     "mprt_points": 3,
+                     "options": {"integrated_gradients": {"steps": 16},
+                                 "smoothgrad": {"samples": 16},
+                                 "internal_influence": {"resolution": 4}}})
 
 __all__ = [
     "METHODS",
@@ -86,269 +94,6 @@ __all__ = [
     "method_table",
     "smoothgrad_noise",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributions used by the configurations
-
-
-class NoiseDoI(Distribution):
-    """x + noise[n, r]: the Gaussian DoI with its draws given explicitly, shape (N, R, *x shape).
-
-    Lets SmoothGrad use exactly the noise another implementation drew (Captum's NoiseTunnel draws
-    ``torch.normal(0, σ)`` over ``x.repeat_interleave(R, 0)``: pass that tensor viewed (N, R, …)).
-    """
-
-    def __init__(self, noise: Tensor):
-        if noise.dim() < 2:
-            raise ValueError(f"noise must be (N, R, ...), got shape {tuple(noise.shape)}")
-        self.noise = noise
-        self.resolution = int(noise.shape[1])
-
-    def points(self, z: Tensor, n: Tensor, r: Tensor) -> Tensor:
-        eps = self.noise.to(z.device, z.dtype)[n.to(self.noise.device), r.to(self.noise.device)]
-        return z + eps
-
-    def __repr__(self) -> str:
-        return f"NoiseDoI(resolution={self.resolution})"
-
-
-class _Reindexed(Distribution):
-    """A DoI seen through a map from the engine's batch index to the caller's example index.
-
-    ``attribute`` runs one engine call per target class on a subset of the examples; seeded or
-    explicit noise must still follow each example's index in the caller's batch, so the maps do not
-    depend on how the examples were grouped.
-    """
-
-    def __init__(self, doi: Distribution, index: Tensor):
-        self.doi, self.index = doi, index
-        self.resolution, self.at = doi.resolution, doi.at
-        if hasattr(doi, "baseline_at"):
-            self.baseline_at = doi.baseline_at
-
-    def points(self, z: Tensor, n: Tensor, r: Tensor) -> Tensor:
-        return self.doi.points(z, self.index.to(n.device)[n], r)
-
-    def baseline(self, z: Tensor, n: Tensor | None = None) -> Tensor | None:
-        # a per-example baseline follows the caller's index too
-        return self.doi.baseline(z, None if n is None else self.index.to(n.device)[n])
-
-    def weights(self) -> Tensor | None:
-        return self.doi.weights()
-
-    def __repr__(self) -> str:
-        return repr(self.doi)
-
-
-def smoothgrad_noise(n: int, shape: tuple[int, ...], *, samples: int, stdev: float,
-                     seed: int = 0) -> Tensor:
-    """The (n, samples, *shape) noise SmoothGrad uses by default: ``GaussianDoI(samples, stdev,
-    seed).noise(shape, i)`` for example i (seeded per example, independent of batching)."""
-    doi = GaussianDoI(samples, stdev, seed)
-    return torch.stack([doi.noise(tuple(shape), i) for i in range(n)]) * stdev
-
-
-# ---------------------------------------------------------------------------------------------
-# Methods
-
-
-def _point(opts: dict) -> Distribution:
-    return PointDoI()
-
-
-def _linear(opts: dict) -> Distribution:
-    return LinearDoI(int(opts["steps"]), baseline=opts.get("baseline"))
-
-
-def _gaussian(opts: dict) -> Distribution:
-    if opts.get("noise") is not None:
-        return NoiseDoI(opts["noise"])
-    return GaussianDoI(int(opts["samples"]), float(opts["stdev"]), int(opts["seed"]))
-
-
-def _class_doi(opts: dict) -> Distribution:
-    r = int(opts.get("path_resolution") or 0)
-    return LinearDoI(r) if r > 0 else PointDoI()
-
-
-@dataclass(frozen=True)
-class Method:
-    """One representation as an engine configuration (strings describe it for the report)."""
-
-    name: str
-    label: str
-    slice: str  # "input" or the default layer (``options["layer"]`` overrides)
-    qoi: str
-    doi: str
-    multiplier: str
-    post: str
-    description: str
-    make_doi: Callable[[dict], Distribution] = field(repr=False, compare=False, default=_point)
-    multiply: bool = False
-    per_example: bool = True  # False: the DoI is a class-conditional set of reference images
-    defaults: dict = field(default_factory=dict, compare=False)
-
-    @property
-    def layer(self) -> str | None:
-        return None if self.slice == "input" else self.slice
-
-    def options(self, given: dict) -> dict:
-        unknown = set(given) - set(self.defaults) - {"noise", "reference", "batch_size"}
-        if unknown:
-            valid = ", ".join(sorted(set(self.defaults) | {"batch_size"})) or "none"
-            raise ValueError(f"unknown option(s) {sorted(unknown)} for {self.name!r}; valid: {valid}")
-        return {**self.defaults, **given}
-
-    def row(self) -> dict:
-        """The DESIGN §1 table row, as strings (what the page shows)."""
-        return {"method": self.name, "label": self.label, "slice": self.slice, "qoi": self.qoi,
-                "doi": self.doi, "multiplier": self.multiplier, "post": self.post,
-                "description": self.description}
-
-
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("saliency", "Saliency", "input", "class y", "point", "—", "—",
-           "The gradient of the class logit at the input (Simonyan et al. 2014), signed.",
-           _point),
-    Method("gradient_x_input", "Gradient × input", "input", "class y", "point", "x", "—",
-           "The input gradient times the input (Shrikumar et al. 2016).", _point, multiply=True),
-    Method("integrated_gradients", "Integrated Gradients", "input", "class y",
-           "linear path from black, Riemann midpoints", "x − x'", "—",
-           "The input gradient averaged along the straight path from a black baseline, times "
-           "(x − x') (Sundararajan et al. 2017).", _linear, multiply=True,
-           defaults={"steps": 32, "baseline": None}),
-    Method("smoothgrad", "SmoothGrad", "input", "class y", "Gaussian around x (seeded)", "—", "—",
-           "The input gradient averaged over Gaussian perturbations of the input (Smilkov et al. "
-           "2017).", _gaussian, defaults={"samples": 32, "stdev": 0.15, "seed": 0}),
-    Method("gradcam", "Grad-CAM", "relu2", "class y", "point", "activation z",
-           "channel weights = spatial mean of influence; Σ_c w_c z_c, ReLU, bilinear upsampling",
-           "Class-activation map of the last convolutional layer (Selvaraju et al. 2017).",
-           _point, defaults={"layer": "relu2"}),
-    Method("internal_influence", "Internal influence (experts)", "fc1", "class y",
-           "training images of class y (optionally × linear path)", "optional (× path)",
-           "top-k experts' interpretations (IG of each unit), weighted by influence",
-           "Leino et al. 2018: the class-conditional distributional influence picks the layer's "
-           "expert units; their interpretations on the image, weighted by influence, form the map.",
-           _class_doi, per_example=False,
-           defaults={"layer": "fc1", "k": 3, "resolution": 8, "path_resolution": 0}),
-]}
-
-METRIC_KEYS = ("decoy_mass", "wrong_reason", "rank_accuracy", "deletion_auc", "insertion_auc",
-               "mprt_spearman", "sparseness")
-
-
-def method_table() -> list[dict]:
-    """Every method's engine configuration as strings (DESIGN §1 rows)."""
-    return [m.row() for m in METHODS.values()]
-
-
-# ---------------------------------------------------------------------------------------------
-# Computing maps
-
-
-def layer_activation(model: nn.Module, x: Tensor, layer: str) -> Tensor:
-    """The output of ``layer`` on ``x`` (eval mode, no graph): :func:`core.engine.influence.activations`."""
-    return activations(model, x, layer)
-
-
-def _targets(y, n: int, device) -> Tensor:
-    t = torch.as_tensor(y, device=device).long().reshape(-1)
-    if t.numel() == 1 and n != 1:
-        t = t.expand(n)
-    if t.shape != (n,):
-        raise ValueError(f"y must give one target class per example ({n}), got shape {tuple(t.shape)}")
-    return t
-
-
-def _gradcam(model, x, chi, opts) -> Tensor:
-    act = layer_activation(model, x, opts["layer"])
-    if act.dim() != 4:
-        raise ValueError(f"Grad-CAM needs a convolutional layer (N, C, h, w); {opts['layer']!r} "
-                         f"gives {tuple(act.shape)}")
-    weights = chi.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * act).sum(1, keepdim=True))
-    return F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear")
-
-
-def _internal(model, x, c: int, ref: Tensor, opts: dict, batch_size) -> tuple[Tensor, dict]:
-    layer = opts["layer"]
-    doi = _class_doi(opts)
-    ranking = rank_experts(model, ref, layer, ClassQoI(c), doi, k=int(opts["k"]), reduce="sum",
-                           multiply=int(opts.get("path_resolution") or 0) > 0,
-                           batch_size=batch_size)
-    units = ranking.units
-    scores = torch.tensor([e.score for e in ranking.experts], dtype=x.dtype)
-    weights = scores.clamp(min=0)
-    if weights.sum() <= 0:
-        weights = torch.ones_like(scores)
-    weights = weights / weights.sum()
-    out = torch.zeros_like(x)
-    for u, w in zip(units, weights.tolist(), strict=True):
-        out += w * interpret(model, x, layer, u, reduce="sum", resolution=int(opts["resolution"]),
-                             batch_size=batch_size)
-    return out, {"class": c, "units": units, "scores": scores.tolist(),
-                 "weights": weights.tolist()}
-
-
-def attribute(model: nn.Module, x: Tensor, y, method: str | Method, *, reference=None,
-              return_info: bool = False, **options) -> Tensor:
-    """The ``method``'s attribution maps of the target classes ``y`` on ``x``: (N, C, H, W).
-
-    Args:
-        model: a classifier (evaluated in eval mode by the engine, mode restored).
-        x: (N, C, H, W) inputs. y: target class per example (int or (N,) ints).
-        method: a key of :data:`METHODS` (or a :class:`Method`).
-        reference: for ``internal_influence``, ``(x_ref, y_ref)``: the images whose class-c subset
-            is the distribution of interest for target class c. Default: the explained images.
-        options: the method's options (``METHODS[name].defaults``): ``steps``/``baseline`` (IG),
-            ``samples``/``stdev``/``seed`` or explicit ``noise`` (N, samples, C, H, W)
-            (SmoothGrad), ``layer`` (Grad-CAM, internal influence), ``k``/``resolution``/
-            ``path_resolution`` (internal influence), ``batch_size`` (engine chunking).
-        return_info: also return a dict (internal influence: each class's experts and weights).
-    """
-    meth = METHODS[method] if isinstance(method, str) else method
-    if not isinstance(meth, Method):
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    opts = meth.options(options)
-    batch_size = opts.pop("batch_size", None)
-    dev = model_device(model)
-    x = x.detach().to(dev).float()
-    if x.dim() != 4:
-        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
-    y = _targets(y, len(x), dev)
-    noise = opts.get("noise")
-    if noise is not None and (noise.dim() < 2 or noise.shape[0] != len(x)):
-        raise ValueError(f"noise must be (N={len(x)}, samples, ...), got {tuple(noise.shape)}")
-    if meth.make_doi is _gaussian and noise is None:
-        # the seeded GaussianDoI's draws, made once per example (same values as GaussianDoI's own
-        # per-chunk draws, without redrawing every example's noise in each chunk)
-        opts["noise"] = smoothgrad_noise(len(x), tuple(x.shape[1:]), samples=int(opts["samples"]),
-                                         stdev=float(opts["stdev"]), seed=int(opts["seed"])).to(dev)
-    layer = opts.get("layer", meth.layer)
-    out = torch.zeros_like(x)
-    info: dict = {"classes": []}
-    for c in torch.unique(y).tolist():
-        idx = (y == c).nonzero().flatten()
-        xc = x[idx]
-        if meth.per_example:
-            doi = _Reindexed(meth.make_doi(opts), idx)
-            chi = influence(model, xc, layer, ClassQoI(c), doi, per_input=True,
-                            multiply=meth.multiply, batch_size=batch_size)
-            maps = _gradcam(model, xc, chi, opts) if meth.name == "gradcam" else chi
-        else:
-            if reference is None:
-                ref = xc
-            else:
-                rx, ry = reference
-                ry = torch.as_tensor(ry).reshape(-1)
-                ref = rx[(ry == c).nonzero().flatten().to(rx.device)].to(dev).float()
-                if len(ref) == 0:
-                    raise ValueError(f"no reference images of class {c} for {meth.name!r}")
-            maps, cls_info = _internal(model, xc, c, ref, opts, batch_size)
-            info["classes"].append(cls_info)
-        out[idx] = maps.to(out.dtype)
-    return (out, info) if return_info else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +113,13 @@ DEFAULTS = {
     "corrections": False,
     "seed": 0,
     "step": None,  # pixels per deletion/insertion step (None: the image width, one row's worth)
+    # points on each deletion/insertion curve past the first (None: as ``step`` gives); sets
+    # step = ceil(H·W / n_steps) when ``step`` is not set (``step`` wins when both are)
+    "n_steps": None,
+    # images explained after each of these many cut points of MPRT's cascade (None: after every
+    # layer); the layers are re-initialised in the same order either way, so the last point
+    # (``mprt_spearman``) is the same
+    "mprt_points": None,
     "batch_size": 1024,  # (input, DoI point) pairs per engine chunk
     "options": {},  # per-method option overrides, e.g. {"integrated_gradients": {"steps": 64}}
 }
@@ -407,13 +159,26 @@ def check_config(section: dict, where: str = "config") -> dict:
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise ValueError(f"{where}: representations.{key} must be an integer in {lo}–{hi}, "
                              f"got {v!r}")
-    if out["step"] is not None and (isinstance(out["step"], bool) or not isinstance(
-            out["step"], int) or not 1 <= out["step"] <= 1 << 20):
-        raise ValueError(f"{where}: representations.step must be a positive integer")
+    for key, hi in (("step", 1 << 20), ("n_steps", 10000), ("mprt_points", 10000)):
+        v = out[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi):
+            raise ValueError(f"{where}: representations.{key} must be an integer in 1–{hi} "
+                             f"(or unset), got {v!r}")
     if out["models"] is not None and (not isinstance(out["models"], list) or not all(
             isinstance(m, str) for m in out["models"])):
         raise ValueError(f"{where}: representations.models must be a list of model names")
     return out
+
+
+def curve_step(cfg: dict, hw: tuple[int, int]) -> int:
+    """Pixels per deletion/insertion step for images of size ``hw`` under the settings ``cfg``:
+    ``step`` when set, else ceil(H·W / ``n_steps``) when that is set, else the image width (one
+    row's worth, H steps per curve)."""
+    if cfg.get("step"):
+        return int(cfg["step"])
+    if cfg.get("n_steps"):
+        return max(1, -(-hw[0] * hw[1] // int(cfg["n_steps"])))
+    return int(hw[1])
 
 
 def _case_layers(ctx: StageContext) -> dict:
@@ -584,7 +349,7 @@ class _Explained:
 
         # the unrandomised maps of these images are attr[:n_mprt]: not computed again
         res = M.mprt(model, x[:n_mprt], y[:n_mprt], explain, seed=int(cfg["seed"]),
-                     reference=attr[:n_mprt])
+                     reference=attr[:n_mprt], points=cfg["mprt_points"])
         self.layers = list(res["layers"])
         row["mprt_spearman"] = _nanmean(res["last"])
         self.mprt_curves[name][meth] = [_nanmean(s) for s in res["scores"]]
@@ -639,7 +404,7 @@ def build(ctx: StageContext) -> dict:
     test = data.test
     has_region = test.mask is not None
     options = _options_of(cfg, _case_layers(ctx))
-    step = int(cfg["step"] or test.x.shape[-1])
+    step = curve_step(cfg, tuple(test.x.shape[-2:]))
     n = min(int(cfg["n_images"]), test.n)
     n_display = min(int(cfg["n_display"]), n)
     n_mprt = min(int(cfg["n_mprt"]), n)
