@@ -20,6 +20,7 @@ import time
 
 from torch import Tensor, nn
 
+from core.engine.parallel import process_map, worker_count
 from core.methods.corrections.catalogue import (
     CONTROLS,
     CORRECTORS,
@@ -250,17 +251,27 @@ def _measure_references(ctx: StageContext, cfg: dict, seed: int, names: list[str
 
 
 def _correct_and_measure(method: str, opts: dict, cfg: dict, net: nn.Module, data, seed: int,
-                         head_split, report) -> tuple:
-    """Run one correction of ``net`` and measure it: ``(corr, meas, method_correct, wall,
-    cpu)`` — the :class:`Correction`, :func:`measure` of its model, its per-image correctness
-    on the headline split, and the correction's wall and CPU seconds."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    corr = correct(method, net, data, seed=seed, progress=report, **opts)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    meas = measure(corr.model, data, n_explain=cfg["n_explain"],
-                   resolution=cfg["explain_resolution"])
-    method_correct = correct_on(corr.model, head_split)
-    return corr, meas, method_correct, wall, cpu
+                         head_split, report) -> dict:
+    """Run one correction of ``net`` and measure it (one task: it may run in a worker process).
+
+    Returns ``{"record", "meas", "correct", "seconds", "cpu_seconds", "state"}`` — the
+    correction's record, :func:`measure` of its model, its per-image correctness on the
+    headline split, the correction's wall and CPU seconds, and (seed 0 only, else None) the
+    corrected model's state dict on the CPU — or ``{"skipped": <could-not-run entry>}`` when
+    the method raised: every method fails alone."""
+    try:
+        wall, cpu = time.perf_counter(), time.process_time()
+        corr = correct(method, net, data, seed=seed, progress=report, **opts)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        meas = measure(corr.model, data, n_explain=cfg["n_explain"],
+                       resolution=cfg["explain_resolution"])
+        method_correct = correct_on(corr.model, head_split)
+    except Exception as exc:  # noqa: BLE001 — every method fails alone
+        return {"skipped": _could_not_run(method, exc, seed)}
+    state = ({k: v.detach().cpu().clone() for k, v in corr.model.state_dict().items()}
+             if seed == 0 else None)
+    return {"record": corr.record, "meas": meas, "correct": method_correct, "seconds": wall,
+            "cpu_seconds": cpu, "state": state}
 
 
 class _Runs:
@@ -277,60 +288,67 @@ class _Runs:
         self.records: dict = {}
         self.models: dict = {}
 
-    def drop(self, method: str) -> None:
-        """Forget ``method``: it is not run again, what earlier seeds measured of it is
-        removed (every row averages the same seeds), and its steps leave the tally."""
-        self.methods.remove(method)
-        for earlier in self.per_seed:
-            earlier["methods"].pop(method, None)
-            earlier["correct"].pop(method, None)
-        self.records.pop(method, None)
-        self.models.pop(method, None)
-        self.tally.total -= self.n_seeds
+    def run(self, pclarc_pairs) -> None:
+        """Measure every seed's subject and reference, then run every (seed, method) correction
+        — in worker processes when there are idle CPUs (:func:`~core.engine.parallel.process_map`:
+        the same numbers as in order here) — and collect them (:meth:`_collect`)."""
+        ctx, tally = self.ctx, self.tally
+        seeds = []
+        for seed in range(self.n_seeds):
+            tally(f"seed {seed}: measuring {' and '.join(self.names)}")
+            seeds.append(_measure_references(ctx, self.cfg, seed, self.names, pclarc_pairs))
+            tally.done += len(self.names)
+        jobs = [(seed, method) for seed in range(self.n_seeds) for method in self.methods]
+        workers = worker_count(ctx.device, len(jobs))
+        tasks = [(method, _method_options(self.cfg, method), self.cfg, seeds[seed][0][ctx.subject],
+                  ctx.data, seed, seeds[seed][2], tally if workers == 1 else None)
+                 for seed, method in jobs]
+        if workers > 1:
+            tally(f"{len(jobs)} corrections in {workers} worker processes")
 
-    def run_seed(self, seed: int, pclarc_pairs) -> None:
-        """Measure seed ``seed`` and append ``{"reference": {model: measure}, "methods":
-        {method: measure + seconds, cpu_seconds, paired, paired_reference, strength,
-        gap_closed}, "correct": {method: per-image correctness}}`` to ``per_seed``. A method
-        that raises is dropped with one ``skipped`` entry."""
-        ctx, cfg, tally = self.ctx, self.cfg, self.tally
-        data, subject, reference = ctx.data, ctx.subject, ctx.reference
-        hkey = f"{data.headline}_acc"
-        tally(f"seed {seed}: measuring {' and '.join(self.names)}")
-        nets, ref, head_split, subject_correct, reference_correct = _measure_references(
-            ctx, cfg, seed, self.names, pclarc_pairs)
-        tally.done += len(self.names)
-        out = {"reference": ref, "methods": {}, "correct": {}}
-        for method in list(self.methods):
-            tally(f"seed {seed}: {LABELS[method]}")
-            opts = _method_options(cfg, method)
-            try:
-                corr, meas, method_correct, wall, cpu = _correct_and_measure(
-                    method, opts, cfg, nets[subject], data, seed, head_split, tally)
-            except Exception as exc:  # noqa: BLE001 — every method fails alone
-                # a method this case's model cannot take: one "could not run" entry with the
-                # reason, the method dropped for every seed, the stage goes on with the others
-                self.skipped.append(_could_not_run(method, exc, seed))
-                self.drop(method)
-                continue
-            out["correct"][method] = method_correct  # per image, for the best-vs-runner-up test
-            paired = paired_difference(method_correct, subject_correct)
-            out["methods"][method] = {**meas, "seconds": wall, "cpu_seconds": cpu,
-                                      "paired": paired,
-                                      "paired_reference": paired_difference(
-                                          method_correct, reference_correct)
-                                      if reference_correct is not None else None,
-                                      "strength": corr.record.get("strength"),
-                                      "gap_closed": gap_closed(
-                                          meas[hkey], ref[subject][hkey],
-                                          ref[reference][hkey]) if reference else None}
-            if seed == 0:
-                self.records[method] = corr.record
-                self.models[method] = {k: v.detach().cpu().clone()
-                                       for k, v in corr.model.state_dict().items()}
+        def finished(i: int, result: dict) -> None:
+            seed, method = jobs[i]
             tally.done += 1
-            tally(f"seed {seed}: {LABELS[method]} done ({data.headline} {meas[hkey]:.3f})")
-        self.per_seed.append(out)
+            if "skipped" not in result:
+                acc = result["meas"][f"{ctx.data.headline}_acc"]
+                tally(f"seed {seed}: {LABELS[method]} done ({ctx.data.headline} {acc:.3f})")
+
+        results = process_map(_correct_and_measure, tasks, device=ctx.device, workers=workers,
+                              done=finished)
+        self._collect(seeds, jobs, results)
+
+    def _collect(self, seeds: list[tuple], jobs: list[tuple], results: list[dict]) -> None:
+        """Fill ``per_seed`` (``{"reference": {model: measure}, "methods": {method: measure +
+        seconds, cpu_seconds, paired, paired_reference, strength, gap_closed}, "correct":
+        {method: per-image correctness}}`` per seed), seed 0's records and models. A method
+        that raised on any seed is dropped from every seed, with one ``skipped`` entry (its
+        first failing seed's), and its steps leave the tally."""
+        ctx = self.ctx
+        subject, reference = ctx.subject, ctx.reference
+        hkey = f"{ctx.data.headline}_acc"
+        by_job = dict(zip(jobs, results, strict=True))
+        for seed, method in jobs:
+            if "skipped" in by_job[(seed, method)] and method in self.methods:
+                self.skipped.append(by_job[(seed, method)]["skipped"])
+                self.methods.remove(method)
+                self.tally.total -= self.n_seeds
+        for seed, (_nets, ref, _split, subject_correct, reference_correct) in enumerate(seeds):
+            out = {"reference": ref, "methods": {}, "correct": {}}
+            for method in self.methods:
+                r = by_job[(seed, method)]
+                out["correct"][method] = r["correct"]  # per image, for the best-vs-runner-up test
+                out["methods"][method] = {
+                    **r["meas"], "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
+                    "paired": paired_difference(r["correct"], subject_correct),
+                    "paired_reference": paired_difference(r["correct"], reference_correct)
+                    if reference_correct is not None else None,
+                    "strength": r["record"].get("strength"),
+                    "gap_closed": gap_closed(r["meas"][hkey], ref[subject][hkey],
+                                             ref[reference][hkey]) if reference else None}
+                if seed == 0:
+                    self.records[method] = r["record"]
+                    self.models[method] = r["state"]
+            self.per_seed.append(out)
 
 
 def _reference_rows(per_seed: list[dict], names: list[str], measured: list[str],
@@ -440,8 +458,7 @@ def build(ctx: StageContext) -> dict:
     n_seeds = int(cfg["seeds"] or ctx.seeds or 1)
     names = [m for m in (subject, reference) if m]
     runs = _Runs(ctx, cfg, methods, skipped, names, n_seeds)
-    for seed in range(n_seeds):
-        runs.run_seed(seed, pclarc_pairs)
+    runs.run(pclarc_pairs)
 
     per_seed = runs.per_seed
     measured = list(per_seed[0]["reference"][subject]) if per_seed else []
