@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from core.casestudy.estimate import parse_estimate  # noqa: E402  (no torch: a text parser)
 
 
 def _run(args: list[str], env: dict, profile_to: str | None = None
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
             pstats.Stats(prof_path).sort_stats("cumulative").print_stats(args.profile)
         cold_cpu = proc.cpu_seconds
+        guess = parse_estimate(proc.stderr)  # what the cold build printed before it started
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode
@@ -93,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     print("cold build  {:7.2f} s  (stages: {}; CPU time {:.1f} s, load average {:.1f})".format(
         cold, ", ".join(f"{k} {v:.1f} s" for k, v in prov.get("seconds", {}).items()
                         if v is not None), cold_cpu, os.getloadavg()[0]))
+    real = prov.get("seconds", {})
+    if guess:
+        print("estimate / real per stage (the build's estimate from its timed probe): " + ", ".join(
+            f"{k} {guess[k]:.0f}/{v:.0f} s = {guess[k] / v:.2f}" for k, v in real.items()
+            if v and k in guess))
     print(f"warm build  {warm:7.2f} s  (median of {len(warms)}: "
           + ", ".join(f"{w:.2f}" for w in warms) + ")")
     print(f"cold / warm {cold / warm:7.1f}×")

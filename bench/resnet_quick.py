@@ -8,8 +8,9 @@ whose colour follows the class in 90% of the training and validation images and 
 the marks' masks in a mirrored folder, and a TOML that names ``torchvision.models:resnet18``
 (``num_classes = 2``, trained by the pipeline for ``--epochs``) with expert layers ``layer2`` and
 ``layer3``. Runs ``python -m core build case.toml --quick`` in an empty cache (``--full``: the full
-budget instead) and prints each stage's seconds and status, the total wall seconds, the model's
-accuracies, and the load average (the machine is shared: wall time depends on the neighbours).
+budget instead) and prints each stage's seconds beside the estimate the build printed before it
+started (and their ratio), the total wall and CPU seconds, the model's accuracies, and the load
+average (the machine is shared: wall time depends on the neighbours).
 Nothing is downloaded: the weights are torchvision's random initialisation.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -27,6 +29,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core.casestudy.estimate import parse_estimate  # noqa: E402  (no torch: a text parser)
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = {"train": 200, "val": 40, "test": 60}
@@ -114,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                "--cache", str(cache)]
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         if proc.returncode not in (0, 1):
             print(proc.stderr[-2000:], file=sys.stderr)
             return proc.returncode
@@ -124,9 +132,17 @@ def main(argv: list[str] | None = None) -> int:
                              capture_output=True, text=True, check=True)
         report = json.loads(rep.stdout)
         seconds = report.get("provenance", {}).get("seconds", {})
-        print(f"{'stage':16} {'seconds':>8}")
+        guess = parse_estimate(proc.stderr)
+        print(f"{'stage':16} {'seconds':>8} {'estimate':>9} {'est/real':>9}")
         for stage, s in seconds.items():
-            print(f"{stage:16} {s:8.1f}")
+            g = guess.get(stage)
+            ratio = f"{g / s:9.2f}" if g is not None and s else f"{'—':>9}"
+            print(f"{stage:16} {s:8.1f} {g if g is not None else float('nan'):9.1f} {ratio}")
+        if guess.get("total"):
+            real = sum(v for v in seconds.values() if v)
+            print(f"{'total':16} {real:8.1f} {guess['total']:9.1f} {guess['total'] / real:9.2f}"
+                  "  (estimate: printed by build before it started, from its timed probe)")
+        print(f"build CPU time {cpu:.0f} s (all threads)")
         print(f"build exit {proc.returncode}; wall {wall:.0f} s ({wall / 60:.1f} min, "
               f"{'full' if args.full else 'quick'} budget); load average {load0:.1f} → "
               f"{os.getloadavg()[0]:.1f}")

@@ -40,7 +40,7 @@ def _fake(sections: dict, layers=("conv1",)):
 
 
 SIZES = {"train": 400, "val": 40, "test": 120, "all": 560, "classes": 2, "hw": (32, 32),
-         "width": 64, "layers": 10, "f": 0.3}
+         "width": 64, "layers": 10, "f": 0.3, "share": {"conv1": 0.5}}
 
 
 @pytest.mark.parametrize("stage,key,term", [
@@ -107,3 +107,12 @@ def test_build_prints_the_estimate_unless_told_not_to(small_study, tmp_path):
     line = re.search(r"experts: ~ *([0-9.]+) (s|min)", head)
     assert line and float(line.group(1)) > 0, head
     assert "estimate (probe" not in build("--no-estimate").stderr
+
+
+def test_parse_estimate_reads_back_what_format_prints():
+    rows = [est.StageEstimate("models", 42.0, [("a", 1.0)]),
+            est.StageEstimate("experts", 600.0, [("b", 1.0)], coarse=True),
+            est.StageEstimate("data", None)]
+    text = est.format_estimate(rows, {"f": 1e-3, "fb": 3e-3, "batch": 8, "seconds": 0.5})
+    assert est.parse_estimate("tqdm noise\n" + text) == {"models": 42.0, "experts": 600.0,
+                                                          "total": 642.0}

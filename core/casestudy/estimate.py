@@ -19,10 +19,12 @@ the probe's. Data loading, bootstraps and the metrics' arithmetic are not counte
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["StageEstimate", "counts", "estimate", "format_estimate", "probe", "sizes"]
+__all__ = ["StageEstimate", "counts", "estimate", "format_estimate", "parse_estimate", "probe",
+           "sizes", "to_build"]
 
 
 @dataclass
@@ -34,6 +36,7 @@ class StageEstimate:
     stage: str
     seconds: float | None
     terms: list[tuple[str, float]] = field(default_factory=list)
+    coarse: bool = False  # its count follows the stage's main loops only (:data:`COARSE`)
 
     @property
     def lower(self) -> str | None:
@@ -41,17 +44,22 @@ class StageEstimate:
 
 
 def probe(model, shape: tuple[int, ...], device=None, batch: int | None = None,
-          repeats: int = 2, target_s: float = 0.25, max_batch: int = 256) -> dict:
+          repeats: int = 2, target_s: float = 0.25, max_batch: int = 256,
+          layers: tuple[str, ...] = ()) -> dict:
     """Seconds per image of ``model`` on random inputs shaped ``(batch, *shape)`` on ``device``
     (default: the model's), under the build's thread setting
     (:func:`core.engine.devices.build_threads`): ``{"f": forward only, "fb": forward + backward
     (inputs and parameters), "batch": batch}``, each the fastest of ``repeats`` timed batches
     after one warm-up. ``batch`` None: doubled from 4 until one forward + backward batch takes
     ``target_s`` or ``max_batch`` is reached (the stages run large batches: a small model's
-    per-image cost at batch 4 is mostly the per-call overhead). The model's mode is restored."""
+    per-image cost at batch 4 is mostly the per-call overhead). ``"share"``: per layer of
+    ``layers``, the forward up to that layer (the engine stops there) over the whole forward —
+    what an internal unit's interpretation costs relative to a whole pass. The model's mode is
+    restored."""
     import torch
 
     from core.engine.devices import build_threads, eval_mode, model_device
+    from core.engine.influence import activations
 
     dev = torch.device(device) if device is not None else model_device(model)
     model = model.to(dev)
@@ -83,8 +91,11 @@ def probe(model, shape: tuple[int, ...], device=None, batch: int | None = None,
         x = torch.rand(b, *shape, device=dev)
         best = {name: min(once(fn, x) for _ in range(repeats)) / b
                 for name, fn in (("f", forward), ("fb", backward))}
+        share = {layer: min(1.0, min(once(lambda xx, la=layer: activations(model, xx, la), x)
+                                     for _ in range(repeats)) / b / best["f"])
+                 for layer in layers}
     model.zero_grad(set_to_none=True)
-    return {**best, "batch": b}
+    return {**best, "batch": b, "share": share}
 
 
 def _n_classes_of(e: dict, n_classes: int) -> int:
@@ -102,25 +113,28 @@ def _models(study, n: dict) -> dict:
 
 def _experts(study, n: dict) -> dict:
     e = study.config.experts
-    models, layers = len(study.config.models), len(e.get("layers") or [])
+    models = len(study.config.models)
     classes = _n_classes_of(e, n["classes"])
     per_class_test = n["test"] / max(n["classes"], 1)
     images = min(int(e.get("n_images", 8)), per_class_test)
+    depth = sum(n["share"].get(layer, 1.0) for layer in e.get("layers") or [])
     return {"ranking: class training images": models * n["train"] * classes / n["classes"],
             "experts.resolution × k × n_images × layers × classes":
-                models * layers * classes * int(e.get("k", 5)) * int(e.get("resolution", 20))
+                models * depth * classes * int(e.get("k", 5)) * int(e.get("resolution", 20))
                 * images}
 
 
-def _method_cost(meth: str, o: dict, n: float, n_ref: float, classes: int) -> float:
-    """Forward+backward passes of one representation method on ``n`` images."""
+def _method_cost(meth: str, o: dict, n: float, n_ref: float, share: dict) -> float:
+    """Forward+backward passes of one representation method on ``n`` images (an internal
+    unit's interpretation as its layer's ``share`` of a pass)."""
     if meth == "integrated_gradients":
         return n * int(o.get("steps", 32))
     if meth == "smoothgrad":
         return n * int(o.get("samples", 32))
     if meth == "internal_influence":
         path = max(1, int(o.get("path_resolution") or 0))
-        return n_ref * path + int(o.get("k", 3)) * int(o.get("resolution", 8)) * n
+        return n_ref * path + int(o.get("k", 3)) * int(o.get("resolution", 8)) * n * share.get(
+            o.get("layer"), 1.0)
     return n * (1.0 if meth != "gradcam" else 1.5)  # Grad-CAM: one more forward for activations
 
 
@@ -135,14 +149,18 @@ def _representations(study, n: dict) -> dict:
     n_mprt = min(int(cfg["n_mprt"]), n_img)
     classes = n["classes"]
     n_ref = min(int(cfg["n_reference"]), n["train"] / classes) * classes
+    e = study.config.experts
+    layers = list(e.get("layers") or [])
+    internal = {"layer": e.get("primary_layer") or layers[-1]} if layers else {}
     step = R.curve_step(cfg, n["hw"])
     steps = math.ceil(n["hw"][0] * n["hw"][1] / step)
     points = len(cut_points(n["layers"], cfg["mprt_points"]))
     maps = mprt = curves = 0.0
     for meth in cfg["methods"]:
-        o = {**METHODS[meth].defaults, **cfg["options"].get(meth, {})}
-        maps += _method_cost(meth, o, n_img, n_ref, classes)
-        mprt += points * _method_cost(meth, o, n_mprt, n_ref, classes)
+        o = {**METHODS[meth].defaults, **(internal if meth == "internal_influence" else {}),
+             **cfg["options"].get(meth, {})}
+        maps += _method_cost(meth, o, n_img, n_ref, n["share"])
+        mprt += points * _method_cost(meth, o, n_mprt, n_ref, n["share"])
         curves += 2 * (steps + 1) * n_img * n["f"]
     return {"n_images (maps)": models * maps,
             "n_steps × n_images (deletion/insertion curves)": models * curves,
@@ -156,8 +174,9 @@ def _discovery(study, n: dict) -> dict:
     per_class = n["train"] / n["classes"]
     fit = min(int(cfg["max_fit"]), per_class) * n["classes"]
     tests = (min(int(cfg["max_heldout"]), per_class) + min(int(cfg["max_targets"]), n["train"]))
+    share = n["share"].get(D.layer_of(study.config.experts, cfg), 1.0)
     return {"max_fit × k_experts × resolution (maps)":
-                fit * (1 + int(cfg["k_experts"]) * int(cfg["resolution"])),
+                fit * (1 + int(cfg["k_experts"]) * int(cfg["resolution"]) * share),
             "max_heldout + max_targets (tests, forward)":
                 n["classes"] * int(cfg["max_clusters"]) * 2 * tests * n["f"]}
 
@@ -199,19 +218,28 @@ def _corrections(study, n: dict) -> dict:
 
 
 def _essence(study, n: dict) -> dict:
+    """Rankings (fb) over ``n_rank`` images per class of each pair; the curves and ablations run
+    the model's tail only (forward from the layer: 1 − the layer's share of a forward)."""
     from core.stages import essence as S
 
     cfg = S.check_config(dict(study.config.section("essence")))
-    layers = len(cfg["layers"] or study.config.experts.get("layers") or [1])
-    pairs = len(cfg["pairs"]) + int(cfg["n_confused"])
+    layers = list(cfg["layers"] or study.config.experts.get("layers") or [])
+    c = n["classes"]
+    pairs = min(len(cfg["pairs"]) + int(cfg["n_confused"]), c * (c - 1) // 2)
     n_eval = min(int(cfg["n_eval"] or n["test"]), n["test"])
     ks = len(cfg["ks"] or []) or 1 + math.ceil(math.log2(max(n["width"], 2)))  # 1, 2, 4, …, width
-    rank = layers * pairs * 2 * min(int(cfg["n_rank"]), n["train"] / n["classes"])
-    evals = layers * pairs * ks * (1 + int(cfg["random_draws"])) * len(cfg["fills"]) * n_eval
+    draws, fills = int(cfg["random_draws"]), len(cfg["fills"])
+    tail = sum(1.0 - n["share"].get(layer, 0.0) for layer in layers)
+    rank = len(layers) * pairs * 2 * min(int(cfg["n_rank"]), n["train"] / c)
+    curves = tail * pairs * fills * ks * (1 + draws) * n_eval * min(2, c) / c
+    ablate = tail * fills * c * (2 + draws) * n_eval
     return {"n_rank (rankings)": rank,
-            "random_draws × ks × n_eval (ablations, forward)": evals * n["f"]}
+            "random_draws × ks × n_eval (curves, forward of the tail)": curves * n["f"],
+            "random_draws × n_eval (ablations, forward of the tail)": ablate * n["f"]}
 
 
+# stages whose count follows their main loops only, not every check they run
+COARSE = frozenset({"discovery", "detection", "corrections", "essence"})
 COUNTS = {"models": _models, "experts": _experts, "discovery": _discovery,
           "representations": _representations, "detection": _detection,
           "corrections": _corrections, "essence": _essence}
@@ -225,11 +253,12 @@ def counts(study, stage: str, sizes: dict) -> dict[str, float] | None:
     return None if fn is None else {k: float(v) for k, v in fn(study, sizes).items()}
 
 
-def sizes(study, model, ratio: float) -> dict:
+def sizes(study, model, p: dict) -> dict:
     """What the counts read of the case: images per split (``train``, ``val``, ``test``,
     ``all``), ``classes``, ``hw`` (H, W), ``layers`` (the subject's randomisable layers, MPRT's
     cascade), ``width`` (the widest experts layer's channels, from one forward of one image of
-    ``model``) and ``f`` (forward / forward+backward seconds, from the probe)."""
+    ``model``), ``f`` (forward / forward+backward seconds) and ``share`` (per experts layer, the
+    forward up to it over a whole forward), both from the probe ``p``."""
     import torch
 
     from core.engine.influence import activations, model_device
@@ -244,7 +273,8 @@ def sizes(study, model, ratio: float) -> dict:
             width = max(width, int(activations(model, x, layer).shape[1]))
     return {**n, "all": sum(n.values()), "classes": len(data.class_names),
             "hw": tuple(int(v) for v in data.test.x.shape[-2:]), "width": width,
-            "layers": max(len(randomisable_layers(model)), 1), "f": ratio}
+            "layers": max(len(randomisable_layers(model)), 1), "f": p["f"] / p["fb"],
+            "share": dict(p.get("share") or {})}
 
 
 def estimate(study, stages: list[str] | None = None, batch: int | None = None
@@ -257,8 +287,9 @@ def estimate(study, stages: list[str] | None = None, batch: int | None = None
     t0 = time.perf_counter()
     data = study.data()
     model = study._fresh_model(study.subject)
-    p = probe(model, tuple(data.test.x.shape[1:]), study.device, batch=batch)
-    n = sizes(study, model, p["f"] / p["fb"])
+    p = probe(model, tuple(data.test.x.shape[1:]), study.device, batch=batch,
+              layers=tuple(study.config.experts.get("layers") or ()))
+    n = sizes(study, model, p)
     names = stages or [s.name for s in REGISTRY]
     out = []
     for name in names:
@@ -267,7 +298,7 @@ def estimate(study, stages: list[str] | None = None, batch: int | None = None
             out.append(StageEstimate(name, None))
             continue
         out.append(StageEstimate(name, sum(terms.values()) * p["fb"], sorted(
-            terms.items(), key=lambda t: -t[1])))
+            terms.items(), key=lambda t: -t[1]), coarse=name in COARSE))
     p["seconds"] = time.perf_counter() - t0
     return out, p
 
@@ -284,7 +315,7 @@ def format_estimate(rows: list, p: dict) -> str:
         total += r.seconds
         share = max(t[1] for t in r.terms) / max(sum(t[1] for t in r.terms), 1e-12)
         lines.append(f"{r.stage:>15}: ~{_dur(r.seconds):>8}  (lower: {r.lower}, "
-                     f"{share:.0%} of it)")
+                     f"{share:.0%} of it{'; a coarse count' if r.coarse else ''})")
     lines.append(f"{'total':>15}: ~{_dur(total):>8}  (the counted passes only; the machine's "
                  "other load is not foreseen)")
     return "\n".join(lines)
@@ -309,3 +340,13 @@ def to_build(study, stages: list[str] | None, force: bool = False) -> list[str]:
     built = study.status()
     return [s for s in STAGES if s in needed and (not built.get(s) or (force and (
         not stages or s in stages)))]
+
+
+def parse_estimate(text: str) -> dict[str, float]:
+    """The per-stage seconds of a :func:`format_estimate` printout found in ``text`` (e.g. a
+    build's stderr): ``{stage: seconds}`` (``total`` included; stages "not estimated" left
+    out). What the benches compare with the build's own per-stage seconds."""
+    out = {}
+    for m in re.finditer(r"^ *([a-z_]+): ~ *([0-9.]+) (s|min)\b", text, re.M):
+        out[m.group(1)] = float(m.group(2)) * (60.0 if m.group(3) == "min" else 1.0)
+    return out
