@@ -94,6 +94,8 @@ if not rows:
     st.warning("The corrections stage is built but holds no rows (no method configured, or every "
                "method was skipped).")
     st.stop()
+# corrections whose validation grid could not choose a strength (core.report.degenerate)
+FLAT = (ui.report(study).get("corrections_cannot_tell") or {})
 ref = payload.get("reference") or {}
 van, cln = ref.get(SUBJECT) or {}, (ref.get(REFERENCE) or {}) if REFERENCE else {}
 n_seeds = int(payload.get("n_seeds") or 1)
@@ -161,7 +163,8 @@ table = pd.DataFrame([{
     f"Δ vs {ui.inert(SUBJECT)}": _paired(r, "paired"),
     **({f"Δ vs {ui.inert(REFERENCE)}": _paired(r, "paired_reference")} if REFERENCE else {}),
     MASS_LABEL: _mass(r),
-    "tuned on validation": _strength(r),
+    "tuned on validation": _strength(r) + (f" — {ui.cannot_tell('flat validation grid')}"
+                                           if r["method"] in FLAT else ""),
     "validation acc": _f(r.get("val_acc")),
     "seconds": _f(r.get("seconds")),
 } for r in rows])
@@ -300,8 +303,15 @@ if free:
     lines.append(f"- Best without a pixel mask (using {_uses(fb)}): **{fb.get('label')}**, "
                  f"{_closed(fb)} "
                  f"({ui.pct(_f(fb.get(HKEY)))}{_sd(fb, HKEY)}).")
-failed = [r for r in corrections if has_gap and (r.get("gap_closed") is None
-                                                 or _f(r["gap_closed"]) < 0.5)]
+for r in corrections:
+    if r["method"] in FLAT:
+        lines.append(
+            f"- **{r.get('label')}**: whether it helps — **{ui.cannot_tell(ui.plain(FLAT[r['method']]))}**."
+            f" Its row ({HNAME} {ui.pct(_f(r.get(HKEY)))}{_sd(r, HKEY)}) is the grid's first "
+            "strength, not a tuned one: a larger validation split (or cross-validation) is needed "
+            "to say whether it did not help.")
+failed = [r for r in corrections if has_gap and r["method"] not in FLAT
+          and (r.get("gap_closed") is None or _f(r["gap_closed"]) < 0.5)]
 for r in failed:
     g = r.get("gap_closed")
     lines.append(
@@ -386,7 +396,10 @@ st.header("Tuning on the validation split")
 for r in rows:
     rec = records.get(r["method"]) or {}
     grid = rec.get("grid") or []
-    with st.expander(f"{r.get('label')}: chosen {_strength(r)}"):
+    with st.expander(f"{r.get('label')}: chosen {_strength(r)}"
+                     + (f" — {ui.cannot_tell('flat grid')}" if r["method"] in FLAT else "")):
+        if r["method"] in FLAT:
+            st.caption(ui.cannot_tell(ui.plain(FLAT[r["method"]])).capitalize() + ".")
         if grid:
             st.dataframe(pd.DataFrame([{k: (str(v) if isinstance(v, list) else v)
                                         for k, v in g.items()} for g in grid]),

@@ -146,6 +146,9 @@ else:
         "random (median)": r.get("k_random"), "random (lucky draw)": r.get("k_random_high"),
         "bottom units": r.get("k_bottom"), "top-1 accuracy": _f(r.get("top1_acc")),
         "random-1 accuracy": _f(r.get("random1_acc")),
+        "reading": ui.cannot_tell("degenerate: " + r["degenerate"]) if r.get("degenerate")
+        else ("top < random" if r.get("k_top") is not None
+              and (r.get("k_random") is None or r["k_top"] < r["k_random"]) else "top ≥ random"),
     } for r in _mine(rows)])
     if not table.empty:
         st.dataframe(table, hide_index=True, column_config={
@@ -161,22 +164,38 @@ else:
                 "random (median)", help="The same smallest k for randomly drawn units: the median over the "
                                         "seeded draws."),
             "bottom units": st.column_config.NumberColumn(
-                "bottom units", help="The same smallest k for the lowest-ranked units.")})
+                "bottom units", help="The same smallest k for the lowest-ranked units."),
+            "reading": st.column_config.TextColumn(
+                "reading", width="large",
+                help="Cannot tell where the test is degenerate (the stage's own check: every rule "
+                     "reaches the target at k = 1, or the whole layer is near chance on these "
+                     "images); else whether fewer top experts than random units reach the target.")})
         st.caption(f"The smallest k whose binary accuracy reaches {share:.0%} of the whole layer's, for "
                    "each way of choosing the units (the lucky draw: the upper end of the random "
                    "interval). Empty: never reached before the whole layer.")
         ui.download_csv(table, f"essence_{model}_{layer}_{fill}.csv", "Download the "
                                                                                           "table (CSV)",
                         key="dl-essence")
-        wins = [(r.get("k_top"), r.get("k_random")) for r in _mine(rows)]
+        flat = [r for r in _mine(rows) if r.get("degenerate")]
+        wins = [(r.get("k_top"), r.get("k_random")) for r in _mine(rows) if not r.get("degenerate")]
         beat = sum(1 for t, rnd in wins if t is not None and rnd is not None and t < rnd)
+        if flat:
+            why = "; ".join(dict.fromkeys(ui.plain(r["degenerate"]) for r in flat))
+            st.info(f"**{ui.cannot_tell('degenerate: ' + why)}** for "
+                    + ("every pair" if not wins else f"{len(flat)} of {len(flat) + len(wins)} pairs")
+                    + f" on {ui.inert(layer)}: one unit of any kind reaches the target, or the whole "
+                    "layer barely tells the two classes apart on these images, so this test cannot "
+                    "say whether the layer's essence is concentrated in its top experts.",
+                    icon=":material/help:")
         if wins and beat == 0:
             st.warning(f"On {ui.inert(layer)}, the top experts do **not** beat random units: for no "
                        f"pair do fewer "
                        "top experts than random units reach the target accuracy. Here the layer's "
                        "essence is not concentrated in its most influential units.")
         elif wins:
-            st.markdown(f"For **{beat} of {len(wins)}** pairs, fewer top experts than random units reach "
+            st.markdown(f"For **{beat} of {len(wins)}** pairs"
+                        + (" that the test can tell" if flat else "")
+                        + f", fewer top experts than random units reach "
                         f"{share:.0%} of the whole layer's accuracy.")
 
 # ------------------------------------------------------------------------------------ ablation

@@ -122,7 +122,7 @@ from .state import (
     stage_exists,
     study_key,
 )
-from .text import _PATH, inert, no_region_note, pct, plain, pp, set_label
+from .text import _PATH, cannot_tell, inert, no_region_note, pct, plain, pp, set_label
 from .words import (
     accuracy_columns,
     class_name,

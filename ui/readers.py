@@ -81,9 +81,10 @@ def stamp(study=None) -> tuple:
 
 
 def _read_report(study) -> dict:
+    from core.report.degenerate import study_report
     from core.report.health import annotate
 
-    return annotate(study.report())
+    return annotate(study_report(study))  # + which corrections' tuning grid could not choose
 
 
 _report = cached_reader("report", _read_report)
@@ -91,7 +92,8 @@ _report = cached_reader("report", _read_report)
 
 def report(study=None) -> dict:
     """``study.report()`` (the DESIGN §2 JSON of what is built), cached per build state, with
-    ``core.report.health``'s ``warnings`` and the shortcut rule's caveat added."""
+    ``core.report.health``'s ``warnings`` and the shortcut rule's caveat added, and which
+    corrections' tuning could not choose (``core.report.degenerate.annotate_corrections``)."""
     return _report(current(study))
 
 

@@ -1,6 +1,7 @@
 """Plain text for Markdown elements and the formatting of numbers: ``plain`` (a case's string shown
 literally), ``inert`` (the same string safe in Markdown and in plain widgets alike), ``pct``, ``pp``,
-``set_label``, ``no_region_note``. Pure functions: no Streamlit call, no state."""
+``set_label``, ``no_region_note``, ``cannot_tell`` (a test that cannot discriminate, in words).
+Pure functions: no Streamlit call, no state."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import unicodedata
 from typing import Any
 
 import numpy as np
+
+from core.report.degenerate import cannot_tell  # noqa: F401 — the pages' words for it
 
 # ----------------------------------------------------------------------------------------------
 # Plain text

@@ -33,6 +33,7 @@ import zlib
 from collections.abc import Iterable
 
 from core.methods.shortcut import quantile
+from core.report.health import near_chance_threshold
 
 __all__ = ["FRAGILE_FACTOR", "claims", "compare", "wilson"]
 
@@ -324,10 +325,32 @@ def _essence_claims(rep: dict) -> list[dict]:
                 out.append({"key": f"{base}.{k}", "kind": "grid", "value": r[k],
                             "why": "one step of the doubling grid",
                             "fragile": f"a crossing of a curve measured on {n} images"})
+        if "degenerate" in r:
+            out.append(_essence_reading(base, r, n))
         if r.get("pair_source") == "confused":
-            for c in out[-4:]:
+            for c in out[-5 if "degenerate" in r else -4:]:
                 c["data_driven"] = "the pair is chosen from the model's confusions"
     return out
+
+
+def _essence_reading(base: str, r: dict, n: int) -> dict:
+    """Whether an essence row can tell ("cannot tell" when the stage flags it degenerate, else
+    "can tell"): firm only when the whole layer's Wilson 95% interval lies below the near-chance
+    threshold (:func:`core.report.health.near_chance_threshold` at 50%, the rule the stage
+    applies); otherwise it rests on the fragile smallest k's or on an interval that holds the
+    threshold, and is counted, not held to."""
+    word = "cannot tell" if r.get("degenerate") else "can tell"
+    full = r.get("full_acc")
+    if isinstance(full, int | float) and n:
+        lo, hi = wilson(float(full), n)
+        threshold = near_chance_threshold(0.5, n)
+        if hi < threshold:
+            return _verdict(f"{base}.reading", word, None)
+        why = ("the whole layer's interval holds the near-chance threshold" if lo < threshold
+               else "rests on the smallest k's (crossings within binomial noise)")
+    else:
+        why = "no whole-layer accuracy"
+    return _verdict(f"{base}.reading", word, why)
 
 
 def _discovery_claims(rep: dict) -> list[dict]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from core.report.degenerate import cannot_tell, essence_cannot_tell
 from core.report.health import warnings as health_warnings
 
 __all__ = ["CONFIDENCE", "findings", "wilson"]
@@ -161,6 +162,9 @@ def _corrections(rep: dict, case: str) -> tuple[list[dict], list[str]]:
         text += (f" Against the uncorrected model, {len(better)} of {len(scored)} corrections "
                  f"are better by the paired test and {len(ties)} tie.")
     unknown = []
+    for method, why in (rep.get("corrections_cannot_tell") or {}).items():
+        if method in labels:
+            unknown.append(f"Whether {labels[method]} helps: {cannot_tell(why)}.")
     if ties and len(ties) == len(scored):
         unknown.append("Whether any correction helps: every correction ties with the uncorrected "
                        f"model on {_set(head)} (paired test).")
@@ -169,24 +173,42 @@ def _corrections(rep: dict, case: str) -> tuple[list[dict], list[str]]:
 
 
 def _essence(rep: dict, case: str) -> tuple[list[dict], list[str]]:
+    """The causal check (each class's experts removed, against random units) and the essence test
+    (only the top k units kept): how many (pair, layer, fill) rows need fewer top experts than
+    random units; the rows that cannot discriminate (the stage's ``degenerate``) are left out of
+    that count and named as "cannot tell" instead."""
     rows = (rep.get("essence_summary") or {}).get("summary") or []
-    if not rows:
+    pairs = [r for r in rep.get("essence") or [] if not r.get("error")]
+    if not rows and not pairs:
         return [], []
+    parts = []
     beat = [r for r in rows if r.get("experts_beat_random")]
     layers = sorted({r.get("layer") for r in beat if r.get("layer")})
     all_layers = sorted({r.get("layer") for r in rows if r.get("layer")})
     if beat:
-        text = (f"Essence: removing each class's top experts hurts that class more than removing "
-                f"as many random units in {', '.join(layers)} ({len(beat)} of {len(rows)} "
-                "layer × fill settings).")
-    else:
-        text = (f"Essence: in no layer ({', '.join(all_layers)}) does removing the top experts hurt "
-                "their class more than removing random units.")
+        parts.append(f"removing each class's top experts hurts that class more than removing as "
+                     f"many random units in {', '.join(layers)} ({len(beat)} of {len(rows)} "
+                     "layer × fill settings)")
+    elif rows:
+        parts.append(f"in no layer ({', '.join(all_layers)}) does removing the top experts hurt "
+                     "their class more than removing random units")
+    flagged = essence_cannot_tell(pairs)
+    told = [r for r in pairs if r not in flagged and r.get("k_top") is not None]
+    if told:
+        fewer = sum(1 for r in told if r.get("k_random") is None or r["k_top"] < r["k_random"])
+        parts.append(f"keeping only the top experts, fewer of them than of random units reach the "
+                     f"target accuracy in {fewer} of {len(told)} pair × layer × fill rows")
     unknown = []
-    k_tops = [k for r in rows for k in (r.get("k_top") or []) if isinstance(k, int)]
-    if k_tops and all(k == 1 for k in k_tops):
-        unknown.append("How concentrated the essence is: one unit suffices under every rule "
-                       "(k = 1 everywhere), so the test cannot discriminate.")
+    if flagged:
+        reasons = "; ".join(dict.fromkeys(r["degenerate"] for r in flagged))
+        where = sorted({str(r.get("layer")) for r in flagged})
+        scope = "every row" if len(flagged) == len(pairs) else f"{len(flagged)} of {len(pairs)} rows"
+        unknown.append(f"Whether the essence is concentrated in the top experts ({', '.join(where)}"
+                       f"; {scope}): {cannot_tell('degenerate: ' + reasons)}.")
+        if not told:
+            parts.append(f"whether the essence is concentrated: {cannot_tell('degenerate')} "
+                         f"in {scope}")
+    text = "Essence: " + "; ".join(parts) + "."
     return [{"topic": "essence", "text": text,
              "link": _link("essence", "essence", case=case)}], unknown
 

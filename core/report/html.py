@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.report.degenerate import study_report
 from core.report.findings import findings
 from core.report.markdown import markdown
 
@@ -235,7 +236,7 @@ def html_report(study, *, scale: int | None = None) -> str:
     """The case's report as a self-contained HTML page (tables, figures as embedded PNG,
     captions, provenance: commit, code-and-config fingerprint, torch, device, build dates,
     seeds). Never computes; what is not built is absent."""
-    rep = study.report()
+    rep = study_report(study)
     facts = rep.get("case_facts") or {}
     size = (facts.get("size") or [32, 32])[0]
     scale = scale or max(1, 96 // max(size, 1))

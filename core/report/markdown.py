@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from core.report.claims import _split_size, expert_intervals, wilson
+from core.report.degenerate import CANNOT_TELL, cannot_tell, essence_cannot_tell
 
 __all__ = ["BLOCK", "drift", "markdown", "readme_blocks", "stamped", "update_readme"]
 
@@ -277,6 +278,11 @@ def _corrections(rep: dict) -> list[str]:
     out += _table(["method", "uses", "strength", _label(hkey), "Δ vs under study",
                    "verdict", "Δ vs reference", *map(_label, others), "gap closed",
                    "region mass after"], table)
+    labels = {r.get("method"): r.get("label", r.get("method")) for r in rows}
+    for method, why in (rep.get("corrections_cannot_tell") or {}).items():
+        if method in labels:
+            out += ["", f"{labels[method]}: whether it helps — {cannot_tell(why)}; its row is "
+                        "the first strength of the grid, not a tuned result."]
     n_eval = int(rows[0].get("paired_n") or _split_size(rep.get("data") or {}, hkey))
     cells = []
     for r in rows:
@@ -304,11 +310,12 @@ def _corrections(rep: dict) -> list[str]:
 
 COLUMNS = {
     "essence": (["model", "layer", "a_name", "b_name", "fill", "full_acc", "k_top", "k_random",
-                 "k_bottom"],
+                 "k_bottom", "reading"],
                 "accuracy of A vs B with only the top k units of a layer kept (the others at their "
                 "mean or zero): the whole layer's binary accuracy, and the smallest k reaching 95% "
                 "of it keeping the top experts by comparative influence, random units (median of "
-                "the draws) and the bottom units; – where no k reaches it"),
+                "the draws) and the bottom units; – where no k reaches it; reading: cannot tell "
+                "where the test is degenerate (below the table)"),
     "detection": (["detector", "uses_influence", "layer", "auc", "tpr_at_1", "tpr_at_5",
                    "tpr_at_25", "n_clean", "n_attacked"],
                   "adversarial patches against the model, detected on held-out images; TPR at 1, "
@@ -324,8 +331,10 @@ def _summary_section(rep: dict, stage: str, title: str) -> list[str]:
     if not rows:
         return []
     wanted, what = COLUMNS.get(stage, ([], ""))
-    keys = [k for k in wanted if k in rows[0]] or \
+    derived = DERIVED.get(stage, {})
+    keys = [k for k in wanted if k in rows[0] or k in derived] or \
         [k for k in rows[0] if not isinstance(rows[0][k], dict | list)][:9]
+    rows = [{**r, **{k: f(r) for k, f in derived.items()}} for r in rows]
     head = f"**{title}** ({what}):" if what else f"**{title}**:"
     out = [head, ""] + _table([k.replace("_", " ") for k in keys],
                               [[_inline(r.get(k)) if k in _CASE_KEYS and isinstance(r.get(k), str)
@@ -334,18 +343,37 @@ def _summary_section(rep: dict, stage: str, title: str) -> list[str]:
     return out + (["", *notes] if notes else [])
 
 
+def _essence_reading(row: dict) -> str:
+    """An essence row in words: cannot tell (the stage's ``degenerate``), else whether fewer top
+    experts than random units reach the target (``top < random``) or not."""
+    if row.get("error"):
+        return "–"
+    if row.get("degenerate"):
+        return CANNOT_TELL
+    top, rnd = row.get("k_top"), row.get("k_random")
+    if top is None:
+        return "top never reaches it"
+    return "top < random" if rnd is None or top < rnd else "top ≥ random"
+
+
 def _essence_notes(rows: list[dict]) -> list[str]:
-    """Name an essence test that cannot discriminate: every rule at k = 1."""
+    """Name the essence rows that cannot discriminate (the stage's ``degenerate`` flag, computed
+    from its own numbers: every rule at k = 1, or the whole layer near chance)."""
     ok = [r for r in rows if not r.get("error")]
-    flat = [r for r in ok if r.get("k_top") == 1 and r.get("k_random") == 1
-            and r.get("k_bottom") == 1]
+    flat = essence_cannot_tell(ok)
     if not flat:
         return []
+    reasons = list(dict.fromkeys(r["degenerate"].split("; ")[0] if "k = 1" in r["degenerate"]
+                                 else "the whole layer near chance" for r in flat))
     accs = sorted({round(r["full_acc"], 2) for r in flat if r.get("full_acc") is not None})
     scope = "every row" if len(flat) == len(ok) else f"{len(flat)} of {len(ok)} rows"
-    return [f"Degenerate: in {scope} every rule — top, random and bottom units — reaches the "
-            f"target at k = 1 (the whole layer's accuracy {', '.join(map(str, accs))}): the test "
-            "cannot tell essence from chance there."]
+    return [f"In {scope}: {cannot_tell('degenerate: ' + '; '.join(reasons))} — the whole "
+            f"layer's accuracy there is {', '.join(map(str, accs))}, so the test cannot tell "
+            "essence from chance, and these rows say nothing about whether the essence is "
+            "concentrated."]
+
+
+DERIVED = {"essence": {"reading": _essence_reading}}  # columns computed from a row's own fields
 
 
 def _detection_notes(rows: list[dict]) -> list[str]:

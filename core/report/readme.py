@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from core.report.claims import claims, compare
+from core.report.degenerate import study_report
 from core.report.markdown import BLOCK, markdown, readme_blocks, readme_path, stamped, update_readme
 
 __all__ = ["check_readme", "claims_path", "write_readme"]
@@ -49,7 +50,7 @@ def _built(CaseStudy, cache, text: str) -> dict | None:
     out = {}
     for case in readme_blocks(text):
         study = CaseStudy.open(case, cache_dir=cache, allow_path=False)
-        rep = study.report()
+        rep = study_report(study)
         missing = [s for s in REQUIRED if not rep["built"].get(s)]
         if missing:
             print(f"error: {case} is not built ({', '.join(missing)} missing); run "
