@@ -23,6 +23,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from core.casestudy.registry import BY_NAME, REGISTRY, STAGES
+
 __all__ = ["StageEstimate", "counts", "estimate", "format_estimate", "parse_estimate", "probe",
            "sizes", "to_build"]
 
@@ -282,8 +284,6 @@ def estimate(study, stages: list[str] | None = None, batch: int | None = None
     """Per stage of ``stages`` (default every stage of the case), a :class:`StageEstimate` from
     one timed probe of the subject (:func:`probe`) and the stage's :func:`counts`; and the probe
     (``{"f", "fb", "batch", "seconds"}``: seconds the estimate itself took)."""
-    from core.casestudy.registry import REGISTRY
-
     t0 = time.perf_counter()
     data = study.data()
     model = study._fresh_model(study.subject)
@@ -329,8 +329,6 @@ def to_build(study, stages: list[str] | None, force: bool = False) -> list[str]:
     """The stages a ``build(stages, force)`` of ``study`` computes, in build order: those asked
     for (default all) and what they read, less those already in the cache (``force``: the asked
     ones count as not built). Reads the cache's entry headers only (no torch)."""
-    from core.casestudy.registry import BY_NAME, STAGES
-
     needed = set(stages or STAGES)
     while True:
         more = needed | {r for s in needed for r in BY_NAME[s].reads}
