@@ -188,11 +188,14 @@ def _detection(study, n: dict) -> dict:
 
     cfg = T.check_config(dict(study.config.section("detection")))
     n_eval = min(int(cfg["n_eval"] or n["test"]), n["test"])
-    layers = len(cfg["layers"] or study.config.experts.get("layers") or [1])
+    layers = list(cfg["layers"] or study.config.experts.get("layers") or [])
+    expert_layer = cfg["expert_layer"] or cfg["layer"] or (layers[-1] if layers else None)
     attacked = int(cfg["n_attack_fit"]) + n_eval
-    prof = (int(cfg["n_fit"]) + 2 * attacked) * int(cfg["resolution"]) * (layers + int(cfg["k"]))
+    # every layer's profile from one engine pass per path point; k experts' interpretations
+    per_image = int(cfg["resolution"]) * (1 + int(cfg["k"]) * n["share"].get(expert_layer, 1.0))
     out = {"steps × (n_attack_fit + n_eval) (PGD)": int(cfg["steps"]) * attacked,
-           "resolution × images × (layers + k) (profiles)": prof}
+           "resolution × (1 + k) × images (profiles, interpretations)":
+               (int(cfg["n_fit"]) + 2 * attacked) * per_image}
     if cfg["adaptive"]:
         out["adaptive: steps × n_eval × resolution"] = int(cfg["steps"]) * n_eval * int(
             cfg["resolution"])
@@ -305,8 +308,9 @@ def estimate(study, stages: list[str] | None = None, batch: int | None = None
 
 def format_estimate(rows: list, p: dict) -> str:
     """The estimate as lines: per stage its seconds and the setting that dominates its count."""
+    upto = "".join(f", to {k} {v:.0%}" for k, v in (p.get("share") or {}).items())
     lines = [f"estimate (probe: {p['fb'] * 1e3:.1f} ms per image forward+backward, "
-             f"{p['f'] * 1e3:.1f} ms forward, batch {p['batch']}; {p['seconds']:.1f} s):"]
+             f"{p['f'] * 1e3:.1f} ms forward{upto}, batch {p['batch']}; {p['seconds']:.1f} s):"]
     total = 0.0
     for r in rows:
         if r.seconds is None:
