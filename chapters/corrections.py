@@ -308,8 +308,8 @@ for r in corrections:
         lines.append(
             f"- **{r.get('label')}**: whether it helps — **{ui.cannot_tell(ui.plain(FLAT[r['method']]))}**."
             f" Its row ({HNAME} {ui.pct(_f(r.get(HKEY)))}{_sd(r, HKEY)}) is the grid's first "
-            "strength, not a tuned one: a larger validation split (or cross-validation) is needed "
-            "to say whether it did not help.")
+            "strength, not a tuned one: only a larger validation split (or cross-validation) can "
+            "say whether it helps.")
 failed = [r for r in corrections if has_gap and r["method"] not in FLAT
           and (r.get("gap_closed") is None or _f(r["gap_closed"]) < 0.5)]
 for r in failed:

@@ -1,0 +1,114 @@
+"""The pages say "cannot tell" where a test cannot discriminate (issues 18 and 22), under AppTest on
+the small prebuilt case with the stage's payload stood in (the flags are core's: the essence rows'
+``degenerate`` and ``core.report.degenerate.annotate_corrections``; the pages only draw them)."""
+
+from __future__ import annotations
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+import ui
+from core.report.degenerate import annotate_corrections
+from tests.test_pages import APP, TIMEOUT, _cache_dir, _clear, _texts
+
+WHY = "k = 1 for every rule; the whole layer's binary accuracy 52% on 40 images is near chance (50%)"
+
+
+def _essence_payload(degenerate: str | None) -> dict:
+    ks = [1, 2, 4, 8]
+    rows, curves = [], []
+    for fill in ("mean", "zero"):
+        rows.append({"model": "vanilla", "layer": "conv1", "a": 4, "b": 9, "a_name": "4",
+                     "b_name": "9", "pair_source": "case", "fill": fill, "width": 8,
+                     "full_acc": 0.52 if degenerate else 0.97, "share": 0.95, "k_top": 1,
+                     "k_random": 1 if degenerate else 4, "k_bottom": 1 if degenerate else 8,
+                     "k_random_high": 1, "top1_acc": 0.52, "random1_acc": 0.5, "n_eval": 40,
+                     "seed": 0, "eval_set": "decoy_test", "degenerate": degenerate})
+        curves.append({"model": "vanilla", "layer": "conv1", "fill": fill, "a": 4, "b": 9,
+                       "a_name": "4", "b_name": "9", "ks": ks, "top": [0.52] * 4,
+                       "random": {"median": [0.5] * 4, "low": [0.45] * 4, "high": [0.55] * 4},
+                       "bottom": [0.5] * 4, "full": 0.52, "n_eval": 40, "width": 8,
+                       "random_draws": 4, "confidence": 0.9, "eval_set": "decoy_test"})
+    return {"rows": rows, "curves": curves, "ablation": [], "summary": [], "region": [],
+            "config": {"share": 0.95, "confidence": 0.9}}
+
+
+def _corrections_payload(flat: bool) -> dict:
+    def row(method, label, acc):
+        return {"method": method, "label": label, "model": f"vanilla+{method}",
+                "decoy_test_acc": acc, "clean_test_acc": 0.5, "gap_closed": 0.02,
+                "uses": "pixel mask", "mask_note": "uses the masks", "strength": 0.01,
+                "strength_name": "λ", "val_acc": 0.55, "seconds": 1.0, "region_mass": 0.1}
+    grid = [{"value": v, "val_acc": 0.55 if flat else 0.5 + v / 4} for v in (0.01, 0.1, 1.0)]
+    return {"rows": [row("rrr", "RRR", 0.60)],
+            "reference": {"vanilla": {"decoy_test_acc": 0.59, "clean_test_acc": 0.5,
+                                      "val_acc": 0.55, "region_mass": 0.3},
+                          "clean": {"decoy_test_acc": 0.95, "clean_test_acc": 0.95,
+                                    "val_acc": 0.95, "region_mass": 0.02}},
+            "records": {"rrr": {"grid": grid}}, "n_seeds": 1, "config": {}}
+
+
+@pytest.fixture
+def stand_in(small_study, monkeypatch):
+    """An AppTest factory on the small case whose ``stage`` payload is ``payload`` (the gate open)."""
+    monkeypatch.setenv("CASEBOOK_CACHE", _cache_dir(small_study))
+    monkeypatch.setenv("CASEBOOK_CASE", small_study.config.name)
+    _clear()
+    real_artifact, real_report = ui.artifact, ui.report
+
+    def make(page: str, stage: str, payload: dict) -> AppTest:
+        monkeypatch.setattr("ui.opening.require", lambda *a, **k: True)
+        monkeypatch.setattr(ui, "artifact", lambda s, study=None, drop=("models",):
+                            payload if s == stage else real_artifact(s, study, drop))
+
+        def report(study=None):
+            rep = dict(real_report(study))
+            if stage == "corrections":
+                rep["corrections"] = payload["rows"]
+                rep = annotate_corrections(rep, payload)
+            return rep
+
+        monkeypatch.setattr(ui, "report", report)
+        monkeypatch.setattr(ui, "has_experts_for", lambda *a, **k: False)
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+        at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    yield make
+    _clear()
+    st.cache_data.clear()
+
+
+def test_a_degenerate_essence_reads_cannot_tell(stand_in):
+    at = stand_in("chapters/essence.py", "essence", _essence_payload(WHY))
+    said = " ".join(i.value for i in at.info) + " ".join(w.value for w in at.warning) + _texts(at)
+    assert "Cannot tell" in said or "cannot tell (degenerate: k = 1 for every rule" in said
+    assert "cannot tell (degenerate: k = 1 for every rule" in " ".join(i.value for i in at.info)
+    assert "not concentrated" not in said and "do **not** beat random" not in said
+    table = at.dataframe[0].value
+    assert all(v.startswith("cannot tell (degenerate: k = 1 for every rule") for v in table["reading"])
+
+
+def test_an_essence_that_discriminates_is_read_as_before(stand_in):
+    at = stand_in("chapters/essence.py", "essence", _essence_payload(None))
+    said = " ".join(i.value for i in at.info) + _texts(at)
+    assert "cannot tell" not in said
+    assert "For **1 of 1** pairs, fewer top experts than random units reach" in said
+    assert list(at.dataframe[0].value["reading"]) == ["top < random"]
+
+
+def test_a_flat_validation_grid_reads_cannot_tell_not_did_not_help(stand_in):
+    at = stand_in("chapters/corrections.py", "corrections", _corrections_payload(flat=True))
+    said = _texts(at)
+    assert "**RRR**: whether it helps — **cannot tell (flat validation grid" in said
+    assert "3 strengths all at 55% on" in said
+    assert "did not help" not in said and "helped little" not in said
+    assert "cannot tell (flat validation grid)" in at.dataframe[0].value["tuned on validation"][0]
+
+
+def test_a_grid_that_chose_still_says_did_not_help(stand_in):
+    at = stand_in("chapters/corrections.py", "corrections", _corrections_payload(flat=False))
+    said = _texts(at)
+    assert "**RRR** did not help" in said and "cannot tell" not in said
