@@ -42,8 +42,9 @@ def _env_int(name: str) -> int | None:
 def worker_count(device, n_tasks: int) -> int:
     """How many worker processes :func:`process_map` uses for ``n_tasks`` tasks on ``device``
     (see the module docstring); 1 means the calling process runs them in order."""
-    if str(device).startswith("cuda") or n_tasks < 2 or "fork" not in mp.get_all_start_methods():
-        return 1
+    if (str(device).startswith("cuda") or n_tasks < 2 or mp.current_process().daemon
+            or "fork" not in mp.get_all_start_methods()):
+        return 1  # a daemonic process may not have children
     asked = _env_int("CASEBOOK_WORKERS")
     if asked is not None:
         return min(asked, n_tasks)
@@ -74,7 +75,10 @@ def process_map(fn: Callable[..., Any], tasks: Sequence[tuple], *, device, worke
         _SHARED.update(fn=fn, tasks=tasks, device=device)
         try:
             with ProcessPoolExecutor(n, mp_context=mp.get_context("fork")) as pool:
-                futures = {pool.submit(_run, i): i for i in pending}
+                try:
+                    futures = {pool.submit(_run, i): i for i in pending}
+                except OSError:  # no process could be forked (a process limit, no memory)
+                    futures = {}
                 for future in as_completed(futures):
                     i = futures[future]
                     results[i] = future.result()
