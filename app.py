@@ -30,7 +30,11 @@ def _page(file: str, title: str, icon: str, url_path: str, default: bool = False
 
 sections: dict[str, list] = {
     "Case study": [
-        _page("case_study.py", "The shortcut", ":material/science:", ui.HOME_PAGE, default=True),
+        # Streamlit serves the default page at the root only ("/case-study" popped "Page not
+        # found"): the first chapter is the root, and its own path opens it too (hidden alias)
+        _page("case_study.py", "The shortcut", ":material/science:", "the-shortcut", default=True),
+        st.Page("chapters/case_study.py", title="The shortcut", icon=":material/science:",
+                url_path=ui.HOME_PAGE, visibility="hidden"),
         _page("influence.py", "Influence & experts", ":material/hub:", "influence"),
         _page("overview.py", "Where the shortcut lives", ":material/grid_on:", "overview"),
         _page("one_image.py", "One image, end to end", ":material/timeline:", "one-image"),

@@ -47,3 +47,29 @@ def test_findings_links_resolve(small_study, monkeypatch):
         st.cache_data.clear()
         st.cache_resource.clear()
         ui._GENERATION.clear()
+
+
+def test_the_first_chapters_own_path_is_served(small_study, monkeypatch):
+    """A browser opening ``/case-study`` asks Streamlit for the page whose url_pathname is
+    "case-study" (``PagesManager`` matches ``intended_page_name`` on it); the default page's is ""
+    (served at the root), so without the hidden alias that URL popped "Page not found"."""
+    monkeypatch.setenv("CASEBOOK_CASE", small_study.config.name)
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    ui._GENERATION.clear()
+    try:
+        at = AppTest.from_file(str(APP), default_timeout=180).run()
+        assert not at.exception, [e.value for e in at.exception]
+        pages = at._registered_pages  # hash → {"url_pathname", "script_path", …}: what st.navigation set
+        by_path = {info.get("url_pathname"): info for info in pages.values()}
+        assert Path(by_path[""]["script_path"]).name == "case_study.py"  # the root
+        assert Path(by_path[ui.HOME_PAGE]["script_path"]).name == "case_study.py"
+        nav = [a.label for a in at.sidebar.get("page_link")] if at.sidebar.get("page_link") else []
+        assert nav.count("The shortcut") <= 1  # the alias is hidden from the navigation
+        # switching to the chapter's file still opens the root page (registered first)
+        at.switch_page("chapters/case_study.py").run()
+        assert not at.exception and at.title[0].value
+    finally:
+        st.cache_data.clear()
+        st.cache_resource.clear()
+        ui._GENERATION.clear()
