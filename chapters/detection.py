@@ -118,32 +118,62 @@ if not rows:
     st.warning("The detection stage is built but holds no detector rows.")
     st.stop()
 adaptive = payload.get("adaptive") or {}
+adaptive_attacks = [a for a in payload.get("adaptive_attacks") or [] if isinstance(a, dict)]
 if any(r.get("attack") is not None for r in rows):  # rows that name their attack: one choice each
     sets = {k: [r for r in rows if str(r.get("attack")) == k]
             for k in dict.fromkeys(str(r["attack"]) for r in rows if r.get("attack") is not None)}
 else:
     sets = {"patch attack": rows}
-if adaptive.get("rows"):
+attacks_by_label: dict[str, dict] = {}
+if adaptive_attacks:  # one choice per adaptive attack: whom it knows
+    for a in adaptive_attacks:
+        label = str(a.get("name") or f"adaptive: {a.get('against', '?')}")
+        sets[label] = list(a.get("rows") or [])
+        attacks_by_label[label] = a
+elif adaptive.get("rows"):
     sets["adaptive attack"] = list(adaptive["rows"])
+    attacks_by_label["adaptive attack"] = adaptive
 chosen_attack = ui.choice("Attack", list(sets), param="attack", widget="radio", horizontal=True,
                           help="The patch attack optimises a small square patch to push the prediction to "
-                               "a target class; the adaptive attack also pushes the influence profile "
-                               "toward the target class's own, to fool the influence detectors.") \
+                               "a target class; an adaptive attack also knows a detector and pushes its "
+                               "score toward the target class's clean images (the influence profile, the "
+                               "Mahalanobis baseline, or both), to fool it.") \
     if len(sets) > 1 else next(iter(sets))
 mine = sets[chosen_attack]
-if chosen_attack == "adaptive attack":
-    st.caption(f"The adaptive attack also pushes the influence profile at {adaptive.get('layer', '?')} "
-               f"toward the target class's own (weight {adaptive.get('weight', '?')}); it succeeds on "
-               f"{ui.pct(adaptive.get('success'))} of the held-out images. The detectors are the same, "
-               "fit before the attack.")
+ADAPTIVE = chosen_attack in attacks_by_label
+chosen = attacks_by_label.get(chosen_attack) or {}
+if ADAPTIVE:
+    knows_what = chosen.get("penalises") or (f"the influence profile at {chosen.get('layer', '?')} "
+                                              "far from the target class's own")
+    st.caption(f"This adaptive attack also penalises {ui.plain(str(knows_what))} (layer "
+               f"{chosen.get('layer', '?')}, weight {chosen.get('weight', '?')}); it succeeds on "
+               f"{ui.pct(chosen.get('success'))} of the attacks. The detectors are the same, fit before "
+               "the attack.")
+
+
+def _interval(r: dict, key: str, fmt: str) -> str:
+    lo, hi = _f(r.get(f"{key}_low")), _f(r.get(f"{key}_high"))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    return f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
 table = pd.DataFrame([{
     "detector": _label(r),
-    "what it measures": str(r.get("what") or ""),
+    "AUC": _f(r.get("auc")),
+    "AUC 95% interval": _interval(r, "auc", "{:.3f}"),
+    **{f"TPR at {round(100 * b)}% FPR": _tpr_at(r, b) for b in FPR_POINTS},
+    "TPR at 25% FPR, 95% interval": _interval(r, "tpr_at_25", "{:.0%}"),
+    "rank": (int(r["rank"]) if isinstance(r.get("rank"), int | float) else None),
     "uses influence": "yes" if (r.get("uses_influence") if r.get("uses_influence") is not None
                                 else _detector(r) in INFLUENCE) else "no",
-    **{f"TPR at {round(100 * b)}% FPR": _tpr_at(r, b) for b in FPR_POINTS},
-    "AUC": _f(r.get("auc")),
+    "what it measures": str(r.get("what") or ""),
 } for r in mine])
+if table["rank"].isna().all():
+    table = table.drop(columns=["rank"])
+for col in ("AUC 95% interval", "TPR at 25% FPR, 95% interval"):
+    if not table[col].astype(bool).any():
+        table = table.drop(columns=[col])
 st.dataframe(table, hide_index=True, column_config={
     **{f"TPR at {round(100 * b)}% FPR": st.column_config.NumberColumn(
         format="percent", help=f"True-positive rate at {round(100 * b)}% false-positive rate: the share of "
@@ -152,19 +182,47 @@ st.dataframe(table, hide_index=True, column_config={
     "AUC": st.column_config.NumberColumn(
         format="%.3f", help="Area under the ROC curve: the chance that a random attacked image scores higher "
                             "than a random clean one (0.5: no better than a coin, 1: perfect)."),
+    "AUC 95% interval": st.column_config.TextColumn(
+        help="95% image-level bootstrap interval: held-out images are resampled with all their clean "
+             "views and attacks, because those are correlated."),
+    "rank": st.column_config.NumberColumn(
+        help="1 + the number of detectors whose AUC is above this one's beyond the bootstrap's 95% "
+             "interval of the paired difference; equal ranks cannot be told apart."),
     "uses influence": st.column_config.TextColumn(
         help="Whether the detector reads the model's influence (gradients) or only its outputs and "
              "activations.")})
 n_clean = next((r.get("n_clean") for r in mine if r.get("n_clean")), None)
 n_att = next((r.get("n_attacked") for r in mine if r.get("n_attacked")), None)
+design = payload.get("evaluation") or {}
+n_images = next((r.get("n_images") for r in mine if r.get("n_images")), None)
 st.caption("True-positive rate (share of attacked images flagged) at the threshold where 1%, 5% and 25% "
            "of clean images are flagged, and the area under the ROC curve (0.5: chance)"
-           + (f"; {n_clean} clean and {n_att} attacked held-out images." if n_clean and n_att else "."))
+           + (f"; {n_clean} clean and {n_att} attacked held-out images" if n_clean and n_att else "")
+           + (f", from {n_images} held-out images ({design.get('views', 1)} clean views each; patch sides "
+              f"{', '.join(str(v) for v in design.get('patch_sizes') or [])} px × "
+              f"{design.get('positions', 1)} place(s) per view). The intervals resample the held-out images "
+              "with all their views and attacks (they are correlated)."
+              if n_images and design else "."))
 if table["TPR at 1% FPR"].isna().all():
     said_missing.append("TPR at fixed false-positive rates (rows' tpr_at)")
 ui.download_csv(table, "detection.csv", "Download the table (CSV)", key="dl-detection")
+ranking = chosen.get("ranking") if ADAPTIVE else payload.get("ranking")
 ok = table.dropna(subset=["AUC"])
-if not ok.empty:
+if isinstance(ranking, dict) and ranking.get("verdict"):
+    verdict = str(ranking["verdict"])
+    line = f"**Ranking** ({ui.plain(str(ranking.get('method') or 'bootstrap'))}): {ui.plain(verdict, limit=800)}."
+    versus = ranking.get("influence_vs_baselines") or {}
+    if versus.get("verdict"):
+        line += (f" Best influence detector ({ui.plain(str(versus.get('influence')))}) against the best "
+                 f"baseline ({ui.plain(str(versus.get('baseline')))}): "
+                 f"**{ui.plain(str(versus['verdict']))}** "
+                 f"(AUC difference {_f(versus.get('difference')):+.3f}, 95% interval "
+                 f"{_f(versus.get('low')):+.3f} to {_f(versus.get('high')):+.3f}).")
+    if verdict.startswith("saturated"):
+        st.warning(line)
+    else:
+        st.markdown(line)
+elif not ok.empty:
     best = ok.sort_values("AUC", ascending=False).iloc[0]
     infl = ok[ok["uses influence"] == "yes"]
     base = ok[ok["uses influence"] == "no"]
@@ -178,7 +236,6 @@ if not ok.empty:
     st.markdown(line)
 
 # ------------------------------------------------------------------------------------ ROC curves
-ADAPTIVE = chosen_attack == "adaptive attack"
 
 
 def _own_roc(r: dict) -> dict | None:
@@ -216,7 +273,7 @@ if recs:
     st.caption("One curve per detector over every threshold; dotted verticals at 1%, 5% and 25% false "
                "positives; dashed diagonal: a detector that guesses.")
 elif ADAPTIVE:  # nothing of the patch attack stands in for the adaptive one's curves
-    said_missing.append("the adaptive attack's ROC curves (its rows carry the summary above only)")
+    said_missing.append("this adaptive attack's ROC curves (its rows carry the summary above only)")
 else:
     st.header("ROC curves")
     said_missing.append("the ROC curves (fpr/tpr per detector)")
@@ -224,7 +281,7 @@ else:
 if ADAPTIVE:
     # masking, the features and the attacked images below all come from the patch attack
     st.caption("The masking test, the influence features and the attacked images are the patch "
-               "attack's: choose it above to see them.")
+               f"attack's: choose {next(iter(sets))!r} above to see them.")
 
 # ------------------------------------------------------------------------------------ masking
 masking = None if ADAPTIVE else (payload.get("masking") or payload.get("mask_experts_region"))
