@@ -212,22 +212,22 @@ else:
     atable = pd.DataFrame([{
         "class": r.get("class_name") or _name(r.get("class")), "k": r.get("k"),
         "experts": ", ".join(str(u) for u in r.get("units") or []),
-        "accuracy drop (experts)": _f((r.get("experts") or {}).get("acc_drop")),
+        "accuracy drop (experts)": 100 * _f((r.get("experts") or {}).get("acc_drop")),
         "accuracy drop (random k)": _rng((r.get("random") or {}).get("acc_drop")),
         "logit drop (experts)": _f((r.get("experts") or {}).get("logit_drop")),
         "logit drop (random k)": (lambda d: "—" if not d else
                                   f"{_f(d.get('median')):.3g} [{_f(d.get('low')):.3g}, "
                                   f"{_f(d.get('high')):.3g}]")((r.get("random") or {}).get("logit_drop")),
         "other class": "—" if r.get("other_class") is None else _name(r.get("other_class")),
-        "accuracy drop (other's experts)": _f((r.get("other") or {}).get("acc_drop")),
+        "accuracy drop (other's experts)": 100 * _f((r.get("other") or {}).get("acc_drop")),
         "beats random": {True: "yes", False: "no", None: "—"}[r.get("beats_random")],
     } for r in mine_abl])
     st.dataframe(atable, hide_index=True, column_config={
         "accuracy drop (experts)": st.column_config.NumberColumn(
-            format="percent", help="The class's accuracy on its own images before minus after its top "
+            format="%+.1f pp", help="The class's accuracy on its own images before minus after its top "
                                    "experts are removed (set to the fill)."),
         "accuracy drop (other's experts)": st.column_config.NumberColumn(
-            format="percent", help="The same drop when another class's top experts are removed instead."),
+            format="%+.1f pp", help="The same drop when another class's top experts are removed instead."),
         "logit drop (experts)": st.column_config.NumberColumn(
             format="%.3g", help="The class's mean score (logit) on its own images before minus after its "
                                 "top experts are removed."),
@@ -235,7 +235,8 @@ else:
             help="Yes when the experts' logit drop is above the random units' interval and their accuracy "
                  "drop is at least the random median.")})
     st.caption("Each class's top experts of the layer are removed (set to the fill) and the class's "
-               "accuracy and mean logit on its own images are measured before and after; the same for "
+               "accuracy (drops in percentage points, pp) and mean logit on its own images are "
+               "measured before and after; the same for "
                "as many random units (median [interval] over the draws) and for another class's "
                "experts. *Beats random*: the experts' logit drop is above the random interval and "
                "their accuracy drop at least the random median.")
@@ -265,12 +266,14 @@ if facts.get("region") and mine_reg:
             "evaluation set": ui.set_label(s.get("name")),
             f"has the {ui.region_name(facts)}": s.get("region"),
             "images": s.get("n"), "accuracy before": _f(s.get("acc_before")),
-            "accuracy after": _f(s.get("acc_after")), "drop": _f(s.get("acc_drop")),
-            "random drop (median)": _f((s.get("random_acc_drop") or {}).get("median")),
+            "accuracy after": _f(s.get("acc_after")), "drop": 100 * _f(s.get("acc_drop")),
+            "random drop (median)": 100 * _f((s.get("random_acc_drop") or {}).get("median")),
         } for s in rc.get("sets") or []])
-        st.dataframe(rtable, hide_index=True, column_config={
-            c: st.column_config.NumberColumn(c, format="percent")
-            for c in ("accuracy before", "accuracy after", "drop", "random drop (median)")})
+        st.dataframe(rtable, hide_index=True, column_config={  # accuracies in %, drops in pp
+            **{c: st.column_config.NumberColumn(c, format="percent")
+               for c in ("accuracy before", "accuracy after")},
+            **{c: st.column_config.NumberColumn(c, format="%+.1f pp")
+               for c in ("drop", "random drop (median)")}})
         diff = rc.get("region_minus_clean")
         if diff is not None and math.isfinite(_f(diff)):
             st.markdown(f"The drop is **{ui.pp(diff)}** larger on the sets with the "

@@ -124,14 +124,18 @@ if view is None and target == "predicted" and _in_stage(model, layer, qoi, doi):
     # the stage's ranking is reused: only the interpretations on other images are computed
     view = ui.compute_experts_for(model, layer, qoi, doi, study, images=target)
 if view is None:
-    st.info(f"The experts of **{ui.inert(layer)}** for **{what}** on the model "
-            f"**{ui.model_label(model, ui.correction_labels(study))}** over "
-            f"*{DOIS[doi_kind]}* are not computed yet. Computing them takes a few seconds to a minute "
-            "and is cached on disk.")
-    if st.button("Compute", type="primary", key="compute-experts"):
+    offer = st.empty()  # the offer goes once the experts are computed (no stale "not computed yet")
+    with offer.container():
+        st.info(f"The experts of **{ui.inert(layer)}** for **{what}** on the model "
+                f"**{ui.model_label(model, ui.correction_labels(study))}** over "
+                f"*{DOIS[doi_kind]}* are not computed yet. Computing them takes a few seconds to a "
+                "minute and is cached on disk.")
+        clicked = st.button("Compute", type="primary", key="compute-experts")
+    if clicked:
         view = ui.compute_experts_for(model, layer, qoi, doi, study, images=target)
     if view is None:
         st.stop()
+    offer.empty()
 
 rows = view.get("rows") or []
 if not rows:
@@ -524,12 +528,15 @@ if other and other != model:
         twin = _load(other, layer, qoi, doi, target)
     except Exception as exc:  # the comparison is a bonus: never let it break the page
         st.caption(f"Not available: {ui.plain(exc)}")
-    if twin is None and st.button(f"Compute it for {ui.inert(other)}", key="compute-twin",
-                                  help=f"The experts of {ui.inert(layer)} for {what} in "
-                                       f"{ui.inert(other)}, interpreted on "
-                                       f"test images {'labelled' if target == 'label' else 'predicted as'} "
-                                       "the class; cached on disk."):
+    twin_offer = st.empty()  # cleared once the twin is computed: no stale offer beside it
+    if twin is None and twin_offer.button(
+            f"Compute it for {ui.inert(other)}", key="compute-twin",
+            help=f"The experts of {ui.inert(layer)} for {what} in {ui.inert(other)}, interpreted on "
+                 f"test images {'labelled' if target == 'label' else 'predicted as'} the class; "
+                 "cached on disk."):
         twin = ui.compute_experts_for(other, layer, qoi, doi, study, images=target)
+    if twin is not None:
+        twin_offer.empty()
     if twin is None:
         st.caption(f"Not computed yet for **{other_label}**: the button above computes it "
                    "(a few seconds to a minute).")

@@ -625,8 +625,8 @@ def test_essence_chapter_offers_the_build_then_draws_curves_and_tables(small_stu
         ablation = at.dataframe[1].value
         rows = [r for r in payload["ablation"] if r["layer"] == layer and r["fill"] == fill]
         assert ablation["class"].tolist() == [r["class_name"] for r in rows]
-        assert ablation["accuracy drop (experts)"].tolist() == pytest.approx(
-            [r["experts"]["acc_drop"] for r in rows])
+        assert ablation["accuracy drop (experts)"].tolist() == pytest.approx(  # in pp, as the
+            [100 * r["experts"]["acc_drop"] for r in rows])  # random column beside it
         beats = [r["beats_random"] for r in rows if r["beats_random"] is not None]
         said = " ".join(w.value for w in at.warning) + _texts(at)
         if beats and sum(beats) <= len(beats) / 2:

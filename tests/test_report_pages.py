@@ -112,3 +112,47 @@ def test_a_grid_that_chose_still_says_did_not_help(stand_in):
     at = stand_in("chapters/corrections.py", "corrections", _corrections_payload(flat=False))
     said = _texts(at)
     assert "**RRR** did not help" in said and "cannot tell" not in said
+
+
+def test_the_not_computed_offer_goes_once_the_experts_are_computed(small_study, monkeypatch, tmp_path):
+    """Issue 22's stale box: after Compute, the same run drew the experts under the "not computed
+    yet" offer and its button."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(_cache_dir(small_study), cache)  # the shared cache keeps the view uncomputed
+    monkeypatch.setenv("CASEBOOK_CACHE", str(cache))
+    monkeypatch.setenv("CASEBOOK_CASE", small_study.config.name)
+    _clear()
+    try:
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+        at.switch_page("chapters/influence.py").run()
+        at.radio(key="qp-quantity").set_value("comparative").run()
+        at.selectbox(key="qp-vs").select(7).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert any("not computed yet" in i.value for i in at.info)
+        at.button(key="compute-experts").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert at.dataframe, "the computed experts are drawn"
+        assert not any("not computed yet" in i.value for i in at.info)
+        assert "compute-experts" not in [b.key for b in at.button]
+    finally:
+        _clear()
+
+
+def test_essence_drops_are_in_percentage_points_throughout(stand_in):
+    """Issue 22: the ablation table showed the experts' drop as "6%" beside the random drop as
+    "−2.0 pp"; both are differences of accuracies, in pp."""
+    payload = _essence_payload(None)
+    payload["ablation"] = [{"model": "vanilla", "layer": "conv1", "fill": fill, "class": 4,
+                            "class_name": "4", "k": 2, "units": [1, 2],
+                            "experts": {"acc_drop": 0.06, "logit_drop": 1.5},
+                            "random": {"acc_drop": {"median": -0.02, "low": -0.05, "high": 0.01},
+                                       "logit_drop": {"median": 0.1, "low": 0.0, "high": 0.2}},
+                            "other_class": 9, "other": {"acc_drop": 0.01}, "beats_random": True}
+                           for fill in ("mean", "zero")]
+    at = stand_in("chapters/essence.py", "essence", payload)
+    table = at.dataframe[1].value
+    assert table["accuracy drop (experts)"].tolist() == pytest.approx([6.0])
+    assert table["accuracy drop (other's experts)"].tolist() == pytest.approx([1.0])
+    assert table["accuracy drop (random k)"].tolist() == ["-2.0 pp [-5.0 pp, +1.0 pp]"]
