@@ -73,24 +73,78 @@ def _cache_dir(study) -> str:
     return str(root)
 
 
+# The code the server runs, frozen: a stage's cache key hashes the source of the modules it imports,
+# read again whenever a file changes (core.storage.codehash), so in a working tree that is edited
+# while the test runs (several people commit to one tree) the live server would see a built stage
+# as unbuilt and draw the build offer instead of its results — the cause of "representations
+# draws no stImage" (1 run in 6: representations imports the most modules). Building, reporting
+# and serving from one copy of the tree tests one version of the code, whatever happens around.
+FROZEN = ("app.py", "pyproject.toml", ".streamlit", "chapters", "ui", "core")
+
+
+def _freeze(dst: Path) -> Path:
+    """A copy of the code the app runs (``FROZEN``) under ``dst``; returns ``dst``."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in FROZEN:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dst / name)
+    return dst
+
+
+class _Frozen:
+    """A case study as the frozen tree sees it: its name, cache, report JSON and case facts (read
+    once by ``python -m core report`` run in that tree)."""
+
+    def __init__(self, name: str, cache_dir: Path, tree: Path):
+        import json
+
+        self.config = type("Config", (), {"name": name})()
+        self.cache_dir, self.tree = cache_dir, tree
+        out = subprocess.run([sys.executable, "-m", "core", "report", name, "--json", "--cache",
+                              str(cache_dir)], cwd=tree, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        self._report = json.loads(out.stdout)
+
+    def report(self) -> dict:
+        return self._report
+
+    def case_facts(self) -> dict:
+        return self._report.get("case_facts") or {}
+
+
 @pytest.fixture(scope="module")
-def study(request, tmp_path_factory):
-    """The small prebuilt case; or, for README screenshots of a fully built case, the one named by
-    ``CASEBOOK_E2E_CASE`` (cache: ``CASEBOOK_E2E_CACHE``, default the repo's .cache)."""
+def tree(tmp_path_factory) -> Path:
+    """The frozen copy of the app's code that the small case is built, reported and served from."""
+    return _freeze(tmp_path_factory.mktemp("e2e-tree") / "app")
+
+
+@pytest.fixture(scope="module")
+def study(request, tmp_path_factory, tree):
+    """The small prebuilt case, built and read by the frozen tree (:func:`_freeze`); or, for README
+    screenshots of a fully built case, the one named by ``CASEBOOK_E2E_CASE`` (cache:
+    ``CASEBOOK_E2E_CACHE``, default the repo's .cache; served from the live tree)."""
     case = os.environ.get("CASEBOOK_E2E_CASE")
     if not case:
         import shutil
 
-        from core.casestudy import CaseStudy
-
-        # Every page draws its results: build the two later stages too, in a copy of the small
-        # study's cache (other tests rely on those stages being unbuilt in the shared one).
+        # Every page draws its results: build the later stages too, in a copy of the small
+        # study's cache (other tests rely on those stages being unbuilt in the shared one); what
+        # the frozen tree's keys no longer match (an edit since) is rebuilt there.
         small = request.getfixturevalue("small_study")
         root = tmp_path_factory.mktemp("e2e-cache") / "cache"
         shutil.copytree(_cache_dir(small), root)
-        full = CaseStudy.open(small.config.name, cache_dir=root, device="cpu")
-        full.build(stages=["discovery", "representations", "corrections", "essence"])
-        return full
+        out = subprocess.run([sys.executable, "-m", "core", "build", small.config.name, "--stages",
+                              "data,models,experts,discovery,representations,corrections,essence",
+                              "--device", "cpu", "--no-estimate", "--cache", str(root)],
+                             cwd=tree, capture_output=True, text=True, timeout=3600,
+                             env={**os.environ, "CASEBOOK_BACKGROUND": "0"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return _Frozen(small.config.name, root, tree)
     from core.casestudy import CaseStudy
 
     built = CaseStudy.open(case, cache_dir=os.environ.get("CASEBOOK_E2E_CACHE") or ROOT / ".cache")
@@ -102,8 +156,9 @@ def study(request, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def _serve(env_extra: dict, log):
-    """``streamlit run app.py`` headless on a free port with ``env_extra``; yields its URL."""
+def _serve(env_extra: dict, log, cwd: Path = ROOT):
+    """``streamlit run app.py`` headless on a free port with ``env_extra``, from the tree ``cwd``;
+    yields its URL."""
     port = _free_port()
     env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
@@ -111,7 +166,7 @@ def _serve(env_extra: dict, log):
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
              "--server.port", str(port), "--server.address", "127.0.0.1",
              "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -142,7 +197,8 @@ def _serve(env_extra: dict, log):
 def server(study, tmp_path_factory):
     _require_browser()
     log = tmp_path_factory.mktemp("streamlit") / "server.log"
-    with _serve({"CASEBOOK_CACHE": _cache_dir(study), "CASEBOOK_CASE": study.config.name}, log) as url:
+    with _serve({"CASEBOOK_CACHE": _cache_dir(study), "CASEBOOK_CASE": study.config.name}, log,
+                cwd=getattr(study, "tree", ROOT)) as url:
         yield url
 
 
@@ -294,21 +350,21 @@ def test_every_page_draws_without_exceptions(server, page):
 
 
 @pytest.fixture(scope="module")
-def user_server(tmp_path_factory):
+def user_server(tmp_path_factory, tree):
     _require_browser()
-    from core.casestudy import CaseStudy
     from tests.test_pages import write_user_cases
 
     root = tmp_path_factory.mktemp("user-cases")
     write_user_cases(root)
     cache = tmp_path_factory.mktemp("user-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CASEBOOK_CASES", str(root))
-        CaseStudy.open("shapes", cache_dir=cache, device="cpu", allow_path=False).build(
-            stages=["data", "models", "experts"])
+    env = {"CASEBOOK_CACHE": str(cache), "CASEBOOK_CASE": "shapes", "CASEBOOK_CASES": str(root)}
+    out = subprocess.run([sys.executable, "-m", "core", "build", "shapes", "--stages",
+                          "data,models,experts", "--device", "cpu", "--no-estimate", "--cache",
+                          str(cache)], cwd=tree, capture_output=True, text=True, timeout=1800,
+                         env={**os.environ, **env, "CASEBOOK_BACKGROUND": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
     log = tmp_path_factory.mktemp("streamlit-user") / "server.log"
-    with _serve({"CASEBOOK_CACHE": str(cache), "CASEBOOK_CASE": "shapes", "CASEBOOK_CASES": str(root)},
-                log) as url:
+    with _serve(env, log, cwd=tree) as url:  # built and served by one frozen copy of the code
         yield url
 
 
