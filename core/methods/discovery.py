@@ -72,7 +72,8 @@ from core.methods.metrics import gaussian_blur
 
 __all__ = ["DEFAULTS", "ExpertsQoI", "check_config", "discover", "wilson", "binom_tail",
            "mcnemar_exact", "remove_region", "paste_region", "roll_masks", "region_masks",
-           "write_masks", "eigengap_k", "verdict", "iou"]
+           "write_masks", "eigengap_k", "verdict", "verdict_detail", "content_alike", "iou",
+           "POWER"]
 
 DEFAULTS: dict = {
     "max_fit": 96,          # training images of a class used to find its groups and regions
@@ -110,7 +111,7 @@ _BOUNDS = {"max_fit": (8, 100000), "max_heldout": (4, 100000), "max_targets": (4
            "batch_size": (1, 1 << 20)}
 FILLS = ("local_mean", "blur")
 MIN_NCC = 0.6  # a pattern is present where its template correlates at least this well
-MOVING = ("moving", "pattern")  # region rules whose place varies from image to image
+MOVING = ("moving", "pattern", "pooled")  # region rules whose place varies from image to image
 REFINE_PASSES = 2  # a pattern is re-matched with its refined template once more
 SHIFT, MAX_SHIFT = 0.15, 3  # consistency: regions compared at their best shift (share of side)
 
@@ -648,6 +649,8 @@ def _apply_rule(rule: dict, maps: Tensor | None, x: Tensor) -> tuple[np.ndarray,
         return masks, best >= rule["min_ncc"]
     if rule["mode"] == "fixed":
         masks = np.broadcast_to(np.asarray(rule["region"], dtype=bool), maps.shape).copy()
+    elif rule["mode"] == "pooled":
+        masks = _pooled_masks(rule["regions"], maps)[0]
     else:
         masks = _blob_regions(maps, rule["threshold"])
     share = _mass_share(maps, masks)
@@ -794,7 +797,7 @@ def content_consistency(x: Tensor, masks: np.ndarray, x_ref: Tensor,
 
 def causal_tests(model: nn.Module, cls: int, x_group: Tensor, masks: np.ndarray, x_targets: Tensor,
                  *, fill: str = "local_mean", seed: int = 0, batch_size: int = 256,
-                 same_place: bool = False) -> dict:
+                 same_place: bool | str = False) -> dict:
     """Necessity and sufficiency of the regions ``masks`` (N, H, W) bool on ``x_group`` (images the
     model predicts as ``cls``), each against a rolled control of the same shape.
 
@@ -809,6 +812,9 @@ def causal_tests(model: nn.Module, cls: int, x_group: Tensor, masks: np.ndarray,
     same one) holds under the same region, pasted at the same place. A mark that moves is
     somewhere else on that image, so its content there is not the mark; an object part the
     class's images hold at the same place (a digit's stroke) is there too and works as well.
+    ``same_place="elsewhere"`` (a mark pooled from several places): that other image is drawn
+    among those whose own region lies elsewhere (overlapping the source's by less than half),
+    when there are any, so the control holds what the class has there without the mark.
     Adds ``control_same_place`` (share, ``_ci``), ``same_place_p`` and ``same_place_pairs``
     (paired with the region's sufficiency on the same targets); None/1.0 when not run or when
     the group has one image."""
@@ -832,6 +838,8 @@ def causal_tests(model: nn.Module, cls: int, x_group: Tensor, masks: np.ndarray,
         out.update(_effect("sufficiency", became.numpy(), became_c.numpy()))
         if same_place and len(x_group) > 1:
             other = (j + torch.as_tensor(rng.integers(1, len(x_group), len(j)))) % len(x_group)
+            if same_place == "elsewhere":
+                other = _elsewhere(m, j, other, rng)
             became_o = _predict(model, paste_region(x_targets, x_group[other], sm),
                                 batch_size) == cls
             out.update(_same_place(became.numpy(), became_o.numpy()))
@@ -841,6 +849,21 @@ def causal_tests(model: nn.Module, cls: int, x_group: Tensor, masks: np.ndarray,
     out.setdefault("control_same_place_ci", [None, None])
     out.setdefault("same_place_p", 1.0 if same_place else None)
     out.setdefault("same_place_pairs", [0, 0])
+    return out
+
+
+def _elsewhere(m: Tensor, j: Tensor, other: Tensor, rng: np.random.Generator) -> Tensor:
+    """For each source ``j[t]``, another image whose region (``m``, (N, H, W) bool) overlaps the
+    source's by less than half of the smaller one, drawn at random; ``other[t]`` where none does."""
+    flat = m.flatten(1).float()
+    inter = flat @ flat.T
+    size = flat.sum(1)
+    apart = inter < 0.5 * torch.minimum(size[:, None], size[None, :]).clamp(min=1)
+    out = other.clone()
+    for t, src in enumerate(j.tolist()):
+        pool = torch.nonzero(apart[src]).flatten()
+        if len(pool):
+            out[t] = pool[int(rng.integers(len(pool)))]
     return out
 
 
@@ -887,39 +910,60 @@ def rule_text(cfg: dict) -> str:
             f"not); necessity removes the region ({cfg['fill'].replace('_', ' ')} fill)")
 
 
+POWER = "power"  # reason_kind of a candidate that could not be decided for lack of images
+
+
 def verdict(row: dict, cfg: dict, m: int) -> tuple[str, str]:
     """("suspected" | "not suspected", reason) of one tested candidate under the rule with ``m``
-    candidates tested (see :func:`rule_text`)."""
+    candidates tested (see :func:`rule_text`); :func:`verdict_detail` also says whether the
+    reason is a lack of images."""
+    word, reason, _ = verdict_detail(row, cfg, m)
+    return word, reason
+
+
+def verdict_detail(row: dict, cfg: dict, m: int) -> tuple[str, str, str]:
+    """(verdict, reason, reason_kind) of one tested candidate. ``reason_kind``: ``"suspected"``;
+    :data:`POWER` when every condition on the evidence holds (each effect beats its control by
+    its margin, the region is compact, its content recurs) and only the images are too few — a
+    test on fewer than ``min_tested`` images, or a p-value ≥ α/m — so that more images could
+    decide it (the reason then starts "too few images to decide"); ``"evidence"`` otherwise,
+    the reason being the first condition on the evidence that failed."""
     level = cfg["alpha"] / max(m, 1)
+    power: list[str] = []
+    evidence: list[str] = []
     effs = {"necessity": cfg["min_effect"], "sufficiency": cfg["min_sufficiency"]}
     for name in ("necessity", "sufficiency"):
-        if (row.get(f"{name}_n") or 0) < cfg["min_tested"]:
-            return "not suspected", (f"too few images to test {name} ({row.get(f'{name}_n') or 0}"
-                                     f" < {cfg['min_tested']})")
-    for name in ("necessity", "sufficiency"):
+        n = row.get(f"{name}_n") or 0
+        if n < cfg["min_tested"]:
+            power.append(f"too few images to test {name} ({n} < {cfg['min_tested']})")
+            continue
         gain, eff = row[name] - row[f"control_{name}"], effs[name]
         if gain < eff:
-            return "not suspected", (f"{name} {row[name]:.2f} does not beat its control "
-                                     f"{row[f'control_{name}']:.2f} by {eff:g}")
-        if row[f"{name}_p"] >= level:
-            return "not suspected", (f"{name} beats its control by {gain:.2f} but p = "
-                                     f"{row[f'{name}_p']:.2g} ≥ {level:.2g}")
+            evidence.append(f"{name} {row[name]:.2f} does not beat its control "
+                            f"{row[f'control_{name}']:.2f} by {eff:g}")
+        elif row[f"{name}_p"] >= level:
+            power.append(f"{name} beats its control by {gain:.2f} but p = "
+                         f"{row[f'{name}_p']:.2g} ≥ {level:.2g} on {n} images")
     if row.get("same_place_p") is not None:  # a region whose place varies
         why = _specificity_failure(row, cfg["min_sufficiency"], level)
         if why is not None:
-            return "not suspected", why
+            (evidence if "does not beat" in why else power).append(why)
     if row["share_of_image"] > cfg["max_share"]:
-        return "not suspected", (f"the region is not compact: it covers {row['share_of_image']:.0%}"
-                                 f" of the image (> {cfg['max_share']:.0%})")
+        evidence.append(f"the region is not compact: it covers {row['share_of_image']:.0%}"
+                        f" of the image (> {cfg['max_share']:.0%})")
     if row["components"] > cfg["max_components"]:
-        return "not suspected", (f"the region is not compact: {row['components']:g} pieces "
-                                 f"(> {cfg['max_components']})")
+        evidence.append(f"the region is not compact: {row['components']:g} pieces "
+                        f"(> {cfg['max_components']})")
     if row["consistency"] < cfg["min_consistency"]:
-        return "not suspected", (f"the region's content does not recur across the group "
-                                 f"(consistency {row['consistency']:.2f} < "
-                                 f"{cfg['min_consistency']:g}): an object part, not a mark")
+        evidence.append(f"the region's content does not recur across the group "
+                        f"(consistency {row['consistency']:.2f} < "
+                        f"{cfg['min_consistency']:g}): an object part, not a mark")
+    if evidence:
+        return "not suspected", evidence[0], "evidence"
+    if power:
+        return "not suspected", "too few images to decide: " + power[0], POWER
     return "suspected", ("both effects beat the control, the region is compact and its content "
-                         "recurs")
+                         "recurs"), "suspected"
 
 
 def _specificity_failure(row: dict, margin: float, level: float) -> str | None:
@@ -1044,7 +1088,7 @@ def _judge_and_rank(raw: list[dict], cfg: dict, rule: str) -> list[dict]:
     ``rank`` and ``masks`` from 1. Returns the kept rows, best first."""
     m = len(raw)
     for row in raw:
-        row["verdict"], row["reason"] = verdict(row, cfg, m)
+        row["verdict"], row["reason"], row["reason_kind"] = verdict_detail(row, cfg, m)
         row["rule"] = rule
         row["thresholds"] = {k: cfg[k] for k in ("alpha", "min_effect", "min_sufficiency",
                                                  "max_share",
@@ -1075,7 +1119,8 @@ def _evidence(row: dict) -> tuple:
 
 
 def _same(a: dict, b: dict) -> bool:
-    """Two candidates of one class whose regions agree (mean IoU ≥ 0.6 on shared held-out images)."""
+    """Two candidates of one class whose regions agree: mean IoU ≥ 0.6 on their shared held-out
+    images (a pooled candidate: over all the images either holds, 0 where only one does)."""
     if a["class_index"] != b["class_index"]:
         return False
     ia, ib = a["_heldout"]["index"], b["_heldout"]["index"]
@@ -1086,6 +1131,9 @@ def _same(a: dict, b: dict) -> bool:
     pb = {int(v): i for i, v in enumerate(ib)}
     scores = [iou(a["_heldout"]["masks"][pa[int(v)]], b["_heldout"]["masks"][pb[int(v)]]) or 0.0
               for v in common]
+    if "pooled" in (a.get("mode"), b.get("mode")):  # a pooled mark holds its members' images:
+        # the same only where it covers no more than they do (images of one only count as 0)
+        return float(np.sum(scores)) / len(np.union1d(ia, ib)) >= 0.6
     return float(np.mean(scores)) >= 0.6
 
 
@@ -1163,7 +1211,7 @@ def _class_candidates(model, c, name, train_x, train_y, pred_train, test_x, test
     ctx = {"model": model, "c": c, "name": name, "layer": layer, "units": units,
            "weights": weights, "cfg": cfg, "rng": rng, "pool_x": pool_x, "pool_pred": pool_pred,
            "x_tgt": x_tgt, "x_ref": x_ref, "train_x": train_x, "n_test": n_test}
-    found = []
+    found, fixed = [], []
     for gname, in_fit, in_held in groups:
         hidx = held[in_held]
         if len(hidx) == 0:
@@ -1179,10 +1227,117 @@ def _class_candidates(model, c, name, train_x, train_y, pred_train, test_x, test
             rule, fit_masks, fit_present = region_rule
             if mode == "moving":
                 blobs = fit_masks
+            if mode == "fixed" and gname != "all":
+                fixed.append((rule, in_fit, in_held, gname))
             row = _test_candidate(rule, fit_masks, fit_present, group, ctx)
             if row is not None:
                 found.append(row)
+    for members in _pool_sets(fixed, x_fit, ctx):
+        row = _pooled_candidate(members, x_fit, maps_fit, maps_held, held, ctx)
+        if row is not None:
+            found.append(row)
     return found, k
+
+
+def content_alike(xa: Tensor, ra: np.ndarray, xb: Tensor, rb: np.ndarray, x_ref: Tensor,
+                  rng: np.random.Generator) -> float:
+    """How alike two regions' contents are, each read at its own place: 1 − √(D_ab / D_control).
+
+    ``xa`` (n, C, H, W) are the images of one group with its region ``ra`` (H, W) bool, ``xb``
+    those of another with ``rb``. Both regions are read in a box of the larger height and width,
+    centred on each region's box; the template is the pixel-wise median of the first group's
+    boxes; D_ab is the median over the second group's boxes of the mean squared difference to it
+    over ``ra``'s pixels, each at its best shift (twice :func:`aligned_consistency`'s: two groups'
+    regions are found apart, each a pixel or two off the mark); D_control
+    the same for the boxes at ``rb``'s place on random images of ``x_ref``. Symmetric: the smaller
+    of the two directions. 1: one content at two places (a mark that moves); ≤ 0: the second
+    place holds what any image holds there. 0 when a group has no image or a region is empty, or
+    when most random images hold the template's content there too."""
+    if len(xa) == 0 or len(xb) == 0 or len(x_ref) < 2 or not ra.any() or not rb.any():
+        return 0.0
+    ba, bb = _bbox(ra), _bbox(rb)
+    h, w = max(ba[1] - ba[0], bb[1] - bb[0]), max(ba[3] - ba[2], bb[3] - bb[2])
+    # two groups' regions may be found a pixel or two apart from the mark: twice the shift
+    shift = int(np.clip(round(2 * SHIFT * max(h, w)), 1, 2 * MAX_SHIFT))
+
+    def windows(x: Tensor, region: np.ndarray, box: tuple) -> tuple[Tensor, Tensor]:
+        corner = ((box[0] + box[1] - h) // 2, (box[2] + box[3] - w) // 2)
+        return _boxes_at(x, np.broadcast_to(region, (len(x), *region.shape)),
+                         [corner] * len(x), (h, w), shift)
+
+    def one_way(x1, r1, b1, x2, r2, b2) -> float:
+        w1, c1 = windows(x1, r1, b1)
+        w2, _ = windows(x2, r2, b2)
+        ref, _ = windows(x_ref[torch.as_tensor(rng.integers(0, len(x_ref), len(x2)))], r2, b2)
+        template = w1[:, :, shift:shift + h, shift:shift + w].median(0).values
+        weight = c1[0].float()
+        within = float(np.median(_shifted_distance(w2, template, weight, shift).numpy()))
+        control = float(np.median(_shifted_distance(ref, template, weight, shift).numpy()))
+        return 0.0 if control <= 1e-12 else float(1 - math.sqrt(within / control))
+
+    return min(one_way(xa, ra, ba, xb, rb, bb), one_way(xb, rb, bb, xa, ra, ba))
+
+
+def _pool_sets(fixed: list[tuple], x_fit: Tensor, ctx: dict) -> list[list[tuple]]:
+    """The groups whose one-place regions hold alike content (:func:`content_alike` ≥
+    ``min_consistency``, joined transitively): one mark at several places, each set of at least
+    two groups to be tested as one candidate. ``fixed``: [(rule, in fit, in held-out, name)]."""
+    n = len(fixed)
+    if n < 2:
+        return []
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    regions = [np.asarray(f[0]["region"], dtype=bool) for f in fixed]
+    for i in range(n):
+        for j in range(i + 1, n):
+            if (regions[i] & regions[j]).sum() >= 0.5 * min(regions[i].sum(), regions[j].sum()):
+                continue  # the same place: not one mark at several places
+            score = content_alike(x_fit[torch.as_tensor(fixed[i][1])], regions[i],
+                                  x_fit[torch.as_tensor(fixed[j][1])], regions[j],
+                                  ctx["x_ref"], ctx["rng"])
+            if score >= ctx["cfg"]["min_consistency"]:
+                parent[root(j)] = root(i)
+    sets: dict[int, list] = {}
+    for i in range(n):
+        sets.setdefault(root(i), []).append(fixed[i])
+    return [members for members in sets.values() if len(members) > 1]
+
+
+def _pooled_masks(regions: list, maps: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per image (masks (N, H, W) bool, share of the map's mass inside (N,)): of the pooled
+    one-place ``regions``, the one holding the most of the image's map."""
+    stack = np.stack([np.asarray(r, dtype=bool) for r in regions])
+    shares = np.stack([_mass_share(maps, np.broadcast_to(r, maps.shape)) for r in stack], 1)
+    best = shares.argmax(1) if len(shares) else np.zeros(0, int)
+    return stack[best], shares[np.arange(len(best)), best] if len(best) else np.zeros(0)
+
+
+def _pooled_candidate(members: list[tuple], x_fit: Tensor, maps_fit: Tensor, maps_held: Tensor,
+                      held: np.ndarray, ctx: dict) -> dict | None:
+    """One candidate for a mark found at several places (:func:`_pool_sets`): the members' images
+    together, each image's region the member region holding most of its map (``pooled`` rule),
+    tested like any candidate whose place varies. None when no held-out image holds it."""
+    in_fit = np.any([m[1] for m in members], axis=0)
+    in_held = np.any([m[2] for m in members], axis=0)
+    if not in_held.any():
+        return None
+    first = members[0][0]
+    regions = [m[0]["region"] for m in members]
+    mf = maps_fit[torch.as_tensor(in_fit)]
+    fit_masks, share = _pooled_masks(regions, mf)
+    rule = {**{k: first[k] for k in ("class", "layer", "units", "weights", "threshold",
+                                     "resolution")},
+            "mode": "pooled", "region": None, "regions": regions,
+            "median_mass": float(np.median(share))}
+    group = {"name": "pooled: " + " + ".join(m[3] for m in members), "maps_fit": mf,
+             "maps_held": maps_held[torch.as_tensor(in_held)], "hidx": held[in_held],
+             "x_fit": x_fit[torch.as_tensor(in_fit)], "n_fit": int(in_fit.sum())}
+    return _test_candidate(rule, fit_masks, share >= 0.5 * rule["median_mass"], group, ctx)
 
 
 def _region_rule(mode: str, group: dict, blobs: np.ndarray | None,
@@ -1238,7 +1393,7 @@ def _test_candidate(rule: dict, fit_masks: np.ndarray, fit_present: np.ndarray, 
     xs = pool_x[torch.as_tensor(hidx[use])]
     tests = causal_tests(ctx["model"], c, xs, masks[use], ctx["x_tgt"], fill=cfg["fill"],
                          seed=int(ctx["rng"].integers(2**31)), batch_size=cfg["batch_size"],
-                         same_place=moves)
+                         same_place="elsewhere" if rule["mode"] == "pooled" else moves)
     pm = masks[present]
     share = float(pm.reshape(len(pm), -1).mean(1).mean()) if len(pm) else 0.0
     comps = float(np.median([_components(q) for q in pm])) if len(pm) else 0.0

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from core.methods.discovery import DEFAULTS as METHOD_DEFAULTS
+from core.methods.discovery import POWER, discover, iou, public_row, rule_text
 from core.methods.discovery import check_config as check_method
-from core.methods.discovery import discover, iou, public_row, rule_text
 from core.stages.base import Stage, StageContext
 
 STAGE = Stage("discovery", reads=("data", "models"), sections=("discovery", "experts"),
@@ -100,9 +100,10 @@ def build(ctx: StageContext) -> dict:
     ``consistency``, ``components``, ``verdict``, ``reason``, ``rule``, ``thresholds``, and
     ``region_iou`` with a region) and a ``kind: "note"`` row per class or model that could not be
     tested (with the reason); ``report`` — ``{"rule", "layer", "subject", "models": {name:
-    {"n_candidates", "n_suspected", "top": [up to 3 rows' rank, class, verdict, region_iou],
-    "headline"}}, "false_alarms": {"models", "n_flagged"} over the models other than the subject,
-    "seconds"}``."""
+    {"n_candidates", "n_suspected", "n_undecided" (candidates that only lacked images:
+    ``reason_kind`` "power"), "top": [up to 3 rows' rank, class, verdict, region_iou, reason,
+    reason_kind], "headline"}}, "false_alarms": {"models", "n_flagged"} over the models other
+    than the subject, "seconds"}``."""
     t0 = time.perf_counter()
     cfg = check_config(dict(ctx.section), "config")
     layer = layer_of(dict(ctx.experts), cfg)
@@ -134,12 +135,15 @@ def build(ctx: StageContext) -> dict:
         rows.extend(cands)
         rows.extend(public_row(n) for n in result["notes"])
         suspected = [r for r in cands if r["verdict"] == "suspected"]
+        undecided = [r for r in cands if r.get("reason_kind") == POWER]
         summary[name] = {
             "n_candidates": len(cands), "n_suspected": len(suspected),
+            "n_undecided": len(undecided),
             "n_tested": result["n_tested"], "k_per_class": result["k_per_class"],
-            "top": [{k: r.get(k) for k in ("rank", "class", "verdict", "region_iou", "reason")}
+            "top": [{k: r.get(k) for k in ("rank", "class", "verdict", "region_iou", "reason",
+                                           "reason_kind")}
                     for r in cands[:3]],
-            "headline": _headline(suspected),
+            "headline": _headline(suspected, undecided, result["n_tested"], result["notes"]),
             "seconds": round(time.perf_counter() - t1, 3)}
     others = [n for n in summary if n != ctx.subject]
     report = {"rule": rule_text(check_method({k: v for k, v in cfg.items()
@@ -183,9 +187,18 @@ def _gallery(ctx: StageContext, model_name: str, row: dict) -> dict:
             torch.zeros((0, *data.size), dtype=torch.bool)}
 
 
-def _headline(suspected: list[dict]) -> str:
+def _headline(suspected: list[dict], undecided: list[dict] | None = None, n_tested: int = 1,
+              notes: list[dict] | None = None) -> str:
+    """One line of what discovery found on a model: the top suspect; else "no suspected
+    shortcut", with the candidates that had too few images to decide (no clean bill for them);
+    "nothing could be tested" with the first note's reason when no candidate was tested."""
+    if not suspected and not n_tested:
+        why = next((n.get("reason") for n in notes or [] if n.get("reason")), None)
+        return "nothing could be tested" + (f": {why}" if why else "")
     if not suspected:
-        return "no suspected shortcut"
+        n = len(undecided or [])
+        return "no suspected shortcut" + (
+            f"; {n} candidate{'s' if n != 1 else ''} with too few images to decide" if n else "")
     top = suspected[0]
     more = f" (and {len(suspected) - 1} more)" if len(suspected) > 1 else ""
     return (f"suspected shortcut for class {top['class']!r}: a region of "
