@@ -127,3 +127,23 @@ def test_claims_carry_the_essence_reading():
     firm, can = got["essence.m.l1.a-b.mean.reading"], got["essence.m.l9.a-b.mean.reading"]
     assert firm["value"] == "cannot tell" and firm["fragile"] is None  # 40% on 40 images: firm
     assert can["value"] == "can tell" and "smallest k" in can["fragile"]
+
+
+def test_the_detection_ranking_is_read_when_the_stage_gives_one():
+    rows = [{"detector": d, "auc": a, "uses_influence": u, "n_clean": 200, "n_attacked": 200}
+            for d, a, u in (("influence", 1.0, True), ("mahalanobis", 1.0, False))]
+    ranking = {"verdict": "saturated: cannot rank — mahalanobis (no influence) reach AUC 1.0 on "
+                          "these images", "method": "95% image-level bootstrap"}
+    rep = {"case": "faces", "detection": rows, "detection_summary": {"ranking": ranking}}
+    found = findings(rep)
+    item = next(i for i in found["items"] if i["topic"] == "detection")
+    assert "Ranking (95% image-level bootstrap): saturated: cannot rank" in item["text"]
+    assert any(t.startswith("Which detector is best: cannot tell (saturated") for t in
+               found["cannot_tell"])
+    from core.report.markdown import _summary_section
+
+    md = "\n".join(_summary_section(rep, "detection", "Attacks"))
+    assert "Ranking (95% image-level bootstrap): saturated: cannot rank" in md
+    assert "Best AUC" not in md
+    # without the stage's ranking, the Hanley–McNeil estimate stays
+    assert "Best AUC" in "\n".join(_summary_section({"detection": rows}, "detection", "Attacks"))

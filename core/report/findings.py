@@ -233,6 +233,14 @@ def _detection(rep: dict, case: str) -> tuple[list[dict], list[str]]:
         text += f", on {n_att} attacked and {n_clean} clean held-out images"
     text += "."
     unknown = []
+    ranking = (rep.get("detection_summary") or {}).get("ranking") or {}
+    verdict = ranking.get("verdict") if isinstance(ranking, dict) else None
+    if isinstance(verdict, str) and verdict:
+        text += f" Ranking ({ranking.get('method') or 'bootstrap'}): {verdict}."
+        if verdict.startswith(("saturated", "cannot be told apart")):
+            unknown.append(f"Which detector is best: {cannot_tell(verdict)}.")
+        return [{"topic": "detection", "text": text,
+                 "link": _link("detection", "detection", case=case)}], unknown
     if isinstance(n_att, int) and n_att < SMALL_SET:
         unknown.append(f"Detector rankings: only {n_att} attacked images (under {SMALL_SET}), so "
                        "AUCs a few hundredths apart cannot be told apart.")

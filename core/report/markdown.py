@@ -340,6 +340,11 @@ def _summary_section(rep: dict, stage: str, title: str) -> list[str]:
                               [[_inline(r.get(k)) if k in _CASE_KEYS and isinstance(r.get(k), str)
                                 else _f(r.get(k)) for k in keys] for r in rows[:48]])
     notes = _DEGENERATE.get(stage, lambda rows: [])(rows)
+    ranking = (rep.get(f"{stage}_summary") or {}).get("ranking")
+    if stage == "detection" and isinstance(ranking, dict) and ranking.get("verdict"):
+        # the stage's own ranking (image-level bootstrap, ties as ties) replaces the estimate
+        notes = [n for n in notes if not n.startswith("Best AUC")] + [
+            f"Ranking ({ranking.get('method') or 'bootstrap'}): {ranking['verdict']}."]
     return out + (["", *notes] if notes else [])
 
 
