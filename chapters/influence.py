@@ -272,6 +272,9 @@ q_name = f"{cls}" if quantity == "class" else f"{cls}-vs-{vs}"
 CAVEAT = ui.rule_caveat(study)  # no reference: the threshold has no false-alarm check
 if HAS_VERDICT and RULE:
     st.caption(f"Shortcut rule: {RULE}.")
+    won = ui.threshold_term(rep_experts, layer)
+    if won:
+        st.caption(f"This layer's threshold — {ui.plain(won['text'])}.")
     if CAVEAT:
         st.warning(CAVEAT, icon=":material/report:")
 elif not REGION:

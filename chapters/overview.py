@@ -206,6 +206,10 @@ with left:
 with right:
     st.markdown("**Layer thresholds**")
     th = pd.DataFrame({"layer": LAYERS, "threshold": [THRESHOLDS.get(x) for x in LAYERS]})
+    terms = [ui.threshold_term(E, x) for x in LAYERS]
+    if any(terms):  # which term of the rule won, per layer
+        th["set by"] = [("—" if t is None else "reference's quantile" if t["term"] == "quantile"
+                         else "floor (factor × chance)") for t in terms]
     cfg = {"threshold": st.column_config.NumberColumn(
         f"{MASS} above", format="percent",
         help=f"An expert carries the shortcut when its {MASS} — the share of its interpretation's positive "
@@ -223,6 +227,9 @@ with right:
     st.dataframe(th, hide_index=True, column_config=cfg)
     if RULE:
         st.caption(f"The rule: {ui.plain(RULE, limit=800)}.")
+        if any(terms):
+            st.caption("Per layer (percent): " + "; ".join(ui.plain(t["text"]) for t in terms if t)
+                       + ".")
         caveat = ui.rule_caveat(study)  # no reference: say that the false-alarm check is gone
         if caveat:
             st.warning(caveat, icon=":material/report:")

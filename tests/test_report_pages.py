@@ -156,3 +156,31 @@ def test_essence_drops_are_in_percentage_points_throughout(stand_in):
     assert table["accuracy drop (experts)"].tolist() == pytest.approx([6.0])
     assert table["accuracy drop (other's experts)"].tolist() == pytest.approx([1.0])
     assert table["accuracy drop (random k)"].tolist() == ["-2.0 pp [-5.0 pp, +1.0 pp]"]
+
+
+def test_threshold_term_says_which_term_won_in_percent():
+    e = {"shortcut_thresholds": {"conv1": 0.408, "fc1": 0.102}, "shortcut_threshold": 0.102,
+         "shortcut_factor": 5, "shortcut_quantile": 0.95, "chance": 0.0204}
+    q = ui.threshold_term(e, "conv1")
+    assert q["term"] == "quantile" and q["text"] == (
+        "conv1: 40.8%, set by the reference's 95% quantile (above the floor 5 × chance (2.0%) = 10.2%)")
+    f = ui.threshold_term(e, "fc1")
+    assert f["term"] == "floor" and "quantile is lower" in f["text"] and "0.1" not in f["text"]
+    assert ui.threshold_term(e, "conv2") is None and ui.threshold_term({}, "conv1") is None
+
+
+def test_the_overview_says_which_term_set_each_threshold(small_study, monkeypatch):
+    from tests.test_pages import _factory
+
+    make = _factory(small_study, monkeypatch)
+    try:
+        at = make("chapters/overview.py")
+        e = small_study.report()["experts"]
+        frame = next(d.value for d in at.dataframe if "set by" in d.value.columns)
+        for layer, by in zip(frame["layer"], frame["set by"], strict=True):
+            won = ui.threshold_term(e, layer)
+            assert by == ("reference's quantile" if won["term"] == "quantile"
+                          else "floor (factor × chance)")
+        assert any(c.value.startswith("Per layer (percent): ") for c in at.caption)
+    finally:
+        _clear()

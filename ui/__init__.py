@@ -132,6 +132,7 @@ from .words import (
     model_label,
     region_name,
     rule_caveat,
+    threshold_term,
 )
 
 __all__ = [n for n in dir() if not n.startswith("__") and n != "annotations"]

@@ -103,6 +103,30 @@ def discovery_headline(study=None) -> str | None:
     return text + "."
 
 
+def threshold_term(experts: dict | None, layer: str) -> dict | None:
+    """Which term of the shortcut rule set ``layer``'s threshold, from the report's ``experts``
+    (``shortcut_thresholds``, ``shortcut_threshold`` = the floor factor × chance,
+    ``shortcut_factor``, ``shortcut_quantile``, ``chance``): ``{"threshold", "floor", "term":
+    "floor" | "quantile", "text"}`` with every number in percent; None when the report has no
+    threshold for the layer."""
+    e = experts or {}
+    t = (e.get("shortcut_thresholds") or {}).get(layer)
+    floor, chance = e.get("shortcut_threshold"), e.get("chance")
+    if t is None or floor is None or chance is None:
+        return None
+    factor, q = e.get("shortcut_factor"), e.get("shortcut_quantile") or 0
+    floor_txt = f"{factor:g} × chance ({100 * chance:.1f}%) = {100 * floor:.1f}%"
+    if float(t) > float(floor) + 1e-12:
+        term = "quantile"
+        text = (f"{layer}: {100 * t:.1f}%, set by the reference's {100 * q:.0f}% quantile "
+                f"(above the floor {floor_txt})")
+    else:
+        term = "floor"
+        text = f"{layer}: {100 * t:.1f}%, set by the floor {floor_txt}" + (
+            f" (the reference's {100 * q:.0f}% quantile is lower)" if q else "")
+    return {"threshold": float(t), "floor": float(floor), "term": term, "text": text}
+
+
 def rule_caveat(study=None) -> str | None:
     """The sentence to show beside the shortcut rule when its false-alarm check is gone (no
     reference model), escaped for Markdown; None when the rule has it."""
