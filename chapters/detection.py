@@ -145,8 +145,11 @@ chosen = attacks_by_label.get(chosen_attack) or {}
 if ADAPTIVE:
     knows_what = chosen.get("penalises") or (f"the influence profile at {chosen.get('layer', '?')} "
                                               "far from the target class's own")
+    weight = chosen.get("weight")
+    if weight is None:
+        weight = ", ".join(f"{k} {v}" for k, v in (chosen.get("weights") or {}).items()) or "?"
     st.caption(f"This adaptive attack also penalises {ui.plain(str(knows_what))} (layer "
-               f"{chosen.get('layer', '?')}, weight {chosen.get('weight', '?')}); it succeeds on "
+               f"{chosen.get('layer', '?')}, weight {weight}); it succeeds on "
                f"{ui.pct(chosen.get('success'))} of the attacks. The detectors are the same, fit before "
                "the attack.")
 
@@ -210,7 +213,8 @@ ranking = chosen.get("ranking") if ADAPTIVE else payload.get("ranking")
 ok = table.dropna(subset=["AUC"])
 if isinstance(ranking, dict) and ranking.get("verdict"):
     verdict = str(ranking["verdict"])
-    line = f"**Ranking** ({ui.plain(str(ranking.get('method') or 'bootstrap'))}): {ui.plain(verdict, limit=800)}."
+    line = (f"**Ranking** ({ui.plain(str(ranking.get('method') or 'bootstrap'))}): "
+            f"{ui.plain(verdict, limit=800)}.")
     versus = ranking.get("influence_vs_baselines") or {}
     if versus.get("verdict"):
         line += (f" Best influence detector ({ui.plain(str(versus.get('influence')))}) against the best "

@@ -293,3 +293,20 @@ def test_the_chapter_draws_every_adaptive_attack_with_its_roc_and_the_ranking(ti
             assert table["AUC"].tolist() == pytest.approx([r["auc"] for r in attack["rows"]])
         assert "Attacked images" not in heads                 # nothing of the patch attack
         assert not any("carries no ROC" in i.value for i in at.info)
+
+
+def test_the_stage_module_holds_the_stage_and_every_earlier_name_still_imports():
+    """Issue 19: the measurements live in core/methods/detection.py; the stage module re-exports
+    every name earlier versions offered (the very objects), and the old flat name imports."""
+    import core.detection
+
+    import core.methods.detection as methods
+    for name in ("patch_attack", "patch_masks", "roc", "Detectors", "InfluenceFeatures",
+                 "adaptive_penalty", "expert_maps", "mahalanobis_scores", "mask_experts_region",
+                 "max_softmax_scores", "window_concentration", "fit_logistic", "_bounds"):
+        assert getattr(stage, name) is getattr(methods, name), name
+    assert stage._targets is methods.attack_targets and core.detection.build is stage.build
+    own = {n for n, v in vars(stage).items() if callable(v) and getattr(v, "__module__", "") ==
+           stage.__name__ and not isinstance(v, type)}
+    assert own >= {"build", "check_config", "input_bounds"}
+    assert not any(n in own for n in ("patch_attack", "roc", "expert_maps", "image_bootstrap"))
