@@ -89,7 +89,7 @@ if summary.get("rule"):
     st.caption(f"The rule: {ui.plain(summary['rule'], limit=1200)}. Layer of the experts: "
                f"{ui.plain(summary.get('layer') or 'the class logit')}.")
 for n in notes:  # classes (or the whole model) that could not be tested, each with its reason
-    who = f"class {ui.plain(ui.class_name(n.get('class'), facts))}" if n.get("class") else "model"
+    who = f"class {ui.plain(str(n['class']))}" if n.get("class") is not None else "model"
     st.warning(f"Not tested ({who}): {ui.plain(n.get('reason'), 300)}.")
 if not mine:
     st.stop()
@@ -104,7 +104,7 @@ def _ci(r: dict, name: str) -> str:
 
 
 table = pd.DataFrame([{
-    "rank": r.get("rank"), "class": ui.class_name(r.get("class"), facts),
+    "rank": r.get("rank"), "class": ui.inert(str(r.get("class"))),  # rows carry the name
     "verdict": shown_verdict(r),
     "necessity": _ci(r, "necessity"), "control (nec.)": _ci(r, "control_necessity"),
     "sufficiency": _ci(r, "sufficiency"), "control (suf.)": _ci(r, "control_sufficiency"),
@@ -180,7 +180,7 @@ def _grid(r: dict, rank, cls: str) -> None:
 
 
 for r in order[:SHOWN]:
-    rank, cls = r.get("rank"), ui.class_name(r.get("class"), facts)
+    rank, cls = r.get("rank"), ui.inert(str(r.get("class")))  # rows carry the class's name
     st.header(f"#{rank} · class {cls}: {shown_verdict(r)}")
     why = ui.plain(r.get("reason"), 400)
     if r.get("reason_kind") == "power":

@@ -65,8 +65,8 @@ def _payload(rows: list[dict], n_tested: int | None = None) -> dict:
 
 
 class _Study:
-    def __init__(self, payload: dict, preset: str = "full"):
-        self.payload = payload
+    def __init__(self, payload: dict, preset: str = "full", classes=("cat", "dog")):
+        self.payload, self.classes = payload, list(classes)
         self.config = SimpleNamespace(name="stub-case", title="stub", experts={})
         self.budget = {"preset": preset, "applied": {"discovery": {"max_heldout": 64}}
                        if preset == "quick" else {}}
@@ -82,16 +82,16 @@ class _Study:
         return {"models": {"vanilla": {}}, "subject": "vanilla"}
 
     def case_facts(self):
-        return {"classes": ["cat", "dog"], "size": [8, 8], "models": ["vanilla"],
+        return {"classes": self.classes, "size": [8, 8], "models": ["vanilla"],
                 "subject": "vanilla", "channels": 1}
 
 
-def _open(monkeypatch, payload: dict, preset: str = "full") -> AppTest:
+def _open(monkeypatch, payload: dict, preset: str = "full", classes=("cat", "dog")) -> AppTest:
     import streamlit as st
 
     import ui
 
-    study = _Study(payload, preset)
+    study = _Study(payload, preset, classes)
     monkeypatch.setattr(ui, "current_study", lambda: study)
     monkeypatch.setenv("CASEBOOK_CASE", "stub-case")
     st.cache_data.clear()
@@ -195,3 +195,11 @@ def test_headline_never_a_clean_bill_without_evidence():
     assert _headline([], [{"rank": 1}], 3, []) == \
         "no suspected shortcut; 1 candidate with too few images to decide"
     assert _headline([], [], 3, []) == "no suspected shortcut"
+
+
+def test_a_row_names_its_class_even_when_names_are_digits(monkeypatch):
+    """Rows carry the class's *name*: a case whose names are digits in another order (class
+    "1" is index 0) shows "1", never the name at index 1."""
+    at = _open(monkeypatch, _payload([_candidate(1, **{"class": "1"})]), classes=("1", "0"))
+    assert "#1 · class 1: suspected" in [h.value for h in at.header]
+    assert list(at.dataframe[0].value["class"]) == ["1"]
