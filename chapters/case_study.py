@@ -6,6 +6,8 @@ names, the region's name, the models, the evaluation sets) from ``study.case_fac
 
 from __future__ import annotations
 
+import math
+
 import altair as alt
 import numpy as np
 import pandas as pd
@@ -215,21 +217,39 @@ else:
                      f"images and "
                      f"**{ui.pct(s_head)}** of the {hname} images.")
     lines.append(f"- **{ui.inert(reference)}** reaches **{ui.pct(r_head)}** on the same {hname} set.")
-    if gap is not None and gap > 0.02:
+    # the gap's noise: two binomial SEs of a difference of two accuracies on the same n images
+    n_head = int((rep.get("data") or {}).get("n_test") or 0)
+    noise = (2 * math.sqrt((s_head * (1 - s_head) + r_head * (1 - r_head)) / n_head)
+             if gap is not None and n_head else 0.0)
+    if gap is not None and abs(gap) <= max(noise, 0.02):
+        lines.append(
+            f"- The difference, **{ui.pp(gap)}**, is within noise"
+            + (f" (two standard errors on {n_head} images: ±{100 * noise:.1f} pp)" if noise else "")
+            + f": {ui.inert(subject)} and {ui.inert(reference)} cannot be told apart on the {hname} "
+            "set, so there is no shortcut cost to find or remove here.")
+    elif gap is not None and gap > 0:
         lines.append(
             f"- The difference, **{ui.pp(gap)}**, is what relying on the "
             f"{region or 'shortcut'} may cost. It is the gap the corrections chapter tries to close "
             f"(a correction that reaches {ui.inert(reference)} closes 100% of it).")
     elif gap is not None:
         lines.append(
-            f"- The difference is small (**{ui.pp(gap)}**): in this build {ui.inert(subject)} barely trails "
-            f"{ui.inert(reference)}, so there is little shortcut cost to find or remove.")
+            f"- **{ui.inert(subject)}** leads {ui.inert(reference)} by **{ui.pp(-gap)}** on the {hname} "
+            f"set: the reference is not better here, so this set shows no cost of the "
+            f"{region or 'shortcut'} (does it break the shortcut?).")
     for s in other_sets:
         sv, rv = sub.get(f"{s}_acc"), ref.get(f"{s}_acc")
         lines.append(f"- On {ui.set_label(s)}: {ui.inert(subject)} **{ui.pct(sv)}**"
                      + (f", {ui.inert(reference)} **{ui.pct(rv)}**." if rv is not None else "."))
     st.markdown("\n".join(lines))
 
+data_sizes = rep.get("data") or {}
+small = [(name, int(data_sizes[key])) for name, key in (("test", "n_test"), ("validation", "n_val"))
+         if isinstance(data_sizes.get(key), int) and 0 < data_sizes[key] < 100]
+if small:  # issue 18: an evaluation set under 100 images is named, with its noise
+    st.caption("Small evaluation sets: " + "; ".join(
+        f"the {name} split has {n} images (small: ±{50 / math.sqrt(n):.0f} points, one binomial "
+        "SE at 50%)" for name, n in small) + ". Differences of a few points there are noise.")
 if not region:
     st.caption(ui.no_region_note(facts))
 ui.next_chapter("chapters/influence.py", "Influence & experts",

@@ -184,3 +184,46 @@ def test_the_overview_says_which_term_set_each_threshold(small_study, monkeypatc
         assert any(c.value.startswith("Per layer (percent): ") for c in at.caption)
     finally:
         _clear()
+
+
+def _case_study_with(small_study, monkeypatch, s_acc: float, r_acc: float, n_test: int) -> AppTest:
+    """The first chapter on the small case, its report's headline accuracies and test size set."""
+    monkeypatch.setenv("CASEBOOK_CACHE", _cache_dir(small_study))
+    monkeypatch.setenv("CASEBOOK_CASE", small_study.config.name)
+    _clear()
+    real = ui.report
+
+    def report(study=None):
+        rep = dict(real(study))
+        head = rep["case_facts"]["headline"]
+        models = {k: dict(v) for k, v in rep["models"].items()}
+        models[rep["subject"]][f"{head}_acc"] = s_acc
+        models[rep["reference"]][f"{head}_acc"] = r_acc
+        return {**rep, "models": models, "data": {**rep["data"], "n_test": n_test}}
+
+    monkeypatch.setattr(ui, "report", report)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_a_subject_that_leads_its_reference_is_not_said_to_trail(small_study, monkeypatch):
+    # issue 22's starter case: the page said vanilla "barely trails" when it led by 4.4 points
+    try:
+        at = _case_study_with(small_study, monkeypatch, 0.600, 0.556, 5000)
+        said = _texts(at)
+        assert "barely trails" not in said
+        assert "leads clean by **+4.4 pp**" in said and "the reference is not better here" in said
+    finally:
+        _clear()
+
+
+def test_a_gap_within_noise_is_a_tie_and_a_small_set_is_named(small_study, monkeypatch):
+    try:
+        at = _case_study_with(small_study, monkeypatch, 0.60, 0.65, 50)
+        said = _texts(at)
+        assert "is within noise (two standard errors on 50 images: ±19.3 pp)" in said
+        assert "cannot be told apart" in said and "is what relying on" not in said
+        assert "the test split has 50 images (small: ±7 points" in said
+    finally:
+        _clear()
