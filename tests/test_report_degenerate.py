@@ -147,3 +147,18 @@ def test_the_detection_ranking_is_read_when_the_stage_gives_one():
     assert "Best AUC" not in md
     # without the stage's ranking, the Hanley–McNeil estimate stays
     assert "Best AUC" in "\n".join(_summary_section({"detection": rows}, "detection", "Attacks"))
+
+
+def test_the_accuracy_finding_calls_a_gap_within_noise_a_tie():
+    def rep(s, r, n):
+        return {"case": "c", "subject": "v", "reference": "c", "data": {"n_test": n},
+                "case_facts": {"headline": "decoy_test"},
+                "models": {"v": {"decoy_test_acc": s}, "c": {"decoy_test_acc": r}}}
+
+    def text(*a):
+        return next(i for i in findings(rep(*a))["items"] if i["topic"] == "accuracy")["text"]
+
+    assert "(-2.0 points: within noise of the reference: a tie, ±19.5 points being two SEs)" in \
+        text(0.60, 0.62, 50)
+    assert "it trails the reference" in text(0.60, 0.95, 1000)
+    assert "it leads the reference" in text(0.60, 0.556, 5000)  # the starter case's +4.4 points

@@ -62,14 +62,18 @@ def _accuracy(rep: dict, case: str) -> list[dict]:
         return []
     text = f"On {_set(head)}, the model under study ({subject}) scores {_pct(s, 1)}"
     r = models.get(reference, {}).get(key) if reference else None
+    n_test = (rep.get("data") or {}).get("n_test")
     if r is not None:
         diff = 100 * (s - r)
+        # two binomial SEs of the difference of two accuracies on the same test images
+        noise = (200 * math.sqrt(max(s * (1 - s) + r * (1 - r), 1e-12) / n_test)
+                 if isinstance(n_test, int) and n_test else 0.0)
+        word = ("within noise of the reference: a tie" if abs(diff) <= noise else
+                "it trails the reference" if diff < 0 else "it leads the reference")
         text += (f" against {_pct(r, 1)} for the reference {reference} ({diff:+.1f} points: "
-                 + ("it trails the reference" if diff < 0 else "it does not trail the reference")
-                 + ").")
+                 + word + (f", ±{noise:.1f} points being two SEs" if noise else "") + ").")
     else:
         text += "; the case has no reference model to compare it with."
-    n_test = (rep.get("data") or {}).get("n_test")
     if isinstance(n_test, int) and n_test:
         se = 100 * math.sqrt(max(s * (1 - s), 1e-12) / n_test)
         text += f" (± {se:.1f} points binomial SE on {n_test} test images.)"
