@@ -162,3 +162,27 @@ def test_the_accuracy_finding_calls_a_gap_within_noise_a_tie():
         text(0.60, 0.62, 50)
     assert "it trails the reference" in text(0.60, 0.95, 1000)
     assert "it leads the reference" in text(0.60, 0.556, 5000)  # the starter case's +4.4 points
+
+
+def test_study_report_reads_the_flags_from_the_payload_and_survives_a_bad_one():
+    from core.report.degenerate import study_report
+
+    rep, payload = _corr_report()
+
+    class Study:
+        def __init__(self, artifact):
+            self._artifact = artifact
+
+        def report(self):
+            return dict(rep)
+
+        def artifact(self, stage):
+            assert stage == "corrections"
+            return self._artifact()
+
+    assert set(study_report(Study(lambda: payload))["corrections_cannot_tell"]) == {"rrr"}
+
+    def broken():
+        raise OSError("truncated")
+
+    assert study_report(Study(broken))["corrections_cannot_tell"] == {}

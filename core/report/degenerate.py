@@ -92,9 +92,13 @@ def essence_cannot_tell(rows: list[dict] | None) -> list[dict]:
 
 def study_report(study) -> dict:
     """``study.report()`` with :func:`annotate_corrections` applied from the study's corrections
-    payload (read from the cache when the stage is built; never computes): what the README
-    renderer and the HTML export render."""
+    payload (read from the cache when the stage is built; never computes; an unreadable payload
+    gives no flags): what the report's pages, the README renderer and the HTML export render."""
     rep = study.report()
     if rep.get("corrections"):
-        rep = annotate_corrections(rep, study.artifact("corrections"))
+        try:
+            payload = study.artifact("corrections")
+        except Exception:  # noqa: BLE001 — an unreadable payload: no flags, the report still reads
+            payload = None
+        rep = annotate_corrections(rep, payload)
     return rep
