@@ -25,7 +25,7 @@ def _net():
 def test_probe_times_are_positive_and_leave_the_model_as_it_was():
     net = _net().train()
     p = est.probe(net, (1, 8, 8), "cpu", batch=4, repeats=1)
-    assert p["f"] > 0 and p["fb"] > 0 and p["batch"] == 4
+    assert p["f"] > 0 and p["fb"] > 0 and p["train"] > 0 and p["batch"] == 4
     assert net.training and all(q.grad is None for q in net.parameters())
     # the adaptive batch doubles from 4 and stops at max_batch
     assert est.probe(net, (1, 8, 8), "cpu", max_batch=16, target_s=1e9, repeats=1)["batch"] == 16
@@ -40,7 +40,8 @@ def _fake(sections: dict, layers=("conv1",)):
 
 
 SIZES = {"train": 400, "val": 40, "test": 120, "all": 560, "classes": 2, "hw": (32, 32),
-         "width": 64, "layers": 10, "f": 0.3, "share": {"conv1": 0.5}}
+         "width": 64, "layers": 10, "f": 0.3, "train_step": 1.4,
+         "share": {"conv1": 0.5}}
 
 
 @pytest.mark.parametrize("stage,key,term", [

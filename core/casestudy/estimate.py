@@ -2,8 +2,9 @@
 
 The probe (:func:`probe`) times the case's model under study, freshly built (its weights do not
 change the cost), on a few batches of random inputs at the case's size on the build's device: one
-forward pass per image (``f``, no graph) and one forward + backward per image (``fb``, gradients
-of the inputs and the parameters). Each stage's cost is then a count of such passes that its
+forward pass per image (``f``, no graph), one forward + backward per image (``fb``, the inputs'
+gradient: what the influence engine runs) and one training step's passes (``train``, the
+parameters' gradients). Each stage's cost is then a count of such passes that its
 settings imply (:func:`counts`): images × DoI resolution × layers × classes for the influence
 stages, steps × images for the curves, epochs × training images for the training, and so on —
 a list of terms, each named by the setting that scales it. The estimate is the count times the
@@ -50,8 +51,9 @@ def probe(model, shape: tuple[int, ...], device=None, batch: int | None = None,
           layers: tuple[str, ...] = ()) -> dict:
     """Seconds per image of ``model`` on random inputs shaped ``(batch, *shape)`` on ``device``
     (default: the model's), under the build's thread setting
-    (:func:`core.engine.devices.build_threads`): ``{"f": forward only, "fb": forward + backward
-    (inputs and parameters), "batch": batch}``, each the fastest of ``repeats`` timed batches
+    (:func:`core.engine.devices.build_threads`): ``{"f": forward only, "fb": forward + the
+    inputs' gradient (what the influence engine runs), "train": forward + the parameters'
+    gradients (a training step's passes), "batch": batch}``, each the fastest of ``repeats`` timed batches
     after one warm-up. ``batch`` None: doubled from 4 until one forward + backward batch takes
     ``target_s`` or ``max_batch`` is reached (the stages run large batches: a small model's
     per-image cost at batch 4 is mostly the per-call overhead). ``"share"``: per layer of
@@ -81,8 +83,12 @@ def probe(model, shape: tuple[int, ...], device=None, batch: int | None = None,
         with torch.no_grad():
             model(x)
 
-    def backward(x):
-        model(x.clone().requires_grad_(True))[:, 0].sum().backward()
+    def backward(x):  # what the influence engine runs: the gradient of the inputs only
+        xx = x.clone().requires_grad_(True)
+        torch.autograd.grad(model(xx)[:, 0].sum(), xx)
+
+    def train(x):  # what training runs: the parameters' gradients
+        model(x)[:, 0].sum().backward()
 
     with build_threads(dev), eval_mode(model):
         b = batch or 4
@@ -92,7 +98,7 @@ def probe(model, shape: tuple[int, ...], device=None, batch: int | None = None,
             b *= 2
         x = torch.rand(b, *shape, device=dev)
         best = {name: min(once(fn, x) for _ in range(repeats)) / b
-                for name, fn in (("f", forward), ("fb", backward))}
+                for name, fn in (("f", forward), ("fb", backward), ("train", train))}
         share = {layer: min(1.0, min(once(lambda xx, la=layer: activations(model, xx, la), x)
                                      for _ in range(repeats)) / b / best["f"])
                  for layer in layers}
@@ -109,7 +115,8 @@ def _models(study, n: dict) -> dict:
     t = study.config.training
     trained = [m for m, spec in study.config.models.items() if spec.checkpoint is None]
     epochs, seeds = int(t.get("epochs", 10)), int(study.seeds or 1)
-    return {"training.epochs × train images": seeds * len(trained) * epochs * n["train"],
+    return {"training.epochs × train images": seeds * len(trained) * epochs * n["train"]
+            * n["train_step"],
             "evaluation (forward)": seeds * len(study.config.models) * n["all"] * n["f"]}
 
 
@@ -214,7 +221,7 @@ def _corrections(study, n: dict) -> dict:
         double = 3.0 if meth in ("rrr", "influence_penalty") else 1.0  # a gradient penalty
         grid += len(lambdas) * double if meth in ("rrr", "influence_penalty",
                                                    "counterexamples") else 0
-    fine = seeds * int(cfg["epochs"]) * n_fit * grid
+    fine = seeds * int(cfg["epochs"]) * n_fit * grid * n["train_step"]
     models = seeds * (len(cfg["methods"]) + 2)
     explain = models * int(cfg["n_explain"]) * int(cfg["explain_resolution"])
     return {"seeds × epochs × n_fit × strengths (fine-tunes)": fine,
@@ -262,8 +269,9 @@ def sizes(study, model, p: dict) -> dict:
     """What the counts read of the case: images per split (``train``, ``val``, ``test``,
     ``all``), ``classes``, ``hw`` (H, W), ``layers`` (the subject's randomisable layers, MPRT's
     cascade), ``width`` (the widest experts layer's channels, from one forward of one image of
-    ``model``), ``f`` (forward / forward+backward seconds) and ``share`` (per experts layer, the
-    forward up to it over a whole forward), both from the probe ``p``."""
+    ``model``), ``f`` and ``train_step`` (a forward, a training step over a forward + the
+    inputs' gradient) and ``share`` (per experts layer, the forward up to it over a whole
+    forward), all from the probe ``p``."""
     import torch
 
     from core.engine.influence import activations, model_device
@@ -279,6 +287,7 @@ def sizes(study, model, p: dict) -> dict:
     return {**n, "all": sum(n.values()), "classes": len(data.class_names),
             "hw": tuple(int(v) for v in data.test.x.shape[-2:]), "width": width,
             "layers": max(len(randomisable_layers(model)), 1), "f": p["f"] / p["fb"],
+            "train_step": p.get("train", p["fb"]) / p["fb"],
             "share": dict(p.get("share") or {})}
 
 
@@ -310,7 +319,8 @@ def format_estimate(rows: list, p: dict) -> str:
     """The estimate as lines: per stage its seconds and the setting that dominates its count."""
     upto = "".join(f", to {k} {v:.0%}" for k, v in (p.get("share") or {}).items())
     lines = [f"estimate (probe: {p['fb'] * 1e3:.1f} ms per image forward+backward, "
-             f"{p['f'] * 1e3:.1f} ms forward{upto}, batch {p['batch']}; {p['seconds']:.1f} s):"]
+             f"{p.get('train', p['fb']) * 1e3:.1f} ms a training step, {p['f'] * 1e3:.1f} ms "
+             f"forward{upto}, batch {p['batch']}; {p['seconds']:.1f} s):"]
     total = 0.0
     for r in rows:
         if r.seconds is None:
