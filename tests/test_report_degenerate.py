@@ -138,6 +138,7 @@ def test_the_detection_ranking_is_read_when_the_stage_gives_one():
     found = findings(rep)
     item = next(i for i in found["items"] if i["topic"] == "detection")
     assert "Ranking (95% image-level bootstrap): saturated: cannot rank" in item["text"]
+    assert "the highest AUC is influence's" in item["text"] and "best detector" not in item["text"]
     assert any(t.startswith("Which detector is best: cannot tell (saturated") for t in
                found["cannot_tell"])
     from core.report.markdown import _summary_section

@@ -223,8 +223,12 @@ def _detection(rep: dict, case: str) -> tuple[list[dict], list[str]]:
         return [], []
     best = max(rows, key=lambda r: r["auc"])
     infl = [r for r in rows if r.get("uses_influence")]
-    text = (f"Detection of attacked images: the best detector is {best.get('detector')} "
-            f"(AUC {best['auc']:.2f}")
+    ranking = (rep.get("detection_summary") or {}).get("ranking") or {}
+    verdict = ranking.get("verdict") if isinstance(ranking, dict) else None
+    untold = isinstance(verdict, str) and verdict.startswith(("saturated", "cannot be told apart"))
+    who = (f"the highest AUC is {best.get('detector')}'s" if untold
+           else f"the best detector is {best.get('detector')}")
+    text = f"Detection of attacked images: {who} (AUC {best['auc']:.2f}"
     if isinstance(best.get("tpr_at_5"), int | float):
         text += f", {_pct(best['tpr_at_5'])} caught at 5% false alarms"
     text += ")"
@@ -237,11 +241,9 @@ def _detection(rep: dict, case: str) -> tuple[list[dict], list[str]]:
         text += f", on {n_att} attacked and {n_clean} clean held-out images"
     text += "."
     unknown = []
-    ranking = (rep.get("detection_summary") or {}).get("ranking") or {}
-    verdict = ranking.get("verdict") if isinstance(ranking, dict) else None
     if isinstance(verdict, str) and verdict:
         text += f" Ranking ({ranking.get('method') or 'bootstrap'}): {verdict}."
-        if verdict.startswith(("saturated", "cannot be told apart")):
+        if untold:
             unknown.append(f"Which detector is best: {cannot_tell(verdict)}.")
         return [{"topic": "detection", "text": text,
                  "link": _link("detection", "detection", case=case)}], unknown
