@@ -92,5 +92,8 @@ def test_every_chapter_says_it_shows_a_quick_build(small_study, monkeypatch):
             assert not at.exception, [e.value for e in at.exception]
             said = [i.value for i in at.info if "Quick build" in i.value]
             assert bool(said) is expected, (budget, page)
-            if expected:
-                assert "[representations] n_images = 32" in said[0].replace("\\", "")
+            if expected:  # the value the quick budget applied (the stage declares it)
+                applied = CaseStudy.open("decoy-mnist-small", cache_dir=small_study.cache.root,
+                                         device="cpu", budget="quick").budget["applied"]
+                n = applied["representations"]["n_images"]
+                assert f"[representations] n_images = {n}" in said[0].replace("\\", "")
