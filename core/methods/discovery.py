@@ -19,7 +19,11 @@ For the model under study and each class c (DESIGN §10, issue 20):
    map's maximum holding the most attribution (marks whose place varies); ``pattern`` — what
    recurs in the blobs' windows once aligned (normalised cross-correlation, windows may reach past
    the border), matched on each image wherever it is (a mark at a random place). Regions are
-   closed (3 × 3) and their holes filled.
+   closed (3 × 3) and their holes filled. ``pooled`` — one mark at several places (a patch in
+   one of four corners splits the class into a cluster per corner, each with too few held-out
+   images to decide alone): clusters whose ``fixed`` regions lie apart but hold alike content
+   (:func:`content_alike` ≥ ``min_consistency``, joined transitively) become one candidate on
+   all their images, each image's region the member region holding most of its map.
 4. **Causal tests** on the group's held-out images, each against a control: the same region rolled
    to a random place (same size, same shape). *Necessity*: the region is removed (filled with the
    mean of a 2-pixel ring around it, per channel: ``fill = "local_mean"``; or a blurred copy:
@@ -28,10 +32,11 @@ For the model under study and each class c (DESIGN §10, issue 20):
    and prediction not c; topped up with such training images when the test split has too few):
    the share that become c; its control pastes what the same source image holds under the
    control region instead (so a mark that works anywhere is not its own control). A region
-   whose place varies (``moving``, ``pattern``) has a second sufficiency control, its content's
-   specificity: what another image of the group holds under the same region, pasted at the same
-   place (a mark that moves is elsewhere on that image; an object part the class's images share
-   at that place is there too). All are paired (region vs control on the same images):
+   whose place varies (``moving``, ``pattern``, ``pooled``) has a second sufficiency control,
+   its content's specificity: what another image of the group holds under the same region,
+   pasted at the same place (a mark that moves is elsewhere on that image; an object part the
+   class's images share at that place is there too; for ``pooled``, that image is drawn among
+   those whose own region lies elsewhere). All are paired (region vs control on the same images):
    one-sided exact McNemar tests; shares with Wilson intervals.
 5. **Verdict** "suspected" when, with α Bonferroni-corrected over the candidates tested, both
    effects beat their control at p < α / m, necessity by at least ``min_effect`` and sufficiency
@@ -42,9 +47,12 @@ For the model under study and each class c (DESIGN §10, issue 20):
    :func:`content_consistency`, its spread across the group against the same place's spread
    across all images; a region whose place varies: :func:`aligned_consistency`, each region read
    in its own box, at its best small shift, against the group's medoid region);
-   otherwise "not suspected" with the first condition that failed. The rule and thresholds are in
-   every row. Candidates are ranked by evidence (suspected first, then the smallest effect over
-   its controls, then the p-value).
+   otherwise "not suspected" with the first condition on the evidence that failed — or, when
+   every condition on the evidence holds and only the images are too few (a test on fewer than
+   ``min_tested``, a p-value ≥ α / m), "not suspected" with ``reason_kind`` "power" and a reason
+   that starts "too few images to decide" (:func:`verdict_detail`), never a clean bill. The
+   rule and thresholds are in every row. Candidates are ranked by evidence (suspected first,
+   then the smallest effect over its controls, then the p-value).
 
 Everything reads the model, image tensors (N, C, H, W), labels and class names; nothing knows a
 case, a size or a layer name. Bad input gives a row with a reason, never an exception.
@@ -907,7 +915,9 @@ def rule_text(cfg: dict) -> str:
             f"images it makes them the class more often, by ≥ {cfg['min_sufficiency']:g} with "
             f"p < α/m, than what another image of the class holds at the same place does (an "
             f"object part the class's images share there works as well; a mark that moves does "
-            f"not); necessity removes the region ({cfg['fill'].replace('_', ' ')} fill)")
+            f"not); necessity removes the region ({cfg['fill'].replace('_', ' ')} fill). A candidate "
+            f"that meets every condition on the evidence but a p-value or the number of images "
+            f"is not suspected for now: too few images to decide")
 
 
 POWER = "power"  # reason_kind of a candidate that could not be decided for lack of images
