@@ -129,3 +129,32 @@ def test_corrections_stage_is_the_same_with_one_worker_or_two(monkeypatch):
             payloads.append(_strip(C.build(ctx)))
     assert [r["method"] for r in payloads[0]["rows"]] == section["methods"]
     assert _equal(payloads[0], payloads[1])
+
+
+def test_detection_adaptive_attacks_are_the_same_with_one_worker_or_two(monkeypatch):
+    from test_detection_eval import _Tiny, _tiny_data  # tests/ is on sys.path
+
+    from core.stages import detection
+
+    torch.manual_seed(0)
+    data, net = _tiny_data(), _Tiny()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(data.train.x), data.train.y).backward()
+        opt.step()
+    net.eval()
+    section = {"layers": ["act1", "act2"], "layer": "act2", "steps": 10, "n_fit": 30,
+               "n_attack_fit": 20, "resolution": 2, "k": 2, "n_examples": 2, "bootstrap": 30,
+               "views": 3, "view_shift": 1, "patch_sizes": [4, 6], "positions": 2,
+               "adaptive_to": ["influence", "mahalanobis", "both"]}
+    payloads = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv("CASEBOOK_WORKERS", workers)
+        ctx = StageContext.standalone("detection", data, {"net": net}, section=dict(section),
+                                      device=torch.device("cpu"))
+        with build_threads("cpu"):
+            payloads.append(_strip(detection.build(ctx)))
+    assert [a["against"] for a in payloads[0]["adaptive_attacks"]] == section["adaptive_to"]
+    assert _equal(payloads[0]["adaptive_attacks"], payloads[1]["adaptive_attacks"])
+    assert _equal(payloads[0], payloads[1])

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from core.engine.influence import get_layer
+from core.engine.parallel import process_map
 from core.methods.detection import (
     DESCRIPTIONS,
     FPR_POINTS,
@@ -488,11 +489,12 @@ def build(ctx: StageContext) -> dict:
     step("masking the experts' region")
     masking = _masking(model, adv, plan, ok, patch, cfg, where[2], window,
                        att_scores.get("expert_maps"), clean_scores["expert_maps"])
-    adaptive = []
-    for against in kinds:
-        step(f"adaptive attack against {against}")
-        adaptive.append(_adaptive(model, dets, plan, clean_scores, attack, bounds, cfg, where,
-                                  against))
+    # the adaptive attacks are independent (each seeded, from the same plan): in worker
+    # processes when CPUs are idle, the same numbers as one after the other here
+    adaptive = process_map(_adaptive, [(model, dets, plan, clean_scores, attack, bounds, cfg,
+                                        where, against) for against in kinds],
+                           device=ctx.device,
+                           done=lambda i, _r: step(f"adaptive attack against {kinds[i]} done"))
     step("done")
     examples = _examples(model, ctx.data, plan, adv, patch, pred_adv, ok, cfg, where[2])
     return _payload(cfg, ctx, name, where, attack, plan, ok, rows, curves, ranking, features,
