@@ -66,8 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="train the models for seeds 0..N-1 (default 1)")
     b.add_argument("--stages", default=None, metavar="A,B",
-                   help="only these stages (and what they read): data, models, experts, "
-                        "representations, corrections, essence, detection")
+                   help="only these stages (and what they read): " + ", ".join(STAGES))
     b.add_argument("--background", action="store_true",
                    help="start the build as a background worker and return at once (or join the "
                         "one that runs for this cache and case); the app shows its progress")
