@@ -279,13 +279,15 @@ def mahalanobis_penalty(model: nn.Module, layer: str, gauss: Gaussian, *, scale:
     ``scale`` (e.g. the clean images' median distance, so that a typical clean image costs 1),
     per image. ``pool``: average a conv layer over space first (as ``Mahalanobis(pool=True)``).
     The attack that uses it knows the baseline: it is adaptive to the Mahalanobis detector."""
-    means, precision = gauss.means.float(), gauss.precision.float()
+    means = gauss.means.float()
+    precision = None if gauss.precision is None else gauss.precision.float()
+    low_rank = None if gauss.low_rank is None else tuple(t.float() for t in gauss.low_rank)
     scale = float(scale) if scale > 0 else 1.0
 
     def fn(logits: Tensor, z: Tensor, target: Tensor) -> Tensor:
         a = (z.flatten(2).mean(2) if pool and z.dim() > 2 else z).flatten(1)
         d = a - means.to(a.device)[target]
-        return ((d @ precision.to(a.device)) * d).sum(1) / scale
+        return gauss.form(d, precision, low_rank) / scale
 
     return LayerPenalty(get_layer(model, layer), fn)
 
@@ -517,22 +519,62 @@ def _activations(model: nn.Module, x: Tensor, layer: str, pool: bool = False) ->
 class Gaussian:
     """Class-conditional Gaussians with one shared covariance, shrunk toward its diagonal by
     ``shrink`` (Lee et al. 2018), fit on features ``a`` (N, F) with classes ``y``; ``distance(a,
-    cls)`` is the squared Mahalanobis distance of each row to its class's mean."""
+    cls)`` is the squared Mahalanobis distance of each row to its class's mean.
+
+    Up to :data:`DENSE_UP_TO` features the precision is the F × F pseudo-inverse of the shrunk
+    covariance (``precision``). Above it (a conv layer's flattened map of a real network: F in the
+    tens of thousands, where an F × F matrix takes gigabytes) the same shrunk covariance — a
+    diagonal plus the rank-N sample term — is inverted exactly by the Woodbury identity and kept
+    as its factors (``low_rank``; ``precision`` is None): the same distances, in O(N·F) memory."""
 
     def __init__(self, a: Tensor, y: Tensor, n_classes: int, shrink: float = 0.1):
         a = a.double()
         self.means = torch.stack([a[y == c].mean(0) if (y == c).any() else a.mean(0)
                                   for c in range(n_classes)])
         centred = a - self.means[y]
+        self.precision, self.low_rank = None, None
+        if a.shape[1] > DENSE_UP_TO:
+            self.low_rank = _woodbury(centred, shrink)
+            return
         cov = centred.T @ centred / max(len(a) - 1, 1)
         diag = torch.diag(torch.diag(cov))
         cov = (1 - shrink) * cov + shrink * diag \
             + 1e-6 * float(torch.diag(cov).mean()) * torch.eye(len(cov), dtype=cov.dtype)
         self.precision = torch.linalg.pinv(cov)
 
+    def form(self, d: Tensor, precision: Tensor | None = None, low_rank=None) -> Tensor:
+        """dᵀ Σ⁻¹ d per row of ``d`` (rows already centred), differentiable, in ``d``'s dtype;
+        ``precision`` / ``low_rank``: this Gaussian's, cast once by the caller (default: as
+        stored)."""
+        precision = self.precision if precision is None else precision
+        if precision is not None:
+            return ((d @ precision.to(d.device)) * d).sum(1)
+        dinv, cd, minv = (t.to(d.device) for t in (low_rank or self.low_rank))
+        u = d @ cd.T
+        return (d * d * dinv).sum(1) - ((u @ minv) * u).sum(1)
+
     def distance(self, a: Tensor, cls: Tensor) -> Tensor:
+        """(N,) squared Mahalanobis distance of each row of ``a`` to class ``cls[i]``'s mean."""
         d = a.double() - self.means[cls]
-        return ((d @ self.precision) * d).sum(1).float()
+        return self.form(d).float()
+
+
+DENSE_UP_TO = 4096  # features above which the precision is kept in Woodbury factors
+
+
+def _woodbury(centred: Tensor, shrink: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(D⁻¹ (F,), C D⁻¹ (N, F), (I + C D⁻¹ Cᵀ)⁻¹ (N, N))`` for the shrunk covariance
+    Σ = D + CᵀC of ``centred`` (N, F): D = shrink · diag(S) + 1e-6 · mean(diag S) (as the dense
+    path), C = √((1 − shrink)/(N − 1)) · centred, S the sample covariance; then
+    Σ⁻¹ = D⁻¹ − D⁻¹Cᵀ (I + C D⁻¹ Cᵀ)⁻¹ C D⁻¹ (Woodbury)."""
+    n = max(len(centred) - 1, 1)
+    var = (centred * centred).sum(0) / n
+    d = shrink * var + 1e-6 * float(var.mean())
+    dinv = 1.0 / d.clamp_min(torch.finfo(d.dtype).tiny)
+    c = centred * ((1 - shrink) / n) ** 0.5
+    cd = c * dinv
+    m = torch.eye(len(c), dtype=c.dtype) + cd @ c.T
+    return dinv, cd, torch.linalg.pinv(m)
 
 
 class Mahalanobis:
