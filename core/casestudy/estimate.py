@@ -210,6 +210,9 @@ def _detection(study, n: dict) -> dict:
 
 
 def _corrections(study, n: dict) -> dict:
+    """The fine-tunes and the corrected models' measurements run as seeds × methods tasks in
+    :func:`~core.engine.parallel.process_map`'s workers: their passes are shared among them."""
+    from core.engine.parallel import worker_count
     from core.stages import corrections as C
 
     cfg = C.check_config(dict(study.config.section("corrections")))
@@ -221,8 +224,9 @@ def _corrections(study, n: dict) -> dict:
         double = 3.0 if meth in ("rrr", "influence_penalty") else 1.0  # a gradient penalty
         grid += len(lambdas) * double if meth in ("rrr", "influence_penalty",
                                                    "counterexamples") else 0
-    fine = seeds * int(cfg["epochs"]) * n_fit * grid * n["train_step"]
-    models = seeds * (len(cfg["methods"]) + 2)
+    workers = worker_count(study.device, seeds * len(cfg["methods"]))
+    fine = seeds * int(cfg["epochs"]) * n_fit * grid * n["train_step"] / workers
+    models = seeds * (len(cfg["methods"]) / workers + 2)
     explain = models * int(cfg["n_explain"]) * int(cfg["explain_resolution"])
     return {"seeds × epochs × n_fit × strengths (fine-tunes)": fine,
             "n_explain × explain_resolution (region mass)": explain,
