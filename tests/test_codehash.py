@@ -139,9 +139,12 @@ def test_the_hash_is_names_and_bytes_not_where_the_tree_lives(tree, tmp_path):
 
 def test_the_real_closure_of_corrections_follows_its_imports():
     closure = module_closure(["core.stages.corrections"])
-    assert {"core", "core.stages.corrections", "core.stages.representations",
-            "core.engine.influence", "core.engine.experts",
+    assert {"core", "core.stages.corrections", "core.methods.attribution",
+            "core.methods.corrections.rrr", "core.methods.corrections.common",
+            "core.engine.influence", "core.engine.experts", "core.engine.parallel",
             "core.methods.metrics", "core.methods.training"} <= set(closure)
+    # the attribution methods live in core.methods: the stage no longer reaches another stage
+    assert "core.stages.representations" not in closure
     assert "core.storage.cache" not in closure and "core.storage.codehash" not in closure
     assert module_closure(["core.storage.cache"]) == ["core", "core.storage", "core.storage.cache"]
     assert code_hash(["core.stages.corrections"]) != code_hash(["core.stages.representations"])
