@@ -109,12 +109,20 @@ class _Frozen:
                               str(cache_dir)], cwd=tree, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         self._report = json.loads(out.stdout)
+        # the case facts the pages read (subject, reference, models, classes), as that tree gives
+        facts = ("import json, sys; from core.casestudy import CaseStudy; "
+                 "s = CaseStudy.open(sys.argv[1], cache_dir=sys.argv[2]); "
+                 "print(json.dumps(s.case_facts(), default=str))")
+        out = subprocess.run([sys.executable, "-c", facts, name, str(cache_dir)], cwd=tree,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        self._facts = json.loads(out.stdout)
 
     def report(self) -> dict:
         return self._report
 
     def case_facts(self) -> dict:
-        return self._report.get("case_facts") or {}
+        return self._facts
 
 
 @pytest.fixture(scope="module")
