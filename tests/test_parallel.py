@@ -158,3 +158,28 @@ def test_detection_adaptive_attacks_are_the_same_with_one_worker_or_two(monkeypa
     assert [a["against"] for a in payloads[0]["adaptive_attacks"]] == section["adaptive_to"]
     assert _equal(payloads[0]["adaptive_attacks"], payloads[1]["adaptive_attacks"])
     assert _equal(payloads[0], payloads[1])
+
+
+def test_workers_do_not_hang_after_the_parent_used_several_threads():
+    """A forked child cannot use an OpenMP team (the parent's threads are gone): it waited forever
+    at the barrier when a worker copied a result tensor with two threads. Run in a fresh
+    interpreter with a deadline, so a hang fails the test instead of stalling the suite."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from core.engine.parallel import process_map
+        torch.set_num_threads(2)
+        big = torch.rand(4096, 4096)
+        (big @ big).sum()                       # the parent's OpenMP team exists
+        out = process_map(lambda k: torch.full((2_000_000,), float(k)) * (big[0, 0] * 0 + 1),
+                          [(k,) for k in range(4)], device="cpu", workers=2)
+        assert [float(t[-1]) for t in out] == [0.0, 1.0, 2.0, 3.0]
+        print("ok")
+    """)
+    env = {**os.environ, "CASEBOOK_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=str(parallel.__file__).rsplit("/core/", 1)[0])
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -10,8 +10,10 @@ calling process, so the results are the same numbers, in the same order. The wor
 back), so a user's model loaded from a file next to a case works there too.
 
 One worker (run in the calling process, in order) on CUDA, where ``fork`` is unavailable, for a
-single task, or when ``$CASEBOOK_WORKERS`` says 1; otherwise ``$CASEBOOK_WORKERS`` workers, by
-default the CPUs this process may use divided by ``$CASEBOOK_THREADS`` (at most 4). A worker that
+single task, in a daemonic process, when ``$CASEBOOK_THREADS`` asks for more than one thread (an
+OpenMP team cannot be used after a fork), or when ``$CASEBOOK_WORKERS`` says 1; otherwise
+``$CASEBOOK_WORKERS`` workers, by default the CPUs this process may use (at most 4). Workers run
+on one thread for their whole life, and return their results pickled as bytes. A worker that
 dies (killed, out of memory) leaves its tasks to the calling process.
 """
 
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+import torch
 
 from core.engine.devices import build_threads
 
@@ -45,6 +50,8 @@ def worker_count(device, n_tasks: int) -> int:
     if (str(device).startswith("cuda") or n_tasks < 2 or mp.current_process().daemon
             or "fork" not in mp.get_all_start_methods()):
         return 1  # a daemonic process may not have children
+    if (_env_int("CASEBOOK_THREADS") or 1) > 1:
+        return 1  # OpenMP teams of several threads hang in a forked child: never fork then
     asked = _env_int("CASEBOOK_WORKERS")
     if asked is not None:
         return min(asked, n_tasks)
@@ -52,13 +59,22 @@ def worker_count(device, n_tasks: int) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus // (_env_int("CASEBOOK_THREADS") or 1), 4, n_tasks))
+    return max(1, min(cpus, 4, n_tasks))
 
 
-def _run(index: int):
+def _start_worker() -> None:
+    # One thread for the worker's whole life: after a fork, an OpenMP region with several
+    # threads (the parent's pool is gone) waits forever at its barrier.
+    torch.set_num_threads(1)
+
+
+def _run(index: int) -> bytes:
+    """Task ``index`` in a worker, its result pickled there, on one thread (plain pickle: the
+    tensors travel as bytes, not through torch's shared-memory reductions, which copy storages
+    with the intra-op pool)."""
     fn, tasks, device = _SHARED["fn"], _SHARED["tasks"], _SHARED["device"]
     with build_threads(device):
-        return fn(*tasks[index])
+        return pickle.dumps(fn(*tasks[index]), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def process_map(fn: Callable[..., Any], tasks: Sequence[tuple], *, device, workers: int | None = None,
@@ -74,14 +90,15 @@ def process_map(fn: Callable[..., Any], tasks: Sequence[tuple], *, device, worke
     if n > 1:
         _SHARED.update(fn=fn, tasks=tasks, device=device)
         try:
-            with ProcessPoolExecutor(n, mp_context=mp.get_context("fork")) as pool:
+            with ProcessPoolExecutor(n, mp_context=mp.get_context("fork"),
+                                     initializer=_start_worker) as pool:
                 try:
                     futures = {pool.submit(_run, i): i for i in pending}
                 except OSError:  # no process could be forked (a process limit, no memory)
                     futures = {}
                 for future in as_completed(futures):
                     i = futures[future]
-                    results[i] = future.result()
+                    results[i] = pickle.loads(future.result())  # what our own worker pickled
                     pending.remove(i)
                     if done is not None:
                         done(i, results[i])
