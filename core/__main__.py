@@ -430,6 +430,8 @@ def _print_estimate(study, stages: list[str] | None, force: bool) -> None:
         return
     try:
         rows, probe = est.estimate(study, todo)
+    except CaseError:
+        return  # the case itself is wrong: the build says so, in its one line
     except Exception as exc:  # noqa: BLE001 — an estimate never stops a build
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         print(f"estimate unavailable: {type(exc).__name__}: {first}"[:300], file=sys.stderr)
