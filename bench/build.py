@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
             pstats.Stats(prof_path).sort_stats("cumulative").print_stats(args.profile)
         cold_cpu = proc.cpu_seconds
-        guess = parse_estimate(proc.stderr)  # what the cold build printed before it started
+        guess = parse_estimate(proc.stdout)  # what the cold build printed before it started
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode

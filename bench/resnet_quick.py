@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                              capture_output=True, text=True, check=True)
         report = json.loads(rep.stdout)
         seconds = report.get("provenance", {}).get("seconds", {})
-        guess = parse_estimate(proc.stderr)
+        guess = parse_estimate(proc.stdout)
         print(f"{'stage':16} {'seconds':>8} {'estimate':>9} {'est/real':>9}")
         for stage, s in seconds.items():
             g = guess.get(stage)

@@ -422,7 +422,7 @@ def _build(args, study, stages: list[str] | None) -> int:
 
 
 def _print_estimate(study, stages: list[str] | None, force: bool) -> None:
-    """Print (stderr) the estimate per stage of what this build computes
+    """Print (stdout) the estimate per stage of what this build computes
     (``core.casestudy.estimate``); nothing when everything is cached. An estimate that cannot be
     made says why in one line and the build goes on."""
     todo = est.to_build(study, stages, force)
@@ -434,9 +434,10 @@ def _print_estimate(study, stages: list[str] | None, force: bool) -> None:
         return  # the case itself is wrong: the build says so, in its one line
     except Exception as exc:  # noqa: BLE001 — an estimate never stops a build
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"estimate unavailable: {type(exc).__name__}: {first}"[:300], file=sys.stderr)
+        print(f"estimate unavailable: {type(exc).__name__}: {first}"[:300], flush=True)
         return
-    print(est.format_estimate(rows, probe), file=sys.stderr)
+    # on stdout: information, where stderr carries the progress and a bad case's one line
+    print(est.format_estimate(rows, probe), flush=True)
 
 
 def _list(args, CaseStudy, CaseError, list_cases) -> int:

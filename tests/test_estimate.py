@@ -103,11 +103,11 @@ def test_build_prints_the_estimate_unless_told_not_to(small_study, tmp_path):
 
     proc = build()
     assert proc.returncode == 0, proc.stderr
-    head = proc.stderr.split("experts: built")[0]
-    assert head.startswith("estimate (probe: ")
+    head = proc.stdout
+    assert head.startswith("estimate (probe: ") and "estimate (probe" not in proc.stderr
     line = re.search(r"experts: ~ *([0-9.]+) (s|min)", head)
     assert line and float(line.group(1)) > 0, head
-    assert "estimate (probe" not in build("--no-estimate").stderr
+    assert "estimate (probe" not in build("--no-estimate").stdout
 
 
 def test_parse_estimate_reads_back_what_format_prints():
