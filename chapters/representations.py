@@ -19,7 +19,6 @@ import streamlit as st
 import ui
 
 VIEWS = {"heatmap": "signed heatmap", "overlay": "heatmap over the image"}
-LOCALISATION = ("region_mass", "decoy_mass", "wrong_reason", "rank_accuracy")
 # Plain-word definitions of the engine's terms, shown as help where the columns and controls use them.
 TERMS = {
     "slice": "Where in the network the influence is measured: the input pixels or one internal layer.",
@@ -60,18 +59,14 @@ models = list(dict.fromkeys(rows["model"]))
 methods = list(dict.fromkeys(rows["method"]))
 cfg = payload.get("config", {})
 REGION = ui.region_name(facts)
-if "region_mass" in rows.columns and "region_mass" not in info:  # the generic key, described like its alias
-    base = dict(info.get(facts.get("region_alias") or "decoy_mass") or {"arrow": "↓", "description":
-                "share of positive attribution on the region"})
-    info = {"region_mass": {**base, "label": f"{(REGION or 'region').capitalize()} mass"}, **info}
 # Only the metrics the rows carry: without a region the localisation ones are absent, not zero.
 metric_keys = [k for k in info if k in rows.columns and rows[k].notna().any()]
-MASS = next((k for k in (facts.get("region_alias"), "decoy_mass", "region_mass") if k and k in metric_keys),
-            None)
+ALIAS = facts.get("region_alias")  # the case's own name of the region mass (DecoyMNIST: decoy_mass)
+MASS = next((k for k in (ALIAS, "region_mass") if k and k in metric_keys), None)
 if MASS:  # one localisation share is enough: the alias duplicates region_mass
-    metric_keys = [k for k in metric_keys if k not in ("region_mass", "decoy_mass") or k == MASS]
+    metric_keys = [k for k in metric_keys if k not in ("region_mass", ALIAS) or k == MASS]
 REGION = REGION or ("region" if MASS else None)
-chance = payload.get("chance", payload.get("chance_decoy_mass", facts.get("chance")))
+chance = payload.get("chance", facts.get("chance"))
 chance = None if chance is None else float(chance)
 subject = facts.get("subject") if facts.get("subject") in models else models[0]
 reference = facts.get("reference") if facts.get("reference") in models else None

@@ -433,14 +433,14 @@ def test_experts_interpreted_on_the_images_the_model_predicts_as_the_class(small
     assert view["maps"].shape == (len(stage["rows"]), len(want), 28, 28)
     # each map is that unit's interpretation on that image, and the region mass is over them
     from core.engine.experts import interpret
-    from core.methods.metrics import decoy_mass
+    from core.methods.metrics import region_mass
 
     unit = view["rows"][0]["unit"]
     a = interpret(small_study.model("vanilla"), data.test.x[want], layer, unit,
                   reduce=small_study.config.experts["reduce"],
                   resolution=small_study.config.experts["resolution"]).sum(1)
     np.testing.assert_allclose(view["maps"][0], a.detach().numpy(), rtol=1e-5, atol=1e-6)
-    mass = decoy_mass(a, data.test.mask[want][:, 0]).double().mean().item()
+    mass = region_mass(a, data.test.mask[want][:, 0]).double().mean().item()
     assert view["rows"][0]["region_mass"] == pytest.approx(mass)
     assert small_study.has_experts_for("vanilla", layer, qoi, doi, images="predicted")
 

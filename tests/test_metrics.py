@@ -61,10 +61,10 @@ def grad_x_input(model, inputs, targets, **_):
 
 
 # --------------------------------------------------------------------------------------------
-# decoy_mass
+# region_mass
 
 
-def test_decoy_mass_hand_values():
+def test_region_mass_hand_values():
     m = corner_mask(3)
     a = torch.zeros(3, 1, H, W)
     a[0][m[0]] = 2.0                       # all positive mass on the patch
@@ -72,36 +72,36 @@ def test_decoy_mass_hand_values():
     a[1] = 1.0                             # uniform: chance
     a[2][m[2]] = 1.0                       # 16 on the patch, 48 elsewhere: 16 / 64
     a[2, 0, 10, 10:14] = 12.0
-    out = M.decoy_mass(a, m)
+    out = M.region_mass(a, m)
     assert out.shape == (3,)
     assert out[0] == pytest.approx(1.0)
     assert out[1] == pytest.approx(16 / 784)
     assert out[2] == pytest.approx(0.25)
 
 
-def test_decoy_mass_no_positive_is_zero_and_empty_mask_nan():
+def test_region_mass_no_positive_is_zero_and_empty_mask_nan():
     a = -torch.rand(2, H, W)
     m = corner_mask(2)[:, 0]
-    assert torch.equal(M.decoy_mass(a, m), torch.zeros(2))
-    assert torch.isnan(M.decoy_mass(torch.rand(1, H, W), torch.zeros(1, H, W, dtype=bool))).all()
+    assert torch.equal(M.region_mass(a, m), torch.zeros(2))
+    assert torch.isnan(M.region_mass(torch.rand(1, H, W), torch.zeros(1, H, W, dtype=bool))).all()
 
 
 def test_numpy_inputs_give_the_same_values():
     a = torch.randn(3, 1, H, W)
     m = corner_mask(3)
-    for fn in (M.decoy_mass, M.wrong_reason, M.rank_accuracy):
+    for fn in (M.region_mass, M.wrong_reason, M.rank_accuracy):
         torch.testing.assert_close(fn(a.numpy(), m.numpy()), fn(a, m))
     torch.testing.assert_close(M.sparseness(a.numpy()), M.sparseness(a))
 
 
-def test_decoy_mass_sums_channels_and_broadcasts_2d_mask():
+def test_region_mass_sums_channels_and_broadcasts_2d_mask():
     a = torch.rand(2, 3, H, W)
     m2 = corner_mask(1)[0, 0]
-    expect = M.decoy_mass(a.sum(1, keepdim=True), m2.expand(2, 1, H, W))
-    assert torch.allclose(M.decoy_mass(a, m2), expect)
+    expect = M.region_mass(a.sum(1, keepdim=True), m2.expand(2, 1, H, W))
+    assert torch.allclose(M.region_mass(a, m2), expect)
 
 
-def test_decoy_mass_equals_quantus_relevance_mass_on_nonnegative_maps():
+def test_region_mass_equals_quantus_relevance_mass_on_nonnegative_maps():
     g = torch.Generator().manual_seed(1)
     n = 12
     a = torch.rand(n, 1, H, W, generator=g) ** 4
@@ -112,17 +112,17 @@ def test_decoy_mass_equals_quantus_relevance_mass_on_nonnegative_maps():
                                       display_progressbar=False)
     ref = np.asarray(q(model=None, x_batch=x.numpy(), y_batch=np.zeros(n, dtype=int),
                        a_batch=a.numpy(), s_batch=m.numpy().astype(float), channel_first=True))
-    np.testing.assert_allclose(M.decoy_mass(a, m).numpy(), ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(M.region_mass(a, m).numpy(), ref, rtol=1e-5, atol=1e-7)
 
 
-def test_decoy_mass_differs_from_quantus_with_negative_attribution():
+def test_region_mass_differs_from_quantus_with_negative_attribution():
     """Quantus's raw ratio Σa·m / Σa leaves [0, 1] when negatives dominate; ours stays in it."""
     a = torch.full((1, 1, H, W), -0.01)
     m = corner_mask(1)
     a[m] = 1.0
     raw = float((a * m).sum() / a.sum())            # 16 / (16 - 7.68) ≈ 1.92
     assert raw > 1.5
-    assert M.decoy_mass(a, m)[0] == pytest.approx(1.0)
+    assert M.region_mass(a, m)[0] == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,9 +434,56 @@ def test_mprt_parameter_free_explanation_is_perfectly_similar():
 
 
 def test_registry_lists_every_metric_with_a_direction():
-    assert set(M.METRICS) == {"decoy_mass", "wrong_reason", "rank_accuracy", "deletion_auc",
+    assert set(M.METRICS) == {"region_mass", "wrong_reason", "rank_accuracy", "deletion_auc",
                               "insertion_auc", "mprt_spearman", "sparseness"}
-    assert not M.METRICS["decoy_mass"].higher_is_better
+    assert not M.METRICS["region_mass"].higher_is_better
     assert M.METRICS["insertion_auc"].higher_is_better
     assert not M.METRICS["deletion_auc"].higher_is_better
     assert all(info.name == key and info.description for key, info in M.METRICS.items())
+
+
+class _TwoHeads(torch.nn.Module):
+    """A trunk with a class head and a box head beside it; the output is the class head only
+    (the shape of MTCNN's ONet under the faces case's FaceDetector)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Linear(4, 6)
+        self.cls = torch.nn.Linear(6, 2)
+        self.box = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        self.box(h)  # computed, never part of the explained output
+        return self.cls(h)
+
+
+def test_feeding_layers_leave_out_a_head_that_does_not_feed_the_output():
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    x, y = torch.rand(3, 4), torch.tensor([0, 1, 1])
+    assert M.randomisable_layers(model) == ["box", "cls", "trunk"]
+    assert M.feeding_layers(model, x, y) == ["cls", "trunk"]
+    assert all(p.grad is None for p in model.parameters())  # no .grad left behind
+    # a dead unit still feeds: zero gradients are not "unused"
+    with torch.no_grad():
+        model.trunk.bias.fill_(-100.0)
+    assert M.feeding_layers(model, x, y) == ["cls", "trunk"]
+
+
+def test_mprt_over_feeding_layers_scores_what_the_full_cascade_scores_where_it_matters():
+    torch.manual_seed(1)
+    model = _TwoHeads().eval()
+    x, y = torch.rand(5, 4), torch.tensor([0, 1, 0, 1, 0])
+
+    def explain(m, xx, yy):
+        xx = xx.clone().requires_grad_(True)
+        out = m(xx).gather(1, yy[:, None]).sum()
+        return torch.autograd.grad(out, xx)[0] * xx
+
+    full = M.mprt(model, x, y, explain, seed=2)
+    part = M.mprt(model, x, y, explain, seed=2, layers=M.feeding_layers(model, x, y))
+    assert full["layers"] == ["box", "cls", "trunk"] and part["layers"] == ["cls", "trunk"]
+    # the box head's re-initialisation leaves the maps unchanged: similarity 1 after it
+    assert torch.allclose(full["scores"][0], torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(part["last"], full["last"])

@@ -196,7 +196,7 @@ def test_stage_payload_shape_and_types(stage):
     rows = payload["rows"]
     assert len(rows) == 2 * len(METHODS)
     for row in rows:
-        assert set(METRIC_KEYS) | {"method", "model", "label", "region_mass"} == set(row)
+        assert set(METRIC_KEYS) | {"method", "model", "label", "decoy_mass"} == set(row)
         assert row["region_mass"] == row["decoy_mass"]  # DecoyMNIST's alias of the region mass
         for key in METRIC_KEYS:
             assert row[key] is None or (isinstance(row[key], float) and math.isfinite(row[key]))
@@ -241,7 +241,7 @@ def test_stage_payload_round_trips_through_weights_only_load(stage, tmp_path):
 def _decoy_mass_holds(payload, factor: float) -> None:
     mass = {(r["model"], r["method"]): r["decoy_mass"] for r in payload["rows"]}
     chance = 16 / 784
-    assert payload["chance_decoy_mass"] == pytest.approx(chance)
+    assert payload["chance"] == pytest.approx(chance)
     for method in ("gradient_x_input", "integrated_gradients"):
         assert mass[("vanilla", method)] > factor * chance, method
         assert mass[("vanilla", method)] > 1.5 * mass[("clean", method)], method
@@ -396,7 +396,7 @@ def test_internal_influence_with_the_path_doi_ranks_experts_in_attribution_space
     torch.manual_seed(2)
     rx, ry = torch.rand(8, 1, 28, 28), torch.tensor([0, 3] * 4)
     sel = (y == 0) | (y == 3)
-    _, info = attribute(m, x[sel], y[sel], "internal_influence", reference=(rx, ry), k=3,
+    _, info = attribute(m, x[sel], y[sel], "internal_influence", reference=(rx, ry), layer="fc1", k=3,
                         path_resolution=4, return_info=True)
     for c in (0, 3):
         want = experts(m, rx[ry == c], "fc1", ClassQoI(c), LinearDoI(4), k=3, multiply=True)
@@ -421,3 +421,28 @@ def test_reindexed_doi_keeps_the_quadrature_weights_and_per_example_baselines():
         got = influence(net, x, None, ClassQoI(1), _Reindexed(doi, torch.arange(5)),
                         per_input=True, multiply=True)
         torch.testing.assert_close(got, want)
+
+
+def test_stage_method_rows_name_the_layers_the_build_used(stage):
+    payload, _ = stage
+    rows = {m["method"]: m for m in payload["methods"]}
+    options = payload["config"]["options"]
+    assert rows["gradcam"]["slice"] == options["gradcam"]["layer"] == "relu2"
+    assert rows["internal_influence"]["slice"] == options["internal_influence"]["layer"]
+    assert rows["saliency"]["slice"] == "input"
+
+
+def test_layer_methods_default_to_the_model_not_to_a_built_in_case(batch):
+    from core.methods.attribution import gradcam_layer
+
+    x, y = batch
+    m = tiny_cnn()
+    mods = list(m.named_modules())
+    assert gradcam_layer([n for n, _ in mods], {n: type(v).__name__ for n, v in mods}) == "relu2"
+    assert torch.equal(attribute(m, x, y, "gradcam"), attribute(m, x, y, "gradcam", layer="relu2"))
+    no_conv = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    assert gradcam_layer(["", "0", "1"], {"": "Sequential", "0": "Flatten", "1": "Linear"}) is None
+    with pytest.raises(ValueError, match="convolutional layer"):
+        attribute(no_conv, x, y, "gradcam")
+    with pytest.raises(ValueError, match="needs layer="):
+        attribute(m, x, y, "internal_influence")

@@ -158,10 +158,8 @@ def current_model(study=None) -> str:
     chosen = st.session_state.get("qp-model") or qp_get("model")
     if chosen:
         return str(chosen)
-    try:
-        return str(sys.modules[__package__].facts(study)["subject"])
-    except Exception:  # noqa: BLE001 - no study open: the first model is the usual default
-        return "vanilla"
+    # the case's own subject (no built-in case's model name as a fallback: issue 19)
+    return str(sys.modules[__package__].facts(study)["subject"])
 
 
 def _cache_dir() -> str | None:

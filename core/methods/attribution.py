@@ -123,7 +123,7 @@ class Method:
 
     name: str
     label: str
-    slice: str  # "input" or the default layer (``options["layer"]`` overrides)
+    slice: str  # "input", or what the layer is (``options["layer"]`` names it; see ``row``)
     qoi: str
     doi: str
     multiplier: str
@@ -134,10 +134,6 @@ class Method:
     per_example: bool = True  # False: the DoI is a class-conditional set of reference images
     defaults: dict = field(default_factory=dict, compare=False)
 
-    @property
-    def layer(self) -> str | None:
-        return None if self.slice == "input" else self.slice
-
     def options(self, given: dict) -> dict:
         unknown = set(given) - set(self.defaults) - {"noise", "reference", "batch_size"}
         if unknown:
@@ -145,9 +141,13 @@ class Method:
             raise ValueError(f"unknown option(s) {sorted(unknown)} for {self.name!r}; valid: {valid}")
         return {**self.defaults, **given}
 
-    def row(self) -> dict:
-        """The DESIGN §1 table row, as strings (what the page shows)."""
-        return {"method": self.name, "label": self.label, "slice": self.slice, "qoi": self.qoi,
+    def row(self, options: dict | None = None) -> dict:
+        """The DESIGN §1 table row, as strings (what the page shows); ``slice`` is the layer the
+        ``options`` name (the one a build resolved for its model) when they name one."""
+        layer = (options or {}).get("layer")
+        return {"method": self.name, "label": self.label,
+                "slice": str(layer) if layer and self.slice != "input" else self.slice,
+                "qoi": self.qoi,
                 "doi": self.doi, "multiplier": self.multiplier, "post": self.post,
                 "description": self.description}
 
@@ -166,20 +166,54 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("smoothgrad", "SmoothGrad", "input", "class y", "Gaussian around x (seeded)", "—", "—",
            "The input gradient averaged over Gaussian perturbations of the input (Smilkov et al. "
            "2017).", _gaussian, defaults={"samples": 32, "stdev": 0.15, "seed": 0}),
-    Method("gradcam", "Grad-CAM", "relu2", "class y", "point", "activation z",
+    Method("gradcam", "Grad-CAM", "last convolution's activation", "class y", "point", "activation z",
            "channel weights = spatial mean of influence; Σ_c w_c z_c, ReLU, bilinear upsampling",
            "Class-activation map of the last convolutional layer (Selvaraju et al. 2017).",
-           _point, defaults={"layer": "relu2"}),
-    Method("internal_influence", "Internal influence (experts)", "fc1", "class y",
+           _point, defaults={"layer": None}),
+    Method("internal_influence", "Internal influence (experts)", "an experts layer", "class y",
            "training images of class y (optionally × linear path)", "optional (× path)",
            "top-k experts' interpretations (IG of each unit), weighted by influence",
            "Leino et al. 2018: the class-conditional distributional influence picks the layer's "
            "expert units; their interpretations on the image, weighted by influence, form the map.",
            _class_doi, per_example=False,
-           defaults={"layer": "fc1", "k": 3, "resolution": 8, "path_resolution": 0}),
+           defaults={"layer": None, "k": 3, "resolution": 8, "path_resolution": 0}),
 ]}
 
-METRIC_KEYS = ("decoy_mass", "wrong_reason", "rank_accuracy", "deletion_auc", "insertion_auc",
+# the activation modules a layer's output may pass through first (Grad-CAM and P-ClArC read
+# the activation after a convolution, not its pre-activation)
+ACTIVATION_KINDS = ("ReLU", "PReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh")
+
+
+def gradcam_layer(names: list[str], kinds: dict[str, str]) -> str | None:
+    """Grad-CAM's layer for a model whose ``named_modules()`` names (in registration order) and
+    class names are ``names`` and ``kinds``: the activation module right after the last
+    convolution, else that convolution; None when the model has no convolution."""
+    convs = [i for i, n in enumerate(names) if kinds.get(n, "").startswith("Conv")]
+    if not convs:
+        return None
+    nxt = names[convs[-1] + 1] if convs[-1] + 1 < len(names) else None
+    return nxt if nxt is not None and kinds.get(nxt, "") in ACTIVATION_KINDS else names[convs[-1]]
+
+
+def _layer_of(model: nn.Module, meth: Method, opts: dict) -> str | None:
+    """The slice's layer: None for input methods; the ``layer`` option; Grad-CAM's default
+    (:func:`gradcam_layer` of the model) when unset. Raises ValueError for internal influence
+    without a layer (no model-independent default: it is the case's experts layer)."""
+    if meth.slice == "input":
+        return None
+    if opts.get("layer"):
+        return str(opts["layer"])
+    if meth.name == "gradcam":
+        mods = list(model.named_modules())
+        layer = gradcam_layer([n for n, _ in mods], {n: type(m).__name__ for n, m in mods})
+        if layer is not None:
+            opts["layer"] = layer
+            return layer
+        raise ValueError("Grad-CAM needs a convolutional layer; this model has none")
+    raise ValueError(f"{meth.name!r} needs layer= (a layer name of the model, e.g. its experts "
+                     "layer)")
+
+METRIC_KEYS = ("region_mass", "wrong_reason", "rank_accuracy", "deletion_auc", "insertion_auc",
                "mprt_spearman", "sparseness")
 
 
@@ -270,7 +304,7 @@ def attribute(model: nn.Module, x: Tensor, y, method: str | Method, *, reference
         # per-chunk draws, without redrawing every example's noise in each chunk)
         opts["noise"] = smoothgrad_noise(len(x), tuple(x.shape[1:]), samples=int(opts["samples"]),
                                          stdev=float(opts["stdev"]), seed=int(opts["seed"])).to(dev)
-    layer = opts.get("layer", meth.layer)
+    layer = _layer_of(model, meth, opts)
     out = torch.zeros_like(x)
     info: dict = {"classes": []}
     for c in torch.unique(y).tolist():

@@ -43,7 +43,6 @@ from core.engine.devices import eval_mode, model_device
 __all__ = [
     "METRICS",
     "MetricInfo",
-    "decoy_mass",
     "deletion_curve",
     "deletion_insertion",
     "gaussian_blur",
@@ -84,7 +83,7 @@ class MetricInfo:
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in [
-    MetricInfo("decoy_mass", "Decoy mass", False,
+    MetricInfo("region_mass", "Region mass", False,
                "Share of the positive attribution that falls on the {region} ({chance}). "
                "Lower is better for a sound model: the explanation does not point at the "
                "shortcut. Quantus RelevanceMassAccuracy on non-negative maps."),
@@ -160,8 +159,8 @@ def region_mass(attr, mask) -> torch.Tensor:
     """Share of the *positive* attribution that falls on the mask: Σ relu(a)·m / Σ relu(a).
 
     One value in [0, 1] per example; 0 when the map has no positive attribution. A uniform
-    positive map scores |mask| / (H·W) (16/784 ≈ 0.020 for DecoyMNIST's decoy patch, where it is
-    called ``decoy_mass``: :data:`decoy_mass` is the same function). Lower is better for
+    positive map scores |mask| / (H·W) (16/784 ≈ 0.020 for DecoyMNIST's decoy patch, whose
+    report also names it ``decoy_mass``). Lower is better for
     a sound model (the explanation does not point at the shortcut); a faithful explanation of the
     vanilla model that *uses* the decoy should score high.
 
@@ -177,9 +176,6 @@ def region_mass(attr, mask) -> torch.Tensor:
     inside = (pos * m.flatten(1)).sum(1)
     out = torch.where(total > 0, inside / torch.where(total > 0, total, 1), 0.0)
     return torch.where(m.flatten(1).any(1), out, torch.nan)
-
-
-decoy_mass = region_mass  # DecoyMNIST's name for the region mass (DESIGN §2's report field)
 
 
 def wrong_reason(attr, mask) -> torch.Tensor:
@@ -472,6 +468,30 @@ def randomisable_layers(model: nn.Module) -> list[str]:
     models here). This is Quantus's list too (it also counts the root if it has the method).
     """
     return [name for name, mod in model.named_modules() if hasattr(mod, "reset_parameters")][::-1]
+
+
+def feeding_layers(model: nn.Module, x, y, layers: Sequence[str] | None = None) -> list[str]:
+    """The layers among ``layers`` (default :func:`randomisable_layers`, order kept) that feed
+    the explained output: the logits of classes ``y`` on ``x`` depend on at least one of their
+    parameters. A layer none of whose parameters is in the output's autograd graph (a detector's
+    box or landmark head beside the class head) is left out: re-initialising it cannot change an
+    explanation of that output, so MPRT would spend cut points on it. Structural: a parameter
+    with a zero gradient (a dead unit) still feeds. Eval mode (the model's mode is restored); the
+    model's parameters and their ``.grad`` are untouched."""
+    names = list(randomisable_layers(model) if layers is None else layers)
+    mods = dict(model.named_modules())
+    params = {n: [p for p in mods[n].parameters() if p.requires_grad] for n in names}
+    flat = [p for n in names for p in params[n]]
+    if not flat:
+        return names
+    dev = next(iter(flat)).device
+    x = _as_tensor(x)[:2].to(dev).float()
+    y = torch.as_tensor(y).reshape(-1)[:2].to(dev).long()
+    with torch.enable_grad(), eval_mode(model):
+        out = model(x)
+        grads = torch.autograd.grad(out.gather(1, y[:, None]).sum(), flat, allow_unused=True)
+    used = {id(p) for p, g in zip(flat, grads, strict=True) if g is not None}
+    return [n for n in names if not params[n] or any(id(p) in used for p in params[n])]
 
 
 def cut_points(n_layers: int, points: int | None) -> list[int]:

@@ -68,6 +68,7 @@ from core.methods.attribution import (
     Method,
     NoiseDoI,
     attribute,
+    gradcam_layer,
     layer_activation,
     method_table,
     smoothgrad_noise,
@@ -188,15 +189,9 @@ def _case_layers(ctx: StageContext) -> dict:
     ``experts.layers``)."""
     out = {}
     facts = ctx.model_facts()
-    if facts:
-        names, kinds = facts["layers"], facts["kinds"]
-        convs = [i for i, n in enumerate(names) if kinds.get(n, "").startswith("Conv")]
-        if convs:
-            last = convs[-1]
-            nxt = names[last + 1] if last + 1 < len(names) else None
-            act = nxt is not None and kinds.get(nxt, "") in (
-                "ReLU", "PReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh")
-            out["gradcam"] = {"layer": nxt if act else names[last]}
+    layer = gradcam_layer(facts["layers"], facts["kinds"]) if facts else None
+    if layer is not None:
+        out["gradcam"] = {"layer": layer}
     e = ctx.experts
     if e.get("layers"):
         out["internal_influence"] = {"layer": e.get("primary_layer") or e["layers"][-1]}
@@ -222,13 +217,14 @@ def _nanmean(t: Tensor) -> float | None:
 
 
 def metrics_info(region: str | None = None, chance: float | None = None,
-                 step: int | None = None) -> dict:
+                 step: int | None = None, alias: str | None = None) -> dict:
     """For every row metric: label, direction (↑/↓), description and implementation. The
     descriptions name the case's region, its chance level (the region mass of a uniform map) and
     the pixels per deletion/insertion ``step``; ``region_mass`` is labelled with the region's
-    name (``decoy_mass`` is DecoyMNIST's alias of it)."""
+    name, and the case's ``alias`` of it (``decoy_mass`` for DecoyMNIST) gets the same entry,
+    labelled from the alias."""
     impl = {
-        "decoy_mass": "core.methods.metrics (batched torch); equals Quantus RelevanceMassAccuracy on "
+        "region_mass": "core.methods.metrics (batched torch); equals Quantus RelevanceMassAccuracy on "
                       "non-negative maps (tested)",
         "wrong_reason": "core.methods.metrics (own; Schramowski et al. 2020; no Quantus counterpart)",
         "rank_accuracy": "core.methods.metrics; equals Quantus RelevanceRankAccuracy (tested)",
@@ -244,8 +240,10 @@ def metrics_info(region: str | None = None, chance: float | None = None,
                     "arrow": "↑" if info.higher_is_better else "↓",
                     "description": info.describe(region, chance, step),
                     "implementation": impl[key]}
-    # the case-generic name of the localisation metric (decoy_mass is DecoyMNIST's alias of it)
-    out["region_mass"] = {**out["decoy_mass"], "label": f"{region or 'region'} mass"}
+    out["region_mass"]["label"] = f"{region or 'region'} mass"
+    if alias:  # the case's own name of the region mass, e.g. DecoyMNIST's "Decoy mass"
+        out[alias] = {**out["region_mass"],
+                      "label": alias.replace("_", " ").capitalize()}
     return out
 
 
@@ -348,7 +346,9 @@ class _Explained:
             return attribute(m, xx, yy, meth, reference=ref, **opts)
 
         # the unrandomised maps of these images are attr[:n_mprt]: not computed again
+        # only the layers that feed the explained logit (a detector's other heads do not)
         res = M.mprt(model, x[:n_mprt], y[:n_mprt], explain, seed=int(cfg["seed"]),
+                     layers=M.feeding_layers(model, x[:n_mprt], y[:n_mprt]),
                      reference=attr[:n_mprt], points=cfg["mprt_points"])
         self.layers = list(res["layers"])
         row["mprt_spearman"] = _nanmean(res["last"])
@@ -416,7 +416,7 @@ def build(ctx: StageContext) -> dict:
     names = _model_names(ctx, cfg)
     methods = list(cfg["methods"])
     run = _Explained(ctx, cfg, len(names) * len(methods), x_all=x_all, mask=mask, labels=labels,
-                     reference=reference, alias=(getattr(data, "extra", None) or {}).get("region_alias"),
+                     reference=reference, alias=(data.extra or {}).get("region_alias"),
                      options=options, step=step, n_display=n_display, n_mprt=n_mprt)
     run.report("starting")
     for name in names:
@@ -434,13 +434,13 @@ def build(ctx: StageContext) -> dict:
         "curves": {"fraction": run.fraction, "deletion": run.deletion, "insertion": run.insertion},
         "mprt": {"layers": run.layers, "row": "last", "n_images": n_mprt, "curves": run.mprt_curves},
         "metrics_info": metrics_info(data.region_name if has_region else None,
-                                     data.chance if has_region else None, step),
-        "methods": [METHODS[m].row() for m in methods],
+                                     data.chance if has_region else None, step,
+                                     alias=(data.extra or {}).get("region_alias") if has_region else None),
+        "methods": [METHODS[m].row(options.get(m)) for m in methods],
         "experts": run.expert_info,
         "config": _config_out(cfg, options, names, step, n, n_display, n_mprt),
         "chance": data.chance if has_region else None,
         "region": data.region_name if has_region else None,
-        "chance_decoy_mass": data.chance if has_region else None,
         "seconds": seconds,
     }
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from core.engine.devices import eval_mode
 from core.engine.influence import activations, get_layer, model_device
+from core.methods.attribution import ACTIVATION_KINDS
 from core.methods.corrections.common import (
     Correction,
     copy_model,
@@ -121,12 +122,11 @@ def activation_pairs(facts: dict | None, layers: list[str]) -> list[tuple[str, s
     if not facts:
         return [(layer, layer) for layer in layers]
     names, kinds = facts["layers"], facts["kinds"]
-    acts = ("ReLU", "PReLU", "LeakyReLU", "GELU", "SiLU", "ELU", "Hardswish", "Tanh")
     out = []
     for layer in layers:
         i = names.index(layer) if layer in names else -1
         nxt = names[i + 1] if 0 <= i < len(names) - 1 else None
-        out.append((layer, nxt if nxt is not None and kinds.get(nxt) in acts else layer))
+        out.append((layer, nxt if nxt is not None and kinds.get(nxt) in ACTIVATION_KINDS else layer))
     return out
 
 
