@@ -327,6 +327,8 @@ def test_a_failing_delegated_stage_does_not_stop_the_build(small_study, tmp_path
     def build(ctx):
         raise RuntimeError("half-written module\nsecond line")
 
+    # the copied cache holds the stage when another test built it first: start without it
+    study.cache.path(study._key("representations")).unlink(missing_ok=True)
     _with_stage(study, monkeypatch, "representations", types.SimpleNamespace(build=build))
     result = study.build(stages=["representations"])
     assert result["representations"]["status"] == "failed"

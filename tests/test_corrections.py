@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 
 import pytest
@@ -416,6 +417,14 @@ def test_stage_over_seeds_reports_mean_and_sd(data, vanilla, clean):
     for p, seed in zip(per, (0, 1), strict=True):  # Δ is the seed's accuracy difference
         a, b = ranked[0]["decoy_test_acc_per_seed"][seed], ranked[1]["decoy_test_acc_per_seed"][seed]
         assert p["delta"] == pytest.approx(a - b, abs=1e-6)
+    # every seed's validation grid goes to the report (report --json), plain JSON
+    grids = summary["grids"]
+    assert set(grids) == {r["method"] for r in payload["rows"]}
+    for row in payload["rows"]:
+        per_seed = grids[row["method"]]
+        assert [g["strength"] for g in per_seed] == row["strength_per_seed"]
+        assert all(g["points"] and all("val_acc" in pt for pt in g["points"]) for g in per_seed)
+    assert json.loads(json.dumps(grids, allow_nan=False)) == grids
 
 
 def test_corrections_page_offers_the_build_and_draws_after_it(small_study, monkeypatch, tmp_path):

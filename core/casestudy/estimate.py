@@ -271,15 +271,15 @@ def counts(study, stage: str, sizes: dict) -> dict[str, float] | None:
 
 def sizes(study, model, p: dict) -> dict:
     """What the counts read of the case: images per split (``train``, ``val``, ``test``,
-    ``all``), ``classes``, ``hw`` (H, W), ``layers`` (the subject's randomisable layers, MPRT's
-    cascade), ``width`` (the widest experts layer's channels, from one forward of one image of
-    ``model``), ``f`` and ``train_step`` (a forward, a training step over a forward + the
+    ``all``), ``classes``, ``hw`` (H, W), ``layers`` (the subject's randomisable layers that feed
+    its class logit, MPRT's cascade), ``width`` (the widest experts layer's channels, from one
+    forward of one image of ``model``), ``f`` and ``train_step`` (a forward, a training step over a forward + the
     inputs' gradient) and ``share`` (per experts layer, the forward up to it over a whole
     forward), all from the probe ``p``."""
     import torch
 
     from core.engine.influence import activations, model_device
-    from core.methods.metrics import randomisable_layers
+    from core.methods.metrics import feeding_layers
 
     data = study.data()
     n = {s: int(getattr(data, s).n) for s in ("train", "val", "test")}
@@ -290,7 +290,7 @@ def sizes(study, model, p: dict) -> dict:
             width = max(width, int(activations(model, x, layer).shape[1]))
     return {**n, "all": sum(n.values()), "classes": len(data.class_names),
             "hw": tuple(int(v) for v in data.test.x.shape[-2:]), "width": width,
-            "layers": max(len(randomisable_layers(model)), 1), "f": p["f"] / p["fb"],
+            "layers": max(len(feeding_layers(model, x, data.test.y[:1])), 1), "f": p["f"] / p["fb"],
             "train_step": p.get("train", p["fb"]) / p["fb"],
             "share": dict(p.get("share") or {})}
 

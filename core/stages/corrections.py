@@ -287,6 +287,7 @@ class _Runs:
         self.per_seed: list[dict] = []
         self.records: dict = {}
         self.models: dict = {}
+        self.grids: dict = {}  # method -> every seed's validation grid (the report's grids)
 
     def run(self, pclarc_pairs) -> None:
         """Measure every seed's subject and reference, then run every (seed, method) correction
@@ -337,6 +338,7 @@ class _Runs:
             for method in self.methods:
                 r = by_job[(seed, method)]
                 out["correct"][method] = r["correct"]  # per image, for the best-vs-runner-up test
+                self.grids.setdefault(method, []).append(_grid_of(r["record"]))
                 out["methods"][method] = {
                     **r["meas"], "seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
                     "paired": paired_difference(r["correct"], subject_correct),
@@ -469,7 +471,8 @@ def build(ctx: StageContext) -> dict:
     runs.tally("done")
     return {
         "rows": rows,
-        "report": _ranking_summary(rows, per_seed, hkey, headline, n_seeds),
+        "report": {**(_ranking_summary(rows, per_seed, hkey, headline, n_seeds) or {}),
+                   "grids": runs.grids},
         "reference": ref_rows,
         "anchors": anchors_for(data),
         "records": {m: _record_payload(r) for m, r in runs.records.items()},
@@ -503,6 +506,19 @@ def _ranking_summary(rows: list[dict], per_seed: list[dict], hkey: str, headline
             "verdict": "better" if all(v == "better" for v in verdicts) else "tie",
             "rule": f"better only when the exact McNemar test (α {per[0]['alpha']:g}) says so "
                     "in every seed"}
+
+
+def _grid_of(record: dict) -> dict:
+    """One seed's validation grid of a correction, plain (the report's ``grids``): the strength's
+    name, the chosen strength and every grid point's plain values (numbers, strings and lists of
+    them; the suppression's unit lists included), in the order the grid was searched."""
+    def plain(v):
+        if isinstance(v, Tensor):
+            v = v.tolist()
+        return v if isinstance(v, int | float | str | bool | list | None) else str(v)
+
+    return {"strength_name": record.get("strength_name"), "strength": plain(record.get("strength")),
+            "points": [{k: plain(v) for k, v in g.items()} for g in record.get("grid") or []]}
 
 
 def _record_payload(record: dict) -> dict:
