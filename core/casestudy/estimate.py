@@ -273,9 +273,9 @@ def sizes(study, model, p: dict) -> dict:
     """What the counts read of the case: images per split (``train``, ``val``, ``test``,
     ``all``), ``classes``, ``hw`` (H, W), ``layers`` (the subject's randomisable layers that feed
     its class logit, MPRT's cascade), ``width`` (the widest experts layer's channels, from one
-    forward of one image of ``model``), ``f`` and ``train_step`` (a forward, a training step over a forward + the
-    inputs' gradient) and ``share`` (per experts layer, the forward up to it over a whole
-    forward), all from the probe ``p``."""
+    forward of one image of ``model``), ``f`` and ``train_step`` (a forward, a training step
+    over a forward + the inputs' gradient) and ``share`` (per experts layer, the forward up to
+    it over a whole forward), all from the probe ``p``."""
     import torch
 
     from core.engine.influence import activations, model_device
