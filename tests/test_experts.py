@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +171,18 @@ def test_a_bootstrap_or_confidence_out_of_bounds_is_one_line():
             with pytest.raises(ValueError, match=word) as err:
                 fn(net, x, layer, ClassQoI(0), **kwargs)
             assert len(str(err.value).splitlines()) == 1
+
+
+def test_the_rule_in_words_writes_every_share_in_percent_and_names_no_built_in_case():
+    from core.methods.shortcut import rule_of, shortcut_rule
+
+    section = {"shortcut_factor": 5.0, "shortcut_quantile": 0.95}
+    text = rule_of(section, 16 / 784, "decoy patch", "clean")
+    assert "5 × chance (2.04%, the decoy patch's share of the image), i.e. 10.2%" in text
+    assert "95% quantile" in text and "(clean)" in text
+    assert not re.search(r"\b0\.\d", text)  # no fraction beside the percentages
+    alone = rule_of(section, 0.03125, "watermark", None)
+    assert alone.endswith("i.e. 15.6%") and "quantile" not in alone
+    assert rule_of(section, None, "watermark", "ref") is None
+    with pytest.raises(TypeError):  # chance, region and reference are the case's, never defaults
+        shortcut_rule(5.0, 0.95)

@@ -14,20 +14,21 @@ import math
 __all__ = ["classes_of", "flag", "quantile", "rule_of", "shortcut_rule", "thresholds"]
 
 
-def shortcut_rule(factor: float, quantile: float = 0.95, *, chance: float | None = 16 / 784,
-                  region: str = "decoy patch", reference: str | None = "clean") -> str:
-    """The rule that flags an expert as carrying the shortcut, in words (it goes into the report)."""
-    chance = chance if chance is not None else float("nan")
-    floor = f"{factor:g} × chance ({chance:.4f}, the {region}'s share of the image), i.e. " \
-            f"{factor * chance:.3f}"
+def shortcut_rule(factor: float, quantile: float, *, chance: float, region: str,
+                  reference: str | None) -> str:
+    """The rule that flags an expert as carrying the shortcut, in words (it goes into the report),
+    every share in percent (the pages' per-layer thresholds are in percent too)."""
+    floor = (f"{factor:g} × chance ({chance:.2%}, the {region}'s share of the image), i.e. "
+             f"{factor * chance:.1%}")
     base = (f"an expert carries the shortcut when its region mass — the share of positive "
             f"attribution its interpretation puts on the {region}, averaged over its class's test "
             "images — exceeds its layer's threshold: ")
     if quantile <= 0 or reference is None:
         return base + floor
-    return base + (f"the larger of {floor} and the {quantile:.0%} quantile of the region mass of "
-                   f"the reference model's ({reference}) top experts in the same layer (a model "
-                   "that does not use the region shows how much of it a unit picks up anyway)")
+    return base + (f"the larger of {floor}, and the {quantile:.0%} quantile of the region mass "
+                   f"of the reference model's ({reference}) top experts in the same layer (a "
+                   "model that does not use the region shows how much of it a unit picks up "
+                   "anyway)")
 
 
 def classes_of(section: dict, n_classes: int) -> list[int]:
