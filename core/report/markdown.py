@@ -247,7 +247,7 @@ def _corrections(rep: dict) -> list[str]:
     rows = rep.get("corrections") or []
     if not rows:
         return []
-    head = rows[0].get("headline", "decoy_test")
+    head = rows[0].get("headline") or (rep.get("case_facts") or {}).get("headline") or "test"
     hkey = f"{head}_acc"
     others = [k for k in rows[0] if k.endswith("_acc") and k != hkey and "val" not in k
               and k not in ("subject_acc", "reference_acc") and not k.startswith(
