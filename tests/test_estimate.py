@@ -36,7 +36,7 @@ def _fake(sections: dict, layers=("conv1",)):
                              experts={"layers": list(layers), "k": 5, "n_images": 8,
                                       "resolution": 20},
                              training={"epochs": 2}, models={"m": SimpleNamespace(checkpoint=None)})
-    return SimpleNamespace(config=config, seeds=1, subject="m", reference=None)
+    return SimpleNamespace(config=config, seeds=1, subject="m", reference=None, device="cpu")
 
 
 SIZES = {"train": 400, "val": 40, "test": 120, "all": 560, "classes": 2, "hw": (32, 32),
@@ -47,16 +47,30 @@ SIZES = {"train": 400, "val": 40, "test": 120, "all": 560, "classes": 2, "hw": (
 @pytest.mark.parametrize("stage,key,term", [
     ("representations", "n_images", "n_images (maps)"),
     ("representations", "n_images", "n_steps × n_images (deletion/insertion curves)"),
-    ("detection", "n_eval", "adaptive: steps × n_eval × resolution"),
-    ("discovery", "max_fit", "max_fit × k_experts × resolution (maps)")])
+    ("detection", "n_eval", "adaptive: steps × held-out attempts × attacks")])
 def test_doubling_a_stage_images_roughly_doubles_its_count(stage, key, term):
-    base = {"representations": 16, "detection": 32, "discovery": 40}[stage]
+    base = {"representations": 16, "detection": 32, "discovery": 20}[stage]
     one = est.counts(_fake({stage: {key: base}}), stage, SIZES)
     two = est.counts(_fake({stage: {key: 2 * base}}), stage, SIZES)
     assert 0 < sum(one.values()) < sum(two.values())
     # the term the images scale doubles (internal influence's reference images and detection's
     # attacked training images do not follow n_images / n_eval)
     assert 1.6 < two[term] / one[term] <= 2.0 + 1e-9, (stage, one, two)
+
+
+def test_discovery_maps_follow_the_images_and_detection_attempts_the_design():
+    maps = "max_fit + max_heldout × resolution (experts' maps)"
+    one, two = (est.counts(_fake({"discovery": {"max_fit": m, "max_heldout": m, "max_targets": m}}),
+                           "discovery", SIZES) for m in (20, 40))
+    assert two[maps] / one[maps] == pytest.approx(2.0)
+    tests = "max_heldout, max_targets × groups (causal tests, forward)"
+    assert two[tests] > one[tests] and two[tests] / one[tests] == pytest.approx(2.0)
+    # every patch side and position is one more attempt: the attacks scale with them
+    att = "steps × (n_attack_fit + held-out attempts) (patch attacks)"
+    one = est.counts(_fake({"detection": {"n_attack_fit": 2}}), "detection", SIZES)
+    four = est.counts(_fake({"detection": {"n_attack_fit": 2, "patch_sizes": [4, 6],
+                                           "positions": 2}}), "detection", SIZES)
+    assert four[att] / one[att] == pytest.approx((2 + 4 * SIZES["test"]) / (2 + SIZES["test"]))
 
 
 def test_representations_count_follows_curve_steps_and_mprt_points():
@@ -86,8 +100,9 @@ def test_to_build_skips_what_is_cached(small_study):
 
 
 def test_estimate_of_a_small_case_is_positive_per_stage(small_study):
-    rows, p = est.estimate(small_study, ["models", "experts", "representations"])
-    assert [r.stage for r in rows] == ["models", "experts", "representations"]
+    stages = ["models", "experts", "representations", "discovery", "detection", "essence"]
+    rows, p = est.estimate(small_study, stages)
+    assert [r.stage for r in rows] == stages
     assert all(r.seconds and r.seconds > 0 and r.lower for r in rows)
     assert p["fb"] > 0 and p["seconds"] > 0
 

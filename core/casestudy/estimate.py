@@ -58,8 +58,9 @@ def probe(model, shape: tuple[int, ...], device=None, batch: int | None = None,
     ``target_s`` or ``max_batch`` is reached (the stages run large batches: a small model's
     per-image cost at batch 4 is mostly the per-call overhead). ``"share"``: per layer of
     ``layers``, the forward up to that layer (the engine stops there) over the whole forward —
-    what an internal unit's interpretation costs relative to a whole pass. The model's mode is
-    restored."""
+    what an internal unit's interpretation costs relative to a whole pass; ``"variant"``: per
+    layer, the seconds of one masked variant of one image through the essence stage's cut
+    (:func:`_variant_seconds`). The model's mode is restored."""
     import torch
 
     from core.engine.devices import build_threads, eval_mode, model_device
@@ -102,8 +103,28 @@ def probe(model, shape: tuple[int, ...], device=None, batch: int | None = None,
         share = {layer: min(1.0, min(once(lambda xx, la=layer: activations(model, xx, la), x)
                                      for _ in range(repeats)) / b / best["f"])
                  for layer in layers}
+        variant = {layer: _variant_seconds(model, x, layer, once, repeats) for layer in layers}
     model.zero_grad(set_to_none=True)
-    return {**best, "batch": b, "share": share}
+    return {**best, "batch": b, "share": share, "variant": variant}
+
+
+def _variant_seconds(model, x, layer: str, once, repeats: int, n_variants: int = 16) -> float:
+    """Seconds per (masked variant × image) of the essence stage's cut at ``layer``
+    (:class:`core.methods.essence._Cut`: the folded consumer, the traced tail or a masking hook,
+    whichever it picks for this model): what its curves, ablations and region checks repeat."""
+    import torch
+
+    from core.methods.essence import _Cut
+
+    cut = _Cut(model, layer)
+    xs = x[:32]
+    z = cut.slice(xs)
+    gen = torch.Generator().manual_seed(0)
+    keeps = torch.rand(n_variants, z.shape[1], generator=gen) < 0.5
+    fill = torch.zeros_like(z[0])
+    cut.logits(xs, z, keeps[:2], fill)  # warm-up: the cut picks its path
+    return min(once(lambda _x: cut.logits(xs, z, keeps, fill), xs)
+               for _ in range(repeats)) / (n_variants * len(xs))
 
 
 def _n_classes_of(e: dict, n_classes: int) -> int:
@@ -177,35 +198,62 @@ def _representations(study, n: dict) -> dict:
 
 
 def _discovery(study, n: dict) -> dict:
+    """Per model and class: the experts' ranking on the fit images (fb), their maps — one
+    weighted experts' quantity, so one gradient per path point at the layer's share of a pass —
+    on the fit and held-out images, then per group and region mode the causal tests: the region
+    removed from the group's images and from a control (2 forwards each; the groups share the
+    held-out images, and the class as one group holds them all), pasted onto the targets with
+    its controls (2 forwards each for the fixed and pattern modes, 3 for the moving one). The
+    eigengap's k is not known before the maps exist: counted at the middle of
+    1…``max_clusters``, plus the class as one group."""
     from core.stages import discovery as D
 
     cfg = D.check_config(dict(study.config.section("discovery")))
-    per_class = n["train"] / n["classes"]
-    fit = min(int(cfg["max_fit"]), per_class) * n["classes"]
-    tests = (min(int(cfg["max_heldout"]), per_class) + min(int(cfg["max_targets"]), n["train"]))
+    models = len(cfg["models"] or study.config.models)
+    c = n["classes"]
+    per_class = n["train"] / c
+    fit = min(int(cfg["max_fit"]), per_class / 2)
+    held = min(int(cfg["max_heldout"]), per_class / 2 + n["test"] / c)
+    targets = min(int(cfg["max_targets"]), n["train"])
     share = n["share"].get(D.layer_of(study.config.experts, cfg), 1.0)
-    return {"max_fit × k_experts × resolution (maps)":
-                fit * (1 + int(cfg["k_experts"]) * int(cfg["resolution"]) * share),
-            "max_heldout + max_targets (tests, forward)":
-                n["classes"] * int(cfg["max_clusters"]) * 2 * tests * n["f"]}
+    groups = 1 + (1 + int(cfg["max_clusters"])) / 2
+    modes, paste = 3, 2 + 3 + 2
+    return {"max_fit + max_heldout × resolution (experts' maps)":
+                models * c * (fit + (fit + held) * int(cfg["resolution"]) * share),
+            "max_heldout, max_targets × groups (causal tests, forward)":
+                models * c * (modes * 2 * 2 * held + paste * groups * targets) * n["f"]}
 
 
 def _detection(study, n: dict) -> dict:
+    """The patch attacks at their full ``steps`` (an attack that settles early stops sooner: an
+    upper bound) on the fit images and on every held-out attempt (held-out images × views ×
+    patch sides × positions); the detectors' profiles and experts' maps (``resolution`` path
+    points, the experts at their layer's share) on the fit images, the clean views and the
+    attacked ones; per adaptive attack the held-out attacks again with a penalty — through the
+    influence profile a double back-propagation (≈ 3 passes), through the Mahalanobis distance
+    one — run side by side in :func:`~core.engine.parallel.process_map`'s workers."""
+    from core.engine.parallel import worker_count
     from core.stages import detection as T
 
     cfg = T.check_config(dict(study.config.section("detection")))
     n_eval = min(int(cfg["n_eval"] or n["test"]), n["test"])
     layers = list(cfg["layers"] or study.config.experts.get("layers") or [])
     expert_layer = cfg["expert_layer"] or cfg["layer"] or (layers[-1] if layers else None)
-    attacked = int(cfg["n_attack_fit"]) + n_eval
+    views = n_eval * int(cfg["views"])
+    attempts = views * len(cfg["patch_sizes"] or [1]) * int(cfg["positions"])
+    steps, fit_attacks = int(cfg["steps"]), min(int(cfg["n_attack_fit"]), n["train"])
     # every layer's profile from one engine pass per path point; k experts' interpretations
     per_image = int(cfg["resolution"]) * (1 + int(cfg["k"]) * n["share"].get(expert_layer, 1.0))
-    out = {"steps × (n_attack_fit + n_eval) (PGD)": int(cfg["steps"]) * attacked,
-           "resolution × (1 + k) × images (profiles, interpretations)":
-               (int(cfg["n_fit"]) + 2 * attacked) * per_image}
-    if cfg["adaptive"]:
-        out["adaptive: steps × n_eval × resolution"] = int(cfg["steps"]) * n_eval * int(
-            cfg["resolution"])
+    scored = min(int(cfg["n_fit"]), n["train"]) + fit_attacks + views + attempts
+    out = {"steps × (n_attack_fit + held-out attempts) (patch attacks)":
+               steps * (fit_attacks + attempts),
+           "resolution × (1 + k) × images (profiles, experts' maps)": scored * per_image}
+    kinds = list(cfg["adaptive_to"]) if cfg["adaptive"] else []
+    if kinds:
+        cost = sum(3.0 if k == "influence" else 1.0 if k == "mahalanobis" else 4.0 for k in kinds)
+        out["adaptive: steps × held-out attempts × attacks"] = (
+            steps * attempts * cost + len(kinds) * attempts * per_image
+        ) / worker_count(study.device, len(kinds))
     return out
 
 
@@ -234,24 +282,39 @@ def _corrections(study, n: dict) -> dict:
 
 
 def _essence(study, n: dict) -> dict:
-    """Rankings (fb) over ``n_rank`` images per class of each pair; the curves and ablations run
-    the model's tail only (forward from the layer: 1 − the layer's share of a forward)."""
+    """Per model and layer: rankings (fb) over ``n_rank`` images per class of each pair; then
+    masked variants of the layer's slice, each run through the part after the layer — the
+    probe's ``variant`` cost per (variant × image), which already reflects the cut's path:
+    per pair and fill 1 + (ks − 1)(2 + draws) variants on the pair's images, per fill
+    1 + classes + draws variants (the ablations) on the evaluation images, and 1 + draws
+    variants per region set image (the region check)."""
+    from core.methods.essence import k_grid
     from core.stages import essence as S
 
     cfg = S.check_config(dict(study.config.section("essence")))
     layers = list(cfg["layers"] or study.config.experts.get("layers") or [])
+    models = len(cfg["models"] or [study.subject])
     c = n["classes"]
     pairs = min(len(cfg["pairs"]) + int(cfg["n_confused"]), c * (c - 1) // 2)
-    n_eval = min(int(cfg["n_eval"] or n["test"]), n["test"])
-    ks = len(cfg["ks"] or []) or 1 + math.ceil(math.log2(max(n["width"], 2)))  # 1, 2, 4, …, width
+    data = study.data()
+    _, ev = S._eval_split(data, cfg["eval_set"])
+    n_eval = min(int(cfg["n_eval"] or ev.n), ev.n)
+    regions = S._region_sets(data, cfg["n_eval"]) if cfg["region"] else {}
+    n_region = sum(len(y) for _, y, _ in regions.values()) \
+        if any(r for _, _, r in regions.values()) else 0
     draws, fills = int(cfg["random_draws"]), len(cfg["fills"])
-    tail = sum(1.0 - n["share"].get(layer, 0.0) for layer in layers)
-    rank = len(layers) * pairs * 2 * min(int(cfg["n_rank"]), n["train"] / c)
-    curves = tail * pairs * fills * ks * (1 + draws) * n_eval * min(2, c) / c
-    ablate = tail * fills * c * (2 + draws) * n_eval
+    rank = models * len(layers) * pairs * 2 * min(int(cfg["n_rank"]), n["train"] / c)
+    curves = ablate = region = 0.0
+    for layer in layers:
+        v = n["variant"].get(layer, 1.0)
+        grid = len(k_grid(n["widths"].get(layer, n["width"]), cfg["ks"]))
+        curves += v * pairs * fills * (1 + (grid - 1) * (2 + draws)) * n_eval * min(2, c) / c
+        ablate += v * fills * (1 + c + draws) * n_eval
+        region += v * fills * (1 + draws) * n_region
     return {"n_rank (rankings)": rank,
-            "random_draws × ks × n_eval (curves, forward of the tail)": curves * n["f"],
-            "random_draws × n_eval (ablations, forward of the tail)": ablate * n["f"]}
+            "random_draws × ks × n_eval (curves)": models * curves,
+            "random_draws × n_eval (ablations)": models * ablate,
+            "random_draws × region images (region check)": models * region}
 
 
 # stages whose count follows their main loops only, not every check they run
@@ -273,7 +336,8 @@ def sizes(study, model, p: dict) -> dict:
     """What the counts read of the case: images per split (``train``, ``val``, ``test``,
     ``all``), ``classes``, ``hw`` (H, W), ``layers`` (the subject's randomisable layers that feed
     its class logit, MPRT's cascade), ``width`` (the widest experts layer's channels, from one
-    forward of one image of ``model``), ``f`` and ``train_step`` (a forward, a training step
+    forward of one image of ``model``; ``widths`` per layer), ``variant`` (per layer, a masked
+    variant over a forward + backward), ``f`` and ``train_step`` (a forward, a training step
     over a forward + the inputs' gradient) and ``share`` (per experts layer, the forward up to
     it over a whole forward), all from the probe ``p``."""
     import torch
@@ -284,12 +348,14 @@ def sizes(study, model, p: dict) -> dict:
     data = study.data()
     n = {s: int(getattr(data, s).n) for s in ("train", "val", "test")}
     x = data.test.x[:1].float().to(model_device(model))
-    width = 2
+    widths = {}
     with torch.no_grad():
         for layer in study.config.experts.get("layers") or []:
-            width = max(width, int(activations(model, x, layer).shape[1]))
+            widths[layer] = int(activations(model, x, layer).shape[1])
     return {**n, "all": sum(n.values()), "classes": len(data.class_names),
-            "hw": tuple(int(v) for v in data.test.x.shape[-2:]), "width": width,
+            "hw": tuple(int(v) for v in data.test.x.shape[-2:]),
+            "width": max([2, *widths.values()]), "widths": widths,
+            "variant": {k: v / p["fb"] for k, v in (p.get("variant") or {}).items()},
             "layers": max(len(feeding_layers(model, x, data.test.y[:1])), 1), "f": p["f"] / p["fb"],
             "train_step": p.get("train", p["fb"]) / p["fb"],
             "share": dict(p.get("share") or {})}
