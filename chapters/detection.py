@@ -177,23 +177,37 @@ if table["rank"].isna().all():
 for col in ("AUC 95% interval", "TPR at 25% FPR, 95% interval"):
     if not table[col].astype(bool).any():
         table = table.drop(columns=[col])
-st.dataframe(table, hide_index=True, column_config={
+# The columns the text quotes (AUC, TPR at 25% FPR) sit next to the detector, under short headers
+# (the full name is each column's help), so that the table fits a 1400 px wide page unscrolled.
+FIRST = ["detector", "AUC", "TPR at 25% FPR", "AUC 95% interval", "TPR at 25% FPR, 95% interval"]
+st.dataframe(table, hide_index=True, column_order=ui.drawing.quoted_first(table, FIRST), column_config={
+    "detector": st.column_config.TextColumn(width=150, pinned=True),
     **{f"TPR at {round(100 * b)}% FPR": st.column_config.NumberColumn(
-        format="percent", help=f"True-positive rate at {round(100 * b)}% false-positive rate: the share of "
-                               f"attacked images flagged when the threshold flags {round(100 * b)}% of "
-                               "clean images.") for b in FPR_POINTS},
+        f"TPR @{round(100 * b)}%", format="percent", width=76,
+        help=f"TPR at {round(100 * b)}% FPR — true-positive rate at {round(100 * b)}% false-positive rate: "
+             f"the share of attacked images flagged when the threshold flags {round(100 * b)}% of "
+             "clean images.") for b in FPR_POINTS},
     "AUC": st.column_config.NumberColumn(
-        format="%.3f", help="Area under the ROC curve: the chance that a random attacked image scores higher "
-                            "than a random clean one (0.5: no better than a coin, 1: perfect)."),
+        format="%.3f", width=60,
+        help="Area under the ROC curve: the chance that a random attacked image scores higher "
+             "than a random clean one (0.5: no better than a coin, 1: perfect)."),
     "AUC 95% interval": st.column_config.TextColumn(
-        help="95% image-level bootstrap interval: held-out images are resampled with all their clean "
-             "views and attacks, because those are correlated."),
+        "AUC 95% CI", width=104,
+        help="AUC 95% interval — 95% image-level bootstrap interval: held-out images are resampled with "
+             "all their clean views and attacks, because those are correlated."),
+    "TPR at 25% FPR, 95% interval": st.column_config.TextColumn(
+        "TPR @25% CI", width=92, help="TPR at 25% FPR, 95% interval (the same bootstrap)."),
     "rank": st.column_config.NumberColumn(
+        width=48,
         help="1 + the number of detectors whose AUC is above this one's beyond the bootstrap's 95% "
              "interval of the paired difference; equal ranks cannot be told apart."),
     "uses influence": st.column_config.TextColumn(
-        help="Whether the detector reads the model's influence (gradients) or only its outputs and "
-             "activations.")})
+        "influence?", width=72,
+        help="uses influence — whether the detector reads the model's influence (gradients) or only its "
+             "outputs and activations."),
+    "what it measures": st.column_config.TextColumn(
+        width=120, help="What the detector's score measures (the whole text: hover or widen the cell)."),
+})
 n_clean = next((r.get("n_clean") for r in mine if r.get("n_clean")), None)
 n_att = next((r.get("n_attacked") for r in mine if r.get("n_attacked")), None)
 design = payload.get("evaluation") or {}

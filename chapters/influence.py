@@ -363,6 +363,11 @@ def _image_name(i: int) -> str:
     return f"{name(c)} image {j}" if c >= 0 else f"image {i + 1}"
 
 
+# Tiles of every image grid on this page: about 112 px (a 28×28 digit drawn 4×), beside their
+# row's label, so that a row of a dozen images fits on one line and the chapter stays short.
+GRID_SCALE = ui.figures.tile_scale(images.shape[1:3], len(images))
+TILE = GRID_SCALE * max(images.shape[1:3])
+ROW_SPLIT = [1, 6]
 style = ui.choice("Show the interpretation as", list(VIEWS), param="view", widget="radio", horizontal=True,
                   format_func=VIEWS.get)
 st.markdown(
@@ -379,31 +384,47 @@ if style != "mask":
              alt=ui.HEAT_LEGEND_ALT)
 view_key = ui.stamp(study) + (model, layer, repr(sorted(qoi.items())), repr(sorted(doi.items())),
                              target)
-grid = _render(view_key, style, SCALE, images, maps)
+grid = _render(view_key, style, GRID_SCALE, images, maps)
 n_maps = min(len(grid), len(table))
+
+
+def _short_reason(mass: float) -> str:
+    """The verdict's number against the threshold, in one short line (the row label's second)."""
+    if np.isnan(mass):
+        return f"{MASS_LABEL} — vs threshold {THRESHOLD:.0%}"
+    return f"{MASS_LABEL} {mass:.0%} {'>' if mass > THRESHOLD else '≤'} threshold {THRESHOLD:.0%}"
+
+
 for k in range(n_maps):
     r = table.iloc[k]
+    details = None  # the whole reason: the row label's tooltip (chance, the interval)
     if HAS_VERDICT:
         mass = float(r[MASS_KEY])
         if r["verdict"] == "undecided":
-            verdict = (f"**undecided** ({_verdict_reason(mass)}; its interval over the images, "
-                       f"{float(r['mass_low']):.0%}–{float(r['mass_high']):.0%}, holds the "
-                       "threshold)")
+            verdict = f"**undecided**  \n{_short_reason(mass)}"
+            details = (f"undecided: {_verdict_reason(mass)}; its interval over the images, "
+                       f"{float(r['mass_low']):.0%}–{float(r['mass_high']):.0%}, holds the threshold")
         elif r["carries shortcut"]:
-            verdict = f":red[**carries the shortcut**] ({_verdict_reason(mass)})"
+            verdict = f":red[**carries the shortcut**]  \n{_short_reason(mass)}"
+            details = f"carries the shortcut: {_verdict_reason(mass)}"
         else:
-            verdict = f"does not carry it ({_verdict_reason(mass)})"
+            verdict = f"does not carry it  \n{_short_reason(mass)}"
+            details = f"does not carry it: {_verdict_reason(mass)}"
     elif HAS_MASS:
         mass = float(r[MASS_KEY])
         verdict = f"{MASS_LABEL} {'—' if np.isnan(mass) else f'{mass:.0%}'}"
     else:
         verdict = "no region to judge it against"
-    st.markdown(f"**#{int(r['rank'])} · unit {int(r['unit'])}** — {verdict}")
+    # a compact grid: the row's label on the left (rank, unit, verdict; the reason in full on its
+    # tooltip), its tiles at TILE px on the right; each tile's caption names only its image (the
+    # row says the unit, the alt text both)
+    label_col, tiles_col = st.columns(ROW_SPLIT, vertical_alignment="center")
+    label_col.markdown(f"**#{int(r['rank'])} · unit {int(r['unit'])}**  \n{verdict}", help=details)
     if shown_idx:
-        ui.image([grid[k][i] for i in shown_idx],
-                 about=f"{ui.inert(model)}, {ui.inert(layer)}, expert #{k + 1}",
-                 caption=[_tile(i, f"unit {int(r['unit'])} on {_image_name(i)} ({VIEWS[style]})")
-                          for i in shown_idx])
+        ui.image([grid[k][i] for i in shown_idx], where=tiles_col, width=TILE,
+                 about=f"{ui.inert(model)}, {ui.inert(layer)}, expert #{k + 1}, unit {int(r['unit'])}, "
+                       f"{VIEWS[style]}",
+                 caption=[_tile(i, _image_name(i)) for i in shown_idx])
 if shown_idx:
     def _grid_png() -> np.ndarray:
         """The grid as a self-describing PNG: what, which model, each row's unit, the legend."""
@@ -419,7 +440,7 @@ if shown_idx:
                  f"{DOIS[doi_kind]} | "
                  f"test images {by_what} the class")
         footer = legend + (f" Columns, label>predicted: {', '.join(under)}." if under else "")
-        return ui.labelled_grid([[ui.picture(images[i], SCALE) for i in shown_idx],
+        return ui.labelled_grid([[ui.picture(images[i], GRID_SCALE) for i in shown_idx],
                                  *[[row[i] for i in shown_idx] for row in grid[:n_maps]]],
                                 row_labels, title, footer)
 
@@ -507,19 +528,26 @@ if st.session_state.get("damp-shown") == damp_key:
                          f"{rnd['logit_drop']['median']:.3g}.")
             st.caption(line)
 
-close = (_render(view_key, "mask", SCALE, images, maps)[k],
-         _render(view_key, "heatmap", SCALE, images, maps)[k])
+close = (_render(view_key, "mask", GRID_SCALE, images, maps)[k],
+         _render(view_key, "heatmap", GRID_SCALE, images, maps)[k])
 if shown_idx:
     MASKS = view.get("masks")
     MASKS = None if MASKS is None or len(np.asarray(MASKS)) != n_all else np.asarray(MASKS)
-    ui.image([ui.tinted(images[i], MASKS[i], SCALE) if MASKS is not None else ui.picture(images[i], SCALE)
-              for i in shown_idx],
-             caption=[_tile(i, _image_name(i) + (f" ({REGION} shaded red)" if MASKS is not None else ""))
-                      for i in shown_idx])
-    ui.image([close[0][i] for i in shown_idx], about=f"{ui.inert(model)}, {ui.inert(layer)}",
-             caption=[_tile(i, f"unit {unit}: mask on {_image_name(i)}") for i in shown_idx])
-    ui.image([close[1][i] for i in shown_idx], about=f"{ui.inert(model)}, {ui.inert(layer)}",
-             caption=[_tile(i, f"unit {unit}: heatmap on {_image_name(i)}") for i in shown_idx])
+    rows_up_close = [("the images" + (f"  \n:red[{REGION}] shaded red" if MASKS is not None else ""),
+                      [ui.tinted(images[i], MASKS[i], GRID_SCALE) if MASKS is not None
+                       else ui.picture(images[i], GRID_SCALE) for i in shown_idx],
+                      "", [_tile(i, _image_name(i) + (f" ({REGION} shaded red)" if MASKS is not None else ""))
+                           for i in shown_idx]),
+                     (f"unit {unit}: mask", [close[0][i] for i in shown_idx],
+                      f"{ui.inert(model)}, {ui.inert(layer)}, unit {unit}, mask",
+                      [_tile(i, _image_name(i)) for i in shown_idx]),
+                     (f"unit {unit}: heatmap", [close[1][i] for i in shown_idx],
+                      f"{ui.inert(model)}, {ui.inert(layer)}, unit {unit}, heatmap",
+                      [_tile(i, _image_name(i)) for i in shown_idx])]
+    for row_label, tiles, about, caps in rows_up_close:
+        label_col, tiles_col = st.columns(ROW_SPLIT, vertical_alignment="center")
+        label_col.markdown(f"**{row_label}**")
+        ui.image(tiles, about=about, caption=caps, where=tiles_col, width=TILE)
 
 # ------------------------------------------------------------------------------------------ the other model
 other = REFERENCE if model != REFERENCE else SUBJECT
@@ -564,13 +592,19 @@ if other and other != model:
                 and len(t_images)):
             t_key = ui.stamp(study) + (other, layer, repr(sorted(qoi.items())), repr(sorted(doi.items())),
                                      target)
-            t_grid = _render(t_key, "mask", SCALE, t_images, t_maps)
+            t_scale = ui.figures.tile_scale(t_images.shape[1:3], len(t_images))
+            t_grid = _render(t_key, "mask", t_scale, t_images, t_maps)
             both = len(t_labels) == len(t_images) == len(t_preds)
-            for j, row in enumerate(t_rows[:len(t_grid)]):
-                ui.image(t_grid[j], about=f"{ui.inert(layer)}, mask view", caption=[
-                    f"{ui.inert(other)}: unit {int(row['unit'])} on image {i + 1}"
-                    + (f" · {name(int(t_labels[i]))} → {name(int(t_preds[i]))}" if both else "")
-                    for i in range(len(t_images))])
+            # the twin's grid is a comparison: opened on demand, so the chapter stays short
+            with st.expander(f"Masks of {other_label}'s {min(len(t_rows), len(t_grid))} experts"):
+                for j, row in enumerate(t_rows[:len(t_grid)]):
+                    label_col, tiles_col = st.columns(ROW_SPLIT, vertical_alignment="center")
+                    label_col.markdown(f"**unit {int(row['unit'])}**  \nrank {j + 1}")
+                    ui.image(t_grid[j], about=f"{ui.inert(layer)}, mask view", where=tiles_col,
+                             width=t_scale * max(t_images.shape[1:3]), caption=[
+                                 f"{ui.inert(other)}: unit {int(row['unit'])} on image {i + 1}"
+                                 + (f" · {name(int(t_labels[i]))} → {name(int(t_preds[i]))}" if both else "")
+                                 for i in range(len(t_images))])
             st.caption(f"Masks (95th percentile) of {other_label}'s experts, on the test images "
                        f"{'labelled' if target == 'label' else f'{ui.inert(other)} predicts as'} "
                        f"{' and '.join(name(c) for c in shown_for)}; label → {ui.inert(other)}'s "

@@ -140,6 +140,30 @@ def link_table(m: str) -> str:
     return "\n".join(lines)
 
 
+# The page's main column at 1400 px (the sidebar open) and the gap between columns, in pixels; a
+# Markdown table's column is about its longest text wide (bold headers ~7.6 px a character, cells
+# ~5.9: mostly digits) plus 28 px of padding (measured in Chromium).
+MAIN_WIDTH, GAP = 940, 16
+
+
+def _table_width(m: str) -> float:
+    """About how wide ``link_table(m)`` draws, in pixels."""
+    sub = df[df["model"] == m]
+    cells = [_cell_text(r) for _, r in sub.iterrows()] or [""]
+    names = [ui.plain(cname(c)) for c in CLASSES] or [""]
+    first = 28 + max(6.4 * len("class"), 5.9 * max(len(x) for x in names))
+    per_cell = 5.9 * max(len(x) for x in cells)
+    return first + sum(28 + max(7.6 * len(ui.plain(x)), per_cell) for x in LAYERS)
+
+
+def _link_rows(models: list[str]) -> list[list[str]]:
+    """The models' link tables in rows: all in one row when each fits its column, else one a row."""
+    share = (MAIN_WIDTH - GAP * (len(models) - 1)) / max(1, len(models))
+    if all(_table_width(m) <= 1.02 * share for m in models):
+        return [list(models)]
+    return [[m] for m in models]
+
+
 def _layer_totals(m: str, layer: str) -> tuple[int, int]:
     sub = df[(df["model"] == m) & (df["layer"] == layer)]
     return int(sub["n_shortcut"].fillna(0).sum()), int(sub["k"].sum())
@@ -197,13 +221,14 @@ chart = alt.layer(rect, text, data=chart_df).properties(
     width=alt.Step(56), height=alt.Step(24)).facet(
     column=alt.Column("role:N", sort=role_order, title=None, header=alt.Header(labelFontWeight="bold")))
 
-left, right = st.columns([3, 1.3])
+ui.chart(chart, f"Experts that carry the shortcut, per class and layer ({MASS})", chart_df,
+         width="content")
+st.caption(f"Each cell: how many of the class's top experts at that layer carry the shortcut "
+           f"(n/k); colour: that share; hover for the experts' mean {MASS} and the layer's threshold.")
+# The thresholds table below the matrix, wide enough for every column at 1400 px (beside the
+# matrix, in a quarter of the page, its last columns were cut off).
+left, right = st.columns([2, 1])
 with left:
-    ui.chart(chart, f"Experts that carry the shortcut, per class and layer ({MASS})", chart_df,
-             width="content")
-    st.caption(f"Each cell: how many of the class's top experts at that layer carry the shortcut "
-               f"(n/k); colour: that share; hover for the experts' mean {MASS} and the layer's threshold.")
-with right:
     st.markdown("**Layer thresholds**")
     th = pd.DataFrame({"layer": LAYERS, "threshold": [THRESHOLDS.get(x) for x in LAYERS]})
     terms = [ui.threshold_term(E, x) for x in LAYERS]
@@ -224,7 +249,9 @@ with right:
             help=f"{ui.inert(CONTROL)}, a model that does not use the {REGION}: the share of its top "
                  f"experts the "
                  "rule flags anyway (how often the rule cries wolf).")
+    cfg["layer"] = st.column_config.TextColumn("layer", pinned=True)
     st.dataframe(th, hide_index=True, column_config=cfg)
+with right:
     if RULE:
         st.caption(f"The rule: {ui.plain(RULE, limit=800)}.")
         if any(terms):
@@ -246,11 +273,13 @@ with right:
 st.header("Open a cell")
 st.caption(f"n/k experts carrying the shortcut · their mean {MASS}. Each cell opens the influence "
            "chapter on that model, class and layer.")
-cols = st.columns(len(MODELS))
-for col, m in zip(cols, MODELS, strict=True):
-    with col:
-        st.subheader(role(m))
-        st.markdown(link_table(m))
+# Side by side when every model's table fits its share of a 1400 px page, else one under another
+# (faces' five layers: side by side, each table ran under its neighbour and hid the last layer).
+for row in _link_rows(MODELS):
+    for col, m in zip(st.columns(len(row)), row, strict=True):
+        with col:
+            st.subheader(role(m))
+            st.markdown(link_table(m))
 
 export = df.drop(columns=["link"]).rename(columns={"mean_mass": f"mean {MASS}"})
 ui.download_csv(export, f"overview_{CASE}.csv", "Download the matrix (CSV)", key="dl-overview")

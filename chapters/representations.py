@@ -250,10 +250,15 @@ st.caption("Red: positive attribution (evidence for the explained class), blue: 
 st.subheader("Metrics")
 table = rows[["label", "model", *metric_keys]].rename(columns={"label": "method", **{k: _head(k) for k in
                                                                                      metric_keys}})
+# The metrics the text quotes (MPRT, sparseness) come right after the method and the model, so
+# that they show unscrolled on a 1400 px wide page; the method stays pinned when scrolled.
+QUOTED = [_head(k) for k in ("mprt_spearman", "sparseness") if k in metric_keys]
 st.dataframe(table, hide_index=True, width="stretch",
-             column_config={_head(k): st.column_config.NumberColumn(_head(k), format="%.3f",
-                                                                    help=ui.inert(info[k].get("description")))
-                            for k in metric_keys})
+             column_order=ui.drawing.quoted_first(table, ["method", "model", *QUOTED]),
+             column_config={"method": st.column_config.TextColumn("method", width=150, pinned=True),
+                            **{_head(k): st.column_config.NumberColumn(
+                                _head(k), format="%.3f", help=ui.inert(info[k].get("description")))
+                               for k in metric_keys}})
 st.caption(f"Means over {cfg.get('n_images', '?')} test images (randomisation test: the first "
            f"{payload.get('mprt', {}).get('n_images', '?')}). ↑ higher is better, ↓ lower is better"
            + (f" (for the {REGION} metrics: does the model look at the right thing)" if MASS else "")

@@ -152,11 +152,13 @@ def test_faces_are_shown_upscaled_in_colour_with_their_class_names(faces_app, mo
     at = make("chapters/influence.py")
     assert at.header[0].value == f"Experts of {study.report()['experts']['layer']} for class face"
     assert at.selectbox(key="qp-cls").options == ["face", "non-face"]
-    # The close-up's first row: the case's own 48×48 RGB images, enlarged to about 128 pixels.
-    scale = ui.scale_for([48, 48])
-    assert scale > 1
-    close_up = next(im for im in at.image if im.proto.imgs[0].caption.startswith("face image 1"))
+    # The close-up's first row (the images, the region shaded): the case's own 48×48 RGB images,
+    # enlarged by a whole number to a grid tile (issue 22: the grid's tiles, about 96–144 pixels).
+    close_up = next(im for im in at.image if im.proto.imgs[0].caption.startswith("face image 1")
+                    and "shaded red" in im.proto.imgs[0].caption)
     pic = Image.open(io.BytesIO(_image_bytes(stores, close_up.proto.imgs[0].url)))
+    scale = pic.size[0] // 48
+    assert scale > 1
     assert pic.size == (48 * scale, 48 * scale) and pic.mode == "RGB"
     import numpy as np
 

@@ -37,6 +37,15 @@ def image(images: Any, caption: str | Sequence[str] | None = None, *, about: str
     return where.image(images, caption=caption, alt=list(alt) if many else alt[0], **kwargs)
 
 
+def quoted_first(table: Any, first: Sequence[str]) -> list[str]:
+    """A ``column_order`` for ``st.dataframe``: the columns of ``table`` named in ``first`` (those the
+    page's text quotes, beside the row's label), in that order, then every other column in its own
+    order. Names ``table`` lacks are left out; no column is hidden."""
+    cols = [str(c) for c in getattr(table, "columns", [])]
+    head = [c for c in dict.fromkeys(str(f) for f in first) if c in cols]
+    return head + [c for c in cols if c not in head]
+
+
 # Chart text on the white page: the theme's text colour (.streamlit/config.toml), at ≥ 15:1 contrast
 # (Vega's and Streamlit's defaults draw axis labels in a faded grey at 3.7:1; WCAG AA asks 4.5:1).
 CHART_INK = "#1F2328"

@@ -20,6 +20,28 @@ def scale_for(size: Sequence[int] | None, target: int = 128) -> int:
     return max(1, int(round(target / max(int(s) for s in size))))
 
 
+def tile_width(n: int, room: int = 776, gap: int = 4, lo: int = 84, hi: int = 128) -> int:
+    """Screen width (px) of one tile in a row of ``n`` images that should fit on one line ``room``
+    pixels wide (a wide page at 1400 px, the row's label beside it) with ``gap`` pixels between
+    tiles, kept within ``lo``–``hi`` (a 28×28 digit stays readable; a row of a few images does not
+    blow up to the page's width)."""
+    n = max(1, int(n))
+    return int(max(lo, min(hi, (room - gap * (n - 1)) // n)))
+
+
+def tile_scale(size: Sequence[int] | None, n: int, room: int = 790, gap: int = 2, hi: int = 128) -> int:
+    """The whole number of screen pixels per image pixel that draws ``n`` images of ``size`` on
+    one line ``room`` pixels wide (about :func:`tile_width`), each at most ``hi`` pixels (unless
+    one image pixel is already more): a whole number keeps every pixel square and sharp, and the
+    image is drawn at its own width (never resized)."""
+    side = max(int(s) for s in size) if size else 28
+    n = max(1, int(n))
+    scale = max(1, int(round(tile_width(n, room=room, gap=gap, hi=hi) / side)))
+    while scale > 1 and (scale * side * n + gap * (n - 1) > room or scale * side > hi):
+        scale -= 1
+    return scale
+
+
 def _rgb01(x) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
