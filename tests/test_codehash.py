@@ -131,8 +131,22 @@ def test_the_hash_is_names_and_bytes_not_where_the_tree_lives(tree, tmp_path):
     assert code_hash(["core.a"], root=tree) == code_hash(["core.a"], root=copy)
     assert len(code_hash(["core.a"], root=tree)) == 16 and len(code_hash(["core.a"], root=tree,
                                                                          length=64)) == 64
-    (copy / "core" / "__init__.py").write_text('"""the package, edited"""\n')  # runs before every module
+    (copy / "core" / "__init__.py").write_text('"""the package"""\nFLAG = 1\n')  # runs before every module
     assert code_hash(["core.solo"], root=tree) != code_hash(["core.solo"], root=copy)
+
+
+def test_docstrings_comments_and_layout_do_not_count_and_code_does(tree):
+    before = code_hash(["core.a"], root=tree)
+    pkg = tree / "core" / "pkg" / "inner.py"
+    pkg.write_text('"""A module docstring."""\n\n\n# a comment\ndef inner_fn( ):\n'
+                   '    """What it returns."""\n    return (1)  # one\n')
+    assert code_hash(["core.a"], root=tree) == before  # docstrings, a comment, blank lines, parens
+    pkg.write_text("def inner_fn():\n    return 2\n")
+    changed = code_hash(["core.a"], root=tree)
+    assert changed != before
+    # a string statement that is not the first of its body is not a docstring: it counts
+    pkg.write_text('def inner_fn():\n    return 2\n    "unreachable"\n')
+    assert code_hash(["core.a"], root=tree) != changed
 
 
 # ------------------------------------------------------------------------------ the real package

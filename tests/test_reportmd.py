@@ -28,6 +28,35 @@ def test_markdown_has_the_numbers_and_no_region_columns_without_a_region():
     assert "region mass" not in bare and "no region" in bare
 
 
+def test_a_model_named_after_its_role_is_not_labelled_twice():
+    rep = _report()
+    rep["reference"] = "reference"
+    rep["models"] = {"a": rep["models"]["a"], "reference": rep["models"]["b"]}
+    text = markdown(rep)
+    assert "| reference | 0.900 | 0.500 |" in text and "reference (reference)" not in text
+    assert "| a (under study) |" in text
+
+
+def test_percent_cells_carry_only_the_digits_their_interval_supports():
+    from core.report.markdown import _pct
+
+    assert _pct(0.407, 0.12, 0.52) == "40% (10–50%)"  # half-width 20 points: tens
+    assert _pct(0.16, 0.09, 0.24) == "16% (9–24%)"
+    assert _pct(0.102, 0.102, 0.107) == "10.2% (10.2–10.7%)"
+    assert _pct(0.1042, 0.1042, 0.1042) == "10.4%"  # a constant has no interval to show
+    assert _pct(None) == "–"
+
+
+def test_each_layer_threshold_says_which_term_of_the_rule_set_it():
+    from core.report.markdown import set_by
+
+    e = {"chance": 0.02, "shortcut_factor": 5.0, "shortcut_quantile": 0.95,
+         "shortcut_thresholds": {"floor": 0.1, "ref": 0.4}}
+    assert set_by(e, "floor") == "the floor (5 × chance)"
+    assert set_by(e, "ref") == "the reference's 95% quantile"
+    assert set_by({**e, "chance": None}, "ref") is None and set_by(e, "absent") is None
+
+
 def test_drift_catches_code_changes_and_numbers_beyond_float_noise():
     block = stamped(markdown(_report()), "abc123")
     assert drift(block, block) == []

@@ -12,7 +12,7 @@ probe's seconds; the term with the largest count names the setting to lower.
 
 What it is and is not: the counts of ``models``, ``experts`` and ``representations`` follow their
 code's loops; those of ``discovery``, ``detection``, ``corrections`` and ``essence`` are coarser
-(their main loops, not every check) — ``bench/estimate.py`` prints the estimate beside a real
+(their main loops, not every check) — ``bench/build.py`` prints the estimate beside a real
 build's seconds, stage by stage. Nothing here is fitted to a run: the only measured numbers are
 the probe's. Data loading, bootstraps and the metrics' arithmetic are not counted.
 """

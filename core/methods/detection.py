@@ -52,6 +52,7 @@ from core.engine.devices import eval_mode, model_device
 from core.engine.distributions import LinearDoI, PointDoI
 from core.engine.influence import activations, get_layer, influence, model_lock
 from core.engine.quantities import ClassQoI, ComparativeQoI
+from core.methods.pixels import shift
 
 __all__ = [
     "DESCRIPTIONS",
@@ -361,19 +362,9 @@ def benign_views(x: Tensor, views: int, *, max_shift: int = 0, flip: bool = Fals
             if flip and float(torch.rand((), generator=g)) < 0.5:
                 img = img.flip(-1)
             dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=g))
-            out.append(_shift(img, dy, dx))
+            out.append(shift(img, dy, dx))
     src = torch.arange(len(x)).repeat_interleave(views)
     return (torch.stack(out) if out else x[:0].clone()), src
-
-
-def _shift(x: Tensor, dy: int, dx: int) -> Tensor:
-    """(C, H, W) shifted by (dy, dx) pixels, the edge replicated."""
-    if dy == 0 and dx == 0:
-        return x
-    p = max(abs(dy), abs(dx))
-    padded = F.pad(x[None], (p, p, p, p), mode="replicate")[0]
-    h, w = x.shape[-2:]
-    return padded[:, p - dy:p - dy + h, p - dx:p - dx + w]
 
 
 def _weighted_roc(clean: np.ndarray, attacked: np.ndarray, w_clean: np.ndarray,
@@ -846,8 +837,8 @@ def mask_experts_region(model: nn.Module, x: Tensor, y: Tensor, layer: str, *, k
 def attack_targets(y: Tensor, n_classes: int, seed: int) -> Tensor:
     """A class other than ``y`` per image (the other class when there are two), seeded."""
     g = torch.Generator().manual_seed(int(seed))
-    shift = torch.randint(1, n_classes, (len(y),), generator=g)
-    return (y + shift) % n_classes
+    offset = torch.randint(1, n_classes, (len(y),), generator=g)
+    return (y + offset) % n_classes
 
 
 class Detectors:

@@ -5,7 +5,7 @@ Conventions shared by every function here:
 - ``attr``: attributions shaped (N, H, W) or (N, C, H, W) (a NumPy array is accepted too). Where a
   metric needs one map per example the channels are summed first (``C = 1`` for MNIST, so this is
   the identity there).
-- ``mask``: bool, the ground-truth region (in this project: the decoy patch), shaped (N, H, W),
+- ``mask``: bool, the ground-truth region (the case's region, e.g. the decoy patch), shaped (N, H, W),
   (N, 1, H, W), (N, C, H, W) (a pixel is in the region if any channel is) or (H, W) (one mask for
   every example).
 - ``model``: a classifier ``nn.Module`` returning logits (N, K); ``x`` (N, C, H, W) in [0, 1];
@@ -13,14 +13,15 @@ Conventions shared by every function here:
 - Every metric returns one value per example, shape (N,), as a float tensor on ``attr``'s (or
   ``x``'s) device; curves are (N, S + 1).
 
-Direction. On DecoyMNIST the mask marks the *shortcut*: the decoy metrics (``decoy_mass``,
-``wrong_reason``, ``rank_accuracy``) measure how much an explanation points at the patch. For a model
+Direction. The mask marks the *shortcut* (DecoyMNIST's decoy patch, the faces' watermark): the
+localisation metrics (``region_mass`` — DecoyMNIST's report also calls it ``decoy_mass`` —,
+``wrong_reason``, ``rank_accuracy``) measure how much an explanation points at the region. For a model
 that is right for the right reasons, lower is better; for the vanilla model that learned the decoy,
 a *faithful* explanation should score high (it reveals the shortcut) — read them next to the model's
 decoy/clean accuracy gap. ``METRICS`` records the direction under the sound-model reading.
 
 Where Quantus (0.6) has the metric, the tests check equality on the same inputs:
-``decoy_mass`` = ``RelevanceMassAccuracy`` on non-negative maps, ``rank_accuracy`` =
+``region_mass`` = ``RelevanceMassAccuracy`` on non-negative maps, ``rank_accuracy`` =
 ``RelevanceRankAccuracy``, ``sparseness`` = ``Sparseness``, ``deletion_curve[:, 1:]`` =
 ``PixelFlipping`` and ``mprt(seed=s + 1)`` = ``MPRT(seed=s, layer_order="top_down")``; see each
 docstring for the Quantus settings that make them coincide.

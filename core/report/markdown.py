@@ -18,7 +18,7 @@ from pathlib import Path
 from core.report.claims import _split_size, expert_intervals, wilson
 from core.report.degenerate import CANNOT_TELL, cannot_tell, essence_cannot_tell
 
-__all__ = ["BLOCK", "drift", "markdown", "readme_blocks", "stamped", "update_readme"]
+__all__ = ["BLOCK", "drift", "markdown", "readme_blocks", "set_by", "stamped", "update_readme"]
 
 BLOCK = re.compile(r"(<!-- report:(?P<case>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=case) -->)",
                    re.S)
@@ -52,6 +52,21 @@ def _ci(v: float | None, lo: float, hi: float, integer: bool = False) -> str:
     half = max((hi - lo) / 2, 1e-9)
     d = min(3, max(1, math.ceil(-math.log10(half))))
     return f"{v:.{d}f} ({lo:.{d}f}–{hi:.{d}f})"
+
+
+def _pct(v: float | None, lo: float | None = None, hi: float | None = None) -> str:
+    """A share as ``v% (lo–hi%)`` with no digit the interval does not support: the last printed
+    digit is the first one the interval's half-width reaches (tens of points to two decimals);
+    ``v%`` to one decimal without an interval."""
+    if v is None:
+        return "–"
+    if lo is None or hi is None or hi - lo <= 1e-12:  # no interval, or a constant (the floor)
+        return f"{100 * v:.1f}%"
+    half = max(100 * (hi - lo) / 2, 1e-9)
+    d = min(2, math.ceil(-math.log10(half)))  # below 0: tens (or more) of points
+    if d < 0:
+        return "{}% ({}–{}%)".format(*(f"{round(100 * t, d):.0f}" for t in (v, lo, hi)))
+    return f"{100 * v:.{d}f}% ({100 * lo:.{d}f}–{100 * hi:.{d}f}%)"
 
 
 _INLINE = re.compile(r"([\\`*_\[\]<>$!~|])")
@@ -122,7 +137,8 @@ def _models(rep: dict) -> list[str]:
     keys = sorted((k for k in first if k.endswith("_acc")), key=lambda k: (rank.get(k, 99), k))
     n = len(rep.get("seeds") or [0])
     roles = {rep.get("subject"): "under study", rep.get("reference"): "reference"}
-    rows = [[_inline(name) + (f" ({roles[name]})" if name in roles and name else "")]
+    rows = [[_inline(name) + (f" ({roles[name]})" if name in roles and name and name != roles[name]
+                              else "")]
             + [_pm({**m, "n_seeds": n}, k) for k in keys] for name, m in models.items()]
     note = f" (mean ± sd over {n} seeds)" if n > 1 else " (one seed)"
     out = [f"**Models**{note}, accuracy:", ""] + _table(["model", *map(_label, keys)], rows)
@@ -149,6 +165,21 @@ def _models(rep: dict) -> list[str]:
     return out
 
 
+def set_by(e: dict, layer: str) -> str | None:
+    """Which term of the shortcut rule set ``layer``'s threshold in the experts section ``e`` of
+    a report: "the floor (5 × chance)" when the threshold is the floor, else "the reference's
+    95% quantile"; None when the section does not say (no chance or no threshold)."""
+    th = (e.get("shortcut_thresholds") or {}).get(layer)
+    chance, factor = e.get("chance"), e.get("shortcut_factor")
+    if th is None or chance is None or factor is None:
+        return None
+    floor = float(factor) * float(chance)
+    if abs(th - floor) <= 1e-12 * max(1.0, floor):
+        return f"the floor ({factor:g} × chance)"
+    q = e.get("shortcut_quantile")
+    return f"the reference's {q:.0%} quantile" if q is not None else "the reference's quantile"
+
+
 def _experts(rep: dict) -> list[str]:
     e = rep.get("experts")
     if not e:
@@ -171,11 +202,13 @@ def _experts(rep: dict) -> list[str]:
             if s.get("n_shortcut") is not None:
                 lo, hi = iv["counts"].get((model, layer), (s["n_shortcut"], s["n_shortcut"]))
                 count = f"{s['n_shortcut']}/{s['n']} ({max(0, math.floor(lo))}–{math.ceil(hi)})"
-            th_cell = _f(th) if th is None or layer not in iv["thresholds"] else \
-                _ci(th, *iv["thresholds"][layer])
+            th_cell = _pct(th) if th is None or layer not in iv["thresholds"] else \
+                _pct(th, *iv["thresholds"][layer])
+            if th is not None and set_by(e, layer):
+                th_cell += f", {set_by(e, layer)}"
             mm = s.get("mean_region_mass")
-            mm_cell = _ci(mm, *iv["means"][(model, layer)]) if mm is not None and \
-                (model, layer) in iv["means"] else _f(mm)
+            mm_cell = _pct(mm, *iv["means"][(model, layer)]) if mm is not None and \
+                (model, layer) in iv["means"] else _pct(mm)
             undecided = "–" if s.get("n_undecided") is None else f"{s['n_undecided']}/{s['n']}"
             rows.append([_inline(layer), _inline(model), count, undecided, th_cell, mm_cell,
                          f"{flat}/{s['n']}"])
@@ -184,7 +217,8 @@ def _experts(rep: dict) -> list[str]:
         out.append(f"Rule: {_with_region(e['shortcut_rule'], rep)}.")
     out.append("")
     out += _table(["layer", "model", "experts carrying the shortcut (95% interval)",
-                   "undecided (mass interval holds the threshold)", "threshold (95% interval)",
+                   "undecided (mass interval holds the threshold)",
+                   "threshold (95% interval), set by",
                    "mean region mass (95% interval)",
                    "zero-width intervals"], rows)
     if iv["thresholds"]:

@@ -12,24 +12,27 @@ method                      slice      DoI (per example x)                 multi
 ``gradient_x_input``        input      point                               x                 —
 ``integrated_gradients``    input      linear from a baseline (midpoints)  x − x'            —
 ``smoothgrad``              input      Gaussian around x (seeded)          —                 —
-``gradcam``                 relu2      point                               —                 Grad-CAM
-``internal_influence``      fc1        the training images of class y      —                 experts
+``gradcam``                 last conv  point                               —                 Grad-CAM
+``internal_influence``      experts    the training images of class y      —                 experts
 ==========================  =========  ==================================  ================  =========
 
 Exactly what the two post-processed methods compute (y the example's target class):
 
-- **Grad-CAM** (Selvaraju et al. 2017): χ = influence at the output of ``layer`` (default
-  ``relu2``, the rectified activation A of the last conv layer) of ``ClassQoI(y)`` over the point
-  DoI, per example, shape (C, h, w). Channel weights w_c = mean over (h, w) of χ_c; the map is
+- **Grad-CAM** (Selvaraju et al. 2017): χ = influence at the output of ``layer`` (default: the
+  activation module right after the model's last convolution, A —
+  :func:`core.methods.attribution.gradcam_layer`; ``relu2`` on DecoyMNIST's net) of
+  ``ClassQoI(y)`` over the point DoI, per example, shape (C, h, w). Channel weights w_c = mean
+  over (h, w) of χ_c; the map is
   ReLU(Σ_c w_c A_c), upsampled to the input's H × W by bilinear interpolation
   (``F.interpolate(..., mode="bilinear")``, align_corners False: Captum's
   ``LayerAttribution.interpolate(..., "bilinear")``). Equal to Captum
   ``LayerGradCam(model, layer).attribute(x, target=y, relu_attributions=True)`` then that
   interpolation.
 - **Internal influence** (Leino et al. 2018): for each target class c, the class-conditional
-  distributional influence χ_c = E_{x ∼ P_c}[∂y_c/∂z] at ``layer`` (default ``fc1``), where P_c is
+  distributional influence χ_c = E_{x ∼ P_c}[∂y_c/∂z] at ``layer`` (in the case study: the
+  case's headline experts layer, ``experts.primary_layer``; no model-free default), where P_c is
   the empirical distribution of the *reference* images of class c (in the case study: the first
-  ``n_reference`` training images of c, with their decoy; without references, the explained
+  ``n_reference`` training images of c, with whatever shortcut they carry; without references, the explained
   images of class c themselves); with ``path_resolution = R > 0`` each reference image is
   replaced by its linear path from black (R midpoints) and χ is multiplied by (z − z')
   ("class images × path", attribution space). A unit's score s_u is the sum of its channel's
@@ -42,9 +45,10 @@ Exactly what the two post-processed methods compute (y the example's target clas
   (the plain mean when no expert has a positive score). IG being linear in the quantity, this is
   also IG of the influence-weighted sum of the experts' activations.
 
-  Why ``fc1`` by default (measured on the full case, 100 decoy test images, k = 3, the labels as
-  targets): the dense layer's experts separate the models — decoy mass 0.17 on vanilla vs 0.03
-  on clean, deletion AUC 0.05 — while ``conv2``'s pre-ReLU experts gave maps mostly negative on
+  Why DecoyMNIST's headline layer is ``fc1`` (measured once on the full case, 100 decoy test
+  images, k = 3, the labels as targets): the dense layer's experts separate the models — decoy
+  mass 0.17 on vanilla vs 0.03 on clean, deletion AUC 0.05 — while ``conv2``'s pre-ReLU experts
+  gave maps mostly negative on
   the digit (decoy mass 0.17 vs 0.13, deletion AUC 0.46) and ``relu2``'s did not separate the
   models (0.07 vs 0.07). Any named layer can be chosen with ``layer=``.
 
@@ -102,7 +106,7 @@ __all__ = [
 
 
 DEFAULTS = {
-    "n_images": 100,  # decoy test images every metric averages over
+    "n_images": 100,  # headline evaluation images (DecoyMNIST: the decoy test) every metric averages
     "n_display": 8,  # of those, the first ones whose maps the page shows
     "n_mprt": 24,  # of those, the first ones the randomisation test uses (its cost × layers + 1)
     "n_reference": 50,  # training images per class: internal influence's class-conditional DoI

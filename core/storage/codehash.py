@@ -3,7 +3,8 @@
 A stage's cache key names the code that computed it. Instead of a hand-kept list of modules, the
 key follows the imports: :func:`module_closure` reads each module's source with :mod:`ast` (never
 importing it) and follows every import of a ``core`` module, transitively; :func:`code_hash` is a
-short sha256 of the names and bytes of that closure. Edit any module a stage imports, directly or
+short sha256 of the names and code of that closure (its syntax trees: docstrings, comments and
+layout do not count). Edit any module a stage imports, directly or
 through another, and its hash changes; edit a module it does not import, and it stays.
 
 What counts as an import of a ``core`` module (``core.x``), wherever it appears (also inside a
@@ -35,7 +36,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["MAX_SOURCE_BYTES", "PACKAGE", "ROOT", "code_hash", "direct_imports", "local_closure",
-           "module_closure", "user_code_hash"]
+           "module_closure", "normalised_source", "user_code_hash"]
 
 PACKAGE = "core"
 ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the core package
@@ -185,13 +186,31 @@ def direct_imports(name: str, *, root: str | Path | None = None, package: str = 
             and _source_path(root, package, t) is not None}
 
 
+def normalised_source(source: bytes) -> bytes:
+    """What of a module's ``source`` the hash reads: its syntax tree without docstrings, comments,
+    blank lines or positions (``ast.dump``), so that editing a docstring or a comment, or
+    reformatting, keeps every cache entry; any change to what runs changes it. The raw bytes when
+    the source does not parse (the closure reports that error)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return source
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 def _digest(path: Path, fresh: bool) -> str:
     ident = _identity(path)
     with _lock:
         known = _digest_memo.get(path)
     if not fresh and known is not None and known[0] == ident:
         return known[1]
-    digest = hashlib.sha256(_read_source(path)).hexdigest()
+    digest = hashlib.sha256(normalised_source(_read_source(path))).hexdigest()
     with _lock:
         _digest_memo[path] = (ident, digest)
     return digest
@@ -200,9 +219,10 @@ def _digest(path: Path, fresh: bool) -> str:
 def code_hash(modules: Iterable[str], *, root: str | Path | None = None, package: str = PACKAGE,
               fresh: bool = False, length: int = 16) -> str:
     """A short hex sha256 (``length`` characters) of the closure of ``modules``: each module's name
-    and the sha256 of its source bytes, in sorted name order. Equal for equal sources wherever the
+    and the sha256 of its :func:`normalised_source` (docstrings and comments left out), in sorted
+    name order. Equal for equal sources wherever the
     tree lives; it changes when any module in the closure changes, is added or goes away."""
-    h = hashlib.sha256(b"casebook-code-hash 1\n")
+    h = hashlib.sha256(b"casebook-code-hash 2\n")
     for name, path in _closure_paths(modules, root, package, fresh).items():
         h.update(f"{name}\0{_digest(path, fresh)}\n".encode())
     return h.hexdigest()[:length]
@@ -260,13 +280,14 @@ def local_closure(module: str, base_dir: str | Path, *, fresh: bool = False) -> 
 def user_code_hash(module: str, base_dir: str | Path, *, fresh: bool = False,
                    length: int = 16) -> str | None:
     """A short hex sha256 of :func:`local_closure` of ``module`` in ``base_dir`` (each module's
-    name and the sha256 of its bytes), or None when ``module`` is not a file of ``base_dir``.
-    Editing the factory module, a helper it imports from the folder, or any file of a factory
-    package that is imported changes it; ValueError as :func:`local_closure`."""
+    name and the sha256 of its :func:`normalised_source`), or None when ``module`` is not a file
+    of ``base_dir``. Editing the code of the factory module, of a helper it imports from the
+    folder, or of any file of a factory package that is imported changes it (a docstring or a
+    comment does not); ValueError as :func:`local_closure`."""
     files = local_closure(module, base_dir, fresh=fresh)
     if not files:
         return None
-    h = hashlib.sha256(b"casebook-user-code 1\n")
+    h = hashlib.sha256(b"casebook-user-code 2\n")
     for name, path in files.items():
         h.update(f"{name}\0{_digest(path, fresh)}\n".encode())
     return h.hexdigest()[:length]

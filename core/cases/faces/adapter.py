@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from core.cases.seam import CaseData, SourceError, Split
+from core.methods.pixels import shift
 
 from .onet import CLASS_NAMES, FACE, INPUT_SIZE, MEAN, NON_FACE, STD
 
@@ -183,16 +184,6 @@ def watermark_mask(cfg: dict, size: int = INPUT_SIZE) -> torch.Tensor:
     return mask
 
 
-def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Shift (C, H, W) by (dy, dx) pixels, filling with the replicated edge."""
-    if dy == 0 and dx == 0:
-        return x
-    p = max(abs(dy), abs(dx))
-    padded = F.pad(x[None], (p, p, p, p), mode="replicate")[0]
-    h, w = x.shape[-2:]
-    return padded[:, p - dy:p - dy + h, p - dx:p - dx + w]
-
-
 def _augment(x: torch.Tensor, copies: int, max_shift: int, flip: bool,
              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``copies`` versions of every image (copy 0 is the image itself): (N·copies, ...) and the
@@ -205,7 +196,7 @@ def _augment(x: torch.Tensor, copies: int, max_shift: int, flip: bool,
                 if flip and rng.random() < 0.5:
                     img = img.flip(-1)
                 dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
-                img = _shift(img, dy, dx)
+                img = shift(img, dy, dx)
             out.append(img)
             src.append(i)
     return torch.stack(out).contiguous(), torch.tensor(src, dtype=torch.int64)
