@@ -114,7 +114,7 @@ def test_a_code_change_changes_exactly_the_stages_whose_closure_holds_it(tmp_pat
     path = tmp_path / Path(*edited.split(".")).with_suffix(".py")
     if not path.is_file():
         path = tmp_path / Path(*edited.split(".")) / "__init__.py"
-    path.write_text(path.read_text() + "\n# an edit\n")
+    path.write_text(path.read_text() + "\n_EDITED = 1  # what runs changes (a comment would not)\n")
     after = _code_versions(tmp_path)
     changed = {s for s in before if after[s] != before[s]}
     holding = {s.name for s in REGISTRY if edited in module_closure(s.modules, root=tmp_path)}
