@@ -6,6 +6,7 @@ title, and nothing is fetched from anywhere."""
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 
@@ -109,3 +110,36 @@ def test_svg_helpers_escape_and_draw_intervals():
     assert "a&lt;b" in chart and "n&amp;m" in chart and "40.0%–60.0%" in chart
     assert svg.share_color(0) == "#F4F1EA" and svg.share_color(1) == "#B4412E"
     assert svg.share_color(None) != svg.share_color(0)
+
+
+def test_the_curves_chart_draws_every_point_the_band_and_the_target():
+    chart = svg.curves([1, 2, 4], [{"label": "top k", "values": [0.5, None, 0.9], "color": "#000"}],
+                       band={"label": "random", "low": [0.2, 0.3, 0.9], "high": [0.6, 0.7, 0.9],
+                             "color": "#ccc"}, target=(0.855, "95% of the whole layer"),
+                       title="Essence <of> A vs B", desc="d", x_label="k", y_label="accuracy")
+    assert chart.startswith('<svg role="img"') and "<title>Essence &lt;of&gt; A vs B</title>" in chart
+    assert chart.count("<circle") == 2  # the missing value leaves a gap, not a point at 0
+    assert "<title>top k, k = 4: 90.0%</title>" in chart and "<polygon" in chart
+    assert "stroke-dasharray" in chart and "95% of the whole layer: 85.5%" in chart
+
+
+def test_essence_has_a_curve_per_layer_with_its_legend_and_reading(small_study, tmp_path):
+    from core.casestudy import CaseStudy
+
+    cache = tmp_path / "cache"
+    shutil.copytree(small_study.cache_dir, cache)  # the shared cache keeps essence unbuilt
+    study = CaseStudy.open(small_study.config.name, cache_dir=cache, device="cpu")
+    study.build(stages=["essence"])
+    text, rep = html_report(study), study.report()
+    assert "<h3>Essence</h3>" in text
+    curves = rep["essence_summary"]["curves"]
+    for layer in dict.fromkeys(c["layer"] for c in curves):
+        fig = next(f for f in re.findall(r"<figure>.*?</figure>", text, re.S)
+                   if "<title>Essence of " in f and f" at {layer} (" in f)
+        assert "top k by comparative influence" in fig and "bottom k" in fig  # the legend
+        assert "<figcaption>" in fig and "held-out images of the two classes" in fig
+        row = next(r for r in rep["essence"] if r["layer"] == layer and r["model"] == rep["subject"])
+        if row.get("degenerate"):
+            assert "Cannot tell" in fig  # a degenerate row is named where its curve is drawn
+        else:
+            assert f"top {row['k_top']}, random {row['k_random']}" in fig

@@ -505,6 +505,55 @@ def _corrections_figure(rep: dict) -> list[str]:
                     + best)]
 
 
+def _essence_figures(rep: dict) -> list[str]:
+    """Essence: per layer, the essence curve of the first pair for the model under study (first
+    fill): binary accuracy with only k units kept — top k by comparative influence, bottom k,
+    and k random units (median and interval of the draws) — and the target share of the whole
+    layer's accuracy; a row the report calls degenerate says so in its caption."""
+    es = rep.get("essence_summary") or {}
+    curves = es.get("curves") or []
+    rows = rep.get("essence") or []
+    if not curves:
+        return []
+    subject = rep.get("subject")
+    out = []
+    for layer in dict.fromkeys(c.get("layer") for c in curves):
+        mine = [c for c in curves if c.get("layer") == layer and c.get("model") == subject] or \
+            [c for c in curves if c.get("layer") == layer]
+        c = mine[0]
+        row = next((r for r in rows if all(r.get(k) == c.get(k) for k in
+                                           ("model", "layer", "a", "b", "fill"))), {})
+        share = row.get("share") or (es.get("config") or {}).get("share")
+        pair = f"{c.get('a_name', c.get('a'))} vs {c.get('b_name', c.get('b'))}"
+        rnd = c.get("random") or {}
+        conf = c.get("confidence")
+        band_label = (f"random k units, {conf:.0%} interval of {c.get('random_draws')} draws"
+                      if conf else "random k units, interval of the draws")
+        target = (share * c["full"], f"{share:.0%} of the whole layer's accuracy") \
+            if share and c.get("full") is not None else None
+        chart = svg.curves(
+            c["ks"], [{"label": "top k by comparative influence", "values": c["top"],
+                       "color": svg.PALETTE[0]},
+                      {"label": "random k (median)", "values": rnd.get("median") or [],
+                       "color": "#555555"},
+                      {"label": "bottom k", "values": c["bottom"], "color": svg.PALETTE[1]}],
+            band={"label": band_label, "low": rnd.get("low") or [], "high": rnd.get("high") or [],
+                  "color": "#BBBBBB"} if rnd.get("low") else None, target=target,
+            title=f"Essence of {pair} at {layer} ({c.get('model')}, fill {c.get('fill')})",
+            desc=f"Binary accuracy of {pair} on {c.get('n_eval')} held-out images when {layer} "
+                 "keeps only k units, for k on a doubling grid up to the layer's width.",
+            x_label=f"k units kept of {c.get('width')}", y_label="binary accuracy")
+        ks = ", ".join(f"{rule} {row.get(f'k_{rule}')}" for rule in ("top", "random", "bottom")
+                       if f"k_{rule}" in row)
+        reading = (f" Cannot tell: {row['degenerate']}." if row.get("degenerate") else "")
+        out.append(_figure(chart, f"Essence of {pair} at {layer} ({c.get('model')}, the removed "
+                           f"units at their {c.get('fill')}): accuracy on {c.get('n_eval')} held-out "
+                           f"images of the two classes (whole layer {svg.pct(c.get('full'))})"
+                           + (f"; smallest k reaching {share:.0%} of it: {ks}" if ks and share
+                              else "") + "." + reading))
+    return out
+
+
 def _detection_figure(rep: dict) -> list[str]:
     """Detection: every detector's AUC with its bootstrap interval, ranked."""
     rows = sorted(rep.get("detection") or [], key=lambda r: (r.get("rank") or 0))
@@ -544,6 +593,7 @@ def _figures(study, rep: dict, scale: int) -> list[str]:
              ("Suspects", _suspect_figures(study, rep, scale, width)),
              ("Representations", _representations_figures(study, rep, scale, width)),
              ("Corrections", _corrections_figure(rep)),
+             ("Essence", _essence_figures(rep)),
              ("Detection", _detection_figure(rep))]
     out = []
     for title, figs in parts:

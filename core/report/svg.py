@@ -13,7 +13,7 @@ import html
 import textwrap
 from collections.abc import Sequence
 
-__all__ = ["PALETTE", "grouped_bars", "heat_legend", "interval_bars", "matrix", "pct",
+__all__ = ["PALETTE", "curves", "grouped_bars", "heat_legend", "interval_bars", "matrix", "pct",
            "share_color", "share_legend"]
 
 # Okabe & Ito's palette (as ui.figures.PALETTE): told apart with the common colour deficiencies.
@@ -193,6 +193,59 @@ def interval_bars(rows: Sequence[dict], *, title: str, desc: str, x_label: str,
                   fmt=lambda q: tick(lo_d + q * (hi_d - lo_d)))
     body.append(_text(label_w + plot_w / 2, base + 34, x_label, 11, "middle"))
     return _svg(width, base + 42, title, desc, body)
+
+
+def curves(xs: Sequence[int], lines: Sequence[dict], *, title: str, desc: str, x_label: str,
+           y_label: str, band: dict | None = None, target: tuple[float, str] | None = None) -> str:
+    """Lines over the positions ``xs`` (equally spaced: a doubling grid such as 1, 2, 4, …),
+    values in [0, 1]: each of ``lines`` is ``{"label", "values", "color"}`` (a value None leaves a
+    gap); ``band`` ``{"label", "low", "high", "color"}`` a shaded interval behind them; ``target``
+    (value, what it is) a dashed horizontal line. Every point carries its ``<title>``. Returns
+    the ``<svg>`` element."""
+    left, top, plot_w, plot_h = 56, 30, max(60 * (len(xs) - 1), 240), 200
+    items = [(ln["color"], ln["label"]) for ln in lines] + ([(band["color"], band["label"])]
+                                                           if band else [])
+    legend, below = _swatches(left, top - 12, items, plot_w)
+    if target is not None:
+        legend.append(f'<path d="M{left} {below + 2:.1f}h14" stroke="{INK}" stroke-dasharray="4 3"/>')
+        legend.append(_text(left + 20, below + 6, target[1], 11))
+        below += 16
+    plot_top = below + 10
+    base = plot_top + plot_h
+
+    def px(i: int) -> float:
+        return left + (plot_w * i / (len(xs) - 1) if len(xs) > 1 else plot_w / 2)
+
+    def py(v: float) -> float:
+        return base - max(0.0, min(1.0, v)) * plot_h
+
+    body = legend + [f'<line x1="{left}" x2="{left + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" '
+                     f'stroke="{GRID}"/>' for t in (.25, .5, .75, 1)]
+    body += _axis(left - 6, base, plot_h, (0, .25, .5, .75, 1), vertical=True)
+    if band:
+        pts = [(px(i), py(h)) for i, h in enumerate(band["high"]) if h is not None]
+        pts += [(px(i), py(lo)) for i, lo in reversed(list(enumerate(band["low"]))) if lo is not None]
+        if pts:
+            body.append(f'<polygon points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in pts)}" '
+                        f'fill="{band["color"]}" opacity="0.45"><title>{_e(band["label"])}</title>'
+                        "</polygon>")
+    if target is not None:
+        body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(target[0]):.1f}" '
+                    f'y2="{py(target[0]):.1f}" stroke="{INK}" stroke-dasharray="4 3">'
+                    f"<title>{_e(target[1])}: {pct(target[0])}</title></line>")
+    for ln in lines:
+        pts = [(i, v) for i, v in enumerate(ln["values"]) if v is not None]
+        if len(pts) > 1:
+            d = "M" + "L".join(f"{px(i):.1f} {py(v):.1f}" for i, v in pts)
+            body.append(f'<path d="{d}" fill="none" stroke="{ln["color"]}" stroke-width="2"/>')
+        body += [f'<circle cx="{px(i):.1f}" cy="{py(v):.1f}" r="3.5" fill="{ln["color"]}">'
+                 f"<title>{_e(ln['label'])}, k = {xs[i]}: {pct(v)}</title></circle>" for i, v in pts]
+    body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{base}" y2="{base}" stroke="{INK}"/>')
+    body += [_text(px(i), base + 17, k, 10, "middle") for i, k in enumerate(xs)]
+    body.append(_text(left + plot_w / 2, base + 34, x_label, 11, "middle"))
+    body.append(f'<text transform="translate(14 {plot_top + plot_h / 2:.0f}) rotate(-90)" '
+                f'font-size="11" text-anchor="middle" fill="{INK}">{_e(y_label)}</text>')
+    return _svg(left + plot_w + 20, base + 42, title, desc, body)
 
 
 def share_color(share: float | None) -> str:
