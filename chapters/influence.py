@@ -363,8 +363,9 @@ def _image_name(i: int) -> str:
     return f"{name(c)} image {j}" if c >= 0 else f"image {i + 1}"
 
 
-# Tiles of every image grid on this page: about 112 px (a 28×28 digit drawn 4×), beside their
-# row's label, so that a row of a dozen images fits on one line and the chapter stays short.
+# Tiles of every image grid on this page: a whole-number enlargement that fits the row's images
+# on one line beside its label (84 px for a 28×28 digit, 96 px for a 48×48 face), so that the
+# chapter stays short; the single uploaded image below keeps the larger SCALE.
 GRID_SCALE = ui.figures.tile_scale(images.shape[1:3], len(images))
 TILE = GRID_SCALE * max(images.shape[1:3])
 ROW_SPLIT = [1, 6]

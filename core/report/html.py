@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 import subprocess
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 from core.report import svg
 from core.report.degenerate import study_report
 from core.report.findings import CONFIDENCE, findings, wilson
-from core.report.markdown import markdown
+from core.report.markdown import _ci, markdown
 
 __all__ = ["html_report", "png_data_uri"]
 
@@ -320,15 +319,13 @@ def _overview_figure(rep: dict) -> list[str]:
 
 
 def _fmt(v: float | None, lo: float | None = None, hi: float | None = None) -> str:
-    """``v (lo–hi)`` with as many decimals as tell the interval's ends apart (at least three
-    significant digits, at most six decimals); ``v`` alone without an interval."""
+    """``v (lo–hi)`` with no digit the interval does not support (the README's rule,
+    :func:`core.report.markdown._ci`); ``v`` to three significant digits without one."""
     if v is None:
         return "—"
-    d = 3 - 1 - math.floor(math.log10(abs(v))) if v else 3
     if lo is not None and hi is not None and hi > lo:
-        d = max(d, 1 - math.floor(math.log10(hi - lo)))
-    d = min(6, max(0, d))
-    return f"{v:.{d}f}" + (f" ({lo:.{d}f}–{hi:.{d}f})" if lo is not None and hi is not None else "")
+        return _ci(v, lo, hi)
+    return f"{v:.3g}"
 
 
 def _experts_figures(study, rep: dict, size: int) -> list[str]:

@@ -204,8 +204,9 @@ def _experts(rep: dict) -> list[str]:
                 count = f"{s['n_shortcut']}/{s['n']} ({max(0, math.floor(lo))}–{math.ceil(hi)})"
             th_cell = _pct(th) if th is None or layer not in iv["thresholds"] else \
                 _pct(th, *iv["thresholds"][layer])
-            if th is not None and set_by(e, layer):
-                th_cell += f", {set_by(e, layer)}"
+            by = set_by(e, layer) if th is not None else None
+            if by:
+                th_cell += f", {by}"
             mm = s.get("mean_region_mass")
             mm_cell = _pct(mm, *iv["means"][(model, layer)]) if mm is not None and \
                 (model, layer) in iv["means"] else _pct(mm)
